@@ -1,0 +1,1 @@
+"""MST-KD (Multiple Specialized Teachers Knowledge Distillation) in JAX/Flax."""
