@@ -1,1 +1,38 @@
+"""Model registry: `create(name, **kwargs)` builds any model of the project by name.
 
+A new model is one `register` call in its own file, not an `if` here.
+"""
+
+import functools
+from typing import Callable
+
+from mstkd_jax.errors import UserError
+from mstkd_jax.models import adaptor, heads, iresnet
+
+_REGISTRY: dict[str, Callable] = {}
+
+
+def register(name: str, constructor: Callable) -> None:
+  if name in _REGISTRY:
+    raise ValueError(f"model {name!r} is already registered")
+  _REGISTRY[name] = constructor
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def create(name: str, **kwargs):
+  """Returns the Flax module registered under `name`, built with `kwargs`."""
+  if name not in _REGISTRY:
+    raise UserError(f"unknown model name {name!r}; expected one of {names()}")
+  try:
+    return _REGISTRY[name](**kwargs)
+  except TypeError as e:
+    raise UserError(f"model {name!r} does not take these settings {sorted(kwargs)}: {e}") from e
+
+
+for _name, _depths in iresnet.DEPTHS.items():
+  register(_name, functools.partial(iresnet.IResNet, stage_depths=_depths))
+register("margin_head", heads.MarginHead)
+register("adaptor", adaptor.Adaptor)

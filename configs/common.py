@@ -1,0 +1,84 @@
+"""Settings shared by every stage's config, and the preset/override helpers.
+
+A config file is a program: `get_config(arg)` returns an ml_collections.ConfigDict, `arg`
+picks a preset (`configs/teacher.py:smoke`). Any field can be overridden on the command
+line with `--config.<field>=<value>`; unknown fields are refused.
+"""
+
+import ml_collections
+
+from mstkd_jax.errors import UserError
+
+
+def synthetic_data(scale: str = "default") -> ml_collections.ConfigDict:
+  """The built-in synthetic demographic face set (see mstkd_jax/data/synthetic.py)."""
+  sizes = {  # identities per group, images per identity, eval identities per group, pairs
+      "smoke": (32, 12, 24, 200),
+      "default": (96, 16, 48, 600),
+  }[scale]
+  return ml_collections.ConfigDict(dict(
+      num_groups=4,
+      identities_per_group=sizes[0],
+      images_per_identity=sizes[1],
+      eval_identities_per_group=sizes[2],
+      eval_images_per_identity=8,
+      pairs_per_group=sizes[3],
+      image_size=32,
+      seed=0,
+  ))
+
+
+def base() -> ml_collections.ConfigDict:
+  """Fields every stage reads; stages add their own sections."""
+  c = ml_collections.ConfigDict()
+  c.stage = "teacher"
+  c.seed = 0
+  c.parallelism = "pmap"          # "pmap" or "shard_map" (jax.jit over a Mesh)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "synthetic"
+  c.data.data_dir = ""            # "" = <workdir>/data
+  c.data.synthetic = synthetic_data()
+
+  c.model = ml_collections.ConfigDict(dict(
+      name="iresnet18", width=16, embedding_size=128, dropout=0.0, use_se=False,
+      dtype="float32"))
+  c.head = ml_collections.ConfigDict(dict(name="elastic_arcface", s=64.0, m=0.5, std=0.05))
+  c.optim = ml_collections.ConfigDict(dict(
+      base_lr=0.1,              # scaled by train.batch_size / 512
+      head_base_lr=-1.0,        # < 0: same as base_lr
+      momentum=0.9,
+      weight_decay=5e-4,
+      clip_norm=5.0,            # gradient-norm clipping of the backbone; 0 = off
+      lr_decay_epochs=(8, 14, 20, 25),
+      lr_decay_factor=0.1,
+  ))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=128,           # global batch, over all hosts and devices
+      epochs=26.0,
+      log_every=50,
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      eval_batch_size=256,
+  ))
+  return c
+
+
+def bupt_iresnet34(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The paper's teacher/student recipe (METHOD.md): IResNet-34, 112x112, batch 512."""
+  c.data.source = "tfds"
+  c.model.update(name="iresnet34", width=64, embedding_size=512, dropout=0.0)
+  c.head.update(name="elastic_arcface", s=64.0, m=0.5, std=0.05)
+  c.optim.update(base_lr=0.1, lr_decay_epochs=(8, 14, 20, 25))
+  c.train.update(batch_size=512, epochs=26.0, log_every=100, checkpoint_every=2000)
+  return c
+
+
+def pick_preset(arg: str | None, presets: dict, file: str) -> ml_collections.ConfigDict:
+  """Calls the preset named by `arg` ("" or None = "default"); unknown names are refused."""
+  name = arg or "default"
+  if name not in presets:
+    raise UserError(f"unknown preset {name!r} for {file}; expected one of {sorted(presets)}")
+  config = presets[name]()
+  config.preset = name
+  return config

@@ -1,0 +1,241 @@
+#!/usr/bin/env bash
+# Single multi-GPU host launcher for mstkd_jax: set up a venv with JAX for CUDA 12,
+# then run training as one process that sees all (visible) GPUs.
+# Run with --help for usage.
+set -euo pipefail
+
+PROG=${0##*/}
+case ${BASH_SOURCE[0]} in
+  */*) SCRIPT_DIR=${BASH_SOURCE[0]%/*} ;;
+  *) SCRIPT_DIR=. ;;
+esac
+REPO=$(cd -- "$SCRIPT_DIR/.." && pwd)
+JAX_CUDA_REQ='jax[cuda12]>=0.7.1,<0.11'
+
+usage() {
+  cat <<EOF
+Usage: launch/$PROG COMMAND [options] [-- ARGS...]
+
+Run mstkd_jax on one host with one or more NVIDIA GPUs.
+
+Commands:
+  setup    make the venv (default: <repo>/.venv) and install "$JAX_CUDA_REQ"
+           and requirements.txt into it (needs Python >= 3.11)
+  run      run "python -m mstkd_jax.main --multihost=false" from the repo root, as
+           one process that uses every GPU it can see. CUDA_VISIBLE_DEVICES from the
+           environment is respected (--gpus sets it).
+
+Options:
+  --venv=DIR               venv to make / use (default: <repo>/.venv, or MSTKD_VENV)
+  --python=PYTHON          setup: interpreter for the venv (default: python3)
+  --config=FILE[:PRESET]   run: the config (default: configs/distill.py)
+  --config.KEY=VALUE       run: config override, passed through to mstkd_jax.main
+  --run-name=NAME          run: names the default workdir
+                           (default: mstkd-YYYYmmdd-HHMMSS; letters, digits, . _ -)
+  --workdir=DIR            run: default <repo>/workdir/RUN_NAME
+  --tfds-data-dir=DIR      run: sets TFDS_DATA_DIR (default: the TFDS_DATA_DIR
+                           environment variable if set, else TFDS's own default)
+  --gpus=LIST              run: the GPUs to use, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES)
+  --dry-run                print the commands (one per line, prefixed "+ ",
+                           shell-quoted) instead of running them
+  -h, --help               show this help
+  -- ARGS...               run: further arguments for mstkd_jax.main
+
+Options take "--opt=value" or "--opt value".
+
+Examples:
+  launch/$PROG setup
+  launch/$PROG run --run-name=distill1 --config=configs/distill.py
+  TFDS_DATA_DIR=/data/tfds CUDA_VISIBLE_DEVICES=0,1 launch/$PROG run --config=configs/distill.py:PRESET
+  launch/$PROG run --gpus=2,3 --config.KEY=VALUE -- --multihost=false
+  launch/$PROG run --dry-run
+EOF
+}
+
+die() {
+  printf '%s: error: %s\n' "$PROG" "$*" >&2
+  exit 2
+}
+
+note() {
+  printf '%s: %s\n' "$PROG" "$*" >&2
+}
+
+SAFE_RE='^[A-Za-z0-9_./:=,+@%-]+$'
+OPT_RE='^(-{0,2}[A-Za-z_][A-Za-z0-9_.-]*=)(.*)$'
+# Shell-quote one word (single quotes unless it only has harmless characters).
+q() {
+  if [[ $1 =~ $SAFE_RE ]]; then
+    printf '%s' "$1"
+  else
+    local s=${1//\'/\'\\\'\'}
+    printf "'%s'" "$s"
+  fi
+}
+
+# Like q, but "--opt=some value" becomes --opt='some value'; the same for NAME=value.
+qw() {
+  if [[ $1 =~ $SAFE_RE ]]; then
+    printf '%s' "$1"
+  elif [[ $1 =~ $OPT_RE ]]; then
+    local head=${BASH_REMATCH[1]} tail=${BASH_REMATCH[2]}
+    printf '%s' "$head"
+    q "$tail"
+  else
+    q "$1"
+  fi
+}
+
+# Absolute form of a local path (relative to the current directory); URIs stay.
+abspath() {
+  case $1 in
+    /* | *://*) printf '%s' "$1" ;;
+    *) printf '%s/%s' "$PWD" "${1#./}" ;;
+  esac
+}
+
+fmt_cmd() {
+  local a sep=''
+  for a in "$@"; do
+    printf '%s' "$sep"
+    qw "$a"
+    sep=' '
+  done
+}
+
+# Dry run: print the command to stdout. Otherwise echo it to stderr and run it.
+run_cmd() {
+  if ((dry_run)); then
+    printf '+ %s\n' "$(fmt_cmd "$@")"
+  else
+    printf '+ %s\n' "$(fmt_cmd "$@")" >&2
+    "$@"
+  fi
+}
+
+optval() {
+  if [[ $1 == *=* ]]; then
+    OPTVAL=${1#*=}
+    OPTSHIFT=1
+  elif (($# >= 2)) && [[ $2 != --* ]]; then
+    OPTVAL=$2
+    OPTSHIFT=2
+  else
+    die "option $1 needs a value"
+  fi
+}
+
+# ---------------------------------------------------------------- arguments
+cmd=''
+dry_run=0
+venv=${MSTKD_VENV:-$REPO/.venv}
+python=python3
+config=configs/distill.py
+run_name=''
+workdir=''
+tfds_dir=${TFDS_DATA_DIR:-}
+gpus=${CUDA_VISIBLE_DEVICES-}
+gpus_set=${CUDA_VISIBLE_DEVICES+1}
+extra=()
+scoped=()
+
+while (($#)); do
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --dry-run) dry_run=1; shift ;;
+    --venv | --venv=*) optval "$@"; venv=$OPTVAL; shift "$OPTSHIFT" ;;
+    --python | --python=*) optval "$@"; python=$OPTVAL; scoped+=("--python|setup"); shift "$OPTSHIFT" ;;
+    --config | --config=*) optval "$@"; config=$OPTVAL; scoped+=("--config|run"); shift "$OPTSHIFT" ;;
+    --config.*) extra+=("$1"); scoped+=("--config.*|run"); shift ;;
+    --run-name | --run-name=*) optval "$@"; run_name=$OPTVAL; scoped+=("--run-name|run"); shift "$OPTSHIFT" ;;
+    --workdir | --workdir=*) optval "$@"; workdir=$OPTVAL; scoped+=("--workdir|run"); shift "$OPTSHIFT" ;;
+    --tfds-data-dir | --tfds-data-dir=*) optval "$@"; tfds_dir=$OPTVAL; scoped+=("--tfds-data-dir|run"); shift "$OPTSHIFT" ;;
+    --gpus | --gpus=*) optval "$@"; gpus=$OPTVAL; gpus_set=1; scoped+=("--gpus|run"); shift "$OPTSHIFT" ;;
+    --) shift; extra+=("$@"); scoped+=("-- ARGS|run"); break ;;
+    -*) die "unknown option: $1 (see '$PROG --help')" ;;
+    *)
+      if [[ -z $cmd ]]; then
+        cmd=$1
+        shift
+      else
+        die "unexpected argument: $1 (arguments for mstkd_jax.main go after --; see '$PROG --help')"
+      fi
+      ;;
+  esac
+done
+
+case $cmd in
+  setup | run) ;;
+  '') usage >&2; die "no command given (setup or run)" ;;
+  *) die "unknown command: $cmd (expected setup or run)" ;;
+esac
+
+for s in ${scoped[@]+"${scoped[@]}"}; do
+  if [[ " ${s#*|} " != *" $cmd "* ]]; then
+    die "${s%%|*} is not an option of '$cmd' (see '$PROG --help')"
+  fi
+done
+
+if [[ -z $venv ]]; then
+  die "--venv must not be empty"
+fi
+
+# ---------------------------------------------------------------- commands
+do_setup() {
+  if ((!dry_run)); then
+    if ! command -v "$python" >/dev/null 2>&1; then
+      die "'$python' not found; install Python >= 3.11 or pass --python=/path/to/python3.11"
+    fi
+    if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      die "JAX >= 0.7 needs Python >= 3.11, but $python is $("$python" -c 'import sys; print(sys.version.split()[0])'); pass --python=python3.11 (or newer)"
+    fi
+  fi
+  run_cmd "$python" -m venv "$venv"
+  run_cmd "$venv/bin/python" -m pip install -U pip
+  run_cmd "$venv/bin/python" -m pip install -U "$JAX_CUDA_REQ"
+  run_cmd "$venv/bin/python" -m pip install -r "$REPO/requirements.txt"
+  if ((!dry_run)); then
+    "$venv/bin/python" -c 'import jax; print("jax", jax.__version__, "devices:", jax.devices())' ||
+      note "warning: JAX did not start; check the NVIDIA driver (nvidia-smi)"
+  fi
+  note "next: launch/$PROG run --config=configs/distill.py"
+}
+
+do_run() {
+  if [[ -z $run_name ]]; then
+    run_name=mstkd-$(date +%Y%m%d-%H%M%S)
+  fi
+  if ! [[ $run_name =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then
+    die "--run-name may only use letters, digits, '.', '_' and '-' (got: $run_name)"
+  fi
+  # main runs from the repo root: make local paths absolute first.
+  workdir=$(abspath "${workdir:-$REPO/workdir/$run_name}")
+  venv=$(abspath "$venv")
+  if [[ -n $tfds_dir ]]; then
+    tfds_dir=$(abspath "$tfds_dir")
+  fi
+  if ((!dry_run)) && [[ ! -x $venv/bin/python ]]; then
+    die "no venv at $venv; run 'launch/$PROG setup' first (or pass --venv=DIR)"
+  fi
+
+  local envs=()
+  if [[ -n $gpus_set ]]; then
+    envs+=(CUDA_VISIBLE_DEVICES="$gpus")
+    note "GPUs: CUDA_VISIBLE_DEVICES=$gpus"
+  else
+    note "GPUs: all (CUDA_VISIBLE_DEVICES is not set)"
+  fi
+  if [[ -n $tfds_dir ]]; then
+    envs+=(TFDS_DATA_DIR="$tfds_dir")
+  else
+    note "TFDS_DATA_DIR is not set; TFDS uses its default (~/tensorflow_datasets)"
+  fi
+  note "workdir: $workdir"
+
+  run_cmd cd "$REPO"
+  # --multihost=false: one process on one host; words after it can override it.
+  run_cmd env ${envs[@]+"${envs[@]}"} "$venv/bin/python" -m mstkd_jax.main \
+    --config="$config" --workdir="$workdir" --multihost=false ${extra[@]+"${extra[@]}"}
+}
+
+"do_$cmd"

@@ -1,0 +1,104 @@
+"""tf.data training input: seeded shuffle, random horizontal flip, [-1, 1] images, per-host shard.
+
+The batch of step t is a pure function of (seed, t): epoch e = t // steps_per_epoch is
+shuffled with a stateless index permutation keyed by (seed, e), and each example's flip by
+(seed, t). So a run resumed at any step sees exactly the batches an uninterrupted run sees,
+whatever the number of hosts or devices: host p takes rows [p*L, (p+1)*L) of each global
+batch and reshapes them to [local_devices, per_device, ...].
+Each batch also carries "index" (the dataset row) and "flip" (whether the image fed was
+mirrored), so cached per-image data (teacher embeddings) can be looked up for exactly the
+orientation the model sees.
+"""
+
+from typing import Iterator, Mapping
+
+import jax
+import numpy as np
+
+from mstkd_jax.errors import UserError
+
+
+def normalize_images(images):
+  """uint8 RGB -> float32 in [-1, 1]: (x / 255 - 0.5) / 0.5, as insightface."""
+  return (np.asarray(images, np.float32) / 255.0 - 0.5) / 0.5
+
+
+def check_batch_split(global_batch: int, device_count: int, process_count: int) -> None:
+  if global_batch % device_count or global_batch % process_count:
+    raise UserError(f"train.batch_size={global_batch} must be divisible by the number of "
+                    f"devices ({device_count}) and of hosts ({process_count})")
+
+
+def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
+                  steps_per_epoch: int, seed: int, start_step: int, total_steps: int,
+                  local_device_count: int | None = None, process_index: int | None = None,
+                  process_count: int | None = None, flip: bool = True) -> Iterator[dict]:
+  """Yields host batches for steps start_step .. total_steps - 1.
+
+  Args:
+    arrays: per-example arrays with a common first axis; "image" (uint8 [N, H, W, 3]) is
+      flipped and normalized, the others (labels, ...) are gathered as they are.
+    global_batch: examples per step over all hosts and devices.
+    steps_per_epoch: steps in one pass; must satisfy steps_per_epoch * global_batch <= N.
+    seed: data seed.
+    start_step, total_steps: the steps to produce.
+    local_device_count, process_index, process_count: default to this JAX process's.
+    flip: random horizontal flips with probability 0.5.
+  Yields:
+    {"image": float32 [D, B, H, W, 3], <other arrays> [D, B, ...], "index": int32 [D, B],
+     "flip": bool [D, B]} with D local devices and B per-device examples.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  local_device_count = local_device_count or jax.local_device_count()
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = process_count or jax.process_count()
+  check_batch_split(global_batch, local_device_count * process_count, process_count)
+  num_examples = len(arrays["image"])
+  if steps_per_epoch * global_batch > num_examples:
+    raise ValueError(f"{steps_per_epoch} steps of {global_batch} exceed {num_examples} examples")
+  host_batch = global_batch // process_count
+  per_device = host_batch // local_device_count
+  tensors = {k: tf.constant(v) for k, v in arrays.items()}
+  seed = np.int64(seed)
+
+  def make_batch(step):
+    epoch = step // steps_per_epoch
+    positions = ((step % steps_per_epoch) * global_batch + process_index * host_batch
+                 + tf.range(host_batch, dtype=tf.int64))
+    index = tf.random.experimental.index_shuffle(
+        positions, seed=tf.stack([seed, epoch]), max_index=num_examples - 1)
+    flips = tf.random.stateless_uniform([global_batch], seed=tf.stack([seed + 1, step])) < 0.5
+    flips = flips[process_index * host_batch:(process_index + 1) * host_batch]
+    if not flip:
+      flips = tf.zeros_like(flips)
+    out = {k: tf.gather(v, index) for k, v in tensors.items()}
+    images = out["image"]
+    images = tf.where(flips[:, None, None, None], tf.reverse(images, axis=[2]), images)
+    out["image"] = (tf.cast(images, tf.float32) / 255.0 - 0.5) / 0.5
+    out["index"] = tf.cast(index, tf.int32)
+    out["flip"] = flips
+    return {k: tf.reshape(v, [local_device_count, per_device] + v.shape[1:].as_list())
+            for k, v in out.items()}
+
+  make_batch = tf.autograph.experimental.do_not_convert(make_batch)
+  ds = tf.data.Dataset.range(start_step, total_steps)
+  ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def eval_batches(images: np.ndarray, *, batch_size: int,
+                 local_device_count: int | None = None) -> Iterator[tuple[dict, int]]:
+  """In-order batches [D, B, H, W, 3] of normalized images, the last one zero-padded.
+
+  Yields (batch, number of real examples in it).
+  """
+  local_device_count = local_device_count or jax.local_device_count()
+  per_device = max(1, -(-batch_size // local_device_count))
+  chunk = per_device * local_device_count
+  for start in range(0, len(images), chunk):
+    part = normalize_images(images[start:start + chunk])
+    count = len(part)
+    if count < chunk:
+      part = np.concatenate([part, np.zeros((chunk - count,) + part.shape[1:], part.dtype)])
+    yield {"image": part.reshape((local_device_count, per_device) + part.shape[1:])}, count

@@ -1,0 +1,168 @@
+"""What every stage does around the loop: check the workdir, build models and optimiser from
+the config, embed images, evaluate verification pairs.
+
+Configs are read here and in the stage files only; models, losses and steps take plain values.
+"""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mstkd_jax import losses, models
+from mstkd_jax.data import input_pipeline
+from mstkd_jax.errors import UserError
+from mstkd_jax.evaluation import verification
+from mstkd_jax.train import loop, parallel as parallel_lib, state as state_lib, steps
+
+# Fields that steer how a run is carried out but not what it computes: they may change
+# between a run and its resumption.
+RUN_CONTROL_FIELDS = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                      "train.eval_batch_size", "parallelism", "data.data_dir", "only", "force")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def flatten(tree, prefix="") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_dict(config) -> dict:
+  """The config as JSON-compatible nested dicts (tuples become lists)."""
+  return json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config))
+
+
+def changed_fields(old: dict, new: dict, ignore=RUN_CONTROL_FIELDS) -> list[str]:
+  old_flat, new_flat = flatten(old), flatten(new)
+  keys = sorted(set(old_flat) | set(new_flat))
+  return [f"{k}: {old_flat.get(k, '<absent>')!r} -> {new_flat.get(k, '<absent>')!r}"
+          for k in keys if old_flat.get(k) != new_flat.get(k)
+          and not any(k == f or k.startswith(f + ".") for f in ignore)]
+
+
+def prepare_workdir(config, workdir: str) -> str:
+  """Creates `workdir`, refuses one holding a run of another config, writes config.json.
+
+  Returns the absolute workdir. Only process 0 writes.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"the workdir {workdir} cannot be written: {e.strerror or e}") from e
+  path = os.path.join(workdir, "config.json")
+  new = config_dict(config)
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        old = json.load(f)
+    except (OSError, ValueError) as e:
+      raise UserError(f"{path} is not a readable config.json ({e}); move it away or use "
+                      "another --workdir") from e
+    changes = changed_fields(old, new)
+    if changes:
+      raise UserError(
+          f"{workdir} holds a run of another config (its config.json differs in: "
+          + "; ".join(changes) + "). Use another --workdir, or the same settings to resume.")
+  if jax.process_index() == 0:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(new, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+  return workdir
+
+
+def backbone(model_config: ml_collections.ConfigDict, **overrides):
+  """The configured IResNet, its BatchNorm averaged over the data-parallel axis."""
+  settings = model_config.to_dict()
+  name = settings.pop("name")
+  dtype = settings.pop("dtype")
+  if dtype not in DTYPES:
+    raise UserError(f"config field model.dtype={dtype!r}: expected one of {list(DTYPES)}")
+  settings.update(dtype=DTYPES[dtype], axis_name=parallel_lib.AXIS, **overrides)
+  return models.create(name, **settings)
+
+
+def margin_spec(head_config) -> losses.MarginSpec:
+  try:
+    return losses.MarginSpec(**head_config.to_dict())
+  except (TypeError, ValueError) as e:
+    raise UserError(f"config section head: {e}") from e
+
+
+def init_variables(module, rng, example_input, **kwargs) -> dict:
+  """Host (numpy) variables of `module` for inputs shaped like `example_input`."""
+  variables = jax.jit(functools.partial(module.init, **kwargs))(rng, example_input)
+  return jax.tree.map(np.asarray, dict(variables))
+
+
+def optimiser(optim_config, *, global_batch: int, steps_per_epoch: int, groups: dict):
+  """SGD over parameter groups; `groups` maps a group name to (base_lr, clip_norm or None).
+
+  Returns (optax transformation, LR schedule of the first group for logging).
+  """
+  param_groups = {}
+  for name, (base_lr, clip_norm) in groups.items():
+    schedule = state_lib.step_decay_schedule(
+        state_lib.scaled_lr(base_lr, global_batch), steps_per_epoch,
+        tuple(optim_config.lr_decay_epochs), optim_config.lr_decay_factor)
+    param_groups[name] = state_lib.ParamGroup(schedule, clip_norm or None)
+  tx = state_lib.sgd(param_groups, momentum=optim_config.momentum,
+                     weight_decay=optim_config.weight_decay)
+  return tx, next(iter(param_groups.values())).schedule
+
+
+def loop_settings(config, name: str, num_examples: int) -> loop.LoopSettings:
+  steps_per_epoch, total = loop.steps_for(num_examples, config.train.batch_size,
+                                          config.train.epochs)
+  return loop.LoopSettings(
+      name=name, total_steps=total, steps_per_epoch=steps_per_epoch,
+      images_per_step=config.train.batch_size, log_every=config.train.log_every,
+      checkpoint_every=config.train.checkpoint_every,
+      keep_checkpoints=config.train.keep_checkpoints)
+
+
+def embed_images(variables, module, images: np.ndarray, parallel, batch_size: int):
+  """Raw embeddings of uint8 images and of their horizontal flips: two float32 [N, D]."""
+  apply = _embed_fn(module, parallel)
+  device_vars = parallel.replicate(variables)
+  embeddings, flipped = [], []
+  for batch, count in input_pipeline.eval_batches(
+      images, batch_size=batch_size, local_device_count=parallel.local_device_count):
+    out = parallel.fetch(apply(device_vars, parallel.shard(batch)))
+    embeddings.append(out["embedding"].reshape(-1, out["embedding"].shape[-1])[:count])
+    flipped.append(out["embedding_flip"].reshape(-1, out["embedding"].shape[-1])[:count])
+  return np.concatenate(embeddings), np.concatenate(flipped)
+
+
+@functools.lru_cache(maxsize=16)
+def _embed_fn(module, parallel):
+  # Cached so stages embedding with the same module reuse one compiled function.
+  return parallel.wrap_apply(functools.partial(steps.embed, backbone=module))
+
+
+def evaluate(variables, module, verification_sets: dict, parallel, batch_size: int) -> dict:
+  """{group: evaluate_verification result} for every group's pairs."""
+  results = {}
+  for group, vset in verification_sets.items():
+    emb, emb_flip = embed_images(variables, module, vset.pair_images(), parallel, batch_size)
+    results[group] = verification.evaluate_verification(emb, emb_flip, vset.issame)
+  return results
+
+
+def accuracy_line(results: dict) -> str:
+  return "  ".join(f"{g} {100 * r['accuracy']:.2f}%" for g, r in results.items())

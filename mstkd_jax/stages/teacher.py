@@ -1,0 +1,96 @@
+"""Teacher stage: IResNet + margin head trained on one group's identities (a specialized
+teacher) or on a given identity subset (a balanced-baseline teacher).
+
+Writes <workdir>/checkpoints (Orbax), TensorBoard events, config.json and results.json
+(verification accuracy of the teacher on every group's pairs).
+"""
+
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+
+from mstkd_jax import models
+from mstkd_jax.data import input_pipeline, sources
+from mstkd_jax.errors import UserError
+from mstkd_jax.train import loop, parallel as parallel_lib, state as state_lib, steps
+from mstkd_jax.stages import runtime
+
+
+def _identities(config) -> tuple:
+  text = str(config.teacher.identities).strip()
+  if not text:
+    return ()
+  try:
+    return tuple(int(x) for x in text.split(","))
+  except ValueError as e:
+    raise UserError(f"config field teacher.identities={text!r}: expected comma-separated "
+                    "integer identity labels") from e
+
+
+def build(config, train_set: sources.TrainingSet, num_classes: int):
+  """(backbone, head, backbone variables, head variables): fresh host weights of a teacher."""
+  backbone = runtime.backbone(config.model)
+  head = models.create("margin_head", num_classes=num_classes)
+  init_rng, head_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  example = np.zeros((1,) + train_set.images.shape[1:], np.float32)
+  variables = runtime.init_variables(backbone, init_rng, example, train=False)
+  head_vars = runtime.init_variables(
+      head, head_rng, np.zeros((1, config.model.embedding_size), np.float32))
+  return backbone, head, variables, head_vars
+
+
+def run(config, workdir: str) -> dict:
+  """Trains the teacher and evaluates it on every group; returns the results dict."""
+  workdir = runtime.prepare_workdir(config, workdir)
+  train_set = sources.training_set(config.data, workdir)
+  rows, labels = sources.select(train_set, group=config.teacher.group if not
+                                _identities(config) else "", identities=_identities(config))
+  num_classes = int(labels.max()) + 1
+  name = (f"teacher/{config.teacher.group}" if not _identities(config)
+          else f"teacher/{num_classes} identities")
+  print(f"[{name}] {len(rows)} images of {num_classes} identities", flush=True)
+
+  parallel = parallel_lib.get(config.parallelism)
+  input_pipeline.check_batch_split(config.train.batch_size, jax.device_count(),
+                                   jax.process_count())
+  settings = runtime.loop_settings(config, name, len(rows))
+  backbone, head, variables, head_vars = build(config, train_set, num_classes)
+  head_lr = config.optim.head_base_lr if config.optim.head_base_lr >= 0 else config.optim.base_lr
+  tx, schedule = runtime.optimiser(
+      config.optim, global_batch=config.train.batch_size,
+      steps_per_epoch=settings.steps_per_epoch,
+      groups={"backbone": (config.optim.base_lr, config.optim.clip_norm),
+              "head": (head_lr, None)})
+  init_state = state_lib.create_state(
+      {"backbone": variables["params"], "head": head_vars["params"]},
+      variables.get("batch_stats", {}), tx)
+  init_state = jax.tree.map(np.asarray, init_state)
+  step_fn = functools.partial(steps.classification_step, backbone=backbone, head=head,
+                              margin=runtime.margin_spec(config.head), tx=tx,
+                              schedule=schedule)
+  arrays = {"image": train_set.images[rows], "label": labels}
+  batches = functools.partial(
+      input_pipeline.train_batches, arrays, global_batch=config.train.batch_size,
+      steps_per_epoch=settings.steps_per_epoch, seed=config.seed,
+      total_steps=settings.total_steps, local_device_count=parallel.local_device_count)
+  final = loop.train(workdir=workdir, settings=settings, init_state=init_state,
+                     step_fn=step_fn, batches=lambda start: batches(start_step=start),
+                     parallel=parallel, rng=jax.random.PRNGKey(config.seed + 1))
+
+  variables = {"params": final.params["backbone"], "batch_stats": final.batch_stats}
+  results = runtime.evaluate(variables, backbone,
+                             sources.verification_sets(config.data, workdir), parallel,
+                             config.train.eval_batch_size)
+  print(f"[{name}] verification accuracy: {runtime.accuracy_line(results)}", flush=True)
+  summary = {g: {k: r[k] for k in ("accuracy", "accuracy_std", "accuracy_noflip")}
+             for g, r in results.items()}
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, "results.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump({"model": name, "step": int(final.step), "verification": summary}, f,
+                indent=2)
+    os.replace(path + ".tmp", path)
+  return {"state": final, "verification": results}

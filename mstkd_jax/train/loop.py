@@ -1,0 +1,171 @@
+"""The one training loop every stage uses: resume, step, log, check for divergence, checkpoint.
+
+Stages differ only in the step function, the initial state and the batches they hand in.
+The RNG of step t is fold_in(rng, t) inside the step and the input pipeline is a pure
+function of the step, so a run restored from a checkpoint continues bit for bit.
+"""
+
+import dataclasses
+import datetime
+import math
+import time
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+
+from mstkd_jax.errors import UserError
+from mstkd_jax.train import writers
+from mstkd_jax.train.checkpoints import Checkpoints
+from mstkd_jax.train.parallel import DataParallel
+
+
+class TrainingDiverged(UserError):
+  """The loss became NaN or Inf."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  name: str                 # shown in progress lines, e.g. "teacher/group_a"
+  total_steps: int
+  steps_per_epoch: int
+  images_per_step: int      # global batch, for img/s
+  log_every: int = 50
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+
+
+def _prefetch(iterator, parallel: DataParallel, size: int = 2):
+  """Puts the next `size` batches on the devices while the current step runs."""
+  queue = []
+  for batch in iterator:
+    queue.append(parallel.shard(batch))
+    if len(queue) > size:
+      yield queue.pop(0)
+  yield from queue
+
+
+def _format_eta(seconds: float) -> str:
+  return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class _Progress:
+  """Fetches per-step metrics, checks them, writes them and prints one line per window."""
+
+  def __init__(self, settings: LoopSettings, writer, start_step: int):
+    self.settings = settings
+    self.writer = writer
+    self.pending = []           # [(step, device metrics)] not yet fetched
+    self.window_start = (time.perf_counter(), start_step)
+    self.last_good_step = start_step
+
+  def add(self, step: int, metrics) -> None:
+    self.pending.append((step, metrics))
+
+  def flush(self, step: int, parallel: DataParallel, checkpoint_hint: str) -> None:
+    """Fetches pending metrics; raises TrainingDiverged at the first non-finite loss."""
+    if not self.pending:
+      return
+    fetched = [(s, parallel.unreplicate(m)) for s, m in self.pending]
+    self.pending = []
+    for s, m in fetched:
+      if not np.isfinite(m["loss"]):
+        raise TrainingDiverged(
+            f"[{self.settings.name}] the loss became {m['loss']} at step {s}; "
+            f"{checkpoint_hint}. Lower the learning rate (optim.base_lr) or check the data.")
+      self.last_good_step = s
+    means = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
+    self.writer.write_scalars(step, means)
+    now, then = time.perf_counter(), self.window_start
+    steps_per_s = (step - then[1]) / max(now - then[0], 1e-9)
+    self.window_start = (now, step)
+    total = self.settings.total_steps
+    epoch = min(step / self.settings.steps_per_epoch, total / self.settings.steps_per_epoch)
+    extra = " ".join(f"{k} {v:.4g}" for k, v in means.items() if k not in ("loss", "lr"))
+    print(f"[{self.settings.name}] step {step}/{total} (epoch {epoch:.2f}) "
+          f"loss {means['loss']:.4f} {extra} lr {means.get('lr', float('nan')):.4g} | "
+          f"{steps_per_s:.2f} steps/s {steps_per_s * self.settings.images_per_step:.0f} img/s"
+          f" | ETA {_format_eta((total - step) / max(steps_per_s, 1e-9))}", flush=True)
+
+
+def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable,
+          batches: Callable[[int], Iterator[dict]], parallel: DataParallel, rng,
+          extra_args: tuple = ()):
+  """Trains `init_state` to `settings.total_steps`, resuming from `workdir/checkpoints`.
+
+  Args:
+    workdir: the stage's folder (checkpoints/ and TensorBoard events go there).
+    settings: steps, logging and checkpoint cadence.
+    init_state: host TrainState of a fresh run (also the template checkpoints restore into).
+    step_fn: per-device `(state, batch, rng, *extra_args) -> (state, metrics)`.
+    batches: `batches(start_step)` yields host batches [local_devices, per_device, ...]
+      for steps start_step, start_step + 1, ... (a pure function of the step).
+    parallel: how steps are mapped over devices.
+    rng: base key; the step folds in its step number.
+    extra_args: host pytrees replicated to every device and passed after the rng (frozen
+      networks, ...).
+  Returns:
+    The final TrainState on the host.
+  """
+  checkpoints = Checkpoints(f"{workdir}/checkpoints", keep=settings.keep_checkpoints)
+  total = settings.total_steps
+  start = checkpoints.latest_step() or 0
+  state = init_state
+  if start:
+    state = checkpoints.restore(start, init_state)
+    if start >= total:
+      print(f"[{settings.name}] already finished: checkpoint at step {start} of {total} in "
+            f"{checkpoints.directory}; nothing to do.", flush=True)
+      checkpoints.close()
+      return state
+    print(f"[{settings.name}] resuming from step {start} of {total} "
+          f"({checkpoints.directory}).", flush=True)
+
+  is_main = jax.process_index() == 0
+  writer = writers.create_writer(workdir, just_logging=not is_main)
+  report = writers.create_progress_reporter(total, writer, settings.log_every)
+  progress = _Progress(settings, writer, start)
+  p_step = parallel.wrap(step_fn)
+  device_state = parallel.replicate(state)
+  device_args = parallel.replicate((rng,) + tuple(extra_args))
+  last_saved = start
+
+  def hint():
+    if last_saved:
+      return (f"the last good checkpoint is step {last_saved} in {checkpoints.directory} "
+              "(kept intact)")
+    return "no checkpoint was written yet"
+
+  try:
+    step = start
+    for batch in _prefetch(batches(start), parallel):
+      if step >= total:
+        break
+      device_state, metrics = p_step(device_state, batch, *device_args)
+      step += 1
+      progress.add(step, metrics)
+      if report is not None:
+        report(step)
+      is_checkpoint = step % settings.checkpoint_every == 0 or step == total
+      if step % settings.log_every == 0 or is_checkpoint:
+        progress.flush(step, parallel, hint())
+      if is_checkpoint:
+        # Every loss up to here was finite (flush checked), so this state is good.
+        checkpoints.save(step, parallel.unreplicate(device_state))
+        last_saved = step
+    if step < total:
+      raise UserError(f"[{settings.name}] the input pipeline ended at step {step} of {total}")
+  finally:
+    checkpoints.wait()
+    checkpoints.close()
+    writer.flush()
+  return parallel.unreplicate(device_state)
+
+
+def steps_for(num_examples: int, global_batch: int, epochs: float) -> tuple[int, int]:
+  """(steps_per_epoch, total_steps) for `epochs` passes over `num_examples`, dropping the tail."""
+  steps_per_epoch = num_examples // global_batch
+  if steps_per_epoch == 0:
+    raise UserError(f"the training set has {num_examples} examples, fewer than one global "
+                    f"batch of {global_batch}; lower train.batch_size")
+  return steps_per_epoch, max(1, math.ceil(epochs * steps_per_epoch))

@@ -1,0 +1,115 @@
+"""Data parallelism, chosen in one place: `jax.pmap` (default) or `jax.jit` over `shard_map`.
+
+Step functions are written per device: they see one device's batch, average gradients with
+`lax.pmean(..., AXIS)` and keep BatchNorm statistics global through the same axis. The host
+always feeds batches shaped [local_devices, per_device_batch, ...]; this module replicates
+the state, places batches and wraps step functions for either backend, on one host or many.
+"""
+
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "batch"
+KINDS = ("pmap", "shard_map")
+
+
+class DataParallel:
+  """Places arrays and wraps per-device functions for the chosen parallelism."""
+
+  def __init__(self, kind: str = "pmap"):
+    if kind not in KINDS:
+      raise ValueError(f"parallelism must be one of {KINDS}, got {kind!r}")
+    self.kind = kind
+    self.local_devices = jax.local_devices()
+    self.mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
+    # pmap's arrays carry a leading axis of local devices, split over this host's devices.
+    self._local_split = NamedSharding(Mesh(np.asarray(self.local_devices), (AXIS,)), P(AXIS))
+
+  @property
+  def local_device_count(self) -> int:
+    return len(self.local_devices)
+
+  @property
+  def device_count(self) -> int:
+    return jax.device_count()
+
+  def replicate(self, tree):
+    """Host pytree -> the same values on every device."""
+    if self.kind == "pmap":
+      return jax.tree.map(lambda x: jax.device_put(
+          np.stack([np.asarray(x)] * self.local_device_count), self._local_split), tree)
+    sharding = NamedSharding(self.mesh, P())
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(np.shape(x), sharding,
+                                               lambda idx, x=x: np.asarray(x)[idx]), tree)
+
+  def unreplicate(self, tree):
+    """Replicated device pytree -> one host (numpy) copy."""
+    if self.kind == "pmap":
+      return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+  def shard(self, batch):
+    """Host batch of [local_devices, per_device, ...] arrays -> device arrays."""
+    def put(x):
+      if x.shape[0] != self.local_device_count:
+        raise ValueError(f"batch leading axis {x.shape[0]} != local devices "
+                         f"{self.local_device_count}")
+      if self.kind == "pmap":
+        return jax.device_put(x, self._local_split)
+      return jax.make_array_from_process_local_data(
+          NamedSharding(self.mesh, P(AXIS)), x, (self.device_count,) + x.shape[1:])
+    return jax.tree.map(put, batch)
+
+  def wrap(self, step_fn: Callable, *, donate_state: bool = True) -> Callable:
+    """Maps `step_fn(state, batch, *replicated) -> (state, metrics)` over devices.
+
+    `state` and the extra arguments (an rng, frozen teacher parameters, ...) must come from
+    `replicate`; `batch` from `shard`. Returned state and metrics stay replicated.
+    """
+    donate = (0,) if donate_state else ()
+    if self.kind == "pmap":
+      return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=donate)
+
+    def per_device(state, batch, *rest):
+      # shard_map hands each device a [1, per_device, ...] block of the batch.
+      return step_fn(state, jax.tree.map(lambda x: x[0], batch), *rest)
+
+    @functools.wraps(step_fn)
+    def mapped(state, batch, *rest):
+      specs = (P(), P(AXIS)) + (P(),) * len(rest)
+      return jax.shard_map(per_device, mesh=self.mesh, in_specs=specs,
+                           out_specs=P())(state, batch, *rest)
+    return jax.jit(mapped, donate_argnums=donate)
+
+  def wrap_apply(self, apply_fn: Callable) -> Callable:
+    """Maps an inference function `apply_fn(replicated, batch) -> outputs` over devices.
+
+    No collectives inside; outputs keep the batch layout [devices, per_device, ...]; read
+    them on the host with `fetch`.
+    """
+    if self.kind == "pmap":
+      return jax.pmap(apply_fn, axis_name=AXIS)
+
+    def per_device(replicated, batch):
+      out = apply_fn(replicated, jax.tree.map(lambda x: x[0], batch))
+      return jax.tree.map(lambda y: y[None], out)
+    return jax.jit(jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(AXIS)),
+                                 out_specs=P(AXIS)))
+
+  def fetch(self, tree) -> Any:
+    """Per-device outputs of `wrap_apply` -> host numpy [local_devices, per_device, ...]."""
+    if self.kind == "pmap":
+      return jax.tree.map(np.asarray, tree)
+    return jax.tree.map(
+        lambda x: np.concatenate([np.asarray(s.data) for s in sorted(
+            x.addressable_shards, key=lambda s: s.index[0].start or 0)]), tree)
+
+
+@functools.lru_cache(maxsize=None)
+def get(kind: str) -> DataParallel:
+  return DataParallel(kind)
