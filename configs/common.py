@@ -34,6 +34,7 @@ def base() -> ml_collections.ConfigDict:
   c.stage = "teacher"
   c.seed = 0
   c.parallelism = "pmap"          # "pmap" or "shard_map" (jax.jit over a Mesh)
+  c.num_devices = 0               # 0 = every device; n = the first n (single host)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"

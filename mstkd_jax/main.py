@@ -45,9 +45,13 @@ def default_workdir(config_arg: str) -> str:
 
 def run(config, workdir: str, multihost: str = "false"):
   """Runs `config.stage` in `workdir` (importable: notebooks and tests call this)."""
+  import jax  # pylint: disable=g-import-not-at-top
   if _wants_multihost(multihost):
-    import jax  # pylint: disable=g-import-not-at-top
     jax.distributed.initialize()
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    # Reruns and resumptions (and stages of the same shapes) skip XLA compilation.
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(os.path.abspath(workdir), "compilation_cache"))
   stages = _stages()
   if config.stage not in stages:
     raise UserError(f"config field stage={config.stage!r}: expected one of {sorted(stages)}")
@@ -61,12 +65,29 @@ def main(argv):
   config_arg = flags.FLAGS["config"].config_filename
   workdir = _WORKDIR.value or default_workdir(config_arg)
   try:
-    run(_CONFIG.value, workdir, _MULTIHOST.value)
+    config = _CONFIG.value
+    config.stage  # pylint: disable=pointless-statement
+  except OSError as e:  # ml_collections reports an unloadable config file only on use.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    run(config, workdir, _MULTIHOST.value)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 
 
+def parse_flags(argv):
+  """absl's flag parsing, with config mistakes (unknown preset or field, bad value) reported
+  as one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (UserError, KeyError, ValueError, TypeError, AttributeError, flags.Error) as e:
+    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -32,18 +32,22 @@ def check_batch_split(global_batch: int, device_count: int, process_count: int) 
 def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
                   steps_per_epoch: int, seed: int, start_step: int, total_steps: int,
                   local_device_count: int | None = None, process_index: int | None = None,
-                  process_count: int | None = None, flip: bool = True) -> Iterator[dict]:
+                  process_count: int | None = None, flip: bool = True,
+                  oriented: tuple[str, ...] = ()) -> Iterator[dict]:
   """Yields host batches for steps start_step .. total_steps - 1.
 
   Args:
-    arrays: per-example arrays with a common first axis; "image" (uint8 [N, H, W, 3]) is
-      flipped and normalized, the others (labels, ...) are gathered as they are.
+    arrays: per-example arrays with a common first axis; "image" (uint8 [N, H, W, 3]), if
+      present, is flipped and normalized, the others (labels, ...) are gathered as they are.
     global_batch: examples per step over all hosts and devices.
     steps_per_epoch: steps in one pass; must satisfy steps_per_epoch * global_batch <= N.
     seed: data seed.
     start_step, total_steps: the steps to produce.
     local_device_count, process_index, process_count: default to this JAX process's.
     flip: random horizontal flips with probability 0.5.
+    oriented: keys of arrays shaped [N, 2, ...] holding per-image data for the image as
+      stored ([:, 0]) and mirrored ([:, 1]), e.g. teacher embeddings; each example gets the
+      entry of the orientation it is fed in.
   Yields:
     {"image": float32 [D, B, H, W, 3], <other arrays> [D, B, ...], "index": int32 [D, B],
      "flip": bool [D, B]} with D local devices and B per-device examples.
@@ -54,7 +58,7 @@ def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
   process_index = jax.process_index() if process_index is None else process_index
   process_count = process_count or jax.process_count()
   check_batch_split(global_batch, local_device_count * process_count, process_count)
-  num_examples = len(arrays["image"])
+  num_examples = len(next(iter(arrays.values())))
   if steps_per_epoch * global_batch > num_examples:
     raise ValueError(f"{steps_per_epoch} steps of {global_batch} exceed {num_examples} examples")
   host_batch = global_batch // process_count
@@ -73,9 +77,12 @@ def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
     if not flip:
       flips = tf.zeros_like(flips)
     out = {k: tf.gather(v, index) for k, v in tensors.items()}
-    images = out["image"]
-    images = tf.where(flips[:, None, None, None], tf.reverse(images, axis=[2]), images)
-    out["image"] = (tf.cast(images, tf.float32) / 255.0 - 0.5) / 0.5
+    for key in oriented:
+      out[key] = tf.gather(out[key], tf.cast(flips, tf.int32), batch_dims=1)
+    if "image" in out:
+      images = out["image"]
+      images = tf.where(flips[:, None, None, None], tf.reverse(images, axis=[2]), images)
+      out["image"] = (tf.cast(images, tf.float32) / 255.0 - 0.5) / 0.5
     out["index"] = tf.cast(index, tf.int32)
     out["flip"] = flips
     return {k: tf.reshape(v, [local_device_count, per_device] + v.shape[1:].as_list())

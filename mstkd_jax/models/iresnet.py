@@ -8,6 +8,7 @@ that `interop/` maps checkpoints one-to-one. Inputs are NHWC images in [-1, 1].
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 DEPTHS = {
@@ -21,6 +22,17 @@ DEPTHS = {
 # batch, Flax's weighs the running average.
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
+# insightface initialises every conv weight N(0, 0.1) and BN to (1, 0); its fc is PyTorch's
+# default Linear init, uniform(+-1/sqrt(fan_in)) for weight and bias.
+CONV_INIT = nn.initializers.normal(stddev=0.1)
+FC_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def _fc_bias_init(fan_in):
+  def init(key, shape, dtype=jnp.float32):
+    bound = 1.0 / fan_in ** 0.5
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
 
 
 class PReLU(nn.Module):
@@ -36,7 +48,7 @@ class PReLU(nn.Module):
 def conv3x3(features, stride, dtype, name):
   # Explicit padding 1 as PyTorch: "SAME" would pad stride-2 convs asymmetrically.
   return nn.Conv(features, (3, 3), strides=(stride, stride), padding=((1, 1), (1, 1)),
-                 use_bias=False, dtype=dtype, name=name)
+                 use_bias=False, kernel_init=CONV_INIT, dtype=dtype, name=name)
 
 
 class SqueezeExcite(nn.Module):
@@ -48,9 +60,11 @@ class SqueezeExcite(nn.Module):
   def __call__(self, x):
     channels = x.shape[-1]
     s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = nn.Conv(max(channels // self.reduction, 1), (1, 1), dtype=self.dtype, name="fc1")(s)
+    s = nn.Conv(max(channels // self.reduction, 1), (1, 1), use_bias=False,
+                kernel_init=CONV_INIT, dtype=self.dtype, name="fc1")(s)
     s = nn.relu(s)
-    s = nn.Conv(channels, (1, 1), dtype=self.dtype, name="fc2")(s)
+    s = nn.Conv(channels, (1, 1), use_bias=False, kernel_init=CONV_INIT, dtype=self.dtype,
+                name="fc2")(s)
     return x * nn.sigmoid(s)
 
 
@@ -78,7 +92,8 @@ class IBasicBlock(nn.Module):
       y = SqueezeExcite(dtype=self.dtype, name="se")(y)
     if self.stride != 1 or x.shape[-1] != self.features:
       shortcut = nn.Conv(self.features, (1, 1), strides=(self.stride, self.stride),
-                         use_bias=False, dtype=self.dtype, name="downsample_conv")(x)
+                         use_bias=False, kernel_init=CONV_INIT, dtype=self.dtype,
+                         name="downsample_conv")(x)
       shortcut = norm("downsample_bn")(shortcut)
     return y + shortcut
 
@@ -129,7 +144,8 @@ class IResNet(nn.Module):
     # Flattened in HWC order; interop/ permutes PyTorch's CHW-ordered fc weights.
     x = x.reshape((x.shape[0], -1))
     x = nn.Dropout(self.dropout, deterministic=not train or self.dropout == 0.0)(x)
-    x = nn.Dense(self.embedding_size, dtype=self.dtype, name="fc")(x)
+    x = nn.Dense(self.embedding_size, kernel_init=FC_INIT,
+                 bias_init=_fc_bias_init(x.shape[-1]), dtype=self.dtype, name="fc")(x)
     # insightface's `features` BatchNorm1d has its weight fixed to 1 (requires_grad=False).
     x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
                      epsilon=BN_EPSILON, use_scale=False, dtype=jnp.float32,

@@ -1,13 +1,12 @@
 """Teacher stage: IResNet + margin head trained on one group's identities (a specialized
 teacher) or on a given identity subset (a balanced-baseline teacher).
 
-Writes <workdir>/checkpoints (Orbax), TensorBoard events, config.json and results.json
-(verification accuracy of the teacher on every group's pairs).
+Writes <workdir>/checkpoints (Orbax training state), model/ (the trained backbone),
+TensorBoard events, config.json, verification_embeddings.npz and results.json (the
+teacher's verification accuracy on every group's pairs).
 """
 
 import functools
-import json
-import os
 
 import jax
 import numpy as np
@@ -53,8 +52,8 @@ def run(config, workdir: str) -> dict:
           else f"teacher/{num_classes} identities")
   print(f"[{name}] {len(rows)} images of {num_classes} identities", flush=True)
 
-  parallel = parallel_lib.get(config.parallelism)
-  input_pipeline.check_batch_split(config.train.batch_size, jax.device_count(),
+  parallel = parallel_lib.get(config.parallelism, config.num_devices)
+  input_pipeline.check_batch_split(config.train.batch_size, parallel.device_count,
                                    jax.process_count())
   settings = runtime.loop_settings(config, name, len(rows))
   backbone, head, variables, head_vars = build(config, train_set, num_classes)
@@ -81,16 +80,6 @@ def run(config, workdir: str) -> dict:
                      parallel=parallel, rng=jax.random.PRNGKey(config.seed + 1))
 
   variables = {"params": final.params["backbone"], "batch_stats": final.batch_stats}
-  results = runtime.evaluate(variables, backbone,
-                             sources.verification_sets(config.data, workdir), parallel,
-                             config.train.eval_batch_size)
-  print(f"[{name}] verification accuracy: {runtime.accuracy_line(results)}", flush=True)
-  summary = {g: {k: r[k] for k in ("accuracy", "accuracy_std", "accuracy_noflip")}
-             for g, r in results.items()}
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, "results.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump({"model": name, "step": int(final.step), "verification": summary}, f,
-                indent=2)
-    os.replace(path + ".tmp", path)
+  results = runtime.finish_model(config, workdir, name, int(final.step), variables, backbone,
+                                 parallel)
   return {"state": final, "verification": results}

@@ -13,12 +13,12 @@ import orbax.checkpoint as ocp
 from mstkd_jax.errors import UserError
 
 
-def _flat_shapes(tree, prefix=""):
+def flat_shapes(tree, prefix=""):
   """Nested dict of arrays or Orbax ArrayMetadata -> {"a/b/c": shape}."""
   out = {}
   if isinstance(tree, dict):
     for key, value in tree.items():
-      out.update(_flat_shapes(value, f"{prefix}{key}/"))
+      out.update(flat_shapes(value, f"{prefix}{key}/"))
   elif tree is not None:
     out[prefix.rstrip("/")] = tuple(tree.shape)
   return out
@@ -41,7 +41,8 @@ class Checkpoints:
   def __init__(self, directory: str, keep: int = 3):
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        item_handlers=ocp.StandardCheckpointHandler())
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -55,6 +56,15 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.close()
 
+  def restore_tree(self, step: int, template):
+    """Restores `step` into the structure of `template` without the TrainState shape check."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                            template)
+    try:
+      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"cannot restore the checkpoint {self.directory}/{step}: {e}") from e
+
   def restore(self, step: int, template):
     """Restores `step` into the structure of `template` (host arrays), checking shapes first."""
     path = os.path.join(self.directory, str(step))
@@ -64,16 +74,11 @@ class Checkpoints:
       raise UserError(f"cannot read the checkpoint {path}: {e}") from e
     problems = []
     for part in ("params", "batch_stats"):
-      problems += shape_mismatches(_flat_shapes(getattr(template, part)),
-                                   _flat_shapes(stored.get(part) or {}))
+      problems += shape_mismatches(flat_shapes(getattr(template, part), f"{part}/"),
+                                   flat_shapes(stored.get(part) or {}, f"{part}/"))
     if problems:
       raise UserError(
           f"the checkpoint {path} was written for another model than this config builds:\n  "
           + "\n  ".join(problems)
           + "\nUse another --workdir, or delete that checkpoint directory to start over.")
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                            template)
-    try:
-      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f"cannot restore the checkpoint {path}: {e}") from e
+    return self.restore_tree(step, template)

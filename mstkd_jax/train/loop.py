@@ -7,7 +7,9 @@ function of the step, so a run restored from a checkpoint continues bit for bit.
 
 import dataclasses
 import datetime
+import json
 import math
+import os
 import time
 from typing import Callable, Iterator
 
@@ -33,6 +35,9 @@ class LoopSettings:
   log_every: int = 50
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
+  # Keep the parameters of the epoch with the lowest mean training loss in <workdir>/best
+  # (the adaptor's model selection); read them back with `load_best`.
+  select_best_epoch: bool = False
 
 
 def _prefetch(iterator, parallel: DataParallel, size: int = 2):
@@ -52,12 +57,12 @@ def _format_eta(seconds: float) -> str:
 class _Progress:
   """Fetches per-step metrics, checks them, writes them and prints one line per window."""
 
-  def __init__(self, settings: LoopSettings, writer, start_step: int):
+  def __init__(self, settings: LoopSettings, writer, start_step: int, history: list):
     self.settings = settings
     self.writer = writer
     self.pending = []           # [(step, device metrics)] not yet fetched
     self.window_start = (time.perf_counter(), start_step)
-    self.last_good_step = start_step
+    self.history = history      # loss of every step so far: history[t - 1] is step t's
 
   def add(self, step: int, metrics) -> None:
     self.pending.append((step, metrics))
@@ -73,7 +78,7 @@ class _Progress:
         raise TrainingDiverged(
             f"[{self.settings.name}] the loss became {m['loss']} at step {s}; "
             f"{checkpoint_hint}. Lower the learning rate (optim.base_lr) or check the data.")
-      self.last_good_step = s
+      self.history.append(float(m["loss"]))
     means = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
     self.writer.write_scalars(step, means)
     now, then = time.perf_counter(), self.window_start
@@ -86,6 +91,81 @@ class _Progress:
           f"loss {means['loss']:.4f} {extra} lr {means.get('lr', float('nan')):.4g} | "
           f"{steps_per_s:.2f} steps/s {steps_per_s * self.settings.images_per_step:.0f} img/s"
           f" | ETA {_format_eta((total - step) / max(steps_per_s, 1e-9))}", flush=True)
+
+
+def _history_path(workdir: str) -> str:
+  return os.path.join(workdir, "loss_history.json")
+
+
+def _load_history(workdir: str, step: int) -> list:
+  """Per-step losses of steps 1..step, as saved with the checkpoints ([] if none)."""
+  try:
+    with open(_history_path(workdir)) as f:
+      losses = json.load(f)["losses"]
+  except FileNotFoundError:
+    return []
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f"{_history_path(workdir)} is unreadable ({e}); delete it to resume "
+                    "without the loss history") from e
+  return [float(x) for x in losses[:step]]
+
+
+def _write_json(path: str, value) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f)
+  os.replace(path + ".tmp", path)
+
+
+class _BestEpoch:
+  """Saves params and batch_stats of the epoch with the lowest mean loss to <workdir>/best."""
+
+  def __init__(self, workdir: str, steps_per_epoch: int, history: list):
+    self.workdir = workdir
+    self.steps_per_epoch = steps_per_epoch
+    self.checkpoints = Checkpoints(os.path.join(workdir, "best"), keep=1)
+    complete = len(history) // steps_per_epoch
+    self.best = min((self._mean(history, e), e) for e in range(1, complete + 1)) \
+        if complete else (float("inf"), 0)
+
+  def _mean(self, history, epoch):
+    return float(np.mean(history[(epoch - 1) * self.steps_per_epoch:
+                                 epoch * self.steps_per_epoch]))
+
+  def epoch_end(self, step: int, history: list, state_fn) -> None:
+    epoch = step // self.steps_per_epoch
+    mean = self._mean(history, epoch)
+    if mean < self.best[0]:
+      self.best = (mean, epoch)
+      state = state_fn()
+      self.checkpoints.save(step, best_variables(state))
+      self.checkpoints.wait()
+      _write_json(os.path.join(self.workdir, "best.json"),
+                  {"epoch": epoch, "step": step, "mean_loss": mean})
+
+  def close(self):
+    self.checkpoints.close()
+
+
+def best_variables(state) -> dict:
+  """What a select_best_epoch run keeps of a state: params (and batch_stats if any)."""
+  out = {"params": state.params}
+  if state.batch_stats:
+    out["batch_stats"] = state.batch_stats
+  return out
+
+
+def load_best(workdir: str, template) -> tuple[dict, dict]:
+  """(`best_variables` of the best epoch, best.json), restored into `template`'s shapes."""
+  try:
+    with open(os.path.join(workdir, "best.json")) as f:
+      info = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"no best-epoch record in {workdir} ({e}); rerun its stage") from e
+  checkpoints = Checkpoints(os.path.join(workdir, "best"), keep=1)
+  try:
+    return checkpoints.restore_tree(info["step"], template), info
+  finally:
+    checkpoints.close()
 
 
 def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable,
@@ -122,9 +202,12 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
           f"({checkpoints.directory}).", flush=True)
 
   is_main = jax.process_index() == 0
+  history = _load_history(workdir, start)
   writer = writers.create_writer(workdir, just_logging=not is_main)
   report = writers.create_progress_reporter(total, writer, settings.log_every)
-  progress = _Progress(settings, writer, start)
+  progress = _Progress(settings, writer, start, history)
+  best = (_BestEpoch(workdir, settings.steps_per_epoch, history)
+          if settings.select_best_epoch else None)
   p_step = parallel.wrap(step_fn)
   device_state = parallel.replicate(state)
   device_args = parallel.replicate((rng,) + tuple(extra_args))
@@ -147,10 +230,16 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
       if report is not None:
         report(step)
       is_checkpoint = step % settings.checkpoint_every == 0 or step == total
-      if step % settings.log_every == 0 or is_checkpoint:
+      is_epoch_end = best is not None and step % settings.steps_per_epoch == 0
+      if step % settings.log_every == 0 or is_checkpoint or is_epoch_end:
         progress.flush(step, parallel, hint())
+      if is_epoch_end:
+        best.epoch_end(step, history, lambda: parallel.unreplicate(device_state))
       if is_checkpoint:
-        # Every loss up to here was finite (flush checked), so this state is good.
+        # Every loss up to here was finite (flush checked), so this state is good. The
+        # history goes first: a checkpoint never lacks the losses that led to it.
+        if is_main:
+          _write_json(_history_path(workdir), {"step": step, "losses": history})
         checkpoints.save(step, parallel.unreplicate(device_state))
         last_saved = step
     if step < total:
@@ -158,6 +247,8 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
   finally:
     checkpoints.wait()
     checkpoints.close()
+    if best is not None:
+      best.close()
     writer.flush()
   return parallel.unreplicate(device_state)
 

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mstkd_jax.errors import UserError
+
 AXIS = "batch"
 KINDS = ("pmap", "shard_map")
 
@@ -20,12 +22,19 @@ KINDS = ("pmap", "shard_map")
 class DataParallel:
   """Places arrays and wraps per-device functions for the chosen parallelism."""
 
-  def __init__(self, kind: str = "pmap"):
+  def __init__(self, kind: str = "pmap", num_devices: int = 0):
+    """`num_devices` > 0 uses only the first local devices (single-host runs only)."""
     if kind not in KINDS:
-      raise ValueError(f"parallelism must be one of {KINDS}, got {kind!r}")
+      raise UserError(f"config field parallelism={kind!r}: expected one of {KINDS}")
     self.kind = kind
     self.local_devices = jax.local_devices()
-    self.mesh = Mesh(np.asarray(jax.devices()), (AXIS,))
+    devices = jax.devices()
+    if num_devices:
+      if jax.process_count() > 1 or not 0 < num_devices <= len(self.local_devices):
+        raise UserError(f"config field num_devices={num_devices}: expected 0 (all) or 1.."
+                        f"{len(self.local_devices)} on a single host")
+      self.local_devices = devices = self.local_devices[:num_devices]
+    self.mesh = Mesh(np.asarray(devices), (AXIS,))
     # pmap's arrays carry a leading axis of local devices, split over this host's devices.
     self._local_split = NamedSharding(Mesh(np.asarray(self.local_devices), (AXIS,)), P(AXIS))
 
@@ -35,7 +44,7 @@ class DataParallel:
 
   @property
   def device_count(self) -> int:
-    return jax.device_count()
+    return self.mesh.size
 
   def replicate(self, tree):
     """Host pytree -> the same values on every device."""
@@ -73,7 +82,8 @@ class DataParallel:
     """
     donate = (0,) if donate_state else ()
     if self.kind == "pmap":
-      return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=donate)
+      return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=donate,
+                      devices=self.local_devices)
 
     def per_device(state, batch, *rest):
       # shard_map hands each device a [1, per_device, ...] block of the batch.
@@ -82,8 +92,11 @@ class DataParallel:
     @functools.wraps(step_fn)
     def mapped(state, batch, *rest):
       specs = (P(), P(AXIS)) + (P(),) * len(rest)
-      return jax.shard_map(per_device, mesh=self.mesh, in_specs=specs,
-                           out_specs=P())(state, batch, *rest)
+      # check_vma=False gives pmap's semantics: each device differentiates its own copy
+      # of the replicated state (no implicit psum of gradients; the step's pmean averages
+      # them), and the psums inside synchronized BatchNorm transpose to psums.
+      return jax.shard_map(per_device, mesh=self.mesh, in_specs=specs, out_specs=P(),
+                           check_vma=False)(state, batch, *rest)
     return jax.jit(mapped, donate_argnums=donate)
 
   def wrap_apply(self, apply_fn: Callable) -> Callable:
@@ -93,7 +106,7 @@ class DataParallel:
     them on the host with `fetch`.
     """
     if self.kind == "pmap":
-      return jax.pmap(apply_fn, axis_name=AXIS)
+      return jax.pmap(apply_fn, axis_name=AXIS, devices=self.local_devices)
 
     def per_device(replicated, batch):
       out = apply_fn(replicated, jax.tree.map(lambda x: x[0], batch))
@@ -111,5 +124,6 @@ class DataParallel:
 
 
 @functools.lru_cache(maxsize=None)
-def get(kind: str) -> DataParallel:
-  return DataParallel(kind)
+def get(kind: str, num_devices: int = 0) -> DataParallel:
+  """One DataParallel per setting, so compiled functions cached on it are reused."""
+  return DataParallel(kind, num_devices)

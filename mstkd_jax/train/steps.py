@@ -37,12 +37,33 @@ def apply_updates(state: TrainState, grads, batch_stats, tx: optax.GradientTrans
                        batch_stats=batch_stats, opt_state=opt_state)
 
 
+def _forward(backbone: nn.Module, params, batch_stats, inputs, dropout_rng):
+  """Training-mode forward; returns (embeddings, updated batch_stats)."""
+  variables = {"params": params}
+  mutable = []
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+    mutable = ["batch_stats"]
+  embeddings, new_vars = backbone.apply(variables, inputs, train=True, mutable=mutable,
+                                        rngs={"dropout": dropout_rng})
+  return embeddings, new_vars.get("batch_stats", batch_stats)
+
+
+def _margin_loss(head, head_params, embeddings, labels, margin, margin_rng, axis_name):
+  """Margin-head CE; returns (loss, cosines)."""
+  cos = head.apply({"params": head_params}, embeddings)
+  margins = losses.draw_margins(margin_rng, losses.target_cosine(cos, labels), margin,
+                                axis_name)
+  return losses.cross_entropy(losses.margin_logits(cos, labels, margins, margin), labels), cos
+
+
 def classification_step(state: TrainState, batch, rng, *, backbone: nn.Module,
                         head: nn.Module, margin: losses.MarginSpec,
-                        tx: optax.GradientTransformation, schedule, axis_name=AXIS):
+                        tx: optax.GradientTransformation, schedule, input_key="image",
+                        axis_name=AXIS):
   """One SGD step of backbone + margin head (teachers, the student alone, the adaptor).
 
-  batch: {"image": [B, ...] backbone input, "label": [B] int identity}. The backbone is
+  batch: {input_key: [B, ...] backbone input, "label": [B] int identity}. The backbone is
   any module taking (inputs, train=) and returning embeddings (an IResNet, or the adaptor
   over concatenated teacher embeddings).
   """
@@ -51,18 +72,11 @@ def classification_step(state: TrainState, batch, rng, *, backbone: nn.Module,
   labels = batch["label"]
 
   def loss_fn(params):
-    variables = {"params": params["backbone"]}
-    mutable = []
-    if state.batch_stats:
-      variables["batch_stats"] = state.batch_stats
-      mutable = ["batch_stats"]
-    embeddings, new_vars = backbone.apply(variables, batch["image"], train=True,
-                                          mutable=mutable, rngs={"dropout": dropout_rng})
-    cos = head.apply({"params": params["head"]}, embeddings)
-    margins = losses.draw_margins(keys["margin"], losses.target_cosine(cos, labels), margin,
-                                  axis_name)
-    loss = losses.cross_entropy(losses.margin_logits(cos, labels, margins, margin), labels)
-    return loss, (new_vars.get("batch_stats", state.batch_stats), cos)
+    embeddings, batch_stats = _forward(backbone, params["backbone"], state.batch_stats,
+                                       batch[input_key], dropout_rng)
+    loss, cos = _margin_loss(head, params["head"], embeddings, labels, margin,
+                             keys["margin"], axis_name)
+    return loss, (batch_stats, cos)
 
   (loss, (batch_stats, cos)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state = apply_updates(state, grads, batch_stats, tx, axis_name)
@@ -71,6 +85,56 @@ def classification_step(state: TrainState, batch, rng, *, backbone: nn.Module,
       "accuracy": jnp.mean(jnp.argmax(cos, axis=-1) == labels),
   }
   metrics = jax.lax.pmean(metrics, axis_name)
+  metrics["lr"] = schedule(state.step)
+  return new_state, metrics
+
+
+def online_targets(images, teacher_variables, adaptor_variables, *, teacher: nn.Module,
+                   adaptor: nn.Module):
+  """MST-KD targets computed in the step: frozen teachers, then the frozen adaptor.
+
+  teacher_variables are the G teachers' variables stacked on a leading axis (they share
+  one architecture), in the fixed teacher order; each teacher embeds the (already flipped)
+  images, embeddings are L2-normalized and concatenated, and the adaptor (inference mode)
+  maps them to unit targets [B, D]. Exactly what extraction + the adaptor stage cache.
+  """
+  embeddings = jax.vmap(lambda v: teacher.apply(v, images, train=False))(teacher_variables)
+  embeddings = losses.l2_normalize(embeddings)                       # [G, B, D_t]
+  concatenated = jnp.transpose(embeddings, (1, 0, 2)).reshape(images.shape[0], -1)
+  targets = adaptor.apply(adaptor_variables, concatenated, train=False)
+  return jax.lax.stop_gradient(targets)
+
+
+def student_step(state: TrainState, batch, rng, *frozen, backbone: nn.Module,
+                 head: nn.Module | None, margin: losses.MarginSpec | None, kd_weight: float,
+                 tx: optax.GradientTransformation, schedule, target_fn=None, axis_name=AXIS):
+  """One SGD step of an MST-KD student: a-KD (head None) or EAF-KD (margin-head CE + KD).
+
+  Targets come from batch["target"] (cached: extracted for the orientation fed) or, when
+  `target_fn` is given, from target_fn(batch["image"], *frozen) inside the step (online:
+  frozen networks passed in as parameter pytrees, never seen by the optimiser).
+  """
+  keys = step_rngs(rng, state.step, ("dropout", "margin"))
+  dropout_rng = jax.random.fold_in(keys["dropout"], jax.lax.axis_index(axis_name))
+  targets = batch["target"] if target_fn is None else target_fn(batch["image"], *frozen)
+
+  def loss_fn(params):
+    embeddings, batch_stats = _forward(backbone, params["backbone"], state.batch_stats,
+                                       batch["image"], dropout_rng)
+    kd = losses.kd_loss(targets, embeddings, kd_weight)
+    parts = {"kd": kd}
+    loss = kd
+    if head is not None:
+      ce, cos = _margin_loss(head, params["head"], embeddings, batch["label"], margin,
+                             keys["margin"], axis_name)
+      loss = loss + ce
+      parts.update(ce=ce, accuracy=jnp.mean(jnp.argmax(cos, axis=-1) == batch["label"]))
+    return loss, (batch_stats, parts)
+
+  (loss, (batch_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  new_state = apply_updates(state, grads, batch_stats, tx, axis_name)
+  metrics = jax.lax.pmean({"loss": loss, **parts}, axis_name)
   metrics["lr"] = schedule(state.step)
   return new_state, metrics
 

@@ -1,0 +1,230 @@
+"""Reads the backbone of an Orbax checkpoint written by this project's stages.
+
+A stage writes <workdir>/config.json and <workdir>/checkpoints/<step>/default, an Orbax
+PyTree of its TrainState: {step, params: {"backbone": ..., "head": ...}, batch_stats,
+opt_state}. Evaluation needs only the backbone, so only params["backbone"] and
+batch_stats are restored (Orbax partial restore, the restore target built from the
+checkpoint's own metadata): the head and optimiser shapes need not be known.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Any
+
+from etils import epath
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mstkd_jax.errors import UserError
+from mstkd_jax.models import iresnet
+
+# The item folder CheckpointManager writes for its single (unnamed) item.
+ITEM_NAME = "default"
+# Orbax writes this file into every item folder it finishes.
+_ITEM_METADATA = "_METADATA"
+_EXPECTED = ("expected an Orbax checkpoint of this project: a stage workdir, its "
+             "checkpoints/ folder, or one step folder checkpoints/<step>")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+  """Where the restored backbone came from.
+
+  Attributes:
+    path: the step folder that was read (<workdir>/checkpoints/<step>).
+    step: the training step of that checkpoint, or None when its folder name is no number.
+    workdir: the stage workdir (the folder above checkpoints/), or None.
+    config: the workdir's config.json as a dict, or None when there is none.
+    name: a model name for reports: the workdir's folder name (else the step folder's).
+  """
+  path: str
+  step: int | None
+  workdir: str | None
+  config: dict | None
+  name: str
+
+
+def _is_item(folder: str) -> bool:
+  return os.path.isfile(os.path.join(folder, _ITEM_METADATA))
+
+
+def _steps(folder: str) -> list[int]:
+  """Finished steps under a checkpoints/ folder (Orbax's temporary folders have no number)."""
+  try:
+    names = os.listdir(folder)
+  except OSError as e:
+    raise UserError(f"{folder}: cannot list the checkpoint folder ({e.strerror or e})") from e
+  return sorted(int(n) for n in names
+                if n.isdigit() and _is_item(os.path.join(folder, n, ITEM_NAME)))
+
+
+def locate(path: Any) -> tuple[str, str | None]:
+  """(step folder, workdir or None) of a workdir, a checkpoints/ folder or a step folder.
+
+  A workdir or checkpoints/ folder resolves to its latest finished step.
+  """
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  if not os.path.exists(path):
+    raise UserError(f"{path}: checkpoint does not exist; {_EXPECTED}")
+  if not os.path.isdir(path):
+    raise UserError(f"{path}: is a file; {_EXPECTED} (a PyTorch state_dict must end in .pth)")
+  if _is_item(path):  # The item folder itself: <step>/default.
+    step_dir = os.path.dirname(path)
+  elif _is_item(os.path.join(path, ITEM_NAME)):
+    step_dir = path
+  else:
+    folder = os.path.join(path, "checkpoints")
+    folder = folder if os.path.isdir(folder) else path
+    steps = _steps(folder)
+    if not steps:
+      raise UserError(f"{path}: holds no finished checkpoint step (no "
+                      f"<step>/{ITEM_NAME}/{_ITEM_METADATA}); {_EXPECTED}")
+    step_dir = os.path.join(folder, str(steps[-1]))
+  parent = os.path.dirname(step_dir)
+  workdir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+  return step_dir, workdir
+
+
+def _read_config(workdir: str | None) -> dict | None:
+  if workdir is None:
+    return None
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      config = json.load(f)
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: not a readable config.json ({e}); expected the JSON a stage "
+                    "writes (or remove it and give the model flags)") from e
+  if not isinstance(config, dict):
+    raise UserError(f"{path}: holds a {type(config).__name__}; expected a JSON object")
+  return config
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
+
+
+def _backbone_subtrees(tree: Any, source: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """Paths of the backbone params and batch stats inside the stored TrainState tree."""
+  params = tree.get("params") if isinstance(tree, dict) else None
+  if not isinstance(params, dict):
+    raise UserError(f"{source}: holds no 'params'; {_EXPECTED}")
+  if isinstance(params.get("backbone"), dict):
+    params_path = ("params", "backbone")
+  elif "conv1" in params:  # Bare backbone params, no parameter groups.
+    params_path = ("params",)
+  else:
+    raise UserError(f"{source}: holds no backbone parameters (params has "
+                    f"{sorted(params)}); expected params['backbone'] of an IResNet")
+  stats = tree.get("batch_stats")
+  if not isinstance(stats, dict) or not stats:
+    raise UserError(f"{source}: holds no backbone batch_stats; expected the BatchNorm "
+                    "statistics of an IResNet")
+  stats_path = ("batch_stats", "backbone") if isinstance(stats.get("backbone"), dict) else (
+      "batch_stats",)
+  return params_path, stats_path
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _nest(path, value) -> dict:
+  for key in reversed(path):
+    value = {key: value}
+  return value
+
+
+def _merge(a: dict, b: dict) -> dict:
+  out = dict(a)
+  for key, value in b.items():
+    out[key] = _merge(out[key], value) if isinstance(out.get(key), dict) else value
+  return out
+
+
+def load_backbone_variables(path: Any) -> tuple[dict, CheckpointInfo]:
+  """Restores an IResNet's {"params", "batch_stats"} (numpy) from a stage's checkpoint.
+
+  Args:
+    path: a stage workdir, its checkpoints/ folder (the latest step is read) or one step
+      folder checkpoints/<step> (or that step's item folder, .../<step>/default).
+
+  Returns:
+    (variables, info): variables = {"params": backbone params, "batch_stats": ...}
+    as nested dicts of numpy arrays; info, a CheckpointInfo.
+
+  Raises:
+    UserError: the path is missing or not such a checkpoint, the checkpoint cannot be
+      read, or the workdir's config.json is unreadable.
+  """
+  step_dir, workdir = locate(path)
+  item_dir = os.path.join(step_dir, ITEM_NAME)
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    try:
+      tree = handler.metadata(epath.Path(item_dir)).tree
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"{step_dir}: cannot read the Orbax checkpoint metadata "
+                      f"({type(e).__name__}: {e})") from e
+    params_path, stats_path = _backbone_subtrees(tree, step_dir)
+    item = _merge(_nest(params_path, _abstract(_get(tree, params_path))),
+                  _nest(stats_path, _abstract(_get(tree, stats_path))))
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    try:
+      restored = handler.restore(epath.Path(item_dir), args=ocp.args.PyTreeRestore(
+          item=item, restore_args=restore_args, partial_restore=True))
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f"{step_dir}: cannot restore the backbone from the Orbax checkpoint "
+                      f"({type(e).__name__}: {e})") from e
+  finally:
+    handler.close()
+  variables = {"params": _get(restored, params_path),
+               "batch_stats": _get(restored, stats_path)}
+  variables = jax.tree.map(np.asarray, variables)
+  base = os.path.basename(step_dir)
+  name = os.path.basename(workdir) if workdir else os.path.basename(os.path.dirname(step_dir))
+  info = CheckpointInfo(path=step_dir, step=int(base) if base.isdigit() else None,
+                        workdir=workdir, config=_read_config(workdir), name=name or base)
+  return variables, info
+
+
+def describe_iresnet(variables: dict) -> dict:
+  """The IResNet settings the variables' shapes imply.
+
+  Returns:
+    {"name": "iresnet34" (or None for unknown depths), "stage_depths", "width",
+     "embedding_size", "use_se", "image_size" (None when fc's input is not a square
+     feature map of the last stage)}.
+
+  Raises:
+    UserError: the variables are not an IResNet's (no conv1, fc or bn2).
+  """
+  params = variables.get("params", {})
+  try:
+    width = int(params["conv1"]["kernel"].shape[-1])
+    fc_in, embedding_size = (int(d) for d in params["fc"]["kernel"].shape)
+    channels = int(params["bn2"]["scale"].shape[0])
+  except (KeyError, TypeError, ValueError) as e:
+    raise UserError(f"the restored parameters are not an IResNet's (missing {e}); expected "
+                    "conv1, fc and bn2 as mstkd_jax.models.iresnet names them") from e
+  blocks: dict[int, int] = {}
+  use_se = False
+  for key, value in params.items():
+    match = re.fullmatch(r"layer(\d+)_(\d+)", key)
+    if match:
+      blocks[int(match[1])] = blocks.get(int(match[1]), 0) + 1
+      use_se = use_se or "se" in value
+  depths = tuple(blocks[s] for s in sorted(blocks))
+  names = {d: n for n, d in iresnet.DEPTHS.items()}
+  side = math.isqrt(fc_in // channels) if channels else 0
+  image_size = side * 16 if side and side * side * channels == fc_in else None
+  return {"name": names.get(depths), "stage_depths": depths, "width": width,
+          "embedding_size": embedding_size, "use_se": use_se, "image_size": image_size}

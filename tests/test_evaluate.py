@@ -1,0 +1,304 @@
+"""The standalone evaluation command: checkpoints (Orbax, .pth), data (.bin, RFW, synthetic),
+the report it writes, and the one-line errors of bad inputs.
+
+One tiny IResNet (iresnet18, width 4, embedding 16, 16x16 input) is used everywhere, so the
+embedding function compiles once for the whole file.
+"""
+
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from mstkd_jax import evaluate as evaluate_lib
+from mstkd_jax import models
+from mstkd_jax.data import rfw, sources, synthetic, verification_bin
+from mstkd_jax.errors import UserError
+from mstkd_jax.interop import orbax_checkpoint, torch_checkpoint
+from mstkd_jax.stages import runtime
+from mstkd_jax.train import checkpoints, state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCH = {"arch": "iresnet18", "width": 4, "embedding_size": 16, "image_size": 16}
+SPEC = synthetic.SyntheticSpec(num_groups=2, identities_per_group=2, images_per_identity=1,
+                               eval_identities_per_group=6, eval_images_per_identity=4,
+                               pairs_per_group=40, image_size=16)
+BATCH = 64
+REPORT_FILES = {"report.json", "report.md", "roc.json", "accuracy_by_group.png"}
+
+
+def _random_variables():
+  module = models.create("iresnet18", width=4, embedding_size=16)
+  variables = runtime.init_variables(module, jax.random.PRNGKey(0),
+                                     np.zeros((1, 16, 16, 3), np.float32), train=False)
+  # Non-trivial BatchNorm statistics, so that their conversion is checked too.
+  rng = np.random.default_rng(0)
+  variables["batch_stats"] = jax.tree.map(
+      lambda x: (rng.uniform(0.5, 1.5, x.shape) if x.ndim else x).astype(x.dtype),
+      variables["batch_stats"])
+  return variables
+
+
+def _save_orbax(directory, step, variables):
+  tx = state_lib.sgd({"backbone": state_lib.ParamGroup(lambda s: 0.1, 5.0),
+                      "head": state_lib.ParamGroup(lambda s: 0.1)})
+  head = {"kernel": np.random.default_rng(step).normal(size=(16, 10)).astype(np.float32)}
+  state = state_lib.create_state({"backbone": variables["params"], "head": head},
+                                 variables["batch_stats"], tx)
+  manager = checkpoints.Checkpoints(directory)
+  manager.save(step, jax.tree.map(np.asarray, state))
+  manager.wait()
+  manager.close()
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+  """A stage workdir (Orbax steps 3 and 7, config.json) and a .pth of the step-7 weights."""
+  root = tmp_path_factory.mktemp("models")
+  variables = _random_variables()
+  workdir = root / "teacher_run"
+  older = jax.tree.map(lambda x: x * 0.5, variables)
+  _save_orbax(str(workdir / "checkpoints"), 3, older)
+  _save_orbax(str(workdir / "checkpoints"), 7, variables)
+  config = {"stage": "teacher",
+            "model": {"name": "iresnet18", "width": 4, "embedding_size": 16, "use_se": False,
+                      "dropout": 0.0, "dtype": "float32"},
+            "data": {"source": "synthetic", "data_dir": "",
+                     "synthetic": json.loads(SPEC.to_json())}}
+  (workdir / "config.json").write_text(json.dumps(config))
+  pth = root / "tiny_r18.pth"
+  torch_checkpoint.save_state_dict(pth, torch_checkpoint.export_iresnet(variables))
+  return {"variables": variables, "older": older, "workdir": str(workdir), "pth": str(pth)}
+
+
+def _png(image):
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, "PNG")
+  return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+  """The same synthetic pairs as an RFW folder and as .bin files; a 32x32 .bin."""
+  root = tmp_path_factory.mktemp("data")
+  faces = synthetic.generate(SPEC)
+  synthetic.export_rfw(faces, root / "rfw")
+  reader = rfw.RFWReader(str(root / "rfw"))
+  bins = []
+  for group in reader.groups:
+    images, issame = [], []
+    for pair in reader.iter_pairs(group):
+      images += [pair.image1, pair.image2]
+      issame.append(pair.same)
+    bins.append(str(root / f"{group}_test.bin"))
+    verification_bin.write_verification_bin(bins[-1], images, issame)
+  big_faces = synthetic.generate(dataclasses.replace(SPEC, num_groups=1, image_size=32))
+  big = big_faces.eval_images["group_a"]
+  pairs, issame = big_faces.eval_pairs["group_a"], big_faces.eval_issame["group_a"]
+  big_bin = str(root / "big_test.bin")
+  verification_bin.write_verification_bin(big_bin, [_png(big[i]) for i in pairs.reshape(-1)],
+                                          list(issame))
+  corrupt = root / "corrupt_test.bin"
+  corrupt.write_bytes(open(bins[0], "rb").read()[:200])
+  return {"faces": faces, "rfw": str(root / "rfw"), "bins": bins, "big_bin": big_bin,
+          "big": (big, pairs, issame), "corrupt": str(corrupt)}
+
+
+def _run(checkpoint, arch, data, out, **kwargs):
+  return evaluate_lib.evaluate(checkpoint, arch, data, str(out), batch_size=BATCH,
+                               verbose=False, **kwargs)
+
+
+def _accuracies(report):
+  (entry,) = report["models"].values()
+  return {g: (e["accuracy"], e["accuracy_noflip"]) for g, e in entry["groups"].items()}
+
+
+def _flatten(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}/"))
+    else:
+      out[prefix + key] = np.asarray(value)
+  return out
+
+
+def _assert_same_tree(a, b):
+  a, b = _flatten(a), _flatten(b)
+  assert sorted(a) == sorted(b)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+# --- The Orbax reader ------------------------------------------------------------------
+
+
+def test_orbax_reader_finds_the_latest_step_and_restores_only_the_backbone(model_files):
+  workdir = model_files["workdir"]
+  for path in (workdir, os.path.join(workdir, "checkpoints"),
+               os.path.join(workdir, "checkpoints", "7"),
+               os.path.join(workdir, "checkpoints", "7", "default")):
+    variables, info = orbax_checkpoint.load_backbone_variables(path)
+    assert sorted(variables) == ["batch_stats", "params"]
+    _assert_same_tree(variables, model_files["variables"])
+    assert (info.step, info.workdir, info.name) == (7, workdir, "teacher_run")
+    assert info.config["model"]["width"] == 4
+  older, info = orbax_checkpoint.load_backbone_variables(
+      os.path.join(workdir, "checkpoints", "3"))
+  assert info.step == 3
+  _assert_same_tree(older, model_files["older"])
+  assert orbax_checkpoint.describe_iresnet(older) == {
+      "name": "iresnet18", "stage_depths": (2, 2, 2, 2), "width": 4, "embedding_size": 16,
+      "use_se": False, "image_size": 16}
+
+
+def test_orbax_reader_refuses_what_is_no_checkpoint(tmp_path):
+  with pytest.raises(UserError, match="checkpoint does not exist"):
+    orbax_checkpoint.load_backbone_variables(tmp_path / "missing")
+  (tmp_path / "checkpoints" / "5.orbax-checkpoint-tmp-1").mkdir(parents=True)
+  with pytest.raises(UserError, match="holds no finished checkpoint step"):
+    orbax_checkpoint.load_backbone_variables(tmp_path)
+
+
+# --- Reports ---------------------------------------------------------------------------
+
+
+def test_orbax_and_pth_of_the_same_weights_give_the_same_report(model_files, data_files,
+                                                                 tmp_path):
+  # No arch settings: the workdir's config.json supplies them.
+  orbax = _run(model_files["workdir"], None, [data_files["rfw"]], tmp_path / "orbax")
+  pth = _run(model_files["pth"], ARCH, [data_files["rfw"]], tmp_path / "pth")
+  assert set(orbax["models"]) == {"teacher_run"} and set(pth["models"]) == {"tiny_r18"}
+  assert _accuracies(orbax) == _accuracies(pth)
+
+  assert REPORT_FILES <= set(os.listdir(tmp_path / "orbax"))
+  assert not [n for n in os.listdir(tmp_path / "orbax") if n.startswith(".")]
+  with open(tmp_path / "orbax" / "report.json") as f:
+    stored = json.load(f)
+  entry = stored["models"]["teacher_run"]
+  assert list(entry["groups"]) == ["group_a", "group_b"]
+  for group in entry["groups"].values():
+    assert {"accuracy", "accuracy_std", "accuracy_noflip", "tar_at_far"} <= set(group)
+    assert 0.0 <= group["accuracy"] <= 100.0 and group["num_pairs"] == 40
+    assert "roc" not in group
+  assert {"mean", "std", "ser"} <= set(entry)
+  config = stored["config"]
+  assert config["checkpoint_format"] == "orbax" and config["step"] == 7
+  assert config["model"] == {"arch": "iresnet18", "width": 4, "embedding_size": 16,
+                             "use_se": False, "image_size": 16}
+  assert config["model_settings_from"]["width"] == "config.json"
+  assert pth["config"]["model_settings_from"]["width"] == "flag"
+
+
+def test_bin_files_and_rfw_folder_of_the_same_images_agree(model_files, data_files,
+                                                           tmp_path, capsys):
+  from_rfw = _run(model_files["workdir"], None, [data_files["rfw"]], tmp_path / "rfw")
+  from_bins = evaluate_lib.evaluate(model_files["workdir"], None, data_files["bins"],
+                                    str(tmp_path / "bins"), batch_size=BATCH, name="mine")
+  assert list(from_bins["models"]) == ["mine"]
+  assert _accuracies(from_bins) == _accuracies(from_rfw)
+  assert [d["groups"] for d in from_bins["config"]["data"]] == [["group_a"], ["group_b"]]
+  out = capsys.readouterr().out
+  assert "Verification accuracy (%) per group" in out and "No-flip accuracy" in out
+
+
+def test_images_of_another_size_are_resized_with_a_warning(model_files, data_files,
+                                                           tmp_path, capsys):
+  report = evaluate_lib.evaluate(model_files["pth"], ARCH, [data_files["big_bin"]],
+                                 str(tmp_path / "a"), batch_size=BATCH)
+  err = capsys.readouterr().err
+  assert err.count("warning:") == 1
+  assert "images of 32x32 pixels, the model takes 16x16; resizing them with bilinear" in err
+  assert report["config"]["data"][0]["resized_from"] == [[32, 32]]
+  # The same resampling done by hand, given as arrays: the same accuracy.
+  big, pairs, issame = data_files["big"]
+  small = np.stack([np.asarray(Image.fromarray(x).resize((16, 16), Image.BILINEAR))
+                    for x in big])
+  arrays = {"big": sources.VerificationSet(images=small, pairs=pairs, issame=issame)}
+  by_hand = _run(model_files["pth"], ARCH, [arrays], tmp_path / "b")
+  assert _accuracies(by_hand) == _accuracies(report)
+  assert by_hand["config"]["warnings"] == []
+
+
+def test_synthetic_by_name_is_the_workdirs_configured_set(model_files, data_files, tmp_path):
+  report = _run(model_files["workdir"], None, ["synthetic"], tmp_path / "out")
+  assert os.path.isfile(synthetic.cache_path(SPEC, tmp_path / "out" / "data"))
+  faces = data_files["faces"]
+  arrays = {g: sources.VerificationSet(faces.eval_images[g], faces.eval_pairs[g],
+                                       faces.eval_issame[g]) for g in SPEC.group_names}
+  direct = _run(model_files["workdir"], None, [arrays], tmp_path / "direct")
+  assert _accuracies(report) == _accuracies(direct)
+
+
+# --- Errors ----------------------------------------------------------------------------
+
+
+def _rgba_set(data_files):
+  big, pairs, issame = data_files["big"]
+  return {"x": sources.VerificationSet(np.zeros(big.shape[:3] + (4,), np.uint8), pairs,
+                                       issame)}
+
+
+@pytest.mark.parametrize("case,error,message", [
+    ("missing_checkpoint", UserError, "does not exist; expected a stage workdir"),
+    ("missing_data", UserError, "does not exist; expected a verification .bin"),
+    ("unknown_arch", evaluate_lib.FlagError, "--arch='resnet9': unknown architecture"),
+    ("bad_image_size", evaluate_lib.FlagError, "--image_size=20: expected a multiple of 16"),
+    ("no_data", evaluate_lib.FlagError, "--data: no data sources"),
+    ("pth_of_other_arch", UserError, "does not fit this IResNet"),
+    ("orbax_with_other_width", UserError, "does not fit the model iresnet18 width=8"),
+    ("corrupt_bin", UserError, "not a readable pickle"),
+    ("not_rgb", UserError, "cannot be fed to the model; expected uint8 RGB"),
+    ("group_twice", UserError, "'group_a' appears in both"),
+    ("unknown_scale", evaluate_lib.FlagError, "unknown synthetic scale 'huge'"),
+])
+def test_bad_inputs_stop_with_their_message_and_write_nothing(case, error, message,
+                                                              model_files, data_files,
+                                                              tmp_path):
+  workdir, pth, rfw_dir = model_files["workdir"], model_files["pth"], data_files["rfw"]
+  args = {
+      "missing_checkpoint": (str(tmp_path / "nope.pth"), ARCH, [rfw_dir]),
+      "missing_data": (pth, ARCH, [str(tmp_path / "African_test.bin")]),
+      "unknown_arch": (pth, dict(ARCH, arch="resnet9"), [rfw_dir]),
+      "bad_image_size": (pth, dict(ARCH, image_size=20), [rfw_dir]),
+      "no_data": (pth, ARCH, []),
+      "pth_of_other_arch": (pth, dict(ARCH, arch="iresnet34"), [rfw_dir]),
+      "orbax_with_other_width": (workdir, {"width": 8}, [rfw_dir]),
+      "corrupt_bin": (pth, ARCH, [data_files["corrupt"]]),
+      "not_rgb": (pth, ARCH, [_rgba_set(data_files)]),
+      "group_twice": (workdir, None, [rfw_dir, data_files["bins"][0]]),
+      "unknown_scale": (workdir, None, ["synthetic:huge"]),
+  }[case]
+  out = tmp_path / "out"
+  with pytest.raises(error, match=None) as info:
+    _run(*args, out)
+  assert message in str(info.value)
+  assert not out.exists()
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "mstkd_jax.evaluate", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_command_line_errors_are_one_line_with_exit_codes(model_files, data_files, tmp_path):
+  out = tmp_path / "out"
+  flag = _cli(f"--checkpoint={model_files['pth']}", "--arch=resnet9",
+              f"--data={data_files['rfw']}", f"--out={out}")
+  assert flag.returncode == 2
+  assert flag.stderr.startswith("error: --arch='resnet9': unknown architecture")
+  data = _cli(f"--checkpoint={model_files['workdir']}", f"--data={data_files['corrupt']}",
+              f"--out={out}")
+  assert data.returncode == 1
+  assert data.stderr.startswith("error: ") and "not a readable pickle" in data.stderr
+  for result in (flag, data):
+    assert "Traceback" not in result.stderr
+  assert not out.exists()

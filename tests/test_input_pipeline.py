@@ -1,0 +1,99 @@
+"""The tf.data training input: deterministic, resumable, epoch permutations, host shards."""
+
+import numpy as np
+import pytest
+
+from mstkd_jax.data import input_pipeline
+from mstkd_jax.errors import UserError
+
+N, SIZE = 40, 16
+
+
+@pytest.fixture(scope="module")
+def arrays():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (N, SIZE, SIZE, 3), dtype=np.uint8)
+  return {"image": images, "label": np.arange(N, dtype=np.int32) * 10}
+
+
+def _batches(arrays, start=0, total=8, **kwargs):
+  settings = dict(global_batch=8, steps_per_epoch=5, seed=3, start_step=start,
+                  total_steps=total, local_device_count=2, process_index=0, process_count=1)
+  settings.update(kwargs)
+  return list(input_pipeline.train_batches(arrays, **settings))
+
+
+def test_shapes_and_normalization(arrays):
+  batch = _batches(arrays, total=1)[0]
+  assert batch["image"].shape == (2, 4, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
+  assert batch["label"].shape == (2, 4) and batch["index"].shape == (2, 4)
+  index, flips = batch["index"].reshape(-1), batch["flip"].reshape(-1)
+  expected = arrays["image"][index].astype(np.float32)
+  expected[flips] = expected[flips][:, :, ::-1]
+  np.testing.assert_allclose(batch["image"].reshape(-1, SIZE, SIZE, 3),
+                             (expected / 255 - 0.5) / 0.5, rtol=1e-6)
+  np.testing.assert_array_equal(batch["label"].reshape(-1), arrays["label"][index])
+
+
+def test_each_epoch_is_a_permutation_and_epochs_differ(arrays):
+  batches = _batches(arrays, total=10)
+  epochs = [np.concatenate([b["index"].reshape(-1) for b in batches[e * 5:(e + 1) * 5]])
+            for e in range(2)]
+  for order in epochs:
+    assert sorted(order) == list(range(N))
+  assert not np.array_equal(epochs[0], epochs[1])
+
+
+def test_deterministic_and_resumable(arrays):
+  full = _batches(arrays, total=8)
+  again = _batches(arrays, total=8)
+  resumed = _batches(arrays, start=5, total=8)
+  for a, b in zip(full, again):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  for a, b in zip(full[5:], resumed):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  other_seed = _batches(arrays, total=1, seed=4)[0]
+  assert not np.array_equal(other_seed["index"], full[0]["index"])
+
+
+def test_hosts_split_each_global_batch(arrays):
+  single = _batches(arrays, total=3, local_device_count=1)
+  hosts = [_batches(arrays, total=3, local_device_count=1, process_index=p, process_count=2)
+           for p in range(2)]
+  for step in range(3):
+    for key in ("index", "flip", "image"):
+      joined = np.concatenate([hosts[0][step][key], hosts[1][step][key]], axis=1)
+      np.testing.assert_array_equal(joined, single[step][key])
+
+
+def test_flips_are_about_half_and_can_be_off(arrays):
+  flips = np.concatenate([b["flip"].reshape(-1) for b in _batches(arrays, total=50,
+                                                                     steps_per_epoch=5)])
+  assert 0.4 < flips.mean() < 0.6
+  assert not any(b["flip"].any() for b in _batches(arrays, total=5, flip=False))
+
+
+def test_batch_not_divisible_by_devices_is_refused(arrays):
+  with pytest.raises(UserError, match="train.batch_size=8 must be divisible"):
+    _batches(arrays, local_device_count=3)
+
+
+def test_eval_batches_pad_the_last_batch(arrays):
+  out = list(input_pipeline.eval_batches(arrays["image"][:7], batch_size=4,
+                                         local_device_count=2))
+  assert [count for _, count in out] == [4, 3]
+  assert out[1][0]["image"].shape == (2, 2, SIZE, SIZE, 3)
+  np.testing.assert_allclose(out[1][0]["image"].reshape(-1, SIZE, SIZE, 3)[:3],
+                             input_pipeline.normalize_images(arrays["image"][4:7]))
+
+
+def test_oriented_arrays_follow_each_example_s_flip(arrays):
+  plain = np.arange(N, dtype=np.float32)
+  per_orientation = np.stack([plain, -plain], axis=1)[:, :, None]      # [N, 2, 1]
+  batch = _batches({"image": arrays["image"], "target": per_orientation}, total=1,
+                   oriented=("target",))[0]
+  index, flips = batch["index"].reshape(-1), batch["flip"].reshape(-1)
+  np.testing.assert_array_equal(batch["target"].reshape(-1),
+                                np.where(flips, -plain[index], plain[index]))

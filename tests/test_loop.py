@@ -1,0 +1,46 @@
+"""The training loop's divergence stop: names the step and keeps the last good checkpoint."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mstkd_jax.train import checkpoints as checkpoints_lib, loop, parallel, state as state_lib
+
+
+def _step(state, batch, rng):
+  """Adds the batch mean to w; the loss is NaN from step 5 on (a step sees state.step 4)."""
+  del rng
+  new = state.replace(step=state.step + 1,
+                      params={"w": state.params["w"] + jnp.mean(batch["x"])})
+  loss = jnp.where(state.step >= 4, jnp.nan, 1.0 / (1.0 + state.step))
+  return new, {"loss": loss}
+
+
+def _batches(start):
+  for step in range(start, 100):
+    yield {"x": np.full((1, 2), float(step), np.float32)}
+
+
+def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
+  init = state_lib.TrainState(step=np.zeros((), np.int32), params={"w": np.zeros(3, np.float32)},
+                              batch_stats={}, opt_state=optax.EmptyState())
+  settings = loop.LoopSettings(name="toy", total_steps=10, steps_per_epoch=5,
+                               images_per_step=2, log_every=10, checkpoint_every=2)
+  with pytest.raises(loop.TrainingDiverged,
+                     match=r"\[toy\] the loss became nan at step 5; the last good checkpoint "
+                     r"is step 4 in .*checkpoints \(kept intact\)"):
+    loop.train(workdir=str(tmp_path), settings=settings, init_state=init, step_fn=_step,
+               batches=_batches, parallel=parallel.get("pmap", 1), rng=np.zeros(2, np.uint32))
+  checkpoints = checkpoints_lib.Checkpoints(os.path.join(tmp_path, "checkpoints"))
+  assert checkpoints.latest_step() == 4
+  restored = checkpoints.restore(4, init)
+  np.testing.assert_array_equal(restored.params["w"], np.full(3, 0 + 1 + 2 + 3, np.float32))
+
+
+def test_steps_for_refuses_a_data_set_smaller_than_a_batch():
+  assert loop.steps_for(100, 32, 2.5) == (3, 8)
+  with pytest.raises(loop.UserError, match="fewer than one global batch of 64"):
+    loop.steps_for(10, 64, 1.0)

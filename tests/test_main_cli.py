@@ -1,0 +1,38 @@
+"""The command line: config mistakes stop with one line, no traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args):
+  return subprocess.run([sys.executable, "-m", "mstkd_jax.main", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/teacher.py:bogus"],
+     "unknown preset 'bogus' for configs/teacher.py; expected one of"),
+    (["--config=configs/teacher.py:smoke", "--config.trian.epochs=3"],
+     'Did you mean "train" instead of "trian"?'),
+    (["--config=configs/teacher.py:smoke", "--config.train.epochs=abc"],
+     "--config.train.epochs=abc: could not convert string to float"),
+    (["--config=configs/missing.py"], "configs/missing.py"),
+])
+def test_config_mistakes_stop_with_one_clear_message(args, message, tmp_path):
+  result = _main(*args, f"--workdir={tmp_path}")
+  assert result.returncode == 2
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not os.listdir(tmp_path)
+
+
+def test_default_workdir_is_named_after_config_and_preset():
+  from mstkd_jax import main  # pylint: disable=g-import-not-at-top
+  assert main.default_workdir("configs/teacher.py:smoke") == os.path.join(
+      "workdir", "teacher_smoke")
+  assert main.default_workdir("configs/distill.py") == os.path.join("workdir", "distill_default")

@@ -1,0 +1,122 @@
+"""The teacher stage over the one training loop: outputs, resume, refusals."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import teacher as teacher_config
+from mstkd_jax.errors import UserError
+from mstkd_jax.stages import teacher
+from mstkd_jax.train import checkpoints as checkpoints_lib
+
+
+def tiny_config(**train):
+  c = teacher_config.smoke()
+  c.data.synthetic.update(num_groups=2, identities_per_group=8, images_per_identity=6,
+                          eval_identities_per_group=6, eval_images_per_identity=4,
+                          pairs_per_group=40, image_size=16)
+  c.model.update(width=4, embedding_size=16)
+  c.train.update(batch_size=16, epochs=4.0, log_every=3, checkpoint_every=3)
+  c.train.update(**train)
+  c.optim.lr_decay_epochs = (3,)
+  c.num_devices = 1
+  return c
+
+
+class Interrupt(Exception):
+  pass
+
+
+def _params(state):
+  return jax.tree.leaves(state.params)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  return workdir, teacher.run(tiny_config(), workdir)
+
+
+def test_writes_config_checkpoints_events_and_results(uninterrupted, capsys):
+  workdir, result = uninterrupted
+  assert int(result["state"].step) == 12            # 48 images / 16 x 4 epochs
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["width"] == 4
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6", "9"]
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert set(results["verification"]) == {"group_a", "group_b"}
+
+
+def test_rerun_of_a_finished_run_does_nothing_but_say_so(uninterrupted, capsys):
+  workdir, result = uninterrupted
+  again = teacher.run(tiny_config(), workdir)
+  assert "already finished" in capsys.readouterr().out
+  for a, b in zip(_params(result["state"]), _params(again["state"])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_interrupted_run_resumes_bit_identical(uninterrupted, tmp_path, monkeypatch, capsys):
+  _, reference = uninterrupted
+  workdir = str(tmp_path)
+  original = teacher.input_pipeline.train_batches
+
+  def dying_after_seven_batches(*args, **kwargs):
+    for i, batch in enumerate(original(*args, **kwargs)):
+      if i == 7:
+        raise Interrupt()
+      yield batch
+  monkeypatch.setattr(teacher.input_pipeline, "train_batches", dying_after_seven_batches)
+  with pytest.raises(Interrupt):
+    teacher.run(tiny_config(), workdir)
+  monkeypatch.setattr(teacher.input_pipeline, "train_batches", original)
+  latest = checkpoints_lib.Checkpoints(os.path.join(workdir, "checkpoints")).latest_step()
+  assert latest in (3, 6)
+  resumed = teacher.run(tiny_config(), workdir)
+  assert f"resuming from step {latest}" in capsys.readouterr().out
+  for a, b in zip(_params(reference["state"]), _params(resumed["state"])):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_changed_config_in_the_same_workdir_is_refused(uninterrupted):
+  workdir, _ = uninterrupted
+  config = tiny_config()
+  config.model.width = 8
+  with pytest.raises(UserError, match=r"model.width: 4 -> 8"):
+    teacher.run(config, workdir)
+
+
+def test_checkpoint_of_another_shape_is_refused_naming_the_mismatch(uninterrupted):
+  workdir, result = uninterrupted
+  checkpoints = checkpoints_lib.Checkpoints(os.path.join(workdir, "checkpoints"))
+  state = result["state"]
+  wider = state.replace(params=jax.tree.map(lambda x: np.zeros(x.shape[:-1] + (x.shape[-1] + 1,),
+                                                               x.dtype), state.params))
+  with pytest.raises(UserError, match=r"(?s)another model.*params/backbone/conv1/kernel: "
+                     r"checkpoint \(3, 3, 3, 4\) vs model \(3, 3, 3, 5\)"):
+    checkpoints.restore(12, wider)
+
+
+def test_unknown_group_is_refused(tmp_path):
+  config = tiny_config()
+  config.teacher.group = "group_z"
+  with pytest.raises(UserError, match=r"unknown group 'group_z'.*group_a"):
+    teacher.run(config, str(tmp_path))
+
+
+def test_batch_not_divisible_by_devices_is_refused(tmp_path):
+  config = tiny_config(batch_size=15)
+  config.num_devices = 2
+  with pytest.raises(UserError, match="batch_size=15 must be divisible"):
+    teacher.run(config, str(tmp_path))
+
+
+def test_unwritable_workdir_is_refused(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(UserError, match="cannot be written"):
+    teacher.run(tiny_config(), str(blocker / "workdir"))

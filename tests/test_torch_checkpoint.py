@@ -1,0 +1,361 @@
+"""Tests for PyTorch IResNet checkpoint import/export (interop/torch_checkpoint.py).
+
+The PyTorch reference below follows insightface's IResNet as METHOD.md describes it;
+tests that need it skip when torch is not installed.
+"""
+
+import collections
+import functools
+import math
+import os
+import pickle
+import shlex
+import zipfile
+from typing import Any, Callable, NamedTuple
+
+import jax
+import numpy as np
+import pytest
+
+from mstkd_jax import models
+from mstkd_jax.errors import UserError
+from mstkd_jax.interop import torch_checkpoint as tc
+
+WIDTH = 16
+EMBEDDING = 64
+IMAGE = 32  # Last feature map 2x2.
+DEPTHS = (2, 2, 2, 2)  # iresnet18
+
+
+def _torch_iresnet(torch, depths=DEPTHS, width=WIDTH, embedding_size=EMBEDDING,
+                   image_size=IMAGE, use_se=False):
+  """A PyTorch IResNet with insightface's layout and state_dict names."""
+  nn = torch.nn
+
+  def conv3x3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+
+  class SEModule(nn.Module):
+    """The authors' SE gate: bias-free 1x1 convs, reduction 16."""
+
+    def __init__(self, channels):
+      super().__init__()
+      self.fc1 = nn.Conv2d(channels, channels // 16, 1, bias=False)
+      self.fc2 = nn.Conv2d(channels // 16, channels, 1, bias=False)
+
+    def forward(self, x):
+      s = torch.relu(self.fc1(x.mean(dim=(2, 3), keepdim=True)))
+      return x * torch.sigmoid(self.fc2(s))
+
+  class IBasicBlock(nn.Module):
+
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.bn1 = nn.BatchNorm2d(cin, eps=1e-5)
+      self.conv1 = conv3x3(cin, cout)
+      self.bn2 = nn.BatchNorm2d(cout, eps=1e-5)
+      self.prelu = nn.PReLU(cout)
+      self.conv2 = conv3x3(cout, cout, stride)
+      self.bn3 = nn.BatchNorm2d(cout, eps=1e-5)
+      self.downsample = None
+      if stride != 1 or cin != cout:
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                                        nn.BatchNorm2d(cout, eps=1e-5))
+      if use_se:
+        self.se_block = SEModule(cout)
+
+    def forward(self, x):
+      out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+      if use_se:
+        out = self.se_block(out)
+      return out + (x if self.downsample is None else self.downsample(x))
+
+  class IResNet(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.conv1 = conv3x3(3, width)
+      self.bn1 = nn.BatchNorm2d(width, eps=1e-5)
+      self.prelu = nn.PReLU(width)
+      cin = width
+      for stage, depth in enumerate(depths):
+        cout = width * 2**stage
+        blocks = [IBasicBlock(cin if i == 0 else cout, cout, 2 if i == 0 else 1)
+                  for i in range(depth)]
+        setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+        cin = cout
+      self.bn2 = nn.BatchNorm2d(cin, eps=1e-5)
+      self.dropout = nn.Dropout(0.0)
+      self.fc = nn.Linear(cin * (image_size // 16)**2, embedding_size)
+      self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
+      nn.init.constant_(self.features.weight, 1.0)
+      self.features.weight.requires_grad = False
+
+    def forward(self, x):
+      x = self.prelu(self.bn1(self.conv1(x)))
+      for stage in range(len(depths)):
+        x = getattr(self, f"layer{stage + 1}")(x)
+      x = self.dropout(torch.flatten(self.bn2(x), 1))
+      return self.features(self.fc(x))
+
+  return IResNet()
+
+
+def _randomize(torch, net, seed=0):
+  """Random weights and BatchNorm statistics (features.weight stays 1), eval mode."""
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for name, module in net.named_modules():
+      if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+        if name != "features":
+          module.weight.uniform_(0.5, 1.5)
+        module.bias.normal_(0.0, 0.1)
+        module.running_mean.normal_(0.0, 0.1)
+        module.running_var.uniform_(0.5, 1.5)
+      elif isinstance(module, torch.nn.PReLU):
+        module.weight.uniform_(0.0, 0.5)
+      elif isinstance(module, torch.nn.Linear):
+        module.bias.normal_(0.0, 0.1)
+  return net.eval()
+
+
+def _images(n=3, seed=0):
+  """NCHW float32 images in [-1, 1]."""
+  return np.random.default_rng(seed).uniform(-1, 1, (n, 3, IMAGE, IMAGE)).astype(np.float32)
+
+
+class _Flax(NamedTuple):
+  """Our model, its variable shapes and its jitted inference."""
+  model: Any
+  template: Any
+  embed: Callable
+
+
+def _flax(name="iresnet18", embedding_size=EMBEDDING, use_se=False) -> _Flax:
+  return _build_flax(name, embedding_size, use_se)  # One cache entry per model.
+
+
+@functools.cache
+def _build_flax(name, embedding_size, use_se) -> _Flax:
+  model = models.create(name, width=WIDTH, embedding_size=embedding_size, use_se=use_se)
+  template = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, IMAGE, IMAGE, 3)))
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  # NCHW in, as PyTorch takes it.
+  embed = lambda variables, images: np.asarray(apply(variables, images.transpose(0, 2, 3, 1)))
+  return _Flax(model, template, embed)
+
+
+def _random_variables(template, seed=0):
+  """Variables shaped like `template` with random weights and BatchNorm statistics."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      fan_in = math.prod(leaf.shape[:-1])
+      value = rng.normal(0.0, math.sqrt(2.0 / fan_in), leaf.shape)
+    elif name in ("scale", "var"):
+      value = rng.uniform(0.5, 1.5, leaf.shape)
+    elif name == "alpha":
+      value = rng.uniform(0.0, 0.5, leaf.shape)
+    else:  # bias, mean
+      value = rng.normal(0.0, 0.1, leaf.shape)
+    return value.astype(leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, template)
+
+
+def _max_relative_error(ours, reference):
+  return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
+
+
+# --- Reading what torch.save writes ----------------------------------------------------
+
+
+def test_loader_rebuilds_dtypes_views_and_unwraps_module_prefix(tmp_path):
+  torch = pytest.importorskip("torch")
+  base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+  tensors = {"transposed": base.t(), "offset_view": base[1:, 2:],
+             "half": torch.randn(5).half(), "bfloat16": torch.randn(5).bfloat16(),
+             "scalar_long": torch.tensor(7), "empty": torch.zeros(0, 3),
+             "parameter": torch.nn.Parameter(torch.ones(2))}
+  path = tmp_path / "wrapped.pth"
+  torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in tensors.items()}},
+             path)
+  loaded = tc.load_state_dict(path)
+  assert list(loaded) == list(tensors)
+  for key, tensor in tensors.items():
+    expected = tensor.detach().float().numpy()
+    assert loaded[key].shape == expected.shape, key
+    np.testing.assert_array_equal(np.asarray(loaded[key], np.float32), expected, err_msg=key)
+  assert loaded["bfloat16"].dtype.name == "bfloat16"
+  assert loaded["scalar_long"].dtype == np.int64
+
+
+def test_legacy_format_is_refused_with_resave_hint(tmp_path):
+  torch = pytest.importorskip("torch")
+  path = tmp_path / "legacy.pth"
+  torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+  with pytest.raises(UserError, match="legacy") as info:
+    tc.load_state_dict(path)
+  assert str(path) in str(info.value) and "torch.save" in str(info.value)
+
+
+# --- Import: same embeddings as PyTorch ------------------------------------------------
+
+
+@pytest.mark.parametrize("use_se", [False, True])
+def test_imported_checkpoint_gives_pytorch_embeddings(tmp_path, use_se):
+  torch = pytest.importorskip("torch")
+  net = _randomize(torch, _torch_iresnet(torch, use_se=use_se))
+  path = tmp_path / "backbone.pth"
+  torch.save(net.state_dict(), path)
+  images = _images()
+  with torch.no_grad():
+    reference = net(torch.from_numpy(images)).numpy()
+
+  flax = _flax(use_se=use_se)
+  ours = flax.embed(tc.load_iresnet(path, flax.template), images)
+  assert _max_relative_error(ours, reference) < 1e-4
+
+
+def test_exported_checkpoint_gives_same_embeddings_in_pytorch(tmp_path):
+  torch = pytest.importorskip("torch")
+  flax = _flax()
+  variables = _random_variables(flax.template)
+  path = tmp_path / "exported.pth"
+  tc.save_state_dict(path, tc.export_iresnet(variables))
+
+  net = _torch_iresnet(torch)
+  net.load_state_dict(torch.load(path, weights_only=True), strict=True)
+  images = _images(seed=1)
+  with torch.no_grad():
+    reference = net.eval()(torch.from_numpy(images)).numpy()
+  assert _max_relative_error(flax.embed(variables, images), reference) < 1e-4
+  assert not os.path.exists(f"{path}.tmp") and os.listdir(tmp_path) == ["exported.pth"]
+
+
+def test_export_save_load_import_round_trip_is_exact(tmp_path):
+  template = _flax(use_se=True).template
+  variables = _random_variables(template)
+  exported = tc.export_iresnet(variables)
+  assert list(exported)[:3] == ["conv1.weight", "bn1.weight", "bn1.bias"]
+  assert exported["features.weight"].tolist() == [1.0] * EMBEDDING
+  assert exported["bn1.num_batches_tracked"].dtype == np.int64
+  path = tmp_path / "round_trip.pth"
+  tc.save_state_dict(path, exported)
+  loaded = tc.load_state_dict(path)
+  assert list(loaded) == list(exported)
+  for key, value in exported.items():
+    assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape, key
+    np.testing.assert_array_equal(loaded[key], value, err_msg=key)
+  assert "layer1.0.se_block.fc1.weight" in loaded
+  imported = tc.import_iresnet(loaded, template)
+  jax.tree.map(np.testing.assert_array_equal, imported, variables)
+
+
+# --- Refusals --------------------------------------------------------------------------
+
+
+class _Payload:
+  """Pickles as a call of `function(*args)`: what a malicious checkpoint would run."""
+
+  def __init__(self, function, *args):
+    self.function, self.args = function, args
+
+  def __reduce__(self):
+    return self.function, self.args
+
+
+def _zip_with_pickle(path, data_pkl: bytes):
+  with zipfile.ZipFile(path, "w") as archive:
+    archive.writestr("archive/data.pkl", data_pkl)
+    archive.writestr("archive/version", "3\n")
+
+
+@pytest.mark.parametrize("attack", ["open", "system", "eval", "nested"])
+def test_malicious_pickle_is_refused_before_it_runs(tmp_path, attack):
+  marker = tmp_path / "marker"
+  payloads = {
+      "open": _Payload(open, str(marker), "w"),
+      "system": _Payload(os.system, f"touch {shlex.quote(str(marker))}"),
+      "eval": _Payload(eval, f"open({str(marker)!r}, 'w')"),
+      "nested": collections.OrderedDict(
+          [("conv1.weight", 1.0), ("bn1.weight", _Payload(open, str(marker), "w"))]),
+  }
+  function = {"system": os.system, "eval": eval}.get(attack, open)
+  path = tmp_path / "evil.pth"
+  _zip_with_pickle(path, pickle.dumps(payloads[attack], protocol=2))
+  with pytest.raises(UserError) as info:
+    tc.load_state_dict(path)
+  message = str(info.value)
+  assert str(path) in message
+  assert f"refused to load the global" in message
+  assert f".{function.__name__}" in message  # Protocol 2 spells builtins __builtin__.
+  assert not marker.exists()
+
+
+def test_wrong_architecture_lists_missing_unexpected_and_misshaped_keys():
+  state_dict = tc.export_iresnet(_random_variables(_flax("iresnet34", 32).template))
+  with pytest.raises(UserError) as info:
+    tc.import_iresnet(state_dict, _flax(use_se=True).template, source="r34.pth")
+  message = str(info.value)
+  assert message.startswith("r34.pth")
+  assert "missing keys (16)" in message  # fc1/fc2 weights of 8 SE gates.
+  assert "layer1.0.se_block.fc1.weight" in message
+  assert "unexpected keys" in message and "layer1.2.bn1.weight" in message
+  assert "... and" in message  # Long lists are truncated.
+  assert "mis-shaped keys (6)" in message  # fc and features.
+  assert "fc.weight: expected (64, 512), found (32, 512)" in message
+  assert "iresnet34" in message and "use_se=False" in message
+
+
+def test_features_weight_other_than_ones_is_refused():
+  template = _flax().template
+  state_dict = tc.export_iresnet(_random_variables(template))
+  state_dict["features.weight"] = np.full(EMBEDDING, 2.0, np.float32)
+  with pytest.raises(UserError, match="scaled.pth: features.weight must be all ones"):
+    tc.import_iresnet(state_dict, template, source="scaled.pth")
+
+
+@pytest.fixture(name="saved")
+def _saved(tmp_path):
+  path = tmp_path / "good.pth"
+  tc.save_state_dict(path, {"w": np.arange(4096, dtype=np.float32)})
+  return path.read_bytes()
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda data: data[:len(data) // 2], "truncated"),
+    (lambda data: data[:-10], "zip"),
+    (lambda data: data.replace(np.float32(7).tobytes(), b"\0\0\0\0", 1), "CRC"),
+    (lambda data: b"not a checkpoint at all", "not a PyTorch checkpoint"),
+    (lambda data: tc._LEGACY_MAGIC + b"rest", "legacy"),
+    (lambda data: b"", "not a PyTorch checkpoint"),
+])
+def test_damaged_file_error_names_the_file(tmp_path, saved, damage, expected):
+  path = tmp_path / "damaged.pth"
+  path.write_bytes(damage(saved))
+  with pytest.raises(UserError, match=expected) as info:
+    tc.load_state_dict(path)
+  assert str(path) in str(info.value)
+
+
+def test_missing_file_error_names_the_file(tmp_path):
+  with pytest.raises(UserError, match="missing.pth"):
+    tc.load_state_dict(tmp_path / "missing.pth")
+
+
+def test_pickle_cannot_modify_the_loader(tmp_path):
+  # GLOBAL torch._utils._rebuild_tensor_v2, then BUILD with slot state {"_function": "x"}.
+  data = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\t\x00\x00\x00_function"
+          b"X\x01\x00\x00\x00xs\x86b.")
+  path = tmp_path / "tamper.pth"
+  _zip_with_pickle(path, data)
+  with pytest.raises(UserError, match="tamper.pth"):
+    tc.load_state_dict(path)
+  rebuild = tc._SAFE_GLOBALS[("torch._utils", "_rebuild_tensor_v2")]
+  assert getattr(rebuild, "_function", None) != "x"
+  good = tmp_path / "good.pth"
+  tc.save_state_dict(good, {"w": np.ones(3, np.float32)})
+  np.testing.assert_array_equal(tc.load_state_dict(good)["w"], np.ones(3, np.float32))
