@@ -5,9 +5,10 @@ r"""Evaluates one face-recognition checkpoint per demographic group (insightface
   python -m mstkd_jax.evaluate --checkpoint=r34.pth --arch=iresnet34 \
       --data=rfw/African_test.bin --data=rfw/Asian_test.bin --out=/tmp/eval
 
---checkpoint is either an Orbax checkpoint of this project (a stage workdir, its
-checkpoints/ folder, or one step folder checkpoints/<step>; only the backbone is read) or a
-PyTorch insightface/MST-KD IResNet state_dict (a file, e.g. .pth). --data (repeatable) is
+--checkpoint is either an Orbax checkpoint of this project (a stage workdir: its trained
+model/, else the latest of its checkpoints/; a model/ or checkpoints/ folder; or one step
+folder such as checkpoints/<step>; only the backbone is read) or a PyTorch
+insightface/MST-KD IResNet state_dict (a file, e.g. .pth). --data (repeatable) is
 an insightface verification .bin (its group is the file stem without "_test":
 African_test.bin -> African), an RFW folder (test/data + test/txts, every group in it), or
 the built-in synthetic set by name: `synthetic` (the workdir's configured synthetic set when
@@ -219,8 +220,14 @@ def _load_pytorch(path: str, explicit: ArchSettings) -> dict:
   settings, origins = _resolve([("flag", explicit), ("default", DEFAULTS)])
   module = _module(settings)
   side = settings.image_size // 16
-  variables = torch_checkpoint.load_iresnet(path, _template(module, settings.image_size),
-                                            feature_hw=(side, side))
+  try:
+    variables = torch_checkpoint.load_iresnet(path, _template(module, settings.image_size),
+                                              feature_hw=(side, side))
+  except UserError as e:
+    if "does not fit" not in str(e):
+      raise
+    raise UserError(f"{e}\n  this run built {_describe(settings)}; give the checkpoint's "
+                    "--arch, --width, --embedding_size, --use_se and --image_size") from e
   return {"module": module, "variables": variables, "settings": settings,
           "origins": origins, "format": "pytorch", "path": path, "step": None,
           "config": None, "name": os.path.splitext(os.path.basename(path))[0]}
@@ -342,19 +349,20 @@ def _check_unique_groups(sources: Sequence[_Source]) -> None:
       seen[group] = source.label
 
 
-def _decode_unique(encoded: Sequence[tuple[Any, Any, str]]) -> tuple[list, np.ndarray]:
-  """(decoded images, pair-slot index) from (key, loader, source) per pair slot.
+def _decode_unique(slots: Sequence[tuple[Any, str]], read) -> tuple[list, np.ndarray]:
+  """Decodes each distinct image once: (images, image row of every pair slot).
 
-  Slots with one key share one decoded image; `loader()` returns the encoded bytes.
+  `slots` holds (key, source) per pair slot, slots with one key showing one image;
+  `read(key)` returns the encoded bytes.
   """
   from mstkd_jax.data import image_tree  # pylint: disable=g-import-not-at-top
   rows: dict[Any, int] = {}
   images = []
-  index = np.empty(len(encoded), np.int64)
-  for slot, (key, loader, source) in enumerate(encoded):
+  index = np.empty(len(slots), np.int64)
+  for slot, (key, source) in enumerate(slots):
     if key not in rows:
       rows[key] = len(images)
-      images.append(image_tree.decode_image(loader(), source))
+      images.append(image_tree.decode_image(read(key), source))
     index[slot] = rows[key]
   return images, index
 
@@ -405,8 +413,9 @@ def _load_source(source: _Source, size: int, data_dir: str, warn) -> tuple[dict,
   if source.kind == "bin":
     from mstkd_jax.data import verification_bin  # pylint: disable=g-import-not-at-top
     encoded, issame = verification_bin.load_verification_bin(source.path)
-    slots = [(data, (lambda d=data: d), f"{source.path}#{k}") for k, data in enumerate(encoded)]
-    images, index = _decode_unique(slots)
+    # Identical bytes are one image (a .bin stores an image again for every pair).
+    slots = [(data, f"{source.path}#{k}") for k, data in enumerate(encoded)]
+    images, index = _decode_unique(slots, lambda data: data)
     groups[source.groups[0]] = (images, index.reshape(-1, 2), np.asarray(issame, bool))
   elif source.kind == "rfw":
     from mstkd_jax.data import rfw  # pylint: disable=g-import-not-at-top
@@ -416,9 +425,9 @@ def _load_source(source: _Source, size: int, data_dir: str, warn) -> tuple[dict,
       for p in reader.pairs(group):
         for name, number in ((p.name1, p.index1), (p.name2, p.index2)):
           path = reader.image_path(group, name, number)
-          slots.append((path, (lambda q=path: _read_file(q)), path))
+          slots.append((path, path))
         same.append(p.same)
-      images, index = _decode_unique(slots)
+      images, index = _decode_unique(slots, _read_file)
       groups[group] = (images, index.reshape(-1, 2), np.asarray(same, bool))
   elif source.kind == "synthetic":
     from mstkd_jax.data import synthetic  # pylint: disable=g-import-not-at-top
@@ -505,8 +514,9 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
   """Evaluates a checkpoint on verification sets per group; writes and returns the report.
 
   Args:
-    checkpoint: an Orbax stage workdir / checkpoints folder / step folder, or a PyTorch
-      IResNet state_dict file (.pth).
+    checkpoint: an Orbax stage workdir (its model/, else the latest checkpoints/ step), a
+      model/ or checkpoints/ folder, or a step folder; or a PyTorch IResNet state_dict
+      file (.pth).
     arch_settings: an ArchSettings or a dict of its fields; None fields (or None) are
       taken from the workdir's config.json, the checkpoint's shapes, or DEFAULTS.
     data_sources: .bin paths, RFW folders, "synthetic" / "synthetic:<scale>", or dicts
@@ -545,11 +555,14 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
   out_dir = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FlagError(f"--out={out_dir}: is a file; expected a folder")
+  if checkpoint is None or not os.fspath(checkpoint):
+    raise FlagError("--checkpoint: expected an Orbax stage workdir, model/ or checkpoints/ "
+                    "folder or step folder, or a PyTorch .pth file")
   checkpoint_path = os.path.abspath(os.path.expanduser(os.fspath(checkpoint)))
   if not os.path.exists(checkpoint_path):
     raise UserError(f"--checkpoint={os.fspath(checkpoint)}: {checkpoint_path} does not exist; "
-                    "expected a stage workdir, its checkpoints/ folder or a step folder "
-                    "(Orbax), or a PyTorch .pth state_dict")
+                    "expected a stage workdir, its model/ or checkpoints/ folder or a step "
+                    "folder (Orbax), or a PyTorch .pth state_dict")
   for i, entry in enumerate(data_sources):
     _precheck(entry, i)
   data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir))) if data_dir else (
@@ -585,12 +598,15 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
         "model_settings_from": model["origins"], "dtype": "float32",
         "data": data_records, "batch_size": batch_size, "num_folds": NUM_FOLDS,
         "normalization": NORMALIZATION, "resampling": RESAMPLING,
-        "flip": "accuracy: embeddings of image + mirror summed, then L2-normalized; "
-                "accuracy_noflip: the image alone",
+        "flip": "accuracy: raw embeddings of image and mirror summed, then L2-normalized "
+                "(insightface); accuracy_noflip: the image alone",
         "warnings": messages,
     }
     report = report_lib.build_report({model_name: results}, config=config)
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+      os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+      raise UserError(f"--out={out_dir}: cannot create the folder ({e.strerror or e})") from e
     written = _write_report(report, out_dir)
   except BaseException:
     for path in reversed(created):
@@ -609,8 +625,8 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
 # --- Command line ----------------------------------------------------------------------
 
 _CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Orbax stage workdir, its checkpoints/ folder or a step folder, or a "
-    "PyTorch IResNet .pth state_dict.")
+    "checkpoint", None, "Orbax stage workdir (its model/, else latest checkpoints/), a model/ "
+    "or checkpoints/ folder or a step folder; or a PyTorch IResNet .pth state_dict.")
 _DATA = flags.DEFINE_multi_string(
     "data", [], "Verification data, repeatable: an insightface .bin (group = file stem "
     "without _test), an RFW folder, or synthetic[:scale].")
@@ -619,8 +635,9 @@ _ARCH = flags.DEFINE_string("arch", None, "IResNet name (default: from config.js
                             f"checkpoint, else {DEFAULTS.arch}).")
 _WIDTH = flags.DEFINE_integer("width", None, "Stem channels (default: from config.json or "
                               f"the checkpoint, else {DEFAULTS.width}).")
-_EMBEDDING = flags.DEFINE_integer("embedding_size", None, "Embedding size (default: from "
-                                  f"config.json or the checkpoint, else {DEFAULTS.embedding_size}).")
+_EMBEDDING = flags.DEFINE_integer(
+    "embedding_size", None, "Embedding size (default: from config.json or the checkpoint, "
+    f"else {DEFAULTS.embedding_size}).")
 _USE_SE = flags.DEFINE_boolean("use_se", None, "Squeeze-and-excitation blocks (default: from "
                                "config.json or the checkpoint, else false).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Model input side, a multiple of 16 "

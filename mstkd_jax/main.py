@@ -25,8 +25,10 @@ _MULTIHOST = flags.DEFINE_enum(
 
 def _stages():
   # Imported here so `--help` and flag errors do not pay for importing JAX and TF.
-  from mstkd_jax.stages import teacher  # pylint: disable=g-import-not-at-top
-  return {"teacher": teacher.run}
+  # pylint: disable=g-import-not-at-top
+  from mstkd_jax import pipeline
+  from mstkd_jax.stages import teacher
+  return {"teacher": teacher.run, "pipeline": pipeline.run}
 
 
 def _wants_multihost(mode: str) -> bool:

@@ -23,7 +23,7 @@ from mstkd_jax.data import rfw, sources, synthetic, verification_bin
 from mstkd_jax.errors import UserError
 from mstkd_jax.interop import orbax_checkpoint, torch_checkpoint
 from mstkd_jax.stages import runtime
-from mstkd_jax.train import checkpoints, state as state_lib
+from mstkd_jax.train import checkpoints, parallel as parallel_lib, state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = {"arch": "iresnet18", "width": 4, "embedding_size": 16, "image_size": 16}
@@ -34,15 +34,30 @@ BATCH = 64
 REPORT_FILES = {"report.json", "report.md", "roc.json", "accuracy_by_group.png"}
 
 
+def _batch_norms(tree):
+  if "mean" in tree:
+    return [tree]
+  return [bn for value in tree.values() for bn in _batch_norms(value)]
+
+
 def _random_variables():
   module = models.create("iresnet18", width=4, embedding_size=16)
   variables = runtime.init_variables(module, jax.random.PRNGKey(0),
                                      np.zeros((1, 16, 16, 3), np.float32), train=False)
   # Non-trivial BatchNorm statistics, so that their conversion is checked too.
   rng = np.random.default_rng(0)
-  variables["batch_stats"] = jax.tree.map(
-      lambda x: (rng.uniform(0.5, 1.5, x.shape) if x.ndim else x).astype(x.dtype),
-      variables["batch_stats"])
+  for stats in _batch_norms(variables["batch_stats"]):
+    stats["mean"] = rng.normal(0.0, 0.05, stats["mean"].shape).astype(np.float32)
+    stats["var"] = rng.uniform(0.5, 1.5, stats["var"].shape).astype(np.float32)
+  # A random net's embeddings are nearly constant; centring and scaling them with the
+  # embedding BatchNorm (as training would) makes the accuracies differ from 50%. This
+  # also compiles the embedding function that every evaluation below reuses.
+  faces = synthetic.generate(SPEC)
+  images = np.concatenate([faces.eval_images[g] for g in SPEC.group_names])
+  out, _ = runtime.embed_images(variables, module, images, parallel_lib.get("pmap", 0), BATCH)
+  stats, bias = variables["batch_stats"]["features"], variables["params"]["features"]["bias"]
+  raw = (out - bias) * np.sqrt(stats["var"] + 1e-5) + stats["mean"]
+  stats["mean"], stats["var"] = raw.mean(0), raw.var(0)
   return variables
 
 
@@ -67,6 +82,7 @@ def model_files(tmp_path_factory):
   older = jax.tree.map(lambda x: x * 0.5, variables)
   _save_orbax(str(workdir / "checkpoints"), 3, older)
   _save_orbax(str(workdir / "checkpoints"), 7, variables)
+  runtime.save_model(str(workdir), 7, variables)  # The trained network alone, as stages do.
   config = {"stage": "teacher",
             "model": {"name": "iresnet18", "width": 4, "embedding_size": 16, "use_se": False,
                       "dropout": 0.0, "dtype": "float32"},
@@ -97,9 +113,10 @@ def data_files(tmp_path_factory):
     for pair in reader.iter_pairs(group):
       images += [pair.image1, pair.image2]
       issame.append(pair.same)
-    bins.append(str(root / f"{group}_test.bin"))
+    bins.append(str(root / f"bin_{group}_test.bin"))
     verification_bin.write_verification_bin(bins[-1], images, issame)
-  big_faces = synthetic.generate(dataclasses.replace(SPEC, num_groups=1, image_size=32))
+  big_faces = synthetic.generate(
+      dataclasses.replace(SPEC, num_groups=1, image_size=32, difficulty=()))
   big = big_faces.eval_images["group_a"]
   pairs, issame = big_faces.eval_pairs["group_a"], big_faces.eval_issame["group_a"]
   big_bin = str(root / "big_test.bin")
@@ -143,16 +160,17 @@ def _assert_same_tree(a, b):
 
 def test_orbax_reader_finds_the_latest_step_and_restores_only_the_backbone(model_files):
   workdir = model_files["workdir"]
-  for path in (workdir, os.path.join(workdir, "checkpoints"),
-               os.path.join(workdir, "checkpoints", "7"),
-               os.path.join(workdir, "checkpoints", "7", "default")):
+  for path, read in ((workdir, "model/7"), (f"{workdir}/model", "model/7"),
+                     (f"{workdir}/checkpoints", "checkpoints/7"),
+                     (f"{workdir}/checkpoints/7", "checkpoints/7"),
+                     (f"{workdir}/checkpoints/7/default", "checkpoints/7")):
     variables, info = orbax_checkpoint.load_backbone_variables(path)
     assert sorted(variables) == ["batch_stats", "params"]
     _assert_same_tree(variables, model_files["variables"])
+    assert info.path == os.path.join(workdir, read)
     assert (info.step, info.workdir, info.name) == (7, workdir, "teacher_run")
     assert info.config["model"]["width"] == 4
-  older, info = orbax_checkpoint.load_backbone_variables(
-      os.path.join(workdir, "checkpoints", "3"))
+  older, info = orbax_checkpoint.load_backbone_variables(f"{workdir}/checkpoints/3")
   assert info.step == 3
   _assert_same_tree(older, model_files["older"])
   assert orbax_checkpoint.describe_iresnet(older) == {
@@ -166,6 +184,10 @@ def test_orbax_reader_refuses_what_is_no_checkpoint(tmp_path):
   (tmp_path / "checkpoints" / "5.orbax-checkpoint-tmp-1").mkdir(parents=True)
   with pytest.raises(UserError, match="holds no finished checkpoint step"):
     orbax_checkpoint.load_backbone_variables(tmp_path)
+  adaptor = tmp_path / "adaptor"
+  runtime.save_model(str(adaptor), 2, {"params": {"dense": {"kernel": np.ones((4, 2))}}})
+  with pytest.raises(UserError, match=r"holds no backbone parameters \(params has \['dense'\]"):
+    orbax_checkpoint.load_backbone_variables(adaptor)
 
 
 # --- Reports ---------------------------------------------------------------------------
@@ -174,17 +196,23 @@ def test_orbax_reader_refuses_what_is_no_checkpoint(tmp_path):
 def test_orbax_and_pth_of_the_same_weights_give_the_same_report(model_files, data_files,
                                                                  tmp_path):
   # No arch settings: the workdir's config.json supplies them.
-  orbax = _run(model_files["workdir"], None, [data_files["rfw"]], tmp_path / "orbax")
+  orbax = _run(model_files["workdir"], None, [data_files["rfw"]] + data_files["bins"],
+               tmp_path / "orbax")
   pth = _run(model_files["pth"], ARCH, [data_files["rfw"]], tmp_path / "pth")
   assert set(orbax["models"]) == {"teacher_run"} and set(pth["models"]) == {"tiny_r18"}
-  assert _accuracies(orbax) == _accuracies(pth)
+  accuracies = _accuracies(orbax)
+  assert list(accuracies) == ["group_a", "group_b", "bin_group_a", "bin_group_b"]
+  assert {g: accuracies[g] for g in ("group_a", "group_b")} == _accuracies(pth)
+  # The same images as .bin files (group = file stem without _test) and as RFW folder.
+  assert accuracies["bin_group_a"] == accuracies["group_a"]
+  assert accuracies["bin_group_b"] == accuracies["group_b"]
+  assert len({acc for pair in accuracies.values() for acc in pair}) > 1
 
   assert REPORT_FILES <= set(os.listdir(tmp_path / "orbax"))
   assert not [n for n in os.listdir(tmp_path / "orbax") if n.startswith(".")]
   with open(tmp_path / "orbax" / "report.json") as f:
     stored = json.load(f)
   entry = stored["models"]["teacher_run"]
-  assert list(entry["groups"]) == ["group_a", "group_b"]
   for group in entry["groups"].values():
     assert {"accuracy", "accuracy_std", "accuracy_noflip", "tar_at_far"} <= set(group)
     assert 0.0 <= group["accuracy"] <= 100.0 and group["num_pairs"] == 40
@@ -192,50 +220,47 @@ def test_orbax_and_pth_of_the_same_weights_give_the_same_report(model_files, dat
   assert {"mean", "std", "ser"} <= set(entry)
   config = stored["config"]
   assert config["checkpoint_format"] == "orbax" and config["step"] == 7
+  assert config["checkpoint"] == os.path.join(model_files["workdir"], "model", "7")
   assert config["model"] == {"arch": "iresnet18", "width": 4, "embedding_size": 16,
                              "use_se": False, "image_size": 16}
   assert config["model_settings_from"]["width"] == "config.json"
+  assert [d["groups"] for d in config["data"]] == [["group_a", "group_b"], ["bin_group_a"],
+                                                   ["bin_group_b"]]
   assert pth["config"]["model_settings_from"]["width"] == "flag"
-
-
-def test_bin_files_and_rfw_folder_of_the_same_images_agree(model_files, data_files,
-                                                           tmp_path, capsys):
-  from_rfw = _run(model_files["workdir"], None, [data_files["rfw"]], tmp_path / "rfw")
-  from_bins = evaluate_lib.evaluate(model_files["workdir"], None, data_files["bins"],
-                                    str(tmp_path / "bins"), batch_size=BATCH, name="mine")
-  assert list(from_bins["models"]) == ["mine"]
-  assert _accuracies(from_bins) == _accuracies(from_rfw)
-  assert [d["groups"] for d in from_bins["config"]["data"]] == [["group_a"], ["group_b"]]
-  out = capsys.readouterr().out
-  assert "Verification accuracy (%) per group" in out and "No-flip accuracy" in out
 
 
 def test_images_of_another_size_are_resized_with_a_warning(model_files, data_files,
                                                            tmp_path, capsys):
-  report = evaluate_lib.evaluate(model_files["pth"], ARCH, [data_files["big_bin"]],
-                                 str(tmp_path / "a"), batch_size=BATCH)
-  err = capsys.readouterr().err
-  assert err.count("warning:") == 1
-  assert "images of 32x32 pixels, the model takes 16x16; resizing them with bilinear" in err
-  assert report["config"]["data"][0]["resized_from"] == [[32, 32]]
-  # The same resampling done by hand, given as arrays: the same accuracy.
+  # The same resampling done by hand, given as arrays, must give the same accuracy.
   big, pairs, issame = data_files["big"]
   small = np.stack([np.asarray(Image.fromarray(x).resize((16, 16), Image.BILINEAR))
                     for x in big])
-  arrays = {"big": sources.VerificationSet(images=small, pairs=pairs, issame=issame)}
-  by_hand = _run(model_files["pth"], ARCH, [arrays], tmp_path / "b")
-  assert _accuracies(by_hand) == _accuracies(report)
-  assert by_hand["config"]["warnings"] == []
+  arrays = {"by_hand": sources.VerificationSet(images=small, pairs=pairs, issame=issame)}
+  report = evaluate_lib.evaluate(model_files["pth"], ARCH, [data_files["big_bin"], arrays],
+                                 str(tmp_path), batch_size=BATCH, name="mine")
+  captured = capsys.readouterr()
+  assert captured.err.count("warning:") == 1
+  assert ("big_test.bin: images of 32x32 pixels, the model takes 16x16; resizing them with "
+          "bilinear") in captured.err
+  assert [d["resized_from"] for d in report["config"]["data"]] == [[[32, 32]], None]
+  assert len(report["config"]["warnings"]) == 1
+  accuracies = _accuracies(report)
+  assert list(report["models"]) == ["mine"]
+  assert accuracies["big"] == accuracies["by_hand"]
+  assert "Verification accuracy (%) per group" in captured.out
+  assert "No-flip accuracy" in captured.out
 
 
 def test_synthetic_by_name_is_the_workdirs_configured_set(model_files, data_files, tmp_path):
-  report = _run(model_files["workdir"], None, ["synthetic"], tmp_path / "out")
-  assert os.path.isfile(synthetic.cache_path(SPEC, tmp_path / "out" / "data"))
   faces = data_files["faces"]
-  arrays = {g: sources.VerificationSet(faces.eval_images[g], faces.eval_pairs[g],
-                                       faces.eval_issame[g]) for g in SPEC.group_names}
-  direct = _run(model_files["workdir"], None, [arrays], tmp_path / "direct")
-  assert _accuracies(report) == _accuracies(direct)
+  arrays = {f"copy_{g}": sources.VerificationSet(faces.eval_images[g], faces.eval_pairs[g],
+                                                 faces.eval_issame[g])
+            for g in SPEC.group_names}
+  report = _run(model_files["workdir"], None, ["synthetic", arrays], tmp_path)
+  assert os.path.isfile(synthetic.cache_path(SPEC, tmp_path / "data"))
+  accuracies = _accuracies(report)
+  for group in SPEC.group_names:
+    assert accuracies[group] == accuracies[f"copy_{group}"]
 
 
 # --- Errors ----------------------------------------------------------------------------
@@ -274,7 +299,7 @@ def test_bad_inputs_stop_with_their_message_and_write_nothing(case, error, messa
       "orbax_with_other_width": (workdir, {"width": 8}, [rfw_dir]),
       "corrupt_bin": (pth, ARCH, [data_files["corrupt"]]),
       "not_rgb": (pth, ARCH, [_rgba_set(data_files)]),
-      "group_twice": (workdir, None, [rfw_dir, data_files["bins"][0]]),
+      "group_twice": (workdir, None, [rfw_dir, data_files["bins"][0], "synthetic"]),
       "unknown_scale": (workdir, None, ["synthetic:huge"]),
   }[case]
   out = tmp_path / "out"
@@ -290,15 +315,26 @@ def _cli(*args):
 
 
 def test_command_line_errors_are_one_line_with_exit_codes(model_files, data_files, tmp_path):
+  # Both are found before JAX is imported, so these runs take well under a second.
   out = tmp_path / "out"
-  flag = _cli(f"--checkpoint={model_files['pth']}", "--arch=resnet9",
+  flag = _cli(f"--checkpoint={model_files['pth']}", "--image_size=20",
               f"--data={data_files['rfw']}", f"--out={out}")
   assert flag.returncode == 2
-  assert flag.stderr.startswith("error: --arch='resnet9': unknown architecture")
-  data = _cli(f"--checkpoint={model_files['workdir']}", f"--data={data_files['corrupt']}",
-              f"--out={out}")
+  assert flag.stderr == "error: --image_size=20: expected a multiple of 16 (the IResNet " \
+                        "halves its input four times)\n"
+  missing = tmp_path / "African_test.bin"
+  data = _cli(f"--checkpoint={model_files['workdir']}", f"--data={missing}", f"--out={out}")
   assert data.returncode == 1
-  assert data.stderr.startswith("error: ") and "not a readable pickle" in data.stderr
-  for result in (flag, data):
-    assert "Traceback" not in result.stderr
+  assert data.stderr == (f"error: --data={missing}: {missing} does not exist; expected a "
+                         "verification .bin file, an RFW folder, or synthetic[:scale]\n")
   assert not out.exists()
+
+
+def test_command_line_prints_the_table_and_writes_the_report(model_files, data_files, tmp_path):
+  result = _cli(f"--checkpoint={model_files['pth']}", "--arch=iresnet18", "--width=4",
+                "--embedding_size=16", "--image_size=16", f"--batch_size={BATCH}",
+                f"--data={data_files['bins'][0]}", f"--out={tmp_path}", "--name=cli")
+  assert result.returncode == 0, result.stderr
+  assert "Verification accuracy (%) per group" in result.stdout
+  with open(tmp_path / "report.json") as f:
+    assert list(json.load(f)["models"]["cli"]["groups"]) == ["bin_group_a"]

@@ -276,8 +276,11 @@ class SyntheticFaces:
 class _GroupModel:
   mean_z: np.ndarray  # [A] group mean offsets in attribute units
   id_std: np.ndarray  # [A] identity standard deviation per attribute
-  skin_rgb: np.ndarray  # [3] base skin colour
-  hair_rgb: np.ndarray  # [3] base hair colour
+  skin_lum: float  # group skin luminance
+  skin_warm: float  # group skin warmth (red up, blue down)
+  skin_tint: np.ndarray  # [3] small per-channel tint of the group's skin
+  hair_lum: float
+  hair_warm: float
   difficulty: float
 
 
@@ -321,15 +324,11 @@ def _group_model(spec: SyntheticSpec, g: int) -> _GroupModel:
   id_std = np.full(_NUM_ATTR, _BACKGROUND_ID_STD)
   id_std[shared] = _SHARED_FACTOR_STD
   id_std[own] = rng.uniform(*_GROUP_FACTOR_STD, len(own))
-  # Skin: luminance and warmth differ between groups; warm tint = more red, less blue.
-  lum = rng.uniform(0.3, 0.85)
-  warm = rng.uniform(0.05, 0.3)
-  skin = lum * np.array([1.0 + warm, 1.0, 1.0 - warm]) * rng.uniform(0.92, 1.0, 3)
-  hair_lum = rng.uniform(0.08, 0.6)
-  hair_warm = rng.uniform(0.0, 0.4)
-  hair = hair_lum * np.array([1.0 + hair_warm, 1.0, 1.0 - hair_warm])
-  return _GroupModel(mean_z=mean_z, id_std=id_std, skin_rgb=np.clip(skin, 0.05, 1.0),
-                     hair_rgb=np.clip(hair, 0.02, 1.0),
+  # Group colours: skin and hair luminance and warmth differ between groups.
+  return _GroupModel(mean_z=mean_z, id_std=id_std,
+                     skin_lum=rng.uniform(0.3, 0.85), skin_warm=rng.uniform(0.05, 0.3),
+                     skin_tint=rng.uniform(0.92, 1.0, 3),
+                     hair_lum=rng.uniform(0.08, 0.6), hair_warm=rng.uniform(0.0, 0.4),
                      difficulty=spec.difficulty[g])
 
 
@@ -365,12 +364,16 @@ def _sample_images(model: _GroupModel, ids: dict, per_identity: int,
   p = {name: attr[:, i] for i, name in enumerate(_NAMES)}
   p["mole_xy"] = rep(ids["mole_xy"])
   p["tex_phase"] = rep(ids["tex_phase"])
-  # Identity colours from the group base colour and the identity colour attributes.
-  warm_dir = np.array([1.0, 0.0, -1.0])
-  p["skin_rgb"] = (model.skin_rgb * (1.0 + p["skin_lum"][:, None])
-                   + p["skin_warmth"][:, None] * warm_dir)
-  p["hair_rgb"] = (model.hair_rgb * np.exp(2.0 * p["hair_lum"][:, None])
-                   + p["hair_warmth"][:, None] * warm_dir)
+  # Identity colours: the group's luminance and warmth shifted by the identity's colour
+  # attributes. Warmth is clipped to a natural range (red >= green >= blue), so skin
+  # and hair never turn blue or green whatever the factor strengths.
+  def colour(lum, warm):
+    warm = np.clip(warm, 0.04, 0.6)[:, None]
+    return lum[:, None] * np.concatenate([1.0 + warm, np.ones_like(warm), 1.0 - warm], 1)
+  p["skin_rgb"] = model.skin_tint * colour(model.skin_lum * (1.0 + p["skin_lum"]),
+                                           model.skin_warm + p["skin_warmth"])
+  p["hair_rgb"] = colour(model.hair_lum * np.exp(2.0 * p["hair_lum"]),
+                         model.hair_warm + p["hair_warmth"])
   # Nuisance: pose, light, background, blur, noise, occlusion; all scaled by difficulty.
   p["shift"] = rng.normal(0.0, 0.05 * d, (n, 2))
   p["scale"] = np.exp(rng.normal(0.0, 0.05 * d, n))
@@ -379,6 +382,8 @@ def _sample_images(model: _GroupModel, ids: dict, per_identity: int,
   p["gradient"] = rng.normal(0.0, 0.25 * d, n)
   p["gradient_angle"] = rng.uniform(0.0, 2 * np.pi, n)
   p["colour_cast"] = np.exp(rng.normal(0.0, 0.04 * d, (n, 3)))
+  # The background colour is nuisance of constant spread (any colour, as in crops of
+  # photographs); it is the one nuisance that difficulty does not scale.
   p["background"] = rng.uniform(0.1, 0.9, (n, 1)) * np.exp(rng.normal(0.0, 0.1, (n, 3)))
   p["blur"] = np.abs(rng.normal(0.0, 0.7 * d, n))  # extra edge width in pixels
   p["noise_std"] = 0.025 * d * rng.uniform(0.5, 1.5, n)

@@ -1,8 +1,9 @@
 """Reads the backbone of an Orbax checkpoint written by this project's stages.
 
-A stage writes <workdir>/config.json and <workdir>/checkpoints/<step>/default, an Orbax
+A stage writes <workdir>/config.json, <workdir>/checkpoints/<step>/default (an Orbax
 PyTree of its TrainState: {step, params: {"backbone": ..., "head": ...}, batch_stats,
-opt_state}. Evaluation needs only the backbone, so only params["backbone"] and
+opt_state}) and, once trained, <workdir>/model/<step>/default (the network alone:
+{params, batch_stats}). Evaluation needs only the backbone, so only its params and
 batch_stats are restored (Orbax partial restore, the restore target built from the
 checkpoint's own metadata): the head and optimiser shapes need not be known.
 """
@@ -26,8 +27,10 @@ from mstkd_jax.models import iresnet
 ITEM_NAME = "default"
 # Orbax writes this file into every item folder it finishes.
 _ITEM_METADATA = "_METADATA"
-_EXPECTED = ("expected an Orbax checkpoint of this project: a stage workdir, its "
-             "checkpoints/ folder, or one step folder checkpoints/<step>")
+# Folders of a stage workdir that hold Orbax steps, the preferred (the trained model) first.
+STEP_FOLDERS = ("model", "checkpoints")
+_EXPECTED = ("expected an Orbax checkpoint of this project: a stage workdir, its model/ or "
+             "checkpoints/ folder, or one step folder such as checkpoints/<step>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +38,9 @@ class CheckpointInfo:
   """Where the restored backbone came from.
 
   Attributes:
-    path: the step folder that was read (<workdir>/checkpoints/<step>).
+    path: the step folder that was read (e.g. <workdir>/model/<step>).
     step: the training step of that checkpoint, or None when its folder name is no number.
-    workdir: the stage workdir (the folder above checkpoints/), or None.
+    workdir: the stage workdir (the folder above model/ or checkpoints/), or None.
     config: the workdir's config.json as a dict, or None when there is none.
     name: a model name for reports: the workdir's folder name (else the step folder's).
   """
@@ -63,29 +66,32 @@ def _steps(folder: str) -> list[int]:
 
 
 def locate(path: Any) -> tuple[str, str | None]:
-  """(step folder, workdir or None) of a workdir, a checkpoints/ folder or a step folder.
+  """(step folder, workdir or None) of a workdir, a model/ or checkpoints/ folder or a step.
 
-  A workdir or checkpoints/ folder resolves to its latest finished step.
+  A folder of steps resolves to its latest finished step; a stage workdir to that of its
+  model/ folder (the trained network) when there is one, else of its checkpoints/.
   """
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   if not os.path.exists(path):
     raise UserError(f"{path}: checkpoint does not exist; {_EXPECTED}")
   if not os.path.isdir(path):
-    raise UserError(f"{path}: is a file; {_EXPECTED} (a PyTorch state_dict must end in .pth)")
+    raise UserError(f"{path}: is a file; {_EXPECTED} (PyTorch .pth files are read by "
+                    "interop.torch_checkpoint)")
   if _is_item(path):  # The item folder itself: <step>/default.
     step_dir = os.path.dirname(path)
   elif _is_item(os.path.join(path, ITEM_NAME)):
     step_dir = path
   else:
-    folder = os.path.join(path, "checkpoints")
-    folder = folder if os.path.isdir(folder) else path
-    steps = _steps(folder)
-    if not steps:
+    candidates = [os.path.join(path, name) for name in STEP_FOLDERS] + [path]
+    found = [(folder, _steps(folder)) for folder in candidates if os.path.isdir(folder)]
+    found = [(folder, steps) for folder, steps in found if steps]
+    if not found:
       raise UserError(f"{path}: holds no finished checkpoint step (no "
                       f"<step>/{ITEM_NAME}/{_ITEM_METADATA}); {_EXPECTED}")
+    folder, steps = found[0]
     step_dir = os.path.join(folder, str(steps[-1]))
   parent = os.path.dirname(step_dir)
-  workdir = os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+  workdir = os.path.dirname(parent) if os.path.basename(parent) in STEP_FOLDERS else None
   return step_dir, workdir
 
 
@@ -154,8 +160,9 @@ def load_backbone_variables(path: Any) -> tuple[dict, CheckpointInfo]:
   """Restores an IResNet's {"params", "batch_stats"} (numpy) from a stage's checkpoint.
 
   Args:
-    path: a stage workdir, its checkpoints/ folder (the latest step is read) or one step
-      folder checkpoints/<step> (or that step's item folder, .../<step>/default).
+    path: a stage workdir (its model/, else its checkpoints/), a model/ or checkpoints/
+      folder (the latest step is read), or one step folder such as checkpoints/<step>
+      (or that step's item folder, .../<step>/default).
 
   Returns:
     (variables, info): variables = {"params": backbone params, "batch_stats": ...}

@@ -24,7 +24,8 @@ from mstkd_jax.train.checkpoints import Checkpoints, flat_shapes, shape_mismatch
 # between a run and its resumption.
 RUN_CONTROL_FIELDS = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                       "train.eval_batch_size", "parallelism", "num_devices", "data.data_dir",
-                      "only", "force")
+                      "only", "force", "extract.teacher_dirs", "student.teacher_dirs",
+                      "student.adaptor_dir", "adaptor.extract_dir")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -52,10 +53,12 @@ def changed_fields(old: dict, new: dict, ignore=RUN_CONTROL_FIELDS) -> list[str]
           and not any(k == f or k.startswith(f + ".") for f in ignore)]
 
 
-def prepare_workdir(config, workdir: str) -> str:
+def prepare_workdir(config, workdir: str, refuse_changes: bool = True) -> str:
   """Creates `workdir`, refuses one holding a run of another config, writes config.json.
 
-  Returns the absolute workdir. Only process 0 writes.
+  With refuse_changes=False (the pipeline's root, whose stages check their own configs)
+  config.json just records the latest run. Returns the absolute workdir; only process 0
+  writes.
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   try:
@@ -68,7 +71,7 @@ def prepare_workdir(config, workdir: str) -> str:
     raise UserError(f"the workdir {workdir} cannot be written: {e.strerror or e}") from e
   path = os.path.join(workdir, "config.json")
   new = config_dict(config)
-  if os.path.exists(path):
+  if refuse_changes and os.path.exists(path):
     try:
       with open(path) as f:
         old = json.load(f)

@@ -41,15 +41,15 @@ def build(config, train_set: sources.TrainingSet, num_classes: int):
   return backbone, head, variables, head_vars
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, name: str = "") -> dict:
   """Trains the teacher and evaluates it on every group; returns the results dict."""
   workdir = runtime.prepare_workdir(config, workdir)
   train_set = sources.training_set(config.data, workdir)
   rows, labels = sources.select(train_set, group=config.teacher.group if not
                                 _identities(config) else "", identities=_identities(config))
   num_classes = int(labels.max()) + 1
-  name = (f"teacher/{config.teacher.group}" if not _identities(config)
-          else f"teacher/{num_classes} identities")
+  name = name or (f"teacher/{config.teacher.group}" if not _identities(config)
+                  else f"teacher/{num_classes} identities")
   print(f"[{name}] {len(rows)} images of {num_classes} identities", flush=True)
 
   parallel = parallel_lib.get(config.parallelism, config.num_devices)

@@ -1,0 +1,88 @@
+r"""The whole MST-KD recipe: specialized and balanced teachers, extraction, adaptors,
+students (a-KD, EAF-KD), the student alone, and the fairness report.
+
+COMMAND (CPU, the built-in synthetic set, about 10 minutes on 2 cores):
+  python -m mstkd_jax.main --config=configs/distill.py
+Every stage, tiny (seconds each):
+  python -m mstkd_jax.main --config=configs/distill.py:smoke --workdir=/tmp/mstkd
+Every variant (SL, DuL, DLDPO x a-KD, EAF-KD x specialized, balanced):
+  python -m mstkd_jax.main --config=configs/distill.py:full
+One stage, or rerun a stage and everything after it:
+  ... --config.only=adaptor/specialized/SL      ... --config.force=teacher/group_b
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def _recipe(epochs: float, batch_size: int, base_lr: float, decay_epochs, clip_norm=5.0):
+  return ml_collections.ConfigDict(dict(
+      train=dict(batch_size=batch_size, epochs=epochs, log_every=20, checkpoint_every=200,
+                 keep_checkpoints=2, eval_batch_size=256),
+      optim=dict(base_lr=base_lr, head_base_lr=-1.0, momentum=0.9, weight_decay=5e-4,
+                 clip_norm=clip_norm, lr_decay_epochs=tuple(decay_epochs),
+                 lr_decay_factor=0.1),
+  ))
+
+
+def default() -> ml_collections.ConfigDict:
+  c = common.base()
+  c.stage = "pipeline"
+  c.data.synthetic = common.synthetic_data("recipe")
+  c.teacher_sets = ("specialized", "balanced")
+  c.adaptors = ("SL",)                  # any of SL, DuL, DLDPO
+  c.kd_losses = ("a-KD", "EAF-KD")      # any of a-KD, EAF-KD
+  c.student_alone = True
+  c.targets = "cached"                  # or "online": frozen teachers + adaptor in the step
+  c.balanced_seed = 0                   # the random identity split of the balanced teachers
+  c.only = ""                           # run just this stage (its inputs must exist)
+  c.force = ""                          # rerun this stage and everything downstream
+  c.teacher = _recipe(epochs=10.0, batch_size=64, base_lr=0.1, decay_epochs=(7, 9))
+  c.adaptor = _recipe(epochs=12.0, batch_size=128, base_lr=1.0, decay_epochs=(6, 9, 11),
+                      clip_norm=0.0)
+  c.adaptor.update(dict(embedding_size=c.model.embedding_size, dropout=0.2,
+                        head=dict(name="elastic_arcface", s=64.0, m=0.5, std=0.05)))
+  c.student = _recipe(epochs=8.0, batch_size=64, base_lr=0.1, decay_epochs=(6, 8))
+  c.student.kd_weight = 10000.0
+  return c
+
+
+def smoke() -> ml_collections.ConfigDict:
+  c = default()
+  c.data.synthetic = common.synthetic_data("smoke")
+  c.data.synthetic.identities_per_group = 16
+  c.data.synthetic.images_per_identity = 8
+  c.model.update(width=8, embedding_size=32)
+  c.adaptor.embedding_size = 32
+  for section, epochs in ((c.teacher, 3.0), (c.adaptor, 3.0), (c.student, 3.0)):
+    section.train.update(batch_size=32, epochs=epochs, log_every=10)
+    section.optim.lr_decay_epochs = (3,)
+  return c
+
+
+def full() -> ml_collections.ConfigDict:
+  c = default()
+  c.adaptors = ("SL", "DuL", "DLDPO")
+  return c
+
+
+def bupt_iresnet34() -> ml_collections.ConfigDict:
+  """The paper's settings (METHOD.md); the data set comes by override (see README)."""
+  c = common.bupt_iresnet34(default())
+  c.teacher = _recipe(epochs=26.0, batch_size=512, base_lr=0.1, decay_epochs=(8, 14, 20, 25))
+  c.student = _recipe(epochs=26.0, batch_size=512, base_lr=0.1, decay_epochs=(8, 14, 20, 25))
+  c.student.kd_weight = 10000.0
+  c.adaptor = _recipe(epochs=26.0, batch_size=512, base_lr=1.0, decay_epochs=(8, 14, 20, 25),
+                      clip_norm=0.0)
+  c.adaptor.update(dict(embedding_size=512, dropout=0.2,
+                        head=dict(name="elastic_arcface", s=64.0, m=0.5, std=0.05)))
+  for section in (c.teacher, c.adaptor, c.student):
+    section.train.update(log_every=100, checkpoint_every=2000)
+  c.adaptors = ("SL", "DuL", "DLDPO")
+  return c
+
+
+def get_config(arg=None):
+  return common.pick_preset(arg, {"default": default, "smoke": smoke, "full": full,
+                                  "bupt_iresnet34": bupt_iresnet34}, __file__)

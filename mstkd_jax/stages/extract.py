@@ -1,0 +1,76 @@
+"""Extraction stage: every frozen teacher of a set embeds every training image and its mirror.
+
+Writes <workdir>/teacher_embeddings.npy, float32 [N, 2, G, D]: image n as stored ([:, 0])
+and mirrored ([:, 1]), teacher g in the fixed teacher order, L2-normalized, so the
+adaptor and the cached-target student fetch exactly the orientation they feed. Also
+verification_teacher_embeddings.npz: the same for every group's verification pair images
+(the adaptor's space is evaluated on them).
+"""
+
+import os
+
+import jax
+import numpy as np
+
+from mstkd_jax import losses
+from mstkd_jax.data import sources
+from mstkd_jax.errors import UserError
+from mstkd_jax.stages import runtime
+from mstkd_jax.train import parallel as parallel_lib
+
+
+def _normalized_pair(variables, module, images, parallel, batch_size):
+  emb, emb_flip = runtime.embed_images(variables, module, images, parallel, batch_size)
+  return np.stack([np.asarray(losses.l2_normalize(emb)),
+                   np.asarray(losses.l2_normalize(emb_flip))], axis=1)   # [N, 2, D]
+
+
+def run(config, workdir: str, name: str = "extract") -> dict:
+  """Embeds the training and verification images with every teacher of config.extract."""
+  workdir = runtime.prepare_workdir(config, workdir)
+  teacher_dirs = list(config.extract.teacher_dirs)
+  if not teacher_dirs:
+    raise UserError("config field extract.teacher_dirs: expected at least one teacher")
+  train_set = sources.training_set(config.data, workdir)
+  verification = sources.verification_sets(config.data, workdir)
+  parallel = parallel_lib.get(config.parallelism, config.num_devices)
+  module = runtime.backbone(config.model)
+  template = runtime.init_variables(
+      module, jax.random.PRNGKey(0), np.zeros((1,) + train_set.images.shape[1:], np.float32),
+      train=False)
+  batch = config.train.eval_batch_size
+  train_parts, verification_parts = [], {g: [] for g in verification}
+  sizes = set()
+  for i, teacher_dir in enumerate(teacher_dirs):
+    variables = runtime.load_model(teacher_dir, template, teacher_dir)
+    print(f"[{name}] teacher {i + 1}/{len(teacher_dirs)} ({teacher_dir}) embeds "
+          f"{len(train_set.images)} training images and their mirrors", flush=True)
+    train_parts.append(_normalized_pair(variables, module, train_set.images, parallel, batch))
+    sizes.add(train_parts[-1].shape[-1])
+    for group, vset in verification.items():
+      verification_parts[group].append(
+          _normalized_pair(variables, module, vset.pair_images(), parallel, batch))
+  if len(sizes) != 1:
+    raise UserError(f"the teachers {teacher_dirs} have different embedding sizes {sorted(sizes)}"
+                    "; the adaptor needs one size")
+  if jax.process_index() == 0:
+    runtime.atomic_save_npy(os.path.join(workdir, "teacher_embeddings.npy"),
+                            np.stack(train_parts, axis=2))             # [N, 2, G, D]
+    runtime.atomic_save_npz(
+        os.path.join(workdir, "verification_teacher_embeddings.npz"),
+        {f"{g}/embeddings": np.stack(parts, axis=2) for g, parts in verification_parts.items()}
+        | {f"{g}/issame": verification[g].issame for g in verification})
+  return {}
+
+
+def load(extract_dir: str) -> tuple[np.ndarray, dict]:
+  """(training [N, 2, G, D], {group: ([2P, 2, G, D], issame [P])}) written by `run`."""
+  try:
+    train = np.load(os.path.join(extract_dir, "teacher_embeddings.npy"))
+    with np.load(os.path.join(extract_dir, "verification_teacher_embeddings.npz")) as data:
+      groups = sorted({k.split("/")[0] for k in data.files})
+      verification = {g: (data[f"{g}/embeddings"], data[f"{g}/issame"]) for g in groups}
+  except (OSError, ValueError, KeyError) as e:
+    raise UserError(f"cannot read the teacher embeddings in {extract_dir} ({e}); run the "
+                    "extraction stage that makes them first") from e
+  return train, verification

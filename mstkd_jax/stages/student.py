@@ -1,0 +1,127 @@
+"""Student stage: an IResNet trained from scratch on every training identity.
+
+`student.kd` picks the loss: "none" (the student alone: ElasticArcFace only, the paper's
+baseline), "a-KD" (kd_weight x MSE to the MST-KD target, no labels) or "EAF-KD"
+(ElasticArcFace + the same term). Targets come `cached` (the adaptor stage's
+<adaptor>/targets.npy, for the image and its mirror, looked up for the orientation fed) or
+`online` (the frozen teachers and adaptor run inside the step).
+"""
+
+import functools
+
+import jax
+import numpy as np
+
+from mstkd_jax import models
+from mstkd_jax.data import input_pipeline, sources
+from mstkd_jax.errors import UserError
+from mstkd_jax.stages import runtime
+from mstkd_jax.train import loop, parallel as parallel_lib, state as state_lib, steps
+
+KD_LOSSES = ("none", "a-KD", "EAF-KD")
+TARGETS = ("cached", "online")
+
+
+def frozen_teachers(config, train_set):
+  """(teacher module, stacked teacher variables) of the teacher dirs, in teacher order."""
+  teacher = runtime.backbone(config.model)
+  template = runtime.init_variables(
+      teacher, jax.random.PRNGKey(0), np.zeros((1,) + train_set.images.shape[1:], np.float32),
+      train=False)
+  variables = [runtime.load_model(d, template, d) for d in config.student.teacher_dirs]
+  return teacher, jax.tree.map(lambda *xs: np.stack(xs), *variables)
+
+
+def frozen_adaptor(config, num_teachers: int):
+  """(adaptor module, adaptor variables) of the adaptor stage (its best epoch)."""
+  adaptor = models.create("adaptor", **config.student.adaptor_model.to_dict())
+  template = runtime.init_variables(
+      adaptor, jax.random.PRNGKey(0),
+      np.zeros((1, num_teachers * config.model.embedding_size), np.float32))
+  return adaptor, runtime.load_model(config.student.adaptor_dir, template,
+                                     config.student.adaptor_dir)
+
+
+def run(config, workdir: str, name: str = "student") -> dict:
+  kd, mode = config.student.kd, config.student.targets
+  if kd not in KD_LOSSES:
+    raise UserError(f"config field student.kd={kd!r}: expected one of {KD_LOSSES}")
+  if mode not in TARGETS:
+    raise UserError(f"config field student.targets={mode!r}: expected one of {TARGETS}")
+  workdir = runtime.prepare_workdir(config, workdir)
+  train_set = sources.training_set(config.data, workdir)
+  labels = train_set.identity
+  print(f"[{name}] {len(labels)} images of {train_set.num_identities} identities, "
+        f"loss {'ElasticArcFace' if kd == 'none' else kd}"
+        f"{'' if kd == 'none' else f', {mode} targets'}", flush=True)
+
+  parallel = parallel_lib.get(config.parallelism, config.num_devices)
+  input_pipeline.check_batch_split(config.train.batch_size, parallel.device_count,
+                                   jax.process_count())
+  settings = runtime.loop_settings(config, name, len(labels))
+  backbone = runtime.backbone(config.model)
+  init_rng, head_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  variables = runtime.init_variables(
+      backbone, init_rng, np.zeros((1,) + train_set.images.shape[1:], np.float32), train=False)
+  params = {"backbone": variables["params"]}
+  groups = {"backbone": (config.optim.base_lr, config.optim.clip_norm)}
+  head = None
+  if kd != "a-KD":
+    head = models.create("margin_head", num_classes=train_set.num_identities)
+    params["head"] = runtime.init_variables(
+        head, head_rng, np.zeros((1, config.model.embedding_size), np.float32))["params"]
+    head_lr = (config.optim.head_base_lr if config.optim.head_base_lr >= 0
+               else config.optim.base_lr)
+    groups["head"] = (head_lr, None)
+  tx, schedule = runtime.optimiser(config.optim, global_batch=config.train.batch_size,
+                                   steps_per_epoch=settings.steps_per_epoch, groups=groups)
+  init_state = jax.tree.map(np.asarray, state_lib.create_state(
+      params, variables.get("batch_stats", {}), tx))
+
+  arrays = {"image": train_set.images, "label": labels}
+  extra_args, oriented = (), ()
+  margin = runtime.margin_spec(config.head)
+  if kd == "none":
+    step_fn = functools.partial(steps.classification_step, backbone=backbone, head=head,
+                                margin=margin, tx=tx, schedule=schedule)
+  else:
+    target_fn = None
+    if mode == "cached":
+      arrays["target"] = load_targets(config.student.adaptor_dir, len(labels))
+      oriented = ("target",)
+    else:
+      teacher, teacher_vars = frozen_teachers(config, train_set)
+      adaptor, adaptor_vars = frozen_adaptor(config, len(config.student.teacher_dirs))
+      target_fn = functools.partial(steps.online_targets, teacher=teacher, adaptor=adaptor)
+      extra_args = (teacher_vars, adaptor_vars)
+    step_fn = functools.partial(steps.student_step, backbone=backbone, head=head,
+                                margin=margin if head is not None else None,
+                                kd_weight=config.student.kd_weight, tx=tx, schedule=schedule,
+                                target_fn=target_fn)
+  batches = functools.partial(
+      input_pipeline.train_batches, arrays, global_batch=config.train.batch_size,
+      steps_per_epoch=settings.steps_per_epoch, seed=config.seed,
+      total_steps=settings.total_steps, local_device_count=parallel.local_device_count,
+      oriented=oriented)
+  final = loop.train(workdir=workdir, settings=settings, init_state=init_state,
+                     step_fn=step_fn, batches=lambda start: batches(start_step=start),
+                     parallel=parallel, rng=jax.random.PRNGKey(config.seed + 1),
+                     extra_args=extra_args)
+  variables = {"params": final.params["backbone"], "batch_stats": final.batch_stats}
+  results = runtime.finish_model(config, workdir, name, int(final.step), variables, backbone,
+                                 parallel)
+  return {"state": final, "verification": results}
+
+
+def load_targets(adaptor_dir: str, num_examples: int) -> np.ndarray:
+  """The adaptor stage's cached targets [N, 2, D] (image, mirror)."""
+  path = f"{adaptor_dir}/targets.npy"
+  try:
+    targets = np.load(path)
+  except (OSError, ValueError) as e:
+    raise UserError(f"cannot read the cached targets {path} ({e}); run the adaptor stage "
+                    "that makes them first") from e
+  if targets.ndim != 3 or targets.shape[:2] != (num_examples, 2):
+    raise UserError(f"{path} holds targets of shape {targets.shape}; expected "
+                    f"({num_examples}, 2, D) for this training set")
+  return targets
