@@ -42,6 +42,11 @@ def base() -> ml_collections.ConfigDict:
   c.data.source = "synthetic"
   c.data.data_dir = ""            # "" = <workdir>/data
   c.data.synthetic = synthetic_data()
+  c.data.tfds = ml_collections.ConfigDict(dict(
+      train="",                 # a face set made by `python -m mstkd_jax.data.prepare`
+      verification="",          # a verification set made the same way (RFW, .bin files)
+      image_size=112,           # model input; stored images of another size are resized
+  ))
 
   c.model = ml_collections.ConfigDict(dict(
       name="iresnet18", width=16, embedding_size=128, dropout=0.0, use_se=False,
@@ -69,7 +74,7 @@ def base() -> ml_collections.ConfigDict:
 
 def bupt_iresnet34(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The paper's teacher/student recipe (METHOD.md): IResNet-34, 112x112, batch 512."""
-  c.data.source = "tfds"
+  c.data.source = "tfds"        # --config.data.tfds.train=... --config.data.data_dir=...
   c.model.update(name="iresnet34", width=64, embedding_size=512, dropout=0.0)
   c.head.update(name="elastic_arcface", s=64.0, m=0.5, std=0.05)
   c.optim.update(base_lr=0.1, lr_decay_epochs=(8, 14, 20, 25))

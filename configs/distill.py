@@ -43,7 +43,7 @@ def default() -> ml_collections.ConfigDict:
                       clip_norm=0.0)
   c.adaptor.update(dict(embedding_size=c.model.embedding_size, dropout=0.2,
                         head=dict(name="elastic_arcface", s=64.0, m=0.5, std=0.05)))
-  c.student = _recipe(epochs=8.0, batch_size=64, base_lr=0.1, decay_epochs=(6, 8))
+  c.student = _recipe(epochs=6.0, batch_size=64, base_lr=0.1, decay_epochs=(5, 6))
   c.student.kd_weight = 10000.0
   return c
 

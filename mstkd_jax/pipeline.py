@@ -23,6 +23,7 @@ from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import report as report_lib
 from mstkd_jax.stages import adaptor, extract, runtime, student, teacher
+from mstkd_jax.train import parallel as parallel_lib
 
 KD_NAMES = {"a-KD": "a-KD", "EAF-KD": "EAF-KD"}
 SET_PREFIX = {"specialized": ("teacher", "mstkd", ""), "balanced": ("balanced_teacher",
@@ -193,7 +194,9 @@ def run(config, workdir: str) -> dict:
     old = _read_record(stage_dir)
     if stage.name in forced and os.path.isdir(stage_dir):
       print(f"[pipeline] --config.force: rerunning {stage.name}", flush=True)
-      shutil.rmtree(stage_dir)
+      if jax.process_index() == 0:
+        shutil.rmtree(stage_dir)
+      parallel_lib.sync_hosts(f"force {stage.name}")
       old = None
     if old and old.get("finished"):
       if old["fingerprint"] != record["fingerprint"]:
@@ -219,6 +222,8 @@ def run(config, workdir: str) -> dict:
         json.dump({**record, "finished": True}, f, indent=2, sort_keys=True)
       os.replace(os.path.join(stage_dir, "stage.json.tmp"),
                  os.path.join(stage_dir, "stage.json"))
+    # The other processes read what process 0 just wrote only after this barrier.
+    parallel_lib.sync_hosts(f"finished {stage.name}")
     finished[stage.name] = True
   report_path = os.path.join(workdir, "report", "report.json")
   if finished.get("report") and not config.only:

@@ -29,6 +29,28 @@ def check_batch_split(global_batch: int, device_count: int, process_count: int) 
                     f"devices ({device_count}) and of hosts ({process_count})")
 
 
+def plan_step(tf, step, *, seed, steps_per_epoch: int, global_batch: int, num_examples: int,
+              process_index: int, host_batch: int, flip: bool):
+  """This host's share of step `step` (tf ops): (positions [L] in the example list, flips [L]).
+
+  Epoch e = step // steps_per_epoch is the permutation index_shuffle keyed by (seed, e);
+  the step takes positions [s * global_batch, (s + 1) * global_batch) of it, host p the
+  rows [p * L, (p + 1) * L); flips are drawn for the whole global batch keyed by
+  (seed + 1, step), so neither depends on the number of hosts.
+  """
+  seed = np.int64(seed)
+  epoch = step // steps_per_epoch
+  positions = ((step % steps_per_epoch) * global_batch + process_index * host_batch
+               + tf.range(host_batch, dtype=tf.int64))
+  index = tf.random.experimental.index_shuffle(
+      positions, seed=tf.stack([seed, epoch]), max_index=num_examples - 1)
+  flips = tf.random.stateless_uniform([global_batch], seed=tf.stack([seed + 1, step])) < 0.5
+  flips = flips[process_index * host_batch:(process_index + 1) * host_batch]
+  if not flip:
+    flips = tf.zeros_like(flips)
+  return index, flips
+
+
 def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
                   steps_per_epoch: int, seed: int, start_step: int, total_steps: int,
                   local_device_count: int | None = None, process_index: int | None = None,
@@ -64,18 +86,11 @@ def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
   host_batch = global_batch // process_count
   per_device = host_batch // local_device_count
   tensors = {k: tf.constant(v) for k, v in arrays.items()}
-  seed = np.int64(seed)
 
   def make_batch(step):
-    epoch = step // steps_per_epoch
-    positions = ((step % steps_per_epoch) * global_batch + process_index * host_batch
-                 + tf.range(host_batch, dtype=tf.int64))
-    index = tf.random.experimental.index_shuffle(
-        positions, seed=tf.stack([seed, epoch]), max_index=num_examples - 1)
-    flips = tf.random.stateless_uniform([global_batch], seed=tf.stack([seed + 1, step])) < 0.5
-    flips = flips[process_index * host_batch:(process_index + 1) * host_batch]
-    if not flip:
-      flips = tf.zeros_like(flips)
+    index, flips = plan_step(tf, step, seed=seed, steps_per_epoch=steps_per_epoch,
+                             global_batch=global_batch, num_examples=num_examples,
+                             process_index=process_index, host_batch=host_batch, flip=flip)
     out = {k: tf.gather(v, index) for k, v in tensors.items()}
     for key in oriented:
       out[key] = tf.gather(out[key], tf.cast(flips, tf.int32), batch_dims=1)

@@ -1,25 +1,33 @@
 """Where a stage's data comes from: the config's `data` section -> training and verification sets.
 
-Every stage asks this module, so adding a source (a prepared TFDS dataset, an image tree)
-is one branch here and none in the stages.
+Every stage asks this module, so adding a source is one class here and none in the stages.
+Sources: "synthetic" (the built-in set, in memory) and "tfds" (a data set made by
+`python -m mstkd_jax.data.prepare`, streamed from its array_record files).
 """
 
 import dataclasses
 import os
+from typing import Iterator
 
 import numpy as np
 
-from mstkd_jax.data import synthetic
+from mstkd_jax.data import input_pipeline, synthetic
 from mstkd_jax.errors import UserError
 
+SOURCES = ("synthetic", "tfds")
 
-@dataclasses.dataclass
+
 class TrainingSet:
-  """Training images with identity and group labels (identities numbered 0..I-1)."""
-  images: np.ndarray          # uint8 [N, H, W, 3]
+  """Training images with identity labels 0..I-1 and group labels; images are read through
+  `train_batches` (training) and `image_chunks` (inference, in record order)."""
   identity: np.ndarray        # int32 [N]
   group: np.ndarray           # int32 [N]
   group_names: tuple[str, ...]
+  image_shape: tuple[int, int, int]
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.identity)
 
   @property
   def num_identities(self) -> int:
@@ -30,6 +38,66 @@ class TrainingSet:
     out = np.full(self.num_identities, -1, np.int32)
     out[self.identity] = self.group
     return out
+
+  def train_batches(self, rows, labels, *, extra=None, **settings) -> Iterator[dict]:
+    """input_pipeline.train_batches' stream over `rows` fed with `labels`.
+
+    `extra` maps a name to a per-record array shaped [N, 2, ...] (entries for the image as
+    stored and mirrored, e.g. cached targets); each batch gets the entries of the records
+    and orientations it feeds.
+    """
+    batches = self._batches(np.asarray(rows, np.int64), np.asarray(labels, np.int32),
+                            **settings)
+    for batch in batches:
+      for key, values in (extra or {}).items():
+        batch[key] = values[batch["index"], batch["flip"].astype(np.int64)]
+      yield batch
+
+  def _batches(self, rows, labels, **settings):
+    raise NotImplementedError
+
+  def image_chunks(self, chunk: int) -> Iterator[np.ndarray]:
+    raise NotImplementedError
+
+
+class ArrayTrainingSet(TrainingSet):
+  """Images held in memory (the synthetic set)."""
+
+  def __init__(self, images, identity, group, group_names):
+    self.images = images
+    self.identity, self.group, self.group_names = identity, group, tuple(group_names)
+    self.image_shape = tuple(images.shape[1:])
+
+  def _batches(self, rows, labels, **settings):
+    batches = input_pipeline.train_batches(
+        {"image": self.images[rows], "label": labels, "row": rows}, **settings)
+    for batch in batches:
+      # input_pipeline reports positions in `rows`; callers want the record.
+      batch["index"] = batch.pop("row").astype(np.int32)
+      yield batch
+
+  def image_chunks(self, chunk: int) -> Iterator[np.ndarray]:
+    for start in range(0, self.num_examples, chunk):
+      yield self.images[start:start + chunk]
+
+
+class TfdsTrainingSet(TrainingSet):
+  """A prepared face data set, streamed (see data/tfds_input.py)."""
+
+  def __init__(self, name: str, data_dir: str, image_size: int):
+    from mstkd_jax.data import tfds_input  # pylint: disable=g-import-not-at-top
+    self._tfds_input = tfds_input
+    self.face_set = tfds_input.load_face_dataset(name, data_dir)
+    self.identity, self.group = self.face_set.identity, self.face_set.group
+    self.group_names = tuple(self.face_set.group_names)
+    self.image_shape = (image_size, image_size, 3)
+
+  def _batches(self, rows, labels, **settings):
+    return self._tfds_input.train_batches(self.face_set, rows, labels,
+                                          image_size=self.image_shape[:2], **settings)
+
+  def image_chunks(self, chunk: int) -> Iterator[np.ndarray]:
+    return self._tfds_input.ordered_images(self.face_set, self.image_shape[:2], chunk)
 
 
 @dataclasses.dataclass
@@ -56,20 +124,37 @@ def _synthetic(data_config, workdir: str) -> synthetic.SyntheticFaces:
   return synthetic.load_or_generate(spec, data_dir(data_config, workdir))
 
 
-def _check_source(data_config) -> None:
-  if data_config.source != "synthetic":
-    raise UserError(f"config field data.source={data_config.source!r}: expected 'synthetic'")
+def _check_source(data_config) -> str:
+  if data_config.source not in SOURCES:
+    raise UserError(f"config field data.source={data_config.source!r}: expected one of "
+                    f"{SOURCES}")
+  if data_config.source == "tfds":
+    if not data_config.tfds.train or not data_config.data_dir:
+      raise UserError("data.source='tfds' needs config fields data.tfds.train (the name "
+                      "given to `python -m mstkd_jax.data.prepare`) and data.data_dir (its "
+                      "--data_dir)")
+  return data_config.source
 
 
 def training_set(data_config, workdir: str) -> TrainingSet:
-  _check_source(data_config)
+  if _check_source(data_config) == "tfds":
+    return TfdsTrainingSet(data_config.tfds.train, data_dir(data_config, workdir),
+                           data_config.tfds.image_size)
   faces = _synthetic(data_config, workdir)
-  return TrainingSet(images=faces.train_images, identity=faces.train_identity,
-                     group=faces.train_group, group_names=tuple(faces.spec.group_names))
+  return ArrayTrainingSet(faces.train_images, faces.train_identity, faces.train_group,
+                          faces.spec.group_names)
 
 
 def verification_sets(data_config, workdir: str) -> dict[str, VerificationSet]:
-  _check_source(data_config)
+  if _check_source(data_config) == "tfds":
+    from mstkd_jax.data import tfds_input  # pylint: disable=g-import-not-at-top
+    if not data_config.tfds.verification:
+      raise UserError("config field data.tfds.verification: expected the name of a prepared "
+                      "verification set (RFW or .bin files)")
+    sets = tfds_input.load_verification_sets(
+        data_config.tfds.verification, data_dir(data_config, workdir),
+        data_config.tfds.image_size)
+    return {g: VerificationSet(*parts) for g, parts in sets.items()}
   faces = _synthetic(data_config, workdir)
   return {g: VerificationSet(images=faces.eval_images[g], pairs=faces.eval_pairs[g],
                              issame=faces.eval_issame[g]) for g in faces.spec.group_names}
@@ -97,6 +182,5 @@ def select(train: TrainingSet, *, group: str = "", identities=()) -> tuple[np.nd
       raise UserError(f"identity labels must lie in [0, {train.num_identities}); got "
                       f"{wanted.min()}..{wanted.max()}")
     keep = np.flatnonzero(np.isin(train.identity, wanted))
-  kept_ids, labels = np.unique(train.identity[keep], return_inverse=True)
-  del kept_ids
+  _, labels = np.unique(train.identity[keep], return_inverse=True)
   return keep.astype(np.int64), labels.astype(np.int32)

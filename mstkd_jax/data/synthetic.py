@@ -11,7 +11,7 @@ What it models:
   * Procedurally rendered RGB face-like images (default 32x32, any size 16..112): head
     ellipse with a tapered jaw, ears, hair with a hairline, eyes with irises, eyebrows,
     nose shading, a curved mouth, cheek blush, beard shading, a mole, and a periodic skin
-    texture. Everything is drawn with soft edges from ~37 continuous attributes.
+    texture. Everything is drawn with soft edges from 35 continuous attributes.
   * G groups (`group_a`, `group_b`, ...), I identities per group, K images per identity.
   * Group-level appearance: each group has its own mean skin and hair colour and mean
     attribute values (head shape, feature placement).
@@ -27,9 +27,9 @@ What it models:
     brow tilt, eye opening), illumination (brightness, linear gradient, colour cast),
     background colour, blur, pixel noise, and a random occluding patch.
   * Per-group difficulty: `difficulty[g]` multiplies every nuisance amplitude (and the
-    occlusion probability) of group g; identity variation is unchanged, so difficulty is
-    the ratio of nuisance to identity variation. The default gives the groups slightly
-    different difficulties.
+    occlusion probability) of group g, all but the background colour; identity variation
+    is unchanged, so difficulty is the ratio of nuisance to identity variation. The
+    default (0.85 .. 1.2) gives the groups somewhat different difficulties.
   * Evaluation sets per group with identities disjoint from training, and RFW-style
     verification pairs (half same identity, interleaved same/different so that any
     contiguous fold of even size is balanced).
@@ -39,6 +39,10 @@ accessories, real skin reflectance, the long-tailed identity sizes of web-scrape
 label noise, or any real demographic group. Group names are neutral letters: the groups
 are abstract distributions, not stand-ins for real populations, and results on them say
 nothing about real-world bias.
+
+Check of the phenomenon (tests/test_synthetic.py, default spec, seeds 0..5): a Fisher LDA
+fitted to one group's training pixels verifies that group's evaluation pairs at 0.69-0.86
+and the other groups' at 0.54-0.71, on average 0.14-0.17 lower.
 
 Everything is pure numpy, vectorized over images, and deterministic by seed: the same
 spec gives bit-identical arrays (on the same numpy version and platform).
@@ -419,8 +423,8 @@ def _ellipse_sd(x, y, cx, cy, a, b, angle=None):
 def _lerp(img, rgb, mask, tmp):
   """Composites colour rgb ([n,3] or [n,H,W,3]) over img in place with a [n,H,W] mask.
 
-  In place with a scratch buffer tmp (img's shape): compositing is most of the
-  rendering time, and temporaries of full [n,H,W,3] size would double it.
+  The scratch buffer tmp (img's shape) avoids allocating three full-size [n,H,W,3]
+  temporaries per layer.
   """
   if rgb.ndim == 2:
     rgb = rgb[:, None, None, :]
@@ -469,7 +473,7 @@ def _render(p: dict, size: int, noise_rng: np.random.Generator) -> np.ndarray:
   # Face: ellipse whose half-width shrinks towards the chin (jaw taper).
   below = np.clip((y - face_cy) / fl, 0.0, 1.0)
   half_w = fw * (1.0 - a["jaw_taper"] * below)
-  r = np.sqrt(((x) / half_w) ** 2 + ((y - face_cy) / fl) ** 2)
+  r = np.sqrt((x / half_w) ** 2 + ((y - face_cy) / fl) ** 2)
   face = _soft((r - 1.0) * half_w, edge)
   # Skin texture: an oriented grating, attenuated by blur like a real low-pass would.
   freq = np.maximum(a["tex_freq"], 0.5) * np.pi / fw  # tex_freq cycles per face width
@@ -740,6 +744,7 @@ def load_or_generate(spec: SyntheticSpec, data_dir: str | os.PathLike) -> Synthe
   try:
     with os.fdopen(fd, "wb") as f:
       np.savez(f, **_to_arrays(faces))  # A file object: savez adds no suffix.
+      os.fchmod(f.fileno(), 0o644)  # mkstemp makes it owner-only; a cache is shareable.
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -263,19 +263,13 @@ def train_batches(face_set: TfdsFaceSet, rows: np.ndarray, labels: np.ndarray, *
   fetch = _fetcher(face_set.raw_source(), host_batch)
   rows_t = tf.constant(rows)
   labels_t = tf.constant(labels)
-  seed = np.int64(seed)
 
   def plan(step):
-    # The same ops on the same values as input_pipeline.train_batches.
-    epoch = step // steps_per_epoch
-    positions = ((step % steps_per_epoch) * global_batch + process_index * host_batch
-                 + tf.range(host_batch, dtype=tf.int64))
-    position = tf.random.experimental.index_shuffle(
-        positions, seed=tf.stack([seed, epoch]), max_index=num_examples - 1)
-    flips = tf.random.stateless_uniform([global_batch], seed=tf.stack([seed + 1, step])) < 0.5
-    flips = flips[process_index * host_batch:(process_index + 1) * host_batch]
-    if not flip:
-      flips = tf.zeros_like(flips)
+    # The same plan as input_pipeline.train_batches.
+    position, flips = input_pipeline.plan_step(
+        tf, step, seed=seed, steps_per_epoch=steps_per_epoch, global_batch=global_batch,
+        num_examples=num_examples, process_index=process_index, host_batch=host_batch,
+        flip=flip)
     row = tf.gather(rows_t, position)
     return {'raw': fetch(row), 'index': tf.cast(row, tf.int32),
             'label': tf.gather(labels_t, position), 'flip': flips}
@@ -304,6 +298,26 @@ def train_batches(face_set: TfdsFaceSet, rows: np.ndarray, labels: np.ndarray, *
   options.deterministic = True
   ds = ds.with_options(options)
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def ordered_images(face_set: TfdsFaceSet, image_size: ImageSize,
+                   chunk: int = 512) -> Iterator[np.ndarray]:
+  """Every record's image in record order, uint8 [<= chunk, H, W, 3] at a time (extraction)."""
+  tf = _tf()
+  size = _hw(image_size)
+  resize = _needs_resize(face_set.image_sizes, size, face_set.path)
+  decode = _image_decoder(face_set.builder.info.features, size, resize)
+  fetch = _fetcher(face_set.raw_source(), None)
+
+  def one_image(raw):
+    image, _ = decode(raw)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8) if resize else image
+
+  ds = tf.data.Dataset.range(face_set.num_examples).batch(chunk)
+  ds = ds.map(tf.autograph.experimental.do_not_convert(fetch), deterministic=True)
+  ds = ds.unbatch().map(tf.autograph.experimental.do_not_convert(one_image),
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.batch(chunk).prefetch(2).as_numpy_iterator()
 
 
 def load_verification_sets(name: str, data_dir: str, image_size: ImageSize

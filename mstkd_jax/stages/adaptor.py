@@ -53,12 +53,10 @@ def run(config, workdir: str, name: str = "adaptor") -> dict:
                                      np.zeros((1, num_teachers * size), np.float32))
   head_vars = runtime.init_variables(
       head, head_rng, np.zeros((1, config.adaptor.embedding_size), np.float32))
-  head_lr = config.optim.head_base_lr if config.optim.head_base_lr >= 0 else config.optim.base_lr
   tx, schedule = runtime.optimiser(
       config.optim, global_batch=config.train.batch_size,
       steps_per_epoch=settings.steps_per_epoch,
-      groups={"backbone": (config.optim.base_lr, config.optim.clip_norm),
-              "head": (head_lr, None)})
+      groups=runtime.backbone_and_head_groups(config.optim))
   init_state = jax.tree.map(np.asarray, state_lib.create_state(
       {"backbone": variables["params"], "head": head_vars["params"]}, {}, tx))
   step_fn = functools.partial(steps.classification_step, backbone=adaptor, head=head,
@@ -86,8 +84,8 @@ def run(config, workdir: str, name: str = "adaptor") -> dict:
   results = runtime.evaluate_embeddings(space)
   print(f"[{name}] adaptor space verification accuracy: {runtime.accuracy_line(results)}",
         flush=True)
+  runtime.save_model(workdir, info["step"], best)  # Orbax: every process takes part.
   if jax.process_index() == 0:
     runtime.atomic_save_npy(os.path.join(workdir, "targets.npy"), targets.astype(np.float32))
-    runtime.save_model(workdir, info["step"], best)
     runtime.save_embeddings(workdir, space)
   return {"verification": results, "best": info}

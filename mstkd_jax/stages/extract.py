@@ -20,9 +20,16 @@ from mstkd_jax.train import parallel as parallel_lib
 
 
 def _normalized_pair(variables, module, images, parallel, batch_size):
+  """L2-normalized embeddings of uint8 images and their mirrors: [N, 2, D]."""
   emb, emb_flip = runtime.embed_images(variables, module, images, parallel, batch_size)
   return np.stack([np.asarray(losses.l2_normalize(emb)),
-                   np.asarray(losses.l2_normalize(emb_flip))], axis=1)   # [N, 2, D]
+                   np.asarray(losses.l2_normalize(emb_flip))], axis=1)
+
+
+def _embed_training_set(variables, module, train_set, parallel, batch_size):
+  chunks = [_normalized_pair(variables, module, images, parallel, batch_size)
+            for images in train_set.image_chunks(max(batch_size, 4096))]
+  return np.concatenate(chunks)
 
 
 def run(config, workdir: str, name: str = "extract") -> dict:
@@ -36,7 +43,7 @@ def run(config, workdir: str, name: str = "extract") -> dict:
   parallel = parallel_lib.get(config.parallelism, config.num_devices)
   module = runtime.backbone(config.model)
   template = runtime.init_variables(
-      module, jax.random.PRNGKey(0), np.zeros((1,) + train_set.images.shape[1:], np.float32),
+      module, jax.random.PRNGKey(0), np.zeros((1,) + train_set.image_shape, np.float32),
       train=False)
   batch = config.train.eval_batch_size
   train_parts, verification_parts = [], {g: [] for g in verification}
@@ -44,8 +51,8 @@ def run(config, workdir: str, name: str = "extract") -> dict:
   for i, teacher_dir in enumerate(teacher_dirs):
     variables = runtime.load_model(teacher_dir, template, teacher_dir)
     print(f"[{name}] teacher {i + 1}/{len(teacher_dirs)} ({teacher_dir}) embeds "
-          f"{len(train_set.images)} training images and their mirrors", flush=True)
-    train_parts.append(_normalized_pair(variables, module, train_set.images, parallel, batch))
+          f"{train_set.num_examples} training images and their mirrors", flush=True)
+    train_parts.append(_embed_training_set(variables, module, train_set, parallel, batch))
     sizes.add(train_parts[-1].shape[-1])
     for group, vset in verification.items():
       verification_parts[group].append(

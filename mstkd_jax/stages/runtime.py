@@ -7,6 +7,7 @@ Configs are read here and in the stage files only; models, losses and steps take
 import functools
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -63,12 +64,15 @@ def prepare_workdir(config, workdir: str, refuse_changes: bool = True) -> str:
   workdir = os.path.abspath(os.path.expanduser(workdir))
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+    # Named per process and host: the processes of a multi-host run share the workdir.
+    probe = os.path.join(workdir, f".write_probe_{jax.process_index()}_{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
     raise UserError(f"the workdir {workdir} cannot be written: {e.strerror or e}") from e
+  if jax.process_count() > 1:
+    _check_shared(workdir)
   path = os.path.join(workdir, "config.json")
   new = config_dict(config)
   if refuse_changes and os.path.exists(path):
@@ -89,6 +93,25 @@ def prepare_workdir(config, workdir: str, refuse_changes: bool = True) -> str:
       json.dump(new, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
   return workdir
+
+
+def _check_shared(workdir: str) -> None:
+  """Refuses a multi-host workdir that is not one folder every process sees (NFS, a
+  mounted bucket): Orbax checkpoints and process 0's outputs would be missing elsewhere."""
+  nonce = int(parallel_lib.broadcast_from_main(np.int32(time.time_ns() % 2**31)))
+  probe = os.path.join(workdir, f".shared_probe_{nonce}")
+  if jax.process_index() == 0:
+    with open(probe, "w") as f:
+      f.write("ok")
+  parallel_lib.sync_hosts(f"shared probe {nonce} written")
+  blind = np.flatnonzero(~parallel_lib.gather_hosts(np.array([os.path.exists(probe)])))
+  parallel_lib.sync_hosts(f"shared probe {nonce} read")
+  if jax.process_index() == 0:
+    os.remove(probe)
+  if len(blind):
+    raise UserError(f"the workdir {workdir} is not shared: processes {blind.tolist()} do not "
+                    "see the files process 0 writes there; a multi-host run needs a folder "
+                    "every host sees (NFS, a mounted bucket)")
 
 
 def backbone(model_config: ml_collections.ConfigDict, **overrides):
@@ -134,6 +157,13 @@ def optimiser(optim_config, *, global_batch: int, steps_per_epoch: int, groups: 
   return tx, next(iter(param_groups.values())).schedule
 
 
+def backbone_and_head_groups(optim_config) -> dict:
+  """The usual parameter groups: the backbone clipped, the head at head_base_lr (or base_lr)."""
+  head_lr = (optim_config.head_base_lr if optim_config.head_base_lr >= 0
+             else optim_config.base_lr)
+  return {"backbone": (optim_config.base_lr, optim_config.clip_norm), "head": (head_lr, None)}
+
+
 def loop_settings(config, name: str, num_examples: int) -> loop.LoopSettings:
   steps_per_epoch, total = loop.steps_for(num_examples, config.train.batch_size,
                                           config.train.epochs)
@@ -145,16 +175,40 @@ def loop_settings(config, name: str, num_examples: int) -> loop.LoopSettings:
 
 
 def embed_images(variables, module, images: np.ndarray, parallel, batch_size: int):
-  """Raw embeddings of uint8 images and of their horizontal flips: two float32 [N, D]."""
+  """Raw embeddings of uint8 images and of their horizontal flips: two float32 [N, D].
+
+  With several processes each embeds its contiguous share of the images on its own devices
+  (each device gets the per-device batch of a single process with as many devices) and the
+  shares are gathered, so every process returns all N rows, as a 1-process run would.
+  """
   apply = _embed_fn(module, parallel)
   device_vars = parallel.replicate(variables)
+  hosts, host = jax.process_count(), jax.process_index()
+  local = parallel.local_device_count
+  per_device = max(1, -(-batch_size // parallel.device_count))
+  chunk = per_device * local
+  share = -(-len(images) // hosts)
+  batches = input_pipeline.eval_batches(images[host * share:(host + 1) * share],
+                                        batch_size=chunk, local_device_count=local)
   embeddings, flipped = [], []
-  for batch, count in input_pipeline.eval_batches(
-      images, batch_size=batch_size, local_device_count=parallel.local_device_count):
+  # Every process runs the same number of batches: each is one program over all devices,
+  # so a last host with a short (or empty) share feeds blank batches.
+  for _ in range(-(-share // chunk)):
+    batch, count = next(batches, (None, 0))
+    if batch is None:
+      batch = {"image": np.zeros((local, per_device) + images.shape[1:], np.float32)}
     out = parallel.fetch(apply(device_vars, parallel.shard(batch)))
     embeddings.append(out["embedding"].reshape(-1, out["embedding"].shape[-1])[:count])
     flipped.append(out["embedding_flip"].reshape(-1, out["embedding"].shape[-1])[:count])
-  return np.concatenate(embeddings), np.concatenate(flipped)
+  embeddings, flipped = np.concatenate(embeddings), np.concatenate(flipped)
+  if hosts == 1:
+    return embeddings, flipped
+  return tuple(parallel_lib.gather_hosts(_pad_rows(e, share))[:len(images)]
+               for e in (embeddings, flipped))
+
+
+def _pad_rows(rows: np.ndarray, count: int) -> np.ndarray:
+  return np.concatenate([rows, np.zeros((count - len(rows),) + rows.shape[1:], rows.dtype)])
 
 
 @functools.lru_cache(maxsize=16)
@@ -214,7 +268,10 @@ def atomic_save_npy(path: str, array: np.ndarray) -> None:
 
 
 def save_model(workdir: str, step: int, variables: dict) -> None:
-  """The trained network's variables ({"params", "batch_stats"}) under <workdir>/model."""
+  """The trained network's variables ({"params", "batch_stats"}) under <workdir>/model.
+
+  Every process calls it (Orbax synchronizes them); process 0 writes the host arrays.
+  """
   checkpoints = Checkpoints(os.path.join(workdir, "model"), keep=1)
   checkpoints.save(step, variables)
   checkpoints.wait()
@@ -247,8 +304,7 @@ def finish_model(config, workdir: str, name: str, step: int, variables: dict, mo
   embed every group's verification pairs (kept for the report), print and write the
   per-group accuracy (results.json). Returns {group: evaluate_verification result}."""
   is_main = jax.process_index() == 0
-  if is_main:
-    save_model(workdir, step, variables)
+  save_model(workdir, step, variables)  # Orbax: every process takes part, process 0 writes.
   embeddings = verification_embeddings(
       variables, module, sources.verification_sets(config.data, workdir), parallel,
       config.train.eval_batch_size)

@@ -26,7 +26,7 @@ def frozen_teachers(config, train_set):
   """(teacher module, stacked teacher variables) of the teacher dirs, in teacher order."""
   teacher = runtime.backbone(config.model)
   template = runtime.init_variables(
-      teacher, jax.random.PRNGKey(0), np.zeros((1,) + train_set.images.shape[1:], np.float32),
+      teacher, jax.random.PRNGKey(0), np.zeros((1,) + train_set.image_shape, np.float32),
       train=False)
   variables = [runtime.load_model(d, template, d) for d in config.student.teacher_dirs]
   return teacher, jax.tree.map(lambda *xs: np.stack(xs), *variables)
@@ -62,24 +62,22 @@ def run(config, workdir: str, name: str = "student") -> dict:
   backbone = runtime.backbone(config.model)
   init_rng, head_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   variables = runtime.init_variables(
-      backbone, init_rng, np.zeros((1,) + train_set.images.shape[1:], np.float32), train=False)
+      backbone, init_rng, np.zeros((1,) + train_set.image_shape, np.float32), train=False)
   params = {"backbone": variables["params"]}
-  groups = {"backbone": (config.optim.base_lr, config.optim.clip_norm)}
+  groups = runtime.backbone_and_head_groups(config.optim)
   head = None
   if kd != "a-KD":
     head = models.create("margin_head", num_classes=train_set.num_identities)
     params["head"] = runtime.init_variables(
         head, head_rng, np.zeros((1, config.model.embedding_size), np.float32))["params"]
-    head_lr = (config.optim.head_base_lr if config.optim.head_base_lr >= 0
-               else config.optim.base_lr)
-    groups["head"] = (head_lr, None)
+  if head is None:
+    del groups["head"]
   tx, schedule = runtime.optimiser(config.optim, global_batch=config.train.batch_size,
                                    steps_per_epoch=settings.steps_per_epoch, groups=groups)
   init_state = jax.tree.map(np.asarray, state_lib.create_state(
       params, variables.get("batch_stats", {}), tx))
 
-  arrays = {"image": train_set.images, "label": labels}
-  extra_args, oriented = (), ()
+  extra, extra_args = {}, ()
   margin = runtime.margin_spec(config.head)
   if kd == "none":
     step_fn = functools.partial(steps.classification_step, backbone=backbone, head=head,
@@ -87,8 +85,7 @@ def run(config, workdir: str, name: str = "student") -> dict:
   else:
     target_fn = None
     if mode == "cached":
-      arrays["target"] = load_targets(config.student.adaptor_dir, len(labels))
-      oriented = ("target",)
+      extra["target"] = load_targets(config.student.adaptor_dir, len(labels))
     else:
       teacher, teacher_vars = frozen_teachers(config, train_set)
       adaptor, adaptor_vars = frozen_adaptor(config, len(config.student.teacher_dirs))
@@ -99,10 +96,10 @@ def run(config, workdir: str, name: str = "student") -> dict:
                                 kd_weight=config.student.kd_weight, tx=tx, schedule=schedule,
                                 target_fn=target_fn)
   batches = functools.partial(
-      input_pipeline.train_batches, arrays, global_batch=config.train.batch_size,
-      steps_per_epoch=settings.steps_per_epoch, seed=config.seed,
-      total_steps=settings.total_steps, local_device_count=parallel.local_device_count,
-      oriented=oriented)
+      train_set.train_batches, np.arange(len(labels)), labels, extra=extra,
+      global_batch=config.train.batch_size, steps_per_epoch=settings.steps_per_epoch,
+      seed=config.seed, total_steps=settings.total_steps,
+      local_device_count=parallel.local_device_count)
   final = loop.train(workdir=workdir, settings=settings, init_state=init_state,
                      step_fn=step_fn, batches=lambda start: batches(start_step=start),
                      parallel=parallel, rng=jax.random.PRNGKey(config.seed + 1),

@@ -34,7 +34,7 @@ def build(config, train_set: sources.TrainingSet, num_classes: int):
   backbone = runtime.backbone(config.model)
   head = models.create("margin_head", num_classes=num_classes)
   init_rng, head_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  example = np.zeros((1,) + train_set.images.shape[1:], np.float32)
+  example = np.zeros((1,) + train_set.image_shape, np.float32)
   variables = runtime.init_variables(backbone, init_rng, example, train=False)
   head_vars = runtime.init_variables(
       head, head_rng, np.zeros((1, config.model.embedding_size), np.float32))
@@ -57,12 +57,10 @@ def run(config, workdir: str, name: str = "") -> dict:
                                    jax.process_count())
   settings = runtime.loop_settings(config, name, len(rows))
   backbone, head, variables, head_vars = build(config, train_set, num_classes)
-  head_lr = config.optim.head_base_lr if config.optim.head_base_lr >= 0 else config.optim.base_lr
   tx, schedule = runtime.optimiser(
       config.optim, global_batch=config.train.batch_size,
       steps_per_epoch=settings.steps_per_epoch,
-      groups={"backbone": (config.optim.base_lr, config.optim.clip_norm),
-              "head": (head_lr, None)})
+      groups=runtime.backbone_and_head_groups(config.optim))
   init_state = state_lib.create_state(
       {"backbone": variables["params"], "head": head_vars["params"]},
       variables.get("batch_stats", {}), tx)
@@ -70,9 +68,8 @@ def run(config, workdir: str, name: str = "") -> dict:
   step_fn = functools.partial(steps.classification_step, backbone=backbone, head=head,
                               margin=runtime.margin_spec(config.head), tx=tx,
                               schedule=schedule)
-  arrays = {"image": train_set.images[rows], "label": labels}
   batches = functools.partial(
-      input_pipeline.train_batches, arrays, global_batch=config.train.batch_size,
+      train_set.train_batches, rows, labels, global_batch=config.train.batch_size,
       steps_per_epoch=settings.steps_per_epoch, seed=config.seed,
       total_steps=settings.total_steps, local_device_count=parallel.local_device_count)
   final = loop.train(workdir=workdir, settings=settings, init_state=init_state,

@@ -1,0 +1,79 @@
+"""MST-KD targets: online (frozen networks inside the step) equals cached (extracted)."""
+
+import functools
+
+import jax
+import numpy as np
+
+from mstkd_jax import models
+from mstkd_jax.data import input_pipeline
+from mstkd_jax.stages import adaptor as adaptor_stage, extract, runtime
+from mstkd_jax.train import parallel as parallel_lib, state as state_lib, steps
+
+NUM_TEACHERS, EMBEDDING, SIZE, BATCH = 3, 16, 16, 8
+
+
+def _networks():
+  teacher = models.create("iresnet18", stage_depths=(1, 1, 1, 1), width=4,
+                          embedding_size=EMBEDDING, axis_name=parallel_lib.AXIS)
+  example = np.zeros((1, SIZE, SIZE, 3), np.float32)
+  teachers = [runtime.init_variables(teacher, jax.random.PRNGKey(i), example, train=False)
+              for i in range(NUM_TEACHERS)]
+  # Non-trivial running statistics, so inference BatchNorm matters.
+  rng = np.random.default_rng(0)
+  teachers = [jax.tree_util.tree_map_with_path(
+      lambda p, x: (x + rng.normal(0, 0.1, x.shape)).astype(x.dtype)
+      if "batch_stats" in jax.tree_util.keystr(p) and "mean" in jax.tree_util.keystr(p)
+      else x, t) for t in teachers]
+  adaptor = models.create("adaptor", kind="DLDPO", embedding_size=EMBEDDING, dropout=0.2)
+  adaptor_vars = runtime.init_variables(adaptor, jax.random.PRNGKey(9),
+                                        np.zeros((1, NUM_TEACHERS * EMBEDDING), np.float32))
+  return teacher, teachers, adaptor, adaptor_vars
+
+
+def test_online_targets_equal_the_cached_targets_and_the_losses_agree():
+  teacher, teachers, adaptor, adaptor_vars = _networks()
+  parallel = parallel_lib.get("pmap", 1)
+  images = np.random.default_rng(1).integers(0, 256, (BATCH, SIZE, SIZE, 3), dtype=np.uint8)
+
+  # Cached: the extraction stage's embeddings (image and mirror), then the adaptor stage's map.
+  extracted = np.stack([extract._normalized_pair(v, teacher, images, parallel, 4)  # pylint: disable=protected-access
+                        for v in teachers], axis=2)                        # [B, 2, G, D]
+  cached = adaptor_stage._map(adaptor_stage._apply_fn(adaptor), adaptor_vars, extracted)  # pylint: disable=protected-access
+  flips = np.arange(BATCH) % 2 == 1
+  cached_fed = cached[np.arange(BATCH), flips.astype(int)]                 # [B, D]
+
+  # Online: the same images as fed (mirrored where flipped), through the frozen networks.
+  fed = input_pipeline.normalize_images(np.where(flips[:, None, None, None],
+                                                 images[:, :, ::-1], images))
+  stacked = jax.tree.map(lambda *xs: np.stack(xs), *teachers)
+  online = steps.online_targets(fed, stacked, adaptor_vars, teacher=teacher, adaptor=adaptor)
+  np.testing.assert_allclose(online, cached_fed, rtol=1e-4, atol=1e-5)
+
+  # The student's loss on this batch is the same either way.
+  student = models.create("iresnet18", stage_depths=(1, 1, 1, 1), width=4,
+                          embedding_size=EMBEDDING, axis_name=parallel_lib.AXIS)
+  variables = runtime.init_variables(student, jax.random.PRNGKey(5),
+                                     np.zeros((1, SIZE, SIZE, 3), np.float32), train=False)
+  schedule = state_lib.step_decay_schedule(0.1, 10, ())
+  tx = state_lib.sgd({"backbone": state_lib.ParamGroup(schedule, 5.0)})
+  state = jax.tree.map(np.asarray, state_lib.create_state(
+      {"backbone": variables["params"]}, variables["batch_stats"], tx))
+  common = dict(backbone=student, head=None, margin=None, kd_weight=10000.0, tx=tx,
+                schedule=schedule)
+  batch = {"image": fed[None], "target": cached_fed[None].astype(np.float32),
+           "label": np.zeros((1, BATCH), np.int32)}
+  rng = parallel.replicate(jax.random.PRNGKey(0))
+  cached_step = parallel.wrap(functools.partial(steps.student_step, **common),
+                              donate_state=False)
+  online_step = parallel.wrap(functools.partial(
+      steps.student_step, target_fn=functools.partial(steps.online_targets, teacher=teacher,
+                                                      adaptor=adaptor), **common),
+                              donate_state=False)
+  _, cached_metrics = cached_step(parallel.replicate(state), parallel.shard(batch), rng)
+  _, online_metrics = online_step(parallel.replicate(state), parallel.shard(batch), rng,
+                                  *parallel.replicate((stacked, adaptor_vars)))
+  cached_loss = float(parallel.unreplicate(cached_metrics)["loss"])
+  online_loss = float(parallel.unreplicate(online_metrics)["loss"])
+  np.testing.assert_allclose(online_loss, cached_loss, rtol=1e-4)
+  assert cached_loss > 0
