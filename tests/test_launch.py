@@ -95,7 +95,7 @@ def test_scripts_parse():
     for script in SCRIPTS:
         subprocess.run([BASH, "-n", str(script)], check=True)
     if shutil.which("shellcheck"):
-        run = subprocess.run(["shellcheck", *map(str, SCRIPTS)], capture_output=True, text=True)
+        run = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], capture_output=True, text=True)
         assert run.returncode == 0, run.stdout
 
 
