@@ -52,15 +52,17 @@ def default() -> ml_collections.ConfigDict:
 
 
 def smoke() -> ml_collections.ConfigDict:
+  """Every stage, tiny: 2 groups of 8 identities at 16x16, width-4 nets, 2 epochs each."""
   c = default()
-  c.data.synthetic = common.synthetic_data("smoke")
-  c.data.synthetic.identities_per_group = 16
-  c.data.synthetic.images_per_identity = 8
-  c.model.update(width=8, embedding_size=32)
-  c.adaptor.embedding_size = 32
-  for section, epochs in ((c.teacher, 3.0), (c.adaptor, 3.0), (c.student, 3.0)):
-    section.train.update(batch_size=32, epochs=epochs, log_every=10)
-    section.optim.lr_decay_epochs = (3,)
+  c.data.synthetic.update(num_groups=2, identities_per_group=8, images_per_identity=6,
+                          eval_identities_per_group=6, eval_images_per_identity=4,
+                          pairs_per_group=40, image_size=16, difficulty=())
+  c.model.update(width=4, embedding_size=16)
+  c.adaptor.embedding_size = 16
+  c.kd_losses = ("a-KD",)
+  for section in (c.teacher, c.adaptor, c.student):
+    section.train.update(batch_size=16, epochs=2.0, log_every=5, checkpoint_every=100)
+    section.optim.lr_decay_epochs = (2,)
   return c
 
 

@@ -13,15 +13,6 @@ from mstkd_jax.errors import UserError
 
 def tiny_config():
   c = distill.smoke()
-  c.data.synthetic.update(num_groups=2, identities_per_group=8, images_per_identity=6,
-                          eval_identities_per_group=6, eval_images_per_identity=4,
-                          pairs_per_group=40, image_size=16)
-  c.model.update(width=4, embedding_size=16)
-  c.adaptor.embedding_size = 16
-  c.kd_losses = ("a-KD",)
-  for section in (c.teacher, c.adaptor, c.student):
-    section.train.update(batch_size=16, epochs=2.0, log_every=5, checkpoint_every=100)
-    section.optim.lr_decay_epochs = (2,)
   c.num_devices = 1
   return c
 

@@ -89,16 +89,30 @@ def classification_step(state: TrainState, batch, rng, *, backbone: nn.Module,
   return new_state, metrics
 
 
+TEACHER_MAPS = ("sequential", "vmap")
+
+
 def online_targets(images, teacher_variables, adaptor_variables, *, teacher: nn.Module,
-                   adaptor: nn.Module):
+                   adaptor: nn.Module, teacher_map: str = "sequential"):
   """MST-KD targets computed in the step: frozen teachers, then the frozen adaptor.
 
   teacher_variables are the G teachers' variables stacked on a leading axis (they share
   one architecture), in the fixed teacher order; each teacher embeds the (already flipped)
   images, embeddings are L2-normalized and concatenated, and the adaptor (inference mode)
   maps them to unit targets [B, D]. Exactly what extraction + the adaptor stage cache.
+
+  teacher_map: "sequential" runs the teachers one after another with lax.map (ordinary
+  convolutions, the teacher compiled once); "vmap" maps one forward over the stacked
+  parameters, which XLA lowers to G-group convolutions: the same numbers, but on CPU
+  2-3x slower than G ordinary forwards (`python -m mstkd_jax.bench` times both).
   """
-  embeddings = jax.vmap(lambda v: teacher.apply(v, images, train=False))(teacher_variables)
+  forward = lambda v: teacher.apply(v, images, train=False)
+  if teacher_map == "sequential":
+    embeddings = jax.lax.map(forward, teacher_variables)
+  elif teacher_map == "vmap":
+    embeddings = jax.vmap(forward)(teacher_variables)
+  else:
+    raise ValueError(f"teacher_map must be one of {TEACHER_MAPS}, got {teacher_map!r}")
   embeddings = losses.l2_normalize(embeddings)                       # [G, B, D_t]
   concatenated = jnp.transpose(embeddings, (1, 0, 2)).reshape(images.shape[0], -1)
   targets = adaptor.apply(adaptor_variables, concatenated, train=False)

@@ -1,0 +1,561 @@
+r"""Throughput of the MST-KD steps: img/s, cost relative to the plain student step, and MFU.
+
+  python -m mstkd_jax.bench --config=configs/distill.py:smoke --steps=10
+  python -m mstkd_jax.bench --config=configs/distill.py:bupt_iresnet34 --batch=128 \
+      --config.model.dtype=bfloat16 --torch --out=/tmp/bench.json
+
+Builds the config's student IResNet, G frozen teachers of the same architecture and the
+adaptor, compiles each step once (XLA's cost analysis of that executable gives its FLOPs),
+and times it after warm-up with block_until_ready:
+  plain        classification_step of the student + margin head (EAF, the student alone)
+  cached_kd    student_step (EAF-KD) with the targets in the batch
+  online_kd    student_step (EAF-KD) with the G teachers and the adaptor in the step
+  online_kd_vmap  the same, the teachers vmapped over their stacked parameters
+  extraction   one teacher embedding images and their mirrors (inference)
+  adaptor      classification_step of the adaptor over concatenated teacher embeddings
+  pipeline     input_pipeline.train_batches on in-memory arrays (skipped without TensorFlow)
+  torch        (--torch) an equivalent PyTorch training step (mstkd_jax/bench_torch.py),
+               on one device with the global batch: compare it on one-device runs
+"cost x plain" is (plain img/s) / (its img/s): a step taking 1.1x the plain step's time
+reads 1.10. Runs without TensorFlow, TFDS and clu.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from mstkd_jax import losses, models
+from mstkd_jax.data import input_pipeline
+from mstkd_jax.errors import UserError
+from mstkd_jax.stages import runtime
+from mstkd_jax.train import parallel as parallel_lib, state as state_lib, steps as steps_lib
+
+# Dense peak TFLOP/s per chip (no structured sparsity), by substrings of jax's device_kind,
+# first match wins. "float32" is the rate XLA's default precision reaches with float32
+# inputs: TF32 tensor cores on Ampere and later NVIDIA chips, bfloat16 passes on TPUs; a
+# V100 has neither TF32 nor bfloat16 units, so both entries are its FP32 rate.
+PEAK_TFLOPS = (
+    (("h100 pcie",), "NVIDIA H100 PCIe", 756.0, 378.0),
+    (("h100 nvl",), "NVIDIA H100 NVL", 835.0, 418.0),
+    (("h100",), "NVIDIA H100 SXM", 989.0, 494.0),
+    (("h200",), "NVIDIA H200", 989.0, 494.0),
+    (("a100",), "NVIDIA A100", 312.0, 156.0),
+    (("v100",), "NVIDIA V100", 15.7, 15.7),
+    (("l4",), "NVIDIA L4", 121.0, 60.0),
+    (("tpu v4",), "TPU v4", 275.0, 275.0),
+    (("tpu v5 lite", "tpu v5e"), "TPU v5e", 197.0, 197.0),
+    (("tpu v5p", "tpu v5"), "TPU v5p", 459.0, 459.0),
+    (("tpu v6 lite", "tpu v6e", "tpu7x"), "TPU v6e", 918.0, 918.0),
+)
+
+# Goals of issue 8, on the cost ratio (time relative to the plain student step).
+GOALS = {
+    "cached_kd": ("<=", 1.10),
+    "online_kd": ("<=", 2.5),
+    "pipeline": ("<=", 0.5),    # the input pipeline at least 2x the step's img/s
+    "torch": (">=", 1.5),       # the JAX step at least 1.5x PyTorch's img/s
+}
+STEP_NAMES = ("plain", "cached_kd", "online_kd", "online_kd_vmap", "extraction", "adaptor")
+
+# Training-set sizes assumed when the config's data source is not the synthetic set:
+# BUPT-Balancedface's identities, its four groups, 112x112 aligned faces.
+DEFAULT_CLASSES, DEFAULT_GROUPS, DEFAULT_IMAGE_SIZE = 28000, 4, 112
+
+
+def peak_tflops(device_kind: str, dtype: str) -> tuple[str | None, float | None]:
+  """(chip name, dense peak TFLOP/s for `dtype`) of a jax device_kind; (None, None) if unknown."""
+  kind = device_kind.lower()
+  for patterns, name, bf16, fp32 in PEAK_TFLOPS:
+    if any(p in kind for p in patterns):
+      return name, bf16 if dtype == "bfloat16" else fp32
+  return None, None
+
+
+def compiled_flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled executable per device, from XLA's cost analysis."""
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What the benchmark builds from a config: sizes, dtype and the optimiser settings."""
+  dtype: str
+  batch: int                 # global images per step
+  image_size: int
+  num_classes: int
+  num_teachers: int
+  embedding_size: int
+  adaptor_kind: str
+  adaptor_size: int
+  adaptor_dropout: float
+  kd_weight: float
+  stage_depths: tuple[int, ...]   # blocks per stage of student, teachers and PyTorch net
+
+
+def _field(config, path: str, default=None):
+  """config.<path> ("student.train"), or `default` where the config has no such field."""
+  node = config
+  for key in path.split("."):
+    if not hasattr(node, "keys") or key not in node:
+      return default
+    node = node[key]
+  return node
+
+
+def setup_from_config(config, *, batch: int = 0, image_size: int = 0, num_classes: int = 0,
+                      num_teachers: int = 0, stage_depths: tuple[int, ...] = ()) -> Setup:
+  """Benchmark sizes: the student recipe's batch, the training set's classes and groups.
+
+  Works for the recipe's config (configs/distill.py: the student section, the first
+  adaptor kind) and for a single-stage config (its train section, an SL adaptor).
+  """
+  data = config.data.synthetic
+  synthetic = config.data.source == "synthetic"
+  embedding_size = config.model.embedding_size
+  kinds = tuple(_field(config, "adaptors", ("SL",))) or ("SL",)
+  setup = Setup(
+      dtype=config.model.dtype,
+      batch=batch or _field(config, "student.train", config.train).batch_size,
+      image_size=image_size or (data.image_size if synthetic else DEFAULT_IMAGE_SIZE),
+      num_classes=num_classes or (data.num_groups * data.identities_per_group if synthetic
+                                  else DEFAULT_CLASSES),
+      num_teachers=num_teachers or (data.num_groups if synthetic else DEFAULT_GROUPS),
+      embedding_size=embedding_size,
+      adaptor_kind=kinds[0],
+      adaptor_size=_field(config, "adaptor.embedding_size", embedding_size),
+      adaptor_dropout=_field(config, "adaptor.dropout", 0.2),
+      kd_weight=_field(config, "student.kd_weight", 10000.0),
+      stage_depths=tuple(stage_depths) or tuple(models.create(config.model.name).stage_depths))
+  if setup.adaptor_size != embedding_size:
+    raise UserError(f"config field adaptor.embedding_size={setup.adaptor_size} differs from "
+                    f"model.embedding_size={embedding_size}; the student distils the "
+                    "adaptor's targets, so they must match")
+  if setup.image_size % 16:
+    raise UserError(f"--image_size={setup.image_size}: expected a multiple of 16")
+  return setup
+
+
+def _optim_config(config):
+  return _field(config, "student.optim", config.optim)
+
+
+class _Bench:
+  """Builds modules, host variables and device batches once; times each step."""
+
+  def __init__(self, config, setup: Setup, *, steps: int, warmup: int):
+    self.config, self.setup, self.steps, self.warmup = config, setup, steps, warmup
+    self.parallel = parallel_lib.get(config.parallelism, config.num_devices)
+    input_pipeline.check_batch_split(setup.batch, self.parallel.device_count,
+                                     jax.process_count())
+    self.per_device = setup.batch // self.parallel.device_count
+    self.backbone = runtime.backbone(config.model, stage_depths=setup.stage_depths)
+    self.head = models.create("margin_head", num_classes=setup.num_classes)
+    self.adaptor = models.create("adaptor", kind=setup.adaptor_kind,
+                                 embedding_size=setup.adaptor_size,
+                                 dropout=setup.adaptor_dropout)
+    self.margin = runtime.margin_spec(config.head)
+    keys = jax.random.split(jax.random.PRNGKey(config.seed), 4)
+    example = np.zeros((1, setup.image_size, setup.image_size, 3), np.float32)
+    self.variables = runtime.init_variables(self.backbone, keys[0], example, train=False)
+    self.head_params = runtime.init_variables(
+        self.head, keys[1], np.zeros((1, setup.embedding_size), np.float32))["params"]
+    concatenated = setup.num_teachers * setup.embedding_size
+    self.adaptor_vars = runtime.init_variables(
+        self.adaptor, keys[2], np.zeros((1, concatenated), np.float32))
+    self.adaptor_head_params = runtime.init_variables(
+        self.head, keys[3], np.zeros((1, setup.adaptor_size), np.float32))["params"]
+    self.rng = self.parallel.replicate(jax.random.PRNGKey(config.seed + 1))
+    self.batch = self._device_batch(concatenated)
+
+  def _device_batch(self, concatenated: int) -> dict:
+    rng = np.random.default_rng(0)
+    shape = (self.parallel.local_device_count, self.per_device)
+    size, dim = self.setup.image_size, self.setup.embedding_size
+
+    def unit(*s):
+      x = rng.normal(size=s).astype(np.float32)
+      return x / np.linalg.norm(x, axis=-1, keepdims=True)
+    teacher = unit(*shape, self.setup.num_teachers, dim).reshape(shape + (concatenated,))
+    return self.parallel.shard({
+        "image": rng.uniform(-1, 1, shape + (size, size, 3)).astype(np.float32),
+        "label": rng.integers(0, self.setup.num_classes, shape).astype(np.int32),
+        "target": unit(*shape, dim),
+        "teacher_embeddings": teacher,
+    })
+
+  def _inputs(self, *keys) -> dict:
+    return {k: self.batch[k] for k in keys}
+
+  def _optimiser(self, groups, optim=None):
+    optim = optim or _optim_config(self.config)
+    head_lr = optim.head_base_lr if optim.head_base_lr >= 0 else optim.base_lr
+    spec = {"backbone": (optim.base_lr, optim.clip_norm), "head": (head_lr, None)}
+    return runtime.optimiser(optim, global_batch=self.setup.batch, steps_per_epoch=1000,
+                             groups={g: spec[g] for g in groups})
+
+  def _student_state(self, tx):
+    params = {"backbone": self.variables["params"], "head": self.head_params}
+    return jax.tree.map(np.asarray, state_lib.create_state(
+        params, self.variables.get("batch_stats", {}), tx))
+
+  def _step_timer(self, step_fn, host_state, batch, *extra) -> "_Timer":
+    """Compiles the wrapped step once (its cost analysis gives the FLOPs), runs warm-up."""
+    wrapped = self.parallel.wrap(step_fn)
+    carry = {"state": self.parallel.replicate(host_state), "metrics": None}
+    extra = tuple(self.parallel.replicate(e) for e in extra)
+    start = time.perf_counter()
+    compiled = wrapped.lower(carry["state"], batch, self.rng, *extra).compile()
+    compile_s = time.perf_counter() - start
+
+    def call():
+      carry["state"], carry["metrics"] = compiled(carry["state"], batch, self.rng, *extra)
+      return carry["metrics"]
+
+    def check():
+      return bool(np.isfinite(float(self.parallel.unreplicate(carry["metrics"])["loss"])))
+    return _Timer(call, self.warmup, compiled_flops(compiled), compile_s, check)
+
+  def plain(self) -> "_Timer":
+    tx, schedule = self._optimiser(("backbone", "head"))
+    step = functools.partial(steps_lib.classification_step, backbone=self.backbone,
+                             head=self.head, margin=self.margin, tx=tx, schedule=schedule)
+    return self._step_timer(step, self._student_state(tx), self._inputs("image", "label"))
+
+  def _kd_step(self, tx, schedule, target_fn=None):
+    return functools.partial(steps_lib.student_step, backbone=self.backbone, head=self.head,
+                             margin=self.margin, kd_weight=self.setup.kd_weight, tx=tx,
+                             schedule=schedule, target_fn=target_fn)
+
+  def cached_kd(self) -> "_Timer":
+    tx, schedule = self._optimiser(("backbone", "head"))
+    return self._step_timer(self._kd_step(tx, schedule), self._student_state(tx),
+                            self._inputs("image", "label", "target"))
+
+  def online_kd(self, teacher_map: str = "sequential") -> "_Timer":
+    tx, schedule = self._optimiser(("backbone", "head"))
+    target_fn = functools.partial(steps_lib.online_targets, teacher=self.backbone,
+                                  adaptor=self.adaptor, teacher_map=teacher_map)
+    teachers = jax.tree.map(lambda x: np.stack([x] * self.setup.num_teachers),
+                            self.variables)
+    timer = self._step_timer(self._kd_step(tx, schedule, target_fn),
+                             self._student_state(tx), self._inputs("image", "label"),
+                             teachers, self.adaptor_vars)
+    if teacher_map == "sequential" and timer.flops:
+      # XLA's cost analysis counts a loop's body once: lax.map's G teacher forwards
+      # read as one, so the other G - 1 are added.
+      timer.flops += (self.setup.num_teachers - 1) * self._teacher_forward_flops()
+    return timer
+
+  def _teacher_forward_flops(self) -> float:
+    """FLOPs of one teacher's inference forward of one device's batch."""
+    forward = jax.jit(lambda v, x: self.backbone.apply(v, x, train=False))
+    images = np.zeros((self.per_device,) + self.batch["image"].shape[2:], np.float32)
+    return compiled_flops(forward.lower(self.variables, images).compile()) or 0.0
+
+  def adaptor_step(self) -> "_Timer":
+    """The adaptor stage's step: its own margin head settings and optimiser, if configured."""
+    tx, schedule = self._optimiser(("backbone", "head"),
+                                   _field(self.config, "adaptor.optim"))
+    head_config = _field(self.config, "adaptor.head", self.config.head)
+    step = functools.partial(steps_lib.classification_step, backbone=self.adaptor,
+                             head=self.head, margin=runtime.margin_spec(head_config), tx=tx,
+                             schedule=schedule, input_key="teacher_embeddings")
+    params = {"backbone": self.adaptor_vars["params"], "head": self.adaptor_head_params}
+    host_state = jax.tree.map(np.asarray, state_lib.create_state(params, {}, tx))
+    return self._step_timer(step, host_state, self._inputs("teacher_embeddings", "label"))
+
+  def extraction(self) -> "_Timer":
+    """One teacher embedding a batch of images and their mirrors (2 forwards per image)."""
+    apply = self.parallel.wrap_apply(functools.partial(steps_lib.embed,
+                                                       backbone=self.backbone))
+    variables = self.parallel.replicate(self.variables)
+    batch = self._inputs("image")
+    start = time.perf_counter()
+    compiled = apply.lower(variables, batch).compile()
+    compile_s = time.perf_counter() - start
+    return _Timer(lambda: compiled(variables, batch), self.warmup, compiled_flops(compiled),
+                  compile_s)
+
+  def pipeline(self) -> "_Timer | dict":
+    """input_pipeline.train_batches on in-memory uint8 images; skipped without TensorFlow."""
+    try:
+      import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      return {"skipped": "TensorFlow is not installed"}
+    size, batch = self.setup.image_size, self.setup.batch
+    steps_per_epoch = 4
+    rng = np.random.default_rng(0)
+    arrays = {"image": rng.integers(0, 256, (steps_per_epoch * batch, size, size, 3),
+                                    dtype=np.uint8),
+              "label": rng.integers(0, self.setup.num_classes,
+                                    steps_per_epoch * batch).astype(np.int32)}
+    batches = input_pipeline.train_batches(
+        arrays, global_batch=batch, steps_per_epoch=steps_per_epoch, seed=0, start_step=0,
+        total_steps=2 ** 40, local_device_count=self.parallel.local_device_count,
+        process_index=0, process_count=1)
+    return _Timer(lambda: next(batches), self.warmup + 1)
+
+
+class _Timer:
+  """A prepared measurement: `time(count)` gives seconds per call over `count` calls.
+
+  `call` is run `warmup` times first; `timed`, if given, replaces the timing of `call`
+  (the PyTorch step times itself, synchronizing its own device).
+  """
+
+  def __init__(self, call, warmup: int, flops=None, compile_s=None, check=None,
+               timed=None):
+    self.call, self.flops, self.compile_s, self.check = call, flops, compile_s, check
+    self._timed = timed
+    for _ in range(warmup):
+      out = call()
+    if warmup:
+      jax.block_until_ready(out)
+
+  def time(self, count: int) -> float:
+    if self._timed is not None:
+      return self._timed(count)
+    start = time.perf_counter()
+    for _ in range(count):
+      out = self.call()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / count
+
+
+def _torch_timer(setup: Setup, config, *, warmup: int):
+  """(timer, info) of the PyTorch reference step, or (None, skip reason)."""
+  try:
+    from mstkd_jax import bench_torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None, "PyTorch is not installed"
+  model = config.model
+  optim = _optim_config(config)
+  timed, info = bench_torch.prepare(
+      stage_depths=setup.stage_depths, width=model.width, embedding_size=model.embedding_size,
+      dropout=model.dropout, image_size=setup.image_size, batch_size=setup.batch,
+      num_classes=setup.num_classes, dtype=setup.dtype, warmup=warmup,
+      margin=(config.head.s, config.head.m, config.head.std),
+      lr=state_lib.scaled_lr(optim.base_lr, setup.batch), momentum=optim.momentum,
+      weight_decay=optim.weight_decay, clip_norm=optim.clip_norm)
+  return _Timer(None, 0, timed=timed), info
+
+
+def run(config, *, steps: int = 10, warmup: int = 2, rounds: int = 3, batch: int = 0,
+        image_size: int = 0, num_classes: int = 0, num_teachers: int = 0,
+        stage_depths: tuple[int, ...] = (), peak: float = 0.0, torch_step: bool = False,
+        only: tuple[str, ...] = ()) -> dict:
+  """Measures every step (or those in `only`, plus plain); returns a JSON-ready report.
+
+  Every measurement is compiled and warmed up first, then timed in `rounds` interleaved
+  rounds of `steps` calls; the fastest round counts, so load that comes and goes on a
+  shared machine does not skew one step against another.
+  """
+  if steps < 1 or warmup < 0 or rounds < 1:
+    raise UserError(f"--steps={steps}, --warmup={warmup}, --rounds={rounds}: expected "
+                    "steps >= 1, warmup >= 0, rounds >= 1")
+  names = STEP_NAMES + ("pipeline",)
+  unknown = set(only) - set(names)
+  if unknown:
+    raise UserError(f"--only={','.join(only)}: unknown {sorted(unknown)}; expected some of "
+                    f"{list(names)}")
+  setup = setup_from_config(config, batch=batch, image_size=image_size,
+                            num_classes=num_classes, num_teachers=num_teachers,
+                            stage_depths=stage_depths)
+  device = jax.devices()[0]
+  chip, table_peak = peak_tflops(device.device_kind, setup.dtype)
+  peak = peak or table_peak
+  _log(f"{config.model.name} width {config.model.width} {setup.image_size}x"
+       f"{setup.image_size} {setup.dtype}, global batch {setup.batch} on "
+       f"{jax.device_count()} x {device.device_kind}")
+  bench = _Bench(config, setup, steps=steps, warmup=warmup)
+  builders = {"plain": bench.plain, "cached_kd": bench.cached_kd,
+              "online_kd": bench.online_kd,
+              "online_kd_vmap": functools.partial(bench.online_kd, teacher_map="vmap"),
+              "extraction": bench.extraction,
+              "adaptor": bench.adaptor_step, "pipeline": bench.pipeline}
+  timers, results = {}, {}
+  for name in names:
+    if only and name not in only and name != "plain":
+      continue
+    _log(f"compiling and warming up {name}")
+    timer = builders[name]()
+    if isinstance(timer, dict):
+      results[name] = timer
+    else:
+      timers[name] = timer
+  if torch_step:
+    _log("building the PyTorch step")
+    timer, info = _torch_timer(setup, config, warmup=warmup)
+    if timer is None:
+      results["torch"] = {"skipped": info}
+    else:
+      timers["torch"] = timer
+      results["torch"] = info
+  seconds = {name: [] for name in timers}
+  for r in range(rounds):
+    for name, timer in timers.items():
+      # The input pipeline is cheap per batch; give it more batches for a steady reading.
+      seconds[name].append(timer.time(max(steps, 10) if name == "pipeline" else steps))
+    _log(f"round {r + 1}/{rounds}: " + ", ".join(
+        f"{n} {setup.batch / s[-1]:.1f} img/s" for n, s in seconds.items()))
+  for name, timer in timers.items():
+    best = min(seconds[name])
+    results[name] = {
+        **results.get(name, {}),
+        "img_per_s": setup.batch / best, "seconds_per_step": best,
+        "round_seconds": seconds[name], "flops_per_device": timer.flops,
+        "compile_s": timer.compile_s}
+    if timer.check is not None:
+      results[name]["finite_loss"] = timer.check()
+  results = {n: results[n] for n in names + ("torch",) if n in results}
+  _add_ratios(results, peak, devices=setup.batch // bench.per_device)
+  return {
+      "setup": dataclasses.asdict(setup) | {
+          "model": config.model.name, "width": config.model.width,
+          "per_device_batch": bench.per_device, "steps": steps, "warmup": warmup,
+          "rounds": rounds},
+      "device": {"kind": device.device_kind, "platform": device.platform,
+                 "count": jax.device_count(), "chip": chip, "peak_tflops": peak,
+                 "jax_version": jax.__version__},
+      "results": results,
+      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+  }
+
+
+def _log(message: str) -> None:
+  print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _add_ratios(results: dict, peak: float | None, devices: int = 1) -> None:
+  """Adds cost x plain, goal checks and MFU (per device: FLOPs / time / peak) in place.
+
+  The PyTorch step runs the whole global batch on one device: its FLOPs are the plain
+  JAX step's per-device FLOPs times the `devices` that share that batch.
+  """
+  plain = results["plain"]["img_per_s"]
+  plain_flops = results["plain"]["flops_per_device"]
+  for name, entry in results.items():
+    if "img_per_s" not in entry:
+      continue
+    entry["cost_vs_plain"] = plain / entry["img_per_s"]
+    flops = entry.get("flops_per_device")
+    if name == "torch" and plain_flops:
+      # The same network, batch and loss: the JAX step's FLOPs per image stand for it.
+      flops = plain_flops * devices
+      entry["flops_per_device"] = flops
+    entry["tflops_per_s"] = flops / entry["seconds_per_step"] / 1e12 if flops else None
+    entry["mfu"] = entry["tflops_per_s"] / peak if flops and peak else None
+    if name in GOALS:
+      op, bound = GOALS[name]
+      value = entry["cost_vs_plain"]
+      entry["goal"] = f"{op} {bound:g}"
+      entry["goal_met"] = bool(value <= bound if op == "<=" else value >= bound)
+
+
+def format_table(report: dict) -> str:
+  """The results as a fixed-width text table."""
+  lines = [f"{'step':<14} {'img/s':>10} {'ms/step':>9} {'cost x plain':>12} "
+           f"{'goal':>10} {'TFLOP/s':>8} {'MFU':>7}"]
+  for name, entry in report["results"].items():
+    if "skipped" in entry:
+      lines.append(f"{name:<14} skipped: {entry['skipped']}")
+      continue
+    goal = entry.get("goal", "")
+    if goal:
+      goal += " ok" if entry["goal_met"] else " NO"
+    tflops = f"{entry['tflops_per_s']:.2f}" if entry.get("tflops_per_s") else "n/a"
+    mfu = f"{100 * entry['mfu']:.1f}%" if entry.get("mfu") else "n/a"
+    lines.append(f"{name:<14} {entry['img_per_s']:>10.1f} "
+                 f"{1e3 * entry['seconds_per_step']:>9.2f} {entry['cost_vs_plain']:>12.2f} "
+                 f"{goal:>10} {tflops:>8} {mfu:>7}")
+  device = report["device"]
+  peak = f"{device['peak_tflops']:g} TFLOP/s" if device["peak_tflops"] else "unknown"
+  setup = report["setup"]
+  lines.append(f"device: {device['count']} x {device['kind']} (peak {peak}, "
+               f"{setup['dtype']}); global batch {setup['batch']}, {setup['image_size']}x"
+               f"{setup['image_size']}, {setup['model']} width {setup['width']}")
+  return "\n".join(lines)
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+  try:
+    values = tuple(int(x) for x in text.split(",") if x.strip())
+  except ValueError as e:
+    raise UserError(f"--{flag}={text!r}: expected comma-separated integers") from e
+  if any(v < 1 for v in values):
+    raise UserError(f"--{flag}={text!r}: expected positive integers")
+  return values
+
+
+def main(argv):
+  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  del argv
+  f = flags.FLAGS
+  report = run(f.config, steps=f.steps, warmup=f.warmup, rounds=f.rounds, batch=f.batch,
+               image_size=f.image_size, num_classes=f.num_classes,
+               num_teachers=f.num_teachers, stage_depths=_ints(f.stage_depths, "stage_depths"),
+               peak=f.peak_tflops, torch_step=f.torch,
+               only=tuple(x for x in f.only.split(",") if x))
+  print(format_table(report), flush=True)
+  if f.out:
+    with open(f.out, "w") as out:
+      json.dump(report, out, indent=2)
+    _log(f"wrote {f.out}")
+
+
+def _define_flags():
+  # pylint: disable=g-import-not-at-top
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config file (path[:preset]).",
+                                  lock_config=True)
+  flags.DEFINE_integer("steps", 10, "Timed steps per measurement.")
+  flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+  flags.DEFINE_integer("rounds", 3, "Interleaved timing rounds; the fastest counts.")
+  flags.DEFINE_integer("batch", 0, "Global batch; 0 = the student recipe's.")
+  flags.DEFINE_integer("image_size", 0, "Image side; 0 = the data config's (112 if real).")
+  flags.DEFINE_integer("num_classes", 0, "Identities of the margin head; 0 = the data's.")
+  flags.DEFINE_integer("num_teachers", 0, "Teachers G; 0 = the data's groups.")
+  flags.DEFINE_string("stage_depths", "", "Blocks per stage, e.g. 1,1,1,1 for quick checks; "
+                      "'' = the model's (iresnet34: 3,4,6,3).")
+  flags.DEFINE_float("peak_tflops", 0.0, "Peak TFLOP/s per device for MFU; 0 = the table's.")
+  flags.DEFINE_bool("torch", False, "Also time an equivalent PyTorch step, if installed.")
+  flags.DEFINE_string("out", "", "Write the results as JSON to this file.")
+  flags.DEFINE_string("only", "", "Comma-separated subset of " + ",".join(
+      STEP_NAMES + ("pipeline",)) + " (plain is always run).")
+  flags.mark_flag_as_required("config")
+
+
+def cli():
+  """`python -m mstkd_jax.bench`: UserErrors print their message alone."""
+  # pylint: disable=g-import-not-at-top
+  from absl import app
+  _define_flags()
+  # The PyTorch step shares the accelerator: do not let XLA reserve most of its memory.
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+  def guarded(argv):
+    try:
+      main(argv)
+    except UserError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+  app.run(guarded)
+
+
+if __name__ == "__main__":
+  cli()
