@@ -258,35 +258,39 @@ def test_export_rfw_layout(small, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# The key property, with a linear proxy for "a model trained on one group": PCA + Fisher
-# LDA fitted to group g's training images and identities only.
+# The key property, with a linear proxy for "a model trained on one group": Fisher LDA
+# fitted to group g's training images and identities only.
 
 
 def _pixels(images):
-  """Float pixels, 2x2 average-pooled: same signal, a quarter of the dimensions (speed)."""
+  """Float pixels, 4x4 average-pooled: keeps the faces' layout, 1/16 of the dimensions."""
   x = images.astype(np.float32) / 255.0
   n, h, w, c = x.shape
-  return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4)).reshape(n, -1)
+  return x.reshape(n, h // 4, 4, w // 4, 4, c).mean(axis=(2, 4)).reshape(n, -1)
 
 
-def _fit_fisher(x, labels, pca_dims=96, lda_dims=24):
-  """Fisherfaces: PCA to pca_dims, then the top LDA directions of identity."""
+def _fit_fisher(x, labels, dims=24, ridge=1e-2):
+  """Mean and projection onto the top Fisher (LDA) directions of identity.
+
+  Whitens by the (ridged) within-identity scatter via Cholesky, then takes the top
+  principal directions of the whitened identity means from their small Gram matrix.
+  Avoiding a large eigh keeps this fast when multithreaded BLAS is oversubscribed.
+  """
   mean = x.mean(axis=0)
   xc = (x - mean).astype(np.float64)
-  _, vecs = np.linalg.eigh(xc.T @ xc)
-  pca = vecs[:, ::-1][:, :pca_dims]
-  z = xc @ pca
   _, inverse = np.unique(labels, return_inverse=True)
-  centres = np.zeros((inverse.max() + 1, pca_dims))
-  np.add.at(centres, inverse, z)
+  centres = np.zeros((inverse.max() + 1, xc.shape[1]))
+  np.add.at(centres, inverse, xc)
   centres /= np.bincount(inverse)[:, None]
-  within = z - centres[inverse]
+  within = xc - centres[inverse]
   s_w = within.T @ within
-  s_w += 1e-3 * np.trace(s_w) / pca_dims * np.eye(pca_dims)
-  between = centres - centres.mean(axis=0)
-  l_inv = np.linalg.inv(np.linalg.cholesky(s_w))
-  _, eig = np.linalg.eigh(l_inv @ (between.T @ between) @ l_inv.T)
-  return mean, pca @ (l_inv.T @ eig[:, ::-1][:, :lda_dims])
+  s_w += ridge * np.trace(s_w) / s_w.shape[0] * np.eye(s_w.shape[0])
+  whiten = np.linalg.inv(np.linalg.cholesky(s_w)).T
+  m = centres @ whiten
+  eigval, eigvec = np.linalg.eigh(m @ m.T)
+  top = np.argsort(eigval)[::-1][:dims]
+  directions = m.T @ eigvec[:, top] / np.sqrt(eigval[top])
+  return mean, whiten @ directions
 
 
 def _best_threshold_accuracy(similarity, issame):
@@ -328,7 +332,8 @@ def test_group_fitted_projection_verifies_its_own_group_best(seed):
   own = np.diag(accuracy)
   others = (accuracy.sum(axis=1) - own) / (len(own) - 1)
   msg = f"accuracy (fitted group x eval group):\n{np.round(accuracy, 3)}"
-  # Observed (seeds 0..5): own 0.70..0.90, own - others 0.05..0.30 per group.
+  # Observed (seeds 0..5): own 0.69..0.86, own - others 0.05..0.25 per group, mean of
+  # own - others 0.14..0.17.
   assert np.all(own > 0.65), msg
   assert np.all(own - others > 0.03), msg
   assert np.mean(own - others) > 0.08, msg
