@@ -3,11 +3,22 @@ r"""Command-line entry point: runs the stage (or the whole recipe) a config name
   python -m mstkd_jax.main --config=configs/teacher.py:smoke --workdir=/tmp/w
   python -m mstkd_jax.main --config=configs/teacher.py --config.teacher.group=group_b
 
-Multi-host (TPU VM pods, SLURM) is set up here and only here.
+Multi-host (TPU VM pods, SLURM, or a manual launch) is set up here and only here:
+
+  python -m mstkd_jax.main --config=... --workdir=<shared folder> \
+      --coordinator_address=10.0.0.1:8476 --num_processes=2 --process_id=<0 or 1>
+
+(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID in the environment). Every
+process runs the same command on the same workdir; only process 0 prints and writes files.
 """
 
+import contextlib
+import dataclasses
 import os
+import socket
 import sys
+import threading
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -20,7 +31,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Where the run writes; default ./workdir/<config>_<preset>.")
 _MULTIHOST = flags.DEFINE_enum(
     "multihost", "auto", ["auto", "true", "false"],
-    "Call jax.distributed.initialize(): auto = on a TPU VM pod or under SLURM.")
+    "Call jax.distributed.initialize(): auto = on a TPU VM pod, under SLURM with several "
+    "tasks, or when a coordinator address or process count > 1 is given.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0 for a manual multi-host launch (env JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes of a manual multi-host launch (env JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's id, 0..num_processes-1 (env JAX_PROCESS_ID).")
+_MULTIHOST_TIMEOUT = flags.DEFINE_integer(
+    "multihost_timeout", 300,
+    "Seconds to wait for the coordinator and every process before stopping with an error.")
 
 
 def _stages():
@@ -31,12 +53,135 @@ def _stages():
   return {"teacher": teacher.run, "pipeline": pipeline.run}
 
 
-def _wants_multihost(mode: str) -> bool:
+@dataclasses.dataclass(frozen=True)
+class Multihost:
+  """How to set up several JAX processes; None fields come from the environment."""
+  mode: str = "auto"                   # auto | true | false
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  timeout_s: int = 300
+
+  def manual(self) -> dict:
+    """{coordinator_address, num_processes, process_id} from the flags, else JAX_* env."""
+    return {"coordinator_address": self.coordinator_address
+                                   or os.environ.get("JAX_COORDINATOR_ADDRESS") or None,
+            "num_processes": _pick_int(self.num_processes, "JAX_NUM_PROCESSES"),
+            "process_id": _pick_int(self.process_id, "JAX_PROCESS_ID")}
+
+
+def _pick_int(value, env: str):
+  if value is not None:
+    return value
+  text = os.environ.get(env, "").strip()
+  if not text:
+    return None
+  try:
+    return int(text)
+  except ValueError:
+    raise UserError(f"environment variable {env}={text!r}: expected an integer") from None
+
+
+def _on_cluster() -> bool:
+  """Under SLURM or Open MPI with several tasks, or on a TPU VM pod (JAX finds the cluster
+  itself)."""
+  several = lambda env: os.environ.get(env, "1").strip() not in ("", "0", "1")
+  on_tpu_pod = os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
+  return several("SLURM_NTASKS") or several("OMPI_COMM_WORLD_SIZE") or on_tpu_pod
+
+
+def _wants_multihost(mode: str, manual: dict | None = None) -> bool:
+  if mode not in ("auto", "true", "false"):
+    raise UserError(f"--multihost={mode!r}: expected auto, true or false")
   if mode != "auto":
     return mode == "true"
-  on_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-  on_tpu_pod = int(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")) > 0
-  return on_slurm or on_tpu_pod
+  manual = manual or {}
+  return (_on_cluster() or manual.get("coordinator_address") is not None
+          or (manual.get("num_processes") or 1) > 1)
+
+
+def _check_manual(manual: dict, timeout_s: int) -> None:
+  """Refuses impossible settings before JAX sees them (JAX fills in those left None)."""
+  if timeout_s < 1:
+    raise UserError(f"--multihost_timeout={timeout_s}: expected at least 1 second")
+  address, num, pid = (manual[k] for k in ("coordinator_address", "num_processes",
+                                           "process_id"))
+  if num is not None and num < 1:
+    raise UserError(f"--num_processes={num}: expected at least 1")
+  if pid is not None and not 0 <= pid < (num or pid + 1):
+    raise UserError(f"--process_id={pid}: expected 0..{num - 1} for --num_processes={num}")
+  if address is not None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+      raise UserError(f"--coordinator_address={address!r}: expected host:port of process 0")
+
+
+def _wait_for_coordinator(address: str, deadline: float, timeout_s: int) -> None:
+  """Returns once process 0's coordinator accepts connections, or raises UserError."""
+  host, _, port = address.rpartition(":")
+  host = host.strip("[]")
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=1.0):
+        return
+    except OSError as e:
+      reason = e.strerror or str(e)
+    if time.monotonic() >= deadline:
+      raise UserError(
+          f"cannot reach the multi-host coordinator at {address} within {timeout_s} s "
+          f"({reason}): start process 0 (--process_id=0) with the same "
+          "--coordinator_address, and check the host, the port and the firewall")
+    time.sleep(0.25)
+
+
+def initialize_multihost(setup: Multihost) -> bool:
+  """Calls jax.distributed.initialize() if `setup` asks for several processes.
+
+  Waits at most `setup.timeout_s` for the coordinator and every process; then stops with
+  one clear message (a UserError, or, when JAX's connection wait itself runs out of time
+  and cannot be interrupted, the same message on stderr and exit status 1). Returns
+  whether JAX runs distributed.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  manual = setup.manual()
+  if not _wants_multihost(setup.mode, manual):
+    return False
+  if jax.distributed.is_initialized():
+    return True
+  _check_manual(manual, setup.timeout_s)
+  deadline = time.monotonic() + setup.timeout_s
+  address, num = manual["coordinator_address"], manual["num_processes"]
+  if address and manual["process_id"] not in (None, 0):
+    _wait_for_coordinator(address, deadline, setup.timeout_s)
+  who = f"the {num} processes" if num else "the processes of this cluster job"
+  fix = ("start every process with the same --coordinator_address and --num_processes and "
+         "a distinct --process_id (0 .. num_processes - 1)" if address else
+         "check that every task of the job started and reaches the others")
+  message = (f"error: {who} did not all connect to the multi-host coordinator"
+             f"{' at ' + address if address else ''} within {setup.timeout_s} s: {fix}")
+
+  def give_up():
+    # JAX's connect blocks in C++ and aborts with a cryptic log when its own (later)
+    # timeout passes; say what went wrong and leave first.
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)  # pylint: disable=protected-access
+
+  watchdog = threading.Timer(max(deadline - time.monotonic(), 0.0), give_up)
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    jax.distributed.initialize(**manual,
+                               initialization_timeout=int(setup.timeout_s) + 60)
+  except (RuntimeError, ValueError, TypeError) as e:
+    missing = [f"--{k} (or JAX_{k.upper()})" for k, v in manual.items() if v is None]
+    if missing and isinstance(e, ValueError):
+      raise UserError(
+          "cannot set up the multi-host run: JAX found no cluster (TPU VM pod, SLURM, Open "
+          f"MPI) to take the settings from ({e}); give {', '.join(missing)}") from e
+    raise UserError(f"cannot set up the multi-host run: {e}") from e
+  finally:
+    watchdog.cancel()
+  return True
 
 
 def default_workdir(config_arg: str) -> str:
@@ -45,11 +190,14 @@ def default_workdir(config_arg: str) -> str:
   return os.path.join("workdir", f"{name}_{preset or 'default'}")
 
 
-def run(config, workdir: str, multihost: str = "false"):
-  """Runs `config.stage` in `workdir` (importable: notebooks and tests call this)."""
+def run(config, workdir: str, multihost: str | Multihost = "false"):
+  """Runs `config.stage` in `workdir` (importable: notebooks and tests call this).
+
+  `multihost` is a mode ("auto", "true", "false") or a full Multihost setting.
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  if _wants_multihost(multihost):
-    jax.distributed.initialize()
+  setup = multihost if isinstance(multihost, Multihost) else Multihost(mode=multihost)
+  initialize_multihost(setup)
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     # Reruns and resumptions (and stages of the same shapes) skip XLA compilation.
     jax.config.update("jax_compilation_cache_dir",
@@ -57,7 +205,11 @@ def run(config, workdir: str, multihost: str = "false"):
   stages = _stages()
   if config.stage not in stages:
     raise UserError(f"config field stage={config.stage!r}: expected one of {sorted(stages)}")
-  return stages[config.stage](config, workdir)
+  if jax.process_index() == 0:
+    return stages[config.stage](config, workdir)
+  # The other processes compute alike but stay quiet: process 0 reports for all.
+  with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+    return stages[config.stage](config, workdir)
 
 
 def main(argv):
@@ -73,7 +225,10 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   try:
-    run(config, workdir, _MULTIHOST.value)
+    run(config, workdir, Multihost(
+        mode=_MULTIHOST.value, coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+        timeout_s=_MULTIHOST_TIMEOUT.value))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

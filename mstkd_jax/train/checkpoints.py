@@ -2,6 +2,11 @@
 
 A checkpoint holds the TrainState (params, batch_stats, opt_state, step); `step` is also
 the data position, so restoring it resumes the input pipeline exactly.
+
+The states are host (numpy) arrays, the same on every device, so a checkpoint restores
+onto any number of devices or processes. In a multi-host run every process creates the
+manager, saves and restores (Orbax synchronizes them; process 0 writes the arrays, every
+process reads them), so the workdir must be a folder every host sees.
 """
 
 import os

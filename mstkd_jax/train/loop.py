@@ -97,17 +97,36 @@ def _history_path(workdir: str) -> str:
   return os.path.join(workdir, "loss_history.json")
 
 
-def _load_history(workdir: str, step: int) -> list:
-  """Per-step losses of steps 1..step, as saved with the checkpoints ([] if none)."""
+def _load_history(workdir: str, step: int) -> tuple[list, dict]:
+  """Per-step losses of steps 1..step, as saved with the checkpoints ([] if none), and
+  the devices and processes of the run that saved them ({} if not recorded)."""
   try:
     with open(_history_path(workdir)) as f:
-      losses = json.load(f)["losses"]
+      record = json.load(f)
+    losses = record["losses"]
   except FileNotFoundError:
-    return []
-  except (OSError, ValueError, KeyError) as e:
+    return [], {}
+  except (OSError, ValueError, KeyError, TypeError) as e:
     raise UserError(f"{_history_path(workdir)} is unreadable ({e}); delete it to resume "
                     "without the loss history") from e
-  return [float(x) for x in losses[:step]]
+  layout = {k: record[k] for k in ("devices", "processes") if k in record}
+  return [float(x) for x in losses[:step]], layout
+
+
+def _layout(devices: int, processes: int) -> str:
+  return (f"{devices} device{'s' * (devices != 1)} in {processes} "
+          f"process{'es' * (processes != 1)}")
+
+
+def _resume_note(name: str, saved: dict, parallel: DataParallel) -> str | None:
+  """The log line of a resumption on another device layout than the checkpoint's."""
+  now = {"devices": parallel.device_count, "processes": jax.process_count()}
+  if not saved or saved == now:
+    return None
+  return (f"[{name}] the checkpoint was written on {_layout(**saved)}; resuming on "
+          f"{_layout(**now)}: the training state is replicated and the global batch is "
+          "unchanged, so it carries over as it is (sums over the batch may differ in "
+          "float rounding).")
 
 
 def _write_json(path: str, value) -> None:
@@ -137,10 +156,13 @@ class _BestEpoch:
     if mean < self.best[0]:
       self.best = (mean, epoch)
       state = state_fn()
+      # Every process saves (Orbax synchronizes them); the losses, hence the choice, are
+      # the same on every process.
       self.checkpoints.save(step, best_variables(state))
       self.checkpoints.wait()
-      _write_json(os.path.join(self.workdir, "best.json"),
-                  {"epoch": epoch, "step": step, "mean_loss": mean})
+      if jax.process_index() == 0:
+        _write_json(os.path.join(self.workdir, "best.json"),
+                    {"epoch": epoch, "step": step, "mean_loss": mean})
 
   def close(self):
     self.checkpoints.close()
@@ -202,7 +224,10 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
           f"({checkpoints.directory}).", flush=True)
 
   is_main = jax.process_index() == 0
-  history = _load_history(workdir, start)
+  history, saved_layout = _load_history(workdir, start)
+  note = _resume_note(settings.name, saved_layout, parallel) if start else None
+  if note:
+    print(note, flush=True)
   writer = writers.create_writer(workdir, just_logging=not is_main)
   report = writers.create_progress_reporter(total, writer, settings.log_every)
   progress = _Progress(settings, writer, start, history)
@@ -239,7 +264,9 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
         # Every loss up to here was finite (flush checked), so this state is good. The
         # history goes first: a checkpoint never lacks the losses that led to it.
         if is_main:
-          _write_json(_history_path(workdir), {"step": step, "losses": history})
+          _write_json(_history_path(workdir), {
+              "step": step, "losses": history, "devices": parallel.device_count,
+              "processes": jax.process_count()})
         checkpoints.save(step, parallel.unreplicate(device_state))
         last_saved = step
     if step < total:

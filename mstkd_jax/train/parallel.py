@@ -4,6 +4,13 @@ Step functions are written per device: they see one device's batch, average grad
 `lax.pmean(..., AXIS)` and keep BatchNorm statistics global through the same axis. The host
 always feeds batches shaped [local_devices, per_device_batch, ...]; this module replicates
 the state, places batches and wraps step functions for either backend, on one host or many.
+
+With several JAX processes (hosts) both backends span every device of every process: each
+process feeds its own rows of a global batch to its local devices, the collectives inside
+a step run over all devices, and every process reads back identical replicated values.
+pmap (since JAX 0.8 a jit over shard_map) takes each process's local [local_devices, ...]
+arrays as they are when it is not pinned to local devices; shard_map takes global arrays
+assembled from every process's rows (`jax.make_array_from_process_local_data`).
 """
 
 import functools
@@ -35,6 +42,9 @@ class DataParallel:
                         f"{len(self.local_devices)} on a single host")
       self.local_devices = devices = self.local_devices[:num_devices]
     self.mesh = Mesh(np.asarray(devices), (AXIS,))
+    # pmap pinned to this host's devices would average gradients over them only; unpinned,
+    # it maps over the devices of every process (the same devices on a single host).
+    self._pmap_devices = None if jax.process_count() > 1 else self.local_devices
     # pmap's arrays carry a leading axis of local devices, split over this host's devices.
     self._local_split = NamedSharding(Mesh(np.asarray(self.local_devices), (AXIS,)), P(AXIS))
 
@@ -83,7 +93,7 @@ class DataParallel:
     donate = (0,) if donate_state else ()
     if self.kind == "pmap":
       return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=donate,
-                      devices=self.local_devices)
+                      devices=self._pmap_devices)
 
     def per_device(state, batch, *rest):
       # shard_map hands each device a [1, per_device, ...] block of the batch.
@@ -106,7 +116,7 @@ class DataParallel:
     them on the host with `fetch`.
     """
     if self.kind == "pmap":
-      return jax.pmap(apply_fn, axis_name=AXIS, devices=self.local_devices)
+      return jax.pmap(apply_fn, axis_name=AXIS, devices=self._pmap_devices)
 
     def per_device(replicated, batch):
       out = apply_fn(replicated, jax.tree.map(lambda x: x[0], batch))
@@ -121,6 +131,38 @@ class DataParallel:
     return jax.tree.map(
         lambda x: np.concatenate([np.asarray(s.data) for s in sorted(
             x.addressable_shards, key=lambda s: s.index[0].start or 0)]), tree)
+
+
+def gather_hosts(rows: np.ndarray) -> np.ndarray:
+  """Every process's host array of rows, concatenated in process order (same shapes).
+
+  On a single process, `rows` itself.
+  """
+  if jax.process_count() == 1:
+    return rows
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(np.asarray(rows), tiled=True))
+
+
+def broadcast_from_main(value):
+  """Process 0's value of a numpy scalar or array, on every process."""
+  if jax.process_count() == 1:
+    return value
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
+def sync_hosts(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (no-op on a single process).
+
+  Used after process 0 writes files that the other processes read next.
+  """
+  if jax.process_count() > 1:
+    # pylint: disable-next=g-import-not-at-top
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 @functools.lru_cache(maxsize=None)
