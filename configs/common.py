@@ -14,7 +14,7 @@ def synthetic_data(scale: str = "default") -> ml_collections.ConfigDict:
   """The built-in synthetic demographic face set (see mstkd_jax/data/synthetic.py)."""
   sizes = {  # identities per group, images per identity, eval identities per group, pairs
       "smoke": (32, 12, 24, 200),
-      "recipe": (64, 12, 48, 600),
+      "recipe": (48, 12, 48, 600),
       "default": (96, 16, 48, 600),
   }[scale]
   return ml_collections.ConfigDict(dict(

@@ -46,7 +46,7 @@ def default() -> ml_collections.ConfigDict:
                       clip_norm=0.0)
   c.adaptor.update(dict(embedding_size=c.model.embedding_size, dropout=0.2,
                         head=dict(name="elastic_arcface", s=64.0, m=0.5, std=0.05)))
-  c.student = _recipe(epochs=6.0, batch_size=64, base_lr=0.1, decay_epochs=(5, 6))
+  c.student = _recipe(epochs=5.0, batch_size=64, base_lr=0.1, decay_epochs=(4, 5))
   c.student.kd_weight = 10000.0
   return c
 

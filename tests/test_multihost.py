@@ -28,6 +28,7 @@ from mstkd_jax import main
 from mstkd_jax.errors import UserError
 from mstkd_jax.stages import student
 from mstkd_jax.train import checkpoints, loop, parallel, state as state_lib
+from test_parallel import assert_trees_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_TIMEOUT_S = 480              # generous: the CPU may be shared with other work
@@ -171,16 +172,6 @@ def _final_state(stage_dir: str):
   return step, state
 
 
-def _assert_close(a, b, rtol=1e-5):
-  """Leaf by leaf, to `rtol` of the largest value of the tree (see test_parallel.py)."""
-  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-  assert len(leaves_a) == len(leaves_b)
-  scale = max(float(np.abs(np.asarray(x)).max()) for x in leaves_a)
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), leaves_b):
-    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64),
-                               rtol=0, atol=rtol * scale, err_msg=jax.tree_util.keystr(path))
-
-
 def test_two_processes_train_like_one(processes, tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   _seed(one)
@@ -204,14 +195,14 @@ def test_two_processes_train_like_one(processes, tmp_path):
     step_two, state_two = _final_state(os.path.join(two, stage))
     assert step_one == step_two == {"teacher": 12, "student": 6}[stage]
     for part in ("params", "batch_stats"):
-      _assert_close(state_one[part], state_two[part])
+      assert_trees_close(state_one[part], state_two[part])
     # Momentum sums every step's gradient, each reduced over the devices in another order
     # (gloo between the processes): its rounding differs a little more.
-    _assert_close(state_one["opt_state"], state_two["opt_state"], rtol=1e-4)
+    assert_trees_close(state_one["opt_state"], state_two["opt_state"], rtol=1e-4)
     with np.load(os.path.join(one, stage, "verification_embeddings.npz")) as a, \
         np.load(os.path.join(two, stage, "verification_embeddings.npz")) as b:
       assert sorted(a.files) == sorted(b.files)
-      _assert_close({k: a[k] for k in a.files if "issame" not in k},
+      assert_trees_close({k: a[k] for k in a.files if "issame" not in k},
                     {k: b[k] for k in b.files if "issame" not in k})
     with open(os.path.join(two, stage, "results.json")) as f:
       assert set(json.load(f)["verification"]) == {"group_a", "group_b"}

@@ -63,7 +63,7 @@ def reference():
   return _train("pmap", 1)
 
 
-def _assert_close(a, b, rtol=1e-5):
+def assert_trees_close(a, b, rtol=1e-5):
   """Equal to `rtol` relative to the largest value of the tree, leaf by leaf.
 
   Per-leaf scales would not do: some leaves are mathematically zero and hold only float
@@ -84,9 +84,9 @@ def test_same_parameters_whatever_devices_and_parallelism(reference, kind, devic
   state, seen = _train(kind, devices)
   assert int(state.step) == int(ref_state.step) == 3
   np.testing.assert_allclose(seen, ref_losses, rtol=1e-5)
-  _assert_close(ref_state.params, state.params)
-  _assert_close(ref_state.batch_stats, state.batch_stats)
-  _assert_close(ref_state.opt_state, state.opt_state)
+  assert_trees_close(ref_state.params, state.params)
+  assert_trees_close(ref_state.batch_stats, state.batch_stats)
+  assert_trees_close(ref_state.opt_state, state.opt_state)
 
 
 def test_training_changes_parameters(reference):
