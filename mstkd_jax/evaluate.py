@@ -194,16 +194,6 @@ def _template(module, image_size: int):
   return jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False), example)
 
 
-def _flat_shapes(tree, prefix="") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flat_shapes(value, f"{prefix}{key}/"))
-    else:
-      out[f"{prefix}{key}"] = tuple(value.shape)
-  return out
-
-
 # --- Checkpoints -----------------------------------------------------------------------
 
 
@@ -246,10 +236,10 @@ def _load_orbax(path: str, explicit: ArchSettings) -> dict:
   settings, origins = _resolve([("flag", explicit), ("config.json", configured),
                                 ("checkpoint shapes", inferred), ("default", DEFAULTS)])
   module = _module(settings)
-  expected = _flat_shapes(_template(module, settings.image_size))
-  found = _flat_shapes(variables)
+  from mstkd_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  expected = checkpoints.flat_shapes(_template(module, settings.image_size))
+  found = checkpoints.flat_shapes(variables)
   if expected != found:
-    from mstkd_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
     problems = checkpoints.shape_mismatches(expected, found)
     given = ", ".join(f"{k} from {v}" for k, v in origins.items() if v != "checkpoint shapes")
     looks = (f"{shapes['name'] or 'IResNet of depths ' + str(shapes['stage_depths'])} "

@@ -22,10 +22,10 @@ import numpy as np
 from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import report as report_lib
+from mstkd_jax.models import adaptor as adaptor_model
 from mstkd_jax.stages import adaptor, extract, runtime, student, teacher
 from mstkd_jax.train import parallel as parallel_lib
 
-KD_NAMES = {"a-KD": "a-KD", "EAF-KD": "EAF-KD"}
 SET_PREFIX = {"specialized": ("teacher", "mstkd", ""), "balanced": ("balanced_teacher",
                                                                     "balanced_kd", "balanced_")}
 
@@ -66,8 +66,9 @@ def balanced_split(num_identities: int, parts: int, seed: int) -> list[np.ndarra
 
 def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
   """The recipe's stages in an order that respects their dependencies."""
-  for field, allowed in (("teacher_sets", SET_PREFIX), ("kd_losses", KD_NAMES),
-                         ("adaptors", ("SL", "DuL", "DLDPO"))):
+  kd_losses = tuple(k for k in student.KD_LOSSES if k != "none")
+  for field, allowed in (("teacher_sets", SET_PREFIX), ("kd_losses", kd_losses),
+                         ("adaptors", adaptor_model.KINDS)):
     for value in config[field]:
       if value not in allowed:
         raise UserError(f"config field {field} holds {value!r}; expected some of "

@@ -7,6 +7,7 @@ every training image and its mirror to its target (targets.npy, [N, 2, D]), save
 selected adaptor under model/, and the adaptor's space on every group's verification pairs.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -43,7 +44,7 @@ def run(config, workdir: str, name: str = "adaptor") -> dict:
   input_pipeline.check_batch_split(config.train.batch_size, parallel.device_count,
                                    jax.process_count())
   settings = runtime.loop_settings(config, name, num)
-  settings = settings.__class__(**{**settings.__dict__, "select_best_epoch": True})
+  settings = dataclasses.replace(settings, select_best_epoch=True)
   adaptor = models.create("adaptor", kind=config.adaptor.kind,
                           embedding_size=config.adaptor.embedding_size,
                           dropout=config.adaptor.dropout)

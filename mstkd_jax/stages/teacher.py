@@ -45,11 +45,12 @@ def run(config, workdir: str, name: str = "") -> dict:
   """Trains the teacher and evaluates it on every group; returns the results dict."""
   workdir = runtime.prepare_workdir(config, workdir)
   train_set = sources.training_set(config.data, workdir)
-  rows, labels = sources.select(train_set, group=config.teacher.group if not
-                                _identities(config) else "", identities=_identities(config))
+  identities = _identities(config)
+  rows, labels = sources.select(train_set, group="" if identities else config.teacher.group,
+                                identities=identities)
   num_classes = int(labels.max()) + 1
-  name = name or (f"teacher/{config.teacher.group}" if not _identities(config)
-                  else f"teacher/{num_classes} identities")
+  name = name or (f"teacher/{num_classes} identities" if identities
+                  else f"teacher/{config.teacher.group}")
   print(f"[{name}] {len(rows)} images of {num_classes} identities", flush=True)
 
   parallel = parallel_lib.get(config.parallelism, config.num_devices)

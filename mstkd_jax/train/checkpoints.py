@@ -10,6 +10,7 @@ process reads them), so the workdir must be a folder every host sees.
 """
 
 import os
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -21,7 +22,7 @@ from mstkd_jax.errors import UserError
 def flat_shapes(tree, prefix=""):
   """Nested dict of arrays or Orbax ArrayMetadata -> {"a/b/c": shape}."""
   out = {}
-  if isinstance(tree, dict):
+  if isinstance(tree, Mapping):
     for key, value in tree.items():
       out.update(flat_shapes(value, f"{prefix}{key}/"))
   elif tree is not None:
