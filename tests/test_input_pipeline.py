@@ -89,11 +89,16 @@ def test_eval_batches_pad_the_last_batch(arrays):
                              input_pipeline.normalize_images(arrays["image"][4:7]))
 
 
-def test_oriented_arrays_follow_each_example_s_flip(arrays):
+def test_oriented_arrays_follow_each_example_s_flip(arrays, tmp_path):
   plain = np.arange(N, dtype=np.float32)
   per_orientation = np.stack([plain, -plain], axis=1)[:, :, None]      # [N, 2, 1]
-  batch = _batches({"image": arrays["image"], "target": per_orientation}, total=1,
-                   oriented=("target",))[0]
-  index, flips = batch["index"].reshape(-1), batch["flip"].reshape(-1)
-  np.testing.assert_array_equal(batch["target"].reshape(-1),
-                                np.where(flips, -plain[index], plain[index]))
+  np.save(tmp_path / "target.npy", per_orientation)
+  mapped = np.load(tmp_path / "target.npy", mmap_mode="r")
+  for batch in _batches(arrays, total=3):
+    batch = input_pipeline.add_oriented(batch, {"target": mapped})
+    assert type(batch["target"]) is np.ndarray  # read out of the file, not a view of it
+    assert batch["target"].shape == batch["index"].shape + (1,)
+    index, flips = batch["index"].reshape(-1), batch["flip"].reshape(-1)
+    assert flips.any() and not flips.all()
+    np.testing.assert_array_equal(batch["target"].reshape(-1),
+                                  np.where(flips, -plain[index], plain[index]))

@@ -6,8 +6,9 @@ shuffled with a stateless index permutation keyed by (seed, e), and each example
 whatever the number of hosts or devices: host p takes rows [p*L, (p+1)*L) of each global
 batch and reshapes them to [local_devices, per_device, ...].
 Each batch also carries "index" (the dataset row) and "flip" (whether the image fed was
-mirrored), so cached per-image data (teacher embeddings) can be looked up for exactly the
-orientation the model sees.
+mirrored), so cached per-image data (teacher embeddings, targets) can be looked up for
+exactly the orientation the model sees (`add_oriented`), from arrays that may be
+memory-mapped files larger than memory.
 """
 
 from typing import Iterator, Mapping
@@ -54,8 +55,7 @@ def plan_step(tf, step, *, seed, steps_per_epoch: int, global_batch: int, num_ex
 def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
                   steps_per_epoch: int, seed: int, start_step: int, total_steps: int,
                   local_device_count: int | None = None, process_index: int | None = None,
-                  process_count: int | None = None, flip: bool = True,
-                  oriented: tuple[str, ...] = ()) -> Iterator[dict]:
+                  process_count: int | None = None, flip: bool = True) -> Iterator[dict]:
   """Yields host batches for steps start_step .. total_steps - 1.
 
   Args:
@@ -66,10 +66,8 @@ def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
     seed: data seed.
     start_step, total_steps: the steps to produce.
     local_device_count, process_index, process_count: default to this JAX process's.
-    flip: random horizontal flips with probability 0.5.
-    oriented: keys of arrays shaped [N, 2, ...] holding per-image data for the image as
-      stored ([:, 0]) and mirrored ([:, 1]), e.g. teacher embeddings; each example gets the
-      entry of the orientation it is fed in.
+    flip: random horizontal flips with probability 0.5 (drawn also when no "image" is fed,
+      for `add_oriented`).
   Yields:
     {"image": float32 [D, B, H, W, 3], <other arrays> [D, B, ...], "index": int32 [D, B],
      "flip": bool [D, B]} with D local devices and B per-device examples.
@@ -92,8 +90,6 @@ def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
                              global_batch=global_batch, num_examples=num_examples,
                              process_index=process_index, host_batch=host_batch, flip=flip)
     out = {k: tf.gather(v, index) for k, v in tensors.items()}
-    for key in oriented:
-      out[key] = tf.gather(out[key], tf.cast(flips, tf.int32), batch_dims=1)
     if "image" in out:
       images = out["image"]
       images = tf.where(flips[:, None, None, None], tf.reverse(images, axis=[2]), images)
@@ -107,6 +103,20 @@ def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
   ds = tf.data.Dataset.range(start_step, total_steps)
   ds = ds.map(make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+def add_oriented(batch: dict, arrays: Mapping[str, np.ndarray]) -> dict:
+  """Adds arrays[key][index, flip] to a host batch for every key, in place; returns it.
+
+  Each array is shaped [N, 2, ...]: per-record data for the image as stored ([:, 0]) and
+  mirrored ([:, 1]), e.g. teacher embeddings or cached targets; every example gets the
+  entry of its record ("index") in the orientation it is fed ("flip"). Arrays may be
+  memory-mapped (np.load(..., mmap_mode="r")): only the rows of the batch are read.
+  """
+  index, flips = batch["index"].astype(np.int64), batch["flip"].astype(np.int64)
+  for key, values in arrays.items():
+    batch[key] = np.asarray(values[index, flips])
+  return batch
 
 
 def eval_batches(images: np.ndarray, *, batch_size: int,

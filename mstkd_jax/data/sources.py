@@ -49,9 +49,7 @@ class TrainingSet:
     batches = self._batches(np.asarray(rows, np.int64), np.asarray(labels, np.int32),
                             **settings)
     for batch in batches:
-      for key, values in (extra or {}).items():
-        batch[key] = values[batch["index"], batch["flip"].astype(np.int64)]
-      yield batch
+      yield input_pipeline.add_oriented(batch, extra or {})
 
   def _batches(self, rows, labels, **settings):
     raise NotImplementedError

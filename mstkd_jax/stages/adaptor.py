@@ -5,6 +5,8 @@ the extraction stage's embeddings (the orientation of each example drawn like an
 flip); model selection keeps the epoch with the lowest mean training loss. Then it maps
 every training image and its mirror to its target (targets.npy, [N, 2, D]), saves the
 selected adaptor under model/, and the adaptor's space on every group's verification pairs.
+The teacher embeddings are read memory-mapped and the targets written in chunks, so neither
+has to fit in memory.
 """
 
 import dataclasses
@@ -16,6 +18,7 @@ import numpy as np
 
 from mstkd_jax import models
 from mstkd_jax.data import input_pipeline, sources
+from mstkd_jax.errors import UserError
 from mstkd_jax.stages import extract, runtime
 from mstkd_jax.train import loop, parallel as parallel_lib, state as state_lib, steps
 
@@ -24,20 +27,32 @@ def _apply_fn(adaptor):
   return jax.jit(lambda variables, x: adaptor.apply(variables, x, train=False))
 
 
-def _map(apply, variables, embeddings, batch=4096):
-  """Adaptor outputs for [..., G, D] teacher embeddings -> [..., D_out], in chunks."""
-  lead = embeddings.shape[:-2]
+def _map(apply, variables, embeddings, out=None, batch=4096):
+  """Adaptor outputs [..., D_out] for [..., G, D] teacher embeddings (possibly memory-mapped),
+  in chunks, written into `out` where given (contiguous: filled through a flat view)."""
   flat = embeddings.reshape((-1, embeddings.shape[-2] * embeddings.shape[-1]))
-  out = [np.asarray(apply(variables, flat[i:i + batch])) for i in range(0, len(flat), batch)]
-  return np.concatenate(out).reshape(lead + (-1,))
+  rows = None
+  for i in range(0, len(flat), batch):
+    part = np.asarray(apply(variables, np.asarray(flat[i:i + batch])))
+    if out is None:
+      out = np.empty(embeddings.shape[:-2] + part.shape[-1:], np.float32)
+    if rows is None:
+      if not out.flags.c_contiguous:
+        raise ValueError("the adaptor outputs need a contiguous array to fill")
+      rows = out.reshape((len(flat), part.shape[-1]))
+    rows[i:i + batch] = part
+  return out
 
 
 def run(config, workdir: str, name: str = "adaptor") -> dict:
   workdir = runtime.prepare_workdir(config, workdir)
-  train_embeddings, verification = extract.load(config.adaptor.extract_dir)
+  train_embeddings, verification = extract.load(config.adaptor.extract_dir)  # memory-mapped
   train_set = sources.training_set(config.data, workdir)
   labels = train_set.identity
   num, _, num_teachers, size = train_embeddings.shape
+  if num != len(labels):
+    raise UserError(f"the teacher embeddings in {config.adaptor.extract_dir} cover {num} "
+                    f"images, the training set has {len(labels)}; rerun the extraction")
   print(f"[{name}] {config.adaptor.kind} adaptor over {num_teachers} teachers x {size}-D, "
         f"{num} images of {train_set.num_identities} identities", flush=True)
   parallel = parallel_lib.get(config.parallelism, config.num_devices)
@@ -63,15 +78,21 @@ def run(config, workdir: str, name: str = "adaptor") -> dict:
   step_fn = functools.partial(steps.classification_step, backbone=adaptor, head=head,
                               margin=runtime.margin_spec(config.head), tx=tx,
                               schedule=schedule, input_key="teacher_embeddings")
-  arrays = {"teacher_embeddings": train_embeddings.reshape(num, 2, num_teachers * size),
-            "label": labels}
-  batches = functools.partial(
-      input_pipeline.train_batches, arrays, global_batch=config.train.batch_size,
-      steps_per_epoch=settings.steps_per_epoch, seed=config.seed,
-      total_steps=settings.total_steps, local_device_count=parallel.local_device_count,
-      oriented=("teacher_embeddings",))
+  # Only labels go through tf.data; each batch reads its rows of the (memory-mapped)
+  # embeddings in the orientation drawn for it, like an image flip.
+  oriented = {"teacher_embeddings": train_embeddings.reshape(num, 2, num_teachers * size)}
+  settings_in = dict(global_batch=config.train.batch_size,
+                     steps_per_epoch=settings.steps_per_epoch, seed=config.seed,
+                     total_steps=settings.total_steps,
+                     local_device_count=parallel.local_device_count)
+
+  def batches(start):
+    for batch in input_pipeline.train_batches({"label": labels}, start_step=start,
+                                              **settings_in):
+      yield input_pipeline.add_oriented(batch, oriented)
+
   loop.train(workdir=workdir, settings=settings, init_state=init_state, step_fn=step_fn,
-             batches=lambda start: batches(start_step=start), parallel=parallel,
+             batches=batches, parallel=parallel,
              rng=jax.random.PRNGKey(config.seed + 1))
 
   best, info = loop.load_best(workdir, loop.best_variables(init_state))
@@ -79,7 +100,6 @@ def run(config, workdir: str, name: str = "adaptor") -> dict:
   print(f"[{name}] selected epoch {info['epoch']} (mean training loss "
         f"{info['mean_loss']:.4f})", flush=True)
   apply = _apply_fn(adaptor)
-  targets = _map(apply, best, train_embeddings)                        # [N, 2, D]
   space = {g: (_map(apply, best, emb[:, 0]), _map(apply, best, emb[:, 1]), same)
            for g, (emb, same) in verification.items()}
   results = runtime.evaluate_embeddings(space)
@@ -87,6 +107,8 @@ def run(config, workdir: str, name: str = "adaptor") -> dict:
         flush=True)
   runtime.save_model(workdir, info["step"], best)  # Orbax: every process takes part.
   if jax.process_index() == 0:
-    runtime.atomic_save_npy(os.path.join(workdir, "targets.npy"), targets.astype(np.float32))
+    with runtime.npy_writer(os.path.join(workdir, "targets.npy"),
+                            (num, 2, config.adaptor.embedding_size)) as targets:
+      _map(apply, best, train_embeddings, targets)                   # [N, 2, D]
     runtime.save_embeddings(workdir, space)
   return {"verification": results, "best": info}

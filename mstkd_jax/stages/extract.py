@@ -2,7 +2,8 @@
 
 Writes <workdir>/teacher_embeddings.npy, float32 [N, 2, G, D]: image n as stored ([:, 0])
 and mirrored ([:, 1]), teacher g in the fixed teacher order, L2-normalized, so the
-adaptor and the cached-target student fetch exactly the orientation they feed. Also
+adaptor and the cached-target student fetch exactly the orientation they feed. The file is
+filled in place a chunk at a time and read memory-mapped, so it may exceed memory. Also
 verification_teacher_embeddings.npz: the same for every group's verification pair images
 (the adaptor's space is evaluated on them).
 """
@@ -26,10 +27,18 @@ def _normalized_pair(variables, module, images, parallel, batch_size):
                    np.asarray(losses.l2_normalize(emb_flip))], axis=1)
 
 
-def _embed_training_set(variables, module, train_set, parallel, batch_size):
-  chunks = [_normalized_pair(variables, module, images, parallel, batch_size)
-            for images in train_set.image_chunks(max(batch_size, 4096))]
-  return np.concatenate(chunks)
+def _embed_training_set(variables, module, train_set, parallel, batch_size, out, teacher):
+  """Writes teacher `teacher`'s pairs of every training image into out[:, :, teacher]
+  chunk by chunk (out is None on processes other than 0, which only take part)."""
+  count = 0
+  for images in train_set.image_chunks(max(batch_size, 4096)):
+    pairs = _normalized_pair(variables, module, images, parallel, batch_size)
+    if out is not None and count + len(pairs) <= len(out):
+      out[count:count + len(pairs), :, teacher] = pairs
+    count += len(pairs)
+  if count != train_set.num_examples:
+    raise UserError(f"the training set gave {count} images while its labels count "
+                    f"{train_set.num_examples}; prepare it again")
 
 
 def run(config, workdir: str, name: str = "extract") -> dict:
@@ -46,23 +55,22 @@ def run(config, workdir: str, name: str = "extract") -> dict:
       module, jax.random.PRNGKey(0), np.zeros((1,) + train_set.image_shape, np.float32),
       train=False)
   batch = config.train.eval_batch_size
-  train_parts, verification_parts = [], {g: [] for g in verification}
-  sizes = set()
-  for i, teacher_dir in enumerate(teacher_dirs):
-    variables = runtime.load_model(teacher_dir, template, teacher_dir)
-    print(f"[{name}] teacher {i + 1}/{len(teacher_dirs)} ({teacher_dir}) embeds "
-          f"{train_set.num_examples} training images and their mirrors", flush=True)
-    train_parts.append(_embed_training_set(variables, module, train_set, parallel, batch))
-    sizes.add(train_parts[-1].shape[-1])
-    for group, vset in verification.items():
-      verification_parts[group].append(
-          _normalized_pair(variables, module, vset.pair_images(), parallel, batch))
-  if len(sizes) != 1:
-    raise UserError(f"the teachers {teacher_dirs} have different embedding sizes {sorted(sizes)}"
-                    "; the adaptor needs one size")
-  if jax.process_index() == 0:
-    runtime.atomic_save_npy(os.path.join(workdir, "teacher_embeddings.npy"),
-                            np.stack(train_parts, axis=2))             # [N, 2, G, D]
+  verification_parts = {g: [] for g in verification}
+  # Every teacher is loaded against this template (shapes checked), so all share its size.
+  shape = (train_set.num_examples, 2, len(teacher_dirs), config.model.embedding_size)
+  is_main = jax.process_index() == 0
+  # Written in place, a chunk at a time: [N, 2, G, D] float32 reaches ~20 GB at BUPT scale.
+  with runtime.npy_writer(os.path.join(workdir, "teacher_embeddings.npy"), shape,
+                          enabled=is_main) as train_out:
+    for i, teacher_dir in enumerate(teacher_dirs):
+      variables = runtime.load_model(teacher_dir, template, teacher_dir)
+      print(f"[{name}] teacher {i + 1}/{len(teacher_dirs)} ({teacher_dir}) embeds "
+            f"{train_set.num_examples} training images and their mirrors", flush=True)
+      _embed_training_set(variables, module, train_set, parallel, batch, train_out, i)
+      for group, vset in verification.items():
+        verification_parts[group].append(
+            _normalized_pair(variables, module, vset.pair_images(), parallel, batch))
+  if is_main:
     runtime.atomic_save_npz(
         os.path.join(workdir, "verification_teacher_embeddings.npz"),
         {f"{g}/embeddings": np.stack(parts, axis=2) for g, parts in verification_parts.items()}
@@ -71,9 +79,12 @@ def run(config, workdir: str, name: str = "extract") -> dict:
 
 
 def load(extract_dir: str) -> tuple[np.ndarray, dict]:
-  """(training [N, 2, G, D], {group: ([2P, 2, G, D], issame [P])}) written by `run`."""
+  """(training [N, 2, G, D], {group: ([2P, 2, G, D], issame [P])}) written by `run`.
+
+  The training embeddings come memory-mapped (read-only): callers read the rows they need.
+  """
   try:
-    train = np.load(os.path.join(extract_dir, "teacher_embeddings.npy"))
+    train = np.load(os.path.join(extract_dir, "teacher_embeddings.npy"), mmap_mode="r")
     with np.load(os.path.join(extract_dir, "verification_teacher_embeddings.npz")) as data:
       groups = sorted({k.split("/")[0] for k in data.files})
       verification = {g: (data[f"{g}/embeddings"], data[f"{g}/issame"]) for g in groups}

@@ -4,6 +4,7 @@ the config, embed images, evaluate verification pairs.
 Configs are read here and in the stage files only; models, losses and steps take plain values.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -265,6 +266,30 @@ def atomic_save_npy(path: str, array: np.ndarray) -> None:
   tmp = path + ".tmp.npy"
   np.save(tmp, array)
   os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def npy_writer(path: str, shape: tuple, dtype=np.float32, enabled: bool = True):
+  """Yields a memory-mapped array [shape] to fill in chunks; it becomes the .npy `path` only
+  when the block ends without an error (an earlier file there stays until then), so arrays
+  larger than memory are written whole or not at all. Yields None where not `enabled`
+  (processes other than 0)."""
+  if not enabled:
+    yield None
+    return
+  tmp = path + ".tmp.npy"
+  array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
+  done = False
+  try:
+    yield array
+    array.flush()
+    done = True
+  finally:
+    del array
+    if done:
+      os.replace(tmp, path)
+    else:
+      os.remove(tmp)
 
 
 def save_model(workdir: str, step: int, variables: dict) -> None:

@@ -114,7 +114,7 @@ def load_targets(adaptor_dir: str, num_examples: int) -> np.ndarray:
   """The adaptor stage's cached targets [N, 2, D] (image, mirror)."""
   path = f"{adaptor_dir}/targets.npy"
   try:
-    targets = np.load(path)
+    targets = np.load(path, mmap_mode="r")  # each batch reads its own rows
   except (OSError, ValueError) as e:
     raise UserError(f"cannot read the cached targets {path} ({e}); run the adaptor stage "
                     "that makes them first") from e
