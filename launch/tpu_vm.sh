@@ -16,7 +16,7 @@ REPO=$(cd -- "$SCRIPT_DIR/.." && pwd)
 # shellcheck disable=SC2088
 REMOTE_CODE='~/mstkd_jax' REMOTE_VENV='~/mstkd_venv' REMOTE_LOGS='~/mstkd_logs'
 REMOTE_TARBALL='mstkd_jax_src.tar.gz'
-JAX_TPU_REQ='jax[tpu]>=0.7.1,<0.11'
+JAX_TPU_REQ='jax[tpu]>=0.7.1,<0.12'
 
 usage() {
   cat <<EOF

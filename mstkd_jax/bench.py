@@ -51,7 +51,7 @@ PEAK_TFLOPS = (
     (("tpu v4",), "TPU v4", 275.0, 275.0),
     (("tpu v5 lite", "tpu v5e"), "TPU v5e", 197.0, 197.0),
     (("tpu v5p", "tpu v5"), "TPU v5p", 459.0, 459.0),
-    (("tpu v6 lite", "tpu v6e", "tpu7x"), "TPU v6e", 918.0, 918.0),
+    (("tpu v6 lite", "tpu v6e"), "TPU v6e", 918.0, 918.0),
 )
 
 # Goals of issue 8, on the cost ratio (time relative to the plain student step).
