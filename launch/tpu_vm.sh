@@ -16,6 +16,9 @@ REPO=$(cd -- "$SCRIPT_DIR/.." && pwd)
 # shellcheck disable=SC2088
 REMOTE_CODE='~/mstkd_jax' REMOTE_VENV='~/mstkd_venv' REMOTE_LOGS='~/mstkd_logs'
 REMOTE_TARBALL='mstkd_jax_src.tar.gz'
+# mstkd_jax reads and writes plain paths (memory-mapped caches among them), so run mounts
+# gs://BUCKET here on every worker with gcsfuse; workdir and data live under the mount.
+REMOTE_MOUNTS='/mnt/gcs'
 JAX_TPU_REQ='jax[tpu]>=0.7.1,<0.12'
 
 usage() {
@@ -29,10 +32,13 @@ Commands:
   setup    copy this checkout (a tarball of the tracked and untracked, not ignored
            files; no .git/, no workdirs) to every worker, unpack it into
            $REMOTE_CODE, make the venv $REMOTE_VENV (Python >= 3.11; installed with
-           apt when the image lacks it) and install "$JAX_TPU_REQ" and
-           requirements.txt there. Run it again after changing the code.
-  run      run "python -m mstkd_jax.main" on every worker (--worker=all). The
-           workdir and TFDS_DATA_DIR are on gs://BUCKET. Each worker tees its
+           apt when the image lacks it), install "$JAX_TPU_REQ" and
+           requirements.txt there, and gcsfuse (Google's apt repository) when
+           missing. Run it again after changing the code.
+  run      run "python -m mstkd_jax.main" on every worker (--worker=all), after
+           mounting gs://BUCKET at $REMOTE_MOUNTS/BUCKET with gcsfuse (where it is not
+           mounted yet): the workdir and TFDS_DATA_DIR are folders of that
+           mount, so every worker sees the same files. Each worker tees its
            output into $REMOTE_LOGS/RUN_NAME.worker-\$(hostname).log; the
            script prints how to fetch the logs.
   ssh      open a shell on a worker, or run "-- COMMAND..." on the workers chosen
@@ -53,8 +59,9 @@ Options:
   --config.KEY=VALUE       run: config override, passed through to mstkd_jax.main
   --run-name=NAME          run: names the default workdir and the log files
                            (default: mstkd-YYYYmmdd-HHMMSS; letters, digits, . _ -)
-  --workdir=URI            run: default gs://BUCKET/mstkd_jax/workdirs/RUN_NAME
-  --tfds-data-dir=URI      run: default gs://BUCKET/tensorflow_datasets
+  --workdir=PATH           run: default $REMOTE_MOUNTS/BUCKET/mstkd_jax/workdirs/RUN_NAME
+                           (a path every worker sees; gs:// URLs are refused)
+  --tfds-data-dir=PATH     run: default $REMOTE_MOUNTS/BUCKET/tensorflow_datasets
   --detach                 run: start in the background (nohup) on every worker
                            and return at once; output goes only to the log files
   --worker=W               ssh: worker index, list (1,3), range (0-3) or "all"
@@ -238,6 +245,7 @@ remote_setup_command() {
     "$REMOTE_VENV/bin/python -m pip install -q -U pip"
     "$REMOTE_VENV/bin/python -m pip install -q -U \"$JAX_TPU_REQ\""
     "$REMOTE_VENV/bin/python -m pip install -q -r $REMOTE_CODE/requirements.txt"
+    "command -v gcsfuse >/dev/null || { echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && apt_install gcsfuse; }"
     "echo \"[\$(hostname)] ready: \$($REMOTE_VENV/bin/python -c 'import jax; print(\"jax\", jax.__version__)')\""
   )
   local out='' s
@@ -276,15 +284,28 @@ do_run() {
   if ! [[ $run_name =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then
     die "--run-name may only use letters, digits, '.', '_' and '-' (got: $run_name)"
   fi
-  workdir=${workdir:-gs://$bucket/mstkd_jax/workdirs/$run_name}
-  tfds_dir=${tfds_dir:-gs://$bucket/tensorflow_datasets}
+  local mount=$REMOTE_MOUNTS/$bucket
+  workdir=${workdir:-$mount/mstkd_jax/workdirs/$run_name}
+  tfds_dir=${tfds_dir:-$mount/tensorflow_datasets}
+  local flag value
+  for flag in --workdir --tfds-data-dir; do
+    value=$workdir
+    [[ $flag == --workdir ]] || value=$tfds_dir
+    if [[ $value =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]]; then
+      die "$flag=$value is a URL; mstkd_jax needs a path. gs://$bucket is mounted at $mount" \
+        "on every worker: give a folder under it (e.g. $flag=$mount/...)"
+    fi
+  done
   need_gcloud
 
   local log="$REMOTE_LOGS/$run_name.worker-\$(hostname).log"
   local main
   main="$REMOTE_VENV/bin/python -m mstkd_jax.main $(fmt_cmd --config="$config" --workdir="$workdir" --multihost=true ${extra[@]+"${extra[@]}"})"
   local remote
-  remote="set -eo pipefail; mkdir -p $REMOTE_LOGS; cd $REMOTE_CODE; export TFDS_DATA_DIR=$(q "$tfds_dir") PYTHONUNBUFFERED=1; "
+  # --rename-dir-limit: Orbax finalizes a checkpoint by renaming its temporary folder.
+  remote="set -eo pipefail; mkdir -p $REMOTE_LOGS; "
+  remote+="if ! mountpoint -q $(q "$mount"); then sudo mkdir -p $(q "$mount") && sudo chown \$(id -u):\$(id -g) $(q "$mount") && gcsfuse --implicit-dirs --rename-dir-limit=1000000 $(q "$bucket") $(q "$mount"); fi; "
+  remote+="cd $REMOTE_CODE; export TFDS_DATA_DIR=$(q "$tfds_dir") PYTHONUNBUFFERED=1; "
   if ((detach)); then
     remote+="nohup $main >> $log 2>&1 < /dev/null & echo \"[\$(hostname)] started pid \$!, log: $log\""
   else

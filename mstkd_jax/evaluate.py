@@ -43,6 +43,7 @@ from typing import Any, Mapping, Sequence
 from absl import app, flags, logging
 import numpy as np
 
+from mstkd_jax import paths
 from mstkd_jax.errors import UserError
 
 RESAMPLING = "bilinear (PIL Image.resize with BILINEAR: antialiased when shrinking)"
@@ -199,7 +200,7 @@ def _template(module, image_size: int):
 
 def _load_model(checkpoint: str, explicit: ArchSettings) -> dict:
   """Builds the backbone and loads its variables; returns what the report records."""
-  path = os.path.abspath(os.path.expanduser(os.fspath(checkpoint)))
+  path = paths.local(checkpoint, "--checkpoint")
   if os.path.isdir(path):
     return _load_orbax(path, explicit)
   return _load_pytorch(path, explicit)
@@ -302,8 +303,10 @@ def _precheck(entry: Any, index: int) -> None:
     raise FlagError(f"data_sources[{index}]: expected a path, {SYNTHETIC}[:scale] or a dict "
                     f"of group -> VerificationSet, got {type(entry).__name__}")
   text = os.fspath(entry)
-  path = os.path.abspath(os.path.expanduser(text))
-  if not _is_synthetic(text) and not os.path.exists(path):
+  if _is_synthetic(text):
+    return
+  path = paths.local(text, "--data")
+  if not os.path.exists(path):
     raise UserError(f"--data={text}: {path} does not exist; expected a verification .bin "
                     f"file, an RFW folder, or {SYNTHETIC}[:scale]")
 
@@ -319,7 +322,7 @@ def _classify(entry: Any, index: int, config: Mapping | None) -> _Source:
     scale = text.partition(":")[2] or None
     spec = _synthetic_spec(scale, config, text)
     return _Source(label=text, kind="synthetic", groups=tuple(spec.group_names), spec=spec)
-  path = os.path.abspath(os.path.expanduser(text))
+  path = paths.local(text, "--data")
   if os.path.isdir(path):
     from mstkd_jax.data import rfw  # pylint: disable=g-import-not-at-top
     return _Source(label=text, kind="rfw", groups=tuple(rfw.RFWReader(path).groups),
@@ -542,20 +545,20 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
     raise FlagError("--out: expected the folder to write the report into")
   if name is not None and not str(name).strip():
     raise FlagError("--name: expected a non-empty model name")
-  out_dir = os.path.abspath(os.path.expanduser(os.fspath(out_dir)))
+  out_dir = paths.local(out_dir, "--out")
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FlagError(f"--out={out_dir}: is a file; expected a folder")
   if checkpoint is None or not os.fspath(checkpoint):
     raise FlagError("--checkpoint: expected an Orbax stage workdir, model/ or checkpoints/ "
                     "folder or step folder, or a PyTorch .pth file")
-  checkpoint_path = os.path.abspath(os.path.expanduser(os.fspath(checkpoint)))
+  checkpoint_path = paths.local(checkpoint, "--checkpoint")
   if not os.path.exists(checkpoint_path):
     raise UserError(f"--checkpoint={os.fspath(checkpoint)}: {checkpoint_path} does not exist; "
                     "expected a stage workdir, its model/ or checkpoints/ folder or a step "
                     "folder (Orbax), or a PyTorch .pth state_dict")
   for i, entry in enumerate(data_sources):
     _precheck(entry, i)
-  data_dir = os.path.abspath(os.path.expanduser(os.fspath(data_dir))) if data_dir else (
+  data_dir = paths.local(data_dir, "--data_dir") if data_dir else (
       os.path.join(out_dir, "data"))
 
   # Whatever this call creates is removed again if it fails.

@@ -23,6 +23,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mstkd_jax import paths
 from mstkd_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:preset]).",
@@ -196,12 +197,13 @@ def run(config, workdir: str, multihost: str | Multihost = "false"):
   `multihost` is a mode ("auto", "true", "false") or a full Multihost setting.
   """
   import jax  # pylint: disable=g-import-not-at-top
+  workdir = paths.local(workdir, "--workdir")
   setup = multihost if isinstance(multihost, Multihost) else Multihost(mode=multihost)
   initialize_multihost(setup)
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     # Reruns and resumptions (and stages of the same shapes) skip XLA compilation.
     jax.config.update("jax_compilation_cache_dir",
-                      os.path.join(os.path.abspath(workdir), "compilation_cache"))
+                      os.path.join(workdir, "compilation_cache"))
   stages = _stages()
   if config.stage not in stages:
     raise UserError(f"config field stage={config.stage!r}: expected one of {sorted(stages)}")

@@ -19,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mstkd_jax import paths
 from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import report as report_lib
@@ -173,11 +174,11 @@ def _downstream(stages: list[Stage], roots: set) -> set:
 
 def run(config, workdir: str) -> dict:
   """Runs every stage that is not finished; returns the report."""
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = paths.local(workdir, "workdir")
   runtime.prepare_workdir(config, workdir, refuse_changes=False)
-  if not config.data.data_dir:  # one data cache for every stage
+  if not config.data.data_dir:  # one data folder for every stage (synthetic: its cache)
     config = ml_collections.ConfigDict(config.to_dict())
-    config.data.data_dir = os.path.join(workdir, "data")
+    config.data.data_dir = sources.data_dir(config.data, workdir)
   train_set = sources.training_set(config.data, workdir)
   stages = build(config, workdir, train_set)
   names = [s.name for s in stages]

@@ -22,7 +22,7 @@ SCRIPTS = [TPU, SLURM, LOCAL]
 
 BASH = shutil.which("bash")
 # Tools the scripts may call; everything else (gcloud, sbatch, ...) is absent.
-TOOLS = ["date", "git", "tar", "gzip", "mktemp", "rm", "mkdir", "cat", "env", "tee", "hostname", "cp"]
+TOOLS = ["date", "git", "tar", "gzip", "mktemp", "rm", "mkdir", "cat", "env", "tee", "hostname", "cp", "id"]
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +183,8 @@ def test_tpu_setup_copies_code_and_installs_on_all_workers(sh, tmp_path):
     assert {"pip", "install"} <= set(remote[r - 4:r])
     assert j < r  # jax[tpu] first, so requirements.txt keeps it
     assert "venv" in remote
+    g = remote.index("gcsfuse")  # installed where missing, for run's bucket mount
+    assert remote[g - 2:g] == ["command", "-v"] and "apt_install" in remote[g:g + 40]
 
 
 def test_tpu_run_passes_config_workdir_and_tfds_dir_on_the_bucket(sh):
@@ -194,12 +196,17 @@ def test_tpu_run_passes_config_workdir_and_tfds_dir_on_the_bucket(sh):
     assert words[4:6] == ["ssh", "t1"]
     assert "--worker=all" in words
     remote = remote_words(words)
-    assert "TFDS_DATA_DIR=gs://my-bucket/tensorflow_datasets" in remote
+    assert "TFDS_DATA_DIR=/mnt/gcs/my-bucket/tensorflow_datasets" in remote
+    # The bucket is mounted (where it is not yet) before the run, on every worker.
+    g = remote.index("gcsfuse")
+    assert remote[g + 1:g + 5] == ["--implicit-dirs", "--rename-dir-limit=1000000", "my-bucket",
+                                   "/mnt/gcs/my-bucket"]
+    assert remote.index("mountpoint") < g < remote.index("mstkd_jax.main")
     m = remote.index("mstkd_jax.main")
     assert remote[m - 1] == "-m"
     main_args = remote[m + 1:remote.index("2>&1")]
     assert "--config=configs/distill.py:tiny" in main_args
-    assert "--workdir=gs://my-bucket/mstkd_jax/workdirs/exp1" in main_args
+    assert "--workdir=/mnt/gcs/my-bucket/mstkd_jax/workdirs/exp1" in main_args
     # --multihost=true first; the words after -- come later and win.
     assert main_args[2:] == ["--multihost=true", "--multihost=auto"]
     # Every worker keeps its own log, and the script says how to get it.
@@ -211,12 +218,19 @@ def test_tpu_run_passes_config_workdir_and_tfds_dir_on_the_bucket(sh):
 def test_tpu_run_bucket_flag_beats_environment_and_workdir_override(sh):
     result = ok(
         sh(TPU, "run", "--dry-run", "--bucket=flag-bucket", "--run-name=r",
-           "--workdir=gs://other/wd", env={"GCS_BUCKET": "env-bucket"})
+           "--workdir=/shared/wd", env={"GCS_BUCKET": "env-bucket"})
     )
     remote = remote_words(commands(result.stdout)[0])
-    assert "TFDS_DATA_DIR=gs://flag-bucket/tensorflow_datasets" in remote
-    assert "--workdir=gs://other/wd" in remote
+    assert "TFDS_DATA_DIR=/mnt/gcs/flag-bucket/tensorflow_datasets" in remote
+    assert "--workdir=/shared/wd" in remote
     assert "env-bucket" not in result.stdout
+
+
+@pytest.mark.parametrize("flag", ["--workdir", "--tfds-data-dir"])
+def test_tpu_run_refuses_url_folders(sh, flag):
+    result = sh(TPU, "run", "--dry-run", "--bucket=b", f"{flag}=gs://b/x")
+    assert result.returncode != 0 and not commands(result.stdout)
+    assert f"{flag}=gs://b/x is a URL" in result.stderr and "/mnt/gcs/b" in result.stderr
 
 
 def test_tpu_run_quotes_arguments_with_spaces_and_quotes(sh):
@@ -240,11 +254,22 @@ def test_tpu_run_remote_command_runs_in_bash(sh, tool_bin, tmp_path):
     python.parent.mkdir(parents=True)
     python.write_text('#!/bin/bash\necho "TFDS=$TFDS_DATA_DIR"\nprintf "<%s>\\n" "$@"\n')
     python.chmod(0o755)
-    run = subprocess.run([BASH, "-c", command], env={"PATH": str(tool_bin), "HOME": str(home)},
+    # Stand-ins for the worker's mount tools: nothing is mounted yet; calls are logged.
+    fakes = tmp_path / "fakes"
+    fakes.mkdir()
+    for tool, body in (("mountpoint", "exit 1"), ("sudo", 'echo "sudo $*" >> "$HOME/calls"'),
+                       ("gcsfuse", 'echo "gcsfuse $*" >> "$HOME/calls"')):
+        (fakes / tool).write_text(f"#!/bin/bash\n{body}\n")
+        (fakes / tool).chmod(0o755)
+    run = subprocess.run([BASH, "-c", command],
+                         env={"PATH": f"{fakes}:{tool_bin}", "HOME": str(home)},
                          capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr
-    expected = ["TFDS=gs://b/tensorflow_datasets", "<-m>", "<mstkd_jax.main>",
-                "<--config=configs/distill.py>", "<--workdir=gs://b/mstkd_jax/workdirs/r>", "<--multihost=true>",
+    assert (home / "calls").read_text().splitlines() == [
+        "sudo mkdir -p /mnt/gcs/b", f"sudo chown {os.getuid()}:{os.getgid()} /mnt/gcs/b",
+        "gcsfuse --implicit-dirs --rename-dir-limit=1000000 b /mnt/gcs/b"]
+    expected = ["TFDS=/mnt/gcs/b/tensorflow_datasets", "<-m>", "<mstkd_jax.main>",
+                "<--config=configs/distill.py>", "<--workdir=/mnt/gcs/b/mstkd_jax/workdirs/r>", "<--multihost=true>",
                 "<--config.name=my run>", "<it's>", "<$(echo no)>"]
     assert run.stdout.splitlines()[-len(expected):] == expected
     (log,) = (home / "mstkd_logs").glob("r.worker-*.log")

@@ -36,3 +36,11 @@ def test_default_workdir_is_named_after_config_and_preset():
   assert main.default_workdir("configs/teacher.py:smoke") == os.path.join(
       "workdir", "teacher_smoke")
   assert main.default_workdir("configs/distill.py") == os.path.join("workdir", "distill_default")
+
+
+def test_a_url_workdir_stops_before_anything_is_written():
+  result = _main("--config=configs/teacher.py:smoke", "--workdir=gs://my-bucket/run1")
+  assert result.returncode == 1
+  assert "--workdir='gs://my-bucket/run1' is a URL" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not os.path.exists(os.path.join(ROOT, "gs:"))

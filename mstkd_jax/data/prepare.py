@@ -19,6 +19,7 @@ import re
 import sys
 from typing import Callable, Optional, Sequence
 
+from mstkd_jax import paths
 from mstkd_jax.errors import UserError
 
 FORMATS = ('image_tree', 'recordio', 'rfw', 'bin')
@@ -49,7 +50,7 @@ def default_name(src: str) -> str:
 
 def _locate(fmt: str, src: str) -> tuple[str, str]:
   """(manual dir, file inside it or '') for a source; UserError if it is not there."""
-  src = os.path.abspath(os.path.expanduser(src))
+  src = paths.local(src, '--src')
   expected = f'expected {_EXPECTED[fmt]} for --format={fmt}'
   if not os.path.exists(src):
     raise UserError(f'{src}: does not exist; {expected}')
@@ -94,7 +95,7 @@ def prepare(fmt: str, src: str, data_dir: str, name: Optional[str] = None,
   name = default_name(src) if name is None else name
   if not _NAME.match(name):
     raise UserError(f'--name={name!r}; expected letters, digits and _ . + - (not first . + -)')
-  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  data_dir = paths.local(data_dir, '--data_dir')
   builder_cls = tfds_builders.BUILDERS[fmt]
   path = tfds_builders.prepared_dir(data_dir, builder_cls, name)
   if tfds_builders.is_prepared(path):

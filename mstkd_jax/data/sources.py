@@ -11,6 +11,7 @@ from typing import Iterator
 
 import numpy as np
 
+from mstkd_jax import paths
 from mstkd_jax.data import input_pipeline, synthetic
 from mstkd_jax.errors import UserError
 
@@ -111,7 +112,13 @@ class VerificationSet:
 
 
 def data_dir(data_config, workdir: str) -> str:
-  return os.path.abspath(os.path.expanduser(data_config.data_dir or os.path.join(workdir, "data")))
+  """data.data_dir; if empty, for the tfds source TFDS_DATA_DIR (TFDS's own variable), for
+  the synthetic set <workdir>/data (where it is generated and cached)."""
+  if data_config.data_dir:
+    return paths.local(data_config.data_dir, "config field data.data_dir")
+  if _check_source(data_config) == "tfds":
+    return paths.local(os.environ["TFDS_DATA_DIR"], "TFDS_DATA_DIR")
+  return os.path.join(paths.local(workdir, "workdir"), "data")
 
 
 def _synthetic(data_config, workdir: str) -> synthetic.SyntheticFaces:
@@ -127,10 +134,11 @@ def _check_source(data_config) -> str:
     raise UserError(f"config field data.source={data_config.source!r}: expected one of "
                     f"{SOURCES}")
   if data_config.source == "tfds":
-    if not data_config.tfds.train or not data_config.data_dir:
+    if not data_config.tfds.train or not (data_config.data_dir or
+                                          os.environ.get("TFDS_DATA_DIR")):
       raise UserError("data.source='tfds' needs config fields data.tfds.train (the name "
                       "given to `python -m mstkd_jax.data.prepare`) and data.data_dir (its "
-                      "--data_dir)")
+                      "--data_dir; or the environment variable TFDS_DATA_DIR)")
   return data_config.source
 
 

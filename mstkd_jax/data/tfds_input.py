@@ -24,6 +24,7 @@ import warnings
 
 import numpy as np
 
+from mstkd_jax import paths
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
 
@@ -123,7 +124,7 @@ def load_face_dataset(name: str, data_dir: str) -> TfdsFaceSet:
     UserError: not prepared, or its files disagree with each other.
   """
   tfb = _builders()
-  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  data_dir = paths.local(data_dir, "data.data_dir")
   path = tfb.find_prepared(data_dir, name, tfb.MstkdFaces)
   meta = tfb.read_metadata(path)
   face_set = TfdsFaceSet(
@@ -336,7 +337,7 @@ def load_verification_sets(name: str, data_dir: str, image_size: ImageSize
   tf = _tf()
   tfds = _tfds()
   tfb = _builders()
-  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  data_dir = paths.local(data_dir, "data.data_dir")
   path = tfb.find_prepared(data_dir, name, tfb.MstkdVerification)
   meta = tfb.read_metadata(path)
   builder = tfds.builder_from_directory(path)

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mstkd_jax import paths
 from mstkd_jax.errors import UserError
 from mstkd_jax.models import iresnet
 
@@ -71,7 +72,7 @@ def locate(path: Any) -> tuple[str, str | None]:
   A folder of steps resolves to its latest finished step; a stage workdir to that of its
   model/ folder (the trained network) when there is one, else of its checkpoints/.
   """
-  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  path = paths.local(path, "checkpoint")
   if not os.path.exists(path):
     raise UserError(f"{path}: checkpoint does not exist; {_EXPECTED}")
   if not os.path.isdir(path):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mstkd_jax import losses, models
+from mstkd_jax import losses, models, paths
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import verification
@@ -62,7 +62,7 @@ def prepare_workdir(config, workdir: str, refuse_changes: bool = True) -> str:
   config.json just records the latest run. Returns the absolute workdir; only process 0
   writes.
   """
-  workdir = os.path.abspath(os.path.expanduser(workdir))
+  workdir = paths.local(workdir, "workdir")
   try:
     os.makedirs(workdir, exist_ok=True)
     # Named per process and host: the processes of a multi-host run share the workdir.

@@ -1,0 +1,46 @@
+"""User-given paths: absolute, ~ expanded, URLs refused with the flag or field named."""
+
+import os
+
+import ml_collections
+import pytest
+
+from mstkd_jax import paths
+from mstkd_jax.data import sources
+from mstkd_jax.errors import UserError
+
+
+def test_paths_are_made_absolute_and_urls_refused(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  assert paths.local("runs/a", "--workdir") == str(tmp_path / "runs" / "a")
+  assert paths.local("~/x", "--workdir") == str(tmp_path / "home" / "x")
+  assert paths.local(tmp_path / "p", "--out") == str(tmp_path / "p")
+  assert paths.local("weird:name/x", "--out") == str(tmp_path / "weird:name" / "x")
+  for url in ("gs://bucket/dir", "s3://b/k", "file:///tmp/x", "hdfs://nn/x"):
+    with pytest.raises(UserError, match=f"--data_dir='{url}' is a URL;.*mount"):
+      paths.local(url, "--data_dir")
+
+
+def _data(source, data_dir=""):
+  return ml_collections.ConfigDict({"source": source, "data_dir": data_dir,
+                                    "tfds": {"train": "faces", "verification": "rfw"}})
+
+
+def test_data_dir_defaults(tmp_path, monkeypatch):
+  monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+  workdir = str(tmp_path / "wd")
+  assert sources.data_dir(_data("synthetic"), workdir) == os.path.join(workdir, "data")
+  assert sources.data_dir(_data("tfds", str(tmp_path / "d")), workdir) == str(tmp_path / "d")
+  with pytest.raises(UserError, match="data.data_dir .*or the environment variable TFDS_DATA_DIR"):
+    sources.data_dir(_data("tfds"), workdir)
+  # TFDS's own variable, for the tfds source only; the config field wins over it.
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+  assert sources.data_dir(_data("tfds"), workdir) == str(tmp_path / "tfds")
+  assert sources.data_dir(_data("synthetic"), workdir) == os.path.join(workdir, "data")
+  assert sources.data_dir(_data("tfds", str(tmp_path / "d")), workdir) == str(tmp_path / "d")
+  monkeypatch.setenv("TFDS_DATA_DIR", "gs://bucket/tensorflow_datasets")
+  with pytest.raises(UserError, match="TFDS_DATA_DIR='gs://bucket/tensorflow_datasets' is a URL"):
+    sources.data_dir(_data("tfds"), workdir)
+  with pytest.raises(UserError, match="config field data.data_dir='gs://b/d' is a URL"):
+    sources.data_dir(_data("synthetic", "gs://b/d"), workdir)
