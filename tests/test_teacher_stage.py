@@ -9,7 +9,7 @@ import pytest
 
 from configs import teacher as teacher_config
 from mstkd_jax.errors import UserError
-from mstkd_jax.stages import teacher
+from mstkd_jax.stages import runtime, teacher
 from mstkd_jax.train import checkpoints as checkpoints_lib
 
 
@@ -52,12 +52,20 @@ def test_writes_config_checkpoints_events_and_results(uninterrupted, capsys):
   assert set(results["verification"]) == {"group_a", "group_b"}
 
 
-def test_rerun_of_a_finished_run_does_nothing_but_say_so(uninterrupted, capsys):
+def test_rerun_of_a_finished_run_does_nothing_but_say_so(uninterrupted, capsys, monkeypatch):
   workdir, result = uninterrupted
+
+  def no_embedding(*args, **kwargs):
+    raise AssertionError("a finished run's verification pairs were embedded again")
+
+  monkeypatch.setattr(runtime, "verification_embeddings", no_embedding)
   again = teacher.run(tiny_config(), workdir)
-  assert "already finished" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "already finished" in out and "(saved at step 12)" in out
   for a, b in zip(_params(result["state"]), _params(again["state"])):
     np.testing.assert_array_equal(a, b)
+  for group, first in result["verification"].items():
+    assert again["verification"][group]["accuracy"] == first["accuracy"]
 
 
 def test_interrupted_run_resumes_bit_identical(uninterrupted, tmp_path, monkeypatch, capsys):

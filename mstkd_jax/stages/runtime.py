@@ -329,6 +329,11 @@ def finish_model(config, workdir: str, name: str, step: int, variables: dict, mo
   embed every group's verification pairs (kept for the report), print and write the
   per-group accuracy (results.json). Returns {group: evaluate_verification result}."""
   is_main = jax.process_index() == 0
+  done = _evaluated(workdir, step)
+  if done is not None:  # a rerun of a finished run: its model and embeddings are saved
+    print(f"[{name}] verification accuracy (saved at step {step}): {accuracy_line(done)}",
+          flush=True)
+    return done
   save_model(workdir, step, variables)  # Orbax: every process takes part, process 0 writes.
   embeddings = verification_embeddings(
       variables, module, sources.verification_sets(config.data, workdir), parallel,
@@ -344,6 +349,28 @@ def finish_model(config, workdir: str, name: str, step: int, variables: dict, mo
       json.dump({"model": name, "step": int(step), "verification": summary}, f, indent=2)
     os.replace(path + ".tmp", path)
   return results
+
+
+def _evaluated(workdir: str, step: int) -> dict | None:
+  """The verification results that `finish_model` saved for `step` in this workdir (model,
+  embeddings and results.json all of that step), recomputed from the saved embeddings; None
+  where anything is missing or of another step."""
+  try:
+    with open(os.path.join(workdir, "results.json")) as f:
+      if json.load(f).get("step") != int(step):
+        return None
+  except (OSError, ValueError):
+    return None
+  checkpoints = Checkpoints(os.path.join(workdir, "model"), keep=1)
+  try:
+    if checkpoints.latest_step() != int(step):
+      return None
+  finally:
+    checkpoints.close()
+  try:
+    return evaluate_embeddings(load_embeddings(workdir))
+  except UserError:
+    return None
 
 
 def accuracy_line(results: dict) -> str:
