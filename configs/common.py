@@ -6,6 +6,7 @@ line with `--config.<field>=<value>`; unknown fields are refused.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from mstkd_jax.errors import UserError
 
@@ -30,6 +31,18 @@ def synthetic_data(scale: str = "default") -> ml_collections.ConfigDict:
   ))
 
 
+def margin_head(name: str = "elastic_arcface", **fields) -> ml_collections.ConfigDict:
+  """A margin head section; m and std left unset (None) take the head's standard values
+  (mstkd_jax.losses.STANDARD_MARGINS: ElasticArcFace m 0.5 std 0.05, ElasticArcFace+ std
+  0.0175, ElasticCosFace m 0.35 std 0.05, ElasticCosFace+ m 0.35 std 0.02, ArcFace 0.5,
+  CosFace 0.35), so --config.head.name=... alone switches the margins with the loss."""
+  head = ml_collections.ConfigDict(dict(
+      name=name, s=64.0, m=config_dict.placeholder(float),
+      std=config_dict.placeholder(float)))
+  head.update(fields)
+  return head
+
+
 def base() -> ml_collections.ConfigDict:
   """Fields every stage reads; stages add their own sections."""
   c = ml_collections.ConfigDict()
@@ -49,9 +62,11 @@ def base() -> ml_collections.ConfigDict:
   ))
 
   c.model = ml_collections.ConfigDict(dict(
-      name="iresnet18", width=16, embedding_size=128, dropout=0.0, use_se=False,
-      dtype="float32"))
-  c.head = ml_collections.ConfigDict(dict(name="elastic_arcface", s=64.0, m=0.5, std=0.05))
+      name="iresnet18", width=16, embedding_size=128, use_se=False, dtype="float32",
+      # Before the embedding layer; unset (None) = the architecture's standard: 0.4 for
+      # iresnet50 (the paper), 0 otherwise.
+      dropout=config_dict.placeholder(float)))
+  c.head = margin_head()
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=0.1,              # scaled by train.batch_size / 512
       head_base_lr=-1.0,        # < 0: same as base_lr
@@ -72,13 +87,20 @@ def base() -> ml_collections.ConfigDict:
   return c
 
 
+# The authors' released scripts train on one GPU (world_size = 1) with batch 128: the LR is
+# 0.1 x 128 / 512 = 0.025 (adaptor 1.0 x 128 / 512 = 0.25). On more devices raise the batch
+# (--config.train.batch_size, per stage in configs/distill.py): the LR follows it linearly.
+PAPER_BATCH = 128
+
+
 def bupt_iresnet34(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The paper's teacher/student recipe (METHOD.md): IResNet-34, 112x112, batch 512."""
+  """The paper's teacher/student recipe (METHOD.md, the authors' released config): IResNet-34
+  at 112x112, ElasticArcFace, batch 128, 52 epochs with the LR x0.1 at 16, 28, 40, 50."""
   c.data.source = "tfds"        # --config.data.tfds.train=... --config.data.data_dir=...
-  c.model.update(name="iresnet34", width=64, embedding_size=512, dropout=0.0)
-  c.head.update(name="elastic_arcface", s=64.0, m=0.5, std=0.05)
-  c.optim.update(base_lr=0.1, lr_decay_epochs=(8, 14, 20, 25))
-  c.train.update(batch_size=512, epochs=26.0, log_every=100, checkpoint_every=2000)
+  c.model.update(name="iresnet34", width=64, embedding_size=512)
+  c.head = margin_head("elastic_arcface")
+  c.optim.update(base_lr=0.1, lr_decay_epochs=(16, 28, 40, 50))
+  c.train.update(batch_size=PAPER_BATCH, epochs=52.0, log_every=100, checkpoint_every=2000)
   return c
 
 

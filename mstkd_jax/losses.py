@@ -25,17 +25,35 @@ def l2_normalize(x, axis=-1, eps=1e-12):
   return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True)), eps)
 
 
+# (m, std) of each head where they are not given: ArcFace's and CosFace's usual margins; the
+# elastic heads as the MST-KD / ElasticFace released config sets them with the loss name.
+STANDARD_MARGINS = {
+    "arcface": (0.5, 0.0), "cosface": (0.35, 0.0),
+    "elastic_arcface": (0.5, 0.05), "elastic_arcface_plus": (0.5, 0.0175),
+    "elastic_cosface": (0.35, 0.05), "elastic_cosface_plus": (0.35, 0.02),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class MarginSpec:
-  """Which margin head, and its scale s, margin m and margin std (0 for fixed margins)."""
+  """Which margin head, and its scale s, margin m and margin std (0 for fixed margins).
+
+  m or std left None take the head's STANDARD_MARGINS, so naming another head never keeps
+  the previous head's margins by accident.
+  """
   name: str = "elastic_arcface"
   s: float = 64.0
-  m: float = 0.5
-  std: float = 0.05
+  m: float | None = None
+  std: float | None = None
 
   def __post_init__(self):
     if self.name not in HEADS:
       raise ValueError(f"margin head must be one of {HEADS}, got {self.name!r}")
+    m, std = STANDARD_MARGINS[self.name]
+    if self.m is None:
+      object.__setattr__(self, "m", m)
+    if self.std is None:
+      object.__setattr__(self, "std", std)
 
   @property
   def additive_angle(self) -> bool:

@@ -151,6 +151,7 @@ def test_rfw_lfw_header_and_blank_lines(tmp_path):
     ('m.0aa 1', r'African_pairs\.txt:2: cannot parse'),
     ('m.0aa one 2', r'African_pairs\.txt:2: .*not an image number'),
     ('m.0aa 0 2', r'African_pairs\.txt:2: .*1-based'),
+    ('m.0aa \u00b2 1', r'African_pairs\.txt:2: .*not an image number'),
     ('m.0aa 1 m.0aa 2', r'African_pairs\.txt:2: different-identity line'),
     ('m.0aa 1 9', r'African_pairs\.txt:2: pair 1 names image 9 of .m\.0aa.*m\.0aa_0009\.jpg'),
     ('m.0aa 1 m.0zz 1', r'African_pairs\.txt:2: pair 1 names image 1 of .m\.0zz'),

@@ -86,5 +86,9 @@ def test_balanced_split_is_equal_disjoint_and_complete():
   assert [len(p) for p in parts] == [4, 4, 4]
   assert sorted(np.concatenate(parts)) == list(range(12))
   assert [list(p) for p in parts] == [list(p) for p in pipeline.balanced_split(12, 3, 0)]
-  with pytest.raises(UserError, match="13 training identities into 3 equal parts"):
-    pipeline.balanced_split(13, 3, seed=0)
+  # BUPT-Balancedface's 27,997 identities: 7,000 + 3 x 6,999, as the authors' baseline.
+  parts = pipeline.balanced_split(27_997, 4, seed=0)
+  assert [len(p) for p in parts] == [7000, 6999, 6999, 6999]
+  assert len(np.unique(np.concatenate(parts))) == 27_997
+  with pytest.raises(UserError, match="cannot split 3 training identities into 4 parts"):
+    pipeline.balanced_split(3, 4, seed=0)

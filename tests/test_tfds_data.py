@@ -178,6 +178,13 @@ def test_other_image_size_is_resized_with_a_warning(tree_set):
     batch = _batches(face_set, rows, labels, total=1, image_size=8)[0]
   assert batch['image'].shape == (2, 2, 8, 8, 3)
   assert -1 <= batch['image'].min() and batch['image'].max() <= 1
+  # Training sees exactly the resized pixels extraction embeds (so cached targets match).
+  with pytest.warns(UserWarning):
+    stored = np.concatenate(list(tfds_input.ordered_images(face_set, 8, chunk=4)))
+  fed = batch['image'].reshape(-1, 8, 8, 3)
+  for image, index, flip in zip(fed, batch['index'].reshape(-1), batch['flip'].reshape(-1)):
+    want = stored[index][:, ::-1] if flip else stored[index]
+    np.testing.assert_array_equal(image, input_pipeline.normalize_images(want))
 
 
 @pytest.mark.parametrize('name', ['rfw', 'bins'])

@@ -34,7 +34,7 @@ class VerificationPair:
 
 
 def _parse_index(token: str, path: str, line: int, text: str) -> int:
-  if not token.isdigit() or int(token) < 1:
+  if not (token.isascii() and token.isdigit()) or int(token) < 1:
     raise UserError(f'{path}:{line}: {token!r} is not an image number in {text!r}; expected '
                     'a 1-based integer')
   return int(token)

@@ -277,6 +277,8 @@ def train_batches(face_set: TfdsFaceSet, rows: np.ndarray, labels: np.ndarray, *
 
   def one_image(example):
     image, _ = decode(example.pop('raw'))
+    if resize:  # the pixels extraction sees too (ordered_images), so cached targets match
+      image = _to_uint8(tf, image)
     image = tf.where(example['flip'], tf.reverse(image, axis=[1]), image)
     example['image'] = (tf.cast(image, tf.float32) / 255.0 - 0.5) / 0.5
     return example
@@ -301,6 +303,11 @@ def train_batches(face_set: TfdsFaceSet, rows: np.ndarray, labels: np.ndarray, *
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
+def _to_uint8(tf, image):
+  """A resized float image rounded back onto the uint8 grid of stored images."""
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
 def ordered_images(face_set: TfdsFaceSet, image_size: ImageSize,
                    chunk: int = 512) -> Iterator[np.ndarray]:
   """Every record's image in record order, uint8 [<= chunk, H, W, 3] at a time (extraction)."""
@@ -312,7 +319,7 @@ def ordered_images(face_set: TfdsFaceSet, image_size: ImageSize,
 
   def one_image(raw):
     image, _ = decode(raw)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8) if resize else image
+    return _to_uint8(tf, image) if resize else image
 
   ds = tf.data.Dataset.range(face_set.num_examples).batch(chunk)
   ds = ds.map(tf.autograph.experimental.do_not_convert(fetch), deterministic=True)

@@ -18,6 +18,10 @@ DEPTHS = {
     "iresnet100": (3, 13, 30, 3),
 }
 
+# Dropout before the embedding layer where a config leaves it unset: the paper's (and the
+# released code's) 0.4 for IResNet-50; none for the others.
+STANDARD_DROPOUT = {"iresnet50": 0.4}
+
 # insightface: nn.BatchNorm2d(eps=1e-05, momentum=0.1); PyTorch's momentum weighs the new
 # batch, Flax's weighs the running average.
 BN_EPSILON = 1e-5

@@ -19,6 +19,7 @@ from mstkd_jax import losses, models, paths
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import verification
+from mstkd_jax.models import iresnet
 from mstkd_jax.train import loop, parallel as parallel_lib, state as state_lib, steps
 from mstkd_jax.train.checkpoints import Checkpoints, flat_shapes, shape_mismatches
 
@@ -120,6 +121,8 @@ def backbone(model_config: ml_collections.ConfigDict, **overrides):
   settings = model_config.to_dict()
   name = settings.pop("name")
   dtype = settings.pop("dtype")
+  if settings.get("dropout", 0.0) is None:
+    settings["dropout"] = iresnet.STANDARD_DROPOUT.get(name, 0.0)
   if dtype not in DTYPES:
     raise UserError(f"config field model.dtype={dtype!r}: expected one of {list(DTYPES)}")
   settings.update(dtype=DTYPES[dtype], axis_name=parallel_lib.AXIS, **overrides)
