@@ -45,6 +45,9 @@ def default() -> ml_collections.ConfigDict:
   c.kd_losses = ("a-KD", "EAF-KD")      # any of a-KD, EAF-KD
   c.student_alone = True
   c.targets = "cached"                  # or "online": frozen teachers + adaptor in the step
+  # Teacher embeddings and targets of a mirrored training image: "as_fed" (the mirror's own)
+  # or "stored" (the stored image's, as the authors' released scripts; README).
+  c.target_orientation = "as_fed"
   c.balanced_seed = 0                   # the random identity split of the balanced teachers
   c.only = ""                           # run just this stage (its inputs must exist)
   c.force = ""                          # rerun this stage and everything downstream
@@ -92,6 +95,7 @@ def bupt_iresnet34() -> ml_collections.ConfigDict:
   for section in (c.teacher, c.adaptor, c.student):
     section.train.update(log_every=100, checkpoint_every=2000)
   c.adaptors = ("SL", "DuL", "DLDPO")
+  c.target_orientation = "stored"       # as the released scripts
   return c
 
 

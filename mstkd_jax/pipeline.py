@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from mstkd_jax import paths
-from mstkd_jax.data import sources
+from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import report as report_lib
 from mstkd_jax.models import adaptor as adaptor_model
@@ -75,6 +75,9 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
       if value not in allowed:
         raise UserError(f"config field {field} holds {value!r}; expected some of "
                         f"{list(allowed)}")
+  if config.target_orientation not in input_pipeline.ORIENTATIONS:
+    raise UserError(f"config field target_orientation={config.target_orientation!r}: "
+                    f"expected one of {input_pipeline.ORIENTATIONS}")
   if config.targets not in student.TARGETS:
     raise UserError(f"config field targets={config.targets!r}: expected one of "
                     f"{student.TARGETS}")
@@ -107,14 +110,16 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
       c = _with_recipe(config, config.adaptor)
       c.head = ml_collections.ConfigDict(config.adaptor.head.to_dict())
       c.adaptor = dict(kind=kind, embedding_size=config.adaptor.embedding_size,
-                       dropout=config.adaptor.dropout, extract_dir=path(extract_name))
+                       dropout=config.adaptor.dropout, extract_dir=path(extract_name),
+                       orientation=config.target_orientation)
       adaptor_name = f"adaptor/{teacher_set}/{kind}"
       stages.append(Stage(adaptor_name, c, adaptor.run, deps=(extract_name,),
                           model=f"{adaptor_prefix}adaptor/{kind}"))
       for kd in config.kd_losses:
         c = _with_recipe(config, config.student)
         c.student = dict(
-            kd=kd, targets=config.targets, kd_weight=config.student.kd_weight,
+            kd=kd, targets=config.targets, orientation=config.target_orientation,
+            kd_weight=config.student.kd_weight,
             adaptor_dir=path(adaptor_name), teacher_dirs=tuple(path(n) for n in teacher_names),
             adaptor_model=dict(kind=kind, embedding_size=config.adaptor.embedding_size,
                                dropout=config.adaptor.dropout))
@@ -123,7 +128,8 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
         stages.append(Stage(f"student/{name}", c, student.run, deps=deps, model=name))
   if config.student_alone:
     c = _with_recipe(config, config.student)
-    c.student = dict(kd="none", targets="cached", kd_weight=0.0, adaptor_dir="",
+    c.student = dict(kd="none", targets="cached", orientation="as_fed", kd_weight=0.0,
+                     adaptor_dir="",
                      teacher_dirs=(), adaptor_model=dict(kind="SL", embedding_size=0,
                                                          dropout=0.0))
     stages.append(Stage("student/student_alone", c, student.run, model="student_alone"))

@@ -33,6 +33,8 @@ def test_paper_preset_numbers():
   assert a.optim.clip_norm == 5.0 and a.dropout == 0.2
   spec = runtime.margin_spec(a.head)
   assert (spec.name, spec.m, spec.std) == ("elastic_arcface", 0.5, 0.0125)
+  assert c.target_orientation == "stored"   # the released scripts' targets
+  assert distill.get_config("default").target_orientation == "as_fed"
   t = teacher.get_config("bupt_iresnet34")
   assert (t.train.batch_size, t.train.epochs) == (128, 52.0)
 

@@ -102,3 +102,7 @@ def test_oriented_arrays_follow_each_example_s_flip(arrays, tmp_path):
     assert flips.any() and not flips.all()
     np.testing.assert_array_equal(batch["target"].reshape(-1),
                                   np.where(flips, -plain[index], plain[index]))
+    stored = input_pipeline.add_oriented(dict(batch), {"target": mapped}, "stored")
+    np.testing.assert_array_equal(stored["target"].reshape(-1), plain[index])
+  with pytest.raises(ValueError, match="orientation must be one of"):
+    input_pipeline.add_oriented(batch, {"target": mapped}, "mirrored")

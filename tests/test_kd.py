@@ -77,3 +77,21 @@ def test_online_targets_equal_the_cached_targets_and_the_losses_agree():
   online_loss = float(parallel.unreplicate(online_metrics)["loss"])
   np.testing.assert_allclose(online_loss, cached_loss, rtol=1e-4)
   assert cached_loss > 0
+
+  # orientation="stored" (the released scripts): the stored image's target whatever the
+  # flip; online, the teachers see the fed images un-mirrored.
+  stored_batch = dict(batch, target=cached[None, :, 0].astype(np.float32), flip=flips[None])
+  assert not np.allclose(cached[flips, 0], cached[flips, 1], atol=1e-3)
+  stored_cached = parallel.wrap(functools.partial(steps.student_step, **common),
+                                donate_state=False)
+  stored_online = parallel.wrap(functools.partial(
+      steps.student_step, target_fn=functools.partial(steps.online_targets, teacher=teacher,
+                                                      adaptor=adaptor),
+      orientation="stored", **common), donate_state=False)
+  _, metrics_c = stored_cached(parallel.replicate(state), parallel.shard(stored_batch), rng)
+  _, metrics_o = stored_online(parallel.replicate(state), parallel.shard(stored_batch), rng,
+                               *parallel.replicate((stacked, adaptor_vars)))
+  stored_loss = float(parallel.unreplicate(metrics_c)["loss"])
+  np.testing.assert_allclose(float(parallel.unreplicate(metrics_o)["loss"]), stored_loss,
+                             rtol=1e-4)
+  assert abs(stored_loss - cached_loss) > 1e-3 * cached_loss  # the flipped targets differ

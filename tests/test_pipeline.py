@@ -92,3 +92,18 @@ def test_balanced_split_is_equal_disjoint_and_complete():
   assert len(np.unique(np.concatenate(parts))) == 27_997
   with pytest.raises(UserError, match="cannot split 3 training identities into 4 parts"):
     pipeline.balanced_split(3, 4, seed=0)
+
+
+def test_target_orientation_reaches_the_adaptor_and_kd_students(tmp_path):
+  from mstkd_jax.data import sources  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  config.data.data_dir = str(tmp_path / "data")
+  train_set = sources.training_set(config.data, str(tmp_path))
+  config.target_orientation = "stored"
+  stages = {s.name: s.config for s in pipeline.build(config, str(tmp_path), train_set)}
+  assert stages["adaptor/specialized/SL"].adaptor.orientation == "stored"
+  assert stages["student/mstkd/SL/a-KD"].student.orientation == "stored"
+  assert stages["student/student_alone"].student.orientation == "as_fed"
+  config.target_orientation = "mirror"
+  with pytest.raises(UserError, match="target_orientation='mirror': expected one of"):
+    pipeline.build(config, str(tmp_path), train_set)

@@ -105,15 +105,26 @@ def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
-def add_oriented(batch: dict, arrays: Mapping[str, np.ndarray]) -> dict:
+# Which entry of per-image [N, 2, ...] data an example gets: "as_fed", that of the
+# orientation it is fed in (image or mirror); "stored", always the stored image's, whatever
+# the flip (as the authors' released scripts, which cache one orientation only).
+ORIENTATIONS = ("as_fed", "stored")
+
+
+def add_oriented(batch: dict, arrays: Mapping[str, np.ndarray],
+                 orientation: str = "as_fed") -> dict:
   """Adds arrays[key][index, flip] to a host batch for every key, in place; returns it.
 
   Each array is shaped [N, 2, ...]: per-record data for the image as stored ([:, 0]) and
   mirrored ([:, 1]), e.g. teacher embeddings or cached targets; every example gets the
-  entry of its record ("index") in the orientation it is fed ("flip"). Arrays may be
-  memory-mapped (np.load(..., mmap_mode="r")): only the rows of the batch are read.
+  entry of its record ("index") in the orientation it is fed ("flip"), or with
+  orientation="stored" the stored image's entry. Arrays may be memory-mapped
+  (np.load(..., mmap_mode="r")): only the rows of the batch are read.
   """
-  index, flips = batch["index"].astype(np.int64), batch["flip"].astype(np.int64)
+  if orientation not in ORIENTATIONS:
+    raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+  index = batch["index"].astype(np.int64)
+  flips = batch["flip"].astype(np.int64) if orientation == "as_fed" else np.zeros_like(index)
   for key, values in arrays.items():
     batch[key] = np.asarray(values[index, flips])
   return batch

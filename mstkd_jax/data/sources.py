@@ -40,17 +40,18 @@ class TrainingSet:
     out[self.identity] = self.group
     return out
 
-  def train_batches(self, rows, labels, *, extra=None, **settings) -> Iterator[dict]:
+  def train_batches(self, rows, labels, *, extra=None, orientation="as_fed",
+                    **settings) -> Iterator[dict]:
     """input_pipeline.train_batches' stream over `rows` fed with `labels`.
 
     `extra` maps a name to a per-record array shaped [N, 2, ...] (entries for the image as
     stored and mirrored, e.g. cached targets); each batch gets the entries of the records
-    and orientations it feeds.
+    it feeds, in the orientation fed (or stored: see input_pipeline.add_oriented).
     """
     batches = self._batches(np.asarray(rows, np.int64), np.asarray(labels, np.int32),
                             **settings)
     for batch in batches:
-      yield input_pipeline.add_oriented(batch, extra or {})
+      yield input_pipeline.add_oriented(batch, extra or {}, orientation)
 
   def _batches(self, rows, labels, **settings):
     raise NotImplementedError

@@ -50,6 +50,10 @@ def run(config, workdir: str, name: str = "adaptor") -> dict:
   train_set = sources.training_set(config.data, workdir)
   labels = train_set.identity
   num, _, num_teachers, size = train_embeddings.shape
+  orientation = config.adaptor.get("orientation", "as_fed")
+  if orientation not in input_pipeline.ORIENTATIONS:
+    raise UserError(f"config field adaptor.orientation={orientation!r}: expected one of "
+                    f"{input_pipeline.ORIENTATIONS}")
   if num != len(labels):
     raise UserError(f"the teacher embeddings in {config.adaptor.extract_dir} cover {num} "
                     f"images, the training set has {len(labels)}; rerun the extraction")
@@ -89,7 +93,7 @@ def run(config, workdir: str, name: str = "adaptor") -> dict:
   def batches(start):
     for batch in input_pipeline.train_batches({"label": labels}, start_step=start,
                                               **settings_in):
-      yield input_pipeline.add_oriented(batch, oriented)
+      yield input_pipeline.add_oriented(batch, oriented, orientation)
 
   loop.train(workdir=workdir, settings=settings, init_state=init_state, step_fn=step_fn,
              batches=batches, parallel=parallel,

@@ -48,6 +48,10 @@ def run(config, workdir: str, name: str = "student") -> dict:
     raise UserError(f"config field student.kd={kd!r}: expected one of {KD_LOSSES}")
   if mode not in TARGETS:
     raise UserError(f"config field student.targets={mode!r}: expected one of {TARGETS}")
+  orientation = config.student.get("orientation", "as_fed")
+  if orientation not in input_pipeline.ORIENTATIONS:
+    raise UserError(f"config field student.orientation={orientation!r}: expected one of "
+                    f"{input_pipeline.ORIENTATIONS}")
   workdir = runtime.prepare_workdir(config, workdir)
   train_set = sources.training_set(config.data, workdir)
   labels = train_set.identity
@@ -94,9 +98,10 @@ def run(config, workdir: str, name: str = "student") -> dict:
     step_fn = functools.partial(steps.student_step, backbone=backbone, head=head,
                                 margin=margin if head is not None else None,
                                 kd_weight=config.student.kd_weight, tx=tx, schedule=schedule,
-                                target_fn=target_fn)
+                                target_fn=target_fn, orientation=orientation)
   batches = functools.partial(
       train_set.train_batches, np.arange(len(labels)), labels, extra=extra,
+      orientation=orientation,
       global_batch=config.train.batch_size, steps_per_epoch=settings.steps_per_epoch,
       seed=config.seed, total_steps=settings.total_steps,
       local_device_count=parallel.local_device_count)

@@ -121,16 +121,27 @@ def online_targets(images, teacher_variables, adaptor_variables, *, teacher: nn.
 
 def student_step(state: TrainState, batch, rng, *frozen, backbone: nn.Module,
                  head: nn.Module | None, margin: losses.MarginSpec | None, kd_weight: float,
-                 tx: optax.GradientTransformation, schedule, target_fn=None, axis_name=AXIS):
+                 tx: optax.GradientTransformation, schedule, target_fn=None,
+                 orientation: str = "as_fed", axis_name=AXIS):
   """One SGD step of an MST-KD student: a-KD (head None) or EAF-KD (margin-head CE + KD).
 
-  Targets come from batch["target"] (cached: extracted for the orientation fed) or, when
-  `target_fn` is given, from target_fn(batch["image"], *frozen) inside the step (online:
-  frozen networks passed in as parameter pytrees, never seen by the optimiser).
+  Targets come from batch["target"] (cached: looked up on the host) or, when `target_fn` is
+  given, from target_fn(images, *frozen) inside the step (online: frozen networks passed in
+  as parameter pytrees, never seen by the optimiser), where images are the images fed, or
+  with orientation="stored" those images un-mirrored by batch["flip"] (the stored images,
+  as the cached "stored" targets).
   """
   keys = step_rngs(rng, state.step, ("dropout", "margin"))
   dropout_rng = jax.random.fold_in(keys["dropout"], jax.lax.axis_index(axis_name))
-  targets = batch["target"] if target_fn is None else target_fn(batch["image"], *frozen)
+  if target_fn is None:
+    targets = batch["target"]
+  else:
+    images = batch["image"]
+    if orientation == "stored":
+      images = jnp.where(batch["flip"][:, None, None, None], images[:, :, ::-1], images)
+    elif orientation != "as_fed":
+      raise ValueError(f"orientation must be 'as_fed' or 'stored', got {orientation!r}")
+    targets = target_fn(images, *frozen)
 
   def loss_fn(params):
     embeddings, batch_stats = _forward(backbone, params["backbone"], state.batch_stats,
