@@ -10,7 +10,7 @@ case ${BASH_SOURCE[0]} in
   *) SCRIPT_DIR=. ;;
 esac
 REPO=$(cd -- "$SCRIPT_DIR/.." && pwd)
-JAX_CUDA_REQ='jax[cuda12]>=0.7.1,<0.12'
+JAX_CUDA_REQ='jax[cuda12]>=0.7.1,<0.13'
 
 usage() {
   cat <<EOF

@@ -19,7 +19,7 @@ REMOTE_TARBALL='mstkd_jax_src.tar.gz'
 # mstkd_jax reads and writes plain paths (memory-mapped caches among them), so run mounts
 # gs://BUCKET here on every worker with gcsfuse; workdir and data live under the mount.
 REMOTE_MOUNTS='/mnt/gcs'
-JAX_TPU_REQ='jax[tpu]>=0.7.1,<0.12'
+JAX_TPU_REQ='jax[tpu]>=0.7.1,<0.13'
 
 usage() {
   cat <<EOF

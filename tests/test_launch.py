@@ -176,7 +176,7 @@ def test_tpu_setup_copies_code_and_installs_on_all_workers(sh, tmp_path):
     assert "--exclude-standard" in result.stdout  # ignored files (workdir/, .venv/) stay out
     assert not list(tmp_path.glob("*.tar.gz"))  # dry run: nothing written
     remote = remote_words(ssh)
-    j = remote.index("jax[tpu]>=0.7.1,<0.12")
+    j = remote.index("jax[tpu]>=0.7.1,<0.13")
     assert {"pip", "install"} <= set(remote[j - 4:j])
     r = remote.index("-r")
     assert remote[r + 1] == "~/mstkd_jax/requirements.txt"
@@ -367,7 +367,7 @@ def test_slurm_setup_installs_jax_cuda_and_requirements(sh):
     result = ok(sh(SLURM, "setup", "--dry-run", "--venv=/shared/venv", "--python=python3.12"))
     cmds = commands(result.stdout)
     assert cmds[0] == ["python3.12", "-m", "venv", "/shared/venv"]
-    assert ["/shared/venv/bin/python", "-m", "pip", "install", "-U", "jax[cuda12]>=0.7.1,<0.12"] in cmds
+    assert ["/shared/venv/bin/python", "-m", "pip", "install", "-U", "jax[cuda12]>=0.7.1,<0.13"] in cmds
     assert ["/shared/venv/bin/python", "-m", "pip", "install", "-r", f"{REPO}/requirements.txt"] in cmds
 
 
@@ -408,5 +408,5 @@ def test_local_gpus_flag_and_relative_workdir(sh, tmp_path):
 def test_local_setup(sh):
     cmds = commands(ok(sh(LOCAL, "setup", "--dry-run")).stdout)
     assert cmds[0] == ["python3", "-m", "venv", f"{REPO}/.venv"]
-    assert any("jax[cuda12]>=0.7.1,<0.12" in c for c in cmds)
+    assert any("jax[cuda12]>=0.7.1,<0.13" in c for c in cmds)
     assert [f"{REPO}/.venv/bin/python", "-m", "pip", "install", "-r", f"{REPO}/requirements.txt"] in cmds
