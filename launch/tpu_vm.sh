@@ -287,13 +287,11 @@ do_run() {
   local mount=$REMOTE_MOUNTS/$bucket
   workdir=${workdir:-$mount/mstkd_jax/workdirs/$run_name}
   tfds_dir=${tfds_dir:-$mount/tensorflow_datasets}
-  local flag value
-  for flag in --workdir --tfds-data-dir; do
-    value=$workdir
-    [[ $flag == --workdir ]] || value=$tfds_dir
-    if [[ $value =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]]; then
-      die "$flag=$value is a URL; mstkd_jax needs a path. gs://$bucket is mounted at $mount" \
-        "on every worker: give a folder under it (e.g. $flag=$mount/...)"
+  local given
+  for given in "--workdir=$workdir" "--tfds-data-dir=$tfds_dir"; do
+    if [[ ${given#*=} =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]]; then
+      die "$given is a URL; mstkd_jax needs a path. gs://$bucket is mounted at $mount" \
+        "on every worker: give a folder under it (e.g. ${given%%=*}=$mount/...)"
     fi
   done
   need_gcloud

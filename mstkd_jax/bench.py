@@ -343,11 +343,12 @@ def _torch_timer(setup: Setup, config, *, warmup: int):
     return None, "PyTorch is not installed"
   model = config.model
   optim = _optim_config(config)
+  margin = runtime.margin_spec(config.head)
   timed, info = bench_torch.prepare(
       stage_depths=setup.stage_depths, width=model.width, embedding_size=model.embedding_size,
       dropout=runtime.backbone(model).dropout, image_size=setup.image_size, batch_size=setup.batch,
       num_classes=setup.num_classes, dtype=setup.dtype, warmup=warmup,
-      margin=dataclasses.astuple(runtime.margin_spec(config.head))[1:],  # (s, m, std)
+      margin=(margin.s, margin.m, margin.std),
       lr=state_lib.scaled_lr(optim.base_lr, setup.batch), momentum=optim.momentum,
       weight_decay=optim.weight_decay, clip_norm=optim.clip_norm)
   return _Timer(None, 0, timed=timed), info

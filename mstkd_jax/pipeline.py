@@ -75,9 +75,7 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
       if value not in allowed:
         raise UserError(f"config field {field} holds {value!r}; expected some of "
                         f"{list(allowed)}")
-  if config.target_orientation not in input_pipeline.ORIENTATIONS:
-    raise UserError(f"config field target_orientation={config.target_orientation!r}: "
-                    f"expected one of {input_pipeline.ORIENTATIONS}")
+  input_pipeline.check_orientation(config.target_orientation, "target_orientation")
   if config.targets not in student.TARGETS:
     raise UserError(f"config field targets={config.targets!r}: expected one of "
                     f"{student.TARGETS}")

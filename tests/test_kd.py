@@ -39,7 +39,8 @@ def test_online_targets_equal_the_cached_targets_and_the_losses_agree():
   # Cached: the extraction stage's embeddings (image and mirror), then the adaptor stage's map.
   extracted = np.stack([extract._normalized_pair(v, teacher, images, parallel, 4)  # pylint: disable=protected-access
                         for v in teachers], axis=2)                        # [B, 2, G, D]
-  cached = adaptor_stage._map(adaptor_stage._apply_fn(adaptor), adaptor_vars, extracted)  # pylint: disable=protected-access
+  cached = adaptor_stage._map(adaptor_stage._apply_fn(adaptor), adaptor_vars, extracted,  # pylint: disable=protected-access
+                              np.empty((BATCH, 2, EMBEDDING), np.float32))
   flips = np.arange(BATCH) % 2 == 1
   cached_fed = cached[np.arange(BATCH), flips.astype(int)]                 # [B, D]
 

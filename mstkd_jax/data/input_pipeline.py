@@ -111,6 +111,13 @@ def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
 ORIENTATIONS = ("as_fed", "stored")
 
 
+def check_orientation(value: str, field: str) -> str:
+  """`value` if it is one of ORIENTATIONS; else a UserError naming the config `field`."""
+  if value not in ORIENTATIONS:
+    raise UserError(f"config field {field}={value!r}: expected one of {ORIENTATIONS}")
+  return value
+
+
 def add_oriented(batch: dict, arrays: Mapping[str, np.ndarray],
                  orientation: str = "as_fed") -> dict:
   """Adds arrays[key][index, flip] to a host batch for every key, in place; returns it.

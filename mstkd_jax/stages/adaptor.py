@@ -27,20 +27,15 @@ def _apply_fn(adaptor):
   return jax.jit(lambda variables, x: adaptor.apply(variables, x, train=False))
 
 
-def _map(apply, variables, embeddings, out=None, batch=4096):
-  """Adaptor outputs [..., D_out] for [..., G, D] teacher embeddings (possibly memory-mapped),
-  in chunks, written into `out` where given (contiguous: filled through a flat view)."""
+def _map(apply, variables, embeddings, out, batch=4096):
+  """Writes the adaptor outputs for [..., G, D] teacher embeddings (possibly memory-mapped)
+  into out [..., D_out] (contiguous, e.g. a memory-mapped file), in chunks; returns out."""
+  if not out.flags.c_contiguous:
+    raise ValueError("the adaptor outputs need a contiguous array to fill")
   flat = embeddings.reshape((-1, embeddings.shape[-2] * embeddings.shape[-1]))
-  rows = None
+  rows = out.reshape((len(flat), out.shape[-1]))       # a view of out
   for i in range(0, len(flat), batch):
-    part = np.asarray(apply(variables, np.asarray(flat[i:i + batch])))
-    if out is None:
-      out = np.empty(embeddings.shape[:-2] + part.shape[-1:], np.float32)
-    if rows is None:
-      if not out.flags.c_contiguous:
-        raise ValueError("the adaptor outputs need a contiguous array to fill")
-      rows = out.reshape((len(flat), part.shape[-1]))
-    rows[i:i + batch] = part
+    rows[i:i + batch] = np.asarray(apply(variables, np.asarray(flat[i:i + batch])))
   return out
 
 
@@ -50,10 +45,8 @@ def run(config, workdir: str, name: str = "adaptor") -> dict:
   train_set = sources.training_set(config.data, workdir)
   labels = train_set.identity
   num, _, num_teachers, size = train_embeddings.shape
-  orientation = config.adaptor.get("orientation", "as_fed")
-  if orientation not in input_pipeline.ORIENTATIONS:
-    raise UserError(f"config field adaptor.orientation={orientation!r}: expected one of "
-                    f"{input_pipeline.ORIENTATIONS}")
+  orientation = input_pipeline.check_orientation(
+      config.adaptor.get("orientation", "as_fed"), "adaptor.orientation")
   if num != len(labels):
     raise UserError(f"the teacher embeddings in {config.adaptor.extract_dir} cover {num} "
                     f"images, the training set has {len(labels)}; rerun the extraction")
@@ -104,7 +97,9 @@ def run(config, workdir: str, name: str = "adaptor") -> dict:
   print(f"[{name}] selected epoch {info['epoch']} (mean training loss "
         f"{info['mean_loss']:.4f})", flush=True)
   apply = _apply_fn(adaptor)
-  space = {g: (_map(apply, best, emb[:, 0]), _map(apply, best, emb[:, 1]), same)
+  size_out = config.adaptor.embedding_size
+  space = {g: tuple(_map(apply, best, emb[:, k], np.empty((len(emb), size_out), np.float32))
+                    for k in (0, 1)) + (same,)
            for g, (emb, same) in verification.items()}
   results = runtime.evaluate_embeddings(space)
   print(f"[{name}] adaptor space verification accuracy: {runtime.accuracy_line(results)}",
@@ -112,7 +107,7 @@ def run(config, workdir: str, name: str = "adaptor") -> dict:
   runtime.save_model(workdir, info["step"], best)  # Orbax: every process takes part.
   if jax.process_index() == 0:
     with runtime.npy_writer(os.path.join(workdir, "targets.npy"),
-                            (num, 2, config.adaptor.embedding_size)) as targets:
+                            (num, 2, size_out)) as targets:
       _map(apply, best, train_embeddings, targets)                   # [N, 2, D]
     runtime.save_embeddings(workdir, space)
   return {"verification": results, "best": info}

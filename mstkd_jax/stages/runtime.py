@@ -265,12 +265,6 @@ def atomic_save_npz(path: str, arrays: dict) -> None:
   os.replace(tmp, path)
 
 
-def atomic_save_npy(path: str, array: np.ndarray) -> None:
-  tmp = path + ".tmp.npy"
-  np.save(tmp, array)
-  os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def npy_writer(path: str, shape: tuple, dtype=np.float32, enabled: bool = True):
   """Yields a memory-mapped array [shape] to fill in chunks; it becomes the .npy `path` only

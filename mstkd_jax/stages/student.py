@@ -48,10 +48,8 @@ def run(config, workdir: str, name: str = "student") -> dict:
     raise UserError(f"config field student.kd={kd!r}: expected one of {KD_LOSSES}")
   if mode not in TARGETS:
     raise UserError(f"config field student.targets={mode!r}: expected one of {TARGETS}")
-  orientation = config.student.get("orientation", "as_fed")
-  if orientation not in input_pipeline.ORIENTATIONS:
-    raise UserError(f"config field student.orientation={orientation!r}: expected one of "
-                    f"{input_pipeline.ORIENTATIONS}")
+  orientation = input_pipeline.check_orientation(
+      config.student.get("orientation", "as_fed"), "student.orientation")
   workdir = runtime.prepare_workdir(config, workdir)
   train_set = sources.training_set(config.data, workdir)
   labels = train_set.identity
