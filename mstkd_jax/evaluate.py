@@ -360,14 +360,6 @@ def _decode_unique(slots: Sequence[tuple[Any, str]], read) -> tuple[list, np.nda
   return images, index
 
 
-def _read_file(path: str) -> bytes:
-  try:
-    with open(path, "rb") as f:
-      return f.read()
-  except OSError as e:
-    raise UserError(f"{path}: cannot read image file ({e.strerror or e})") from e
-
-
 def _fit_images(images: Sequence[np.ndarray], size: int) -> tuple[np.ndarray, list]:
   """Stacks RGB images at size x size, resizing the others; returns (images, other sizes)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -411,7 +403,7 @@ def _load_source(source: _Source, size: int, data_dir: str, warn) -> tuple[dict,
     images, index = _decode_unique(slots, lambda data: data)
     groups[source.groups[0]] = (images, index.reshape(-1, 2), np.asarray(issame, bool))
   elif source.kind == "rfw":
-    from mstkd_jax.data import rfw  # pylint: disable=g-import-not-at-top
+    from mstkd_jax.data import image_tree, rfw  # pylint: disable=g-import-not-at-top
     reader = rfw.RFWReader(source.path)
     for group in reader.groups:
       slots, same = [], []
@@ -420,7 +412,7 @@ def _load_source(source: _Source, size: int, data_dir: str, warn) -> tuple[dict,
           path = reader.image_path(group, name, number)
           slots.append((path, path))
         same.append(p.same)
-      images, index = _decode_unique(slots, _read_file)
+      images, index = _decode_unique(slots, image_tree.read_image_file)
       groups[group] = (images, index.reshape(-1, 2), np.asarray(same, bool))
   elif source.kind == "synthetic":
     from mstkd_jax.data import synthetic  # pylint: disable=g-import-not-at-top

@@ -102,6 +102,15 @@ class DatasetIndex:
     return range(labels[0], labels[-1] + 1)
 
 
+def read_image_file(path: str) -> bytes:
+  """The bytes of an image file; UserError naming it if it cannot be read."""
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except OSError as e:
+    raise UserError(f'{path}: cannot read image file ({e})') from e
+
+
 def decode_image(data: bytes, source: str) -> np.ndarray:
   """Fully decodes JPEG/PNG bytes to uint8 [H, W, 3] RGB; UserError naming `source` on failure."""
   try:
@@ -257,11 +266,7 @@ class ImageTreeReader:
                         'expected the tree not to change while it is read')
       for name in files:
         source = os.path.join(path, name)
-        try:
-          with open(source, 'rb') as f:
-            data = f.read()
-        except OSError as e:
-          raise UserError(f'{source}: cannot read image file ({e})') from e
+        data = read_image_file(source)
         if self.validate:
           try:
             decode_image(data, source)

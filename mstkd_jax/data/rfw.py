@@ -9,6 +9,7 @@ from typing import Iterator, Optional, Sequence
 
 from mstkd_jax.data.image_tree import check_path_name
 from mstkd_jax.data.image_tree import decode_image
+from mstkd_jax.data.image_tree import read_image_file
 from mstkd_jax.errors import UserError
 
 
@@ -142,11 +143,7 @@ class RFWReader:
       images = []
       for name, index in ((p.name1, p.index1), (p.name2, p.index2)):
         source = self.image_path(group, name, index)
-        try:
-          with open(source, 'rb') as f:
-            data = f.read()
-        except OSError as e:
-          raise UserError(f'{source}: cannot read image file ({e})') from e
+        data = read_image_file(source)
         if validate:
           decode_image(data, source)
         images.append((data, source))

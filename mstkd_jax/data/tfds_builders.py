@@ -111,19 +111,11 @@ def _probe(item: tuple[Any, str]) -> tuple[Optional[bytes], Any]:
   data, source = item
   try:
     if data is None:
-      data = _read_file(source)
+      data = image_tree.read_image_file(source)
     shape = image_tree.decode_image(data, source).shape
   except UserError as e:
     return None, e
   return data, (int(shape[0]), int(shape[1]))
-
-
-def _read_file(path: str) -> bytes:
-  try:
-    with open(path, 'rb') as f:
-      return f.read()
-  except OSError as e:
-    raise UserError(f'{path}: cannot read image file ({e})') from e
 
 
 def _checked_images(items: Iterable[tuple[Any, str, Any]], *, skip_corrupt: bool,
@@ -382,7 +374,7 @@ class MstkdVerification(_SourceBuilder):
     i = 0
     for g, group in enumerate(groups):
       for row, (data, source) in enumerate(group.images):
-        yield _ordered_key(i, total), {'image': _read_file(source) if data is None else data,
+        yield _ordered_key(i, total), {'image': image_tree.read_image_file(source) if data is None else data,
                                        'group': g, 'index': row}
         i += 1
 
