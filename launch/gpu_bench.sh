@@ -30,10 +30,8 @@ usage() {
   sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
 }
 
-die() {
-  printf '%s: error: %s\n' "$PROG" "$*" >&2
-  exit 2
-}
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$SCRIPT_DIR/lib.sh"
 
 do_fetch() {
   mkdir -p "$WHEELS"

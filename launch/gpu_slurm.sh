@@ -129,14 +129,7 @@ while (($#)); do
     --log-dir | --log-dir=*) optval "$@"; log_dir=$OPTVAL; scoped+=("--log-dir|submit"); shift "$OPTSHIFT" ;;
     --) shift; extra+=("$@"); scoped+=("-- ARGS|submit"); break ;;
     -*) die "unknown option: $1 (see '$PROG --help')" ;;
-    *)
-      if [[ -z $cmd ]]; then
-        cmd=$1
-        shift
-      else
-        die "unexpected argument: $1 (arguments for mstkd_jax.main go after --; see '$PROG --help')"
-      fi
-      ;;
+    *) take_command "$1"; shift ;;
   esac
 done
 
@@ -146,11 +139,7 @@ case $cmd in
   *) die "unknown command: $cmd (expected submit or setup)" ;;
 esac
 
-for s in ${scoped[@]+"${scoped[@]}"}; do
-  if [[ " ${s#*|} " != *" $cmd "* ]]; then
-    die "${s%%|*} is not an option of '$cmd' (see '$PROG --help')"
-  fi
-done
+check_scoped
 
 if [[ -z $venv ]]; then
   die "--venv must not be empty"
@@ -158,18 +147,7 @@ fi
 
 # ---------------------------------------------------------------- commands
 do_setup() {
-  if ((!dry_run)); then
-    if ! command -v "$python" >/dev/null 2>&1; then
-      die "'$python' not found; install Python >= 3.11 (or load its module) or pass --python=/path/to/python3.11"
-    fi
-    if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
-      die "JAX >= 0.7 needs Python >= 3.11, but $python is $("$python" -c 'import sys; print(sys.version.split()[0])'); pass --python=python3.11 (or newer)"
-    fi
-  fi
-  run_cmd "$python" -m venv "$venv"
-  run_cmd "$venv/bin/python" -m pip install -U pip
-  run_cmd "$venv/bin/python" -m pip install -U "$JAX_CUDA_REQ"
-  run_cmd "$venv/bin/python" -m pip install -r "$REPO/requirements.txt"
+  make_cuda_venv ' (or load its module)'
   note "next: launch/$PROG --nodes=N --gpus-per-node=G --config=configs/distill.py"
 }
 

@@ -1,4 +1,5 @@
-# Helpers shared by the launch scripts (sourced; the caller sets PROG and dry_run).
+# Helpers shared by the launch scripts (sourced; the caller sets PROG and dry_run, and for
+# the command and setup helpers cmd, scoped, python, venv, REPO and JAX_CUDA_REQ).
 # shellcheck shell=bash disable=SC2034,SC2154
 
 die() {
@@ -74,4 +75,39 @@ optval() {
   else
     die "option $1 needs a value"
   fi
+}
+
+# The COMMAND word of a launcher: the first bare word sets cmd; a second one is refused.
+take_command() {
+  if [[ -n $cmd ]]; then
+    die "unexpected argument: $1 (arguments for mstkd_jax.main go after --; see '$PROG --help')"
+  fi
+  cmd=$1
+}
+
+# Refuses options given to another command: each entry of scoped is "flag|commands".
+check_scoped() {
+  local s
+  for s in ${scoped[@]+"${scoped[@]}"}; do
+    if [[ " ${s#*|} " != *" $cmd "* ]]; then
+      die "${s%%|*} is not an option of '$cmd' (see '$PROG --help')"
+    fi
+  done
+}
+
+# setup of the GPU launchers: checks $python (>= 3.11), makes $venv and installs
+# $JAX_CUDA_REQ, then requirements.txt. $1: what else to try where $python is missing.
+make_cuda_venv() {
+  if ((!dry_run)); then
+    if ! command -v "$python" >/dev/null 2>&1; then
+      die "'$python' not found; install Python >= 3.11$1 or pass --python=/path/to/python3.11"
+    fi
+    if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      die "JAX >= 0.7 needs Python >= 3.11, but $python is $("$python" -c 'import sys; print(sys.version.split()[0])'); pass --python=python3.11 (or newer)"
+    fi
+  fi
+  run_cmd "$python" -m venv "$venv"
+  run_cmd "$venv/bin/python" -m pip install -U pip
+  run_cmd "$venv/bin/python" -m pip install -U "$JAX_CUDA_REQ"
+  run_cmd "$venv/bin/python" -m pip install -r "$REPO/requirements.txt"
 }

@@ -147,14 +147,7 @@ while (($#)); do
     --worker | --worker=*) optval "$@"; worker=$OPTVAL; scoped+=("--worker|ssh"); shift "$OPTSHIFT" ;;
     --) shift; extra+=("$@"); scoped+=("-- ARGS|run ssh"); break ;;
     -*) die "unknown option: $1 (see '$PROG --help')" ;;
-    *)
-      if [[ -z $cmd ]]; then
-        cmd=$1
-        shift
-      else
-        die "unexpected argument: $1 (arguments for mstkd_jax.main go after --; see '$PROG --help')"
-      fi
-      ;;
+    *) take_command "$1"; shift ;;
   esac
 done
 
@@ -164,11 +157,7 @@ case $cmd in
   *) die "unknown command: $cmd (expected create, setup, run, ssh or delete)" ;;
 esac
 
-for s in ${scoped[@]+"${scoped[@]}"}; do
-  if [[ " ${s#*|} " != *" $cmd "* ]]; then
-    die "${s%%|*} is not an option of '$cmd' (see '$PROG --help')"
-  fi
-done
+check_scoped
 
 for pair in "name:$name" "zone:$zone" "accelerator:$accelerator" "version:$version"; do
   if [[ -z ${pair#*:} ]]; then
