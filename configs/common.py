@@ -13,10 +13,13 @@ from mstkd_jax.errors import UserError
 
 def synthetic_data(scale: str = "default") -> ml_collections.ConfigDict:
   """The built-in synthetic demographic face set (see mstkd_jax/data/synthetic.py)."""
-  sizes = {  # identities per group, images per identity, eval identities per group, pairs
-      "smoke": (32, 12, 24, 200),
-      "recipe": (48, 12, 48, 600),
-      "default": (96, 16, 48, 600),
+  # Identities per group, images per identity, eval (test) identities per group, test
+  # pairs per group, validation identities per group, validation pairs per group (held out
+  # for checkpoint selection; 24 x 8 images hold 672 same pairs, 300 need 150).
+  sizes = {
+      "smoke": (32, 12, 24, 200, 0, 0),
+      "recipe": (48, 12, 48, 600, 24, 300),
+      "default": (96, 16, 48, 600, 24, 300),
   }[scale]
   return ml_collections.ConfigDict(dict(
       num_groups=4,
@@ -28,6 +31,8 @@ def synthetic_data(scale: str = "default") -> ml_collections.ConfigDict:
       image_size=32,
       difficulty=(),            # nuisance strength per group; () = the generator's default
       seed=0,
+      validation_identities_per_group=sizes[4],  # 0 = no validation split
+      validation_pairs_per_group=sizes[5],
   ))
 
 
@@ -58,6 +63,10 @@ def base() -> ml_collections.ConfigDict:
   c.data.tfds = ml_collections.ConfigDict(dict(
       train="",                 # a face set made by `python -m mstkd_jax.data.prepare`
       verification="",          # a verification set made the same way (RFW, .bin files)
+      # Held-out validation pairs for checkpoint selection: another verification set
+      # prepared the same way (--format=rfw|bin), never the verification (test) set;
+      # "" = none.
+      validation="",
       image_size=112,           # model input; stored images of another size are resized
   ))
 
@@ -83,6 +92,8 @@ def base() -> ml_collections.ConfigDict:
       checkpoint_every=1000,
       keep_checkpoints=3,
       eval_batch_size=256,
+      eval_every=0,             # steps between verification during training; 0 = off
+      select="last",            # or "validation": the best state on the held-out split
   ))
   return c
 

@@ -22,7 +22,7 @@ import numpy as np
 from mstkd_jax import paths
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import report as report_lib
+from mstkd_jax.evaluation import report as report_lib, seeds as seeds_lib, target_space
 from mstkd_jax.models import adaptor as adaptor_model
 from mstkd_jax.stages import adaptor, extract, runtime, student, teacher
 from mstkd_jax.train import parallel as parallel_lib
@@ -39,6 +39,11 @@ class Stage:
   run: Callable
   deps: tuple[str, ...] = ()
   model: str = ""                    # report row of the model it trains ("" = none)
+  section: str = ""                  # its recipe section in configs/distill.py ("" = none)
+
+  def run_in(self, stage_dir: str):
+    kwargs = {"epochs_field": f"{self.section}.train.epochs"} if self.section else {}
+    return self.run(self.config, stage_dir, name=self.name, **kwargs)
 
 
 def _base(config) -> ml_collections.ConfigDict:
@@ -97,7 +102,7 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
       c = _with_recipe(config, config.teacher)
       c.teacher = section
       name = f"{teacher_prefix}/{label}"
-      stages.append(Stage(name, c, teacher.run, model=name))
+      stages.append(Stage(name, c, teacher.run, model=name, section="teacher"))
       teacher_names.append(name)
     c = _base(config)
     c.train = ml_collections.ConfigDict(config.teacher.train.to_dict())
@@ -112,7 +117,7 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
                        orientation=config.target_orientation)
       adaptor_name = f"adaptor/{teacher_set}/{kind}"
       stages.append(Stage(adaptor_name, c, adaptor.run, deps=(extract_name,),
-                          model=f"{adaptor_prefix}adaptor/{kind}"))
+                          model=f"{adaptor_prefix}adaptor/{kind}", section="adaptor"))
       for kd in config.kd_losses:
         c = _with_recipe(config, config.student)
         c.student = dict(
@@ -123,14 +128,16 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
                                dropout=config.adaptor.dropout))
         name = f"{student_prefix}/{kind}/{kd}"
         deps = (adaptor_name,) + (tuple(teacher_names) if config.targets == "online" else ())
-        stages.append(Stage(f"student/{name}", c, student.run, deps=deps, model=name))
+        stages.append(Stage(f"student/{name}", c, student.run, deps=deps, model=name,
+                            section="student"))
   if config.student_alone:
     c = _with_recipe(config, config.student)
     c.student = dict(kd="none", targets="cached", orientation="as_fed", kd_weight=0.0,
                      adaptor_dir="",
                      teacher_dirs=(), adaptor_model=dict(kind="SL", embedding_size=0,
                                                          dropout=0.0))
-    stages.append(Stage("student/student_alone", c, student.run, model="student_alone"))
+    stages.append(Stage("student/student_alone", c, student.run, model="student_alone",
+                        section="student"))
   models = tuple(s.name for s in stages if s.model)
   c = ml_collections.ConfigDict(dict(models=models))
   stages.append(Stage("report", c, None, deps=models))
@@ -177,13 +184,89 @@ def _downstream(stages: list[Stage], roots: set) -> set:
   return out
 
 
-def run(config, workdir: str) -> dict:
-  """Runs every stage that is not finished; returns the report."""
-  workdir = paths.local(workdir, "workdir")
-  runtime.prepare_workdir(config, workdir, refuse_changes=False)
-  if not config.data.data_dir:  # one data folder for every stage (synthetic: its cache)
-    config = ml_collections.ConfigDict(config.to_dict())
+def _with_data_dir(config, workdir: str) -> ml_collections.ConfigDict:
+  """The config with data.data_dir filled in: one data folder for every stage and seed
+  (for the synthetic set, its cache)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if not config.data.data_dir:
     config.data.data_dir = sources.data_dir(config.data, workdir)
+  return config
+
+
+def _check_seeds(config) -> int:
+  seeds = config.get("seeds", 1)
+  if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+    raise UserError(f"config field seeds={seeds!r}: expected an integer >= 1 (the number "
+                    "of training seeds to run the recipe with)")
+  return seeds
+
+
+def run(config, workdir: str) -> dict:
+  """Runs every stage that is not finished; returns the report.
+
+  With config.seeds = N > 1 the recipe runs once per training seed (config.seed + k for k
+  < N) into <workdir>/seed_<seed>/, sharing the data (and so the synthetic cache) and the
+  balanced identity split; finished seeds are skipped. It ends with the combined report
+  over seeds in <workdir>/report/ (evaluation/seeds.py) and returns it.
+  """
+  workdir = paths.local(workdir, "workdir")
+  seeds = _check_seeds(config)
+  runtime.prepare_workdir(config, workdir, refuse_changes=False)
+  config = _with_data_dir(config, workdir)
+  if seeds == 1:
+    return run_recipe(config, workdir)
+  reports = {}
+  for k in range(seeds):
+    seed = config.seed + k
+    seed_config = ml_collections.ConfigDict(config.to_dict())
+    seed_config.update(seed=seed, seeds=1)
+    seed_dir = os.path.join(workdir, f"seed_{seed}")
+    _check_seed_folder(seed_dir, seed_config)
+    print(f"[pipeline] seed {seed} ({k + 1} of {seeds}) in {seed_dir}", flush=True)
+    reports[seed] = run_recipe(seed_config, seed_dir, show_table=False)
+  if config.only:
+    return {}
+  combined = seeds_lib.combine_reports(reports)
+  combined["warnings"] = [f"seed {seed}: {w}" for seed, r in reports.items()
+                          for w in r.get("warnings", ())]
+  if jax.process_index() == 0:
+    seeds_lib.write_combined(combined, os.path.join(workdir, "report"))
+  print(_warnings_text(combined["warnings"]) + seeds_lib.format_combined_table(combined),
+        flush=True)
+  print(f"[pipeline] {seeds} seeds done; combined report: "
+        f"{os.path.join(workdir, 'report')}", flush=True)
+  return combined
+
+
+def _check_seed_folder(seed_dir: str, seed_config) -> None:
+  """Refuses a seed folder whose recorded config differs from this run's for that seed."""
+  path = os.path.join(seed_dir, "config.json")
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except FileNotFoundError:
+    return
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path} is unreadable ({e}); move the folder {seed_dir} away") from e
+  changes = runtime.changed_fields(old, runtime.config_dict(seed_config),
+                                   ignore=runtime.RUN_CONTROL_FIELDS + ("seeds",))
+  if changes:
+    raise UserError(f"the seed folder {seed_dir} holds a run of another config ("
+                    + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else "")
+                    + "); use another --workdir, or the same settings to continue it")
+
+
+def _warnings_text(warnings) -> str:
+  if not warnings:
+    return ""
+  return ("WARNINGS (read before the numbers):\n"
+          + "\n".join(f"  - {w}" for w in warnings) + "\n\n")
+
+
+def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
+  """One run of the recipe (one training seed) in `workdir`; returns its report ({} with
+  --config.only)."""
+  runtime.prepare_workdir(config, workdir, refuse_changes=False)
   train_set = sources.training_set(config.data, workdir)
   stages = build(config, workdir, train_set)
   names = [s.name for s in stages]
@@ -222,7 +305,7 @@ def run(config, workdir: str) -> dict:
     if stage.name == "report":
       write_report(config, workdir, stages, stage_dir)
     else:
-      stage.run(stage.config, stage_dir, name=stage.name)
+      stage.run_in(stage_dir)
     if jax.process_index() == 0:
       os.makedirs(stage_dir, exist_ok=True)
       with open(os.path.join(stage_dir, "stage.json.tmp"), "w") as f:
@@ -236,7 +319,9 @@ def run(config, workdir: str) -> dict:
   if finished.get("report") and not config.only:
     with open(report_path) as f:
       report = json.load(f)
-    print(report_lib.format_table(report), flush=True)
+    if show_table:
+      print(_warnings_text(report.get("warnings")) + report_lib.format_table(report),
+            flush=True)
     print(f"[pipeline] done in {time.perf_counter() - started:.0f} s; report: "
           f"{os.path.dirname(report_path)}", flush=True)
     return report
@@ -244,13 +329,43 @@ def run(config, workdir: str) -> dict:
 
 
 def write_report(config, workdir: str, stages: list[Stage], out_dir: str) -> dict:
-  """Evaluates every model's saved verification embeddings and writes the report."""
+  """Evaluates every model's saved verification embeddings and writes the report, with
+  every stage's convergence record, the target-space diagnostics and their warnings."""
   models = {}
   for stage in stages:
     if stage.model:
       embeddings = runtime.load_embeddings(os.path.join(workdir, stage.name))
       models[stage.model] = runtime.evaluate_embeddings(embeddings)
   report = report_lib.build_report(models, config=runtime.config_dict(config))
+  report.update(stage_health(workdir, stages))
   if jax.process_index() == 0:
     report_lib.write_report(report, out_dir)
   return report
+
+
+def stage_health(workdir: str, stages: list[Stage]) -> dict:
+  """{"warnings": [...], "training": {stage: convergence record}, "diagnostics":
+  {"target_space": {space: target_space statistics}, "students": {model: target fit}}}
+  from the results.json of every stage (not-converged and collapse warnings first)."""
+  warnings, training = [], {}
+  spaces, students = {}, {}
+  for stage in stages:
+    results = runtime.read_results(os.path.join(workdir, stage.name))
+    record = results.get("training")
+    if record:
+      training[stage.name] = {k: v for k, v in record.items() if k != "warnings"}
+      warnings += record.get("warnings", [])
+    diagnostics = results.get("diagnostics") or {}
+    for label, statistics in (("concatenation", diagnostics.get("concatenation")),
+                              ("targets", diagnostics.get("targets"))):
+      if statistics:
+        space = (f"{stage.name} (concatenated teacher embeddings)" if label == "concatenation"
+                 else f"{stage.name} (targets)")
+        spaces[space] = statistics
+        warning = target_space.collapse_warning(space, statistics)
+        if warning:
+          warnings.append(warning)
+    if stage.model and "train_target_cosine" in diagnostics:
+      students[stage.model] = diagnostics
+  return {"warnings": warnings, "training": training,
+          "diagnostics": {"target_space": spaces, "students": students}}

@@ -107,3 +107,78 @@ def test_target_orientation_reaches_the_adaptor_and_kd_students(tmp_path):
   config.target_orientation = "mirror"
   with pytest.raises(UserError, match="target_orientation='mirror': expected one of"):
     pipeline.build(config, str(tmp_path), train_set)
+
+
+def test_report_carries_convergence_diagnostics_and_warnings_first(finished):
+  workdir, report = finished
+  trained = {"teacher/group_a", "balanced_teacher/1", "adaptor/specialized/SL",
+             "student/mstkd/SL/a-KD", "student/student_alone"}
+  assert trained <= set(report["training"])
+  for record in report["training"].values():
+    assert {"final_epoch_loss", "final_epoch_accuracy", "tail_loss_change"} <= set(record)
+  spaces = report["diagnostics"]["target_space"]
+  assert set(spaces) == {"extract/specialized (concatenated teacher embeddings)",
+                         "adaptor/specialized/SL (targets)",
+                         "extract/balanced (concatenated teacher embeddings)",
+                         "adaptor/balanced/SL (targets)"}
+  assert {"within_identity", "between_identities_same_group", "between_groups",
+          "nearest_centroid_accuracy"} <= set(spaces["adaptor/specialized/SL (targets)"])
+  fit = report["diagnostics"]["students"]["mstkd/SL/a-KD"]
+  assert -1 <= fit["train_target_cosine"] <= 1 and fit["num_train_images"] == 96
+  assert set(fit["verification_target_cosine"]) == {"group_a", "group_b"}
+  # The smoke networks are far from converged (2 epochs): the report says so first.
+  assert any(w.startswith("teacher/group_a has not converged") for w in report["warnings"])
+  with open(os.path.join(workdir, "report", "report.md")) as f:
+    markdown = f.read()
+  assert markdown.index("## Warnings") < markdown.index("## Verification accuracy")
+  assert "## Target-space diagnostics" in markdown and "## Training" in markdown
+
+
+def _two_seeds():
+  config = tiny_config()
+  config.seeds = 2
+  config.kd_losses = ("a-KD",)
+  return config
+
+
+def test_seeds_run_once_each_and_end_with_the_combined_report(tmp_path, capsys):
+  combined = pipeline.run(_two_seeds(), str(tmp_path))
+  assert combined["seeds"] == [0, 1]
+  for seed in (0, 1):
+    with open(tmp_path / f"seed_{seed}" / "report" / "report.json") as f:
+      assert json.load(f)["config"]["seed"] == seed
+  with open(tmp_path / "seed_1" / "teacher" / "group_a" / "config.json") as f:
+    assert json.load(f)["seed"] == 1
+  assert os.listdir(tmp_path / "data")  # one data folder for every seed
+  assert not os.path.exists(tmp_path / "seed_0" / "data")
+  entry = combined["models"]["mstkd/SL/a-KD"]
+  assert {"groups", "mean", "std", "ser"} <= set(entry)
+  assert entry["mean"]["n"] == 2 and entry["mean"]["half_width"] is not None
+  claims = combined["claims"]
+  assert set(claims) == {"mstkd/SL/a-KD - student_alone", "mstkd/SL/a-KD - balanced_kd/SL/a-KD"}
+  for claim in claims.values():
+    assert {"mean", "std"} <= set(claim) and {"low", "high", "agree"} <= set(claim["mean"])
+  assert combined["warnings"] and combined["warnings"][0].startswith("seed 0: ")
+  for name in ("report.json", "report.md", "accuracy_bias.png", "group_accuracy.png"):
+    assert os.path.exists(tmp_path / "report" / name)
+  out = capsys.readouterr().out
+  assert "mstkd/SL/a-KD - student_alone" in out and "±" in out
+
+  again = pipeline.run(_two_seeds(), str(tmp_path))
+  out = capsys.readouterr().out
+  assert "[pipeline] stage" not in out          # both seeds finished: nothing reruns
+  assert again["models"] == combined["models"]
+
+  changed = _two_seeds()
+  changed.student.kd_weight = 5.0
+  with pytest.raises(UserError, match=r"the seed folder .*seed_0 holds a run of another "
+                                      r"config \(student.kd_weight: 10000.0 -> 5.0\)"):
+    pipeline.run(changed, str(tmp_path))
+
+
+@pytest.mark.parametrize("seeds", [0, -1])
+def test_seeds_must_be_a_positive_integer(tmp_path, seeds):
+  config = tiny_config()
+  config.seeds = seeds
+  with pytest.raises(UserError, match=r"config field seeds=.*: expected an integer >= 1"):
+    pipeline.run(config, str(tmp_path))

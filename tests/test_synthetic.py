@@ -3,6 +3,7 @@ and (without any neural net) that each group's identities differ along its own f
 
 import dataclasses
 import glob
+import hashlib
 import os
 
 import numpy as np
@@ -72,6 +73,54 @@ def test_deterministic_by_seed(small):
     np.testing.assert_array_equal(again.eval_issame[name], small.eval_issame[name])
   other = synthetic.generate(synthetic.SyntheticSpec(**{**SMALL, "seed": 8}))
   assert np.mean(other.train_images != small.train_images) > 0.5
+
+
+# Golden values of SMALL, recorded before the validation split existed: the label and pair
+# arrays exactly (integer draws of PCG64 are the same everywhere), the pixels as per-image
+# sums (a platform's last-ulp differences in exp/tanh may flip a few roundings by 1; a
+# changed random stream moves every sum by thousands).
+GOLDEN_LABELS_SHA256 = "6e27cc38d99d6986ed654a1b90c0fa5ae87fca67c7ca4052bf0ec6f17b51c8e5"
+GOLDEN_PIXEL_SUMS = {
+    "train": [120993, 202156, 126241, 176724, 239431, 144054, 88814, 141752, 173598, 148114,
+              185949, 129202, 122977, 140870, 100536, 153907, 187577, 252495, 111788, 139692,
+              204496, 178149, 215235, 178689, 211225, 171859, 123795, 183066, 120682, 109075,
+              132282, 189481, 159365, 109013, 90399, 149925, 108504, 124587, 195757, 104081,
+              130437, 72430, 149705, 159550, 96198],
+    "group_a": [100614, 158508, 187677, 80949, 197086, 156794, 156890, 128594, 188386, 97939,
+                103994, 147387],
+    "group_b": [153581, 151626, 132563, 140811, 140957, 142243, 231444, 155390, 86642, 120260,
+                111369, 159018],
+    "group_c": [166228, 124357, 150131, 67261, 198108, 91595, 57631, 198451, 147665, 110997,
+                127252, 110606],
+}
+
+
+def _labels_sha256(faces):
+  h = hashlib.sha256()
+  h.update(faces.train_identity.tobytes())
+  h.update(faces.train_group.tobytes())
+  for name in faces.spec.group_names:
+    for array in (faces.eval_identity[name], faces.eval_pairs[name], faces.eval_issame[name]):
+      h.update(array.tobytes())
+  return h.hexdigest()
+
+
+def _pixel_sums(images):
+  return images.reshape(len(images), -1).sum(axis=1, dtype=np.int64)
+
+
+@pytest.mark.parametrize("validation", [(0, 0), (3, 8)])
+def test_golden_values(validation):
+  # Train and test arrays stay those of the original generator, with or without validation.
+  faces = synthetic.generate(synthetic.SyntheticSpec(
+      **SMALL, validation_identities_per_group=validation[0],
+      validation_pairs_per_group=validation[1]))
+  assert _labels_sha256(faces) == GOLDEN_LABELS_SHA256
+  np.testing.assert_allclose(_pixel_sums(faces.train_images), GOLDEN_PIXEL_SUMS["train"],
+                             rtol=0, atol=24)
+  for name in faces.spec.group_names:
+    np.testing.assert_allclose(_pixel_sums(faces.eval_images[name]),
+                               GOLDEN_PIXEL_SUMS[name], rtol=0, atol=24)
 
 
 @pytest.mark.parametrize("size", [16, 112])

@@ -1,8 +1,15 @@
-"""Where a stage's data comes from: the config's `data` section -> training and verification sets.
+"""Where a stage's data comes from: the config's `data` section -> training, verification
+(test) and validation sets.
 
 Every stage asks this module, so adding a source is one class here and none in the stages.
 Sources: "synthetic" (the built-in set, in memory) and "tfds" (a data set made by
 `python -m mstkd_jax.data.prepare`, streamed from its array_record files).
+
+Verification sets are the test pairs: results are reported on them and nothing is selected
+on them. Checkpoint selection on data uses the validation sets only (`validation_sets`;
+`has_validation` says whether the config has one): the synthetic set's held-out validation
+identities (data.synthetic.validation_identities_per_group > 0), or for tfds the prepared
+verification set named by data.tfds.validation, which may not be the test set.
 """
 
 import dataclasses
@@ -59,6 +66,10 @@ class TrainingSet:
   def image_chunks(self, chunk: int) -> Iterator[np.ndarray]:
     raise NotImplementedError
 
+  def images_at(self, rows) -> np.ndarray:
+    """uint8 [len(rows), H, W, 3]: the images of the given records, as stored."""
+    raise NotImplementedError
+
 
 class ArrayTrainingSet(TrainingSet):
   """Images held in memory (the synthetic set)."""
@@ -80,6 +91,9 @@ class ArrayTrainingSet(TrainingSet):
     for start in range(0, self.num_examples, chunk):
       yield self.images[start:start + chunk]
 
+  def images_at(self, rows) -> np.ndarray:
+    return self.images[np.asarray(rows, np.int64)]
+
 
 class TfdsTrainingSet(TrainingSet):
   """A prepared face data set, streamed (see data/tfds_input.py)."""
@@ -98,6 +112,13 @@ class TfdsTrainingSet(TrainingSet):
 
   def image_chunks(self, chunk: int) -> Iterator[np.ndarray]:
     return self._tfds_input.ordered_images(self.face_set, self.image_shape[:2], chunk)
+
+  def images_at(self, rows) -> np.ndarray:
+    rows = np.asarray(rows, np.int64)
+    chunks = self._tfds_input.ordered_images(self.face_set, self.image_shape[:2],
+                                             max(len(rows), 1), rows=rows)
+    return np.concatenate(list(chunks)) if len(rows) else np.zeros(
+        (0,) + self.image_shape, np.uint8)
 
 
 @dataclasses.dataclass
@@ -122,12 +143,16 @@ def data_dir(data_config, workdir: str) -> str:
   return os.path.join(paths.local(workdir, "workdir"), "data")
 
 
-def _synthetic(data_config, workdir: str) -> synthetic.SyntheticFaces:
+def _synthetic_spec(data_config) -> synthetic.SyntheticSpec:
   try:
-    spec = synthetic.SyntheticSpec(**data_config.synthetic.to_dict())
+    return synthetic.SyntheticSpec(**data_config.synthetic.to_dict())
   except TypeError as e:
     raise UserError(f"config field data.synthetic: {e}") from e
-  return synthetic.load_or_generate(spec, data_dir(data_config, workdir))
+
+
+def _synthetic(data_config, workdir: str) -> synthetic.SyntheticFaces:
+  return synthetic.load_or_generate(_synthetic_spec(data_config),
+                                    data_dir(data_config, workdir))
 
 
 def _check_source(data_config) -> str:
@@ -153,6 +178,7 @@ def training_set(data_config, workdir: str) -> TrainingSet:
 
 
 def verification_sets(data_config, workdir: str) -> dict[str, VerificationSet]:
+  """The test pairs of every group, {group: VerificationSet}, in group order."""
   if _check_source(data_config) == "tfds":
     from mstkd_jax.data import tfds_input  # pylint: disable=g-import-not-at-top
     if not data_config.tfds.verification:
@@ -191,3 +217,78 @@ def select(train: TrainingSet, *, group: str = "", identities=()) -> tuple[np.nd
     keep = np.flatnonzero(np.isin(train.identity, wanted))
   _, labels = np.unique(train.identity[keep], return_inverse=True)
   return keep.astype(np.int64), labels.astype(np.int32)
+
+
+def _tfds_validation_name(data_config) -> str:
+  """data.tfds.validation ("" = none); UserError if it names the verification (test) set."""
+  name = data_config.tfds.get("validation", "")
+  if not isinstance(name, str):
+    raise UserError(f"config field data.tfds.validation={name!r}: expected the name of a "
+                    "prepared verification set, or \"\" for none")
+  if name and name == data_config.tfds.verification:
+    raise UserError(f"config field data.tfds.validation={name!r} names the test set "
+                    "(data.tfds.verification); selection on the test pairs is what the "
+                    "held-out split avoids: prepare another verification set for it")
+  return name
+
+
+def has_validation(data_config) -> bool:
+  """Whether the config has a held-out validation split; loads and generates nothing.
+
+  Raises:
+    UserError: for an unknown source, synthetic fields that do not make a SyntheticSpec, or
+      data.tfds.validation naming the verification (test) set.
+  """
+  if _check_source(data_config) == "tfds":
+    return bool(_tfds_validation_name(data_config))
+  return _synthetic_spec(data_config).has_validation
+
+
+def validation_sets(data_config, workdir: str) -> dict[str, VerificationSet]:
+  """The held-out validation pairs of every group, for checkpoint selection.
+
+  Returns:
+    {} when the config has no validation split (synthetic with
+    validation_identities_per_group 0, tfds with data.tfds.validation ""), else
+    {group: VerificationSet} (images uint8 [M, H, W, 3], pairs int32 [P, 2], issame bool
+    [P]); for tfds, images at data.tfds.image_size.
+  Raises:
+    UserError: as has_validation; for tfds also when the validation set is not prepared, or
+      when it was prepared from the same source as the verification set (the test pairs
+      under another name).
+  """
+  if not has_validation(data_config):
+    return {}
+  if data_config.source == "tfds":
+    from mstkd_jax.data import tfds_input  # pylint: disable=g-import-not-at-top
+    name = data_config.tfds.validation
+    root = data_dir(data_config, workdir)
+    _refuse_same_source(data_config, root)
+    sets = tfds_input.load_verification_sets(name, root, data_config.tfds.image_size)
+    return {g: VerificationSet(*parts) for g, parts in sets.items()}
+  faces = _synthetic(data_config, workdir)
+  return {g: VerificationSet(images=faces.validation_images[g],
+                             pairs=faces.validation_pairs[g],
+                             issame=faces.validation_issame[g])
+          for g in faces.spec.group_names}
+
+
+def _refuse_same_source(data_config, root: str) -> None:
+  """UserError if data.tfds.validation and .verification were prepared from one source.
+
+  Reads only the two metadata.json files; says nothing when the test set is unset or not
+  prepared (verification_sets names that problem itself).
+  """
+  from mstkd_jax.data import tfds_builders as tfb  # pylint: disable=g-import-not-at-top
+  validation = tfb.find_prepared(root, data_config.tfds.validation, tfb.MstkdVerification)
+  if not data_config.tfds.verification:
+    return
+  test = tfb.prepared_dir(root, tfb.MstkdVerification, data_config.tfds.verification)
+  if not tfb.is_prepared(test):
+    return
+  source = tfb.read_metadata(validation).get("source")
+  if source and source == tfb.read_metadata(test).get("source"):
+    raise UserError(f"config field data.tfds.validation={data_config.tfds.validation!r} "
+                    f"was prepared from {source}, as the test set "
+                    f"data.tfds.verification={data_config.tfds.verification!r}; selection on "
+                    "the test pairs is what the held-out split avoids")

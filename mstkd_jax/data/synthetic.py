@@ -30,9 +30,14 @@ What it models:
     occlusion probability) of group g, all but the background colour; identity variation
     is unchanged, so difficulty is the ratio of nuisance to identity variation. The
     default (0.85 .. 1.2) gives the groups somewhat different difficulties.
-  * Evaluation sets per group with identities disjoint from training, and RFW-style
+  * Evaluation (test) sets per group with identities disjoint from training, and RFW-style
     verification pairs (half same identity, interleaved same/different so that any
     contiguous fold of even size is balanced).
+  * Optional held-out validation sets per group (`validation_identities_per_group`,
+    `validation_pairs_per_group`; 0 = none): yet other new identities of the same group
+    model, with their own pairs drawn like the test pairs. Checkpoint selection uses these,
+    never the test pairs. They come from their own random streams, so asking for them
+    leaves the training and test arrays bit-identical to those of the spec without them.
 
 What it does not model: real face geometry or 3-D pose (out-of-plane rotation), age,
 accessories, real skin reflectance, the long-tailed identity sizes of web-scraped data,
@@ -136,6 +141,8 @@ _KEY_GROUP = 1
 _KEY_TRAIN = 2
 _KEY_EVAL = 3
 _KEY_PAIRS = 4
+_KEY_VALIDATION = 5  # validation identities and images
+_KEY_VALIDATION_PAIRS = 6  # validation pairs
 
 
 def _default_difficulty(num_groups: int) -> tuple[float, ...]:
@@ -176,14 +183,24 @@ class SyntheticSpec:
     num_groups: number of demographic groups G.
     identities_per_group: training identities per group I.
     images_per_identity: training images per identity K.
-    eval_identities_per_group: evaluation identities per group (disjoint from training).
-    eval_images_per_identity: evaluation images per identity (>= 2).
-    pairs_per_group: verification pairs per group (even; half same identity).
+    eval_identities_per_group: evaluation (test) identities per group (disjoint from
+      training).
+    eval_images_per_identity: evaluation images per identity (>= 2); validation identities
+      have as many.
+    pairs_per_group: verification (test) pairs per group (even; half same identity).
     image_size: square image side in pixels, 16..112.
     difficulty: nuisance multiplier per group; a float (all groups), a sequence of
       num_groups floats, or () for the default ramp 0.85..1.2. After construction it is
       always a tuple of num_groups floats.
     seed: everything is a deterministic function of the spec.
+    validation_identities_per_group: held-out validation identities per group, disjoint
+      from training and test identities; 0 (the default) = no validation split, else >= 2.
+    validation_pairs_per_group: validation pairs per group (even; half same identity);
+      0 exactly when validation_identities_per_group is 0.
+
+  Raises:
+    UserError: naming the field, for a value of the wrong type or out of range, or pairs
+      that the identities and images cannot supply.
   """
   num_groups: int = 4
   identities_per_group: int = 96
@@ -194,6 +211,8 @@ class SyntheticSpec:
   image_size: int = 32
   difficulty: tuple[float, ...] | float = ()
   seed: int = 0
+  validation_identities_per_group: int = 0
+  validation_pairs_per_group: int = 0
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen: normalize in place.
@@ -210,19 +229,23 @@ class SyntheticSpec:
     set_("image_size",
          _check_int("image_size", self.image_size, _MIN_IMAGE_SIZE, _MAX_IMAGE_SIZE))
     set_("seed", _check_int("seed", self.seed, 0, 2**63 - 1))
-    if self.pairs_per_group % 2:
-      raise UserError(f"SyntheticSpec.pairs_per_group: expected an even number (half the "
-                      f"pairs are same-identity), got {self.pairs_per_group}")
-    half = self.pairs_per_group // 2
-    m, k = self.eval_identities_per_group, self.eval_images_per_identity
-    same_available = m * k * (k - 1) // 2
-    diff_available = (m * k) * (m * k - k) // 2
-    if half > same_available or half > diff_available:
+    set_("validation_identities_per_group",
+         _check_int("validation_identities_per_group",
+                    self.validation_identities_per_group, 0))
+    set_("validation_pairs_per_group",
+         _check_int("validation_pairs_per_group", self.validation_pairs_per_group, 0))
+    _check_pairs("pairs_per_group", self.pairs_per_group, "eval_identities_per_group",
+                 self.eval_identities_per_group, self.eval_images_per_identity)
+    v_ids, v_pairs = self.validation_identities_per_group, self.validation_pairs_per_group
+    if (v_ids > 0) != (v_pairs > 0):
       raise UserError(
-          f"SyntheticSpec.pairs_per_group: {self.pairs_per_group} pairs need "
-          f"{half} distinct same-identity pairs, but eval_identities_per_group={m} x "
-          f"eval_images_per_identity={k} allow only {same_available}; lower "
-          f"pairs_per_group or raise the eval sizes")
+          f"SyntheticSpec.validation_identities_per_group={v_ids} and "
+          f"SyntheticSpec.validation_pairs_per_group={v_pairs}: expected both 0 (no "
+          f"validation split) or both > 0")
+    if v_ids:
+      _check_int("validation_identities_per_group", v_ids, 2)  # Different pairs need 2.
+      _check_pairs("validation_pairs_per_group", v_pairs, "validation_identities_per_group",
+                   v_ids, self.eval_images_per_identity)
     set_("difficulty", self._normalized_difficulty())
 
   def _normalized_difficulty(self) -> tuple[float, ...]:
@@ -252,16 +275,45 @@ class SyntheticSpec:
   def group_names(self) -> tuple[str, ...]:
     return tuple(_group_name(g) for g in range(self.num_groups))
 
+  @property
+  def has_validation(self) -> bool:
+    """Whether the spec asks for a held-out validation split."""
+    return self.validation_identities_per_group > 0
+
   def to_json(self) -> str:
     """Canonical JSON of the (normalized) fields; the cache key is derived from it."""
     return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
+def _check_pairs(field: str, pairs: int, ids_field: str, identities: int,
+                 per_identity: int) -> None:
+  """Raises UserError naming `field` unless `pairs` is even and the identities x images
+  hold pairs // 2 distinct same-identity and as many different-identity pairs."""
+  if pairs % 2:
+    raise UserError(f"SyntheticSpec.{field}: expected an even number (half the pairs are "
+                    f"same-identity), got {pairs}")
+  half = pairs // 2
+  m, k = identities, per_identity
+  same_available = m * k * (k - 1) // 2
+  diff_available = (m * k) * (m * k - k) // 2
+  if half > same_available or half > diff_available:
+    raise UserError(
+        f"SyntheticSpec.{field}: {pairs} pairs need {half} distinct same-identity pairs, "
+        f"but {ids_field}={m} x eval_images_per_identity={k} allow only "
+        f"{same_available}; lower {field} or raise those sizes")
+
+
 @dataclasses.dataclass
 class SyntheticFaces:
-  """A generated data set. Identity labels: group g's training identities are
-  g*I..(g+1)*I-1; evaluation identities continue after all training ones
-  (G*I + g*E + e), so the two sets are disjoint by label as well as by draw."""
+  """A generated data set.
+
+  Identity labels: group g's training identities are g*I..(g+1)*I-1; evaluation (test)
+  identities continue after all training ones (G*I + g*E + e), validation identities after
+  all evaluation ones (G*I + G*E + g*V + v), so the three sets are disjoint by label as well
+  as by draw. The validation dicts are empty when the spec has no validation split; else
+  they have the same keys, shapes and dtypes as the eval ones (V*eval_images_per_identity
+  images, validation_pairs_per_group pairs per group).
+  """
   spec: SyntheticSpec
   train_images: np.ndarray  # uint8 [N, H, W, 3]
   train_identity: np.ndarray  # int32 [N]
@@ -270,6 +322,10 @@ class SyntheticFaces:
   eval_identity: dict[str, np.ndarray]  # group -> int32 [M]
   eval_pairs: dict[str, np.ndarray]  # group -> int32 [P, 2], indices into eval_images
   eval_issame: dict[str, np.ndarray]  # group -> bool [P]
+  validation_images: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  validation_identity: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  validation_pairs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+  validation_issame: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------
@@ -606,43 +662,73 @@ def _draw_pairs(identity: np.ndarray, num_pairs: int,
 # ---------------------------------------------------------------------------------------
 # Public API.
 
+# The per-group arrays of a pair set, by field suffix (eval_images, validation_images, ...).
+_PAIR_SET_FIELDS = ("images", "identity", "pairs", "issame")
+
+
+def _splits(spec: SyntheticSpec) -> tuple[str, ...]:
+  """The prefixes of spec's per-group pair sets: eval, and validation when it has one."""
+  return ("eval", "validation") if spec.has_validation else ("eval",)
+
+
+def _split(spec: SyntheticSpec, model: _GroupModel, key: int, g: int, identities: int,
+           per_identity: int, first_label: int) -> tuple[np.ndarray, np.ndarray]:
+  """One group's split: `identities` new identities x `per_identity` images.
+
+  Everything is drawn from the stream (seed, key, g) alone, so a split never shifts
+  another's draws. Returns (uint8 [identities*per_identity, S, S, 3], int32 labels
+  first_label.. in identity-major order).
+  """
+  rng = np.random.default_rng([spec.seed, key, g])
+  ids = _sample_identities(model, identities, rng)
+  params = _sample_images(model, ids, per_identity, rng)
+  images = _render_all(params, spec.image_size, rng)
+  labels = np.repeat(np.arange(first_label, first_label + identities, dtype=np.int32),
+                     per_identity)
+  return images, labels
+
 
 def generate(spec: SyntheticSpec) -> SyntheticFaces:
-  """Generates the data set described by spec (deterministic)."""
+  """Generates the data set described by spec (deterministic).
+
+  Raises:
+    UserError: spec is not a SyntheticSpec.
+  """
   if not isinstance(spec, SyntheticSpec):
     raise UserError(f"generate: expected a SyntheticSpec, got {type(spec).__name__}")
   G, I, K = spec.num_groups, spec.identities_per_group, spec.images_per_identity
   E, KE = spec.eval_identities_per_group, spec.eval_images_per_identity
+  V = spec.validation_identities_per_group
   train_images, train_identity, train_group = [], [], []
-  eval_images, eval_identity, eval_pairs, eval_issame = {}, {}, {}, {}
+  # Per-group pair sets: {"eval_images": {group: array}, ..., "validation_issame": ...}.
+  sets = {f"{split}_{field}": {} for split in _splits(spec) for field in _PAIR_SET_FIELDS}
   for g, name in enumerate(spec.group_names):
     model = _group_model(spec, g)
     # Training split.
-    rng = np.random.default_rng([spec.seed, _KEY_TRAIN, g])
-    ids = _sample_identities(model, I, rng)
-    params = _sample_images(model, ids, K, rng)
-    train_images.append(_render_all(params, spec.image_size, rng))
-    train_identity.append(np.repeat(np.arange(g * I, (g + 1) * I, dtype=np.int32), K))
+    images, labels = _split(spec, model, _KEY_TRAIN, g, I, K, g * I)
+    train_images.append(images)
+    train_identity.append(labels)
     train_group.append(np.full(I * K, g, np.int32))
-    # Evaluation split: new identities from the same group distribution.
-    rng = np.random.default_rng([spec.seed, _KEY_EVAL, g])
-    ids = _sample_identities(model, E, rng)
-    params = _sample_images(model, ids, KE, rng)
-    eval_images[name] = _render_all(params, spec.image_size, rng)
-    first = G * I + g * E
-    eval_identity[name] = np.repeat(np.arange(first, first + E, dtype=np.int32), KE)
-    pairs, issame = _draw_pairs(eval_identity[name], spec.pairs_per_group,
+    # Evaluation (test) split: new identities from the same group distribution.
+    images, labels = _split(spec, model, _KEY_EVAL, g, E, KE, G * I + g * E)
+    pairs, issame = _draw_pairs(labels, spec.pairs_per_group,
                                 np.random.default_rng([spec.seed, _KEY_PAIRS, g]))
-    eval_pairs[name], eval_issame[name] = pairs, issame
+    for field, value in zip(_PAIR_SET_FIELDS, (images, labels, pairs, issame)):
+      sets[f"eval_{field}"][name] = value
+    # Validation split: yet other new identities, from streams of its own.
+    if V:
+      images, labels = _split(spec, model, _KEY_VALIDATION, g, V, KE, G * I + G * E + g * V)
+      pairs, issame = _draw_pairs(
+          labels, spec.validation_pairs_per_group,
+          np.random.default_rng([spec.seed, _KEY_VALIDATION_PAIRS, g]))
+      for field, value in zip(_PAIR_SET_FIELDS, (images, labels, pairs, issame)):
+        sets[f"validation_{field}"][name] = value
   return SyntheticFaces(
       spec=spec,
       train_images=np.concatenate(train_images),
       train_identity=np.concatenate(train_identity),
       train_group=np.concatenate(train_group),
-      eval_images=eval_images,
-      eval_identity=eval_identity,
-      eval_pairs=eval_pairs,
-      eval_issame=eval_issame)
+      **sets)
 
 
 def cache_path(spec: SyntheticSpec, data_dir: str | os.PathLike) -> str:
@@ -660,11 +746,10 @@ def _to_arrays(faces: SyntheticFaces) -> dict[str, np.ndarray]:
       "train_identity": faces.train_identity,
       "train_group": faces.train_group,
   }
-  for name in faces.spec.group_names:
-    arrays[f"eval_images/{name}"] = faces.eval_images[name]
-    arrays[f"eval_identity/{name}"] = faces.eval_identity[name]
-    arrays[f"eval_pairs/{name}"] = faces.eval_pairs[name]
-    arrays[f"eval_issame/{name}"] = faces.eval_issame[name]
+  for split in _splits(faces.spec):
+    for name in faces.spec.group_names:
+      for field in _PAIR_SET_FIELDS:
+        arrays[f"{split}_{field}/{name}"] = getattr(faces, f"{split}_{field}")[name]
   return arrays
 
 
@@ -672,20 +757,24 @@ def _check_loaded(faces: SyntheticFaces) -> None:
   """Raises ValueError if the loaded arrays do not have the shapes the spec implies."""
   s = faces.spec
   n = s.num_groups * s.identities_per_group * s.images_per_identity
-  m = s.eval_identities_per_group * s.eval_images_per_identity
   hw = (s.image_size, s.image_size, 3)
   checks = [
       (faces.train_images, (n,) + hw, np.uint8),
       (faces.train_identity, (n,), np.int32),
       (faces.train_group, (n,), np.int32),
   ]
-  for name in s.group_names:
-    checks += [
-        (faces.eval_images[name], (m,) + hw, np.uint8),
-        (faces.eval_identity[name], (m,), np.int32),
-        (faces.eval_pairs[name], (s.pairs_per_group, 2), np.int32),
-        (faces.eval_issame[name], (s.pairs_per_group,), np.bool_),
-    ]
+  sizes = {"eval": (s.eval_identities_per_group, s.pairs_per_group),
+           "validation": (s.validation_identities_per_group, s.validation_pairs_per_group)}
+  for split in _splits(s):
+    identities, p = sizes[split]
+    m = identities * s.eval_images_per_identity
+    for name in s.group_names:
+      checks += [
+          (getattr(faces, f"{split}_images")[name], (m,) + hw, np.uint8),
+          (getattr(faces, f"{split}_identity")[name], (m,), np.int32),
+          (getattr(faces, f"{split}_pairs")[name], (p, 2), np.int32),
+          (getattr(faces, f"{split}_issame")[name], (p,), np.bool_),
+      ]
   for arr, shape, dtype in checks:
     if arr.shape != shape or arr.dtype != dtype:
       raise ValueError(f"array of shape {arr.shape} {arr.dtype}, expected {shape} "
@@ -706,10 +795,8 @@ def _load(path: str, spec: SyntheticSpec) -> SyntheticFaces:
           train_images=z["train_images"],
           train_identity=z["train_identity"],
           train_group=z["train_group"],
-          eval_images={g: z[f"eval_images/{g}"] for g in spec.group_names},
-          eval_identity={g: z[f"eval_identity/{g}"] for g in spec.group_names},
-          eval_pairs={g: z[f"eval_pairs/{g}"] for g in spec.group_names},
-          eval_issame={g: z[f"eval_issame/{g}"] for g in spec.group_names})
+          **{f"{split}_{field}": {g: z[f"{split}_{field}/{g}"] for g in spec.group_names}
+             for split in _splits(spec) for field in _PAIR_SET_FIELDS})
     _check_loaded(faces)
     return faces
   except Exception as e:  # Any failure to read means the file is not a valid cache.

@@ -309,8 +309,9 @@ def _to_uint8(tf, image):
 
 
 def ordered_images(face_set: TfdsFaceSet, image_size: ImageSize,
-                   chunk: int = 512) -> Iterator[np.ndarray]:
-  """Every record's image in record order, uint8 [<= chunk, H, W, 3] at a time (extraction)."""
+                   chunk: int = 512, rows=None) -> Iterator[np.ndarray]:
+  """Every record's image in record order (or those of `rows`, int64 [M], in that order),
+  uint8 [<= chunk, H, W, 3] at a time (extraction)."""
   tf = _tf()
   size = _hw(image_size)
   resize = _needs_resize(face_set.image_sizes, size, face_set.path)
@@ -321,7 +322,8 @@ def ordered_images(face_set: TfdsFaceSet, image_size: ImageSize,
     image, _ = decode(raw)
     return _to_uint8(tf, image) if resize else image
 
-  ds = tf.data.Dataset.range(face_set.num_examples).batch(chunk)
+  ds = (tf.data.Dataset.range(face_set.num_examples) if rows is None
+        else tf.data.Dataset.from_tensor_slices(np.asarray(rows, np.int64))).batch(chunk)
   ds = ds.map(tf.autograph.experimental.do_not_convert(fetch), deterministic=True)
   ds = ds.unbatch().map(tf.autograph.experimental.do_not_convert(one_image),
                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -5,6 +5,7 @@ Writes report.json, roc.json, report.md and PNG plots (matplotlib Agg, imported 
 
 from __future__ import annotations
 
+import colorsys
 import io
 import json
 import math
@@ -17,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import fairness
+from mstkd_jax.evaluation import fairness, target_space
 
 TEACHER_PREFIX = "teacher/"
 _PCT_DIGITS = 4
@@ -242,16 +243,63 @@ _LEGEND = """\
 """
 
 
+def warnings_markdown(warnings) -> list[str]:
+  """The "Warnings" section lines (none without warnings): what to read before the numbers."""
+  if not warnings:
+    return []
+  return (["## Warnings", "", "Read these before the numbers below: a stage that has not "
+           "converged, or a target space whose identities have collapsed, makes the rows "
+           "that depend on it untrustworthy.", ""]
+          + [f"- {w}" for w in warnings] + [""])
+
+
+def _diagnostics_markdown(report: Mapping) -> list[str]:
+  """Target-space and training tables from report["diagnostics"] / report["training"]."""
+  parts = []
+  spaces = (report.get("diagnostics") or {}).get("target_space") or {}
+  if spaces:
+    header, rows = target_space.format_table(spaces)
+    parts += ["", "## Target-space diagnostics", "",
+              "Cosines over the training images (as stored): within one identity, between "
+              "the centroids of different identities of one group and of different groups; "
+              f"separation = within - between (group), below {target_space.COLLAPSE_MARGIN} "
+              "= collapsed; nearest-centroid identity accuracy (leave-one-out).", "",
+              _markdown(header, rows)]
+  students = (report.get("diagnostics") or {}).get("students") or {}
+  if students:
+    groups = []
+    for fit in students.values():
+      groups.extend(g for g in fit["verification_target_cosine"] if g not in groups)
+    header = ["Student", "train"] + groups
+    rows = [[m, _fmt(fit["train_target_cosine"], 3)]
+            + [_fmt(fit["verification_target_cosine"].get(g), 3) for g in groups]
+            for m, fit in students.items()]
+    parts += ["", "## Students: mean cosine to their targets", "",
+              "On a fixed sample of training images and on each group's verification "
+              "images (the adaptor's space there).", "", _markdown(header, rows)]
+  training = report.get("training") or {}
+  if training:
+    header = ["Stage", "steps", "first-epoch loss", "final-epoch loss",
+              "final-epoch accuracy", "loss change, last 10%"]
+    rows = [[name, str(r.get("steps", "-")), _fmt(r.get("first_epoch_loss"), 4),
+             _fmt(r.get("final_epoch_loss"), 4), _fmt(r.get("final_epoch_accuracy"), 3),
+             "-" if r.get("tail_loss_change") is None else f"{r['tail_loss_change']:+.1%}"]
+            for name, r in training.items()]
+    parts += ["", "## Training", "", _markdown(header, rows)]
+  return parts
+
+
 def _report_markdown(report: Mapping, images: Mapping[str, str]) -> str:
   header, rows = _main_table(report)
-  parts = ["# Evaluation report", "", "## Verification accuracy (%) per group", "",
-           _markdown(header, rows)]
+  parts = ["# Evaluation report", ""] + warnings_markdown(report.get("warnings")) + [
+      "## Verification accuracy (%) per group", "", _markdown(header, rows)]
   tt = _teacher_table(report)
   if tt is not None:
     parts += ["", "## Teacher x evaluation group accuracy (%)", "", _markdown(*tt)]
   ft = _fairness_table(report)
   if ft is not None:
     parts += ["", "## Fairness at a global threshold", "", _markdown(*ft)]
+  parts += _diagnostics_markdown(report)
   parts += ["", "## Legend", "", _LEGEND.rstrip()]
   if images:
     parts += ["", "## Plots", ""]
@@ -313,11 +361,37 @@ def plot_roc(model: str, rocs: Mapping[str, Mapping]) -> bytes:
   return _png_bytes(fig)
 
 
+def distinct_colours(n: int) -> list[tuple[float, float, float]]:
+  """`n` pairwise-distinct RGB colours (floats in [0, 1]) for one figure.
+
+  tab10 for n <= 10, tab20 for n <= 20, else n hues evenly spaced around the HSV
+  circle (alternating brightness so neighbours stay apart), all different.
+
+  Raises:
+    UserError: `n` is not a non-negative integer.
+  """
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+    raise UserError(f"n: expected a non-negative number of colours, got {n!r}")
+  n = int(n)
+  if n <= 20:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    colours = matplotlib.colormaps["tab10" if n <= 10 else "tab20"].colors
+    return [tuple(float(c) for c in colours[i][:3]) for i in range(n)]
+  # Hues i / n differ for i < n, and HSV -> RGB is one-to-one at fixed s, v > 0.
+  return [colorsys.hsv_to_rgb(i / n, 0.8, 0.95 if i % 2 == 0 else 0.7) for i in range(n)]
+
+
 def plot_accuracy_by_group(report: Mapping) -> bytes:
   """PNG of grouped bars: accuracy (%) per evaluation group, one bar per model."""
+  return _png_bytes(_accuracy_by_group_figure(report))
+
+
+def _accuracy_by_group_figure(report: Mapping):
+  """The matplotlib Figure behind `plot_accuracy_by_group`; one colour per model."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   groups = _all_groups(report)
   models = list(report["models"])
+  colours = distinct_colours(len(models))
   fig = Figure(figsize=(max(6.0, 1.2 * len(groups) + 4.0), 4.5), dpi=100)
   ax = fig.add_subplot()
   width = 0.8 / max(len(models), 1)
@@ -327,7 +401,7 @@ def plot_accuracy_by_group(report: Mapping) -> bytes:
     accs = [report["models"][m]["groups"].get(g, {}).get("accuracy", np.nan) for g in groups]
     accs = [float(a) if isinstance(a, (int, float)) else np.nan for a in accs]
     values.extend(a for a in accs if np.isfinite(a))
-    ax.bar(x - 0.4 + width * (i + 0.5), accs, width, label=m)
+    ax.bar(x - 0.4 + width * (i + 0.5), accs, width, label=m, color=colours[i])
   ax.set_xticks(x)
   ax.set_xticklabels(groups)
   if values:
@@ -336,7 +410,7 @@ def plot_accuracy_by_group(report: Mapping) -> bytes:
   ax.set_title("Verification accuracy by group")
   ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
   fig.tight_layout()
-  return _png_bytes(fig)
+  return fig
 
 
 def plot_teacher_heatmap(report: Mapping) -> bytes | None:

@@ -19,6 +19,7 @@ import numpy as np
 from mstkd_jax import models
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
+from mstkd_jax.evaluation import target_space
 from mstkd_jax.stages import extract, runtime
 from mstkd_jax.train import loop, parallel as parallel_lib, state as state_lib, steps
 
@@ -39,7 +40,7 @@ def _map(apply, variables, embeddings, out, batch=4096):
   return out
 
 
-def run(config, workdir: str, name: str = "adaptor") -> dict:
+def run(config, workdir: str, name: str = "adaptor", epochs_field: str = "train.epochs") -> dict:
   workdir = runtime.prepare_workdir(config, workdir)
   train_embeddings, verification = extract.load(config.adaptor.extract_dir)  # memory-mapped
   train_set = sources.training_set(config.data, workdir)
@@ -55,7 +56,7 @@ def run(config, workdir: str, name: str = "adaptor") -> dict:
   parallel = parallel_lib.get(config.parallelism, config.num_devices)
   input_pipeline.check_batch_split(config.train.batch_size, parallel.device_count,
                                    jax.process_count())
-  settings = runtime.loop_settings(config, name, num)
+  settings = runtime.loop_settings(config, name, num, epochs_field)
   settings = dataclasses.replace(settings, select_best_epoch=True)
   adaptor = models.create("adaptor", kind=config.adaptor.kind,
                           embedding_size=config.adaptor.embedding_size,
@@ -104,10 +105,19 @@ def run(config, workdir: str, name: str = "adaptor") -> dict:
   results = runtime.evaluate_embeddings(space)
   print(f"[{name}] adaptor space verification accuracy: {runtime.accuracy_line(results)}",
         flush=True)
+  training = runtime.training_record(workdir, settings)
   runtime.save_model(workdir, info["step"], best)  # Orbax: every process takes part.
+  diagnostics = None
   if jax.process_index() == 0:
-    with runtime.npy_writer(os.path.join(workdir, "targets.npy"),
-                            (num, 2, size_out)) as targets:
+    path = os.path.join(workdir, "targets.npy")
+    with runtime.npy_writer(path, (num, 2, size_out)) as targets:
       _map(apply, best, train_embeddings, targets)                   # [N, 2, D]
     runtime.save_embeddings(workdir, space)
-  return {"verification": results, "best": info}
+    diagnostics = target_space.space_statistics(
+        np.load(path, mmap_mode="r")[:, 0], labels, train_set.group)
+    runtime.warn_collapse(name, diagnostics)
+  runtime.write_results(workdir, name, info["step"], results,
+                        {"training": training, "selected": info,
+                         "diagnostics": {"targets": diagnostics}})
+  return {"verification": results, "best": info, "training": training,
+          "diagnostics": diagnostics}

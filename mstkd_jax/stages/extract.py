@@ -16,6 +16,7 @@ import numpy as np
 from mstkd_jax import losses
 from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
+from mstkd_jax.evaluation import target_space
 from mstkd_jax.stages import runtime
 from mstkd_jax.train import parallel as parallel_lib
 
@@ -70,12 +71,21 @@ def run(config, workdir: str, name: str = "extract") -> dict:
       for group, vset in verification.items():
         verification_parts[group].append(
             _normalized_pair(variables, module, vset.pair_images(), parallel, batch))
+  diagnostics = None
   if is_main:
     runtime.atomic_save_npz(
         os.path.join(workdir, "verification_teacher_embeddings.npz"),
         {f"{g}/embeddings": np.stack(parts, axis=2) for g, parts in verification_parts.items()}
         | {f"{g}/issame": verification[g].issame for g in verification})
-  return {}
+    # The space the adaptor starts from: the plain concatenation of the teachers'
+    # embeddings of every training image as stored.
+    embeddings = np.load(os.path.join(workdir, "teacher_embeddings.npy"), mmap_mode="r")
+    diagnostics = target_space.space_statistics(embeddings[:, 0], train_set.identity,
+                                                train_set.group)
+    runtime.warn_collapse(f"{name} (concatenated teacher embeddings)", diagnostics)
+    runtime.write_json(os.path.join(workdir, "results.json"),
+                       {"stage": name, "diagnostics": {"concatenation": diagnostics}})
+  return {"diagnostics": diagnostics}
 
 
 def load(extract_dir: str) -> tuple[np.ndarray, dict]:

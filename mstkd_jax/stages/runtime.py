@@ -18,15 +18,15 @@ import numpy as np
 from mstkd_jax import losses, models, paths
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import verification
+from mstkd_jax.evaluation import target_space, verification
 from mstkd_jax.models import iresnet
-from mstkd_jax.train import loop, parallel as parallel_lib, state as state_lib, steps
+from mstkd_jax.train import convergence, loop, parallel as parallel_lib, state as state_lib, steps
 from mstkd_jax.train.checkpoints import Checkpoints, flat_shapes, shape_mismatches
 
 # Fields that steer how a run is carried out but not what it computes: they may change
 # between a run and its resumption.
 RUN_CONTROL_FIELDS = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                      "train.eval_batch_size", "parallelism", "num_devices", "data.data_dir",
+                      "train.eval_batch_size", "train.eval_every", "parallelism", "num_devices", "data.data_dir",
                       "only", "force", "extract.teacher_dirs", "student.teacher_dirs",
                       "student.adaptor_dir", "adaptor.extract_dir")
 
@@ -168,14 +168,68 @@ def backbone_and_head_groups(optim_config) -> dict:
   return {"backbone": (optim_config.base_lr, optim_config.clip_norm), "head": (head_lr, None)}
 
 
-def loop_settings(config, name: str, num_examples: int) -> loop.LoopSettings:
+def loop_settings(config, name: str, num_examples: int,
+                  epochs_field: str = "train.epochs") -> loop.LoopSettings:
   steps_per_epoch, total = loop.steps_for(num_examples, config.train.batch_size,
                                           config.train.epochs)
   return loop.LoopSettings(
       name=name, total_steps=total, steps_per_epoch=steps_per_epoch,
       images_per_step=config.train.batch_size, log_every=config.train.log_every,
       checkpoint_every=config.train.checkpoint_every,
-      keep_checkpoints=config.train.keep_checkpoints)
+      keep_checkpoints=config.train.keep_checkpoints, epochs_field=epochs_field)
+
+
+def training_record(workdir: str, settings: loop.LoopSettings) -> dict:
+  """How far the stage trained (convergence.summarize over the loop's saved history) and
+  its "warnings" ([] or the one not-converged line, also printed here)."""
+  summary = convergence.summarize(loop.load_history(workdir), settings.steps_per_epoch)
+  warning = convergence.warning(settings.name, summary, settings.epochs_field)
+  if warning:
+    print(f"WARNING: {warning}", flush=True)
+  return {**summary, "warnings": [warning] if warning else []}
+
+
+EVAL_SELECTION = ("last", "validation")
+
+
+def training_evaluation(config, workdir: str, module, parallel) -> loop.Evaluation | None:
+  """The loop's verification during training from train.eval_every (steps, 0 = off) and
+  train.select ("last": the final state is the model; "validation": the state of the best
+  mean validation accuracy, which needs a held-out validation split). Evaluates on the
+  validation pairs where the data has them, else on the test pairs, for watching only."""
+  every = config.train.get("eval_every", 0)
+  select = config.train.get("select", "last")
+  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+    raise UserError(f"config field train.eval_every={every!r}: expected an integer >= 0 "
+                    "(steps between evaluations; 0 = off)")
+  if select not in EVAL_SELECTION:
+    raise UserError(f"config field train.select={select!r}: expected one of "
+                    f"{EVAL_SELECTION}")
+  has_validation = sources.has_validation(config.data)
+  if select == "validation":
+    if not has_validation:
+      raise UserError("config field train.select='validation' needs a held-out validation "
+                      "split (data.synthetic.validation_identities_per_group > 0, or "
+                      "data.tfds.validation); selecting on the test pairs would report a "
+                      "test score chosen on the test set")
+    if not every:
+      raise UserError("config field train.select='validation' needs train.eval_every > 0 "
+                      "(how often to evaluate)")
+  if not every:
+    return None
+  pairs = (sources.validation_sets(config.data, workdir) if has_validation
+           else sources.verification_sets(config.data, workdir))
+  batch = config.train.eval_batch_size
+
+  def accuracy(state):
+    variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+    results = evaluate_embeddings(
+        verification_embeddings(variables, module, pairs, parallel, batch))
+    return {g: r["accuracy"] for g, r in results.items()}
+
+  label = "validation" if has_validation else "verification"
+  return loop.Evaluation(fn=accuracy, every=every, label=label,
+                         select=select == "validation")
 
 
 def embed_images(variables, module, images: np.ndarray, parallel, batch_size: int):
@@ -323,29 +377,74 @@ def load_model(workdir: str, template: dict, stage: str) -> dict:
 def finish_model(config, workdir: str, name: str, step: int, variables: dict, module,
                  parallel) -> dict:
   """What every trained backbone stage ends with: save the network under <workdir>/model,
-  embed every group's verification pairs (kept for the report), print and write the
-  per-group accuracy (results.json). Returns {group: evaluate_verification result}."""
-  is_main = jax.process_index() == 0
-  done = _evaluated(workdir, step)
-  if done is not None:  # a rerun of a finished run: its model and embeddings are saved
-    print(f"[{name}] verification accuracy (saved at step {step}): {accuracy_line(done)}",
+  embed every group's verification pairs (kept for the report) and print the per-group
+  accuracy. The stage then writes results.json (`write_results`). Returns {group:
+  evaluate_verification result}."""
+  results = _evaluated(workdir, step)
+  if results is not None:  # a rerun of a finished run: its model and embeddings are saved
+    print(f"[{name}] verification accuracy (saved at step {step}): {accuracy_line(results)}",
           flush=True)
-    return done
-  save_model(workdir, step, variables)  # Orbax: every process takes part, process 0 writes.
-  embeddings = verification_embeddings(
-      variables, module, sources.verification_sets(config.data, workdir), parallel,
-      config.train.eval_batch_size)
-  results = evaluate_embeddings(embeddings)
-  print(f"[{name}] verification accuracy: {accuracy_line(results)}", flush=True)
-  if is_main:
-    save_embeddings(workdir, embeddings)
-    summary = {g: {k: r[k] for k in ("accuracy", "accuracy_std", "accuracy_noflip")}
-               for g, r in results.items()}
-    path = os.path.join(workdir, "results.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump({"model": name, "step": int(step), "verification": summary}, f, indent=2)
-    os.replace(path + ".tmp", path)
+  else:
+    save_model(workdir, step, variables)  # Orbax: every process takes part, process 0 writes.
+    embeddings = verification_embeddings(
+        variables, module, sources.verification_sets(config.data, workdir), parallel,
+        config.train.eval_batch_size)
+    results = evaluate_embeddings(embeddings)
+    print(f"[{name}] verification accuracy: {accuracy_line(results)}", flush=True)
+    if jax.process_index() == 0:
+      save_embeddings(workdir, embeddings)
   return results
+
+
+def backbone_result(final, workdir: str, evaluation: loop.Evaluation | None):
+  """(backbone variables, their step, selection record or None) of a trained teacher or
+  student: the final state, or with train.select='validation' the best one the loop kept."""
+  if evaluation is None or not evaluation.select:
+    variables = {"params": final.params["backbone"], "batch_stats": final.batch_stats}
+    return variables, int(final.step), None
+  best, info = loop.load_best(workdir, loop.best_variables(final))
+  print(f"[{os.path.basename(workdir)}] selected step {info['step']} (mean validation "
+        f"accuracy {100 * info['mean_accuracy']:.2f}%)", flush=True)
+  variables = {"params": best["params"]["backbone"], "batch_stats": best["batch_stats"]}
+  return variables, int(info["step"]), info
+
+
+def warn_collapse(name: str, statistics: dict) -> str | None:
+  """Prints the collapse warning of a target space's statistics (target_space); returns it."""
+  warning = target_space.collapse_warning(name, statistics)
+  if warning:
+    print(f"WARNING: {warning}", flush=True)
+  return warning
+
+
+def write_json(path: str, value) -> None:
+  """Writes `value` as indented JSON, atomically (a temporary file renamed over `path`)."""
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def write_results(workdir: str, name: str, step: int, results: dict,
+                  record: dict | None = None) -> None:
+  """<workdir>/results.json (process 0): the model, its step, the per-group verification
+  summary and the entries of `record`."""
+  if jax.process_index() != 0:
+    return
+  summary = {g: {k: r[k] for k in ("accuracy", "accuracy_std", "accuracy_noflip")}
+             for g, r in results.items()}
+  write_json(os.path.join(workdir, "results.json"),
+             {"model": name, "step": int(step), "verification": summary, **(record or {})})
+
+
+def read_results(workdir: str) -> dict:
+  """The results.json a stage wrote ({} where it wrote none)."""
+  try:
+    with open(os.path.join(workdir, "results.json")) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return {}
+  except (OSError, ValueError) as e:
+    raise UserError(f"{workdir}/results.json is unreadable ({e}); rerun its stage") from e
 
 
 def _evaluated(workdir: str, step: int) -> dict | None:

@@ -15,6 +15,7 @@ import numpy as np
 from mstkd_jax import models
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
+from mstkd_jax.evaluation import target_space
 from mstkd_jax.stages import runtime
 from mstkd_jax.train import loop, parallel as parallel_lib, state as state_lib, steps
 
@@ -42,7 +43,7 @@ def frozen_adaptor(config, num_teachers: int):
                                      config.student.adaptor_dir)
 
 
-def run(config, workdir: str, name: str = "student") -> dict:
+def run(config, workdir: str, name: str = "student", epochs_field: str = "train.epochs") -> dict:
   kd, mode = config.student.kd, config.student.targets
   if kd not in KD_LOSSES:
     raise UserError(f"config field student.kd={kd!r}: expected one of {KD_LOSSES}")
@@ -60,7 +61,7 @@ def run(config, workdir: str, name: str = "student") -> dict:
   parallel = parallel_lib.get(config.parallelism, config.num_devices)
   input_pipeline.check_batch_split(config.train.batch_size, parallel.device_count,
                                    jax.process_count())
-  settings = runtime.loop_settings(config, name, len(labels))
+  settings = runtime.loop_settings(config, name, len(labels), epochs_field)
   backbone = runtime.backbone(config.model)
   init_rng, head_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   variables = runtime.init_variables(
@@ -103,14 +104,51 @@ def run(config, workdir: str, name: str = "student") -> dict:
       global_batch=config.train.batch_size, steps_per_epoch=settings.steps_per_epoch,
       seed=config.seed, total_steps=settings.total_steps,
       local_device_count=parallel.local_device_count)
+  evaluation = runtime.training_evaluation(config, workdir, backbone, parallel)
   final = loop.train(workdir=workdir, settings=settings, init_state=init_state,
                      step_fn=step_fn, batches=lambda start: batches(start_step=start),
                      parallel=parallel, rng=jax.random.PRNGKey(config.seed + 1),
-                     extra_args=extra_args)
-  variables = {"params": final.params["backbone"], "batch_stats": final.batch_stats}
-  results = runtime.finish_model(config, workdir, name, int(final.step), variables, backbone,
-                                 parallel)
-  return {"state": final, "verification": results}
+                     extra_args=extra_args, evaluation=evaluation)
+  variables, step, selected = runtime.backbone_result(final, workdir, evaluation)
+  training = runtime.training_record(workdir, settings)
+  results = runtime.finish_model(config, workdir, name, step, variables, backbone, parallel)
+  diagnostics = None
+  if kd != "none":
+    diagnostics = target_fit(config, workdir, train_set, variables, backbone, parallel)
+  runtime.write_results(workdir, name, step, results,
+                        {"training": training, "selected": selected,
+                         "diagnostics": diagnostics})
+  return {"state": final, "verification": results, "training": training,
+          "diagnostics": diagnostics}
+
+
+# Training images whose embeddings are compared with their targets after training.
+TARGET_FIT_SAMPLE = 2048
+
+
+def target_fit(config, workdir: str, train_set, variables: dict, backbone, parallel) -> dict:
+  """How close a distilled student came to its targets: the mean cosine between its
+  embedding and the adaptor's target of the same image, over a fixed sample of training
+  images (at most TARGET_FIT_SAMPLE, the same rows for every student of a data set; images
+  as stored, targets.npy[:, 0]) and per group over the verification pair images (the
+  adaptor's space there, which the adaptor stage saved). Call after `finish_model`.
+
+  Returns {"train_target_cosine": float, "num_train_images": int,
+  "verification_target_cosine": {group: float}}.
+  """
+  adaptor_dir = config.student.adaptor_dir
+  targets = load_targets(adaptor_dir, train_set.num_examples)
+  rows = target_space.fixed_sample(train_set.num_examples, TARGET_FIT_SAMPLE)
+  embeddings, _ = runtime.embed_images(variables, backbone, train_set.images_at(rows),
+                                       parallel, config.train.eval_batch_size)
+  own = runtime.load_embeddings(workdir)
+  space = runtime.load_embeddings(adaptor_dir)
+  return {
+      "train_target_cosine": target_space.mean_cosine(embeddings, targets[rows, 0]),
+      "num_train_images": len(rows),
+      "verification_target_cosine": {
+          g: target_space.mean_cosine(own[g][0], space[g][0]) for g in own if g in space},
+  }
 
 
 def load_targets(adaptor_dir: str, num_examples: int) -> np.ndarray:

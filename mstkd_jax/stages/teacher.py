@@ -41,7 +41,7 @@ def build(config, train_set: sources.TrainingSet, num_classes: int):
   return backbone, head, variables, head_vars
 
 
-def run(config, workdir: str, name: str = "") -> dict:
+def run(config, workdir: str, name: str = "", epochs_field: str = "train.epochs") -> dict:
   """Trains the teacher and evaluates it on every group; returns the results dict."""
   workdir = runtime.prepare_workdir(config, workdir)
   train_set = sources.training_set(config.data, workdir)
@@ -56,7 +56,7 @@ def run(config, workdir: str, name: str = "") -> dict:
   parallel = parallel_lib.get(config.parallelism, config.num_devices)
   input_pipeline.check_batch_split(config.train.batch_size, parallel.device_count,
                                    jax.process_count())
-  settings = runtime.loop_settings(config, name, len(rows))
+  settings = runtime.loop_settings(config, name, len(rows), epochs_field)
   backbone, head, variables, head_vars = build(config, train_set, num_classes)
   tx, schedule = runtime.optimiser(
       config.optim, global_batch=config.train.batch_size,
@@ -73,11 +73,14 @@ def run(config, workdir: str, name: str = "") -> dict:
       train_set.train_batches, rows, labels, global_batch=config.train.batch_size,
       steps_per_epoch=settings.steps_per_epoch, seed=config.seed,
       total_steps=settings.total_steps, local_device_count=parallel.local_device_count)
+  evaluation = runtime.training_evaluation(config, workdir, backbone, parallel)
   final = loop.train(workdir=workdir, settings=settings, init_state=init_state,
                      step_fn=step_fn, batches=lambda start: batches(start_step=start),
-                     parallel=parallel, rng=jax.random.PRNGKey(config.seed + 1))
-
-  variables = {"params": final.params["backbone"], "batch_stats": final.batch_stats}
-  results = runtime.finish_model(config, workdir, name, int(final.step), variables, backbone,
-                                 parallel)
-  return {"state": final, "verification": results}
+                     parallel=parallel, rng=jax.random.PRNGKey(config.seed + 1),
+                     evaluation=evaluation)
+  variables, step, selected = runtime.backbone_result(final, workdir, evaluation)
+  training = runtime.training_record(workdir, settings)
+  results = runtime.finish_model(config, workdir, name, step, variables, backbone, parallel)
+  runtime.write_results(workdir, name, step, results,
+                        {"training": training, "selected": selected})
+  return {"state": final, "verification": results, "training": training}

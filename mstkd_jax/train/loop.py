@@ -10,6 +10,7 @@ import datetime
 import json
 import math
 import os
+import sys
 import time
 from typing import Callable, Iterator
 
@@ -38,6 +39,22 @@ class LoopSettings:
   # Keep the parameters of the epoch with the lowest mean training loss in <workdir>/best
   # (the adaptor's model selection); read them back with `load_best`.
   select_best_epoch: bool = False
+  # The config field that sets this stage's length, named by the convergence warning.
+  epochs_field: str = "train.epochs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """Verification during training (`train.eval_every`): `fn(host TrainState)` returns
+  {group: accuracy in [0, 1]}; it runs after every `every`-th step, its accuracies go to
+  the writer as "<label>/<group>" (and "<label>/mean") and to the progress output. With
+  `select` the state of the best mean accuracy so far is kept in <workdir>/best (read it
+  back with `load_best`); otherwise the evaluation only watches: training reads nothing
+  it computes, so the parameters are the same, bit for bit, with it or without it."""
+  fn: Callable
+  every: int
+  label: str = "verification"
+  select: bool = False
 
 
 def _prefetch(iterator, parallel: DataParallel, size: int = 2):
@@ -57,12 +74,14 @@ def _format_eta(seconds: float) -> str:
 class _Progress:
   """Fetches per-step metrics, checks them, writes them and prints one line per window."""
 
-  def __init__(self, settings: LoopSettings, writer, start_step: int, history: list):
+  def __init__(self, settings: LoopSettings, writer, start_step: int, history: dict):
     self.settings = settings
     self.writer = writer
     self.pending = []           # [(step, device metrics)] not yet fetched
     self.window_start = (time.perf_counter(), start_step)
-    self.history = history      # loss of every step so far: history[t - 1] is step t's
+    # Per-step "loss" (and "accuracy" where the step reports it): history[k][t - 1] is
+    # step t's value.
+    self.history = history
 
   def add(self, step: int, metrics) -> None:
     self.pending.append((step, metrics))
@@ -78,7 +97,9 @@ class _Progress:
         raise TrainingDiverged(
             f"[{self.settings.name}] the loss became {m['loss']} at step {s}; "
             f"{checkpoint_hint}. Lower the learning rate (optim.base_lr) or check the data.")
-      self.history.append(float(m["loss"]))
+      for key in HISTORY_METRICS:
+        if key in m:
+          self.history.setdefault(key, []).append(float(m[key]))
     means = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
     self.writer.write_scalars(step, means)
     now, then = time.perf_counter(), self.window_start
@@ -93,24 +114,34 @@ class _Progress:
           f" | ETA {_format_eta((total - step) / max(steps_per_s, 1e-9))}", flush=True)
 
 
+HISTORY_METRICS = ("loss", "accuracy")
+
+
 def _history_path(workdir: str) -> str:
   return os.path.join(workdir, "loss_history.json")
 
 
-def _load_history(workdir: str, step: int) -> tuple[list, dict]:
-  """Per-step losses of steps 1..step, as saved with the checkpoints ([] if none), and
-  the devices and processes of the run that saved them ({} if not recorded)."""
+def _load_history(workdir: str, step: int) -> tuple[dict, dict]:
+  """Per-step metrics of steps 1..step ({"loss": [...], "accuracy": [...]}) as saved with
+  the checkpoints ({} if none), and the devices and processes of the run that saved them
+  ({} if not recorded)."""
   try:
     with open(_history_path(workdir)) as f:
       record = json.load(f)
-    losses = record["losses"]
+    metrics = record.get("metrics") or {"loss": record["losses"]}
+    history = {k: [float(x) for x in v[:step]] for k, v in metrics.items()}
   except FileNotFoundError:
-    return [], {}
-  except (OSError, ValueError, KeyError, TypeError) as e:
+    return {}, {}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise UserError(f"{_history_path(workdir)} is unreadable ({e}); delete it to resume "
                     "without the loss history") from e
   layout = {k: record[k] for k in ("devices", "processes") if k in record}
-  return [float(x) for x in losses[:step]], layout
+  return history, layout
+
+
+def load_history(workdir: str) -> dict:
+  """Every per-step metric the loop saved in `workdir` ({} when it trained nothing)."""
+  return _load_history(workdir, sys.maxsize)[0]
 
 
 def _layout(devices: int, processes: int) -> str:
@@ -135,34 +166,35 @@ def _write_json(path: str, value) -> None:
   os.replace(path + ".tmp", path)
 
 
-class _BestEpoch:
-  """Saves params and batch_stats of the epoch with the lowest mean loss to <workdir>/best."""
+class _Best:
+  """Keeps the variables of the best state seen so far in <workdir>/best and its record in
+  best.json ({"step", "epoch", "score", ...}); lower scores are better. A resumed run takes
+  the best so far from best.json."""
 
-  def __init__(self, workdir: str, steps_per_epoch: int, history: list):
+  def __init__(self, workdir: str):
     self.workdir = workdir
-    self.steps_per_epoch = steps_per_epoch
     self.checkpoints = Checkpoints(os.path.join(workdir, "best"), keep=1)
-    complete = len(history) // steps_per_epoch
-    self.best = min((self._mean(history, e), e) for e in range(1, complete + 1)) \
-        if complete else (float("inf"), 0)
+    self.score = float("inf")
+    try:
+      with open(os.path.join(workdir, "best.json")) as f:
+        self.score = float(json.load(f)["score"])
+    except FileNotFoundError:
+      pass
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise UserError(f"{workdir}/best.json is unreadable ({e}); delete it and best/ to "
+                      "resume (the best state is then chosen again from here on)") from e
 
-  def _mean(self, history, epoch):
-    return float(np.mean(history[(epoch - 1) * self.steps_per_epoch:
-                                 epoch * self.steps_per_epoch]))
-
-  def epoch_end(self, step: int, history: list, state_fn) -> None:
-    epoch = step // self.steps_per_epoch
-    mean = self._mean(history, epoch)
-    if mean < self.best[0]:
-      self.best = (mean, epoch)
-      state = state_fn()
-      # Every process saves (Orbax synchronizes them); the losses, hence the choice, are
-      # the same on every process.
-      self.checkpoints.save(step, best_variables(state))
-      self.checkpoints.wait()
-      if jax.process_index() == 0:
-        _write_json(os.path.join(self.workdir, "best.json"),
-                    {"epoch": epoch, "step": step, "mean_loss": mean})
+  def consider(self, step: int, score: float, state_fn, record: dict) -> None:
+    if not score < self.score:
+      return
+    self.score = score
+    # Every process saves (Orbax synchronizes them); the scores, hence the choice, are the
+    # same on every process.
+    self.checkpoints.save(step, best_variables(state_fn()))
+    self.checkpoints.wait()
+    if jax.process_index() == 0:
+      _write_json(os.path.join(self.workdir, "best.json"),
+                  {"step": step, "score": score, **record})
 
   def close(self):
     self.checkpoints.close()
@@ -177,7 +209,7 @@ def best_variables(state) -> dict:
 
 
 def load_best(workdir: str, template) -> tuple[dict, dict]:
-  """(`best_variables` of the best epoch, best.json), restored into `template`'s shapes."""
+  """(`best_variables` of the best state, best.json), restored into `template`'s shapes."""
   try:
     with open(os.path.join(workdir, "best.json")) as f:
       info = json.load(f)
@@ -192,7 +224,7 @@ def load_best(workdir: str, template) -> tuple[dict, dict]:
 
 def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable,
           batches: Callable[[int], Iterator[dict]], parallel: DataParallel, rng,
-          extra_args: tuple = ()):
+          extra_args: tuple = (), evaluation: Evaluation | None = None):
   """Trains `init_state` to `settings.total_steps`, resuming from `workdir/checkpoints`.
 
   Args:
@@ -206,6 +238,7 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
     rng: base key; the step folds in its step number.
     extra_args: host pytrees replicated to every device and passed after the rng (frozen
       networks, ...).
+    evaluation: verification during training (see `Evaluation`), or None.
   Returns:
     The final TrainState on the host.
   """
@@ -231,8 +264,11 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
   writer = writers.create_writer(workdir, just_logging=not is_main)
   report = writers.create_progress_reporter(total, writer, settings.log_every)
   progress = _Progress(settings, writer, start, history)
-  best = (_BestEpoch(workdir, settings.steps_per_epoch, history)
-          if settings.select_best_epoch else None)
+  if settings.select_best_epoch and evaluation is not None and evaluation.select:
+    raise ValueError("select the best epoch by its loss or by evaluation, not both")
+  selects = settings.select_best_epoch or (evaluation is not None and evaluation.select)
+  best = _Best(workdir) if selects else None
+  host_state = lambda: parallel.unreplicate(device_state)
   p_step = parallel.wrap(step_fn)
   device_state = parallel.replicate(state)
   device_args = parallel.replicate((rng,) + tuple(extra_args))
@@ -255,17 +291,22 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
       if report is not None:
         report(step)
       is_checkpoint = step % settings.checkpoint_every == 0 or step == total
-      is_epoch_end = best is not None and step % settings.steps_per_epoch == 0
-      if step % settings.log_every == 0 or is_checkpoint or is_epoch_end:
+      is_epoch_end = settings.select_best_epoch and step % settings.steps_per_epoch == 0
+      is_eval = evaluation is not None and evaluation.every and step % evaluation.every == 0
+      if step % settings.log_every == 0 or is_checkpoint or is_epoch_end or is_eval:
         progress.flush(step, parallel, hint())
       if is_epoch_end:
-        best.epoch_end(step, history, lambda: parallel.unreplicate(device_state))
+        epoch = step // settings.steps_per_epoch
+        mean = float(np.mean(history["loss"][-settings.steps_per_epoch:]))
+        best.consider(step, mean, host_state, {"epoch": epoch, "mean_loss": mean})
+      if is_eval:
+        _evaluate(evaluation, settings, step, host_state(), writer, best)
       if is_checkpoint:
         # Every loss up to here was finite (flush checked), so this state is good. The
         # history goes first: a checkpoint never lacks the losses that led to it.
         if is_main:
           _write_json(_history_path(workdir), {
-              "step": step, "losses": history, "devices": parallel.device_count,
+              "step": step, "metrics": history, "devices": parallel.device_count,
               "processes": jax.process_count()})
         checkpoints.save(step, parallel.unreplicate(device_state))
         last_saved = step
@@ -278,6 +319,22 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
       best.close()
     writer.flush()
   return parallel.unreplicate(device_state)
+
+
+def _evaluate(evaluation: Evaluation, settings: LoopSettings, step: int, state, writer,
+              best: _Best | None) -> None:
+  """Runs `evaluation` on the state after `step`: writer, progress line, best state."""
+  accuracy = {g: float(a) for g, a in evaluation.fn(state).items()}
+  mean = float(np.mean(list(accuracy.values())))
+  writer.write_scalars(step, {f"{evaluation.label}/{g}": a for g, a in accuracy.items()}
+                       | {f"{evaluation.label}/mean": mean})
+  groups = "  ".join(f"{g} {100 * a:.2f}%" for g, a in accuracy.items())
+  print(f"[{settings.name}] step {step} {evaluation.label} accuracy: {groups}  "
+        f"(mean {100 * mean:.2f}%)", flush=True)
+  if best is not None:
+    best.consider(step, -mean, lambda: state,
+                  {"epoch": step / settings.steps_per_epoch, "mean_accuracy": mean,
+                   "accuracy": accuracy})
 
 
 def steps_for(num_examples: int, global_batch: int, epochs: float) -> tuple[int, int]:
