@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -137,12 +138,16 @@ def test_report_carries_convergence_diagnostics_and_warnings_first(finished):
 def _two_seeds():
   config = tiny_config()
   config.seeds = 2
-  config.kd_losses = ("a-KD",)
   return config
 
 
-def test_seeds_run_once_each_and_end_with_the_combined_report(tmp_path, capsys):
+def test_seeds_run_once_each_and_end_with_the_combined_report(finished, tmp_path, capsys):
+  # Seed 0 of a 2-seed run is the single run of the same config: copied in, it is skipped
+  # as finished, and only seed 1 trains.
+  shutil.copytree(finished[0], tmp_path / "seed_0", ignore=shutil.ignore_patterns("data"))
   combined = pipeline.run(_two_seeds(), str(tmp_path))
+  out = capsys.readouterr().out
+  assert "[pipeline] stage teacher/group_a" in out and out.count("[pipeline] stage report") == 1
   assert combined["seeds"] == [0, 1]
   for seed in (0, 1):
     with open(tmp_path / f"seed_{seed}" / "report" / "report.json") as f:
@@ -150,7 +155,7 @@ def test_seeds_run_once_each_and_end_with_the_combined_report(tmp_path, capsys):
   with open(tmp_path / "seed_1" / "teacher" / "group_a" / "config.json") as f:
     assert json.load(f)["seed"] == 1
   assert os.listdir(tmp_path / "data")  # one data folder for every seed
-  assert not os.path.exists(tmp_path / "seed_0" / "data")
+  assert not os.path.exists(tmp_path / "seed_1" / "data")
   entry = combined["models"]["mstkd/SL/a-KD"]
   assert {"groups", "mean", "std", "ser"} <= set(entry)
   assert entry["mean"]["n"] == 2 and entry["mean"]["half_width"] is not None
@@ -161,11 +166,12 @@ def test_seeds_run_once_each_and_end_with_the_combined_report(tmp_path, capsys):
   assert combined["warnings"] and combined["warnings"][0].startswith("seed 0: ")
   for name in ("report.json", "report.md", "accuracy_bias.png", "group_accuracy.png"):
     assert os.path.exists(tmp_path / "report" / name)
-  out = capsys.readouterr().out
-  assert "mstkd/SL/a-KD - student_alone" in out and "±" in out
+  with open(tmp_path / "report" / "report.json") as f:
+    assert json.load(f)["claims"].keys() == claims.keys()
 
   again = pipeline.run(_two_seeds(), str(tmp_path))
   out = capsys.readouterr().out
+  assert "mstkd/SL/a-KD - student_alone" in out and "±" in out
   assert "[pipeline] stage" not in out          # both seeds finished: nothing reruns
   assert again["models"] == combined["models"]
 

@@ -8,6 +8,7 @@ baseline), "a-KD" (kd_weight x MSE to the MST-KD target, no labels) or "EAF-KD"
 """
 
 import functools
+import os
 
 import jax
 import numpy as np
@@ -131,18 +132,25 @@ def target_fit(config, workdir: str, train_set, variables: dict, backbone, paral
   embedding and the adaptor's target of the same image, over a fixed sample of training
   images (at most TARGET_FIT_SAMPLE, the same rows for every student of a data set; images
   as stored, targets.npy[:, 0]) and per group over the verification pair images (the
-  adaptor's space there, which the adaptor stage saved). Call after `finish_model`.
+  adaptor's space there, which the adaptor stage saved; {} for targets made elsewhere).
+  Call after `finish_model`.
 
   Returns {"train_target_cosine": float, "num_train_images": int,
-  "verification_target_cosine": {group: float}}.
+  "verification_target_cosine": {group: float}} on process 0, None on the others.
   """
   adaptor_dir = config.student.adaptor_dir
-  targets = load_targets(adaptor_dir, train_set.num_examples)
   rows = target_space.fixed_sample(train_set.num_examples, TARGET_FIT_SAMPLE)
+  # Every process embeds (one program over all devices); process 0, which wrote the
+  # verification embeddings, compares.
   embeddings, _ = runtime.embed_images(variables, backbone, train_set.images_at(rows),
                                        parallel, config.train.eval_batch_size)
+  if jax.process_index() != 0:
+    return None
+  targets = load_targets(adaptor_dir, train_set.num_examples)
   own = runtime.load_embeddings(workdir)
-  space = runtime.load_embeddings(adaptor_dir)
+  # An adaptor stage saves its space on the verification pairs; hand-made targets need not.
+  has_space = os.path.exists(os.path.join(adaptor_dir, "verification_embeddings.npz"))
+  space = runtime.load_embeddings(adaptor_dir) if has_space else {}
   return {
       "train_target_cosine": target_space.mean_cosine(embeddings, targets[rows, 0]),
       "num_train_images": len(rows),
