@@ -95,3 +95,12 @@ def test_a_starved_teacher_warns_and_records_it(tmp_path, capsys):
   assert record == result["training"]
   assert record["steps"] == 3 and len(record["warnings"]) == 1
   assert record["final_epoch_accuracy"] < convergence.MIN_TRAIN_ACCURACY
+
+
+def test_the_same_teacher_trained_to_convergence_does_not_warn(tmp_path, capsys):
+  config = tiny_config(epochs=40.0, log_every=40, checkpoint_every=1000)
+  config.optim.lr_decay_epochs = (30, 38)
+  result = teacher.run(config, str(tmp_path), epochs_field="teacher.train.epochs")
+  assert "WARNING" not in capsys.readouterr().out
+  assert result["training"]["warnings"] == []
+  assert result["training"]["final_epoch_accuracy"] >= convergence.MIN_TRAIN_ACCURACY

@@ -102,7 +102,10 @@ def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
   make_batch = tf.autograph.experimental.do_not_convert(make_batch)
   ds = tf.data.Dataset.range(start_step, total_steps)
   ds = ds.map(make_batch, num_parallel_calls=2, deterministic=True)
-  return ds.prefetch(2).as_numpy_iterator()
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  options.threading.private_threadpool_size = 2
+  return ds.prefetch(2).with_options(options).as_numpy_iterator()
 
 
 # Which entry of per-image [N, 2, ...] data an example gets: "as_fed", that of the

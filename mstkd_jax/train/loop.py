@@ -23,6 +23,10 @@ from mstkd_jax.train.checkpoints import Checkpoints
 from mstkd_jax.train.parallel import DataParallel
 
 
+# The per-step metrics kept in <workdir>/loss_history.json (convergence.summarize reads them).
+HISTORY_METRICS = ("loss", "accuracy")
+
+
 class TrainingDiverged(UserError):
   """The loss became NaN or Inf."""
 
@@ -112,9 +116,6 @@ class _Progress:
           f"loss {means['loss']:.4f} {extra} lr {means.get('lr', float('nan')):.4g} | "
           f"{steps_per_s:.2f} steps/s {steps_per_s * self.settings.images_per_step:.0f} img/s"
           f" | ETA {_format_eta((total - step) / max(steps_per_s, 1e-9))}", flush=True)
-
-
-HISTORY_METRICS = ("loss", "accuracy")
 
 
 def _history_path(workdir: str) -> str:
