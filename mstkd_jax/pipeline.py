@@ -81,6 +81,8 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
         raise UserError(f"config field {field} holds {value!r}; expected some of "
                         f"{list(allowed)}")
   input_pipeline.check_orientation(config.target_orientation, "target_orientation")
+  for section in ("teacher", "student"):   # checked now, not when the stage starts
+    runtime.evaluation_fields(config[section].train, f"{section}.train")
   if config.targets not in student.TARGETS:
     raise UserError(f"config field targets={config.targets!r}: expected one of "
                     f"{student.TARGETS}")
@@ -211,10 +213,10 @@ def run(config, workdir: str) -> dict:
   """
   workdir = paths.local(workdir, "workdir")
   seeds = _check_seeds(config)
-  runtime.prepare_workdir(config, workdir, refuse_changes=False)
   config = _with_data_dir(config, workdir)
   if seeds == 1:
     return run_recipe(config, workdir)
+  runtime.prepare_workdir(config, workdir, refuse_changes=False)
   reports = {}
   for k in range(seeds):
     seed = config.seed + k
@@ -266,7 +268,6 @@ def _warnings_text(warnings) -> str:
 def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
   """One run of the recipe (one training seed) in `workdir`; returns its report ({} with
   --config.only)."""
-  runtime.prepare_workdir(config, workdir, refuse_changes=False)
   train_set = sources.training_set(config.data, workdir)
   stages = build(config, workdir, train_set)
   names = [s.name for s in stages]
@@ -275,12 +276,22 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
       raise UserError(f"config field {field}={config[field]!r}: no such stage; the stages "
                       f"are {names}")
   forced = _downstream(stages, {config.force}) if config.force else set()
-  fingerprints, finished = {}, {}
+  # Every finished stage is checked against this config before anything runs or is
+  # written (config.json included): a refused run leaves the workdir as it was.
+  fingerprints, records = {}, {}
+  for stage in stages:
+    records[stage.name] = _fingerprint(stage, fingerprints)
+    fingerprints[stage.name] = records[stage.name]["fingerprint"]
+    old = _read_record(os.path.join(workdir, stage.name))
+    if (stage.name not in forced and old and old.get("finished")
+        and old["fingerprint"] != fingerprints[stage.name]):
+      raise UserError(_stale_message(stage.name, old, records[stage.name]))
+  runtime.prepare_workdir(config, workdir, refuse_changes=False)
+  finished = {}
   started = time.perf_counter()
   for stage in stages:
     stage_dir = os.path.join(workdir, stage.name)
-    record = _fingerprint(stage, fingerprints)
-    fingerprints[stage.name] = record["fingerprint"]
+    record = records[stage.name]
     old = _read_record(stage_dir)
     if stage.name in forced and os.path.isdir(stage_dir):
       print(f"[pipeline] --config.force: rerunning {stage.name}", flush=True)
@@ -289,8 +300,6 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
       parallel_lib.sync_hosts(f"force {stage.name}")
       old = None
     if old and old.get("finished"):
-      if old["fingerprint"] != record["fingerprint"]:
-        raise UserError(_stale_message(stage.name, old, record))
       finished[stage.name] = True
       continue
     if config.only and stage.name != config.only:

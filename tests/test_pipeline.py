@@ -188,3 +188,11 @@ def test_seeds_must_be_a_positive_integer(tmp_path, seeds):
   config.seeds = seeds
   with pytest.raises(UserError, match=r"config field seeds=.*: expected an integer >= 1"):
     pipeline.run(config, str(tmp_path))
+
+
+def test_a_bad_evaluation_field_stops_before_any_stage_runs(tmp_path, capsys):
+  config = tiny_config()
+  config.student.train.eval_every = -5
+  with pytest.raises(UserError, match=r"student.train.eval_every=-5: expected an integer"):
+    pipeline.run(config, str(tmp_path))
+  assert "[pipeline] stage" not in capsys.readouterr().out

@@ -11,6 +11,7 @@ exactly the orientation the model sees (`add_oriented`), from arrays that may be
 memory-mapped files larger than memory.
 """
 
+import os
 from typing import Iterator, Mapping
 
 import jax
@@ -101,10 +102,13 @@ def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
 
   make_batch = tf.autograph.experimental.do_not_convert(make_batch)
   ds = tf.data.Dataset.range(start_step, total_steps)
-  ds = ds.map(make_batch, num_parallel_calls=2, deterministic=True)
+  # A fixed, private pool without autotuning: on a 2-core host the autotuned shared pool
+  # starved next to XLA's threads and stalled the last batches of a stage for 2-27 s.
+  threads = max(2, (os.cpu_count() or 2) // 2)
+  ds = ds.map(make_batch, num_parallel_calls=threads, deterministic=True)
   options = tf.data.Options()
   options.autotune.enabled = False
-  options.threading.private_threadpool_size = 2
+  options.threading.private_threadpool_size = threads
   return ds.prefetch(2).with_options(options).as_numpy_iterator()
 
 

@@ -260,10 +260,12 @@ def _diagnostics_markdown(report: Mapping) -> list[str]:
   if spaces:
     header, rows = target_space.format_table(spaces)
     parts += ["", "## Target-space diagnostics", "",
-              "Cosines over the training images (as stored): within one identity, between "
-              "the centroids of different identities of one group and of different groups; "
-              f"separation = within - between (group), below {target_space.COLLAPSE_MARGIN} "
-              "= collapsed; nearest-centroid identity accuracy (leave-one-out).", "",
+              "Cosines over the training images (as stored): of two images of one identity; "
+              "of the centroids of two identities of one group; of two images of different "
+              "identities of one group; of the centroids of identities of different groups. "
+              "Separation = within identity - between images (group); below "
+              f"{target_space.COLLAPSE_MARGIN} the space has collapsed. Nearest-centroid "
+              "identity accuracy with leave-one-out centroids.", "",
               _markdown(header, rows)]
   students = (report.get("diagnostics") or {}).get("students") or {}
   if students:
@@ -280,10 +282,11 @@ def _diagnostics_markdown(report: Mapping) -> list[str]:
   training = report.get("training") or {}
   if training:
     header = ["Stage", "steps", "first-epoch loss", "final-epoch loss",
-              "final-epoch accuracy", "loss change, last 10%"]
+              "final-epoch accuracy", "loss change, last 10% (+- s.e.)"]
     rows = [[name, str(r.get("steps", "-")), _fmt(r.get("first_epoch_loss"), 4),
              _fmt(r.get("final_epoch_loss"), 4), _fmt(r.get("final_epoch_accuracy"), 3),
-             "-" if r.get("tail_loss_change") is None else f"{r['tail_loss_change']:+.1%}"]
+             "-" if r.get("tail_loss_change") is None else
+             f"{r['tail_loss_change']:+.1%} +- {r.get('tail_loss_change_se') or 0:.1%}"]
             for name, r in training.items()]
     parts += ["", "## Training", "", _markdown(header, rows)]
   return parts

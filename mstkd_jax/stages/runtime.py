@@ -192,19 +192,25 @@ def training_record(workdir: str, settings: loop.LoopSettings) -> dict:
 EVAL_SELECTION = ("last", "validation")
 
 
+def evaluation_fields(train_config, section: str = "train") -> tuple[int, str]:
+  """(eval_every, select) of a `train` config section, checked; UserError naming the field."""
+  every = train_config.get("eval_every", 0)
+  select = train_config.get("select", "last")
+  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+    raise UserError(f"config field {section}.eval_every={every!r}: expected an integer >= 0 "
+                    "(steps between evaluations; 0 = off)")
+  if select not in EVAL_SELECTION:
+    raise UserError(f"config field {section}.select={select!r}: expected one of "
+                    f"{EVAL_SELECTION}")
+  return every, select
+
+
 def training_evaluation(config, workdir: str, module, parallel) -> loop.Evaluation | None:
   """The loop's verification during training from train.eval_every (steps, 0 = off) and
   train.select ("last": the final state is the model; "validation": the state of the best
   mean validation accuracy, which needs a held-out validation split). Evaluates on the
   validation pairs where the data has them, else on the test pairs, for watching only."""
-  every = config.train.get("eval_every", 0)
-  select = config.train.get("select", "last")
-  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-    raise UserError(f"config field train.eval_every={every!r}: expected an integer >= 0 "
-                    "(steps between evaluations; 0 = off)")
-  if select not in EVAL_SELECTION:
-    raise UserError(f"config field train.select={select!r}: expected one of "
-                    f"{EVAL_SELECTION}")
+  every, select = evaluation_fields(config.train)
   has_validation = sources.has_validation(config.data)
   if select == "validation":
     if not has_validation:
