@@ -242,3 +242,12 @@ def test_corrupt_images_stop_or_are_skipped(data, tmp_path):
   assert out['groups']['Asian']['pairs'] == 3 and out['dropped_pairs'] == 1
   images, pairs, issame = tfds_input.load_verification_sets('rfw', data_dir, 12)['Asian']
   assert len(images) == 4 and pairs.max() == 3 and issame.tolist() == [True, False, True]
+
+
+def test_images_at_reads_the_given_records_in_their_order(tree_set, data):
+  face_set, images, _, _ = tree_set
+  from mstkd_jax.data import sources  # pylint: disable=g-import-not-at-top
+  train_set = sources.TfdsTrainingSet('tree', data['data_dir'], images.shape[1])
+  rows = np.array([7, 0, 3])
+  np.testing.assert_array_equal(train_set.images_at(rows), images[rows])
+  assert train_set.images_at(np.array([], np.int64)).shape == (0,) + images.shape[1:]
