@@ -365,11 +365,11 @@ def stage_health(workdir: str, stages: list[Stage]) -> dict:
       training[stage.name] = {k: v for k, v in record.items() if k != "warnings"}
       warnings += record.get("warnings", [])
     diagnostics = results.get("diagnostics") or {}
-    for label, statistics in (("concatenation", diagnostics.get("concatenation")),
-                              ("targets", diagnostics.get("targets"))):
+    for key, label in (("concatenation", "concatenated teacher embeddings"),
+                       ("targets", "targets")):
+      statistics = diagnostics.get(key)
       if statistics:
-        space = (f"{stage.name} (concatenated teacher embeddings)" if label == "concatenation"
-                 else f"{stage.name} (targets)")
+        space = f"{stage.name} ({label})"
         spaces[space] = statistics
         warning = target_space.collapse_warning(space, statistics)
         if warning:
