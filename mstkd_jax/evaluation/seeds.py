@@ -258,15 +258,8 @@ def _cell(interval: Mapping, digits: int, signed: bool = False) -> str:
   return text
 
 
-def _all_groups(combined: Mapping) -> list[str]:
-  groups: list[str] = []
-  for entry in combined["models"].values():
-    groups.extend(g for g in entry["groups"] if g not in groups)
-  return groups
-
-
 def _models_table(combined: Mapping) -> tuple[list[str], list[list[str]]]:
-  groups = _all_groups(combined)
+  groups = report_lib._all_groups(combined)  # pylint: disable=protected-access
   header = ["Model"] + groups + ["Mean", "STD", "SER"]
   rows = []
   for model, entry in combined["models"].items():
@@ -422,7 +415,7 @@ def _group_bars_figure(combined: Mapping, models: Sequence[str] | None = None):
       if m not in combined["models"]:
         raise UserError(f"models: {m!r} is not in the combined report (models: "
                         f"{list(combined['models'])})")
-  groups = _all_groups({"models": {m: combined["models"][m] for m in models}})
+  groups = report_lib._all_groups({"models": {m: combined["models"][m] for m in models}})
   colours = report_lib.distinct_colours(len(models))
   fig = Figure(figsize=(max(6.0, 1.4 * len(groups) + 4.5), 4.5), dpi=100)
   ax = fig.add_subplot()
