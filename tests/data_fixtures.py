@@ -13,9 +13,9 @@ from PIL import Image
 
 # Small groups with deliberately unsorted identity names; ("name", images, png?).
 GROUPS = {
-    'Indian': [('n_zeta', 2, False), ('n_alpha', 3, True)],
-    'African': [('m.0b', 2, False), ('m.0a', 1, False), ('m.0c', 2, True)],
-    'Asian': [('x1', 1, False)],
+    "Indian": [("n_zeta", 2, False), ("n_alpha", 3, True)],
+    "African": [("m.0b", 2, False), ("m.0a", 1, False), ("m.0c", 2, True)],
+    "Asian": [("x1", 1, False)],
 }
 REC_MAGIC = 0xCED7230A
 
@@ -25,16 +25,16 @@ def jpeg_bytes(seed: int, size: int = 12) -> bytes:
   rng = np.random.RandomState(seed)
   img = Image.fromarray(rng.randint(0, 256, (size, size, 3), dtype=np.uint8))
   buf = io.BytesIO()
-  img.save(buf, 'JPEG', quality=90)
+  img.save(buf, "JPEG", quality=90)
   return buf.getvalue()
 
 
-def png_bytes(seed: int, size: int = 12, mode: str = 'RGB') -> bytes:
+def png_bytes(seed: int, size: int = 12, mode: str = "RGB") -> bytes:
   rng = np.random.RandomState(seed)
-  shape = (size, size, 3) if mode == 'RGB' else (size, size)
+  shape = (size, size, 3) if mode == "RGB" else (size, size)
   img = Image.fromarray(rng.randint(0, 256, shape, dtype=np.uint8))
   buf = io.BytesIO()
-  img.save(buf, 'PNG')
+  img.save(buf, "PNG")
   return buf.getvalue()
 
 
@@ -45,14 +45,14 @@ def jpeg_with_magic(seed: int) -> bytes:
   which forces a multi-part record.
   """
   data = jpeg_bytes(seed)
-  comment = b'pp' + struct.pack('<I', REC_MAGIC) + b'qq'
-  segment = b'\xff\xfe' + struct.pack('>H', len(comment) + 2) + comment
+  comment = b"pp" + struct.pack("<I", REC_MAGIC) + b"qq"
+  segment = b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment
   return data[:2] + segment + data[2:]
 
 
 def write_file(path: str, data: bytes):
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'wb') as f:
+  with open(path, "wb") as f:
     f.write(data)
 
 
@@ -69,8 +69,8 @@ def make_image_tree(root: str, groups=None, grouped: bool = True) -> dict:
       for k in range(count):
         seed += 1
         data = png_bytes(seed) if png and k == 0 else jpeg_bytes(seed)
-        write_file(os.path.join(folder, f'img_{k:02d}' + ('.png' if data[:4] == b'\x89PNG'
-                                                            else '.jpg')), data)
+        write_file(os.path.join(folder, f"img_{k:02d}" + (".png" if data[:4] == b"\x89PNG"
+                                                            else ".jpg")), data)
         images.append(data)
       out[group][name] = images
   return out
@@ -83,12 +83,12 @@ def expected_labels(tree: dict) -> list[tuple[str, str, list[bytes]]]:
 
 # RFW: per group, identities with image counts; pairs lines (same and different).
 RFW_GROUPS = {
-    'African': {'m.0aa': 3, 'm.0bb': 2},
-    'Asian': {'m.1aa': 2, 'm.1bb': 2, 'm.1cc': 1},
+    "African": {"m.0aa": 3, "m.0bb": 2},
+    "Asian": {"m.1aa": 2, "m.1bb": 2, "m.1cc": 1},
 }
 RFW_PAIRS = {
-    'African': ['m.0aa\t1\t3', 'm.0bb\t1\t2', 'm.0aa\t2\tm.0bb\t1'],
-    'Asian': ['m.1aa\t1\t2', 'm.1aa\t2\tm.1cc\t1', 'm.1bb 2 m.1aa 1', 'm.1bb\t1\t2'],
+    "African": ["m.0aa\t1\t3", "m.0bb\t1\t2", "m.0aa\t2\tm.0bb\t1"],
+    "Asian": ["m.1aa\t1\t2", "m.1aa\t2\tm.1cc\t1", "m.1bb 2 m.1aa 1", "m.1bb\t1\t2"],
 }
 
 
@@ -102,11 +102,11 @@ def make_rfw(root: str) -> dict:
         seed += 1
         data = jpeg_bytes(seed)
         images[(group, name, k)] = data
-        write_file(os.path.join(root, 'test', 'data', group, name, f'{name}_{k:04d}.jpg'), data)
+        write_file(os.path.join(root, "test", "data", group, name, f"{name}_{k:04d}.jpg"), data)
   expected = {}
   for group, lines in RFW_PAIRS.items():
-    write_file(os.path.join(root, 'test', 'txts', group, f'{group}_pairs.txt'),
-               ('\n'.join(lines) + '\n').encode())
+    write_file(os.path.join(root, "test", "txts", group, f"{group}_pairs.txt"),
+               ("\n".join(lines) + "\n").encode())
     pairs = []
     for line in lines:
       t = line.split()
@@ -119,46 +119,46 @@ def make_rfw(root: str) -> dict:
 
 
 def write_bin_fixture(path: str, images, issame, protocol: int = 4):
-  with open(path, 'wb') as f:
+  with open(path, "wb") as f:
     pickle.dump((list(images), list(issame)), f, protocol=protocol)
 
 
 def py2_style_bin(images, issame) -> bytes:
   """Hand-assembled protocol-2 pickle as Python 2 wrote it (str as SHORT_BINSTRING)."""
-  out = [b'\x80\x02', b'(', b']', b'(']
+  out = [b"\x80\x02", b"(", b"]", b"("]
   for data in images:
     assert len(data) < 256
-    out += [b'U', bytes([len(data)]), data]
-  out += [b'e', b']', b'(']
-  out += [b'\x88' if v else b'\x89' for v in issame]
-  out += [b'e', b't', b'.']
-  return b''.join(out)
+    out += [b"U", bytes([len(data)]), data]
+  out += [b"e", b"]", b"("]
+  out += [b"\x88" if v else b"\x89" for v in issame]
+  out += [b"e", b"t", b"."]
+  return b"".join(out)
 
 
 # ----- Independent minimal RecordIO writer (MXNet format). -----
 
 def _rec_record(payload: bytes) -> bytes:
   """Encodes one record; cuts the payload at each 4-aligned magic (dmlc-core's rule)."""
-  magic = struct.pack('<I', REC_MAGIC)
+  magic = struct.pack("<I", REC_MAGIC)
   cuts = [i for i in range(0, len(payload) - 3, 4) if payload[i:i + 4] == magic]
   pieces, start = [], 0
   for i in cuts:
     pieces.append(payload[start:i])
     start = i + 4
   pieces.append(payload[start:])
-  out = b''
+  out = b""
   for n, piece in enumerate(pieces):
     if len(pieces) == 1:
       flag = 0
     else:
       flag = 1 if n == 0 else (3 if n == len(pieces) - 1 else 2)
-    out += struct.pack('<II', REC_MAGIC, (flag << 29) | len(piece)) + piece
-  return out + b'\x00' * ((4 - len(payload) % 4) % 4)
+    out += struct.pack("<II", REC_MAGIC, (flag << 29) | len(piece)) + piece
+  return out + b"\x00" * ((4 - len(payload) % 4) % 4)
 
 
-def _ir_payload(flag: int, label: float, id_: int, labels=(), image: bytes = b'') -> bytes:
-  head = struct.pack('<IfQQ', flag, label, id_, 0)
-  return head + b''.join(struct.pack('<f', v) for v in labels) + image
+def _ir_payload(flag: int, label: float, id_: int, labels=(), image: bytes = b"") -> bytes:
+  head = struct.pack("<IfQQ", flag, label, id_, 0)
+  return head + b"".join(struct.pack("<f", v) for v in labels) + image
 
 
 def write_rec_fixture(rec_path: str, identities, header: bool = True,
@@ -186,11 +186,11 @@ def write_rec_fixture(rec_path: str, identities, header: bool = True,
       records.append((first + j, _ir_payload(2, 0.0, 0, labels=(s, e))))
     records.insert(0, (0, _ir_payload(2, 0.0, 0, labels=(first, first + len(identities)))))
   idx_lines = []
-  with open(rec_path, 'wb') as f:
+  with open(rec_path, "wb") as f:
     for k, payload in records:
-      idx_lines.append(f'{k}\t{f.tell()}\n')
+      idx_lines.append(f"{k}\t{f.tell()}\n")
       f.write(_rec_record(payload))
-  with open(os.path.splitext(rec_path)[0] + '.idx', 'w') as f:
+  with open(os.path.splitext(rec_path)[0] + ".idx", "w") as f:
     f.writelines(idx_lines)
   return images
 
@@ -198,8 +198,8 @@ def write_rec_fixture(rec_path: str, identities, header: bool = True,
 def rec_offsets(rec_path: str) -> dict[int, int]:
   """Reads key -> offset from the fixture's .idx."""
   out = {}
-  with open(os.path.splitext(rec_path)[0] + '.idx') as f:
+  with open(os.path.splitext(rec_path)[0] + ".idx") as f:
     for line in f:
-      k, o = line.split('\t')
+      k, o = line.split("\t")
       out[int(k)] = int(o)
   return out

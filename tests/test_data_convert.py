@@ -22,15 +22,15 @@ def _triples(records, index):
 
 
 def test_tree_rec_tree_round_trip(tmp_path):
-  tree = fx.make_image_tree(str(tmp_path / 'bupt'))
-  src = image_tree.ImageTreeReader(str(tmp_path / 'bupt'))
+  tree = fx.make_image_tree(str(tmp_path / "bupt"))
+  src = image_tree.ImageTreeReader(str(tmp_path / "bupt"))
   from_tree = _triples(src, src.index)
-  summary = convert.tree_to_rec(str(tmp_path / 'bupt'), str(tmp_path / 'rec'))
-  assert summary['groups'] == src.index.group_counts()
-  assert summary['images'] == 11 and summary['identities'] == 6 and summary['skipped'] == []
-  assert (tmp_path / 'rec' / 'property').read_text() == '6,12,12\n'
+  summary = convert.tree_to_rec(str(tmp_path / "bupt"), str(tmp_path / "rec"))
+  assert summary["groups"] == src.index.group_counts()
+  assert summary["images"] == 11 and summary["identities"] == 6 and summary["skipped"] == []
+  assert (tmp_path / "rec" / "property").read_text() == "6,12,12\n"
 
-  with recordio.FaceRecordIOReader(str(tmp_path / 'rec' / 'train.rec')) as rec:
+  with recordio.FaceRecordIOReader(str(tmp_path / "rec" / "train.rec")) as rec:
     assert rec.index == image_tree.DatasetIndex(
         src.index.group_names, src.index.identity_names, src.index.identity_groups,
         src.index.identity_image_counts, rec.rec_path)
@@ -38,118 +38,118 @@ def test_tree_rec_tree_round_trip(tmp_path):
     assert _triples(records, rec.index) == from_tree
     assert [r.group for r in records] == [r.group for r in src]
 
-  summary = convert.rec_to_tree(str(tmp_path / 'rec'), str(tmp_path / 'back'))
-  assert summary['labels_preserved'] and summary['written'] == 11
-  back = image_tree.ImageTreeReader(str(tmp_path / 'back'))
+  summary = convert.rec_to_tree(str(tmp_path / "rec"), str(tmp_path / "back"))
+  assert summary["labels_preserved"] and summary["written"] == 11
+  back = image_tree.ImageTreeReader(str(tmp_path / "back"))
   assert back.index.identity_names == src.index.identity_names
   assert back.index.summary() == src.index.summary()
   assert _triples(back, back.index) == from_tree
   # Every original image comes back byte for byte (PNGs stay PNGs).
   labels = fx.expected_labels(tree)
   assert [r.image for r in back] == [img for _, _, imgs in labels for img in imgs]
-  assert not os.path.exists(str(tmp_path / 'back.partial'))
+  assert not os.path.exists(str(tmp_path / "back.partial"))
 
 
 def test_rec_without_names_to_tree_keeps_labels(tmp_path):
   ids = [[fx.jpeg_bytes(i)] for i in range(11)]
   ids[3].append(fx.png_bytes(99))
-  fx.write_rec_fixture(str(tmp_path / 'x.rec'), ids)
-  summary = convert.rec_to_tree(str(tmp_path / 'x.rec'), str(tmp_path / 'tree'))
-  assert summary['labels_preserved']
-  back = image_tree.ImageTreeReader(str(tmp_path / 'tree'))
+  fx.write_rec_fixture(str(tmp_path / "x.rec"), ids)
+  summary = convert.rec_to_tree(str(tmp_path / "x.rec"), str(tmp_path / "tree"))
+  assert summary["labels_preserved"]
+  back = image_tree.ImageTreeReader(str(tmp_path / "tree"))
   assert not back.grouped
-  assert back.index.identity_names[:3] == ('00', '01', '02')
+  assert back.index.identity_names[:3] == ("00", "01", "02")
   assert [(r.identity, r.image) for r in back] == [
       (j, img) for j, imgs in enumerate(ids) for img in imgs]
 
 
 def test_tree_to_rec_flat_tree_and_rec_path(tmp_path):
-  fx.make_image_tree(str(tmp_path / 'flat'), {'g': [('b', 2, False), ('a', 1, True)]},
+  fx.make_image_tree(str(tmp_path / "flat"), {"g": [("b", 2, False), ("a", 1, True)]},
                      grouped=False)
-  summary = convert.tree_to_rec(str(tmp_path / 'flat'), str(tmp_path / 'out' / 'faces.rec'))
-  assert summary['identities'] == 2 and summary['property'] is None
-  assert sorted(os.listdir(tmp_path / 'out')) == ['faces.identities.json', 'faces.idx',
-                                                  'faces.rec']
-  with recordio.FaceRecordIOReader(str(tmp_path / 'out' / 'faces.rec')) as rec:
-    assert rec.index.identity_names == ('a', 'b') and rec.index.group_names == ()
+  summary = convert.tree_to_rec(str(tmp_path / "flat"), str(tmp_path / "out" / "faces.rec"))
+  assert summary["identities"] == 2 and summary["property"] is None
+  assert sorted(os.listdir(tmp_path / "out")) == ["faces.identities.json", "faces.idx",
+                                                  "faces.rec"]
+  with recordio.FaceRecordIOReader(str(tmp_path / "out" / "faces.rec")) as rec:
+    assert rec.index.identity_names == ("a", "b") and rec.index.group_names == ()
     assert [r.identity for r in rec] == [0, 1, 1]
 
 
 def test_tree_to_rec_corrupt_image(tmp_path):
-  fx.make_image_tree(str(tmp_path / 'bupt'))
-  bad = tmp_path / 'bupt' / 'Asian' / 'x1' / 'img_00.jpg'
+  fx.make_image_tree(str(tmp_path / "bupt"))
+  bad = tmp_path / "bupt" / "Asian" / "x1" / "img_00.jpg"
   bad.write_bytes(bad.read_bytes()[:60])
-  with pytest.raises(UserError, match=r'x1.img_00\.jpg: not a decodable'):
-    convert.tree_to_rec(str(tmp_path / 'bupt'), str(tmp_path / 'rec'))
-  assert os.listdir(tmp_path / 'rec') == []  # No half-written files are left.
-  summary = convert.tree_to_rec(str(tmp_path / 'bupt'), str(tmp_path / 'rec'),
+  with pytest.raises(UserError, match=r"x1.img_00\.jpg: not a decodable"):
+    convert.tree_to_rec(str(tmp_path / "bupt"), str(tmp_path / "rec"))
+  assert os.listdir(tmp_path / "rec") == []  # No half-written files are left.
+  summary = convert.tree_to_rec(str(tmp_path / "bupt"), str(tmp_path / "rec"),
                                 skip_corrupt=True)
-  assert summary['skipped'] == [str(bad)] and summary['images'] == 10
-  with recordio.FaceRecordIOReader(str(tmp_path / 'rec' / 'train.rec')) as rec:
+  assert summary["skipped"] == [str(bad)] and summary["images"] == 10
+  with recordio.FaceRecordIOReader(str(tmp_path / "rec" / "train.rec")) as rec:
     assert rec.index.identity_image_counts == (1, 2, 2, 0, 3, 2)
-    assert rec.index.identity_key(3) == 'Asian/x1'
-  with pytest.raises(UserError, match=r'train\.rec: already exists'):
-    convert.tree_to_rec(str(tmp_path / 'bupt'), str(tmp_path / 'rec'), skip_corrupt=True)
-  summary = convert.rec_to_tree(str(tmp_path / 'rec'), str(tmp_path / 'back'))
+    assert rec.index.identity_key(3) == "Asian/x1"
+  with pytest.raises(UserError, match=r"train\.rec: already exists"):
+    convert.tree_to_rec(str(tmp_path / "bupt"), str(tmp_path / "rec"), skip_corrupt=True)
+  summary = convert.rec_to_tree(str(tmp_path / "rec"), str(tmp_path / "back"))
   # Asian/x1 lost its only image, so the tree cannot keep the labels; it says so.
-  assert summary['empty_identities'] == ['Asian/x1'] and not summary['labels_preserved']
+  assert summary["empty_identities"] == ["Asian/x1"] and not summary["labels_preserved"]
 
 
 def test_rec_to_tree_refuses_nonempty_dst(tmp_path):
-  fx.write_rec_fixture(str(tmp_path / 'train.rec'), [[fx.jpeg_bytes(1)]])
-  (tmp_path / 'dst').mkdir()
-  (tmp_path / 'dst' / 'keep.txt').write_text('x')
-  with pytest.raises(UserError, match=r'dst: already exists and is not an empty folder'):
-    convert.rec_to_tree(str(tmp_path), str(tmp_path / 'dst'))
+  fx.write_rec_fixture(str(tmp_path / "train.rec"), [[fx.jpeg_bytes(1)]])
+  (tmp_path / "dst").mkdir()
+  (tmp_path / "dst" / "keep.txt").write_text("x")
+  with pytest.raises(UserError, match=r"dst: already exists and is not an empty folder"):
+    convert.rec_to_tree(str(tmp_path), str(tmp_path / "dst"))
 
 
 def test_rec_to_tree_refuses_unsafe_names(tmp_path):
-  fx.write_rec_fixture(str(tmp_path / 'train.rec'), [[fx.jpeg_bytes(1)]])
-  (tmp_path / 'train.identities.json').write_text(json.dumps(
-      {'format': recordio.NAMES_FORMAT, 'version': 1, 'groups': [],
-       'identities': [['../escape', -1]]}))
-  with pytest.raises(UserError, match=r'identity name .\.\./escape. cannot be a folder name'):
-    convert.rec_to_tree(str(tmp_path / 'train.rec'), str(tmp_path / 'dst'))
-  (tmp_path / 'train.identities.json').write_text('{"format": "other"}')
-  with pytest.raises(UserError, match=r'train\.identities\.json: malformed identity names'):
-    convert.rec_to_tree(str(tmp_path / 'train.rec'), str(tmp_path / 'dst'))
+  fx.write_rec_fixture(str(tmp_path / "train.rec"), [[fx.jpeg_bytes(1)]])
+  (tmp_path / "train.identities.json").write_text(json.dumps(
+      {"format": recordio.NAMES_FORMAT, "version": 1, "groups": [],
+       "identities": [["../escape", -1]]}))
+  with pytest.raises(UserError, match=r"identity name .\.\./escape. cannot be a folder name"):
+    convert.rec_to_tree(str(tmp_path / "train.rec"), str(tmp_path / "dst"))
+  (tmp_path / "train.identities.json").write_text('{"format": "other"}')
+  with pytest.raises(UserError, match=r"train\.identities\.json: malformed identity names"):
+    convert.rec_to_tree(str(tmp_path / "train.rec"), str(tmp_path / "dst"))
 
 
 def test_rfw_to_bin(tmp_path):
-  expected = fx.make_rfw(str(tmp_path / 'RFW'))
-  summary = convert.rfw_to_bin(str(tmp_path / 'RFW'), str(tmp_path / 'bins'))
-  assert sorted(os.listdir(tmp_path / 'bins')) == ['African_test.bin', 'Asian_test.bin']
-  assert summary['groups']['Asian']['pairs'] == 4 and summary['groups']['Asian']['same'] == 2
+  expected = fx.make_rfw(str(tmp_path / "RFW"))
+  summary = convert.rfw_to_bin(str(tmp_path / "RFW"), str(tmp_path / "bins"))
+  assert sorted(os.listdir(tmp_path / "bins")) == ["African_test.bin", "Asian_test.bin"]
+  assert summary["groups"]["Asian"]["pairs"] == 4 and summary["groups"]["Asian"]["same"] == 2
   for group, pairs in expected.items():
     images, issame = verification_bin.load_verification_bin(
-        str(tmp_path / 'bins' / f'{group}_test.bin'))
+        str(tmp_path / "bins" / f"{group}_test.bin"))
     assert issame == [same for _, _, same in pairs]
     assert images == [img for a, b, _ in pairs for img in (a, b)]
-  with pytest.raises(UserError, match=r'African_test\.bin: already exists'):
-    convert.rfw_to_bin(str(tmp_path / 'RFW'), str(tmp_path / 'bins'), groups=['African'])
+  with pytest.raises(UserError, match=r"African_test\.bin: already exists"):
+    convert.rfw_to_bin(str(tmp_path / "RFW"), str(tmp_path / "bins"), groups=["African"])
 
 
 def test_cli(tmp_path, capsys):
-  fx.make_image_tree(str(tmp_path / 'bupt'))
-  assert convert.main(['tree_to_rec', f'--src={tmp_path / "bupt"}',
+  fx.make_image_tree(str(tmp_path / "bupt"))
+  assert convert.main(["tree_to_rec", f'--src={tmp_path / "bupt"}',
                        f'--dst={tmp_path / "rec"}']) == 0
   out = json.loads(capsys.readouterr().out)
-  assert out['groups']['Indian'] == {'images': 5, 'identities': 2}
-  assert convert.main(['rec_to_tree', '--src', str(tmp_path / 'rec' / 'train.rec'),
-                       '--dst', str(tmp_path / 'back')]) == 0
-  assert json.loads(capsys.readouterr().out)['labels_preserved']
-  assert convert.main(['rfw_to_bin', f'--src={tmp_path / "none"}', f'--dst={tmp_path}']) == 1
+  assert out["groups"]["Indian"] == {"images": 5, "identities": 2}
+  assert convert.main(["rec_to_tree", "--src", str(tmp_path / "rec" / "train.rec"),
+                       "--dst", str(tmp_path / "back")]) == 0
+  assert json.loads(capsys.readouterr().out)["labels_preserved"]
+  assert convert.main(["rfw_to_bin", f'--src={tmp_path / "none"}', f"--dst={tmp_path}"]) == 1
   captured = capsys.readouterr()
-  assert captured.err.startswith('error: ') and 'none: RFW folder does not exist' in captured.err
-  assert 'Traceback' not in captured.err
+  assert captured.err.startswith("error: ") and "none: RFW folder does not exist" in captured.err
+  assert "Traceback" not in captured.err
 
 
 def test_cli_module_entry_point(tmp_path):
-  fx.make_rfw(str(tmp_path / 'RFW'))
+  fx.make_rfw(str(tmp_path / "RFW"))
   result = subprocess.run(
-      [sys.executable, '-m', 'mstkd_jax.data.convert', 'rfw_to_bin', f'--src={tmp_path / "RFW"}',
-       f'--dst={tmp_path / "bins"}', '--groups=Asian'],
+      [sys.executable, "-m", "mstkd_jax.data.convert", "rfw_to_bin", f'--src={tmp_path / "RFW"}',
+       f'--dst={tmp_path / "bins"}', "--groups=Asian"],
       cwd=_REPO, capture_output=True, text=True, timeout=60, check=False)
   assert result.returncode == 0, result.stderr
-  assert list(json.loads(result.stdout)['groups']) == ['Asian']
-  assert os.listdir(tmp_path / 'bins') == ['Asian_test.bin']
+  assert list(json.loads(result.stdout)["groups"]) == ["Asian"]
+  assert os.listdir(tmp_path / "bins") == ["Asian_test.bin"]

@@ -21,45 +21,45 @@ from mstkd_jax.errors import UserError
 # ----- Image tree -----
 
 def test_tree_counts_labels_and_images(tmp_path):
-  tree = fx.make_image_tree(str(tmp_path / 'bupt'))
-  fx.write_file(str(tmp_path / 'bupt' / 'African' / 'm.0a' / '.DS_Store'), b'junk')
-  reader = image_tree.ImageTreeReader(str(tmp_path / 'bupt'))
+  tree = fx.make_image_tree(str(tmp_path / "bupt"))
+  fx.write_file(str(tmp_path / "bupt" / "African" / "m.0a" / ".DS_Store"), b"junk")
+  reader = image_tree.ImageTreeReader(str(tmp_path / "bupt"))
   index = reader.index
   assert reader.grouped
-  assert index.group_names == ('African', 'Asian', 'Indian')
+  assert index.group_names == ("African", "Asian", "Indian")
   assert index.summary() == {
-      'groups': {'African': {'images': 5, 'identities': 3},
-                 'Asian': {'images': 1, 'identities': 1},
-                 'Indian': {'images': 5, 'identities': 2}},
-      'images': 11, 'identities': 6}
+      "groups": {"African": {"images": 5, "identities": 3},
+                 "Asian": {"images": 1, "identities": 1},
+                 "Indian": {"images": 5, "identities": 2}},
+      "images": 11, "identities": 6}
   expected = fx.expected_labels(tree)
-  assert [index.identity_key(i) for i in range(6)] == [f'{g}/{n}' for g, n, _ in expected]
-  assert index.identity_range('Indian') == range(4, 6)
+  assert [index.identity_key(i) for i in range(6)] == [f"{g}/{n}" for g, n, _ in expected]
+  assert index.identity_range("Indian") == range(4, 6)
   records = list(reader)
   assert [(r.identity, r.image) for r in records] == [
       (label, img) for label, (_, _, imgs) in enumerate(expected) for img in imgs]
   assert all(index.group_names[r.group] == expected[r.identity][0] for r in records)
-  assert records[0].source.endswith(os.path.join('African', 'm.0a', 'img_00.jpg'))
+  assert records[0].source.endswith(os.path.join("African", "m.0a", "img_00.jpg"))
   assert reader.skipped == []
 
 
 def test_tree_without_groups(tmp_path):
-  fx.make_image_tree(str(tmp_path / 'flat'), {'g': [('b', 2, False), ('a', 1, True)]},
+  fx.make_image_tree(str(tmp_path / "flat"), {"g": [("b", 2, False), ("a", 1, True)]},
                      grouped=False)
-  reader = image_tree.ImageTreeReader(str(tmp_path / 'flat'))
+  reader = image_tree.ImageTreeReader(str(tmp_path / "flat"))
   assert not reader.grouped
-  assert reader.index.identity_names == ('a', 'b')
-  assert reader.index.summary() == {'groups': {}, 'images': 3, 'identities': 2}
+  assert reader.index.identity_names == ("a", "b")
+  assert reader.index.summary() == {"groups": {}, "images": 3, "identities": 2}
   assert [(r.identity, r.group) for r in reader] == [(0, -1), (1, -1), (1, -1)]
 
 
 def test_decode_image():
-  rgb = image_tree.decode_image(fx.jpeg_bytes(1, size=10), 'x.jpg')
+  rgb = image_tree.decode_image(fx.jpeg_bytes(1, size=10), "x.jpg")
   assert rgb.shape == (10, 10, 3) and rgb.dtype == np.uint8
-  gray = image_tree.decode_image(fx.png_bytes(2, size=7, mode='L'), 'g.png')
+  gray = image_tree.decode_image(fx.png_bytes(2, size=7, mode="L"), "g.png")
   assert gray.shape == (7, 7, 3)
-  with pytest.raises(UserError, match=r'bad\.jpg: not a decodable'):
-    image_tree.decode_image(fx.jpeg_bytes(1)[:-40], 'bad.jpg')
+  with pytest.raises(UserError, match=r"bad\.jpg: not a decodable"):
+    image_tree.decode_image(fx.jpeg_bytes(1)[:-40], "bad.jpg")
 
 
 def _tree_error(root, match, **kw):
@@ -68,50 +68,50 @@ def _tree_error(root, match, **kw):
 
 
 def test_tree_structure_errors(tmp_path):
-  root = str(tmp_path / 't')
-  _tree_error(root, r't: image tree folder does not exist')
+  root = str(tmp_path / "t")
+  _tree_error(root, r"t: image tree folder does not exist")
   fx.make_image_tree(root)
-  os.makedirs(os.path.join(root, 'Caucasian'))
-  _tree_error(root, r'Caucasian: empty group; expected identity folders')
-  os.makedirs(os.path.join(root, 'Caucasian', 'c1'))
-  _tree_error(root, r'c1: identity folder has no images')
-  fx.write_file(os.path.join(root, 'Caucasian', 'c1', 'notes.txt'), b'hello')
-  _tree_error(root, r'notes\.txt: not an image file')
+  os.makedirs(os.path.join(root, "Caucasian"))
+  _tree_error(root, r"Caucasian: empty group; expected identity folders")
+  os.makedirs(os.path.join(root, "Caucasian", "c1"))
+  _tree_error(root, r"c1: identity folder has no images")
+  fx.write_file(os.path.join(root, "Caucasian", "c1", "notes.txt"), b"hello")
+  _tree_error(root, r"notes\.txt: not an image file")
 
 
 def test_tree_non_image_file_skipped_when_asked(tmp_path):
-  root = str(tmp_path / 't')
+  root = str(tmp_path / "t")
   fx.make_image_tree(root)
-  fx.write_file(os.path.join(root, 'Asian', 'x1', 'list.txt'), b'x')
+  fx.write_file(os.path.join(root, "Asian", "x1", "list.txt"), b"x")
   reader = image_tree.ImageTreeReader(root, skip_corrupt=True)
   assert len(list(reader)) == 11
-  assert [os.path.basename(s) for s, _ in reader.skipped] == ['list.txt']
+  assert [os.path.basename(s) for s, _ in reader.skipped] == ["list.txt"]
 
 
 def test_tree_layout_mismatch(tmp_path):
-  root = str(tmp_path / 't')
+  root = str(tmp_path / "t")
   fx.make_image_tree(root)
-  with pytest.raises(UserError, match=r'unexpected folder; expected only .*grouped=True'):
+  with pytest.raises(UserError, match=r"unexpected folder; expected only .*grouped=True"):
     image_tree.ImageTreeReader(root, grouped=False)
-  fx.write_file(os.path.join(root, 'Asian', 'stray.jpg'), fx.jpeg_bytes(3))
-  _tree_error(root, r'stray\.jpg: unexpected file; expected only identity folders')
+  fx.write_file(os.path.join(root, "Asian", "stray.jpg"), fx.jpeg_bytes(3))
+  _tree_error(root, r"stray\.jpg: unexpected file; expected only identity folders")
 
 
 def test_tree_corrupt_images(tmp_path):
-  root = str(tmp_path / 't')
+  root = str(tmp_path / "t")
   fx.make_image_tree(root)
-  truncated = os.path.join(root, 'Indian', 'n_zeta', 'img_01.jpg')
-  with open(truncated, 'rb') as f:
+  truncated = os.path.join(root, "Indian", "n_zeta", "img_01.jpg")
+  with open(truncated, "rb") as f:
     data = f.read()
-  with open(truncated, 'wb') as f:
+  with open(truncated, "wb") as f:
     f.write(data[:len(data) // 2])
-  fake = os.path.join(root, 'African', 'm.0b', 'img_01.jpg')
-  with open(fake, 'wb') as f:
-    f.write(b'this is not a jpeg')
-  _tree_error(root, r'm\.0b.img_01\.jpg: not a decodable JPEG/PNG')
+  fake = os.path.join(root, "African", "m.0b", "img_01.jpg")
+  with open(fake, "wb") as f:
+    f.write(b"this is not a jpeg")
+  _tree_error(root, r"m\.0b.img_01\.jpg: not a decodable JPEG/PNG")
   os.remove(fake)
-  shutil.copy(os.path.join(root, 'African', 'm.0b', 'img_00.jpg'), fake)
-  _tree_error(root, r'n_zeta.img_01\.jpg: not a decodable JPEG/PNG .*(?i:truncated)')
+  shutil.copy(os.path.join(root, "African", "m.0b", "img_00.jpg"), fake)
+  _tree_error(root, r"n_zeta.img_01\.jpg: not a decodable JPEG/PNG .*(?i:truncated)")
   # Listing alone does not decode.
   assert len(list(image_tree.ImageTreeReader(root, validate=False))) == 11
   reader = image_tree.ImageTreeReader(root, skip_corrupt=True)
@@ -125,75 +125,75 @@ def test_tree_corrupt_images(tmp_path):
 # ----- RFW -----
 
 def test_rfw_pairs(tmp_path):
-  expected = fx.make_rfw(str(tmp_path / 'RFW'))
-  reader = rfw.RFWReader(str(tmp_path / 'RFW'))
-  assert reader.groups == ('African', 'Asian')
-  assert rfw.RFWReader(str(tmp_path / 'RFW' / 'test')).groups == reader.groups
-  pairs = reader.pairs('Asian')
-  assert pairs[1] == rfw.PairSpec('m.1aa', 2, 'm.1cc', 1, False, 2)
-  assert pairs[2] == rfw.PairSpec('m.1bb', 2, 'm.1aa', 1, False, 3)
+  expected = fx.make_rfw(str(tmp_path / "RFW"))
+  reader = rfw.RFWReader(str(tmp_path / "RFW"))
+  assert reader.groups == ("African", "Asian")
+  assert rfw.RFWReader(str(tmp_path / "RFW" / "test")).groups == reader.groups
+  pairs = reader.pairs("Asian")
+  assert pairs[1] == rfw.PairSpec("m.1aa", 2, "m.1cc", 1, False, 2)
+  assert pairs[2] == rfw.PairSpec("m.1bb", 2, "m.1aa", 1, False, 3)
   for group in reader.groups:
     got = [(p.image1, p.image2, p.same) for p in reader.iter_pairs(group)]
     assert got == expected[group]
-  assert reader.summary() == {'groups': {
-      'African': {'pairs': 3, 'same': 2, 'different': 1},
-      'Asian': {'pairs': 4, 'same': 2, 'different': 2}}}
+  assert reader.summary() == {"groups": {
+      "African": {"pairs": 3, "same": 2, "different": 1},
+      "Asian": {"pairs": 4, "same": 2, "different": 2}}}
 
 
 def test_rfw_lfw_header_and_blank_lines(tmp_path):
-  path = str(tmp_path / 'pairs.txt')
-  fx.write_file(path, b'1\t2\n\nA 1 2\nA 1 B 3\n')
-  assert rfw.parse_pairs_file(path) == [rfw.PairSpec('A', 1, 'A', 2, True, 3),
-                                        rfw.PairSpec('A', 1, 'B', 3, False, 4)]
+  path = str(tmp_path / "pairs.txt")
+  fx.write_file(path, b"1\t2\n\nA 1 2\nA 1 B 3\n")
+  assert rfw.parse_pairs_file(path) == [rfw.PairSpec("A", 1, "A", 2, True, 3),
+                                        rfw.PairSpec("A", 1, "B", 3, False, 4)]
 
 
-@pytest.mark.parametrize('line,match', [
-    ('m.0aa 1', r'African_pairs\.txt:2: cannot parse'),
-    ('m.0aa one 2', r'African_pairs\.txt:2: .*not an image number'),
-    ('m.0aa 0 2', r'African_pairs\.txt:2: .*1-based'),
-    ('m.0aa \u00b2 1', r'African_pairs\.txt:2: .*not an image number'),
-    ('m.0aa 1 m.0aa 2', r'African_pairs\.txt:2: different-identity line'),
-    ('m.0aa 1 9', r'African_pairs\.txt:2: pair 1 names image 9 of .m\.0aa.*m\.0aa_0009\.jpg'),
-    ('m.0aa 1 m.0zz 1', r'African_pairs\.txt:2: pair 1 names image 1 of .m\.0zz'),
-    ('../x 1 2', r'African_pairs\.txt:2: identity name'),
+@pytest.mark.parametrize("line,match", [
+    ("m.0aa 1", r"African_pairs\.txt:2: cannot parse"),
+    ("m.0aa one 2", r"African_pairs\.txt:2: .*not an image number"),
+    ("m.0aa 0 2", r"African_pairs\.txt:2: .*1-based"),
+    ("m.0aa \u00b2 1", r"African_pairs\.txt:2: .*not an image number"),
+    ("m.0aa 1 m.0aa 2", r"African_pairs\.txt:2: different-identity line"),
+    ("m.0aa 1 9", r"African_pairs\.txt:2: pair 1 names image 9 of .m\.0aa.*m\.0aa_0009\.jpg"),
+    ("m.0aa 1 m.0zz 1", r"African_pairs\.txt:2: pair 1 names image 1 of .m\.0zz"),
+    ("../x 1 2", r"African_pairs\.txt:2: identity name"),
 ])
 def test_rfw_bad_pairs(tmp_path, line, match):
-  fx.make_rfw(str(tmp_path / 'RFW'))
-  path = tmp_path / 'RFW' / 'test' / 'txts' / 'African' / 'African_pairs.txt'
-  path.write_text('m.0aa\t1\t2\n' + line + '\n')
+  fx.make_rfw(str(tmp_path / "RFW"))
+  path = tmp_path / "RFW" / "test" / "txts" / "African" / "African_pairs.txt"
+  path.write_text("m.0aa\t1\t2\n" + line + "\n")
   with pytest.raises(UserError, match=match):
-    rfw.RFWReader(str(tmp_path / 'RFW')).pairs('African')
+    rfw.RFWReader(str(tmp_path / "RFW")).pairs("African")
 
 
 def test_rfw_missing_parts(tmp_path):
-  with pytest.raises(UserError, match='RFW folder does not exist'):
-    rfw.RFWReader(str(tmp_path / 'nope'))
-  fx.make_rfw(str(tmp_path / 'RFW'))
-  shutil.rmtree(tmp_path / 'RFW' / 'test' / 'data' / 'Asian')
-  with pytest.raises(UserError, match=r'Asian: image folder of group'):
-    rfw.RFWReader(str(tmp_path / 'RFW'))
-  os.remove(tmp_path / 'RFW' / 'test' / 'txts' / 'African' / 'African_pairs.txt')
-  with pytest.raises(UserError, match=r'African_pairs\.txt: pairs file does not exist'):
-    rfw.RFWReader(str(tmp_path / 'RFW'), groups=['African'])
+  with pytest.raises(UserError, match="RFW folder does not exist"):
+    rfw.RFWReader(str(tmp_path / "nope"))
+  fx.make_rfw(str(tmp_path / "RFW"))
+  shutil.rmtree(tmp_path / "RFW" / "test" / "data" / "Asian")
+  with pytest.raises(UserError, match=r"Asian: image folder of group"):
+    rfw.RFWReader(str(tmp_path / "RFW"))
+  os.remove(tmp_path / "RFW" / "test" / "txts" / "African" / "African_pairs.txt")
+  with pytest.raises(UserError, match=r"African_pairs\.txt: pairs file does not exist"):
+    rfw.RFWReader(str(tmp_path / "RFW"), groups=["African"])
 
 
 # ----- Verification .bin -----
 
 def test_bin_round_trip(tmp_path):
   images = [fx.jpeg_bytes(i) for i in range(6)]
-  path = str(tmp_path / 'x.bin')
+  path = str(tmp_path / "x.bin")
   verification_bin.write_verification_bin(path, images, [True, False, True])
   assert verification_bin.load_verification_bin(path) == (images, [True, False, True])
   # What insightface's own loader does with it.
-  with open(path, 'rb') as f:
-    assert pickle.load(f, encoding='bytes') == (images, [True, False, True])
-  pickletools.dis(open(path, 'rb').read(), out=io.StringIO())
-  empty = str(tmp_path / 'empty.bin')
+  with open(path, "rb") as f:
+    assert pickle.load(f, encoding="bytes") == (images, [True, False, True])
+  pickletools.dis(open(path, "rb").read(), out=io.StringIO())
+  empty = str(tmp_path / "empty.bin")
   verification_bin.write_verification_bin(empty, [], [])
   assert verification_bin.load_verification_bin(empty) == ([], [])
-  with pytest.raises(UserError, match=r'empty\.bin: 1 images for 1 pairs'):
+  with pytest.raises(UserError, match=r"empty\.bin: 1 images for 1 pairs"):
     verification_bin.write_verification_bin(empty, images[:1], [True])
-  assert not os.path.exists(empty + '.partial')
+  assert not os.path.exists(empty + ".partial")
   pairs = list(verification_bin.iter_verification_pairs(path, validate=True))
   assert [(p.image1, p.image2, p.same) for p in pairs] == [
       (images[0], images[1], True), (images[2], images[3], False), (images[4], images[5], True)]
@@ -201,10 +201,10 @@ def test_bin_round_trip(tmp_path):
   assert arrays.shape == (6, 12, 12, 3) and issame.tolist() == [True, False, True]
 
 
-@pytest.mark.parametrize('protocol', [0, 2, 4, 5])
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
 def test_bin_numpy_images_all_protocols(tmp_path, protocol):
   images = [fx.jpeg_bytes(1), fx.jpeg_bytes(2)]
-  path = str(tmp_path / 'np.bin')
+  path = str(tmp_path / "np.bin")
   fx.write_bin_fixture(path, [np.frombuffer(b, np.uint8).copy() for b in images], [False],
                        protocol=protocol)
   assert verification_bin.load_verification_bin(path) == (images, [False])
@@ -213,10 +213,10 @@ def test_bin_numpy_images_all_protocols(tmp_path, protocol):
 
 
 def test_bin_py2_pickle(tmp_path):
-  path = tmp_path / 'py2.bin'
-  path.write_bytes(fx.py2_style_bin([b'\xff\xd8ab', b'cd', b'', b'ef'], [True, False]))
+  path = tmp_path / "py2.bin"
+  path.write_bytes(fx.py2_style_bin([b"\xff\xd8ab", b"cd", b"", b"ef"], [True, False]))
   assert verification_bin.load_verification_bin(str(path)) == (
-      [b'\xff\xd8ab', b'cd', b'', b'ef'], [True, False])
+      [b"\xff\xd8ab", b"cd", b"", b"ef"], [True, False])
 
 
 class _Evil:
@@ -225,66 +225,66 @@ class _Evil:
     self.target = target
 
   def __reduce__(self):
-    return (os.system, (f'touch {self.target}',))
+    return (os.system, (f"touch {self.target}",))
 
 
 class _EvilEval:
 
   def __reduce__(self):
-    return (eval, ('1+1',))
+    return (eval, ("1+1",))
 
 
-@pytest.mark.parametrize('make', [
+@pytest.mark.parametrize("make", [
     lambda t: _Evil(t),
-    lambda t: ([b'a', _Evil(t)], [True]),
-    lambda t: ([b'a', b'b'], [_Evil(t)]),
-    lambda t: ([_EvilEval(), b'b'], [True]),
+    lambda t: ([b"a", _Evil(t)], [True]),
+    lambda t: ([b"a", b"b"], [_Evil(t)]),
+    lambda t: ([_EvilEval(), b"b"], [True]),
 ])
 def test_bin_refuses_malicious_pickle(tmp_path, make):
-  target = tmp_path / 'pwned'
-  path = tmp_path / 'evil.bin'
+  target = tmp_path / "pwned"
+  path = tmp_path / "evil.bin"
   for protocol in (0, 2, 4):
     path.write_bytes(pickle.dumps(make(target), protocol=protocol))
-    with pytest.raises(UserError, match=r'evil\.bin: refused to load: global .* not allowed'):
+    with pytest.raises(UserError, match=r"evil\.bin: refused to load: global .* not allowed"):
       verification_bin.load_verification_bin(str(path))
   assert not target.exists()
 
 
-@pytest.mark.parametrize('obj,match', [
-    ([np.zeros(4, np.float32)], r'numpy dtype .f4'),
-    ([np.zeros((2, 2), np.uint8)], r'numpy array that is not a 1-D uint8'),
-    ([np.array([b'a'], dtype=object)], r'numpy dtype .O'),
+@pytest.mark.parametrize("obj,match", [
+    ([np.zeros(4, np.float32)], r"numpy dtype .f4"),
+    ([np.zeros((2, 2), np.uint8)], r"numpy array that is not a 1-D uint8"),
+    ([np.array([b"a"], dtype=object)], r"numpy dtype .O"),
 ])
 def test_bin_refuses_other_numpy(tmp_path, obj, match):
-  path = str(tmp_path / 'np.bin')
-  fx.write_bin_fixture(path, obj + [b'x'], [True], protocol=2)
-  with pytest.raises(UserError, match=r'np\.bin: refused to load: ' + match):
+  path = str(tmp_path / "np.bin")
+  fx.write_bin_fixture(path, obj + [b"x"], [True], protocol=2)
+  with pytest.raises(UserError, match=r"np\.bin: refused to load: " + match):
     verification_bin.load_verification_bin(path)
 
 
 def test_bin_bad_files(tmp_path):
-  path = tmp_path / 'b.bin'
-  good = pickle.dumps(([b'a', b'b'], [True]), protocol=4)
+  path = tmp_path / "b.bin"
+  good = pickle.dumps(([b"a", b"b"], [True]), protocol=4)
   path.write_bytes(good[:-5])
-  with pytest.raises(UserError, match=r'b\.bin: not a readable pickle'):
+  with pytest.raises(UserError, match=r"b\.bin: not a readable pickle"):
     verification_bin.load_verification_bin(str(path))
-  path.write_bytes(b'\xff\xd8 not a pickle at all')
-  with pytest.raises(UserError, match=r'b\.bin: not a readable pickle'):
+  path.write_bytes(b"\xff\xd8 not a pickle at all")
+  with pytest.raises(UserError, match=r"b\.bin: not a readable pickle"):
     verification_bin.load_verification_bin(str(path))
-  path.write_bytes(pickle.dumps({'a': 1}))
-  with pytest.raises(UserError, match=r'b\.bin: holds a dict; expected'):
+  path.write_bytes(pickle.dumps({"a": 1}))
+  with pytest.raises(UserError, match=r"b\.bin: holds a dict; expected"):
     verification_bin.load_verification_bin(str(path))
-  path.write_bytes(pickle.dumps(([b'a', b'b', b'c'], [True])))
-  with pytest.raises(UserError, match=r'b\.bin: 3 images for 1 pairs'):
+  path.write_bytes(pickle.dumps(([b"a", b"b", b"c"], [True])))
+  with pytest.raises(UserError, match=r"b\.bin: 3 images for 1 pairs"):
     verification_bin.load_verification_bin(str(path))
-  path.write_bytes(pickle.dumps(([b'a', 'text'], [True])))
-  with pytest.raises(UserError, match=r'b\.bin: image 1 is a str'):
+  path.write_bytes(pickle.dumps(([b"a", "text"], [True])))
+  with pytest.raises(UserError, match=r"b\.bin: image 1 is a str"):
     verification_bin.load_verification_bin(str(path))
-  path.write_bytes(pickle.dumps(([b'a', b'b'], [2])))
-  with pytest.raises(UserError, match=r'b\.bin: issame\[0\] is 2'):
+  path.write_bytes(pickle.dumps(([b"a", b"b"], [2])))
+  with pytest.raises(UserError, match=r"b\.bin: issame\[0\] is 2"):
     verification_bin.load_verification_bin(str(path))
-  with pytest.raises(UserError, match=r'missing\.bin: verification \.bin does not exist'):
-    verification_bin.load_verification_bin(str(tmp_path / 'missing.bin'))
+  with pytest.raises(UserError, match=r"missing\.bin: verification \.bin does not exist"):
+    verification_bin.load_verification_bin(str(tmp_path / "missing.bin"))
 
 
 # ----- RecordIO -----
@@ -295,21 +295,21 @@ def _identities():
 
 
 def test_recordio_reads_independent_fixture(tmp_path):
-  rec = str(tmp_path / 'train.rec')
+  rec = str(tmp_path / "train.rec")
   ids = _identities()
   fx.write_rec_fixture(rec, ids)
   # The fixture really holds a multi-part record (continuation flag 1 on image key 4).
-  with open(rec, 'rb') as f:
+  with open(rec, "rb") as f:
     f.seek(fx.rec_offsets(rec)[4])
-    assert struct.unpack('<II', f.read(8))[1] >> 29 == 1
+    assert struct.unpack("<II", f.read(8))[1] >> 29 == 1
   with recordio.FaceRecordIOReader(rec) as reader:
     assert reader.has_header
-    assert reader.index.summary() == {'groups': {}, 'images': 6, 'identities': 3}
+    assert reader.index.summary() == {"groups": {}, "images": 6, "identities": 3}
     assert reader.index.identity_image_counts == (2, 1, 3)
     records = list(reader)
   assert [(r.identity, r.image) for r in records] == [
       (j, img) for j, imgs in enumerate(ids) for img in imgs]
-  assert records[3].source == f'{rec}#4'
+  assert records[3].source == f"{rec}#4"
   image_tree.decode_image(records[3].image, records[3].source)
   with recordio.RecordIOReader(rec) as raw:
     assert len(list(raw)) == 1 + 6 + 3
@@ -317,7 +317,7 @@ def test_recordio_reads_independent_fixture(tmp_path):
 
 
 def test_recordio_without_header(tmp_path):
-  rec = str(tmp_path / 'flat.rec')
+  rec = str(tmp_path / "flat.rec")
   ids = [[fx.jpeg_bytes(1)], [fx.jpeg_bytes(2), fx.jpeg_bytes(3)]]
   fx.write_rec_fixture(rec, ids, header=False)
   with recordio.FaceRecordIOReader(rec) as reader:
@@ -329,34 +329,34 @@ def test_recordio_without_header(tmp_path):
 
 def test_recordio_writer_matches_independent_bytes(tmp_path):
   ids = _identities()
-  fx.write_rec_fixture(str(tmp_path / 'a.rec'), ids)
-  writer = recordio.FaceRecordIOWriter(str(tmp_path / 'b.rec'), str(tmp_path / 'b.idx'))
+  fx.write_rec_fixture(str(tmp_path / "a.rec"), ids)
+  writer = recordio.FaceRecordIOWriter(str(tmp_path / "b.rec"), str(tmp_path / "b.idx"))
   for j, imgs in enumerate(ids):
     for img in imgs:
       writer.add(img, j)
-  assert writer.finish() == {'images': 6, 'identities': 3}
-  for ext in ('.rec', '.idx'):
-    assert (tmp_path / f'a{ext}').read_bytes() == (tmp_path / f'b{ext}').read_bytes()
+  assert writer.finish() == {"images": 6, "identities": 3}
+  for ext in (".rec", ".idx"):
+    assert (tmp_path / f"a{ext}").read_bytes() == (tmp_path / f"b{ext}").read_bytes()
 
 
 def test_encode_record_multipart_round_trip(tmp_path):
-  magic = struct.pack('<I', recordio.MAGIC)
-  payloads = [b'', b'abc', magic, b'abcd' + magic + magic + b'xy', b'a' + magic + b'bcd',
-              magic + b'\x00' * 3]
-  path = str(tmp_path / 'raw.rec')
-  with recordio.RecordIOWriter(path, str(tmp_path / 'raw.idx')) as w:
+  magic = struct.pack("<I", recordio.MAGIC)
+  payloads = [b"", b"abc", magic, b"abcd" + magic + magic + b"xy", b"a" + magic + b"bcd",
+              magic + b"\x00" * 3]
+  path = str(tmp_path / "raw.rec")
+  with recordio.RecordIOWriter(path, str(tmp_path / "raw.idx")) as w:
     for k, p in enumerate(payloads):
       w.write(p, key=k)
   with recordio.RecordIOReader(path) as r:
     assert [p for _, p in r] == payloads
     assert [r.read(k) for k in range(len(payloads))] == payloads
-  assert recordio.encode_record(b'abcd' + magic + b'x') == (
-      struct.pack('<II', recordio.MAGIC, (1 << 29) | 4) + b'abcd' +
-      struct.pack('<II', recordio.MAGIC, (3 << 29) | 1) + b'x\x00\x00\x00')
+  assert recordio.encode_record(b"abcd" + magic + b"x") == (
+      struct.pack("<II", recordio.MAGIC, (1 << 29) | 4) + b"abcd" +
+      struct.pack("<II", recordio.MAGIC, (3 << 29) | 1) + b"x\x00\x00\x00")
 
 
 def _corrupt(path, offset, data):
-  with open(path, 'r+b') as f:
+  with open(path, "r+b") as f:
     f.seek(offset)
     f.write(data)
 
@@ -368,76 +368,76 @@ def _rec_error(rec, match):
 
 
 def test_recordio_bad_magic_and_length(tmp_path):
-  rec = str(tmp_path / 'train.rec')
+  rec = str(tmp_path / "train.rec")
   fx.write_rec_fixture(rec, _identities())
   off = fx.rec_offsets(rec)
-  _corrupt(rec, off[2], b'\x00\x00\x00\x00')
-  _rec_error(rec, r'train\.rec: record 2 at byte \d+ .*expected RecordIO magic 0xced7230a')
+  _corrupt(rec, off[2], b"\x00\x00\x00\x00")
+  _rec_error(rec, r"train\.rec: record 2 at byte \d+ .*expected RecordIO magic 0xced7230a")
   fx.write_rec_fixture(rec, _identities())
   length = off[3] - off[2] - 8
-  _corrupt(rec, off[2] + 4, struct.pack('<I', length + 8))
-  _rec_error(rec, r'record 2 at byte .*length field is wrong')
-  _corrupt(rec, off[2] + 4, struct.pack('<I', 10**8))
-  _rec_error(rec, r'record 2 .*length field says 100000000 bytes .*truncated or the length')
+  _corrupt(rec, off[2] + 4, struct.pack("<I", length + 8))
+  _rec_error(rec, r"record 2 at byte .*length field is wrong")
+  _corrupt(rec, off[2] + 4, struct.pack("<I", 10**8))
+  _rec_error(rec, r"record 2 .*length field says 100000000 bytes .*truncated or the length")
   fx.write_rec_fixture(rec, _identities())
-  with open(rec, 'r+b') as f:
+  with open(rec, "r+b") as f:
     f.truncate(off[5] + 20)
-  _rec_error(rec, r'train\.idx:7: record 6 at byte \d+ lies past the end of .*train\.rec '
-             r'\(\d+ bytes\); the \.rec is truncated')
+  _rec_error(rec, r"train\.idx:7: record 6 at byte \d+ lies past the end of .*train\.rec "
+             r"\(\d+ bytes\); the \.rec is truncated")
   fx.write_rec_fixture(rec, _identities())
-  with open(rec, 'r+b') as f:
+  with open(rec, "r+b") as f:
     f.truncate(os.path.getsize(rec) - 4)
-  _rec_error(rec, r'train\.rec: record 9 at byte \d+ .*only \d+ remain; the \.rec is truncated')
+  _rec_error(rec, r"train\.rec: record 9 at byte \d+ .*only \d+ remain; the \.rec is truncated")
 
 
 def test_recordio_idx_disagrees(tmp_path):
-  rec = str(tmp_path / 'train.rec')
-  idx = str(tmp_path / 'train.idx')
+  rec = str(tmp_path / "train.rec")
+  idx = str(tmp_path / "train.idx")
   fx.write_rec_fixture(rec, _identities())
   lines = open(idx).read().splitlines()
-  k, o = lines[3].split('\t')
-  open(idx, 'w').write('\n'.join(lines[:3] + [f'{k}\t{int(o) + 8}'] + lines[4:]) + '\n')
-  _rec_error(rec, r'record 3 at byte \d+ \(from .*train\.idx line 4\): expected RecordIO '
-             r'magic .*expected the \.idx written with this \.rec')
-  open(idx, 'w').write('\n'.join(lines[:3] + [f'{k}\t{10**9}'] + lines[4:]) + '\n')
-  _rec_error(rec, r'train\.idx:4: record 3 at byte 1000000000 lies past the end')
-  open(idx, 'w').write('\n'.join(lines[:3] + [f'{k}\t{int(o) + 2}'] + lines[4:]) + '\n')
-  _rec_error(rec, r'train\.idx:4: record 3 at byte \d+ is not 4-byte aligned')
-  open(idx, 'w').write('\n'.join(lines[:3] + ['3 x'] + lines[4:]) + '\n')
-  _rec_error(rec, r'train\.idx:4: cannot parse')
-  open(idx, 'w').write('\n'.join(lines[:3] + [lines[2]] + lines[4:]) + '\n')
-  _rec_error(rec, r'train\.idx: key 2 appears on more than one line')
-  open(idx, 'w').write('\n'.join(lines[:3] + lines[4:]) + '\n')
-  _rec_error(rec, r'train\.idx: no record with key 3')
+  k, o = lines[3].split("\t")
+  open(idx, "w").write("\n".join(lines[:3] + [f"{k}\t{int(o) + 8}"] + lines[4:]) + "\n")
+  _rec_error(rec, r"record 3 at byte \d+ \(from .*train\.idx line 4\): expected RecordIO "
+             r"magic .*expected the \.idx written with this \.rec")
+  open(idx, "w").write("\n".join(lines[:3] + [f"{k}\t{10**9}"] + lines[4:]) + "\n")
+  _rec_error(rec, r"train\.idx:4: record 3 at byte 1000000000 lies past the end")
+  open(idx, "w").write("\n".join(lines[:3] + [f"{k}\t{int(o) + 2}"] + lines[4:]) + "\n")
+  _rec_error(rec, r"train\.idx:4: record 3 at byte \d+ is not 4-byte aligned")
+  open(idx, "w").write("\n".join(lines[:3] + ["3 x"] + lines[4:]) + "\n")
+  _rec_error(rec, r"train\.idx:4: cannot parse")
+  open(idx, "w").write("\n".join(lines[:3] + [lines[2]] + lines[4:]) + "\n")
+  _rec_error(rec, r"train\.idx: key 2 appears on more than one line")
+  open(idx, "w").write("\n".join(lines[:3] + lines[4:]) + "\n")
+  _rec_error(rec, r"train\.idx: no record with key 3")
   os.remove(idx)
-  _rec_error(rec, r'train\.rec: no \.idx file next to it')
-  _rec_error(str(tmp_path / 'none.rec'), r'none\.rec: RecordIO file does not exist')
+  _rec_error(rec, r"train\.rec: no \.idx file next to it")
+  _rec_error(str(tmp_path / "none.rec"), r"none\.rec: RecordIO file does not exist")
 
 
 def test_recordio_label_disagrees_with_identity_range(tmp_path):
-  rec = str(tmp_path / 'train.rec')
+  rec = str(tmp_path / "train.rec")
   fx.write_rec_fixture(rec, _identities(), image_label_override={5: 0})
-  _rec_error(rec, r'train\.rec#5: image label 0 disagrees with identity record 2')
+  _rec_error(rec, r"train\.rec#5: image label 0 disagrees with identity record 2")
 
 
 def test_recordio_corrupt_image_skipped_or_raised(tmp_path):
-  rec = str(tmp_path / 'train.rec')
+  rec = str(tmp_path / "train.rec")
   ids = _identities()
   ids[1] = [fx.jpeg_bytes(3)[:100]]
   fx.write_rec_fixture(rec, ids)
-  _rec_error(rec, r'train\.rec#3: not a decodable JPEG/PNG')
+  _rec_error(rec, r"train\.rec#3: not a decodable JPEG/PNG")
   with recordio.FaceRecordIOReader(rec, skip_corrupt=True) as reader:
     assert [r.identity for r in reader] == [0, 0, 2, 2, 2]
-    assert [s for s, _ in reader.skipped] == [f'{rec}#3']
+    assert [s for s, _ in reader.skipped] == [f"{rec}#3"]
 
 
 def test_recordio_bad_header(tmp_path):
-  rec = str(tmp_path / 'train.rec')
+  rec = str(tmp_path / "train.rec")
   fx.write_rec_fixture(rec, _identities())
   off = fx.rec_offsets(rec)
   # Identity record 1 (key 8) claims keys [4, 5) instead of [3, 4).
-  _corrupt(rec, off[8] + 8 + 24, struct.pack('<ff', 4, 5))
-  _rec_error(rec, r'train\.rec#8: identity 1 covers image keys \[4, 5\); expected a range '
-             r'starting at 3')
-  _corrupt(rec, off[0] + 8 + 24, struct.pack('<ff', 7, 6))
-  _rec_error(rec, r'train\.rec#0: header label \(7, 6\)')
+  _corrupt(rec, off[8] + 8 + 24, struct.pack("<ff", 4, 5))
+  _rec_error(rec, r"train\.rec#8: identity 1 covers image keys \[4, 5\); expected a range "
+             r"starting at 3")
+  _corrupt(rec, off[0] + 8 + 24, struct.pack("<ff", 7, 6))
+  _rec_error(rec, r"train\.rec#0: header label \(7, 6\)")

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Optional, Sequence
+from typing import Sequence
 
 from PIL import Image
 
@@ -27,14 +27,14 @@ def _remove(path: str):
     os.remove(path)
 
 
-def rfw_to_bin(src: str, dst: str, groups: Optional[Sequence[str]] = None,
+def rfw_to_bin(src: str, dst: str, groups: Sequence[str] | None = None,
                validate: bool = True, overwrite: bool = False) -> dict:
   """Packs each RFW group as <dst>/<group>_test.bin (raw image bytes, pairs in file order)."""
   reader = rfw.RFWReader(src, groups)
-  paths = {g: os.path.join(dst, f'{g}_test.bin') for g in reader.groups}
+  paths = {g: os.path.join(dst, f"{g}_test.bin") for g in reader.groups}
   for path in paths.values():  # Before writing anything.
     if os.path.exists(path) and not overwrite:
-      raise UserError(f'{path}: already exists; pass overwrite to replace it')
+      raise UserError(f"{path}: already exists; pass overwrite to replace it")
   os.makedirs(dst, exist_ok=True)
   out = {}
   for group, path in paths.items():
@@ -47,23 +47,23 @@ def rfw_to_bin(src: str, dst: str, groups: Optional[Sequence[str]] = None,
     except BaseException:
       writer.abort()
       raise
-    out[group] = {'file': path, 'pairs': writer.close(), 'same': same}
-  return {'groups': out}
+    out[group] = {"file": path, "pairs": writer.close(), "same": same}
+  return {"groups": out}
 
 
-def _rec_paths(dst: str) -> tuple[str, str, str, Optional[str]]:
+def _rec_paths(dst: str) -> tuple[str, str, str, str | None]:
   """Returns (rec, idx, names, property or None) for a .rec path or an output folder."""
-  if dst.endswith('.rec'):
+  if dst.endswith(".rec"):
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     rec, prop = dst, None
   else:
     os.makedirs(dst, exist_ok=True)
-    rec, prop = os.path.join(dst, 'train.rec'), os.path.join(dst, 'property')
+    rec, prop = os.path.join(dst, "train.rec"), os.path.join(dst, "property")
   stem = os.path.splitext(rec)[0]
-  return rec, stem + '.idx', recordio.names_path_for(rec), prop
+  return rec, stem + ".idx", recordio.names_path_for(rec), prop
 
 
-def tree_to_rec(src: str, dst: str, grouped: Optional[bool] = None, validate: bool = True,
+def tree_to_rec(src: str, dst: str, grouped: bool | None = None, validate: bool = True,
                 skip_corrupt: bool = False, overwrite: bool = False) -> dict:
   """Packs an image tree as insightface train.rec/.idx (+ .identities.json with the names).
 
@@ -76,9 +76,9 @@ def tree_to_rec(src: str, dst: str, grouped: Optional[bool] = None, validate: bo
   finals = [p for p in (rec, idx, names, prop) if p]
   existing = [p for p in finals if os.path.exists(p)]
   if existing and not overwrite:
-    raise UserError(f'{existing[0]}: already exists; pass overwrite to replace it')
+    raise UserError(f"{existing[0]}: already exists; pass overwrite to replace it")
   # Write beside the targets and rename at the end, so a failure leaves no half .rec.
-  tmp = {p: p + '.partial' for p in finals}
+  tmp = {p: p + ".partial" for p in finals}
   writer = recordio.FaceRecordIOWriter(tmp[rec], tmp[idx], tmp[names])
   sizes = set()
   try:
@@ -90,8 +90,8 @@ def tree_to_rec(src: str, dst: str, grouped: Optional[bool] = None, validate: bo
     if prop and len(sizes) == 1 and None not in sizes:
       # insightface's property file: num_classes,height,width; written only when all agree.
       h, w = sizes.pop()
-      with open(tmp[prop], 'w') as f:
-        f.write(f'{reader.index.num_identities},{h},{w}\n')
+      with open(tmp[prop], "w") as f:
+        f.write(f"{reader.index.num_identities},{h},{w}\n")
   except BaseException:
     writer.close()
     for p in tmp.values():
@@ -110,7 +110,7 @@ def tree_to_rec(src: str, dst: str, grouped: Optional[bool] = None, validate: bo
   return summary
 
 
-def _image_size(data: bytes) -> Optional[tuple[int, int]]:
+def _image_size(data: bytes) -> tuple[int, int] | None:
   """(height, width) from the image header only; None if unreadable."""
   try:
     with Image.open(io.BytesIO(data), formats=image_tree.DECODABLE_FORMATS) as img:
@@ -121,9 +121,9 @@ def _image_size(data: bytes) -> Optional[tuple[int, int]]:
 
 def _find_rec(src: str) -> str:
   if os.path.isdir(src):
-    path = os.path.join(src, 'train.rec')
+    path = os.path.join(src, "train.rec")
     if not os.path.isfile(path):
-      raise UserError(f'{src}: no train.rec in this folder; pass the .rec file itself')
+      raise UserError(f"{src}: no train.rec in this folder; pass the .rec file itself")
     return path
   return src
 
@@ -138,9 +138,9 @@ def rec_to_tree(src: str, dst: str, validate: bool = True, skip_corrupt: bool = 
                                        skip_corrupt=skip_corrupt)
   with reader:
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
-      raise UserError(f'{dst}: already exists and is not an empty folder; expected a new '
-                      'output folder')
-    partial = dst.rstrip('/\\') + '.partial'
+      raise UserError(f"{dst}: already exists and is not an empty folder; expected a new "
+                      "output folder")
+    partial = dst.rstrip("/\\") + ".partial"
     _remove(partial)
     writer = image_tree.ImageTreeWriter(partial, reader.index)
     try:
@@ -153,7 +153,7 @@ def rec_to_tree(src: str, dst: str, validate: bool = True, skip_corrupt: bool = 
       os.rmdir(dst)
     os.replace(partial, dst)
     index = reader.index
-    keys = [(index.group_names[g] if g >= 0 else '', n)
+    keys = [(index.group_names[g] if g >= 0 else "", n)
             for n, g in zip(index.identity_names, index.identity_groups)]
     summary = index.summary()
     summary.update(written=writer.written,
@@ -165,42 +165,42 @@ def rec_to_tree(src: str, dst: str, validate: bool = True, skip_corrupt: bool = 
   return summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   """Runs one conversion and prints its summary as JSON; UserErrors print without traceback."""
-  parser = argparse.ArgumentParser(prog='python -m mstkd_jax.data.convert',
+  parser = argparse.ArgumentParser(prog="python -m mstkd_jax.data.convert",
                                    description=__doc__.splitlines()[0])
-  sub = parser.add_subparsers(dest='command', required=True)
-  cmd = sub.add_parser('rfw_to_bin', help='RFW folder -> <dst>/<group>_test.bin')
-  cmd.add_argument('--groups', default=None, help='comma-separated groups (default: all)')
-  cmd = sub.add_parser('tree_to_rec', help='image tree -> train.rec/.idx')
-  cmd.add_argument('--layout', choices=('auto', 'grouped', 'flat'), default='auto')
-  cmd.add_argument('--skip_corrupt', action='store_true')
-  sub.add_parser('rec_to_tree', help='train.rec/.idx -> image tree').add_argument(
-      '--skip_corrupt', action='store_true')
+  sub = parser.add_subparsers(dest="command", required=True)
+  cmd = sub.add_parser("rfw_to_bin", help="RFW folder -> <dst>/<group>_test.bin")
+  cmd.add_argument("--groups", default=None, help="comma-separated groups (default: all)")
+  cmd = sub.add_parser("tree_to_rec", help="image tree -> train.rec/.idx")
+  cmd.add_argument("--layout", choices=("auto", "grouped", "flat"), default="auto")
+  cmd.add_argument("--skip_corrupt", action="store_true")
+  sub.add_parser("rec_to_tree", help="train.rec/.idx -> image tree").add_argument(
+      "--skip_corrupt", action="store_true")
   for p in sub.choices.values():
-    p.add_argument('--src', required=True)
-    p.add_argument('--dst', required=True)
-    p.add_argument('--no_validate', action='store_true', help='do not decode images')
-    if p.prog.endswith(('rfw_to_bin', 'tree_to_rec')):
-      p.add_argument('--overwrite', action='store_true')
+    p.add_argument("--src", required=True)
+    p.add_argument("--dst", required=True)
+    p.add_argument("--no_validate", action="store_true", help="do not decode images")
+    if p.prog.endswith(("rfw_to_bin", "tree_to_rec")):
+      p.add_argument("--overwrite", action="store_true")
   args = parser.parse_args(argv)
   validate = not args.no_validate
   try:
-    if args.command == 'rfw_to_bin':
-      groups = args.groups.split(',') if args.groups else None
+    if args.command == "rfw_to_bin":
+      groups = args.groups.split(",") if args.groups else None
       summary = rfw_to_bin(args.src, args.dst, groups, validate, args.overwrite)
-    elif args.command == 'tree_to_rec':
-      grouped = {'auto': None, 'grouped': True, 'flat': False}[args.layout]
+    elif args.command == "tree_to_rec":
+      grouped = {"auto": None, "grouped": True, "flat": False}[args.layout]
       summary = tree_to_rec(args.src, args.dst, grouped, validate, args.skip_corrupt,
                             args.overwrite)
     else:
       summary = rec_to_tree(args.src, args.dst, validate, args.skip_corrupt)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr)
     return 1
   print(json.dumps(summary, indent=2))
   return 0
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   sys.exit(main())

@@ -7,18 +7,18 @@ Layouts: <root>/<group>/<identity>/<image> (BUPT-Balancedface/Globalface) or
 import dataclasses
 import io
 import os
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
 from mstkd_jax.errors import UserError
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # Only the formats face data sets use; keeps PIL's many other parsers off untrusted bytes.
-DECODABLE_FORMATS = ('JPEG', 'PNG')
-_JPEG_MAGIC = b'\xff\xd8\xff'
-_PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+DECODABLE_FORMATS = ("JPEG", "PNG")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +57,10 @@ class DatasetIndex:
   def __post_init__(self):
     n = len(self.identity_names)
     if len(self.identity_groups) != n or len(self.identity_image_counts) != n:
-      raise ValueError('identity_names, identity_groups, identity_image_counts differ in length')
+      raise ValueError("identity_names, identity_groups, identity_image_counts differ in length")
     for g in self.identity_groups:
       if not -1 <= g < len(self.group_names) or (g == -1 and self.group_names):
-        raise ValueError(f'group index {g} out of range for groups {self.group_names}')
+        raise ValueError(f"group index {g} out of range for groups {self.group_names}")
 
   @property
   def num_identities(self) -> int:
@@ -74,41 +74,41 @@ class DatasetIndex:
     """Returns "<group>/<name>" (or "<name>" without groups) for a label."""
     g = self.identity_groups[identity]
     name = self.identity_names[identity]
-    return name if g < 0 else f'{self.group_names[g]}/{name}'
+    return name if g < 0 else f"{self.group_names[g]}/{name}"
 
   def group_counts(self) -> dict[str, dict[str, int]]:
     """Returns {group: {"images": N, "identities": N}} in group order."""
-    counts = {name: {'images': 0, 'identities': 0} for name in self.group_names}
+    counts = {name: {"images": 0, "identities": 0} for name in self.group_names}
     for g, n in zip(self.identity_groups, self.identity_image_counts):
       if g >= 0:
-        counts[self.group_names[g]]['images'] += int(n)
-        counts[self.group_names[g]]['identities'] += 1
+        counts[self.group_names[g]]["images"] += int(n)
+        counts[self.group_names[g]]["identities"] += 1
     return counts
 
   def summary(self) -> dict:
     """Returns {"groups": {...}, "images": N, "identities": N}, ready for json.dumps."""
-    return {'groups': self.group_counts(), 'images': self.num_images,
-            'identities': self.num_identities}
+    return {"groups": self.group_counts(), "images": self.num_images,
+            "identities": self.num_identities}
 
-  def identity_range(self, group: Union[int, str]) -> range:
+  def identity_range(self, group: int | str) -> range:
     """Returns the labels of one group; they are contiguous when read from a tree."""
     g = self.group_names.index(group) if isinstance(group, str) else group
     labels = [i for i, gi in enumerate(self.identity_groups) if gi == g]
     if not labels:
       return range(0)
     if labels[-1] - labels[0] + 1 != len(labels):
-      raise UserError(f'{self.source}: the identities of group {self.group_names[g]!r} do not '
-                      'have contiguous labels; expected groups ordered as in a sorted tree')
+      raise UserError(f"{self.source}: the identities of group {self.group_names[g]!r} do not "
+                      "have contiguous labels; expected groups ordered as in a sorted tree")
     return range(labels[0], labels[-1] + 1)
 
 
 def read_image_file(path: str) -> bytes:
   """The bytes of an image file; UserError naming it if it cannot be read."""
   try:
-    with open(path, 'rb') as f:
+    with open(path, "rb") as f:
       return f.read()
   except OSError as e:
-    raise UserError(f'{path}: cannot read image file ({e})') from e
+    raise UserError(f"{path}: cannot read image file ({e})") from e
 
 
 def decode_image(data: bytes, source: str) -> np.ndarray:
@@ -117,20 +117,20 @@ def decode_image(data: bytes, source: str) -> np.ndarray:
     with Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS) as img:
       # load() decodes every pixel: verify() alone passes truncated JPEGs.
       img.load()
-      rgb = img.convert('RGB')
+      rgb = img.convert("RGB")
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error, ...).
-    raise UserError(f'{source}: not a decodable JPEG/PNG image ({type(e).__name__}: {e}); '
-                    'expected a complete, uncorrupted image file') from e
+    raise UserError(f"{source}: not a decodable JPEG/PNG image ({type(e).__name__}: {e}); "
+                    "expected a complete, uncorrupted image file") from e
   return np.asarray(rgb, dtype=np.uint8)
 
 
 def image_extension(data: bytes, source: str) -> str:
   """Returns ".jpg" or ".png" from the leading bytes; UserError for anything else."""
   if data.startswith(_JPEG_MAGIC):
-    return '.jpg'
+    return ".jpg"
   if data.startswith(_PNG_MAGIC):
-    return '.png'
-  raise UserError(f'{source}: not a JPEG or PNG image (starts with {bytes(data[:8])!r})')
+    return ".png"
+  raise UserError(f"{source}: not a JPEG or PNG image (starts with {bytes(data[:8])!r})")
 
 
 def _is_image_name(name: str) -> bool:
@@ -144,15 +144,15 @@ def _list_dir(path: str, what: str) -> tuple[list[str], list[str]]:
     with os.scandir(path) as it:
       for entry in it:
         # Hidden entries (.DS_Store, ._foo.jpg from macOS archives) are never data.
-        if entry.name.startswith('.'):
+        if entry.name.startswith("."):
           continue
         (dirs if entry.is_dir() else files).append(entry.name)
   except FileNotFoundError:
-    raise UserError(f'{path}: {what} does not exist') from None
+    raise UserError(f"{path}: {what} does not exist") from None
   except NotADirectoryError:
-    raise UserError(f'{path}: expected {what}, found a file') from None
+    raise UserError(f"{path}: expected {what}, found a file") from None
   except PermissionError:
-    raise UserError(f'{path}: {what} is not readable (permission denied)') from None
+    raise UserError(f"{path}: {what} is not readable (permission denied)") from None
   return sorted(dirs), sorted(files)
 
 
@@ -169,7 +169,7 @@ class ImageTreeReader:
     skipped: (source, reason) of every file skipped when skip_corrupt=True.
   """
 
-  def __init__(self, root: str, grouped: Optional[bool] = None, validate: bool = True,
+  def __init__(self, root: str, grouped: bool | None = None, validate: bool = True,
                skip_corrupt: bool = False):
     """Scans the tree.
 
@@ -184,21 +184,21 @@ class ImageTreeReader:
     self.validate = validate
     self.skip_corrupt = skip_corrupt
     self._scan_skipped: list[tuple[str, str]] = []
-    top_dirs, top_files = _list_dir(self.root, 'image tree folder')
+    top_dirs, top_files = _list_dir(self.root, "image tree folder")
     if not top_dirs:
-      raise UserError(f'{self.root}: no folders in the image tree; expected '
-                      '<root>/<group>/<identity>/<image> or <root>/<identity>/<image>')
+      raise UserError(f"{self.root}: no folders in the image tree; expected "
+                      "<root>/<group>/<identity>/<image> or <root>/<identity>/<image>")
     self.grouped = self._detect_layout(top_dirs) if grouped is None else grouped
-    self._check_no_files(self.root, top_files, 'group' if self.grouped else 'identity')
+    self._check_no_files(self.root, top_files, "group" if self.grouped else "identity")
     names, groups, counts = [], [], []
     if self.grouped:
       group_names = tuple(top_dirs)
       for g, group in enumerate(group_names):
         group_path = os.path.join(self.root, group)
-        id_dirs, files = _list_dir(group_path, 'group folder')
-        self._check_no_files(group_path, files, 'identity')
+        id_dirs, files = _list_dir(group_path, "group folder")
+        self._check_no_files(group_path, files, "identity")
         if not id_dirs:
-          raise UserError(f'{group_path}: empty group; expected identity folders with images')
+          raise UserError(f"{group_path}: empty group; expected identity folders with images")
         for name in id_dirs:
           names.append(name)
           groups.append(g)
@@ -214,28 +214,28 @@ class ImageTreeReader:
 
   def _detect_layout(self, top_dirs: Sequence[str]) -> bool:
     first = os.path.join(self.root, top_dirs[0])
-    sub_dirs, files = _list_dir(first, 'folder')
+    sub_dirs, files = _list_dir(first, "folder")
     has_images = any(_is_image_name(f) for f in files)
     if sub_dirs and not has_images:
       return True
     if has_images and not sub_dirs:
       return False
-    raise UserError(f'{first}: cannot tell the tree layout (found {len(sub_dirs)} folders and '
-                    f'{len(files)} files); expected only identity folders (grouped tree) or '
-                    'only images (tree without groups)')
+    raise UserError(f"{first}: cannot tell the tree layout (found {len(sub_dirs)} folders and "
+                    f"{len(files)} files); expected only identity folders (grouped tree) or "
+                    "only images (tree without groups)")
 
   def _check_no_files(self, path: str, files: Sequence[str], expected: str):
     if files:
-      raise UserError(f'{os.path.join(path, files[0])}: unexpected file; expected only '
-                      f'{expected} folders in {path}')
+      raise UserError(f"{os.path.join(path, files[0])}: unexpected file; expected only "
+                      f"{expected} folders in {path}")
 
   def _identity_files(self, path: str, scanning: bool = False) -> list[str]:
     """Returns the sorted image file names of one identity folder."""
-    sub_dirs, files = _list_dir(path, 'identity folder')
+    sub_dirs, files = _list_dir(path, "identity folder")
     if sub_dirs:
-      hint = '' if self.grouped else ' (is this a grouped tree? pass grouped=True)'
-      raise UserError(f'{os.path.join(path, sub_dirs[0])}: unexpected folder; expected only '
-                      f'.jpg/.jpeg/.png images in identity folder {path}{hint}')
+      hint = "" if self.grouped else " (is this a grouped tree? pass grouped=True)"
+      raise UserError(f"{os.path.join(path, sub_dirs[0])}: unexpected folder; expected only "
+                      f".jpg/.jpeg/.png images in identity folder {path}{hint}")
     images = []
     for f in files:
       if _is_image_name(f):
@@ -243,12 +243,12 @@ class ImageTreeReader:
         continue
       source = os.path.join(path, f)
       if not self.skip_corrupt:
-        raise UserError(f'{source}: not an image file; expected .jpg/.jpeg/.png files only '
-                        '(pass skip_corrupt to skip such files)')
+        raise UserError(f"{source}: not an image file; expected .jpg/.jpeg/.png files only "
+                        "(pass skip_corrupt to skip such files)")
       if scanning:
-        self._scan_skipped.append((source, 'not an image file name'))
+        self._scan_skipped.append((source, "not an image file name"))
     if not images:
-      raise UserError(f'{path}: identity folder has no images; expected .jpg/.jpeg/.png files')
+      raise UserError(f"{path}: identity folder has no images; expected .jpg/.jpeg/.png files")
     return images
 
   def identity_dir(self, identity: int) -> str:
@@ -261,9 +261,9 @@ class ImageTreeReader:
       path = self.identity_dir(identity)
       files = self._identity_files(path)
       if len(files) != self.index.identity_image_counts[identity]:
-        raise UserError(f'{path}: holds {len(files)} images now but '
-                        f'{self.index.identity_image_counts[identity]} when scanned; '
-                        'expected the tree not to change while it is read')
+        raise UserError(f"{path}: holds {len(files)} images now but "
+                        f"{self.index.identity_image_counts[identity]} when scanned; "
+                        "expected the tree not to change while it is read")
       for name in files:
         source = os.path.join(path, name)
         data = read_image_file(source)
@@ -278,16 +278,16 @@ class ImageTreeReader:
         yield FaceRecord(data, identity, self.index.identity_groups[identity], source)
 
 
-def read_image_tree_index(root: str, grouped: Optional[bool] = None) -> DatasetIndex:
+def read_image_tree_index(root: str, grouped: bool | None = None) -> DatasetIndex:
   """Lists a tree (no decoding) and returns its DatasetIndex."""
   return ImageTreeReader(root, grouped=grouped, validate=False).index
 
 
 def check_path_name(name: str, what: str, source: str) -> str:
   """Returns `name` if it is safe as one folder name, else raises UserError."""
-  if (not name or name in ('.', '..') or name.startswith('.') or '/' in name or '\\' in name
-      or '\0' in name or (os.altsep and os.altsep in name)):
-    raise UserError(f'{source}: {what} name {name!r} cannot be a folder name; expected a '
+  if (not name or name in (".", "..") or name.startswith(".") or "/" in name or "\\" in name
+      or "\0" in name or (os.altsep and os.altsep in name)):
+    raise UserError(f"{source}: {what} name {name!r} cannot be a folder name; expected a "
                     'non-empty name without slashes that does not start with "."')
   return name
 
@@ -304,14 +304,14 @@ class ImageTreeWriter:
     self.index = index
     seen = set()
     for i in range(index.num_identities):
-      check_path_name(index.identity_names[i], 'identity', index.source)
+      check_path_name(index.identity_names[i], "identity", index.source)
       key = index.identity_key(i)
       if key in seen:
-        raise UserError(f'{index.source}: identity {key!r} appears twice; expected unique '
-                        'names per group')
+        raise UserError(f"{index.source}: identity {key!r} appears twice; expected unique "
+                        "names per group")
       seen.add(key)
     for g in index.group_names:
-      check_path_name(g, 'group', index.source)
+      check_path_name(g, "group", index.source)
     self._width = max(4, len(str(max(index.identity_image_counts, default=0))))
     self._next = [0] * index.num_identities
     self.written = 0
@@ -319,21 +319,21 @@ class ImageTreeWriter:
   def write(self, record: FaceRecord) -> str:
     """Writes one record; returns its path."""
     if not 0 <= record.identity < self.index.num_identities:
-      raise UserError(f'{record.source}: label {record.identity} outside [0, '
-                      f'{self.index.num_identities})')
+      raise UserError(f"{record.source}: label {record.identity} outside [0, "
+                      f"{self.index.num_identities})")
     if record.group != self.index.identity_groups[record.identity]:
-      raise UserError(f'{record.source}: group {record.group} disagrees with group '
-                      f'{self.index.identity_groups[record.identity]} of its identity')
+      raise UserError(f"{record.source}: group {record.group} disagrees with group "
+                      f"{self.index.identity_groups[record.identity]} of its identity")
     folder = os.path.join(self.root, self.index.identity_key(record.identity))
     os.makedirs(folder, exist_ok=True)
     n = self._next[record.identity]
     if n >= 10**self._width:
-      raise UserError(f'{record.source}: more images for identity '
-                      f'{self.index.identity_key(record.identity)!r} than the index counts')
+      raise UserError(f"{record.source}: more images for identity "
+                      f"{self.index.identity_key(record.identity)!r} than the index counts")
     self._next[record.identity] = n + 1
-    path = os.path.join(folder, f'{n:0{self._width}d}' + image_extension(record.image,
+    path = os.path.join(folder, f"{n:0{self._width}d}" + image_extension(record.image,
                                                                          record.source))
-    with open(path, 'xb') as f:
+    with open(path, "xb") as f:
       f.write(record.image)
     self.written += 1
     return path

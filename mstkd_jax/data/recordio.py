@@ -8,7 +8,7 @@ import json
 import math
 import os
 import struct
-from typing import Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -18,53 +18,53 @@ from mstkd_jax.data.image_tree import decode_image
 from mstkd_jax.errors import UserError
 
 MAGIC = 0xCED7230A
-_MAGIC_BYTES = struct.pack('<I', MAGIC)
-_HEAD = struct.Struct('<II')
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_HEAD = struct.Struct("<II")
 _LENGTH_BITS = 29
 _LENGTH_MASK = (1 << _LENGTH_BITS) - 1
 # MXNet's image record header: flag, label, id, id2; flag > 0 means `flag` float32 labels follow.
-_IR = struct.Struct('<IfQQ')
+_IR = struct.Struct("<IfQQ")
 # Keys and labels live in float32 header labels; above 2**24 they stop being exact.
 _MAX_FLOAT_INT = 1 << 24
-NAMES_FORMAT = 'mstkd_jax.identities'
+NAMES_FORMAT = "mstkd_jax.identities"
 
 
 class IRHeader(NamedTuple):
   """An image record header; label is a float when flag == 0, else a tuple of `flag` floats."""
   flag: int
-  label: Union[float, tuple[float, ...]]
+  label: float | tuple[float, ...]
   id: int
   id2: int
 
 
-def pack_image_record(image: bytes, label: Union[float, Sequence[float]], id_: int = 0,
+def pack_image_record(image: bytes, label: float | Sequence[float], id_: int = 0,
                       id2: int = 0) -> bytes:
   """Returns the payload of an image record (MXNet's recordio.pack)."""
   if isinstance(label, (int, float, np.integer, np.floating)):
     return _IR.pack(0, float(label), id_, id2) + bytes(image)
-  values = np.asarray(label, dtype='<f4').ravel()
+  values = np.asarray(label, dtype="<f4").ravel()
   return _IR.pack(len(values), 0.0, id_, id2) + values.tobytes() + bytes(image)
 
 
 def unpack_image_record(payload: bytes, source: str) -> tuple[IRHeader, bytes]:
   """Splits a record payload into its header and image bytes (MXNet's recordio.unpack)."""
   if len(payload) < _IR.size:
-    raise UserError(f'{source}: record of {len(payload)} bytes; expected at least the '
-                    f'{_IR.size}-byte image record header')
+    raise UserError(f"{source}: record of {len(payload)} bytes; expected at least the "
+                    f"{_IR.size}-byte image record header")
   flag, label, id_, id2 = _IR.unpack_from(payload)
   rest = payload[_IR.size:]
   if flag > 0:
     if len(rest) < 4 * flag:
-      raise UserError(f'{source}: header announces {flag} float32 labels but the record has '
-                      f'{len(rest)} bytes after the header')
-    label = tuple(float(v) for v in np.frombuffer(rest, dtype='<f4', count=flag))
+      raise UserError(f"{source}: header announces {flag} float32 labels but the record has "
+                      f"{len(rest)} bytes after the header")
+    label = tuple(float(v) for v in np.frombuffer(rest, dtype="<f4", count=flag))
     rest = rest[4 * flag:]
   return IRHeader(flag, label, id_, id2), bytes(rest)
 
 
 def _encode_head(cflag: int, length: int) -> bytes:
   if length > _LENGTH_MASK:
-    raise UserError(f'record part of {length} bytes; RecordIO allows at most {_LENGTH_MASK}')
+    raise UserError(f"record part of {length} bytes; RecordIO allows at most {_LENGTH_MASK}")
   return _HEAD.pack(MAGIC, (cflag << _LENGTH_BITS) | length)
 
 
@@ -90,8 +90,8 @@ def encode_record(payload: bytes) -> bytes:
     start = search = i + 4
   out.append(_encode_head(3 if out else 0, len(payload) - start))
   out.append(payload[start:])
-  out.append(b'\0' * (-len(payload) % 4))
-  return b''.join(out)
+  out.append(b"\0" * (-len(payload) % 4))
+  return b"".join(out)
 
 
 class RecordIOReader:
@@ -102,19 +102,19 @@ class RecordIOReader:
     idx_path: the .idx file, or None when there is none.
   """
 
-  def __init__(self, rec_path: str, idx_path: Optional[str] = None):
+  def __init__(self, rec_path: str, idx_path: str | None = None):
     """Opens the .rec; idx_path None uses <rec without .rec>.idx when it exists."""
     self.rec_path = os.fspath(rec_path)
     if idx_path is None:
-      guess = os.path.splitext(self.rec_path)[0] + '.idx'
+      guess = os.path.splitext(self.rec_path)[0] + ".idx"
       idx_path = guess if os.path.isfile(guess) else None
     self.idx_path = None if idx_path is None else os.fspath(idx_path)
     try:
-      self._f = open(self.rec_path, 'rb')
+      self._f = open(self.rec_path, "rb")
     except FileNotFoundError:
-      raise UserError(f'{self.rec_path}: RecordIO file does not exist') from None
+      raise UserError(f"{self.rec_path}: RecordIO file does not exist") from None
     except IsADirectoryError:
-      raise UserError(f'{self.rec_path}: expected a .rec file, found a folder') from None
+      raise UserError(f"{self.rec_path}: expected a .rec file, found a folder") from None
     self._size = os.fstat(self._f.fileno()).st_size
     self._keys = self._offsets = self._lines = self._order = self._by_offset = None
     self._dense = False
@@ -127,11 +127,11 @@ class RecordIOReader:
 
   def _load_idx(self):
     # Compact int64 arrays: an .idx can list tens of millions of records.
-    keys, offsets, lines = array.array('q'), array.array('q'), array.array('q')
+    keys, offsets, lines = array.array("q"), array.array("q"), array.array("q")
     try:
-      f = open(self.idx_path, encoding='ascii')
+      f = open(self.idx_path, encoding="ascii")
     except FileNotFoundError:
-      raise UserError(f'{self.idx_path}: RecordIO index file does not exist') from None
+      raise UserError(f"{self.idx_path}: RecordIO index file does not exist") from None
     with f:
       try:
         for number, line in enumerate(f, start=1):
@@ -139,33 +139,33 @@ class RecordIOReader:
           if not fields:
             continue
           if len(fields) != 2 or not fields[0].isdigit() or not fields[1].isdigit():
-            raise UserError(f'{self.idx_path}:{number}: cannot parse {line.strip()!r:.60}; '
+            raise UserError(f"{self.idx_path}:{number}: cannot parse {line.strip()!r:.60}; "
                             'expected "<key>\\t<byte offset>"')
           key, offset = int(fields[0]), int(fields[1])
           if offset + _HEAD.size > self._size:
-            raise UserError(f'{self.idx_path}:{number}: record {key} at byte {offset} lies past '
-                            f'the end of {self.rec_path} ({self._size} bytes); the .rec is '
-                            'truncated or the .idx belongs to another .rec')
+            raise UserError(f"{self.idx_path}:{number}: record {key} at byte {offset} lies past "
+                            f"the end of {self.rec_path} ({self._size} bytes); the .rec is "
+                            "truncated or the .idx belongs to another .rec")
           if offset % 4:
-            raise UserError(f'{self.idx_path}:{number}: record {key} at byte {offset} is not '
-                            '4-byte aligned as RecordIO records are; expected the .idx written '
-                            'with this .rec')
+            raise UserError(f"{self.idx_path}:{number}: record {key} at byte {offset} is not "
+                            "4-byte aligned as RecordIO records are; expected the .idx written "
+                            "with this .rec")
           keys.append(key)
           offsets.append(offset)
           lines.append(number)
       except UnicodeDecodeError as e:
-        raise UserError(f'{self.idx_path}: not a text index ({e}); expected lines '
+        raise UserError(f"{self.idx_path}: not a text index ({e}); expected lines "
                         '"<key>\\t<byte offset>"') from None
     self._keys = np.frombuffer(keys, dtype=np.int64)
     self._offsets = np.frombuffer(offsets, dtype=np.int64)
     self._lines = np.frombuffer(lines, dtype=np.int64)
-    self._order = np.argsort(self._keys, kind='stable')
+    self._order = np.argsort(self._keys, kind="stable")
     sorted_keys = self._keys[self._order]
     dup = np.nonzero(sorted_keys[1:] == sorted_keys[:-1])[0]
     if dup.size:
       key = int(sorted_keys[dup[0]])
-      raise UserError(f'{self.idx_path}: key {key} appears on more than one line; expected '
-                      'each record key once')
+      raise UserError(f"{self.idx_path}: key {key} appears on more than one line; expected "
+                      "each record key once")
     # The usual index lists keys 0..n-1 in order; then a key is its own position.
     self._dense = bool(np.array_equal(self._keys, np.arange(len(keys))))
 
@@ -177,8 +177,8 @@ class RecordIOReader:
 
   def _require_idx(self):
     if self._keys is None:
-      raise UserError(f'{self.rec_path}: no .idx file next to it; expected '
-                      f'{os.path.splitext(self.rec_path)[0]}.idx for reading records by key')
+      raise UserError(f"{self.rec_path}: no .idx file next to it; expected "
+                      f"{os.path.splitext(self.rec_path)[0]}.idx for reading records by key")
 
   def _position(self, key: int) -> int:
     self._require_idx()
@@ -196,19 +196,19 @@ class RecordIOReader:
     """Returns the payload of the record `key` (continuation parts joined)."""
     i = self._position(int(key))
     if i < 0:
-      raise UserError(f'{self.idx_path}: no record with key {key}; expected it listed in the '
-                      '.idx')
+      raise UserError(f"{self.idx_path}: no record with key {key}; expected it listed in the "
+                      ".idx")
     payload, _ = self._read_at(int(self._offsets[i]), self._where(i), from_idx=True)
     return payload
 
   def _where(self, i: int) -> str:
-    return (f'record {int(self._keys[i])} at byte {int(self._offsets[i])} (from '
-            f'{self.idx_path} line {int(self._lines[i])})')
+    return (f"record {int(self._keys[i])} at byte {int(self._offsets[i])} (from "
+            f"{self.idx_path} line {int(self._lines[i])})")
 
   def _index_at_offset(self, offset: int) -> int:
     """Position in the .idx of the record at `offset`, or -1."""
     if self._by_offset is None:
-      self._by_offset = np.argsort(self._offsets, kind='stable')
+      self._by_offset = np.argsort(self._offsets, kind="stable")
     j = int(np.searchsorted(self._offsets, offset, sorter=self._by_offset))
     if j < len(self._offsets) and self._offsets[self._by_offset[j]] == offset:
       return int(self._by_offset[j])
@@ -216,29 +216,29 @@ class RecordIOReader:
 
   def _read_at(self, offset: int, where: str, from_idx: bool) -> tuple[bytes, int]:
     """Reads the record starting at `offset`; returns (payload, offset after it)."""
-    hint = ('; expected the .idx written with this .rec' if from_idx else
-            '; the .rec is corrupt or not a RecordIO file')
+    hint = ("; expected the .idx written with this .rec" if from_idx else
+            "; the .rec is corrupt or not a RecordIO file")
     parts = []
     pos = offset
     while True:
       self._f.seek(pos)
       head = self._f.read(_HEAD.size)
       if len(head) < _HEAD.size:
-        raise UserError(f'{self.rec_path}: {where}: file ends inside a record header at byte '
-                        f'{pos}; the .rec is truncated')
+        raise UserError(f"{self.rec_path}: {where}: file ends inside a record header at byte "
+                        f"{pos}; the .rec is truncated")
       magic, lrec = _HEAD.unpack(head)
       if magic != MAGIC:
-        raise UserError(f'{self.rec_path}: {where}: expected RecordIO magic 0x{MAGIC:08x} at '
-                        f'byte {pos}, found 0x{magic:08x}{hint}')
+        raise UserError(f"{self.rec_path}: {where}: expected RecordIO magic 0x{MAGIC:08x} at "
+                        f"byte {pos}, found 0x{magic:08x}{hint}")
       cflag, length = lrec >> _LENGTH_BITS, lrec & _LENGTH_MASK
       if cflag not in ((0, 1) if not parts else (2, 3)):
-        raise UserError(f'{self.rec_path}: {where}: continuation flag {cflag} at byte {pos}; '
+        raise UserError(f"{self.rec_path}: {where}: continuation flag {cflag} at byte {pos}; "
                         f'expected {"0 or 1 (record start)" if not parts else "2 or 3"}{hint}')
       padded = length + (-length % 4)
       if pos + _HEAD.size + padded > self._size:
-        raise UserError(f'{self.rec_path}: {where}: length field says {length} bytes at byte '
-                        f'{pos} but only {self._size - pos - _HEAD.size} remain; the .rec is '
-                        'truncated or the length is wrong')
+        raise UserError(f"{self.rec_path}: {where}: length field says {length} bytes at byte "
+                        f"{pos} but only {self._size - pos - _HEAD.size} remain; the .rec is "
+                        "truncated or the length is wrong")
       parts.append(self._f.read(length))
       pos += _HEAD.size + padded
       if cflag in (0, 3):
@@ -250,8 +250,8 @@ class RecordIOReader:
         j = self._index_at_offset(pos)
         if j >= 0:  # This length agrees with the .idx: blame the record that starts there.
           self._read_at(pos, self._where(j), from_idx=False)
-        raise UserError(f'{self.rec_path}: {where}: the record should end at byte {pos} but no '
-                        'record starts there; its length field is wrong or the file is corrupt')
+        raise UserError(f"{self.rec_path}: {where}: the record should end at byte {pos} but no "
+                        "record starts there; its length field is wrong or the file is corrupt")
     return _MAGIC_BYTES.join(parts), pos
 
   def __iter__(self) -> Iterator[tuple[int, bytes]]:
@@ -259,7 +259,7 @@ class RecordIOReader:
     pos = 0
     n = 0
     while pos < self._size:
-      payload, end = self._read_at(pos, f'record #{n} in file order', from_idx=False)
+      payload, end = self._read_at(pos, f"record #{n} in file order", from_idx=False)
       yield pos, payload
       pos = end
       n += 1
@@ -277,25 +277,25 @@ class RecordIOReader:
 class RecordIOWriter:
   """Writes raw RecordIO records and, when given an idx path, the "<key>\\t<offset>" index."""
 
-  def __init__(self, rec_path: str, idx_path: Optional[str] = None):
+  def __init__(self, rec_path: str, idx_path: str | None = None):
     self.rec_path = os.fspath(rec_path)
-    self._f = open(self.rec_path, 'w+b')
-    self._idx = None if idx_path is None else open(idx_path, 'w', encoding='ascii')
+    self._f = open(self.rec_path, "w+b")
+    self._idx = None if idx_path is None else open(idx_path, "w", encoding="ascii")
     self._keys = set()
 
   def tell(self) -> int:
     return self._f.tell()
 
-  def write(self, payload: bytes, key: Optional[int] = None) -> int:
+  def write(self, payload: bytes, key: int | None = None) -> int:
     """Appends one record (indexed under `key` if given); returns its byte offset."""
     offset = self._f.tell()
     self._f.write(encode_record(payload))
     if key is not None:
       if key in self._keys:
-        raise ValueError(f'record key {key} written twice')
+        raise ValueError(f"record key {key} written twice")
       self._keys.add(key)
       if self._idx is not None:
-        self._idx.write(f'{int(key)}\t{offset}\n')
+        self._idx.write(f"{int(key)}\t{offset}\n")
     return offset
 
   def overwrite(self, offset: int, payload: bytes):
@@ -306,7 +306,7 @@ class RecordIOWriter:
     lrec = _HEAD.unpack(self._f.read(_HEAD.size))[1]
     old_len = lrec & _LENGTH_MASK
     if lrec >> _LENGTH_BITS or _HEAD.size + old_len + (-old_len % 4) != len(data):
-      raise ValueError('overwrite must keep the record size and have one part')
+      raise ValueError("overwrite must keep the record size and have one part")
     self._f.seek(offset)
     self._f.write(data)
     self._f.seek(end)
@@ -325,14 +325,14 @@ class RecordIOWriter:
 
 def names_path_for(rec_path: str) -> str:
   """Where the identity/group names of a .rec are kept: <rec without .rec>.identities.json."""
-  return os.path.splitext(os.fspath(rec_path))[0] + '.identities.json'
+  return os.path.splitext(os.fspath(rec_path))[0] + ".identities.json"
 
 
 def write_identity_names(path: str, index: DatasetIndex):
   """Writes group and identity names (RecordIO stores only numeric labels)."""
-  data = {'format': NAMES_FORMAT, 'version': 1, 'groups': list(index.group_names),
-          'identities': [[n, g] for n, g in zip(index.identity_names, index.identity_groups)]}
-  with open(path, 'w', encoding='utf-8') as f:
+  data = {"format": NAMES_FORMAT, "version": 1, "groups": list(index.group_names),
+          "identities": [[n, g] for n, g in zip(index.identity_names, index.identity_groups)]}
+  with open(path, "w", encoding="utf-8") as f:
     json.dump(data, f, ensure_ascii=False)
 
 
@@ -340,36 +340,36 @@ def read_identity_names(path: str, num_identities: int
                         ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]]:
   """Reads (group names, identity names, identity groups) and checks them against the .rec."""
   expected = (f'expected {{"format": "{NAMES_FORMAT}", "groups": [names], "identities": '
-              '[[name, group index or -1], ...]}')
+              "[[name, group index or -1], ...]}")
   try:
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding="utf-8") as f:
       data = json.load(f)
   except (OSError, ValueError) as e:
-    raise UserError(f'{path}: cannot read identity names ({e}); {expected}') from None
-  ok = (isinstance(data, dict) and data.get('format') == NAMES_FORMAT
-        and isinstance(data.get('groups'), list)
-        and all(isinstance(g, str) for g in data['groups'])
-        and isinstance(data.get('identities'), list))
+    raise UserError(f"{path}: cannot read identity names ({e}); {expected}") from None
+  ok = (isinstance(data, dict) and data.get("format") == NAMES_FORMAT
+        and isinstance(data.get("groups"), list)
+        and all(isinstance(g, str) for g in data["groups"])
+        and isinstance(data.get("identities"), list))
   if ok:
-    n_groups = len(data['groups'])
-    for item in data['identities']:
+    n_groups = len(data["groups"])
+    for item in data["identities"]:
       if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
               and type(item[1]) is int
               and (0 <= item[1] < n_groups or (item[1] == -1 and not n_groups))):
         ok = False
         break
   if not ok:
-    raise UserError(f'{path}: malformed identity names; {expected}')
-  if len(data['identities']) != num_identities:
+    raise UserError(f"{path}: malformed identity names; {expected}")
+  if len(data["identities"]) != num_identities:
     raise UserError(f'{path}: names {len(data["identities"])} identities but the .rec has '
-                    f'{num_identities}; expected the names file written with this .rec')
-  return (tuple(data['groups']), tuple(n for n, _ in data['identities']),
-          tuple(g for _, g in data['identities']))
+                    f"{num_identities}; expected the names file written with this .rec")
+  return (tuple(data["groups"]), tuple(n for n, _ in data["identities"]),
+          tuple(g for _, g in data["identities"]))
 
 
 def _label_int(value: float, source: str) -> int:
   if not (math.isfinite(value) and value >= 0 and float(value).is_integer()):
-    raise UserError(f'{source}: label {value!r}; expected a non-negative integer')
+    raise UserError(f"{source}: label {value!r}; expected a non-negative integer")
   return int(value)
 
 
@@ -386,8 +386,8 @@ class FaceRecordIOReader:
     skipped: (source, reason) of images skipped when skip_corrupt=True.
   """
 
-  def __init__(self, rec_path: str, idx_path: Optional[str] = None,
-               names_path: Optional[str] = None, validate: bool = True,
+  def __init__(self, rec_path: str, idx_path: str | None = None,
+               names_path: str | None = None, validate: bool = True,
                skip_corrupt: bool = False):
     """Opens the files and builds the index from the header and identity records."""
     self.rec_path = os.fspath(rec_path)
@@ -399,23 +399,23 @@ class FaceRecordIOReader:
     self._raw = RecordIOReader(self.rec_path, idx_path)
     try:
       if self._raw.idx_path is None:
-        raise UserError(f'{self.rec_path}: no .idx file next to it; expected '
-                        f'{os.path.splitext(self.rec_path)[0]}.idx (insightface packs ship one)')
+        raise UserError(f"{self.rec_path}: no .idx file next to it; expected "
+                        f"{os.path.splitext(self.rec_path)[0]}.idx (insightface packs ship one)")
       self._build_index(names_path)
     except BaseException:
       self._raw.close()
       raise
 
   def _source(self, key: int) -> str:
-    return f'{self.rec_path}#{key}'
+    return f"{self.rec_path}#{key}"
 
   def _header(self, key: int) -> tuple[IRHeader, bytes]:
     return unpack_image_record(self._raw.read(key), self._source(key))
 
-  def _build_index(self, names_path: Optional[str]):
+  def _build_index(self, names_path: str | None):
     if not self._raw.has_key(0):
-      raise UserError(f'{self._raw.idx_path}: no record with key 0; expected the insightface '
-                      'header record (or the first image) under key 0')
+      raise UserError(f"{self._raw.idx_path}: no record with key 0; expected the insightface "
+                      "header record (or the first image) under key 0")
     header, _ = self._header(0)
     self.has_header = header.flag > 0
     if self.has_header:
@@ -430,40 +430,40 @@ class FaceRecordIOReader:
       groups, names, identity_groups = read_identity_names(names_path, n)
     else:
       width = len(str(max(n - 1, 0)))
-      groups, names, identity_groups = (), tuple(f'{i:0{width}d}' for i in range(n)), (-1,) * n
+      groups, names, identity_groups = (), tuple(f"{i:0{width}d}" for i in range(n)), (-1,) * n
     self.index = DatasetIndex(groups, names, identity_groups, tuple(counts), self.rec_path)
 
   def _read_identity_records(self, header: IRHeader) -> list[int]:
     src0 = self._source(0)
     if len(header.label) < 2:
-      raise UserError(f'{src0}: header record label {header.label}; expected (first identity '
-                      'record key, end key)')
+      raise UserError(f"{src0}: header record label {header.label}; expected (first identity "
+                      "record key, end key)")
     first = _label_int(header.label[0], src0)
     end = _label_int(header.label[1], src0)
     if not 1 <= first <= end:
-      raise UserError(f'{src0}: header label ({first}, {end}); expected 1 <= first identity '
-                      'key <= end key')
+      raise UserError(f"{src0}: header label ({first}, {end}); expected 1 <= first identity "
+                      "key <= end key")
     expected_start = 1
     for key in range(first, end):
       h, _ = self._header(key)
       src = self._source(key)
       if h.flag < 2:
-        raise UserError(f'{src}: identity record has flag {h.flag}; expected a (first image '
-                        'key, end key) label with flag 2')
+        raise UserError(f"{src}: identity record has flag {h.flag}; expected a (first image "
+                        "key, end key) label with flag 2")
       start, stop = _label_int(h.label[0], src), _label_int(h.label[1], src)
       # Ranges must tile 1..first-1 in order, or some image would get another's label.
       if start != expected_start or stop < start or stop > first:
-        raise UserError(f'{src}: identity {key - first} covers image keys [{start}, {stop}); '
-                        f'expected a range starting at {expected_start} and ending by {first}')
+        raise UserError(f"{src}: identity {key - first} covers image keys [{start}, {stop}); "
+                        f"expected a range starting at {expected_start} and ending by {first}")
       self._ranges.append((start, stop))
       expected_start = stop
     if expected_start != first:
-      raise UserError(f'{src0}: identity records cover image keys up to {expected_start}, but '
-                      f'images run to key {first - 1}; expected every image in one identity')
+      raise UserError(f"{src0}: identity records cover image keys up to {expected_start}, but "
+                      f"images run to key {first - 1}; expected every image in one identity")
     for key in (1, first - 1):
       if first > 1 and not self._raw.has_key(key):
-        raise UserError(f'{self._raw.idx_path}: no image record {key}; expected keys 1..'
-                        f'{first - 1} from the header record')
+        raise UserError(f"{self._raw.idx_path}: no image record {key}; expected keys 1.."
+                        f"{first - 1} from the header record")
     return [stop - start for start, stop in self._ranges]
 
   def _scan_labels(self) -> list[int]:
@@ -481,7 +481,7 @@ class FaceRecordIOReader:
     value = h.label if h.flag == 0 else h.label[0]
     return _label_int(value, self._source(key))
 
-  def _iter_keys(self) -> Iterator[tuple[int, Optional[int]]]:
+  def _iter_keys(self) -> Iterator[tuple[int, int | None]]:
     """Yields (key, expected label or None)."""
     if self.has_header:
       for j, (start, stop) in enumerate(self._ranges):
@@ -498,8 +498,8 @@ class FaceRecordIOReader:
       h, image = self._header(key)
       label = self._image_label(h, key)
       if expected is not None and label != expected:
-        raise UserError(f'{source}: image label {label} disagrees with identity record '
-                        f'{expected} whose key range holds it; refusing to guess the label')
+        raise UserError(f"{source}: image label {label} disagrees with identity record "
+                        f"{expected} whose key range holds it; refusing to guess the label")
       if self.validate:
         try:
           decode_image(image, source)
@@ -527,24 +527,24 @@ class FaceRecordIOWriter:
   key range. Call finish() to write the identity records and fill in the header.
   """
 
-  def __init__(self, rec_path: str, idx_path: str, names_path: Optional[str] = None):
+  def __init__(self, rec_path: str, idx_path: str, names_path: str | None = None):
     self._raw = RecordIOWriter(rec_path, idx_path)
     self.rec_path = os.fspath(rec_path)
     self._names_path = names_path
     # Placeholder header, rewritten in finish() once the counts are known (same size).
-    self._raw.write(pack_image_record(b'', (0.0, 0.0)), key=0)
+    self._raw.write(pack_image_record(b"", (0.0, 0.0)), key=0)
     self._key = 1
     self._starts: list[int] = []
     self._finished = False
 
-  def add(self, image: bytes, identity: int, source: str = '') -> int:
+  def add(self, image: bytes, identity: int, source: str = "") -> int:
     """Appends one image of label `identity`; returns its record key."""
     if identity < len(self._starts) - 1:
-      raise UserError(f'{source}: label {identity} after label {len(self._starts) - 1}; '
-                      'expected images grouped by label in increasing order')
+      raise UserError(f"{source}: label {identity} after label {len(self._starts) - 1}; "
+                      "expected images grouped by label in increasing order")
     if self._key >= _MAX_FLOAT_INT:
-      raise UserError(f'{self.rec_path}: more than {_MAX_FLOAT_INT} records do not fit '
-                      'the float32 labels of the insightface header')
+      raise UserError(f"{self.rec_path}: more than {_MAX_FLOAT_INT} records do not fit "
+                      "the float32 labels of the insightface header")
     while len(self._starts) <= identity:
       self._starts.append(self._key)
     key = self._key
@@ -552,25 +552,25 @@ class FaceRecordIOWriter:
     self._key += 1
     return key
 
-  def finish(self, index: Optional[DatasetIndex] = None) -> dict:
+  def finish(self, index: DatasetIndex | None = None) -> dict:
     """Writes identity records (for all index labels) and the header; closes the files."""
     n = len(self._starts) if index is None else index.num_identities
     if len(self._starts) > n:
-      raise UserError(f'{self.rec_path}: label {len(self._starts) - 1} is outside the index '
-                      f'({n} identities)')
+      raise UserError(f"{self.rec_path}: label {len(self._starts) - 1} is outside the index "
+                      f"({n} identities)")
     first = self._key
     if first + n >= _MAX_FLOAT_INT:
-      raise UserError(f'{self.rec_path}: too many records for float32 header labels')
+      raise UserError(f"{self.rec_path}: too many records for float32 header labels")
     starts = self._starts + [first] * (n - len(self._starts))
     for j in range(n):
       stop = starts[j + 1] if j + 1 < n else first
-      self._raw.write(pack_image_record(b'', (float(starts[j]), float(stop))), key=first + j)
-    self._raw.overwrite(0, pack_image_record(b'', (float(first), float(first + n))))
+      self._raw.write(pack_image_record(b"", (float(starts[j]), float(stop))), key=first + j)
+    self._raw.overwrite(0, pack_image_record(b"", (float(first), float(first + n))))
     self._raw.close()
     self._finished = True
     if index is not None and self._names_path is not None:
       write_identity_names(self._names_path, index)
-    return {'images': first - 1, 'identities': n}
+    return {"images": first - 1, "identities": n}
 
   def close(self):
     """Closes without finishing (the files are then incomplete)."""

@@ -5,7 +5,7 @@ Pairs lines: `name i j` (same identity) or `name1 i name2 j` (different); i, j a
 
 import dataclasses
 import os
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 from mstkd_jax.data.image_tree import check_path_name
 from mstkd_jax.data.image_tree import decode_image
@@ -36,20 +36,20 @@ class VerificationPair:
 
 def _parse_index(token: str, path: str, line: int, text: str) -> int:
   if not (token.isascii() and token.isdigit()) or int(token) < 1:
-    raise UserError(f'{path}:{line}: {token!r} is not an image number in {text!r}; expected '
-                    'a 1-based integer')
+    raise UserError(f"{path}:{line}: {token!r} is not an image number in {text!r}; expected "
+                    "a 1-based integer")
   return int(token)
 
 
 def parse_pairs_file(path: str) -> list[PairSpec]:
   """Parses an LFW-style pairs file; an optional LFW header line `<folds> <pairs>` is skipped."""
   try:
-    with open(path, encoding='utf-8') as f:
+    with open(path, encoding="utf-8") as f:
       lines = f.read().splitlines()
   except FileNotFoundError:
-    raise UserError(f'{path}: pairs file does not exist') from None
+    raise UserError(f"{path}: pairs file does not exist") from None
   except (OSError, UnicodeDecodeError) as e:
-    raise UserError(f'{path}: cannot read pairs file ({e}); expected UTF-8 text') from e
+    raise UserError(f"{path}: cannot read pairs file ({e}); expected UTF-8 text") from e
   pairs = []
   for number, text in enumerate(lines, start=1):
     tokens = text.split()
@@ -59,24 +59,24 @@ def parse_pairs_file(path: str) -> list[PairSpec]:
       continue  # LFW's "10 300" header (folds, pairs per fold); RFW files have none.
     if len(tokens) == 3:
       name, i, j = tokens
-      check_path_name(name, 'identity', f'{path}:{number}')
+      check_path_name(name, "identity", f"{path}:{number}")
       pairs.append(PairSpec(name, _parse_index(i, path, number, text), name,
                             _parse_index(j, path, number, text), True, number))
     elif len(tokens) == 4:
       name1, i, name2, j = tokens
-      check_path_name(name1, 'identity', f'{path}:{number}')
-      check_path_name(name2, 'identity', f'{path}:{number}')
+      check_path_name(name1, "identity", f"{path}:{number}")
+      check_path_name(name2, "identity", f"{path}:{number}")
       if name1 == name2:
         # Would label a same-identity pair as different.
-        raise UserError(f'{path}:{number}: different-identity line {text!r} names {name1!r} '
-                        'twice; expected two distinct identities')
+        raise UserError(f"{path}:{number}: different-identity line {text!r} names {name1!r} "
+                        "twice; expected two distinct identities")
       pairs.append(PairSpec(name1, _parse_index(i, path, number, text), name2,
                             _parse_index(j, path, number, text), False, number))
     else:
       raise UserError(f'{path}:{number}: cannot parse {text!r}; expected "name i j" (same '
                       'identity) or "name1 i name2 j" (different identities)')
   if not pairs:
-    raise UserError(f'{path}: pairs file has no pairs')
+    raise UserError(f"{path}: pairs file has no pairs")
   return pairs
 
 
@@ -88,42 +88,42 @@ class RFWReader:
     groups: sorted group names found under txts/.
   """
 
-  def __init__(self, root: str, groups: Optional[Sequence[str]] = None):
+  def __init__(self, root: str, groups: Sequence[str] | None = None):
     root = os.fspath(root)
     if not os.path.isdir(root):
-      raise UserError(f'{root}: RFW folder does not exist')
-    if os.path.isdir(os.path.join(root, 'txts')):
+      raise UserError(f"{root}: RFW folder does not exist")
+    if os.path.isdir(os.path.join(root, "txts")):
       self.test_dir = root
-    elif os.path.isdir(os.path.join(root, 'test', 'txts')):
-      self.test_dir = os.path.join(root, 'test')
+    elif os.path.isdir(os.path.join(root, "test", "txts")):
+      self.test_dir = os.path.join(root, "test")
     else:
-      raise UserError(f'{root}: not an RFW folder; expected test/txts/<group>/<group>_pairs.txt '
-                      'and test/data/<group>/ under it')
-    txts = os.path.join(self.test_dir, 'txts')
-    found = sorted(e.name for e in os.scandir(txts) if e.is_dir() and not e.name.startswith('.'))
+      raise UserError(f"{root}: not an RFW folder; expected test/txts/<group>/<group>_pairs.txt "
+                      "and test/data/<group>/ under it")
+    txts = os.path.join(self.test_dir, "txts")
+    found = sorted(e.name for e in os.scandir(txts) if e.is_dir() and not e.name.startswith("."))
     if not found:
-      raise UserError(f'{txts}: no group folders; expected txts/<group>/<group>_pairs.txt')
+      raise UserError(f"{txts}: no group folders; expected txts/<group>/<group>_pairs.txt")
     if groups is not None:
       missing = [g for g in groups if g not in found]
       if missing:
-        raise UserError(f'{txts}: no folder for group(s) {missing}; found {found}')
+        raise UserError(f"{txts}: no folder for group(s) {missing}; found {found}")
       found = sorted(groups)
     for g in found:
       if not os.path.isfile(self.pairs_path(g)):
-        raise UserError(f'{self.pairs_path(g)}: pairs file does not exist')
+        raise UserError(f"{self.pairs_path(g)}: pairs file does not exist")
       if not os.path.isdir(self.data_dir(g)):
-        raise UserError(f'{self.data_dir(g)}: image folder of group {g!r} does not exist')
+        raise UserError(f"{self.data_dir(g)}: image folder of group {g!r} does not exist")
     self.groups = tuple(found)
 
   def pairs_path(self, group: str) -> str:
-    return os.path.join(self.test_dir, 'txts', group, f'{group}_pairs.txt')
+    return os.path.join(self.test_dir, "txts", group, f"{group}_pairs.txt")
 
   def data_dir(self, group: str) -> str:
-    return os.path.join(self.test_dir, 'data', group)
+    return os.path.join(self.test_dir, "data", group)
 
   def image_path(self, group: str, name: str, index: int) -> str:
     """Path of `name`'s image number `index` (1-based): <name>/<name>_<index:04d>.jpg."""
-    return os.path.join(self.data_dir(group), name, f'{name}_{index:04d}.jpg')
+    return os.path.join(self.data_dir(group), name, f"{name}_{index:04d}.jpg")
 
   def pairs(self, group: str) -> list[PairSpec]:
     """Parses the group's pairs file and checks that every image it names exists."""
@@ -133,8 +133,8 @@ class RFWReader:
       for name, index in ((p.name1, p.index1), (p.name2, p.index2)):
         image = self.image_path(group, name, index)
         if not os.path.isfile(image):
-          raise UserError(f'{path}:{p.line}: pair {k} names image {index} of {name!r}, but '
-                          f'{image} does not exist')
+          raise UserError(f"{path}:{p.line}: pair {k} names image {index} of {name!r}, but "
+                          f"{image} does not exist")
     return pairs
 
   def iter_pairs(self, group: str, validate: bool = True) -> Iterator[VerificationPair]:
@@ -155,5 +155,5 @@ class RFWReader:
     for g in self.groups:
       pairs = self.pairs(g)
       same = sum(p.same for p in pairs)
-      out[g] = {'pairs': len(pairs), 'same': same, 'different': len(pairs) - same}
-    return {'groups': out}
+      out[g] = {"pairs": len(pairs), "same": same, "different": len(pairs) - same}
+    return {"groups": out}

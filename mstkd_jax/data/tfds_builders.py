@@ -33,7 +33,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -45,11 +45,11 @@ from mstkd_jax.data import rfw
 from mstkd_jax.data import verification_bin
 from mstkd_jax.errors import UserError
 
-TRAINING_FORMATS = ('image_tree', 'recordio')
-VERIFICATION_FORMATS = ('rfw', 'bin')
-METADATA_FORMAT = 'mstkd_jax.tfds'
-LABELS_FILE = 'labels.npz'
-METADATA_FILE = 'metadata.json'
+TRAINING_FORMATS = ("image_tree", "recordio")
+VERIFICATION_FORMATS = ("rfw", "bin")
+METADATA_FORMAT = "mstkd_jax.tfds"
+LABELS_FILE = "labels.npz"
+METADATA_FILE = "metadata.json"
 # Keys are spread over TFDS's 128-bit key space: with shuffling disabled TFDS sorts by key
 # and buckets keys by their top bits, so small keys would all land in one in-memory bucket.
 _KEY_SPACE = 1 << 128
@@ -69,7 +69,7 @@ class _SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def _ordered_key(i: int, total: int) -> int:
   """A key that sorts like `i` and spreads i in [0, total) evenly over the key space."""
   if not 0 <= i < total:
-    raise ValueError(f'example {i} outside the announced {total}')
+    raise ValueError(f"example {i} outside the announced {total}")
   return i * (_KEY_SPACE // total)
 
 
@@ -85,9 +85,9 @@ class SourceConfig(tfds.core.BuilderConfig):
       instead of stopping at the first one.
     workers: threads that decode images to check them.
   """
-  source_format: str = ''
-  source_file: str = ''
-  grouped: Optional[bool] = None
+  source_format: str = ""
+  source_file: str = ""
+  grouped: bool | None = None
   skip_corrupt: bool = False
   workers: int = 0
 
@@ -102,11 +102,11 @@ class _PreparedMetadata(tfds.core.MetadataDict):
   def save_metadata(self, data_dir):
     super().save_metadata(data_dir)
     if self.arrays:
-      with open(os.path.join(os.fspath(data_dir), LABELS_FILE), 'wb') as f:
+      with open(os.path.join(os.fspath(data_dir), LABELS_FILE), "wb") as f:
         np.savez(f, **self.arrays)
 
 
-def _probe(item: tuple[Any, str]) -> tuple[Optional[bytes], Any]:
+def _probe(item: tuple[Any, str]) -> tuple[bytes | None, Any]:
   """Reads (if a path) and decodes one image; returns (bytes, (h, w)) or (None, UserError)."""
   data, source = item
   try:
@@ -162,49 +162,49 @@ def _sizes_list(sizes: set) -> list[list[int]]:
 class MstkdFaces(_SourceBuilder):
   """A face training set from an image tree or an insightface RecordIO (manual dir)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Encoded image, identity, group per example; labels.npz.'}
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Encoded image, identity, group per example; labels.npz."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Pass the image tree (<root>/<group>/<identity>/<image> or <root>/<identity>/<image>) '
-      'or the folder of an insightface train.rec/.idx as the manual dir; see '
-      '`python -m mstkd_jax.data.prepare --help`.')
+      "Pass the image tree (<root>/<group>/<identity>/<image> or <root>/<identity>/<image>) "
+      "or the folder of an insightface train.rec/.idx as the manual dir; see "
+      "`python -m mstkd_jax.data.prepare --help`.")
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
-        description='Aligned face images with identity and demographic-group labels.',
+        description="Aligned face images with identity and demographic-group labels.",
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3)),
-            'identity': tfds.features.Scalar(np.int32, doc='identity label'),
-            'group': tfds.features.Scalar(
-                np.int32, doc='index into metadata group_names, -1 without groups'),
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "identity": tfds.features.Scalar(np.int32, doc="identity label"),
+            "group": tfds.features.Scalar(
+                np.int32, doc="index into metadata group_names, -1 without groups"),
         }),
-        supervised_keys=('image', 'identity'),
+        supervised_keys=("image", "identity"),
         disable_shuffling=True,
         metadata=_PreparedMetadata())
 
   def _split_generators(self, dl_manager):
     config = self.builder_config
     if config.source_format not in TRAINING_FORMATS:
-      raise ValueError(f'{config.source_format!r} is not a training format {TRAINING_FORMATS}')
+      raise ValueError(f"{config.source_format!r} is not a training format {TRAINING_FORMATS}")
     source = os.path.normpath(os.path.join(os.fspath(dl_manager.manual_dir),
                                            config.source_file))
-    if config.source_format == 'image_tree':
+    if config.source_format == "image_tree":
       reader = image_tree.ImageTreeReader(source, grouped=config.grouped, validate=False,
                                           skip_corrupt=config.skip_corrupt)
     else:
       reader = recordio.FaceRecordIOReader(source, validate=False)
     index = reader.index
     self.info.metadata.update(
-        format=METADATA_FORMAT, kind='training', source=source,
+        format=METADATA_FORMAT, kind="training", source=source,
         source_format=config.source_format, group_names=list(index.group_names),
         identity_names=list(index.identity_names),
         identity_groups=[int(g) for g in index.identity_groups])
-    return {'train': self._generate_examples(reader=reader, total=index.num_images)}
+    return {"train": self._generate_examples(reader=reader, total=index.num_images)}
 
   def _generate_examples(self, reader, total: int):
     config = self.builder_config
-    skipped = list(getattr(reader, 'skipped', []))
+    skipped = list(getattr(reader, "skipped", []))
     identity, group, sizes = [], [], set()
     records = ((r, r.image, r.source) for r in reader)
     try:
@@ -214,22 +214,22 @@ class MstkdFaces(_SourceBuilder):
         identity.append(record.identity)
         group.append(record.group)
         sizes.add(size)
-        yield _ordered_key(i, total), {'image': data, 'identity': record.identity,
-                                       'group': record.group}
+        yield _ordered_key(i, total), {"image": data, "identity": record.identity,
+                                       "group": record.group}
     finally:
-      if hasattr(reader, 'close'):
+      if hasattr(reader, "close"):
         reader.close()
     # The tree reader lists non-image file names it skipped while iterating.
-    for item in getattr(reader, 'skipped', []):
+    for item in getattr(reader, "skipped", []):
       if item not in skipped:
         skipped.append(item)
     if not identity:
       raise UserError(f'{self.info.metadata["source"]}: no decodable image; expected JPEG/PNG '
-                      'face images')
+                      "face images")
     self.info.metadata.update(image_sizes=_sizes_list(sizes),
                               skipped=[list(s) for s in skipped])
-    self.info.metadata.arrays = {'identity': np.asarray(identity, np.int32),
-                                 'group': np.asarray(group, np.int32)}
+    self.info.metadata.arrays = {"identity": np.asarray(identity, np.int32),
+                                 "group": np.asarray(group, np.int32)}
 
 
 @dataclasses.dataclass
@@ -237,7 +237,7 @@ class _GroupPairs:
   """One verification group while preparing: distinct images and pairs of their rows."""
   name: str
   images: list = dataclasses.field(default_factory=list)  # (bytes or None, source).
-  identities: Optional[set] = None  # Names of the identities shown; None when unknown.
+  identities: set | None = None  # Names of the identities shown; None when unknown.
   pairs: list = dataclasses.field(default_factory=list)  # (row a, row b, issame).
   dropped: int = 0
 
@@ -245,21 +245,21 @@ class _GroupPairs:
 class MstkdVerification(_SourceBuilder):
   """Per-group verification pairs from RFW or insightface .bin files (manual dir)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Split "test" of distinct images; pairs in metadata.'}
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": 'Split "test" of distinct images; pairs in metadata.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      'Pass the RFW folder (test/data, test/txts) or a folder of insightface .bin files '
-      '(one group each, e.g. African_test.bin) as the manual dir; see '
-      '`python -m mstkd_jax.data.prepare --help`.')
+      "Pass the RFW folder (test/data, test/txts) or a folder of insightface .bin files "
+      "(one group each, e.g. African_test.bin) as the manual dir; see "
+      "`python -m mstkd_jax.data.prepare --help`.")
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
-        description='Face verification pairs, one group (e.g. an RFW race) at a time.',
+        description="Face verification pairs, one group (e.g. an RFW race) at a time.",
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3)),
-            'group': tfds.features.Scalar(np.int32, doc='index into metadata group_names'),
-            'index': tfds.features.Scalar(np.int32, doc='row of the image in its group'),
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "group": tfds.features.Scalar(np.int32, doc="index into metadata group_names"),
+            "index": tfds.features.Scalar(np.int32, doc="row of the image in its group"),
         }),
         disable_shuffling=True,
         metadata=_PreparedMetadata())
@@ -268,20 +268,20 @@ class MstkdVerification(_SourceBuilder):
     config = self.builder_config
     source = os.path.normpath(os.path.join(os.fspath(dl_manager.manual_dir),
                                            config.source_file))
-    if config.source_format == 'rfw':
+    if config.source_format == "rfw":
       groups = self._plan_rfw(source)
-    elif config.source_format == 'bin':
+    elif config.source_format == "bin":
       groups = self._plan_bins(source)
     else:
-      raise ValueError(f'{config.source_format!r} is not a verification format '
-                       f'{VERIFICATION_FORMATS}')
+      raise ValueError(f"{config.source_format!r} is not a verification format "
+                       f"{VERIFICATION_FORMATS}")
     skipped, sizes = self._check_images(groups)
     for group in groups:
       if not group.pairs:
-        raise UserError(f'{source}: group {group.name!r} has no pair left with two decodable '
-                        'images')
+        raise UserError(f"{source}: group {group.name!r} has no pair left with two decodable "
+                        "images")
     self.info.metadata.update(
-        format=METADATA_FORMAT, kind='verification', source=source,
+        format=METADATA_FORMAT, kind="verification", source=source,
         source_format=config.source_format, group_names=[g.name for g in groups],
         images={g.name: len(g.images) for g in groups},
         identities={g.name: None if g.identities is None else len(g.identities)
@@ -289,11 +289,11 @@ class MstkdVerification(_SourceBuilder):
         pairs={g.name: len(g.pairs) for g in groups},
         same={g.name: int(sum(p[2] for p in g.pairs)) for g in groups},
         dropped_pairs={g.name: g.dropped for g in groups},
-        pair_table={g.name: {'index_a': [p[0] for p in g.pairs],
-                             'index_b': [p[1] for p in g.pairs],
-                             'issame': [bool(p[2]) for p in g.pairs]} for g in groups},
+        pair_table={g.name: {"index_a": [p[0] for p in g.pairs],
+                             "index_b": [p[1] for p in g.pairs],
+                             "issame": [bool(p[2]) for p in g.pairs]} for g in groups},
         image_sizes=_sizes_list(sizes), skipped=[list(s) for s in skipped])
-    return {'test': self._generate_examples(groups=groups)}
+    return {"test": self._generate_examples(groups=groups)}
 
   def _plan_rfw(self, source: str) -> list[_GroupPairs]:
     reader = rfw.RFWReader(source)
@@ -316,10 +316,10 @@ class MstkdVerification(_SourceBuilder):
   def _plan_bins(self, source: str) -> list[_GroupPairs]:
     if os.path.isdir(source):
       files = sorted(f for f in os.listdir(source)
-                     if f.lower().endswith('.bin') and not f.startswith('.'))
+                     if f.lower().endswith(".bin") and not f.startswith("."))
       if not files:
-        raise UserError(f'{source}: no .bin files in this folder; expected insightface '
-                        'verification files such as African_test.bin')
+        raise UserError(f"{source}: no .bin files in this folder; expected insightface "
+                        "verification files such as African_test.bin")
       paths = [os.path.join(source, f) for f in files]
     else:
       paths = [source]
@@ -327,8 +327,8 @@ class MstkdVerification(_SourceBuilder):
     for path in paths:
       name = bin_group_name(path)
       if name in seen:
-        raise UserError(f'{path}: group name {name!r} also comes from {seen[name]}; expected '
-                        'one .bin per group')
+        raise UserError(f"{path}: group name {name!r} also comes from {seen[name]}; expected "
+                        "one .bin per group")
       seen[name] = path
       images, issame = verification_bin.load_verification_bin(path)
       group = _GroupPairs(name)
@@ -339,7 +339,7 @@ class MstkdVerification(_SourceBuilder):
           digest = hashlib.sha256(images[j]).digest()
           if digest not in rows:
             rows[digest] = len(group.images)
-            group.images.append((images[j], f'{path}#{j}'))
+            group.images.append((images[j], f"{path}#{j}"))
           ab.append(rows[digest])
         group.pairs.append((ab[0], ab[1], same))
       groups.append(group)
@@ -355,8 +355,8 @@ class MstkdVerification(_SourceBuilder):
       checked = _checked_images(items, skip_corrupt=config.skip_corrupt, skipped=skipped,
                                 workers=_workers(config))
       # Before TFDS's own progress bars: this pass reads and decodes every image.
-      for row, _, size in tqdm.tqdm(checked, total=len(group.images), unit=' images',
-                                    desc=f'Checking {group.name} images', leave=False):
+      for row, _, size in tqdm.tqdm(checked, total=len(group.images), unit=" images",
+                                    desc=f"Checking {group.name} images", leave=False):
         kept[row] = len(kept)
         sizes.add(size)
       if len(kept) < len(group.images):
@@ -374,15 +374,15 @@ class MstkdVerification(_SourceBuilder):
     i = 0
     for g, group in enumerate(groups):
       for row, (data, source) in enumerate(group.images):
-        yield _ordered_key(i, total), {'image': image_tree.read_image_file(source) if data is None else data,
-                                       'group': g, 'index': row}
+        yield _ordered_key(i, total), {"image": image_tree.read_image_file(source) if data is None else data,
+                                       "group": g, "index": row}
         i += 1
 
 
 def bin_group_name(path: str) -> str:
   """African_test.bin -> African; lfw.bin -> lfw."""
   stem = os.path.splitext(os.path.basename(path))[0]
-  return stem[:-len('_test')] if stem.endswith('_test') and len(stem) > 5 else stem
+  return stem[:-len("_test")] if stem.endswith("_test") and len(stem) > 5 else stem
 
 
 BUILDERS: dict[str, Callable[..., tfds.core.DatasetBuilder]] = {
@@ -396,7 +396,7 @@ def prepared_dir(data_dir: str, builder: type, name: str) -> str:
 
 
 def is_prepared(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, 'dataset_info.json'))
+  return os.path.isfile(os.path.join(path, "dataset_info.json"))
 
 
 def find_prepared(data_dir: str, name: str, builder: type) -> str:
@@ -407,29 +407,29 @@ def find_prepared(data_dir: str, name: str, builder: type) -> str:
   others = [b for b in (MstkdFaces, MstkdVerification) if b is not builder]
   for other in others:
     if is_prepared(prepared_dir(data_dir, other, name)):
-      raise UserError(f'{prepared_dir(data_dir, other, name)}: {name!r} was prepared as a '
-                      f'{other.name} data set; expected a {builder.name} one here')
+      raise UserError(f"{prepared_dir(data_dir, other, name)}: {name!r} was prepared as a "
+                      f"{other.name} data set; expected a {builder.name} one here")
   formats = TRAINING_FORMATS if builder is MstkdFaces else VERIFICATION_FORMATS
-  raise UserError(f'{path}: no prepared data set {name!r}; expected it prepared first with '
+  raise UserError(f"{path}: no prepared data set {name!r}; expected it prepared first with "
                   f'`python -m mstkd_jax.data.prepare --format={"|".join(formats)} '
-                  f'--src=PATH --data_dir={data_dir} --name={name}`')
+                  f"--src=PATH --data_dir={data_dir} --name={name}`")
 
 
 def read_metadata(path: str) -> dict:
   """Reads metadata.json of a prepared folder and checks it is ours."""
   file = os.path.join(path, METADATA_FILE)
   try:
-    with open(file, encoding='utf-8') as f:
+    with open(file, encoding="utf-8") as f:
       data = json.load(f)
   except (OSError, ValueError) as e:
-    raise UserError(f'{file}: cannot read the data set metadata ({e}); expected the file '
-                    'written by mstkd_jax.data.prepare') from None
-  if not isinstance(data, dict) or data.get('format') != METADATA_FORMAT:
+    raise UserError(f"{file}: cannot read the data set metadata ({e}); expected the file "
+                    "written by mstkd_jax.data.prepare") from None
+  if not isinstance(data, dict) or data.get("format") != METADATA_FORMAT:
     raise UserError(f'{file}: not mstkd_jax metadata; expected "format": "{METADATA_FORMAT}"')
   return data
 
 
-def read_labels(path: str, num_examples: Optional[int] = None
+def read_labels(path: str, num_examples: int | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
   """(identity int32 [N], group int32 [N]) of a prepared training set, in record order.
 
@@ -438,46 +438,46 @@ def read_labels(path: str, num_examples: Optional[int] = None
   file = os.path.join(path, LABELS_FILE)
   try:
     with np.load(file, allow_pickle=False) as data:
-      identity = np.asarray(data['identity'], np.int32)
-      group = np.asarray(data['group'], np.int32)
+      identity = np.asarray(data["identity"], np.int32)
+      group = np.asarray(data["group"], np.int32)
   except (OSError, KeyError, ValueError) as e:
-    raise UserError(f'{file}: cannot read the label arrays ({e}); expected the file written '
-                    'by mstkd_jax.data.prepare') from None
+    raise UserError(f"{file}: cannot read the label arrays ({e}); expected the file written "
+                    "by mstkd_jax.data.prepare") from None
   if num_examples is None:
     num_examples = len(identity)
   if identity.shape != (num_examples,) or group.shape != (num_examples,):
-    raise UserError(f'{file}: labels for {identity.shape} / {group.shape} examples but the '
-                    f'data set has {num_examples}; expected the labels of this data set')
+    raise UserError(f"{file}: labels for {identity.shape} / {group.shape} examples but the "
+                    f"data set has {num_examples}; expected the labels of this data set")
   return identity, group
 
 
 def summary(path: str, name: str) -> dict:
   """{"name", "num_images", "num_identities", "groups": {...}, ...} counted from the data."""
   meta = read_metadata(path)
-  out = {'name': name}
-  if meta.get('kind') == 'verification':
-    groups = meta['group_names']
-    ids = [meta['identities'][g] for g in groups]
-    out.update(num_images=int(sum(meta['images'][g] for g in groups)),
+  out = {"name": name}
+  if meta.get("kind") == "verification":
+    groups = meta["group_names"]
+    ids = [meta["identities"][g] for g in groups]
+    out.update(num_images=int(sum(meta["images"][g] for g in groups)),
                num_identities=None if None in ids else int(sum(ids)),
-               groups={g: {'images': meta['images'][g], 'identities': meta['identities'][g],
-                           'pairs': meta['pairs'][g], 'same': meta['same'][g]}
+               groups={g: {"images": meta["images"][g], "identities": meta["identities"][g],
+                           "pairs": meta["pairs"][g], "same": meta["same"][g]}
                        for g in groups})
-    dropped = sum(meta['dropped_pairs'].values())
+    dropped = sum(meta["dropped_pairs"].values())
     if dropped:
-      out['dropped_pairs'] = dropped
+      out["dropped_pairs"] = dropped
   else:
     identity, group = read_labels(path)
     num_images = len(identity)
     groups = {}
-    for g, gname in enumerate(meta['group_names']):
+    for g, gname in enumerate(meta["group_names"]):
       in_group = group == g
-      groups[gname] = {'images': int(in_group.sum()),
-                       'identities': int(np.unique(identity[in_group]).size)}
+      groups[gname] = {"images": int(in_group.sum()),
+                       "identities": int(np.unique(identity[in_group]).size)}
     out.update(num_images=int(num_images), num_identities=int(np.unique(identity).size),
                groups=groups)
-    empty = len(meta['identity_names']) - out['num_identities']
+    empty = len(meta["identity_names"]) - out["num_identities"]
     if empty:
-      out['identities_without_images'] = empty
-  out.update(skipped=len(meta.get('skipped', [])), path=path)
+      out["identities_without_images"] = empty
+  out.update(skipped=len(meta.get("skipped", [])), path=path)
   return out

@@ -19,7 +19,7 @@ that tf.data does not take accelerator memory from JAX.
 import dataclasses
 import functools
 import os
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Sequence
 import warnings
 
 import numpy as np
@@ -28,7 +28,7 @@ from mstkd_jax import paths
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
 
-ImageSize = Union[int, Sequence[int]]
+ImageSize = int | Sequence[int]
 _WARNED_RESIZE: set = set()
 
 
@@ -37,7 +37,7 @@ def _tf():
   """Imports TensorFlow and hides the GPUs from it (once)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
-    tf.config.set_visible_devices([], 'GPU')
+    tf.config.set_visible_devices([], "GPU")
   except (RuntimeError, ValueError):  # Devices already initialized: leave them.
     pass
   return tf
@@ -105,13 +105,13 @@ class TfdsFaceSet:
     """Random access to the serialized records of split "train" (tfds data source)."""
     tfds = _tfds()
     return self.builder.as_data_source(
-        'train', deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+        "train", deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
 
 
 def _record_labels(raw: bytes) -> tuple[int, int]:
   tf = _tf()
   feature = tf.train.Example.FromString(raw).features.feature
-  return int(feature['identity'].int64_list.value[0]), int(feature['group'].int64_list.value[0])
+  return int(feature["identity"].int64_list.value[0]), int(feature["group"].int64_list.value[0])
 
 
 def load_face_dataset(name: str, data_dir: str) -> TfdsFaceSet:
@@ -129,15 +129,15 @@ def load_face_dataset(name: str, data_dir: str) -> TfdsFaceSet:
   meta = tfb.read_metadata(path)
   face_set = TfdsFaceSet(
       name=name, path=path, identity=np.zeros(0, np.int32), group=np.zeros(0, np.int32),
-      group_names=tuple(meta['group_names']), identity_names=tuple(meta['identity_names']),
-      identity_group=np.asarray(meta['identity_groups'], np.int32).reshape(-1),
-      image_sizes=tuple(tuple(int(v) for v in s) for s in meta['image_sizes']))
-  num_examples = face_set.builder.info.splits['train'].num_examples
+      group_names=tuple(meta["group_names"]), identity_names=tuple(meta["identity_names"]),
+      identity_group=np.asarray(meta["identity_groups"], np.int32).reshape(-1),
+      image_sizes=tuple(tuple(int(v) for v in s) for s in meta["image_sizes"]))
+  num_examples = face_set.builder.info.splits["train"].num_examples
   identity, group = tfb.read_labels(path, num_examples)
   bad = (identity < 0) | (identity >= face_set.num_identities)
   if bad.any() or (group != face_set.identity_group[np.clip(identity, 0, None)]).any():
-    raise UserError(f'{os.path.join(path, tfb.LABELS_FILE)}: labels outside the '
-                    f'{face_set.num_identities} identities of metadata.json, or groups that '
+    raise UserError(f"{os.path.join(path, tfb.LABELS_FILE)}: labels outside the "
+                    f"{face_set.num_identities} identities of metadata.json, or groups that "
                     "disagree with their identity's; expected the files of one preparation")
   face_set = dataclasses.replace(face_set, identity=identity, group=group)
   if num_examples:
@@ -146,9 +146,9 @@ def load_face_dataset(name: str, data_dir: str) -> TfdsFaceSet:
     records = face_set.raw_source().__getitems__(rows)
     for row, raw in zip(rows, records):
       if _record_labels(raw) != (int(identity[row]), int(group[row])):
-        raise UserError(f'{path}: record {row} has labels {_record_labels(raw)} but '
-                        f'{tfb.LABELS_FILE} says {(int(identity[row]), int(group[row]))}; '
-                        'expected the files of one preparation')
+        raise UserError(f"{path}: record {row} has labels {_record_labels(raw)} but "
+                        f"{tfb.LABELS_FILE} says {(int(identity[row]), int(group[row]))}; "
+                        "expected the files of one preparation")
   return face_set
 
 
@@ -160,9 +160,9 @@ def _needs_resize(sizes: Sequence[tuple[int, int]], target: tuple[int, int],
     return False
   if (where, target) not in _WARNED_RESIZE:
     _WARNED_RESIZE.add((where, target))
-    warnings.warn(f'{where}: stored images of size(s) {other} (height, width) differ from '
-                  f'the requested {target}; they are resized (bilinear, antialiased) while '
-                  'loading. Prepare data at the model size to avoid this.', stacklevel=3)
+    warnings.warn(f"{where}: stored images of size(s) {other} (height, width) differ from "
+                  f"the requested {target}; they are resized (bilinear, antialiased) while "
+                  "loading. Prepare data at the model size to avoid this.", stacklevel=3)
   return True
 
 
@@ -174,26 +174,26 @@ def _image_decoder(features, size: tuple[int, int], resize: bool):
 
   def decode(serialized):
     example = features.deserialize_example(
-        serialized, decoders={'image': tfds.decode.SkipDecoding()})
-    data = example['image']
+        serialized, decoders={"image": tfds.decode.SkipDecoding()})
+    data = example["image"]
     # ISLOW DCT: bit-identical to PIL/libjpeg defaults (TF's default IFAST is off by a few
     # levels), so these images equal what image_tree.decode_image gives.
     image = tf.cond(tf.io.is_jpeg(data),
-                    lambda: tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
+                    lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
                     lambda: tf.io.decode_png(data, channels=3))
     if resize:
       shape = tf.shape(image)
       image = tf.cond(
           tf.logical_and(tf.equal(shape[0], h), tf.equal(shape[1], w)),
           lambda: tf.cast(image, tf.float32),
-          lambda: tf.image.resize(image, [h, w], method='bilinear', antialias=True))
+          lambda: tf.image.resize(image, [h, w], method="bilinear", antialias=True))
     image = tf.ensure_shape(image, [h, w, 3])
     return image, example
 
   return decode
 
 
-def _fetcher(source, count: Optional[int]):
+def _fetcher(source, count: int | None):
   """tf function: int64 [count] record numbers -> their serialized records, tf.string [count].
 
   `source` is a TFDS data source returning raw bytes; its reads run in Python, so the
@@ -215,8 +215,8 @@ def _fetcher(source, count: Optional[int]):
 def train_batches(face_set: TfdsFaceSet, rows: np.ndarray, labels: np.ndarray, *,
                   global_batch: int, steps_per_epoch: int, seed: int, start_step: int,
                   total_steps: int, image_size: ImageSize,
-                  local_device_count: Optional[int] = None,
-                  process_index: Optional[int] = None, process_count: Optional[int] = None,
+                  local_device_count: int | None = None,
+                  process_index: int | None = None, process_count: int | None = None,
                   flip: bool = True) -> Iterator[dict]:
   """Yields host batches for steps start_step .. total_steps - 1 (as input_pipeline's).
 
@@ -250,12 +250,12 @@ def train_batches(face_set: TfdsFaceSet, rows: np.ndarray, labels: np.ndarray, *
   labels = np.asarray(labels, np.int32).reshape(-1)
   num_examples = len(rows)
   if len(labels) != num_examples:
-    raise ValueError(f'{num_examples} rows but {len(labels)} labels')
+    raise ValueError(f"{num_examples} rows but {len(labels)} labels")
   if num_examples and (rows.min() < 0 or rows.max() >= face_set.num_examples):
-    raise ValueError(f'rows must lie in [0, {face_set.num_examples}); got '
-                     f'{rows.min()}..{rows.max()}')
+    raise ValueError(f"rows must lie in [0, {face_set.num_examples}); got "
+                     f"{rows.min()}..{rows.max()}")
   if steps_per_epoch * global_batch > num_examples:
-    raise ValueError(f'{steps_per_epoch} steps of {global_batch} exceed {num_examples} examples')
+    raise ValueError(f"{steps_per_epoch} steps of {global_batch} exceed {num_examples} examples")
   host_batch = global_batch // process_count
   per_device = host_batch // local_device_count
   size = _hw(image_size)
@@ -272,15 +272,15 @@ def train_batches(face_set: TfdsFaceSet, rows: np.ndarray, labels: np.ndarray, *
         num_examples=num_examples, process_index=process_index, host_batch=host_batch,
         flip=flip)
     row = tf.gather(rows_t, position)
-    return {'raw': fetch(row), 'index': tf.cast(row, tf.int32),
-            'label': tf.gather(labels_t, position), 'flip': flips}
+    return {"raw": fetch(row), "index": tf.cast(row, tf.int32),
+            "label": tf.gather(labels_t, position), "flip": flips}
 
   def one_image(example):
-    image, _ = decode(example.pop('raw'))
+    image, _ = decode(example.pop("raw"))
     if resize:  # the pixels extraction sees too (ordered_images), so cached targets match
       image = _to_uint8(tf, image)
-    image = tf.where(example['flip'], tf.reverse(image, axis=[1]), image)
-    example['image'] = (tf.cast(image, tf.float32) / 255.0 - 0.5) / 0.5
+    image = tf.where(example["flip"], tf.reverse(image, axis=[1]), image)
+    example["image"] = (tf.cast(image, tf.float32) / 255.0 - 0.5) / 0.5
     return example
 
   def to_devices(batch):
@@ -351,16 +351,16 @@ def load_verification_sets(name: str, data_dir: str, image_size: ImageSize
   meta = tfb.read_metadata(path)
   builder = tfds.builder_from_directory(path)
   source = builder.as_data_source(
-      'test', deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+      "test", deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
   size = _hw(image_size)
   decode = _image_decoder(builder.info.features, size,
-                          _needs_resize(meta['image_sizes'], size, path))
+                          _needs_resize(meta["image_sizes"], size, path))
 
   def one_image(serialized):
     image, example = decode(serialized)
     if image.dtype != tf.uint8:
       image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-    return image, example['group'], example['index']
+    return image, example["group"], example["index"]
 
   chunk = 256
   ds = tf.data.Dataset.range(len(source)).batch(chunk)
@@ -375,18 +375,18 @@ def load_verification_sets(name: str, data_dir: str, image_size: ImageSize
   groups = np.concatenate(groups) if groups else np.zeros(0, np.int32)
   index = np.concatenate(index) if index else np.zeros(0, np.int32)
   out = {}
-  for g, group in enumerate(meta['group_names']):
+  for g, group in enumerate(meta["group_names"]):
     sel = np.flatnonzero(groups == g)
-    order = np.argsort(index[sel], kind='stable')
+    order = np.argsort(index[sel], kind="stable")
     if not np.array_equal(index[sel][order], np.arange(len(sel))):
-      raise UserError(f'{path}: the images of group {group!r} are not rows 0..{len(sel) - 1}; '
-                      'expected the files of one preparation')
-    table = meta['pair_table'][group]
-    pairs = np.stack([np.asarray(table['index_a'], np.int32),
-                      np.asarray(table['index_b'], np.int32)], axis=1).reshape(-1, 2)
+      raise UserError(f"{path}: the images of group {group!r} are not rows 0..{len(sel) - 1}; "
+                      "expected the files of one preparation")
+    table = meta["pair_table"][group]
+    pairs = np.stack([np.asarray(table["index_a"], np.int32),
+                      np.asarray(table["index_b"], np.int32)], axis=1).reshape(-1, 2)
     if pairs.size and (pairs.min() < 0 or pairs.max() >= len(sel)):
-      raise UserError(f'{os.path.join(path, tfb.METADATA_FILE)}: pairs of group {group!r} '
-                      f'name image rows outside [0, {len(sel)})')
-    out[group] = (images[sel[order]], pairs, np.asarray(table['issame'], bool))
+      raise UserError(f"{os.path.join(path, tfb.METADATA_FILE)}: pairs of group {group!r} "
+                      f"name image rows outside [0, {len(sel)})")
+    out[group] = (images[sel[order]], pairs, np.asarray(table["issame"], bool))
   return out
 

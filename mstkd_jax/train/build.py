@@ -1,0 +1,88 @@
+"""Networks and optimizer from a stage's config: the backbone, the margin spec, host
+variables, SGD over parameter groups, and the loop settings.
+
+Configs are read here, in `stages/` and in `main`; models, losses and steps take plain values.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mstkd_jax import losses, models
+from mstkd_jax.errors import UserError
+from mstkd_jax.models import iresnet
+from mstkd_jax.train import loop, parallel as parallel_lib, state as state_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def backbone(model_config: ml_collections.ConfigDict, **overrides):
+  """The configured IResNet, its BatchNorm averaged over the data-parallel axis.
+
+  Raises:
+    UserError: model.dtype is not one of DTYPES, or the name is unknown.
+  """
+  settings = model_config.to_dict()
+  name = settings.pop("name")
+  dtype = settings.pop("dtype")
+  if settings.get("dropout", 0.0) is None:
+    settings["dropout"] = iresnet.STANDARD_DROPOUT.get(name, 0.0)
+  if dtype not in DTYPES:
+    raise UserError(f"config field model.dtype={dtype!r}: expected one of {list(DTYPES)}")
+  settings.update(dtype=DTYPES[dtype], axis_name=parallel_lib.AXIS, **overrides)
+  return models.create(name, **settings)
+
+
+def margin_spec(head_config) -> losses.MarginSpec:
+  """The margin head's losses.MarginSpec; UserError naming the `head` section if invalid."""
+  try:
+    return losses.MarginSpec(**head_config.to_dict())
+  except (TypeError, ValueError) as e:
+    raise UserError(f"config section head: {e}") from e
+
+
+def init_variables(module, rng, example_input, **kwargs) -> dict:
+  """Host (numpy) variables of `module` for inputs shaped like `example_input`."""
+  # The weights are made whole on one device, so threefry need not be partitionable; the
+  # non-partitionable variant compiles 2-3x faster on CPU.
+  with jax.threefry_partitionable(False):
+    variables = jax.jit(functools.partial(module.init, **kwargs))(rng, example_input)
+  return jax.tree.map(np.asarray, dict(variables))
+
+
+def optimizer(optim_config, *, global_batch: int, steps_per_epoch: int, groups: dict):
+  """SGD over parameter groups; `groups` maps a group name to (base_lr, clip_norm or None).
+
+  Returns (optax transformation, LR schedule of the first group for logging).
+  """
+  param_groups = {}
+  for name, (base_lr, clip_norm) in groups.items():
+    schedule = state_lib.step_decay_schedule(
+        state_lib.scaled_lr(base_lr, global_batch), steps_per_epoch,
+        tuple(optim_config.lr_decay_epochs), optim_config.lr_decay_factor)
+    param_groups[name] = state_lib.ParamGroup(schedule, clip_norm or None)
+  tx = state_lib.sgd(param_groups, momentum=optim_config.momentum,
+                     weight_decay=optim_config.weight_decay)
+  return tx, next(iter(param_groups.values())).schedule
+
+
+def backbone_and_head_groups(optim_config) -> dict:
+  """The usual parameter groups: the backbone clipped, the head at head_base_lr (or base_lr)."""
+  head_lr = (optim_config.head_base_lr if optim_config.head_base_lr >= 0
+             else optim_config.base_lr)
+  return {"backbone": (optim_config.base_lr, optim_config.clip_norm), "head": (head_lr, None)}
+
+
+def loop_settings(config, name: str, num_examples: int,
+                  epochs_field: str = "train.epochs") -> loop.LoopSettings:
+  """The loop's settings from a stage config's `train` section and the examples per epoch."""
+  steps_per_epoch, total = loop.steps_for(num_examples, config.train.batch_size,
+                                          config.train.epochs)
+  return loop.LoopSettings(
+      name=name, total_steps=total, steps_per_epoch=steps_per_epoch,
+      images_per_step=config.train.batch_size, log_every=config.train.log_every,
+      checkpoint_every=config.train.checkpoint_every,
+      keep_checkpoints=config.train.keep_checkpoints, epochs_field=epochs_field)
