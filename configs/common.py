@@ -12,27 +12,33 @@ from mstkd_jax.errors import UserError
 
 
 def synthetic_data(scale: str = "default") -> ml_collections.ConfigDict:
-  """The built-in synthetic demographic face set (see mstkd_jax/data/synthetic.py)."""
-  # Identities per group, images per identity, eval (test) identities per group, test
-  # pairs per group, validation identities per group, validation pairs per group (held out
-  # for checkpoint selection; 24 x 8 images hold 672 same pairs, 300 need 150).
+  """The built-in synthetic demographic face set (see mstkd_jax/data/synthetic.py).
+
+  `scale` is "default", "recipe" (configs/distill.py), "smoke" (configs/teacher.py:smoke) or
+  "tiny" (2 groups at 16x16: the `tiny` presets the tests run).
+  """
+  # Groups, identities per group, images per identity, eval (test) identities per group,
+  # eval images per identity, test pairs per group, image size, validation identities per
+  # group, validation pairs per group (held out for checkpoint selection; 24 x 8 images
+  # hold 672 same pairs, 300 need 150).
   sizes = {
-      "smoke": (32, 12, 24, 200, 0, 0),
-      "recipe": (48, 12, 48, 600, 24, 300),
-      "default": (96, 16, 48, 600, 24, 300),
+      "tiny": (2, 8, 6, 6, 4, 40, 16, 0, 0),
+      "smoke": (4, 32, 12, 24, 8, 200, 32, 0, 0),
+      "recipe": (4, 48, 12, 48, 8, 600, 32, 24, 300),
+      "default": (4, 96, 16, 48, 8, 600, 32, 24, 300),
   }[scale]
   return ml_collections.ConfigDict(dict(
-      num_groups=4,
-      identities_per_group=sizes[0],
-      images_per_identity=sizes[1],
-      eval_identities_per_group=sizes[2],
-      eval_images_per_identity=8,
-      pairs_per_group=sizes[3],
-      image_size=32,
+      num_groups=sizes[0],
+      identities_per_group=sizes[1],
+      images_per_identity=sizes[2],
+      eval_identities_per_group=sizes[3],
+      eval_images_per_identity=sizes[4],
+      pairs_per_group=sizes[5],
+      image_size=sizes[6],
       difficulty=(),            # nuisance strength per group; () = the generator's default
       seed=0,
-      validation_identities_per_group=sizes[4],  # 0 = no validation split
-      validation_pairs_per_group=sizes[5],
+      validation_identities_per_group=sizes[7],  # 0 = no validation split
+      validation_pairs_per_group=sizes[8],
   ))
 
 
@@ -110,8 +116,9 @@ def bupt_iresnet34(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.source = "tfds"        # --config.data.tfds.train=... --config.data.data_dir=...
   c.model.update(name="iresnet34", width=64, embedding_size=512)
   c.head = margin_head("elastic_arcface")
-  c.optim.update(base_lr=0.1, lr_decay_epochs=(16, 28, 40, 50))
-  c.train.update(batch_size=PAPER_BATCH, epochs=52.0, log_every=100, checkpoint_every=2000)
+  if "optim" in c:               # a single-stage config (the recipe has one per stage)
+    c.optim.update(base_lr=0.1, lr_decay_epochs=(16, 28, 40, 50))
+    c.train.update(batch_size=PAPER_BATCH, epochs=52.0, log_every=100, checkpoint_every=2000)
   return c
 
 

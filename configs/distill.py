@@ -3,7 +3,7 @@ students (a-KD, EAF-KD), the student alone, and the fairness report.
 
 COMMAND (CPU, the built-in synthetic set, about 10 minutes on 2 cores):
   python -m mstkd_jax.main --config=configs/distill.py
-Every stage, tiny (seconds each):
+Every stage, tiny (seconds each; `:tiny` is the same on one device, as the tests run it):
   python -m mstkd_jax.main --config=configs/distill.py:smoke --workdir=/tmp/mstkd
 Every variant (SL, DuL, DLDPO x a-KD, EAF-KD x specialized, balanced):
   python -m mstkd_jax.main --config=configs/distill.py:full
@@ -35,6 +35,9 @@ def _adaptor_head() -> ml_collections.ConfigDict:
 
 def default() -> ml_collections.ConfigDict:
   c = common.base()
+  # Each stage trains with its own section's train and optim (below): the single-stage
+  # defaults would be fields nothing reads, so they are not offered.
+  del c["train"], c["optim"]
   c.stage = "pipeline"
   c.data.synthetic = common.synthetic_data("recipe")
   # Milder nuisance than the generator's default ramp (0.85..1.2), still unequal across
@@ -71,10 +74,7 @@ def default() -> ml_collections.ConfigDict:
 def smoke() -> ml_collections.ConfigDict:
   """Every stage, tiny: 2 groups of 8 identities at 16x16, width-4 nets, 2 epochs each."""
   c = default()
-  c.data.synthetic.update(num_groups=2, identities_per_group=8, images_per_identity=6,
-                          eval_identities_per_group=6, eval_images_per_identity=4,
-                          pairs_per_group=40, image_size=16, difficulty=(),
-                          validation_identities_per_group=0, validation_pairs_per_group=0)
+  c.data.synthetic = common.synthetic_data("tiny")
   c.model.update(width=4, embedding_size=16)
   c.adaptor.embedding_size = 16
   c.kd_losses = ("a-KD",)
@@ -85,6 +85,14 @@ def smoke() -> ml_collections.ConfigDict:
   # epoch). The networks stay tiny and unconverged (a plumbing check: they warn).
   c.adaptor.train.update(epochs=60.0, log_every=60)
   c.adaptor.optim.lr_decay_epochs = (30, 45, 55)
+  return c
+
+
+def tiny() -> ml_collections.ConfigDict:
+  """`smoke` on one device, whatever the machine has: the size the tests (and the notebook's
+  test run) train."""
+  c = smoke()
+  c.num_devices = 1
   return c
 
 
@@ -115,5 +123,5 @@ def bupt_iresnet34() -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-  return common.pick_preset(arg, {"default": default, "smoke": smoke, "full": full,
-                                  "bupt_iresnet34": bupt_iresnet34}, __file__)
+  return common.pick_preset(arg, {"default": default, "smoke": smoke, "tiny": tiny,
+                                  "full": full, "bupt_iresnet34": bupt_iresnet34}, __file__)

@@ -14,12 +14,9 @@
 # flags for both runs; later flags win, e.g. "--stage_depths=1,1,1,1 --batch=8" for a try).
 set -euo pipefail
 
-PROG=${0##*/}
-case ${BASH_SOURCE[0]} in
-  */*) SCRIPT_DIR=${BASH_SOURCE[0]%/*} ;;
-  *) SCRIPT_DIR=. ;;
-esac
-REPO=$(cd -- "$SCRIPT_DIR/.." && pwd)
+SCRIPT_DIR=.; [[ ${BASH_SOURCE[0]} == */* ]] && SCRIPT_DIR=${BASH_SOURCE[0]%/*}
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$SCRIPT_DIR/lib.sh"  # PROG, REPO and the helpers shared by the launch scripts
 PY=${PYTHON:-python3}
 WHEELS=$REPO/.whl
 SITE=/tmp/mstkd_bench_site
@@ -30,8 +27,6 @@ usage() {
   sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
 }
 
-# shellcheck source=lib.sh source-path=SCRIPTDIR
-source "$SCRIPT_DIR/lib.sh"
 
 do_fetch() {
   mkdir -p "$WHEELS"

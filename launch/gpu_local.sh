@@ -4,12 +4,9 @@
 # Run with --help for usage.
 set -euo pipefail
 
-PROG=${0##*/}
-case ${BASH_SOURCE[0]} in
-  */*) SCRIPT_DIR=${BASH_SOURCE[0]%/*} ;;
-  *) SCRIPT_DIR=. ;;
-esac
-REPO=$(cd -- "$SCRIPT_DIR/.." && pwd)
+SCRIPT_DIR=.; [[ ${BASH_SOURCE[0]} == */* ]] && SCRIPT_DIR=${BASH_SOURCE[0]%/*}
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$SCRIPT_DIR/lib.sh"  # PROG, REPO and the helpers shared by the launch scripts
 JAX_CUDA_REQ='jax[cuda12]>=0.7.1,<0.13'
 
 usage() {
@@ -52,8 +49,6 @@ Examples:
 EOF
 }
 
-# shellcheck source=lib.sh source-path=SCRIPTDIR
-source "$SCRIPT_DIR/lib.sh"
 
 # ---------------------------------------------------------------- arguments
 cmd=''

@@ -1,6 +1,10 @@
-# Helpers shared by the launch scripts (sourced; the caller sets PROG and dry_run, and for
-# the command and setup helpers cmd, scoped, python, venv, REPO and JAX_CUDA_REQ).
+# Helpers shared by the launch scripts, sourced first thing (the caller sets SCRIPT_DIR, its
+# own folder, and later dry_run, and for the command and setup helpers cmd, scoped, python,
+# venv and JAX_CUDA_REQ).
 # shellcheck shell=bash disable=SC2034,SC2154
+
+PROG=${0##*/}
+REPO=$(cd -- "$SCRIPT_DIR/.." && pwd)
 
 die() {
   printf '%s: error: %s\n' "$PROG" "$*" >&2

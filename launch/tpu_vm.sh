@@ -4,12 +4,9 @@
 # open a shell, delete it. Run with --help for usage.
 set -euo pipefail
 
-PROG=${0##*/}
-case ${BASH_SOURCE[0]} in
-  */*) SCRIPT_DIR=${BASH_SOURCE[0]%/*} ;;
-  *) SCRIPT_DIR=. ;;
-esac
-REPO=$(cd -- "$SCRIPT_DIR/.." && pwd)
+SCRIPT_DIR=.; [[ ${BASH_SOURCE[0]} == */* ]] && SCRIPT_DIR=${BASH_SOURCE[0]%/*}
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$SCRIPT_DIR/lib.sh"  # PROG, REPO and the helpers shared by the launch scripts
 
 # Where things live on every worker. The ~ is meant literally: it is expanded
 # by the worker's shell, not here.
@@ -91,8 +88,6 @@ Examples:
 EOF
 }
 
-# shellcheck source=lib.sh source-path=SCRIPTDIR
-source "$SCRIPT_DIR/lib.sh"
 
 need_gcloud() {
   if ((dry_run)); then

@@ -3,7 +3,9 @@
 Not the project's code path: a plain torch.nn module with the same depth, width, embedding
 and flatten size as `models.iresnet.IResNet`, an ElasticArcFace margin cross-entropy, and
 SGD with momentum, weight decay and gradient-norm clipping of the backbone, as the
-authors' PyTorch recipe trains. On CUDA it runs channels_last, with bfloat16 autocast when
+authors' PyTorch recipe trains. Its state_dict names are insightface's, so it loads our
+IResNet as interop/torch_checkpoint.py exports it (tests/test_bench_torch.py checks that
+both give the same embeddings). On CUDA it runs channels_last, with bfloat16 autocast when
 the benchmark's dtype is bfloat16 (float32 keeps TF32 on, as XLA does for float32
 convolutions by default). Imported only when PyTorch is installed.
 """
@@ -43,7 +45,20 @@ class _IBasicBlock(nn.Module):
 
 
 class IResNet(nn.Module):
-  """insightface's IResNet: stem, four stages of IBasicBlocks, BN-dropout-fc-BN head."""
+  """insightface's IResNet: stem, stages of IBasicBlocks, BN-dropout-fc-BN head.
+
+  Modules are named as insightface's (conv1, bn1, prelu, layer<stage>.<block>.conv1, ...,
+  bn2, fc, features), so `load_state_dict(torch.load(path, weights_only=True))` reads a
+  `.pth` written by interop/torch_checkpoint.py's `export_iresnet` + `save_state_dict` for
+  a Flax IResNet of the same depths, width and embedding (no SE gates).
+
+  Args:
+    stage_depths: IBasicBlocks per stage, e.g. (3, 4, 6, 3) for IResNet-34.
+    width: channels of the stem and first stage; stages use width x (1, 2, 4, 8).
+    embedding_size: size of the embedding.
+    dropout: dropout rate before the embedding layer.
+    image_size: input height and width, a multiple of 16 (fixes fc's input size).
+  """
 
   def __init__(self, stage_depths, width=64, embedding_size=512, dropout=0.0,
                image_size=112):
@@ -51,13 +66,14 @@ class IResNet(nn.Module):
     self.conv1 = _conv3x3(3, width)
     self.bn1 = nn.BatchNorm2d(width, eps=1e-5)
     self.prelu = nn.PReLU(width)
-    layers, channels = [], width
+    self.stage_names = tuple(f"layer{stage + 1}" for stage in range(len(stage_depths)))
+    channels = width
     for stage, depth in enumerate(stage_depths):
       out_channels = width * 2 ** stage
-      for i in range(depth):
-        layers.append(_IBasicBlock(channels, out_channels, 2 if i == 0 else 1))
-        channels = out_channels
-    self.layers = nn.Sequential(*layers)
+      blocks = [_IBasicBlock(channels if i == 0 else out_channels, out_channels,
+                             2 if i == 0 else 1) for i in range(depth)]
+      self.add_module(self.stage_names[stage], nn.Sequential(*blocks))
+      channels = out_channels
     self.bn2 = nn.BatchNorm2d(channels, eps=1e-5)
     self.dropout = nn.Dropout(dropout)
     side = image_size // 16
@@ -70,9 +86,11 @@ class IResNet(nn.Module):
         nn.init.normal_(module.weight, 0.0, 0.1)
 
   def forward(self, x):
+    """Images float32 [B, 3, H, W] -> embeddings float32 [B, embedding_size]."""
     x = self.prelu(self.bn1(self.conv1(x)))
-    x = self.bn2(self.layers(x))
-    x = self.dropout(torch.flatten(x, 1))
+    for name in self.stage_names:
+      x = getattr(self, name)(x)
+    x = self.dropout(torch.flatten(self.bn2(x), 1))
     return self.features(self.fc(x).float())
 
 

@@ -25,12 +25,15 @@ fairness metrics. It is printed and written to --out (report.json, roc.json, rep
 PNGs), and nothing is written there when the evaluation fails.
 
 Model settings come from the flags when given, else (Orbax) from the workdir's
-config.json, else (Orbax) from the checkpoint's shapes, else the defaults in DEFAULTS.
-Evaluation always computes in float32. Errors a user can fix print one `error: ...` and
-exit with 2 (flags) or 1 (checkpoint or data).
+config.json, else (Orbax) from the checkpoint's shapes, else the defaults in DEFAULTS; a
+checkpoint that does not fit is refused with the settings its shapes imply (the input size
+from fc's weight). Evaluation always computes in float32. Errors a user can fix print one
+`error: ...` and exit with 2 (flags) or 1 (checkpoint or data).
 
 In Python: `evaluate(checkpoint, arch_settings, data_sources, out_dir)` returns the
-report dict (see mstkd_jax.evaluation.report.build_report).
+report dict (see mstkd_jax.evaluation.report.build_report). The checkpoint and its model
+settings are resolved by mstkd_jax.interop.resolve; the data formats are the planners of
+mstkd_jax.data.pairs.
 """
 
 import dataclasses
@@ -44,9 +47,12 @@ from absl import app, flags, logging
 import numpy as np
 
 from mstkd_jax import paths
+from mstkd_jax.data import pairs
 from mstkd_jax.errors import UserError
+from mstkd_jax.interop import resolve
+from mstkd_jax.interop.resolve import ArchSettings, DEFAULTS
 
-RESAMPLING = "bilinear (PIL Image.resize with BILINEAR: antialiased when shrinking)"
+RESAMPLING = pairs.RESAMPLING
 NORMALIZATION = "(x / 255 - 0.5) / 0.5 on RGB uint8, as insightface"
 SYNTHETIC = "synthetic"
 NUM_FOLDS = 10
@@ -56,211 +62,17 @@ class FlagError(UserError):
   """A bad command-line setting (exit code 2); other UserErrors are data/checkpoint (1)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ArchSettings:
-  """The backbone to build; None = from config.json, the checkpoint, or DEFAULTS.
-
-  Attributes:
-    arch: registered IResNet name, e.g. "iresnet34".
-    width: channels of the stem (64 in the paper).
-    embedding_size: embedding size (512 in the paper).
-    use_se: squeeze-and-excitation blocks.
-    image_size: side of the square model input, a multiple of 16 (112 in the paper).
-  """
-  arch: str | None = None
-  width: int | None = None
-  embedding_size: int | None = None
-  use_se: bool | None = None
-  image_size: int | None = None
-
-
-DEFAULTS = ArchSettings(arch="iresnet34", width=64, embedding_size=512, use_se=False,
-                        image_size=112)
-_FIELDS = tuple(f.name for f in dataclasses.fields(ArchSettings))
-
-
-@dataclasses.dataclass
-class PairSet:
-  """One group's verification pairs over its distinct images.
-
-  Attributes:
-    images: uint8 [M, S, S, 3], every distinct image once, already at the model's size.
-    pairs: int64 [P, 2] rows into `images`; pair k is (pairs[k, 0], pairs[k, 1]).
-    issame: bool [P].
-  """
-  images: np.ndarray
-  pairs: np.ndarray
-  issame: np.ndarray
-
-
 @dataclasses.dataclass
 class _Source:
   """A --data entry, classified before anything is loaded."""
   label: str            # how messages and the report name it
-  kind: str             # "bin", "rfw", "synthetic" or "arrays"
+  kind: str             # a key of pairs.PLANNERS
   groups: tuple[str, ...]
+  source: Any           # what the planner reads
   path: str | None = None
-  spec: Any = None      # synthetic.SyntheticSpec for "synthetic"
-  arrays: Mapping | None = None  # group -> VerificationSet-like for "arrays"
-
-
-# --- Settings --------------------------------------------------------------------------
-
-
-def _iresnet_names() -> list[str]:
-  from mstkd_jax.models import iresnet  # pylint: disable=g-import-not-at-top
-  return sorted(iresnet.DEPTHS)
-
-
-def _check_positive(value: Any, what: str, error=FlagError) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise error(f"{what}={value!r}: expected a positive integer")
-  return int(value)
-
-
-def _check_settings(settings: ArchSettings, where: str, error=UserError) -> None:
-  """Raises `error` naming `where` (e.g. "--" for flags) for a value no IResNet takes."""
-  if settings.arch is not None and settings.arch not in _iresnet_names():
-    raise error(f"{where}arch={settings.arch!r}: unknown architecture; expected one of "
-                f"{_iresnet_names()}")
-  for field in ("width", "embedding_size", "image_size"):
-    value = getattr(settings, field)
-    if value is not None:
-      _check_positive(value, f"{where}{field}", error)
-  if settings.image_size is not None and settings.image_size % 16:
-    raise error(f"{where}image_size={settings.image_size}: expected a multiple of 16 (the "
-                "IResNet halves its input four times)")
-  if settings.use_se is not None and not isinstance(settings.use_se, (bool, np.bool_)):
-    raise error(f"{where}use_se={settings.use_se!r}: expected true or false")
-
-
-def _as_settings(arch_settings: Any) -> ArchSettings:
-  if arch_settings is None:
-    return ArchSettings()
-  if isinstance(arch_settings, ArchSettings):
-    return arch_settings
-  if isinstance(arch_settings, Mapping):
-    unknown = sorted(set(arch_settings) - set(_FIELDS))
-    if unknown:
-      raise FlagError(f"arch_settings: unknown field(s) {unknown}; expected some of "
-                      f"{list(_FIELDS)}")
-    return ArchSettings(**arch_settings)
-  raise FlagError(f"arch_settings: expected an ArchSettings or a dict, got "
-                  f"{type(arch_settings).__name__}")
-
-
-def _config_settings(config: Mapping | None) -> ArchSettings:
-  """The model settings a stage's config.json holds (image size of its synthetic data)."""
-  if not config:
-    return ArchSettings()
-  model = config.get("model") if isinstance(config.get("model"), Mapping) else {}
-  data = config.get("data") if isinstance(config.get("data"), Mapping) else {}
-  image_size = data.get("image_size")
-  synthetic = data.get("synthetic")
-  if image_size is None and data.get("source") == SYNTHETIC and isinstance(synthetic, Mapping):
-    image_size = synthetic.get("image_size")
-  return ArchSettings(arch=model.get("name"), width=model.get("width"),
-                      embedding_size=model.get("embedding_size"), use_se=model.get("use_se"),
-                      image_size=image_size)
-
-
-def _resolve(layers: Sequence[tuple[str, ArchSettings]]) -> tuple[ArchSettings, dict]:
-  """First non-None value of every field over (origin, settings) layers, with its origin."""
-  values, origins = {}, {}
-  for field in _FIELDS:
-    for origin, settings in layers:
-      value = getattr(settings, field)
-      if value is not None:
-        values[field], origins[field] = value, origin
-        break
-  return ArchSettings(**values), origins
-
-
-def _describe(settings: ArchSettings) -> str:
-  return (f"{settings.arch} width={settings.width} embedding_size={settings.embedding_size} "
-          f"use_se={settings.use_se} image_size={settings.image_size}")
-
-
-def _module(settings: ArchSettings):
-  from mstkd_jax import models  # pylint: disable=g-import-not-at-top
-  return models.create(settings.arch, width=int(settings.width),
-                       embedding_size=int(settings.embedding_size),
-                       use_se=bool(settings.use_se))
-
-
-def _template(module, image_size: int):
-  """Shapes and dtypes of the module's variables, without computing them."""
-  import jax  # pylint: disable=g-import-not-at-top
-  example = jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.float32)
-  return jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x, train=False), example)
-
-
-# --- Checkpoints -----------------------------------------------------------------------
-
-
-def _load_model(checkpoint: str, explicit: ArchSettings) -> dict:
-  """Builds the backbone and loads its variables; returns what the report records."""
-  path = paths.local(checkpoint, "--checkpoint")
-  if os.path.isdir(path):
-    return _load_orbax(path, explicit)
-  return _load_pytorch(path, explicit)
-
-
-def _load_pytorch(path: str, explicit: ArchSettings) -> dict:
-  from mstkd_jax.interop import torch_checkpoint  # pylint: disable=g-import-not-at-top
-  settings, origins = _resolve([("flag", explicit), ("default", DEFAULTS)])
-  module = _module(settings)
-  side = settings.image_size // 16
-  try:
-    variables = torch_checkpoint.load_iresnet(path, _template(module, settings.image_size),
-                                              feature_hw=(side, side))
-  except UserError as e:
-    if "does not fit" not in str(e):
-      raise
-    raise UserError(f"{e}\n  this run built {_describe(settings)}; give the checkpoint's "
-                    "--arch, --width, --embedding_size, --use_se and --image_size") from e
-  return {"module": module, "variables": variables, "settings": settings,
-          "origins": origins, "format": "pytorch", "path": path, "step": None,
-          "config": None, "name": os.path.splitext(os.path.basename(path))[0]}
-
-
-def _load_orbax(path: str, explicit: ArchSettings) -> dict:
-  from mstkd_jax.interop import orbax_checkpoint  # pylint: disable=g-import-not-at-top
-  variables, info = orbax_checkpoint.load_backbone_variables(path)
-  shapes = orbax_checkpoint.describe_iresnet(variables)
-  configured = _config_settings(info.config)
-  config_file = os.path.join(info.workdir or "", "config.json")
-  _check_settings(configured, f"{config_file}: model setting ")
-  inferred = ArchSettings(arch=shapes["name"], width=shapes["width"],
-                          embedding_size=shapes["embedding_size"], use_se=shapes["use_se"],
-                          image_size=shapes["image_size"])
-  settings, origins = _resolve([("flag", explicit), ("config.json", configured),
-                                ("checkpoint shapes", inferred), ("default", DEFAULTS)])
-  module = _module(settings)
-  from mstkd_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
-  expected = checkpoints.flat_shapes(_template(module, settings.image_size))
-  found = checkpoints.flat_shapes(variables)
-  if expected != found:
-    problems = checkpoints.shape_mismatches(expected, found)
-    given = ", ".join(f"{k} from {v}" for k, v in origins.items() if v != "checkpoint shapes")
-    looks = (f"{shapes['name'] or 'IResNet of depths ' + str(shapes['stage_depths'])} "
-             f"width={shapes['width']} embedding_size={shapes['embedding_size']} "
-             f"use_se={shapes['use_se']} image_size={shapes['image_size']}")
-    raise UserError(
-        f"{info.path}: the checkpoint does not fit the model {_describe(settings)} "
-        f"({given}):\n  " + "\n  ".join(problems)
-        + f"\n  the checkpoint looks like: {looks}; drop or fix the model flags")
-  return {"module": module, "variables": variables, "settings": settings,
-          "origins": origins, "format": "orbax", "path": info.path, "step": info.step,
-          "config": info.config, "name": info.name}
 
 
 # --- Data ------------------------------------------------------------------------------
-
-
-def _bin_group(path: str) -> str:
-  stem = os.path.splitext(os.path.basename(path))[0]
-  return stem[:-len("_test")] if stem.endswith("_test") and len(stem) > 5 else stem
 
 
 def _synthetic_spec(scale: str | None, config: Mapping | None, label: str):
@@ -311,23 +123,21 @@ def _precheck(entry: Any, index: int) -> None:
                     f"file, an RFW folder, or {SYNTHETIC}[:scale]")
 
 
-def _classify(entry: Any, index: int, config: Mapping | None) -> _Source:
-  """What a data entry is and which groups it holds; checks paths, loads no images."""
-  _precheck(entry, index)
+def _classify(entry: Any, index: int, config: Mapping | None, data_dir: str) -> _Source:
+  """What a data entry (already prechecked) is and which groups it holds; loads no images."""
   if isinstance(entry, Mapping):
-    return _Source(label=f"data_sources[{index}]", kind="arrays",
-                   groups=tuple(str(g) for g in entry), arrays=entry)
-  text = os.fspath(entry)
-  if _is_synthetic(text):
-    scale = text.partition(":")[2] or None
-    spec = _synthetic_spec(scale, config, text)
-    return _Source(label=text, kind="synthetic", groups=tuple(spec.group_names), spec=spec)
-  path = paths.local(text, "--data")
-  if os.path.isdir(path):
-    from mstkd_jax.data import rfw  # pylint: disable=g-import-not-at-top
-    return _Source(label=text, kind="rfw", groups=tuple(rfw.RFWReader(path).groups),
-                   path=path)
-  return _Source(label=text, kind="bin", groups=(_bin_group(path),), path=path)
+    label = f"data_sources[{index}]"
+    kind, source, path = "arrays", pairs.ArraySource(entry, label), None
+  elif _is_synthetic(os.fspath(entry)):
+    label = os.fspath(entry)
+    spec = _synthetic_spec(label.partition(":")[2] or None, config, label)
+    kind, source, path = "synthetic", pairs.SyntheticSource(spec, data_dir), None
+  else:
+    label = os.fspath(entry)
+    path = paths.local(label, "--data")
+    kind, source = pairs.format_of(path), path
+  return _Source(label=label, kind=kind, groups=pairs.PLANNERS[kind].groups(source),
+                 source=source, path=path)
 
 
 def _check_unique_groups(sources: Sequence[_Source]) -> None:
@@ -342,102 +152,17 @@ def _check_unique_groups(sources: Sequence[_Source]) -> None:
       seen[group] = source.label
 
 
-def _decode_unique(slots: Sequence[tuple[Any, str]], read) -> tuple[list, np.ndarray]:
-  """Decodes each distinct image once: (images, image row of every pair slot).
-
-  `slots` holds (key, source) per pair slot, slots with one key showing one image;
-  `read(key)` returns the encoded bytes.
-  """
-  from mstkd_jax.data import image_tree  # pylint: disable=g-import-not-at-top
-  rows: dict[Any, int] = {}
-  images = []
-  index = np.empty(len(slots), np.int64)
-  for slot, (key, source) in enumerate(slots):
-    if key not in rows:
-      rows[key] = len(images)
-      images.append(image_tree.decode_image(read(key), source))
-    index[slot] = rows[key]
-  return images, index
-
-
-def _fit_images(images: Sequence[np.ndarray], size: int) -> tuple[np.ndarray, list]:
-  """Stacks RGB images at size x size, resizing the others; returns (images, other sizes)."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  other = sorted({tuple(img.shape[:2]) for img in images if img.shape[:2] != (size, size)})
-  out = np.empty((len(images), size, size, 3), np.uint8)
-  for i, img in enumerate(images):
-    if img.shape[:2] != (size, size):
-      img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
-    out[i] = img
-  return out, [list(s) for s in other]
-
-
-def _check_rgb(images: Any, where: str) -> np.ndarray:
-  arr = np.asarray(images)
-  if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-    raise UserError(f"{where}: images of shape {arr.shape} and dtype {arr.dtype} cannot be "
-                    "fed to the model; expected uint8 RGB images [N, H, W, 3]")
-  return arr
-
-
-def _check_pairs(pairs: np.ndarray, issame: np.ndarray, count: int, where: str) -> None:
-  if pairs.ndim != 2 or pairs.shape[1] != 2 or issame.shape != (pairs.shape[0],):
-    raise UserError(f"{where}: pairs of shape {pairs.shape} and issame of shape "
-                    f"{issame.shape}; expected [P, 2] and [P]")
-  if pairs.size and (pairs.min() < 0 or pairs.max() >= count):
-    raise UserError(f"{where}: pair indices must lie in [0, {count}), found "
-                    f"{pairs.min()}..{pairs.max()}")
-  if pairs.shape[0] < NUM_FOLDS:
-    raise UserError(f"{where}: {pairs.shape[0]} pairs; the {NUM_FOLDS}-fold verification "
-                    f"protocol needs at least {NUM_FOLDS}")
-
-
-def _load_source(source: _Source, size: int, data_dir: str, warn) -> tuple[dict, list]:
-  """{group: PairSet} of one source at the model's size, and the sizes that were resized."""
-  groups: dict[str, tuple[list, np.ndarray, np.ndarray]] = {}
-  if source.kind == "bin":
-    from mstkd_jax.data import verification_bin  # pylint: disable=g-import-not-at-top
-    encoded, issame = verification_bin.load_verification_bin(source.path)
-    # Identical bytes are one image (a .bin stores an image again for every pair).
-    slots = [(data, f"{source.path}#{k}") for k, data in enumerate(encoded)]
-    images, index = _decode_unique(slots, lambda data: data)
-    groups[source.groups[0]] = (images, index.reshape(-1, 2), np.asarray(issame, bool))
-  elif source.kind == "rfw":
-    from mstkd_jax.data import image_tree, rfw  # pylint: disable=g-import-not-at-top
-    reader = rfw.RFWReader(source.path)
-    for group in reader.groups:
-      slots, same = [], []
-      for p in reader.pairs(group):
-        for name, number in ((p.name1, p.index1), (p.name2, p.index2)):
-          path = reader.image_path(group, name, number)
-          slots.append((path, path))
-        same.append(p.same)
-      images, index = _decode_unique(slots, image_tree.read_image_file)
-      groups[group] = (images, index.reshape(-1, 2), np.asarray(same, bool))
-  elif source.kind == "synthetic":
-    from mstkd_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-    faces = synthetic.load_or_generate(source.spec, data_dir)
-    for group in source.groups:
-      groups[group] = (list(faces.eval_images[group]), faces.eval_pairs[group],
-                       faces.eval_issame[group])
-  else:
-    for group, vset in source.arrays.items():
-      where = f"{source.label}[{group!r}]"
-      try:
-        images, pairs, same = vset.images, vset.pairs, vset.issame
-      except AttributeError:
-        raise UserError(f"{where}: expected a VerificationSet (images, pairs, issame), got "
-                        f"{type(vset).__name__}") from None
-      groups[str(group)] = (list(_check_rgb(images, where)), np.asarray(pairs),
-                            np.asarray(same))
+def _load_source(source: _Source, size: int, warn) -> tuple[dict, list]:
+  """{group: VerificationSet} of one source at the model's size, and the sizes resized."""
+  plans = pairs.PLANNERS[source.kind].plan(source.source)
   out, resized = {}, []
-  for group, (images, pairs, same) in groups.items():
-    _check_pairs(np.asarray(pairs), np.asarray(same), len(images),
-                 f"{source.label} group {group!r}")
-    fitted, other = _fit_images(images, size)
+  for plan in plans:
+    pairs.check_pairs(plan.pairs, plan.issame, len(plan.images),
+                      f"{source.label} group {plan.name!r}", min_pairs=NUM_FOLDS)
+    vset, other = pairs.decode(plan, size)
     resized.extend(s for s in other if s not in resized)
-    out[group] = PairSet(images=fitted, pairs=np.asarray(pairs, np.int64),
-                         issame=np.asarray(same).astype(bool))
+    out[plan.name] = pairs.VerificationSet(vset.images, np.asarray(vset.pairs, np.int64),
+                                           vset.issame)
   if resized:
     shown = ", ".join(f"{h}x{w}" for h, w in resized[:4]) + (" ..." if len(resized) > 4 else "")
     warn(f"{source.label}: images of {shown} pixels, the model takes {size}x{size}; "
@@ -448,18 +173,18 @@ def _load_source(source: _Source, size: int, data_dir: str, warn) -> tuple[dict,
 # --- Evaluation ------------------------------------------------------------------------
 
 
-def _evaluate_groups(model: dict, pair_sets: Mapping[str, PairSet], parallel,
-                     batch_size: int) -> dict:
-  from mstkd_jax.evaluation import verification  # pylint: disable=g-import-not-at-top
-  from mstkd_jax.stages import runtime  # pylint: disable=g-import-not-at-top
+def _evaluate_groups(model: resolve.LoadedModel, sets: Mapping[str, pairs.VerificationSet],
+                     parallel, batch_size: int) -> dict:
+  """Embeds each distinct image once (with its mirror), then verifies the pairs."""
+  from mstkd_jax.evaluation import embed, verification  # pylint: disable=g-import-not-at-top
   results = {}
-  for group, pair_set in pair_sets.items():
-    emb, emb_flip = runtime.embed_images(model["variables"], model["module"], pair_set.images,
-                                         parallel, batch_size)
-    rows = pair_set.pairs.reshape(-1)
+  for group, vset in sets.items():
+    emb, emb_flip = embed.embed_images(model.variables, model.module, vset.images, parallel,
+                                       batch_size)
+    rows = vset.pairs.reshape(-1)
     try:
       results[group] = verification.evaluate_verification(emb[rows], emb_flip[rows],
-                                                          pair_set.issame, num_folds=NUM_FOLDS)
+                                                          vset.issame, num_folds=NUM_FOLDS)
     except UserError as e:
       raise UserError(f"group {group!r}: {e}") from e
   return results
@@ -524,9 +249,9 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
     UserError: a checkpoint or data problem. Nothing is left in out_dir then.
   """
   from mstkd_jax.evaluation import report as report_lib  # pylint: disable=g-import-not-at-top
-  explicit = _as_settings(arch_settings)
-  _check_settings(explicit, "--", FlagError)
-  batch_size = _check_positive(batch_size, "--batch_size")
+  explicit = resolve.as_settings(arch_settings, FlagError)
+  resolve.check_settings(explicit, "--", FlagError)
+  batch_size = resolve.check_positive(batch_size, "--batch_size", FlagError)
   if isinstance(data_sources, (str, os.PathLike, Mapping)):
     data_sources = [data_sources]
   data_sources = list(data_sources or [])
@@ -558,13 +283,14 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
   messages: list[str] = []
   warn = _warner(messages, verbose)
   try:
-    model = _load_model(checkpoint_path, explicit)
-    sources = [_classify(entry, i, model["config"]) for i, entry in enumerate(data_sources)]
+    model = resolve.load_model(checkpoint_path, explicit)
+    sources = [_classify(entry, i, model.config, data_dir)
+               for i, entry in enumerate(data_sources)]
     _check_unique_groups(sources)
-    size = int(model["settings"].image_size)
+    size = int(model.settings.image_size)
     pair_sets, data_records = {}, []
     for source in sources:
-      loaded, resized = _load_source(source, size, data_dir, warn)
+      loaded, resized = _load_source(source, size, warn)
       pair_sets.update(loaded)
       data_records.append({
           "source": source.path or source.label,
@@ -576,11 +302,11 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
       from mstkd_jax.train import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
       parallel = parallel_lib.get("pmap", 0)
     results = _evaluate_groups(model, pair_sets, parallel, batch_size)
-    model_name = str(name) if name is not None else model["name"]
+    model_name = str(name) if name is not None else model.name
     config = {
-        "checkpoint": model["path"], "checkpoint_format": model["format"],
-        "step": model["step"], "model": dataclasses.asdict(model["settings"]),
-        "model_settings_from": model["origins"], "dtype": "float32",
+        "checkpoint": model.path, "checkpoint_format": model.format,
+        "step": model.step, "model": dataclasses.asdict(model.settings),
+        "model_settings_from": model.origins, "dtype": "float32",
         "data": data_records, "batch_size": batch_size, "num_folds": NUM_FOLDS,
         "normalization": NORMALIZATION, "resampling": RESAMPLING,
         "flip": "accuracy: raw embeddings of image and mirror summed, then L2-normalized "
@@ -599,6 +325,8 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
     raise
   report["config"]["files"] = written
   if verbose:
+    for warning in report["warnings"]:
+      print(f"WARNING: {warning}", flush=True)
     print(report_lib.format_table(report))
     groups = report["models"][model_name]["groups"]
     print("No-flip accuracy (%): " + "  ".join(

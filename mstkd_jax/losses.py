@@ -20,9 +20,23 @@ _COS_LIMIT = 1.0 - 1e-7
 
 
 def l2_normalize(x, axis=-1, eps=1e-12):
-  """x / max(||x||, eps) in float32 (safe at x = 0)."""
+  """x / max(||x||, eps) in float32, as PyTorch's F.normalize; finite gradients at x = 0.
+
+  Args:
+    x: array of any float dtype; normalized along `axis`.
+    axis: the vector axis.
+    eps: the smallest norm divided by.
+
+  Returns:
+    float32 array of x's shape. Where the sum of squares is 0 (x = 0, or so small that it
+    underflows) the value is x / eps and the gradient is I / eps, as in PyTorch; sqrt is
+    then evaluated at 1 instead of 0, whose infinite derivative would make it NaN.
+  """
   x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True)), eps)
+  squares = jnp.sum(x * x, axis=axis, keepdims=True)
+  positive = squares > 0
+  norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, squares, 1.0)), 0.0)
+  return x / jnp.maximum(norm, eps)
 
 
 # (m, std) of each head where they are not given: ArcFace's and CosFace's usual margins; the

@@ -207,11 +207,13 @@ def run(config, workdir: str, multihost: str | Multihost = "false"):
   stages = _stages()
   if config.stage not in stages:
     raise UserError(f"config field stage={config.stage!r}: expected one of {sorted(stages)}")
-  if jax.process_index() == 0:
-    return stages[config.stage](config, workdir)
-  # The other processes compute alike but stay quiet: process 0 reports for all.
-  with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-    return stages[config.stage](config, workdir)
+  from mstkd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  with workdir_lib.locked(workdir, enabled=jax.process_index() == 0):
+    if jax.process_index() == 0:
+      return stages[config.stage](config, workdir)
+    # The other processes compute alike but stay quiet: process 0 reports for all.
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+      return stages[config.stage](config, workdir)
 
 
 def main(argv):
@@ -243,8 +245,43 @@ def parse_flags(argv):
     return flags.FLAGS(argv)
   except (UserError, KeyError, ValueError, TypeError, AttributeError, flags.Error) as e:
     message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    if isinstance(e, (KeyError, AttributeError)):
+      known = unknown_field_message(argv)
+      if known:
+        message = known + (f" ({message})" if "Did you mean" in str(message) else "")
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def unknown_field_message(argv) -> str | None:
+  """"unknown config field X; <section> has: ..." for the first --config.X override of
+  `argv` that the config (file and preset as given) does not have; None if all exist or
+  the config cannot be loaded."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if not config_arg:
+    return None
+  path, _, preset = config_arg.partition(":")
+  try:
+    spec = importlib.util.spec_from_file_location("_config_for_message", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(preset or None)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for arg in argv:
+    if not arg.startswith("--config.") or arg.startswith("--config_"):
+      continue
+    field = arg[len("--config."):].split("=", 1)[0]
+    section, known = config, "config"
+    for i, key in enumerate(field.split(".")):
+      children = section.keys() if hasattr(section, "keys") else ()
+      if key not in children:
+        where = ".".join(field.split(".")[:i]) or "the config"
+        return (f"unknown config field {field!r} (in {config_arg}); {where} has: "
+                f"{', '.join(sorted(children))}")
+      section, known = section[key], key
+  return None
 
 
 if __name__ == "__main__":

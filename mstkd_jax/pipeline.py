@@ -1,7 +1,9 @@
 """The MST-KD recipe as a small graph of named stages, each writing into <workdir>/<stage>/.
 
-A stage is finished when its stage.json says so (written last, after its outputs), and a
-finished stage is skipped, so rerunning after an interruption continues where it stopped.
+A stage is finished when its stage.json says so (written last, after its outputs, with the
+size and a content hash of each), and a finished stage whose outputs are intact is skipped,
+so rerunning after an interruption continues where it stopped; one whose outputs are
+missing or damaged reruns, with everything after it.
 stage.json also records the config fields that shaped the stage (and its inputs'
 fingerprints): a finished stage whose fields changed is not reused silently — the run stops
 naming the fields, and `--config.force=<stage>` reruns it and everything downstream.
@@ -19,12 +21,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from mstkd_jax import paths
+from mstkd_jax import files, paths, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import report as report_lib, seeds as seeds_lib, target_space
+from mstkd_jax.evaluation import report as report_lib, seeds as seeds_lib
 from mstkd_jax.models import adaptor as adaptor_model
-from mstkd_jax.stages import adaptor, extract, runtime, student, teacher
+from mstkd_jax.stages import adaptor, common, extract, report as report_stage, student, teacher
 from mstkd_jax.train import parallel as parallel_lib
 
 SET_PREFIX = {"specialized": ("teacher", "mstkd", ""), "balanced": ("balanced_teacher",
@@ -33,17 +35,22 @@ SET_PREFIX = {"specialized": ("teacher", "mstkd", ""), "balanced": ("balanced_te
 
 @dataclasses.dataclass
 class Stage:
-  """One node of the recipe: `run(config, workdir)` on its own derived config."""
+  """One node of the recipe: `run(config, workdir, inputs=...)` on its own derived config.
+
+  `config` holds what shapes the stage's numbers (fingerprinted); `inputs` the folders of
+  the stages it reads (never fingerprinted: the deps' own fingerprints stand for them).
+  """
   name: str                          # also its folder under the workdir, e.g. teacher/group_a
   config: ml_collections.ConfigDict  # what the stage runs with
   run: Callable
   deps: tuple[str, ...] = ()
   model: str = ""                    # report row of the model it trains ("" = none)
   section: str = ""                  # its recipe section in configs/distill.py ("" = none)
+  inputs: common.Inputs = common.Inputs()
 
   def run_in(self, stage_dir: str):
     kwargs = {"epochs_field": f"{self.section}.train.epochs"} if self.section else {}
-    return self.run(self.config, stage_dir, name=self.name, **kwargs)
+    return self.run(self.config, stage_dir, name=self.name, inputs=self.inputs, **kwargs)
 
 
 def _base(config) -> ml_collections.ConfigDict:
@@ -71,6 +78,19 @@ def balanced_split(num_identities: int, parts: int, seed: int) -> list[np.ndarra
   return [np.sort(p) for p in np.array_split(order, parts)]
 
 
+# The fields of configs/distill.py's `adaptor` section that are not the adaptor network's.
+ADAPTOR_TRAINING_FIELDS = ("train", "optim", "head")
+
+
+def adaptor_fields(config, kind: str) -> dict:
+  """The adaptor network's models.create("adaptor", ...) arguments: `kind` and every field
+  of the recipe's `adaptor` section but its training ones (so a new adaptor hyperparameter
+  is a config field and a module attribute, nothing in between)."""
+  fields = {k: v for k, v in config.adaptor.to_dict().items()
+            if k not in ADAPTOR_TRAINING_FIELDS}
+  return {"kind": kind, **fields}
+
+
 def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
   """The recipe's stages in an order that respects their dependencies."""
   kd_losses = tuple(k for k in student.KD_LOSSES if k != "none")
@@ -82,7 +102,10 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
                         f"{list(allowed)}")
   input_pipeline.check_orientation(config.target_orientation, "target_orientation")
   for section in ("teacher", "student"):   # checked now, not when the stage starts
-    runtime.evaluation_fields(config[section].train, f"{section}.train")
+    common.evaluation_fields(config[section].train, f"{section}.train")
+  for section in ("teacher", "adaptor", "student"):
+    input_pipeline.check_batch_split(config[section].train.batch_size, 1, 1,
+                                     f"{section}.train.batch_size")
   if config.targets not in student.TARGETS:
     raise UserError(f"config field targets={config.targets!r}: expected one of "
                     f"{student.TARGETS}")
@@ -108,36 +131,35 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
       teacher_names.append(name)
     c = _base(config)
     c.train = ml_collections.ConfigDict(config.teacher.train.to_dict())
-    c.extract = dict(teacher_dirs=tuple(path(n) for n in teacher_names))
+    teacher_dirs = tuple(path(n) for n in teacher_names)
     extract_name = f"extract/{teacher_set}"
-    stages.append(Stage(extract_name, c, extract.run, deps=tuple(teacher_names)))
+    stages.append(Stage(extract_name, c, extract.run, deps=tuple(teacher_names),
+                        inputs=common.Inputs(teacher_dirs=teacher_dirs)))
     for kind in config.adaptors:
       c = _with_recipe(config, config.adaptor)
       c.head = ml_collections.ConfigDict(config.adaptor.head.to_dict())
-      c.adaptor = dict(kind=kind, embedding_size=config.adaptor.embedding_size,
-                       dropout=config.adaptor.dropout, extract_dir=path(extract_name),
+      c.adaptor = dict(model=adaptor_fields(config, kind),
                        orientation=config.target_orientation)
       adaptor_name = f"adaptor/{teacher_set}/{kind}"
       stages.append(Stage(adaptor_name, c, adaptor.run, deps=(extract_name,),
-                          model=f"{adaptor_prefix}adaptor/{kind}", section="adaptor"))
+                          model=f"{adaptor_prefix}adaptor/{kind}", section="adaptor",
+                          inputs=common.Inputs(extract_dir=path(extract_name))))
       for kd in config.kd_losses:
         c = _with_recipe(config, config.student)
         c.student = dict(
             kd=kd, targets=config.targets, orientation=config.target_orientation,
             kd_weight=config.student.kd_weight,
-            adaptor_dir=path(adaptor_name), teacher_dirs=tuple(path(n) for n in teacher_names),
-            adaptor_model=dict(kind=kind, embedding_size=config.adaptor.embedding_size,
-                               dropout=config.adaptor.dropout))
+            adaptor_model=adaptor_fields(config, kind))
         name = f"{student_prefix}/{kind}/{kd}"
-        deps = (adaptor_name,) + (tuple(teacher_names) if config.targets == "online" else ())
+        online = config.targets == "online"
+        deps = (adaptor_name,) + (tuple(teacher_names) if online else ())
+        inputs = common.Inputs(adaptor_dir=path(adaptor_name),
+                               teacher_dirs=teacher_dirs if online else ())
         stages.append(Stage(f"student/{name}", c, student.run, deps=deps, model=name,
-                            section="student"))
+                            section="student", inputs=inputs))
   if config.student_alone:
     c = _with_recipe(config, config.student)
-    c.student = dict(kd="none", targets="cached", orientation="as_fed", kd_weight=0.0,
-                     adaptor_dir="",
-                     teacher_dirs=(), adaptor_model=dict(kind="SL", embedding_size=0,
-                                                         dropout=0.0))
+    c.student = dict(kd="none", orientation="as_fed", adaptor_model=None)
     stages.append(Stage("student/student_alone", c, student.run, model="student_alone",
                         section="student"))
   models = tuple(s.name for s in stages if s.model)
@@ -147,29 +169,21 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
 
 
 def _fingerprint(stage: Stage, fingerprints: dict) -> dict:
-  fields = runtime.config_dict(stage.config)
-  flat = {k: v for k, v in runtime.flatten(fields).items()
-          if not any(k == f or k.startswith(f + ".") for f in runtime.RUN_CONTROL_FIELDS)}
+  fields = workdir_lib.config_dict(stage.config)
+  flat = {k: v for k, v in workdir_lib.flatten(fields).items()
+          if not any(k == f or k.startswith(f + ".") for f in workdir_lib.RUN_CONTROL_FIELDS)}
   inputs = {d: fingerprints[d] for d in stage.deps}
   digest = hashlib.sha256(json.dumps([flat, inputs], sort_keys=True).encode()).hexdigest()
   return {"fingerprint": digest, "fields": flat, "inputs": inputs}
 
 
 def _read_record(stage_dir: str) -> dict | None:
-  try:
-    with open(os.path.join(stage_dir, "stage.json")) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    return None
-  except (OSError, ValueError) as e:
-    raise UserError(f"{stage_dir}/stage.json is unreadable ({e}); delete it to rerun "
-                    "that stage") from e
+  return files.read_json(os.path.join(stage_dir, "stage.json"),
+                               "a stage record; delete it to rerun that stage", missing=None)
 
 
 def _stale_message(name: str, old: dict, new: dict) -> str:
-  changed = [f"{k}: {old['fields'].get(k, '<absent>')!r} -> {v!r}"
-             for k, v in new["fields"].items() if old["fields"].get(k) != v]
-  changed += [f"{k}: removed" for k in old["fields"] if k not in new["fields"]]
+  changed = workdir_lib.changed_fields(old["fields"], new["fields"])
   changed += [f"input {d} changed" for d, fp in new["inputs"].items()
               if old.get("inputs", {}).get(d) != fp]
   return (f"the finished stage {name!r} was made with another config ("
@@ -216,7 +230,7 @@ def run(config, workdir: str) -> dict:
   config = _with_data_dir(config, workdir)
   if seeds == 1:
     return run_recipe(config, workdir)
-  runtime.prepare_workdir(config, workdir, refuse_changes=False)
+  workdir_lib.prepare(config, workdir, refuse_changes=False)
   reports = {}
   for k in range(seeds):
     seed = config.seed + k
@@ -242,16 +256,13 @@ def run(config, workdir: str) -> dict:
 
 def _check_seed_folder(seed_dir: str, seed_config) -> None:
   """Refuses a seed folder whose recorded config differs from this run's for that seed."""
-  path = os.path.join(seed_dir, "config.json")
-  try:
-    with open(path) as f:
-      old = json.load(f)
-  except FileNotFoundError:
+  old = files.read_json(os.path.join(seed_dir, "config.json"),
+                             f"a run's config.json; move the folder {seed_dir} away",
+                             missing=None)
+  if old is None:
     return
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path} is unreadable ({e}); move the folder {seed_dir} away") from e
-  changes = runtime.changed_fields(old, runtime.config_dict(seed_config),
-                                   ignore=runtime.RUN_CONTROL_FIELDS + ("seeds",))
+  changes = workdir_lib.changed_fields(old, workdir_lib.config_dict(seed_config),
+                                       ignore=workdir_lib.RUN_CONTROL_FIELDS + ("seeds",))
   if changes:
     raise UserError(f"the seed folder {seed_dir} holds a run of another config ("
                     + "; ".join(changes[:8]) + (" ..." if len(changes) > 8 else "")
@@ -277,28 +288,44 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
                       f"are {names}")
   forced = _downstream(stages, {config.force}) if config.force else set()
   # Every finished stage is checked against this config before anything runs or is
-  # written (config.json included): a refused run leaves the workdir as it was.
-  fingerprints, records = {}, {}
+  # written (config.json included): a refused run leaves the workdir as it was. The report
+  # is only rebuilt when it is stale (a new variant adds stages and report rows).
+  fingerprints, records, rerun = {}, {}, {}
   for stage in stages:
     records[stage.name] = _fingerprint(stage, fingerprints)
     fingerprints[stage.name] = records[stage.name]["fingerprint"]
     old = _read_record(os.path.join(workdir, stage.name))
-    if (stage.name not in forced and old and old.get("finished")
-        and old["fingerprint"] != fingerprints[stage.name]):
-      raise UserError(_stale_message(stage.name, old, records[stage.name]))
-  runtime.prepare_workdir(config, workdir, refuse_changes=False)
+    if stage.name in forced or not (old and old.get("finished")):
+      continue
+    if old["fingerprint"] != fingerprints[stage.name]:
+      if stage.name != "report":
+        raise UserError(_stale_message(stage.name, old, records[stage.name]))
+      rerun[stage.name] = "the models it reports changed"
+    elif (why := workdir_lib.damaged_output(os.path.join(workdir, stage.name),
+                                            old.get("outputs", {}))):
+      rerun[stage.name] = f"its outputs are damaged ({why})"
+  for name in _downstream(stages, set(rerun)) - set(rerun):
+    rerun[name] = "an earlier stage it reads reruns"
+  rerun.update({name: "--config.force" for name in forced})
+  done = not rerun and all((_read_record(os.path.join(workdir, s.name)) or {}).get("finished")
+                           for s in stages)
+  if not done:  # a finished run writes nothing: its report prints from a read-only workdir
+    workdir_lib.prepare(config, workdir, refuse_changes=False)
+  # Recorded before anything runs: an interrupted forced (or repaired) run, resumed without
+  # --config.force, still reruns every stage it invalidated.
+  for name, why in rerun.items():
+    stage_dir = os.path.join(workdir, name)
+    if not os.path.isdir(stage_dir):
+      continue
+    print(f"[pipeline] {name} will rerun: {why}", flush=True)
+    if jax.process_index() == 0:
+      files.write_json(os.path.join(stage_dir, "stage.json"), {"invalidated": why})
+  parallel_lib.sync_hosts("invalidated")
   finished = {}
   started = time.perf_counter()
   for stage in stages:
     stage_dir = os.path.join(workdir, stage.name)
-    record = records[stage.name]
     old = _read_record(stage_dir)
-    if stage.name in forced and os.path.isdir(stage_dir):
-      print(f"[pipeline] --config.force: rerunning {stage.name}", flush=True)
-      if jax.process_index() == 0:
-        shutil.rmtree(stage_dir)
-      parallel_lib.sync_hosts(f"force {stage.name}")
-      old = None
     if old and old.get("finished"):
       finished[stage.name] = True
       continue
@@ -309,25 +336,30 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
       raise UserError(f"the stage {stage.name!r} needs the outputs of {missing}, which are "
                       f"not finished; run the pipeline without --config.only, or run "
                       f"--config.only={missing[0]} first")
+    if old and old.get("invalidated"):
+      # Its inputs are there: only now are its previous outputs removed.
+      if jax.process_index() == 0:
+        shutil.rmtree(stage_dir)
+        os.makedirs(stage_dir)  # a resumption of this rerun keeps its progress
+        files.write_json(os.path.join(stage_dir, "stage.json"), {"cleared": True})
+      parallel_lib.sync_hosts(f"cleared {stage.name}")
     print(f"[pipeline] stage {stage.name} ({time.perf_counter() - started:.0f} s so far)",
           flush=True)
     if stage.name == "report":
-      write_report(config, workdir, stages, stage_dir)
+      report_stage.run(config, workdir, [(s.name, s.model) for s in stages], stage_dir)
     else:
       stage.run_in(stage_dir)
     if jax.process_index() == 0:
       os.makedirs(stage_dir, exist_ok=True)
-      with open(os.path.join(stage_dir, "stage.json.tmp"), "w") as f:
-        json.dump({**record, "finished": True}, f, indent=2, sort_keys=True)
-      os.replace(os.path.join(stage_dir, "stage.json.tmp"),
-                 os.path.join(stage_dir, "stage.json"))
+      files.write_json(os.path.join(stage_dir, "stage.json"),
+                       {**records[stage.name], "finished": True,
+                        "outputs": workdir_lib.output_record(stage_dir)}, sort_keys=True)
     # The other processes read what process 0 just wrote only after this barrier.
     parallel_lib.sync_hosts(f"finished {stage.name}")
     finished[stage.name] = True
   report_path = os.path.join(workdir, "report", "report.json")
   if finished.get("report") and not config.only:
-    with open(report_path) as f:
-      report = json.load(f)
+    report = files.read_json(report_path, "the report the report stage wrote")
     if show_table:
       print(_warnings_text(report.get("warnings")) + report_lib.format_table(report),
             flush=True)
@@ -335,46 +367,3 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
           f"{os.path.dirname(report_path)}", flush=True)
     return report
   return {}
-
-
-def write_report(config, workdir: str, stages: list[Stage], out_dir: str) -> dict:
-  """Evaluates every model's saved verification embeddings and writes the report, with
-  every stage's convergence record, the target-space diagnostics and their warnings."""
-  models = {}
-  for stage in stages:
-    if stage.model:
-      embeddings = runtime.load_embeddings(os.path.join(workdir, stage.name))
-      models[stage.model] = runtime.evaluate_embeddings(embeddings)
-  report = report_lib.build_report(models, config=runtime.config_dict(config))
-  report.update(stage_health(workdir, stages))
-  if jax.process_index() == 0:
-    report_lib.write_report(report, out_dir)
-  return report
-
-
-def stage_health(workdir: str, stages: list[Stage]) -> dict:
-  """{"warnings": [...], "training": {stage: convergence record}, "diagnostics":
-  {"target_space": {space: target_space statistics}, "students": {model: target fit}}}
-  from the results.json of every stage (not-converged and collapse warnings first)."""
-  warnings, training = [], {}
-  spaces, students = {}, {}
-  for stage in stages:
-    results = runtime.read_results(os.path.join(workdir, stage.name))
-    record = results.get("training")
-    if record:
-      training[stage.name] = {k: v for k, v in record.items() if k != "warnings"}
-      warnings += record.get("warnings", [])
-    diagnostics = results.get("diagnostics") or {}
-    for key, label in (("concatenation", "concatenated teacher embeddings"),
-                       ("targets", "targets")):
-      statistics = diagnostics.get(key)
-      if statistics:
-        space = f"{stage.name} ({label})"
-        spaces[space] = statistics
-        warning = target_space.collapse_warning(space, statistics)
-        if warning:
-          warnings.append(warning)
-    if stage.model and "train_target_cosine" in diagnostics:
-      students[stage.model] = diagnostics
-  return {"warnings": warnings, "training": training,
-          "diagnostics": {"target_space": spaces, "students": students}}

@@ -1,32 +1,32 @@
-"""Files of a run: the workdir check, config diffs, atomic writes, JSON, caches and models.
+"""The files of a run: the workdir check, config diffs, trained models and results.json.
 
-Every file a stage, the pipeline or a command writes goes through `atomic_path` (a unique
-temporary name renamed over the target once it is complete), so a file with its final name
-is always whole, and two processes never share a temporary file. Reads of JSON go through
-`read_json`, which names the file in its one-line error.
+Its files are written with mstkd_jax.files (atomic, one-line errors).
 """
 
 import contextlib
+import errno
+import hashlib
 import json
 import os
+import socket
 import tempfile
 import time
-from typing import Iterator
 
 import jax
 import numpy as np
 
 from mstkd_jax import paths
 from mstkd_jax.errors import UserError
+from mstkd_jax.files import read_json, write_json
 from mstkd_jax.train import parallel as parallel_lib
 from mstkd_jax.train.checkpoints import Checkpoints, flat_shapes, shape_mismatches
 
 # Fields that steer how a run is carried out but not what it computes: they may change
-# between a run and its resumption.
+# between a run and its resumption. (A stage's input folders are not config fields at all:
+# see stages.common.Inputs.)
 RUN_CONTROL_FIELDS = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                       "train.eval_batch_size", "train.eval_every", "parallelism",
-                      "num_devices", "data.data_dir", "only", "force", "extract.teacher_dirs",
-                      "student.teacher_dirs", "student.adaptor_dir", "adaptor.extract_dir")
+                      "num_devices", "data.data_dir", "only", "force")
 
 
 # ------------------------------------------------------------------------- config diffs
@@ -63,7 +63,7 @@ def prepare(config, workdir: str, refuse_changes: bool = True) -> str:
   """Creates `workdir`, refuses one holding a run of another config, writes config.json.
 
   With refuse_changes=False (the pipeline's root, whose stages check their own configs)
-  config.json just records the latest run. Returns the absolute workdir; only process 0
+  config.json just records the latest run, and config_history.jsonl gets a line for it. Returns the absolute workdir; only process 0
   writes.
 
   Raises:
@@ -91,7 +91,26 @@ def prepare(config, workdir: str, refuse_changes: bool = True) -> str:
           + "; ".join(changes) + "). Use another --workdir, or the same settings to resume.")
   if jax.process_index() == 0:
     write_json(path, new, sort_keys=True)
+    if not refuse_changes:
+      _append_history(workdir, new)
   return workdir
+
+
+HISTORY_FILE = "config_history.jsonl"
+
+
+def _append_history(workdir: str, config: dict) -> None:
+  """Appends what this accepted run ran with to <workdir>/config_history.jsonl (one JSON
+  line per run: time, host, PID, config), since config.json holds only the latest."""
+  line = json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                     "host": socket.gethostname(), "pid": os.getpid(), "config": config},
+                    sort_keys=True)
+  path = os.path.join(workdir, HISTORY_FILE)
+  try:
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(line + "\n")
+  except OSError as e:
+    raise UserError(f"cannot write {path} ({e.strerror or e})") from e
 
 
 def _check_shared(workdir: str) -> None:
@@ -113,75 +132,123 @@ def _check_shared(workdir: str) -> None:
                     "every host sees (NFS, a mounted bucket)")
 
 
-# ----------------------------------------------------------------------- atomic writing
+# ------------------------------------------------------------------------ stage outputs
+
+# Not outputs a later stage or the report reads: training checkpoints (kept for resume),
+# TensorBoard events, the loop's logs, and the pipeline's own record.
+UNRECORDED = ("checkpoints", "stage.json")
+UNRECORDED_PREFIXES = ("events.out.tfevents", ".")
+FULL_HASH_BYTES = 16 << 20     # files up to this size are hashed whole
+SAMPLE_CHUNKS, CHUNK_BYTES = 16, 64 << 10
+
+
+def _file_digest(path: str, size: int) -> str:
+  """sha256 of the file, or for a file over FULL_HASH_BYTES of its first and last chunk and
+  SAMPLE_CHUNKS chunks at fixed, evenly spaced offsets (a cache's header and a sample of
+  its rows: cheap at any size, and it catches truncation, a rewrite or garbage)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    if size <= FULL_HASH_BYTES:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    else:
+      offsets = [0, size - CHUNK_BYTES] + [size * (k + 1) // (SAMPLE_CHUNKS + 1)
+                                           for k in range(SAMPLE_CHUNKS)]
+      for offset in sorted(offsets):
+        f.seek(offset)
+        digest.update(f.read(CHUNK_BYTES))
+  return digest.hexdigest()
+
+
+def output_record(stage_dir: str) -> dict:
+  """{relative path: {"size": bytes, "sha256": digest}} of every output file of a finished
+  stage (its model, caches, embeddings, results and config; not its training checkpoints,
+  TensorBoard events or hidden files)."""
+  record = {}
+  for root, dirs, names in os.walk(stage_dir):
+    rel_root = os.path.relpath(root, stage_dir)
+    dirs[:] = sorted(d for d in dirs if not (rel_root == "." and d in UNRECORDED)
+                     and not d.startswith("."))
+    for name in sorted(names):
+      if (rel_root == "." and name in UNRECORDED) or name.startswith(UNRECORDED_PREFIXES):
+        continue
+      path = os.path.join(root, name)
+      size = os.path.getsize(path)
+      rel = os.path.normpath(os.path.join(rel_root, name))
+      record[rel] = {"size": size, "sha256": _file_digest(path, size)}
+  return record
+
+
+def damaged_output(stage_dir: str, record: dict) -> str | None:
+  """Why the outputs in `stage_dir` differ from `record` (`output_record` when the stage
+  finished): the first file missing, of another size or another content; None if intact."""
+  for rel, expected in sorted(record.items()):
+    path = os.path.join(stage_dir, rel)
+    try:
+      size = os.path.getsize(path)
+    except OSError:
+      return f"{rel} is missing"
+    if size != expected["size"]:
+      return f"{rel} has {size} bytes, {expected['size']} when the stage finished"
+    try:
+      if _file_digest(path, size) != expected["sha256"]:
+        return f"{rel} changed since the stage finished"
+    except OSError as e:
+      return f"{rel} is unreadable ({e.strerror or e})"
+  return None
+
+
+# -------------------------------------------------------------------------------- lock
+
+LOCK_FILE = ".lock"
+HOLDER_FILE = ".lock.holder"
+
 
 @contextlib.contextmanager
-def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
-  """Yields a unique temporary file name next to `path` (ending in `suffix`, e.g. ".npz"
-  where a writer appends one otherwise); once the block ends without an error the file is
-  renamed over `path`, else removed. An earlier file at `path` stays until then."""
-  directory, name = os.path.split(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=f".tmp{suffix}")
-  os.close(fd)
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+def locked(workdir: str, enabled: bool = True):
+  """Holds <workdir>/.lock for the block: one run per workdir at a time.
 
+  The lock is an OS file lock (filelock: flock on POSIX), so it is released on any exit,
+  a kill -9 included: the lock of a dead process is never stale. The holder's PID, host
+  and start time are written next to it for the message a second run stops with.
+  Multi-host runs: call it with enabled=True on process 0 only.
 
-def write_json(path: str, value, sort_keys: bool = False) -> None:
-  """Writes `value` as indented JSON, atomically."""
-  with atomic_path(path) as tmp:
-    with open(tmp, "w") as f:
-      json.dump(value, f, indent=2, sort_keys=sort_keys)
-
-
-def read_json(path: str, expected: str = "readable JSON", missing=UserError):
-  """The JSON value in `path`.
-
-  Args:
-    path: the file.
-    expected: what the file should be, for the error message.
-    missing: returned where the file does not exist; the default, UserError, raises.
+  A read-only workdir is not locked (nothing can change it): the block runs, so a finished
+  run can print its report again.
 
   Raises:
-    UserError: the file is missing (unless `missing` is given) or is not valid JSON.
+    UserError: another process holds the lock (naming its PID and host), or the lock
+      cannot be taken for another OS error.
   """
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError as e:
-    if missing is UserError:
-      raise UserError(f"{path} is missing; expected {expected}") from e
-    return missing
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path} is unreadable ({e}); expected {expected}") from e
-
-
-def save_npz(path: str, arrays: dict) -> None:
-  """np.savez of `arrays` to `path`, atomically."""
-  with atomic_path(path, suffix=".npz") as tmp:
-    np.savez(tmp, **arrays)
-
-
-@contextlib.contextmanager
-def npy_writer(path: str, shape: tuple, dtype=np.float32, enabled: bool = True):
-  """Yields a memory-mapped array [shape] to fill in chunks; it becomes the .npy `path` only
-  when the block ends without an error (an earlier file there stays until then), so arrays
-  larger than memory are written whole or not at all. Yields None where not `enabled`
-  (processes other than 0)."""
   if not enabled:
-    yield None
+    yield
     return
-  with atomic_path(path, suffix=".npy") as tmp:
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
-    try:
-      yield array
-      array.flush()
-    finally:
-      del array
+  import filelock  # pylint: disable=g-import-not-at-top
+  lock = filelock.FileLock(os.path.join(workdir, LOCK_FILE), timeout=0)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    lock.acquire()
+  except filelock.Timeout:
+    holder = read_json(os.path.join(workdir, HOLDER_FILE), missing={})
+    who = (f"process {holder.get('pid', '?')} on {holder.get('host', '?')}, started "
+           f"{holder.get('started', '?')}") if holder else "another process"
+    raise UserError(f"the workdir {workdir} is in use by {who}; wait for it to finish, "
+                    "or use another --workdir") from None
+  except OSError as e:
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+      # Nothing can be written there, so nothing to guard: a finished run may still print
+      # its report; anything that writes stops with its own one-line error.
+      print(f"[workdir] {workdir} is read-only ({e.strerror}): not locked", flush=True)
+      yield
+      return
+    raise UserError(f"cannot lock the workdir {workdir} ({e.strerror or e})") from e
+  try:
+    write_json(os.path.join(workdir, HOLDER_FILE),
+               {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    yield
+  finally:
+    lock.release()
 
 
 # ------------------------------------------------------------------------------ models
@@ -219,7 +286,7 @@ def load_model(workdir: str, template: dict, stage: str) -> dict:
     if step is None:
       raise UserError(f"no trained model in {workdir}/model: run the stage {stage!r} first")
     problems = []
-    stored = checkpoints.manager.item_metadata(step).tree
+    stored = checkpoints.stored_tree(step)
     for part in template:
       problems += shape_mismatches(flat_shapes(template[part], f"{part}/"),
                                    flat_shapes(stored.get(part) or {}, f"{part}/"))

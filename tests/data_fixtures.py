@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -36,6 +37,46 @@ def png_bytes(seed: int, size: int = 12, mode: str = "RGB") -> bytes:
   buf = io.BytesIO()
   img.save(buf, "PNG")
   return buf.getvalue()
+
+
+def png_encode(samples: np.ndarray, color_type: int, bit_depth: int, palette=None,
+               trns: bytes | None = None) -> bytes:
+  """A PNG written from the spec (not by Pillow), for bit depths and types Pillow cannot write.
+
+  Args:
+    samples: [H, W] (gray, palette) or [H, W, C] (C = 2 gray+alpha, 3 RGB, 4 RGBA) integers
+      below 2**bit_depth.
+    color_type: 0 gray, 2 RGB, 3 palette, 4 gray+alpha, 6 RGBA.
+    bit_depth: 1, 2, 4, 8 or 16 (as the color type allows).
+    palette: [(r, g, b), ...] for color type 3.
+    trns: raw tRNS chunk data (palette alphas for color type 3).
+  """
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data +
+            struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+  samples = np.asarray(samples)
+  height, width = samples.shape[:2]
+  rows = []
+  for row in samples.reshape(height, -1):
+    if bit_depth == 16:
+      packed = row.astype(">u2").tobytes()
+    elif bit_depth == 8:
+      packed = row.astype(np.uint8).tobytes()
+    else:  # Pack 8 // bit_depth samples per byte, most significant first; pad the last.
+      per = 8 // bit_depth
+      padded = np.zeros(-(-len(row) // per) * per, np.uint8)
+      padded[:len(row)] = row
+      shifts = np.arange(per - 1, -1, -1) * bit_depth
+      packed = (padded.reshape(-1, per) << shifts).sum(axis=1).astype(np.uint8).tobytes()
+    rows.append(b"\x00" + packed)  # Filter type 0 (None).
+  out = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height,
+                                                            bit_depth, color_type, 0, 0, 0))
+  if palette is not None:
+    out += chunk(b"PLTE", bytes(np.asarray(palette, np.uint8).ravel()))
+  if trns is not None:
+    out += chunk(b"tRNS", trns)
+  return out + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b"")
 
 
 def jpeg_with_magic(seed: int) -> bytes:
@@ -162,11 +203,14 @@ def _ir_payload(flag: int, label: float, id_: int, labels=(), image: bytes = b""
 
 
 def write_rec_fixture(rec_path: str, identities, header: bool = True,
-                      image_label_override=None) -> list[tuple[int, int]]:
+                      image_label_override=None,
+                      identity_records: str = "ranges") -> list[tuple[int, int]]:
   """Writes an insightface .rec/.idx for `identities` = [[image bytes, ...] per label].
 
-  Returns [(key, label)] of the image records. image_label_override maps key -> label to
-  write a wrong label on purpose.
+  Returns [(key, label)] of the image records, label being the identity list it came from.
+  image_label_override maps key -> label to write another label in that image's header
+  (Glint360K-like packs). identity_records="scalar" writes the identity records as merged
+  packs do: flag 0 and the identity's label as a scalar, no key range.
   """
   override = image_label_override or {}
   records = []  # (key, payload)
@@ -183,7 +227,10 @@ def write_rec_fixture(rec_path: str, identities, header: bool = True,
   if header:
     first = key
     for j, (s, e) in enumerate(ranges):
-      records.append((first + j, _ir_payload(2, 0.0, 0, labels=(s, e))))
+      if identity_records == "scalar":
+        records.append((first + j, _ir_payload(0, float(j), 0)))
+      else:
+        records.append((first + j, _ir_payload(2, 0.0, 0, labels=(s, e))))
     records.insert(0, (0, _ir_payload(2, 0.0, 0, labels=(first, first + len(identities)))))
   idx_lines = []
   with open(rec_path, "wb") as f:

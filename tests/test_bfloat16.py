@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from mstkd_jax import losses, models
-from mstkd_jax.stages import runtime
 from mstkd_jax.train import parallel as parallel_lib, state as state_lib, steps
+from mstkd_jax.train import build
 
 SIZE, EMBEDDING, CLASSES, PER_CLASS, BATCH, STEPS = 16, 16, 8, 8, 32, 30
 MARGIN = losses.MarginSpec("elastic_arcface", 64.0, 0.5, 0.05)
@@ -34,8 +34,8 @@ def _setup(dtype):
   backbone = _backbone(dtype)
   head = models.create("margin_head", num_classes=CLASSES)
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-  variables = runtime.init_variables(backbone, k1, np.zeros((1, SIZE, SIZE, 3), np.float32))
-  head_vars = runtime.init_variables(head, k2, np.zeros((1, EMBEDDING), np.float32))
+  variables = build.init_variables(backbone, k1, np.zeros((1, SIZE, SIZE, 3), np.float32))
+  head_vars = build.init_variables(head, k2, np.zeros((1, EMBEDDING), np.float32))
   schedule = state_lib.step_decay_schedule(0.1, STEPS, ())
   tx = state_lib.sgd({"backbone": state_lib.ParamGroup(schedule, 5.0),
                       "head": state_lib.ParamGroup(schedule)})
@@ -102,11 +102,11 @@ def test_bfloat16_online_kd_step_runs_teachers_in_bfloat16_and_the_adaptor_in_fl
   teacher, student = _backbone(jnp.bfloat16), _backbone(jnp.bfloat16)
   adaptor = models.create("adaptor", kind="DuL", embedding_size=EMBEDDING)
   example = np.zeros((1, SIZE, SIZE, 3), np.float32)
-  teacher_vars = runtime.init_variables(teacher, jax.random.PRNGKey(0), example, train=False)
+  teacher_vars = build.init_variables(teacher, jax.random.PRNGKey(0), example, train=False)
   stacked = jax.tree.map(lambda x: np.stack([x, x]), teacher_vars)
-  adaptor_vars = runtime.init_variables(adaptor, jax.random.PRNGKey(1),
+  adaptor_vars = build.init_variables(adaptor, jax.random.PRNGKey(1),
                                         np.zeros((1, 2 * EMBEDDING), np.float32))
-  variables = runtime.init_variables(student, jax.random.PRNGKey(2), example, train=False)
+  variables = build.init_variables(student, jax.random.PRNGKey(2), example, train=False)
   schedule = state_lib.step_decay_schedule(0.1, 10, ())
   tx = state_lib.sgd({"backbone": state_lib.ParamGroup(schedule, 5.0)})
   state = state_lib.create_state({"backbone": variables["params"]},
@@ -117,7 +117,7 @@ def test_bfloat16_online_kd_step_runs_teachers_in_bfloat16_and_the_adaptor_in_fl
   batch = {"image": np.zeros((4, SIZE, SIZE, 3), np.float32)}
   jaxpr, (new_state, metrics) = jax.make_jaxpr(
       step, axis_env=[(parallel_lib.AXIS, 1)], return_shape=True)(
-          state, batch, jax.random.PRNGKey(0), stacked, adaptor_vars)
+          state, batch, jax.random.PRNGKey(0), {"teachers": stacked, "adaptor": adaptor_vars})
   convs = _operand_dtypes(jaxpr.jaxpr, "conv_general_dilated")
   assert convs and all(d == ("bfloat16", "bfloat16") for d in convs), convs
   adaptor_dots = [tuple(str(v.aval.dtype) for v in eqn.invars)

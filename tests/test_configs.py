@@ -4,17 +4,18 @@ import pytest
 
 from configs import distill, teacher
 from mstkd_jax import losses
-from mstkd_jax.stages import runtime
 from mstkd_jax.train import state as state_lib
+from mstkd_jax.train import build
 
 
 @pytest.mark.parametrize("module,preset", [
-    (teacher, "default"), (teacher, "smoke"), (teacher, "bupt_iresnet34"),
-    (distill, "default"), (distill, "smoke"), (distill, "full"), (distill, "bupt_iresnet34")])
+    (teacher, "default"), (teacher, "smoke"), (teacher, "tiny"), (teacher, "bupt_iresnet34"),
+    (distill, "default"), (distill, "smoke"), (distill, "tiny"), (distill, "full"),
+    (distill, "bupt_iresnet34")])
 def test_every_preset_builds_its_model_and_margin(module, preset):
   config = module.get_config(preset)
-  assert runtime.backbone(config.model).dropout == 0.0   # iresnet18 / 34: no dropout
-  spec = runtime.margin_spec(config.head)
+  assert build.backbone(config.model).dropout == 0.0   # iresnet18 / 34: no dropout
+  spec = build.margin_spec(config.head)
   assert (spec.name, spec.s, spec.m, spec.std) == ("elastic_arcface", 64.0, 0.5, 0.05)
 
 
@@ -31,7 +32,7 @@ def test_paper_preset_numbers():
   assert a.train.epochs == 26.0 and tuple(a.optim.lr_decay_epochs) == (8, 14, 20, 25)
   assert state_lib.scaled_lr(a.optim.base_lr, a.train.batch_size) == 0.25
   assert a.optim.clip_norm == 5.0 and a.dropout == 0.2
-  spec = runtime.margin_spec(a.head)
+  spec = build.margin_spec(a.head)
   assert (spec.name, spec.m, spec.std) == ("elastic_arcface", 0.5, 0.0125)
   assert c.target_orientation == "stored"   # the released scripts' targets
   assert distill.get_config("default").target_orientation == "as_fed"
@@ -46,10 +47,10 @@ def test_paper_preset_numbers():
 def test_naming_a_head_takes_its_margins_unless_given(name, m, std):
   config = teacher.get_config("smoke")
   config.head.name = name
-  spec = runtime.margin_spec(config.head)
+  spec = build.margin_spec(config.head)
   assert (spec.m, spec.std) == (m, std)
   config.head.m, config.head.std = 0.3, 0.01
-  spec = runtime.margin_spec(config.head)
+  spec = build.margin_spec(config.head)
   assert (spec.m, spec.std) == (0.3, 0.01)
   assert losses.MarginSpec(name, m=0.2).std == std
 
@@ -57,8 +58,8 @@ def test_naming_a_head_takes_its_margins_unless_given(name, m, std):
 def test_iresnet50_takes_the_paper_s_dropout_unless_given():
   config = teacher.get_config("bupt_iresnet34")
   config.model.name = "iresnet50"
-  assert runtime.backbone(config.model).dropout == 0.4
+  assert build.backbone(config.model).dropout == 0.4
   config.model.dropout = 0.1
-  assert runtime.backbone(config.model).dropout == 0.1
+  assert build.backbone(config.model).dropout == 0.1
   config.model.update(name="iresnet100", dropout=None)
-  assert runtime.backbone(config.model).dropout == 0.0
+  assert build.backbone(config.model).dropout == 0.0

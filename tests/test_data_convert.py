@@ -153,3 +153,66 @@ def test_cli_module_entry_point(tmp_path):
   assert result.returncode == 0, result.stderr
   assert list(json.loads(result.stdout)["groups"]) == ["Asian"]
   assert os.listdir(tmp_path / "bins") == ["Asian_test.bin"]
+
+
+def test_rec_to_tree_uses_image_labels_of_a_glint_like_pack(tmp_path, capsys):
+  ids = [[fx.jpeg_bytes(30 + k) for k in range(n)] for n in (2, 2, 2)]
+  # Keys: identity 0 -> 1..2, 1 -> 3..4, 2 -> 5..6; key 4's own label is 0.
+  fx.write_rec_fixture(str(tmp_path / "train.rec"), ids, image_label_override={4: 0})
+  with pytest.warns(recordio.IdentityRecordWarning, match="1 of 6 images"):
+    summary = convert.rec_to_tree(str(tmp_path), str(tmp_path / "tree"))
+  assert summary["identity_record_disagreements"] == 1 and summary["written"] == 6
+  back = image_tree.ImageTreeReader(str(tmp_path / "tree"))
+  assert [(r.identity, r.image) for r in back] == [
+      (0, ids[0][0]), (0, ids[0][1]), (0, ids[1][1]), (1, ids[1][0]), (2, ids[2][0]),
+      (2, ids[2][1])]
+  # The command line: one warning line, the count in the JSON; --strict_identity_records
+  # refuses in one line.
+  assert convert.main(["rec_to_tree", f"--src={tmp_path}", f'--dst={tmp_path / "cli"}']) == 0
+  captured = capsys.readouterr()
+  assert json.loads(captured.out)["identity_record_disagreements"] == 1
+  warning_lines = [l for l in captured.err.splitlines() if l.startswith("warning: ")]
+  assert len(warning_lines) == 1 and "1 of 6 images" in warning_lines[0]
+  assert convert.main(["rec_to_tree", f"--src={tmp_path}", f'--dst={tmp_path / "strict"}',
+                       "--strict_identity_records"]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1
+  assert "train.rec#4: image label 0 disagrees with identity record 1" in err
+  assert not os.path.exists(tmp_path / "strict")
+
+
+def test_cli_usage_errors_are_one_line(tmp_path, capsys):
+  cases = [
+      ([], "command none; expected one of rfw_to_bin, tree_to_rec, rec_to_tree"),
+      (["zip_to_rec", "--src=a", "--dst=b"], "command 'zip_to_rec'"),
+      (["tree_to_rec", "--src=a"], "--dst"),
+      (["tree_to_rec", "--src=a", "--dst=b", "--layout=round"], "--layout=round"),
+      (["rfw_to_bin", "--src=a", "--dst=b", "--skip_corrupt"], "skip_corrupt"),
+      (["rec_to_tree", "--src=a", "--dst=b", "stray"], "unexpected arguments ['stray']"),
+  ]
+  for argv, expected in cases:
+    with pytest.raises(SystemExit) as exit_info:
+      convert.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, argv
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, (argv, err)
+  with pytest.raises(SystemExit) as exit_info:
+    convert.main(["tree_to_rec", "--help"])
+  assert exit_info.value.code == 0 and "--skip_corrupt" in capsys.readouterr().out
+
+
+def test_cli_flags_keep_their_meaning(tmp_path, capsys):
+  fx.make_image_tree(str(tmp_path / "flat"), {"g": [("b", 2, False), ("a", 1, True)]},
+                     grouped=False)
+  bad = tmp_path / "flat" / "a" / "img_00.png"
+  bad.write_bytes(b"not a png")
+  args = ["tree_to_rec", "--src", str(tmp_path / "flat"), "--dst", str(tmp_path / "rec"),
+          "--layout=flat"]
+  assert convert.main(args) == 1
+  assert "img_00.png: not a decodable" in capsys.readouterr().err
+  assert convert.main(args + ["--skip_corrupt"]) == 0
+  assert json.loads(capsys.readouterr().out)["skipped"] == [str(bad)]
+  assert convert.main(args + ["--skip_corrupt"]) == 1
+  assert "pass --overwrite" in capsys.readouterr().err
+  assert convert.main(args + ["--no_validate", "--overwrite"]) == 0
+  assert json.loads(capsys.readouterr().out)["images"] == 3

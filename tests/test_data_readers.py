@@ -6,6 +6,7 @@ import pickle
 import pickletools
 import shutil
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -219,6 +220,138 @@ def test_bin_py2_pickle(tmp_path):
       [b"\xff\xd8ab", b"cd", b"", b"ef"], [True, False])
 
 
+def _opencv_style(data: bytes) -> np.ndarray:
+  """What cv2.imencode returns for encoded bytes: a uint8 array of shape (N, 1)."""
+  return np.frombuffer(data, np.uint8).reshape(-1, 1).copy()
+
+
+_ISSAME_KINDS = {
+    "numpy bool array": lambda v: np.asarray(v, bool),
+    "numpy bool scalars": lambda v: [np.bool_(x) for x in v],
+    "0/1 ints": lambda v: [int(x) for x in v],
+    "numpy int64 array": lambda v: np.asarray(v, np.int64),
+    "numpy integer scalars": lambda v: [np.uint8(x) if k % 2 else np.int64(x)
+                                        for k, x in enumerate(v)],
+    "tuple of bools": tuple,
+}
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+@pytest.mark.parametrize("kind", sorted(_ISSAME_KINDS))
+def test_bin_home_made_opencv_arrays_and_numpy_issame(tmp_path, protocol, kind):
+  images = [fx.jpeg_bytes(i) for i in range(6)]
+  issame = [True, False, True]
+  path = tmp_path / "home.bin"
+  path.write_bytes(pickle.dumps(([_opencv_style(b) for b in images], _ISSAME_KINDS[kind](issame)),
+                                protocol=protocol))
+  # insightface's loader: pickle.load, then imdecode(np.frombuffer(image)) per image.
+  with open(path, "rb") as f:
+    bins, same = pickle.load(f, encoding="bytes")
+  assert [np.frombuffer(b, np.uint8).tobytes() for b in bins] == images
+  assert [bool(x) for x in same] == issame
+  got_images, got_issame = verification_bin.load_verification_bin(str(path))
+  assert got_images == images and got_issame == issame
+  assert all(type(v) is bool for v in got_issame)
+  arrays, flags = verification_bin.decode_verification_images(str(path))
+  assert arrays.shape == (6, 12, 12, 3) and flags.tolist() == issame
+
+
+def _numpy1_names(data: bytes) -> bytes:
+  """A protocol 0-2 pickle as numpy 1.x writes it: numpy.core instead of numpy._core."""
+  assert b"numpy._core" in data
+  return data.replace(b"cnumpy._core.", b"cnumpy.core.")
+
+
+@pytest.mark.parametrize("protocol", [0, 2])
+def test_bin_numpy_1_pickles(tmp_path, protocol):
+  images = [fx.jpeg_bytes(7), fx.png_bytes(8), fx.jpeg_bytes(9), fx.jpeg_bytes(10)]
+  data = pickle.dumps(([_opencv_style(b) for b in images], [np.bool_(False), np.bool_(True)]),
+                      protocol=protocol)
+  path = tmp_path / "np1.bin"
+  path.write_bytes(_numpy1_names(data))
+  assert b"numpy._core" not in path.read_bytes()
+  assert verification_bin.load_verification_bin(str(path)) == (images, [False, True])
+  path.write_bytes(_numpy1_names(pickle.dumps((images, np.asarray([0, 1], np.int32)),
+                                              protocol=protocol)))
+  assert verification_bin.load_verification_bin(str(path)) == (images, [False, True])
+
+
+def test_bin_any_contiguous_uint8_array_is_its_bytes(tmp_path):
+  data = fx.jpeg_bytes(11)
+  square = np.frombuffer(data[:len(data) // 2 * 2], np.uint8).reshape(2, -1)
+  for array in (square, np.asfortranarray(square), np.frombuffer(data, np.uint8)[None, :]):
+    path = str(tmp_path / "shapes.bin")
+    fx.write_bin_fixture(path, [array, data], [True], protocol=2)
+    # The array's memory in order, as np.frombuffer (insightface) reads it.
+    assert verification_bin.load_verification_bin(path)[0][0] == memoryview(array).tobytes(
+        order="A")
+
+
+class _Reduce:
+  """Pickles as `function(*args)` (then BUILD `state`): hand-crafts numpy's pickle calls."""
+
+  def __init__(self, function, *args, state=None):
+    self.function, self.args, self.state = function, args, state
+
+  def __reduce__(self):
+    if self.state is None:
+      return self.function, self.args
+    return self.function, self.args, self.state
+
+
+# numpy's own reconstruction functions, whatever the numpy version calls their module.
+_SCALAR = np.bool_(True).__reduce__()[0]
+_RECONSTRUCT = np.zeros(1, np.uint8).__reduce__()[0]
+
+
+@pytest.mark.parametrize("issame,match", [
+    ([np.float64(1.0)], r"refused to load: numpy dtype .f8"),
+    ([np.int64(2)], r"issame\[0\] is 2; expected True/False \(or 0/1\)"),
+    (np.asarray([[True]]), r"issame is a numpy bool array of shape \(1, 1\)"),
+    ([_Reduce(_SCALAR, np.dtype("u1"), b"\x01\x02")],
+     r"numpy scalar of dtype \|u1 with 2 bytes"),
+    ([_Reduce(_SCALAR, np.dtype(bool), b"\x02")],
+     r"numpy bool data with bytes other than 0 and 1"),
+    ([_Reduce(_SCALAR, np.dtype(object), [os.system])],
+     r"numpy dtype .O"),
+])
+def test_bin_refuses_other_numpy_issame(tmp_path, issame, match):
+  path = tmp_path / "bad.bin"
+  path.write_bytes(pickle.dumps(([b"a", b"b"], issame), protocol=2))
+  with pytest.raises(UserError, match=r"bad\.bin: .*" + match):
+    verification_bin.load_verification_bin(str(path))
+
+
+def test_bin_numpy_reconstruction_cannot_be_abused(tmp_path):
+  marker = tmp_path / "pwned"
+  attacks = [
+      # An array whose state holds Python objects instead of raw bytes.
+      (_Reduce(_RECONSTRUCT, np.ndarray, (0,), b"b",
+               state=(1, (2,), np.dtype("u1"), False, [1, 2])),
+       "numpy array that is not a plain bool or integer array"),
+      # An array rebuilt without its state.
+      (_Reduce(_RECONSTRUCT, np.ndarray, (0,), b"b"), "image 0 is an incomplete numpy array"),
+      # _reconstruct asked for another class, or a scalar whose dtype is a call.
+      (_Reduce(_RECONSTRUCT, _Reduce(os.system, f"touch {marker}"), (0,), b"b"),
+       f"global {os.system.__module__}.system is not allowed"),
+      (_Reduce(_SCALAR, _Reduce(os.system, f"touch {marker}"), b"\x01"),
+       f"global {os.system.__module__}.system is not allowed"),
+      (_Reduce(_RECONSTRUCT, list, (0,), b"b"), "numpy _reconstruct with unexpected arguments"),
+  ]
+  path = tmp_path / "evil.bin"
+  for attack, match in attacks:
+    path.write_bytes(pickle.dumps(([attack, b"b"], [True]), protocol=2))
+    with pytest.raises(UserError, match=r"evil\.bin: .*" + match):
+      verification_bin.load_verification_bin(str(path))
+  # A hand-made state claiming more data than it holds.
+  fine = pickle.dumps(([np.zeros(3, np.uint8), b"b"], [True]), protocol=2)
+  path.write_bytes(fine.replace(b"K\x03\x85", b"K\x09\x85", 1))
+  with pytest.raises(UserError, match=r"numpy array of shape \(9,\) and dtype \|u1 with 3 "
+                     r"bytes"):
+    verification_bin.load_verification_bin(str(path))
+  assert not marker.exists()
+
+
 class _Evil:
 
   def __init__(self, target):
@@ -252,7 +385,7 @@ def test_bin_refuses_malicious_pickle(tmp_path, make):
 
 @pytest.mark.parametrize("obj,match", [
     ([np.zeros(4, np.float32)], r"numpy dtype .f4"),
-    ([np.zeros((2, 2), np.uint8)], r"numpy array that is not a 1-D uint8"),
+    ([np.zeros(2, dtype=[("a", "u1")])], r"numpy dtype .V1"),
     ([np.array([b"a"], dtype=object)], r"numpy dtype .O"),
 ])
 def test_bin_refuses_other_numpy(tmp_path, obj, match):
@@ -361,9 +494,9 @@ def _corrupt(path, offset, data):
     f.write(data)
 
 
-def _rec_error(rec, match):
+def _rec_error(rec, match, **kw):
   with pytest.raises(UserError, match=match):
-    with recordio.FaceRecordIOReader(rec) as reader:
+    with recordio.FaceRecordIOReader(rec, **kw) as reader:
       list(reader)
 
 
@@ -417,7 +550,126 @@ def test_recordio_idx_disagrees(tmp_path):
 def test_recordio_label_disagrees_with_identity_range(tmp_path):
   rec = str(tmp_path / "train.rec")
   fx.write_rec_fixture(rec, _identities(), image_label_override={5: 0})
-  _rec_error(rec, r"train\.rec#5: image label 0 disagrees with identity record 2")
+  _rec_error(rec, r"train\.rec#5: image label 0 disagrees with identity record 2",
+             strict_identity_records=True)
+
+
+def _glint_like(tmp_path):
+  """A pack whose identity ranges hold images labeled as other identities (as Glint360K).
+
+  Returns (rec, [(image, own label)] in key order).
+  """
+  rec = str(tmp_path / "glint.rec")
+  ids = [[fx.jpeg_bytes(10 + k) for k in range(n)] for n in (3, 2, 1, 3)]
+  # Keys: identity 0 -> 1..3, 1 -> 4..5, 2 -> 6, 3 -> 7..9. Three images say otherwise.
+  override = {2: 3, 5: 0, 8: 1}
+  written = fx.write_rec_fixture(rec, ids, image_label_override=override)
+  images = [img for imgs in ids for img in imgs]
+  return rec, [(img, override.get(key, label)) for img, (key, label) in zip(images, written)]
+
+
+def test_recordio_images_keep_their_own_labels_glint_like(tmp_path):
+  rec, expected = _glint_like(tmp_path)
+  with pytest.warns(recordio.IdentityRecordWarning) as caught:
+    reader = recordio.FaceRecordIOReader(rec)
+  with reader:
+    records = list(reader)
+    assert [(r.image, r.identity) for r in records] == expected
+    labels = [label for _, label in expected]
+    assert reader.index.identity_image_counts == tuple(
+        labels.count(j) for j in range(4))  # (3, 3, 1, 2)
+    assert reader.identity_record_disagreements == 3
+    assert reader.malformed_identity_records == 0
+  warning = caught[0].message
+  assert (warning.disagreements, warning.malformed, warning.source) == (3, 0, rec)
+  assert str(warning).startswith(f"{rec}: 3 of 9 images carry a label other than the identity "
+                                 "record whose key range holds them (first: key 2 has label 3")
+  assert "--strict_identity_records" in str(warning)
+  _rec_error(rec, r"glint\.rec#2: image label 3 disagrees with identity record 0 whose key "
+             "range holds it", strict_identity_records=True)
+
+
+def test_recordio_merged_pack_with_scalar_identity_records(tmp_path):
+  rec = str(tmp_path / "merged.rec")
+  ids = [[fx.jpeg_bytes(20)], [fx.jpeg_bytes(21), fx.png_bytes(22)], [fx.jpeg_bytes(23)]]
+  fx.write_rec_fixture(rec, ids, identity_records="scalar")
+  with pytest.warns(recordio.IdentityRecordWarning, match=r"4 of 4 images .* and 3 of 3 "
+                    r"identity records hold no \(first key, end key\) range"):
+    reader = recordio.FaceRecordIOReader(rec)
+  with reader:
+    assert [(r.image, r.identity) for r in reader] == [
+        (img, j) for j, imgs in enumerate(ids) for img in imgs]
+    assert reader.index.identity_image_counts == (1, 2, 1)
+    assert (reader.identity_record_disagreements, reader.malformed_identity_records) == (4, 3)
+  _rec_error(rec, r"merged\.rec#5: identity record has flag 0; expected a \(first image key, "
+             r"end key\) label with flag 2", strict_identity_records=True)
+
+
+def test_recordio_consistent_pack_warns_nothing(tmp_path):
+  rec = str(tmp_path / "train.rec")
+  fx.write_rec_fixture(rec, _identities())
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for strict in (False, True):
+      with recordio.FaceRecordIOReader(rec, strict_identity_records=strict) as reader:
+        assert reader.identity_record_disagreements == 0
+        assert [r.identity for r in reader] == [0, 0, 1, 2, 2, 2]
+
+
+def test_recordio_bad_ranges_are_counted_or_refused(tmp_path):
+  rec = str(tmp_path / "train.rec")
+  fx.write_rec_fixture(rec, _identities())
+  # Identity record 1 (key 8) claims keys [4, 5) instead of [3, 4): key 3 is in no range,
+  # key 4 in two; their own labels (1 and 2) are used.
+  _corrupt(rec, fx.rec_offsets(rec)[8] + 8 + 24, struct.pack("<ff", 4, 5))
+  with pytest.warns(recordio.IdentityRecordWarning, match=r"2 of 6 images .*first: key 3 has "
+                    r"label 1, in no single identity record's range"):
+    reader = recordio.FaceRecordIOReader(rec)
+  with reader:
+    assert [r.identity for r in reader] == [0, 0, 1, 2, 2, 2]
+    assert reader.index.identity_image_counts == (2, 1, 3)
+
+
+def test_recordio_label_vectors_and_bad_labels(tmp_path):
+  # Image headers with flag > 0 carry a label vector; insightface uses its first value.
+  rec, idx = str(tmp_path / "vec.rec"), str(tmp_path / "vec.idx")
+  images = [fx.jpeg_bytes(50), fx.jpeg_bytes(51), fx.jpeg_bytes(52)]
+  labels = [1.0, 0.0, 1.0]
+
+  def write(bad_label=None):
+    payloads = [fx._ir_payload(2, 0.0, 0, labels=(4, 6))]
+    for k, (img, label) in enumerate(zip(images, labels)):
+      label = bad_label if bad_label is not None and k == 2 else label
+      payloads.append(fx._ir_payload(2, 0.0, k + 1, labels=(label, 0.25), image=img))
+    payloads += [fx._ir_payload(2, 0.0, 0, labels=(2, 3)),
+                 fx._ir_payload(2, 0.0, 0, labels=(1, 2))]
+    with recordio.RecordIOWriter(rec, idx) as w:
+      for key, payload in enumerate(payloads):
+        w.write(payload, key=key)
+
+  write()
+  # Identity records (out of order) cover keys 2 and 1 only: key 3 is in no range.
+  with pytest.warns(recordio.IdentityRecordWarning, match=r"1 of 3 images .*key 3 has label 1, "
+                    "in no single"):
+    reader = recordio.FaceRecordIOReader(rec)
+  with reader:
+    assert [(r.image, r.identity) for r in reader] == list(zip(images, [1, 0, 1]))
+    assert reader.index.identity_image_counts == (1, 2)
+  for bad, shown in ((-1.0, "-1.0"), (float("nan"), "nan"), (2.5, "2.5")):
+    write(bad)
+    _rec_error(rec, rf"vec\.rec#3: label {shown}; expected a non-negative integer")
+  write(3e9)  # Would overflow the labels, or allocate counts for 3e9 identities.
+  _rec_error(rec, r"vec\.rec#3: label 3000000000; expected an identity label below 16777216")
+
+
+def test_head_reads_match_full_reads(tmp_path):
+  rec = str(tmp_path / "train.rec")
+  fx.write_rec_fixture(rec, _identities())
+  with recordio.RecordIOReader(rec) as raw:
+    for key in raw.keys.tolist():
+      full = raw.read(key)
+      for size in (0, 5, 32, 10**6):
+        assert raw.read_head(key, size) == full[:size], (key, size)
 
 
 def test_recordio_corrupt_image_skipped_or_raised(tmp_path):
@@ -438,6 +690,7 @@ def test_recordio_bad_header(tmp_path):
   # Identity record 1 (key 8) claims keys [4, 5) instead of [3, 4).
   _corrupt(rec, off[8] + 8 + 24, struct.pack("<ff", 4, 5))
   _rec_error(rec, r"train\.rec#8: identity 1 covers image keys \[4, 5\); expected a range "
-             r"starting at 3")
+             r"starting at 3", strict_identity_records=True)
   _corrupt(rec, off[0] + 8 + 24, struct.pack("<ff", 7, 6))
-  _rec_error(rec, r"train\.rec#0: header label \(7, 6\)")
+  for strict in (False, True):
+    _rec_error(rec, r"train\.rec#0: header label \(7, 6\)", strict_identity_records=strict)

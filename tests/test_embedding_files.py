@@ -9,27 +9,29 @@ import pytest
 
 from mstkd_jax import models
 from mstkd_jax.errors import UserError
-from mstkd_jax.stages import adaptor as adaptor_stage, extract, runtime
+from mstkd_jax.stages import adaptor as adaptor_stage, extract
 from mstkd_jax.train import parallel as parallel_lib
+from mstkd_jax.train import build
+from mstkd_jax import files
 
 SIZE, EMBEDDING = 16, 8
 
 
 def test_npy_writer_replaces_the_file_only_when_complete(tmp_path):
   path = str(tmp_path / "a.npy")
-  with runtime.npy_writer(path, (5, 2)) as out:
+  with files.npy_writer(path, (5, 2)) as out:
     out[:] = np.arange(10).reshape(5, 2)
   np.testing.assert_array_equal(np.load(path), np.arange(10).reshape(5, 2))
 
   with pytest.raises(RuntimeError, match="stop"):
-    with runtime.npy_writer(path, (7, 3)) as out:
+    with files.npy_writer(path, (7, 3)) as out:
       out[:3] = 1.0
       raise RuntimeError("stop")
   # The earlier file is intact and no partial file is left behind.
   np.testing.assert_array_equal(np.load(path), np.arange(10).reshape(5, 2))
   assert sorted(os.listdir(tmp_path)) == ["a.npy"]
 
-  with runtime.npy_writer(str(tmp_path / "b.npy"), (3,), enabled=False) as out:
+  with files.npy_writer(str(tmp_path / "b.npy"), (3,), enabled=False) as out:
     assert out is None
   assert not (tmp_path / "b.npy").exists()
 
@@ -48,7 +50,7 @@ class _Images:
 def _teacher(seed):
   module = models.create("iresnet18", stage_depths=(1, 1, 1, 1), width=4,
                          embedding_size=EMBEDDING, axis_name=parallel_lib.AXIS)
-  variables = runtime.init_variables(module, jax.random.PRNGKey(seed),
+  variables = build.init_variables(module, jax.random.PRNGKey(seed),
                                      np.zeros((1, SIZE, SIZE, 3), np.float32), train=False)
   return module, variables
 
@@ -58,7 +60,7 @@ def test_extraction_fills_each_teacher_s_slice_of_the_file(tmp_path):
   parallel = parallel_lib.get("pmap", 1)
   path = str(tmp_path / "teacher_embeddings.npy")
   teachers = [_teacher(seed) for seed in (1, 2)]
-  with runtime.npy_writer(path, (10, 2, 2, EMBEDDING)) as out:
+  with files.npy_writer(path, (10, 2, 2, EMBEDDING)) as out:
     for i, (module, variables) in enumerate(teachers):
       extract._embed_training_set(variables, module, _Images(images), parallel, 4, out, i)  # pylint: disable=protected-access
   written = np.load(path, mmap_mode="r")
@@ -76,7 +78,7 @@ def test_extraction_fills_each_teacher_s_slice_of_the_file(tmp_path):
 def test_extracted_embeddings_are_read_memory_mapped_and_bad_files_named(tmp_path):
   train = np.random.default_rng(0).normal(size=(6, 2, 3, 4)).astype(np.float32)
   np.save(tmp_path / "teacher_embeddings.npy", train)
-  runtime.atomic_save_npz(str(tmp_path / "verification_teacher_embeddings.npz"),
+  files.save_npz(str(tmp_path / "verification_teacher_embeddings.npz"),
                           {"g/embeddings": train[:4], "g/issame": np.array([True, False])})
   loaded, verification = extract.load(str(tmp_path))
   assert isinstance(loaded, np.memmap)
@@ -103,7 +105,7 @@ def test_adaptor_targets_are_written_in_bounded_memory(tmp_path):
   weights = np.random.default_rng(1).normal(size=(teachers * size, out_size)).astype(np.float32)
   apply = jax.jit(lambda w, x: x @ w)
   tracemalloc.start()
-  with runtime.npy_writer(str(tmp_path / "targets.npy"), (num, 2, out_size)) as out:
+  with files.npy_writer(str(tmp_path / "targets.npy"), (num, 2, out_size)) as out:
     adaptor_stage._map(apply, weights, embeddings, out)  # pylint: disable=protected-access
   _, peak = tracemalloc.get_traced_memory()
   tracemalloc.stop()

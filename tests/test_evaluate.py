@@ -5,6 +5,7 @@ One tiny IResNet (iresnet18, width 4, embedding 16, 16x16 input) is used everywh
 embedding function compiles once for the whole file.
 """
 
+import ast
 import dataclasses
 import io
 import json
@@ -19,11 +20,12 @@ import pytest
 
 from mstkd_jax import evaluate as evaluate_lib
 from mstkd_jax import models
-from mstkd_jax.data import rfw, sources, synthetic, verification_bin
+from mstkd_jax import workdir as workdir_lib
+from mstkd_jax.data import pairs, rfw, sources, synthetic, verification_bin
 from mstkd_jax.errors import UserError
-from mstkd_jax.interop import orbax_checkpoint, torch_checkpoint
-from mstkd_jax.stages import runtime
-from mstkd_jax.train import checkpoints, parallel as parallel_lib, state as state_lib
+from mstkd_jax.evaluation import embed
+from mstkd_jax.interop import orbax_checkpoint, resolve, torch_checkpoint
+from mstkd_jax.train import build, checkpoints, parallel as parallel_lib, state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCH = {"arch": "iresnet18", "width": 4, "embedding_size": 16, "image_size": 16}
@@ -42,8 +44,8 @@ def _batch_norms(tree):
 
 def _random_variables():
   module = models.create("iresnet18", width=4, embedding_size=16)
-  variables = runtime.init_variables(module, jax.random.PRNGKey(0),
-                                     np.zeros((1, 16, 16, 3), np.float32), train=False)
+  variables = build.init_variables(module, jax.random.PRNGKey(0),
+                                   np.zeros((1, 16, 16, 3), np.float32), train=False)
   # Non-trivial BatchNorm statistics, so that their conversion is checked too.
   rng = np.random.default_rng(0)
   for stats in _batch_norms(variables["batch_stats"]):
@@ -54,7 +56,7 @@ def _random_variables():
   # also compiles the embedding function that every evaluation below reuses.
   faces = synthetic.generate(SPEC)
   images = np.concatenate([faces.eval_images[g] for g in SPEC.group_names])
-  out, _ = runtime.embed_images(variables, module, images, parallel_lib.get("pmap", 0), BATCH)
+  out, _ = embed.embed_images(variables, module, images, parallel_lib.get("pmap", 0), BATCH)
   stats, bias = variables["batch_stats"]["features"], variables["params"]["features"]["bias"]
   raw = (out - bias) * np.sqrt(stats["var"] + 1e-5) + stats["mean"]
   stats["mean"], stats["var"] = raw.mean(0), raw.var(0)
@@ -82,7 +84,7 @@ def model_files(tmp_path_factory):
   older = jax.tree.map(lambda x: x * 0.5, variables)
   _save_orbax(str(workdir / "checkpoints"), 3, older)
   _save_orbax(str(workdir / "checkpoints"), 7, variables)
-  runtime.save_model(str(workdir), 7, variables)  # The trained network alone, as stages do.
+  workdir_lib.save_model(str(workdir), 7, variables)  # The trained network alone, as stages do.
   config = {"stage": "teacher",
             "model": {"name": "iresnet18", "width": 4, "embedding_size": 16, "use_se": False,
                       "dropout": 0.0, "dtype": "float32"},
@@ -185,7 +187,7 @@ def test_orbax_reader_refuses_what_is_no_checkpoint(tmp_path):
   with pytest.raises(UserError, match="holds no finished checkpoint step"):
     orbax_checkpoint.load_backbone_variables(tmp_path)
   adaptor = tmp_path / "adaptor"
-  runtime.save_model(str(adaptor), 2, {"params": {"dense": {"kernel": np.ones((4, 2))}}})
+  workdir_lib.save_model(str(adaptor), 2, {"params": {"dense": {"kernel": np.ones((4, 2))}}})
   with pytest.raises(UserError, match=r"holds no backbone parameters \(params has \['dense'\]"):
     orbax_checkpoint.load_backbone_variables(adaptor)
 
@@ -263,6 +265,65 @@ def test_synthetic_by_name_is_the_workdirs_configured_set(model_files, data_file
     assert accuracies[group] == accuracies[f"copy_{group}"]
 
 
+def _pairs_list_planner():
+  """A verification format made up for the test: <group>.pairs.txt, one `image_a image_b
+  same` line per pair, image paths relative to the file."""
+
+  def groups(path):
+    return (os.path.basename(path)[:-len(".pairs.txt")],)
+
+  def plan(path):
+    images, rows = [], []
+    lines = [line.split() for line in open(path).read().splitlines() if line.strip()]
+    for a, b, _ in lines:
+      for name in (a, b):
+        image = (None, os.path.join(os.path.dirname(path), name))
+        if image not in images:
+          images.append(image)
+        rows.append(images.index(image))
+    return [pairs.GroupPlan(groups(path)[0], images, np.reshape(rows, (-1, 2)),
+                            np.array([same == "1" for _, _, same in lines]))]
+
+  return pairs.Planner(groups, plan, "a <group>.pairs.txt file",
+                       claims=lambda path: path.endswith(".pairs.txt"))
+
+
+def test_a_new_verification_format_is_one_planner_and_one_registry_line(
+    model_files, data_files, tmp_path, monkeypatch):
+  reader = rfw.RFWReader(data_files["rfw"])
+  lines = [f"{os.path.relpath(reader.image_path('group_a', p.name1, p.index1), reader.test_dir)} "
+           f"{os.path.relpath(reader.image_path('group_a', p.name2, p.index2), reader.test_dir)} "
+           f"{int(p.same)}" for p in reader.pairs("group_a")]
+  listing = os.path.join(reader.test_dir, "listed.pairs.txt")
+  with open(listing, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  # Claims specific files, so it goes before "bin", which takes any file.
+  monkeypatch.setattr(pairs, "PLANNERS", {"pairs_list": _pairs_list_planner(),
+                                          **pairs.PLANNERS})
+  try:
+    report = _run(model_files["pth"], ARCH, [listing, data_files["rfw"]], tmp_path)
+  finally:
+    os.remove(listing)
+  accuracies = _accuracies(report)
+  assert accuracies["listed"] == accuracies["group_a"]
+  assert report["config"]["data"][0]["format"] == "pairs_list"
+
+
+def test_evaluation_and_training_data_need_neither_stages_nor_builders():
+  for module in ("evaluate.py", "interop/resolve.py", "data/sources.py", "data/tfds_input.py",
+                 "data/pairs.py", "data/prepared.py"):
+    with open(os.path.join(ROOT, "mstkd_jax", module)) as f:
+      tree = ast.parse(f.read())
+    imported = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        imported |= {a.name for a in node.names}
+      elif isinstance(node, ast.ImportFrom):
+        imported |= {f"{node.module}.{a.name}" for a in node.names}
+    assert not [m for m in imported if m.startswith("mstkd_jax.stages")
+                or m == "mstkd_jax.data.tfds_builders"], module
+
+
 # --- Errors ----------------------------------------------------------------------------
 
 
@@ -307,6 +368,29 @@ def test_bad_inputs_stop_with_their_message_and_write_nothing(case, error, messa
     _run(*args, out)
   assert message in str(info.value)
   assert not out.exists()
+
+
+def test_a_pth_of_another_input_size_is_refused_naming_its_input_size(model_files, data_files,
+                                                                      tmp_path):
+  with pytest.raises(UserError) as info:
+    _run(model_files["pth"], dict(ARCH, image_size=32), [data_files["rfw"]], tmp_path / "out")
+  message = str(info.value)
+  assert "does not fit this IResNet" in message and "image_size=32" in message
+  assert "its input size is 16: --image_size=16" in message
+  assert not (tmp_path / "out").exists()
+  # The same fields and the same inference as the Orbax reader's.
+  state_dict = torch_checkpoint.load_state_dict(model_files["pth"])
+  assert resolve.describe_state_dict(state_dict) == orbax_checkpoint.describe_iresnet(
+      model_files["variables"])
+
+
+def test_an_orbax_checkpoint_of_another_input_size_is_refused_naming_its_input_size(
+    model_files, data_files, tmp_path):
+  with pytest.raises(UserError) as info:
+    _run(model_files["workdir"], {"image_size": 32}, [data_files["rfw"]], tmp_path / "out")
+  assert "does not fit the model iresnet18 width=4" in str(info.value)
+  assert "the checkpoint looks like: iresnet18 width=4 embedding_size=16 use_se=False " \
+         "image_size=16" in str(info.value)
 
 
 def _cli(*args):

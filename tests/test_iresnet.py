@@ -8,7 +8,7 @@ import pytest
 from mstkd_jax import models
 from mstkd_jax.errors import UserError
 from mstkd_jax.models import iresnet
-from mstkd_jax.stages import runtime
+from mstkd_jax.train import build
 
 DEPTHS = {"iresnet18": [2, 2, 2, 2], "iresnet34": [3, 4, 6, 3], "iresnet50": [3, 4, 14, 3],
           "iresnet100": [3, 13, 30, 3]}
@@ -85,7 +85,7 @@ def test_width_scales_every_stage():
 
 def test_bfloat16_compute_keeps_float32_parameters_and_output():
   model = models.create("iresnet18", width=8, embedding_size=16, dtype=jnp.bfloat16)
-  variables = runtime.init_variables(model, jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 3)))
+  variables = build.init_variables(model, jax.random.PRNGKey(0), jnp.zeros((2, 16, 16, 3)))
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
   out, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
       variables, jnp.ones((2, 16, 16, 3)))

@@ -7,8 +7,9 @@ import numpy as np
 
 from mstkd_jax import models
 from mstkd_jax.data import input_pipeline
-from mstkd_jax.stages import adaptor as adaptor_stage, extract, runtime
+from mstkd_jax.stages import adaptor as adaptor_stage, extract
 from mstkd_jax.train import parallel as parallel_lib, state as state_lib, steps
+from mstkd_jax.train import build
 
 NUM_TEACHERS, EMBEDDING, SIZE, BATCH = 3, 16, 16, 8
 
@@ -17,7 +18,7 @@ def _networks():
   teacher = models.create("iresnet18", stage_depths=(1, 1, 1, 1), width=4,
                           embedding_size=EMBEDDING, axis_name=parallel_lib.AXIS)
   example = np.zeros((1, SIZE, SIZE, 3), np.float32)
-  teachers = [runtime.init_variables(teacher, jax.random.PRNGKey(i), example, train=False)
+  teachers = [build.init_variables(teacher, jax.random.PRNGKey(i), example, train=False)
               for i in range(NUM_TEACHERS)]
   # Non-trivial running statistics, so inference BatchNorm matters.
   rng = np.random.default_rng(0)
@@ -26,7 +27,7 @@ def _networks():
       if "batch_stats" in jax.tree_util.keystr(p) and "mean" in jax.tree_util.keystr(p)
       else x, t) for t in teachers]
   adaptor = models.create("adaptor", kind="DLDPO", embedding_size=EMBEDDING, dropout=0.2)
-  adaptor_vars = runtime.init_variables(adaptor, jax.random.PRNGKey(9),
+  adaptor_vars = build.init_variables(adaptor, jax.random.PRNGKey(9),
                                         np.zeros((1, NUM_TEACHERS * EMBEDDING), np.float32))
   return teacher, teachers, adaptor, adaptor_vars
 
@@ -48,13 +49,14 @@ def test_online_targets_equal_the_cached_targets_and_the_losses_agree():
   fed = input_pipeline.normalize_images(np.where(flips[:, None, None, None],
                                                  images[:, :, ::-1], images))
   stacked = jax.tree.map(lambda *xs: np.stack(xs), *teachers)
-  online = steps.online_targets(fed, stacked, adaptor_vars, teacher=teacher, adaptor=adaptor)
+  online = steps.online_targets(fed, {"teachers": stacked, "adaptor": adaptor_vars},
+                                teacher=teacher, adaptor=adaptor)
   np.testing.assert_allclose(online, cached_fed, rtol=1e-4, atol=1e-5)
 
   # The student's loss on this batch is the same either way.
   student = models.create("iresnet18", stage_depths=(1, 1, 1, 1), width=4,
                           embedding_size=EMBEDDING, axis_name=parallel_lib.AXIS)
-  variables = runtime.init_variables(student, jax.random.PRNGKey(5),
+  variables = build.init_variables(student, jax.random.PRNGKey(5),
                                      np.zeros((1, SIZE, SIZE, 3), np.float32), train=False)
   schedule = state_lib.step_decay_schedule(0.1, 10, ())
   tx = state_lib.sgd({"backbone": state_lib.ParamGroup(schedule, 5.0)})
@@ -72,8 +74,8 @@ def test_online_targets_equal_the_cached_targets_and_the_losses_agree():
                                                       adaptor=adaptor), **common),
                               donate_state=False)
   _, cached_metrics = cached_step(parallel.replicate(state), parallel.shard(batch), rng)
-  _, online_metrics = online_step(parallel.replicate(state), parallel.shard(batch), rng,
-                                  *parallel.replicate((stacked, adaptor_vars)))
+  frozen = parallel.replicate({"teachers": stacked, "adaptor": adaptor_vars})
+  _, online_metrics = online_step(parallel.replicate(state), parallel.shard(batch), rng, frozen)
   cached_loss = float(parallel.unreplicate(cached_metrics)["loss"])
   online_loss = float(parallel.unreplicate(online_metrics)["loss"])
   np.testing.assert_allclose(online_loss, cached_loss, rtol=1e-4)
@@ -91,7 +93,7 @@ def test_online_targets_equal_the_cached_targets_and_the_losses_agree():
       orientation="stored", **common), donate_state=False)
   _, metrics_c = stored_cached(parallel.replicate(state), parallel.shard(stored_batch), rng)
   _, metrics_o = stored_online(parallel.replicate(state), parallel.shard(stored_batch), rng,
-                               *parallel.replicate((stacked, adaptor_vars)))
+                               frozen)
   stored_loss = float(parallel.unreplicate(metrics_c)["loss"])
   np.testing.assert_allclose(float(parallel.unreplicate(metrics_o)["loss"]), stored_loss,
                              rtol=1e-4)

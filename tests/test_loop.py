@@ -1,4 +1,5 @@
-"""The training loop's divergence stop: names the step and keeps the last good checkpoint."""
+"""The training loop: the divergence stop names the step and keeps the last good checkpoint;
+frozen networks reach the step as one named pytree."""
 
 import os
 
@@ -38,6 +39,27 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
   assert checkpoints.latest_step() == 4
   restored = checkpoints.restore(4, init)
   np.testing.assert_array_equal(restored.params["w"], np.full(3, 0 + 1 + 2 + 3, np.float32))
+
+
+@pytest.mark.parametrize("kind", parallel.KINDS)
+def test_frozen_networks_reach_the_step_as_one_named_pytree(tmp_path, kind):
+  frozen = {"teachers": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)},
+            "adaptor": {"b": np.full(3, 0.5, np.float32)}}
+
+  def step(state, batch, rng, frozen):
+    del batch, rng
+    shift = jnp.sum(frozen["teachers"]["w"], axis=0) + frozen["adaptor"]["b"]
+    return state.replace(step=state.step + 1, params={"w": state.params["w"] + shift}), {
+        "loss": jnp.float32(1.0)}
+
+  init = state_lib.TrainState(step=np.zeros((), np.int32), params={"w": np.zeros(3, np.float32)},
+                              batch_stats={}, opt_state=optax.EmptyState())
+  settings = loop.LoopSettings(name="toy", total_steps=2, steps_per_epoch=2,
+                               images_per_step=2, log_every=1, checkpoint_every=2)
+  final = loop.train(workdir=str(tmp_path), settings=settings, init_state=init, step_fn=step,
+                     batches=_batches, parallel=parallel.get(kind, 1),
+                     rng=np.zeros(2, np.uint32), frozen=frozen)
+  np.testing.assert_array_equal(final.params["w"], 2 * np.asarray([3.5, 5.5, 7.5], np.float32))
 
 
 def test_steps_for_refuses_a_data_set_smaller_than_a_batch():

@@ -114,3 +114,95 @@ def test_margin_head_returns_cosines():
 def test_unknown_head_is_refused():
   with pytest.raises(ValueError, match="margin head must be one of"):
     losses.MarginSpec("sphereface")
+
+
+# --- l2_normalize ----------------------------------------------------------------------
+
+
+def _l2_normalize_before_the_zero_guard(x, axis=-1, eps=1e-12):
+  """The formula l2_normalize had before its gradient at 0 was made finite."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True)), eps)
+
+
+def _normalize_inputs():
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(16, 64)).astype(np.float32)
+  x *= np.asarray([1e-30, 1e-20, 1e-6, 1.0, 1e3, 1e15] * 2 + [1.0] * 4, np.float32)[:, None]
+  x[3] = 0.0
+  x[7, :] = 0.0
+  return x
+
+
+def test_l2_normalize_matches_numpy_and_torch_normalize_values():
+  x = _normalize_inputs()
+  norm = np.sqrt((x.astype(np.float64) ** 2).sum(axis=1, keepdims=True))
+  expected = x / np.maximum(norm, 1e-12)
+  got = np.asarray(losses.l2_normalize(jnp.asarray(x)))
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-30)
+  np.testing.assert_array_equal(got[3], np.zeros(64, np.float32))
+  kernel = np.random.default_rng(5).normal(size=(64, 10)).astype(np.float32)
+  kernel[:, 2] = 0.0
+  np.testing.assert_allclose(
+      losses.l2_normalize(jnp.asarray(kernel), axis=0),
+      kernel / np.maximum(np.linalg.norm(kernel.astype(np.float64), axis=0), 1e-12),
+      rtol=2e-6)
+
+
+def test_l2_normalize_values_and_gradients_are_unchanged_where_nonzero():
+  # Bit for bit, alone and inside a jitted head + loss, so recipes give the same numbers.
+  x = _normalize_inputs()
+  x = x[np.abs(x).sum(axis=1) > 0]
+  for dtype in (jnp.float32, jnp.bfloat16):
+    for wrap in (lambda f: f, jax.jit):
+      np.testing.assert_array_equal(
+          np.asarray(wrap(losses.l2_normalize)(jnp.asarray(x, dtype))),
+          np.asarray(wrap(_l2_normalize_before_the_zero_guard)(jnp.asarray(x, dtype))))
+  rng = np.random.default_rng(6)
+  emb = jnp.asarray(rng.normal(size=(8, 32)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(32, 5)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 5, 8))
+
+  def head_loss(normalize):
+    def loss(e, k):
+      cos = normalize(e) @ normalize(k, axis=0)
+      spec = losses.MarginSpec("arcface")
+      return losses.cross_entropy(losses.margin_logits(cos, labels, jnp.full(8, 0.5), spec),
+                                  labels)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+  new = head_loss(losses.l2_normalize)(emb, kernel)
+  old = head_loss(_l2_normalize_before_the_zero_guard)(emb, kernel)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               new, old)
+
+
+def test_l2_normalize_gradient_at_zero_is_finite_as_in_torch():
+  x = _normalize_inputs()
+  weights = np.random.default_rng(7).normal(size=x.shape).astype(np.float32)
+
+  def objective(v):
+    return jnp.sum(losses.l2_normalize(v) * weights)
+  grad = np.asarray(jax.grad(objective)(jnp.asarray(x)))
+  assert np.isfinite(grad).all()
+  old = np.asarray(jax.grad(lambda v: jnp.sum(_l2_normalize_before_the_zero_guard(v) * weights))(
+      jnp.asarray(x)))
+  assert np.isnan(old[3]).all()  # What the guard fixes.
+  # At 0 the value is x / eps, so the gradient is weights / eps (PyTorch's too).
+  np.testing.assert_allclose(grad[3], weights[3] / 1e-12, rtol=1e-6)
+  # Elsewhere: d(x/|x|) w = (w - (w.u) u) / |x| with u = x/|x|, written out in float64.
+  for row in (8, 9, 10, 12, 15):
+    v, w = x[row].astype(np.float64), weights[row].astype(np.float64)
+    n = np.linalg.norm(v)
+    u = v / n
+    np.testing.assert_allclose(grad[row], (w - (w @ u) * u) / n, rtol=1e-4,
+                               atol=1e-6 * np.abs(grad[row]).max())
+  torch = pytest.importorskip("torch")
+  tx = torch.tensor(x, requires_grad=True)
+  (torch.nn.functional.normalize(tx, dim=-1, eps=1e-12) * torch.tensor(weights)).sum().backward()
+  reference = tx.grad.numpy()
+  assert np.isfinite(reference).all()
+  for row in range(len(x)):
+    np.testing.assert_allclose(grad[row], reference[row], rtol=1e-4,
+                               atol=1e-6 * np.abs(reference[row]).max(), err_msg=str(row))

@@ -22,6 +22,16 @@ def _main(*args):
     (["--config=configs/teacher.py:smoke", "--config.train.epochs=abc"],
      "--config.train.epochs=abc: could not convert string to float"),
     (["--config=configs/missing.py"], "configs/missing.py"),
+    # The recipe has no top-level train/optim: each stage has its own section.
+    (["--config=configs/distill.py", "--config.train.batch_size=32"],
+     "unknown config field 'train.batch_size' (in configs/distill.py); the config has: "
+     "adaptor, adaptors, balanced_seed, data,"),
+    (["--config=configs/distill.py", "--config.optim.base_lr=0.5"],
+     "unknown config field 'optim.base_lr'"),
+    (["--config=configs/distill.py:smoke", "--config.teacher.train.bogus=1"],
+     "unknown config field 'teacher.train.bogus' (in configs/distill.py:smoke); "
+     "teacher.train has: batch_size, checkpoint_every, epochs, eval_batch_size, eval_every, "
+     "keep_checkpoints, log_every, select"),
 ])
 def test_config_mistakes_stop_with_one_clear_message(args, message, tmp_path):
   result = _main(*args, f"--workdir={tmp_path}")

@@ -26,39 +26,33 @@ import pytest
 from configs import teacher as teacher_config
 from mstkd_jax import main
 from mstkd_jax.errors import UserError
-from mstkd_jax.stages import student
+from mstkd_jax.stages import common, student
 from mstkd_jax.train import checkpoints, loop, parallel, state as state_lib
 from test_parallel import assert_trees_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_TIMEOUT_S = 480              # generous: the CPU may be shared with other work
-NUM_IMAGES = 2 * 8 * 6            # groups x identities x images of the tiny synthetic set
-EMBEDDING = 16
+NUM_IMAGES = 2 * 8 * 6            # groups x identities x images of configs/teacher.py:tiny
+EMBEDDING = 16                    # its embedding size
 
 
 def tiny_teacher_config():
-  c = teacher_config.smoke()
-  c.data.synthetic.update(num_groups=2, identities_per_group=8, images_per_identity=6,
-                          eval_identities_per_group=6, eval_images_per_identity=4,
-                          pairs_per_group=40, image_size=16)
-  c.model.update(width=4, embedding_size=EMBEDDING)
+  c = teacher_config.get_config("tiny")
   c.model.stage_depths = (1, 1, 1, 1)  # IResNet's structure, one block per stage: quick
-  c.train.update(batch_size=16, epochs=4.0, log_every=3, checkpoint_every=3,
-                 eval_batch_size=64)
-  c.optim.lr_decay_epochs = (3,)
+  c.train.eval_batch_size = 64
   c.num_devices = 0                   # every device of every process
   return c
 
 
-def tiny_student_config(adaptor_dir: str):
+def tiny_student_config():
   c = tiny_teacher_config()
   del c["teacher"]
   c.stage = "student"
   c.train.update(epochs=1.0, checkpoint_every=100)
   c.parallelism = "shard_map"         # the teacher runs pmap: both kinds span processes
   c.student = ml_collections.ConfigDict(dict(
-      kd="a-KD", targets="cached", kd_weight=100.0, adaptor_dir=adaptor_dir,
-      teacher_dirs=(), adaptor_model=dict(kind="SL", embedding_size=EMBEDDING, dropout=0.0)))
+      kd="a-KD", targets="cached", kd_weight=100.0,
+      adaptor_model=dict(kind="SL", embedding_size=EMBEDDING, dropout=0.0)))
   return c
 
 
@@ -76,8 +70,8 @@ def worker(args):
   # main runs the stages its configs name; the student stage is called as the pipeline does.
   quiet = open(os.devnull, "w") if jax.process_index() else None
   with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
-    student.run(tiny_student_config(os.path.join(workdir, "adaptor")),
-                os.path.join(workdir, "student"))
+    student.run(tiny_student_config(), os.path.join(workdir, "student"),
+                inputs=common.Inputs(adaptor_dir=os.path.join(workdir, "adaptor")))
   print(f"worker: {time.perf_counter() - started:.1f} s in the stages, "
         f"{time.process_time():.1f} s of CPU in all", flush=True)
 
@@ -167,7 +161,8 @@ def _seed(workdir: str) -> None:
 def _final_state(stage_dir: str):
   manager = checkpoints.Checkpoints(os.path.join(stage_dir, "checkpoints"))
   step = manager.latest_step()
-  state = manager.manager.restore(step, args=ocp.args.StandardRestore())
+  state = manager.manager.restore(step, args=ocp.args.Composite(
+      **{checkpoints.STATE: ocp.args.StandardRestore()}))[checkpoints.STATE]
   manager.close()
   return step, state
 

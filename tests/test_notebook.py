@@ -1,9 +1,9 @@
 """The colab notebook (launch/colab/mstkd_quickstart.ipynb) runs top to bottom on the CPU.
 
 The notebook is executed in a fresh Jupyter kernel of this Python with nbclient, shrunk by
-MSTKD_NOTEBOOK_TINY=1 to the size of tests/test_pipeline.py's tiny_config and writing into a
-temporary MSTKD_NOTEBOOK_WORKDIR. The kernel inherits this process's environment (conftest's
-8 simulated devices and compilation cache; the tiny config uses one device).
+MSTKD_NOTEBOOK_TINY=1 to configs/distill.py:tiny (as tests/test_pipeline.py) and writing into
+a temporary MSTKD_NOTEBOOK_WORKDIR. The kernel inherits this process's environment
+(conftest's 8 simulated devices and compilation cache; the tiny preset uses one device).
 """
 
 import importlib
@@ -54,22 +54,6 @@ def test_notebook_is_committed_without_outputs():
     if cell["cell_type"] == "code":
       assert cell["outputs"] == [] and cell["execution_count"] is None, (
           f"cell {cell.get('id')} holds outputs; clear them before committing")
-
-
-def test_tiny_notebook_config_is_the_pipeline_tests_tiny_config(monkeypatch):
-  """The notebook's MSTKD_NOTEBOOK_TINY shrink stays the one tests/test_pipeline.py uses."""
-  from test_pipeline import tiny_config  # pylint: disable=g-import-not-at-top
-  with open(NOTEBOOK) as f:
-    source = "".join(_tagged(json.load(f), "config")["source"])
-  monkeypatch.setenv("MSTKD_NOTEBOOK_TINY", "1")
-  monkeypatch.setenv("MSTKD_NOTEBOOK_WORKDIR", "/nonexistent")
-  namespace = {"os": os, "IN_COLAB": False, "REPO_ROOT": REPO}
-  exec(compile(source, "config cell", "exec"), namespace)  # pylint: disable=exec-used
-  got = namespace["config"].to_dict()
-  want = tiny_config().to_dict()
-  got.pop("preset", None)
-  want.pop("preset", None)
-  assert got == want
 
 
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):

@@ -1,10 +1,15 @@
 """LR schedule boundaries and SGD against a numpy transcription of torch.optim.SGD."""
 
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from mstkd_jax.train import state as state_lib
+from configs import distill, teacher
+from mstkd_jax.errors import UserError
+from mstkd_jax.train import build, state as state_lib
 
 
 def test_linear_scaling_rule():
@@ -23,6 +28,69 @@ def test_step_decay_at_the_authors_epoch_boundaries():
 def test_no_decay_epochs_keeps_the_lr():
   schedule = state_lib.step_decay_schedule(0.5, 10, ())
   assert float(schedule(0)) == float(schedule(10_000)) == 0.5
+
+
+def _hand_written_schedule(peak_lr, steps_per_epoch, decay_epochs, factor):
+  """The schedule this project used before optax's: peak x float32(factor) ** decays passed."""
+  boundaries = jnp.asarray([(e - 1) * steps_per_epoch for e in sorted(decay_epochs)] or [-1],
+                           jnp.int32)
+
+  def schedule(step):
+    passed = jnp.sum((jnp.asarray(step, jnp.int32) >= boundaries)[:len(decay_epochs)])
+    return peak_lr * jnp.asarray(factor, jnp.float32) ** passed
+  return schedule
+
+
+def _optim_sections(config, prefix=""):
+  """(name, optim section, global batch) of every section of a config holding an optimiser."""
+  if "optim" in config and "train" in config:
+    yield prefix or "config", config.optim, config.train.batch_size
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict) and key not in ("optim", "train"):
+      yield from _optim_sections(value, f"{prefix}{key}.")
+
+
+def _config_schedules():
+  """(where, peak LR, decay epochs, factor) of every parameter group of every preset."""
+  out = set()
+  for module in (teacher, distill):
+    for preset in ("default", "smoke", "tiny", "full", "bupt_iresnet34"):
+      try:
+        config = module.get_config(preset)
+      except UserError:  # a preset this config file does not have
+        continue
+      for name, optim, batch in _optim_sections(config):
+        for base_lr, _ in build.backbone_and_head_groups(optim).values():
+          out.add((f"{module.__name__}:{preset} {name}", state_lib.scaled_lr(base_lr, batch),
+                   tuple(optim.lr_decay_epochs), optim.lr_decay_factor))
+  return sorted(out)
+
+
+@pytest.mark.parametrize("steps_per_epoch", [1, 7, 10])
+def test_optax_schedule_is_bit_equal_to_the_hand_written_one_at_every_config_boundary(
+    steps_per_epoch):
+  schedules = _config_schedules()
+  assert len({s[2] for s in schedules}) >= 4  # several decay settings are covered
+  for where, peak, decay_epochs, factor in schedules:
+    new = state_lib.step_decay_schedule(peak, steps_per_epoch, decay_epochs, factor)
+    old = _hand_written_schedule(peak, steps_per_epoch, decay_epochs, factor)
+    steps = {0, 1, 10**6} | {max((e - 1) * steps_per_epoch + d, 0)
+                             for e in decay_epochs for d in (-1, 0, 1)}
+    # Jitted with a traced int32 step, as the train step calls it (eagerly, XLA's pow gave
+    # the hand-written schedule other last bits than under jit: 0.1**4 -> 1.0000001e-4).
+    new, old = jax.jit(new), jax.jit(old)
+    for step in sorted(steps):
+      got, want = np.asarray(new(jnp.int32(step))), np.asarray(old(jnp.int32(step)))
+      assert got.dtype == want.dtype == np.float32, where
+      assert got.tobytes() == want.tobytes(), (where, step, got, want)
+
+
+def test_schedule_with_several_decays_at_one_epoch_passes_them_all():
+  schedule = jax.jit(state_lib.step_decay_schedule(1.0, 4, (3, 3, 5)))
+  reference = jax.jit(_hand_written_schedule(1.0, 4, (3, 3, 5), 0.1))
+  got = [float(schedule(jnp.int32(s))) for s in (7, 8, 15, 16)]
+  assert got == [float(reference(jnp.int32(s))) for s in (7, 8, 15, 16)]
+  np.testing.assert_allclose(got, [1.0, 0.01, 0.01, 0.001], rtol=1e-6)
 
 
 def torch_sgd_reference(params, grads_per_step, lrs, momentum, wd, clip):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from mstkd_jax import losses, models
-from mstkd_jax.stages import runtime
 from mstkd_jax.train import parallel as parallel_lib, state as state_lib, steps
+from mstkd_jax.train import build
 
 GLOBAL_BATCH = 16
 NUM_CLASSES = 6
@@ -20,8 +20,8 @@ def _setup():
                            embedding_size=16, axis_name=parallel_lib.AXIS)
   head = models.create("margin_head", num_classes=NUM_CLASSES)
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-  variables = runtime.init_variables(backbone, k1, np.zeros((1, 16, 16, 3), np.float32))
-  head_vars = runtime.init_variables(head, k2, np.zeros((1, 16), np.float32))
+  variables = build.init_variables(backbone, k1, np.zeros((1, 16, 16, 3), np.float32))
+  head_vars = build.init_variables(head, k2, np.zeros((1, 16), np.float32))
   schedule = state_lib.step_decay_schedule(0.1, 2, (2,))
   tx = state_lib.sgd({"backbone": state_lib.ParamGroup(schedule, 5.0),
                       "head": state_lib.ParamGroup(schedule)})

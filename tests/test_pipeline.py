@@ -12,16 +12,10 @@ from mstkd_jax import pipeline
 from mstkd_jax.errors import UserError
 
 
-def tiny_config():
-  c = distill.smoke()
-  c.num_devices = 1
-  return c
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("recipe"))
-  return workdir, pipeline.run(tiny_config(), workdir)
+  return workdir, pipeline.run(distill.get_config("tiny"), workdir)
 
 
 def test_report_holds_every_model_of_the_recipe(finished):
@@ -52,7 +46,7 @@ def test_every_stage_is_marked_finished_after_its_outputs(finished):
 
 def test_rerun_skips_finished_stages(finished, capsys):
   workdir, report = finished
-  again = pipeline.run(tiny_config(), workdir)
+  again = pipeline.run(distill.get_config("tiny"), workdir)
   out = capsys.readouterr().out
   assert "[pipeline] stage" not in out
   assert again["models"]["student_alone"] == report["models"]["student_alone"]
@@ -60,7 +54,7 @@ def test_rerun_skips_finished_stages(finished, capsys):
 
 def test_changed_config_of_a_finished_stage_is_refused_naming_fields(finished):
   workdir, _ = finished
-  config = tiny_config()
+  config = distill.get_config("tiny")
   config.student.kd_weight = 5.0
   with pytest.raises(UserError, match=r"'student/mstkd/SL/a-KD' was made with another config "
                                       r"\(student.kd_weight: 10000.0 -> 5.0\).*"
@@ -69,14 +63,14 @@ def test_changed_config_of_a_finished_stage_is_refused_naming_fields(finished):
 
 
 def test_only_a_stage_whose_inputs_are_missing_names_them(tmp_path):
-  config = tiny_config()
+  config = distill.get_config("tiny")
   config.only = "adaptor/specialized/SL"
   with pytest.raises(UserError, match=r"needs the outputs of \['extract/specialized'\]"):
     pipeline.run(config, str(tmp_path))
 
 
 def test_unknown_stage_name_lists_the_stages(tmp_path):
-  config = tiny_config()
+  config = distill.get_config("tiny")
   config.force = "teacher/group_q"
   with pytest.raises(UserError, match=r"no such stage; the stages are \['teacher/group_a'"):
     pipeline.run(config, str(tmp_path))
@@ -97,7 +91,7 @@ def test_balanced_split_is_equal_disjoint_and_complete():
 
 def test_target_orientation_reaches_the_adaptor_and_kd_students(tmp_path):
   from mstkd_jax.data import sources  # pylint: disable=g-import-not-at-top
-  config = tiny_config()
+  config = distill.get_config("tiny")
   config.data.data_dir = str(tmp_path / "data")
   train_set = sources.training_set(config.data, str(tmp_path))
   config.target_orientation = "stored"
@@ -136,7 +130,7 @@ def test_report_carries_convergence_diagnostics_and_warnings_first(finished):
 
 
 def _two_seeds():
-  config = tiny_config()
+  config = distill.get_config("tiny")
   config.seeds = 2
   return config
 
@@ -184,15 +178,132 @@ def test_seeds_run_once_each_and_end_with_the_combined_report(finished, tmp_path
 
 @pytest.mark.parametrize("seeds", [0, -1])
 def test_seeds_must_be_a_positive_integer(tmp_path, seeds):
-  config = tiny_config()
+  config = distill.get_config("tiny")
   config.seeds = seeds
   with pytest.raises(UserError, match=r"config field seeds=.*: expected an integer >= 1"):
     pipeline.run(config, str(tmp_path))
 
 
 def test_a_bad_evaluation_field_stops_before_any_stage_runs(tmp_path, capsys):
-  config = tiny_config()
+  config = distill.get_config("tiny")
   config.student.train.eval_every = -5
   with pytest.raises(UserError, match=r"student.train.eval_every=-5: expected an integer"):
     pipeline.run(config, str(tmp_path))
   assert "[pipeline] stage" not in capsys.readouterr().out
+
+
+def _copy(finished, tmp_path) -> str:
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(finished[0], workdir)
+  return workdir
+
+
+def test_damaged_outputs_rerun_that_stage_and_everything_after(finished, tmp_path, capsys):
+  workdir = _copy(finished, tmp_path)
+  targets = os.path.join(workdir, "adaptor", "specialized", "SL", "targets.npy")
+  size = os.path.getsize(targets)
+  with open(targets, "r+b") as f:  # same size, garbage rows after the header
+    f.seek(size // 2)
+    f.write(b"\x7f" * 64)
+  again = pipeline.run(distill.get_config("tiny"), workdir)
+  out = capsys.readouterr().out
+  assert ("adaptor/specialized/SL will rerun: its outputs are damaged (targets.npy changed "
+          "since the stage finished)") in out
+  assert "student/mstkd/SL/a-KD will rerun: an earlier stage it reads reruns" in out
+  ran = [line.split()[2] for line in out.splitlines() if line.startswith("[pipeline] stage ")]
+  assert ran == ["adaptor/specialized/SL", "student/mstkd/SL/a-KD", "report"]
+  assert again["models"] == finished[1]["models"]  # repaired, to the same numbers
+
+
+def test_missing_outputs_are_named(tmp_path):
+  from mstkd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  os.makedirs(tmp_path / "model")
+  (tmp_path / "model" / "a.bin").write_bytes(b"abc")
+  (tmp_path / "results.json").write_text("{}")
+  record = workdir_lib.output_record(str(tmp_path))
+  assert set(record) == {"model/a.bin", "results.json"}
+  assert workdir_lib.damaged_output(str(tmp_path), record) is None
+  (tmp_path / "model" / "a.bin").write_bytes(b"abd")
+  assert "model/a.bin changed" in workdir_lib.damaged_output(str(tmp_path), record)
+  (tmp_path / "model" / "a.bin").write_bytes(b"ab")
+  assert "model/a.bin has 2 bytes, 3 when" in workdir_lib.damaged_output(str(tmp_path), record)
+  shutil.rmtree(tmp_path / "model")
+  assert workdir_lib.damaged_output(str(tmp_path), record) == "model/a.bin is missing"
+
+
+def test_an_interrupted_force_stays_forced(finished, tmp_path, capsys, monkeypatch):
+  workdir = _copy(finished, tmp_path)
+  config = distill.get_config("tiny")
+  config.force = "student/mstkd/SL/a-KD"
+
+  class Interrupt(Exception):
+    pass
+
+  def interrupted(*args, **kwargs):
+    raise Interrupt()
+
+  original = pipeline.Stage.run_in
+  monkeypatch.setattr(pipeline.Stage, "run_in", interrupted)
+  with pytest.raises(Interrupt):
+    pipeline.run(config, workdir)
+  monkeypatch.setattr(pipeline.Stage, "run_in", original)
+  capsys.readouterr()
+  again = pipeline.run(distill.get_config("tiny"), workdir)   # no --config.force now
+  ran = [line.split()[2] for line in capsys.readouterr().out.splitlines()
+         if line.startswith("[pipeline] stage ")]
+  assert ran == ["student/mstkd/SL/a-KD", "report"]
+  assert again["models"] == finished[1]["models"]
+
+
+def test_a_force_whose_inputs_are_missing_removes_nothing(finished, tmp_path):
+  workdir = _copy(finished, tmp_path)
+  os.remove(os.path.join(workdir, "extract", "specialized", "stage.json"))
+  config = distill.get_config("tiny")
+  config.force = config.only = "adaptor/specialized/SL"
+  with pytest.raises(UserError, match=r"needs the outputs of \['extract/specialized'\]"):
+    pipeline.run(config, workdir)
+  assert os.path.exists(os.path.join(workdir, "adaptor", "specialized", "SL", "targets.npy"))
+
+
+def test_a_changed_set_of_models_rebuilds_the_report_instead_of_refusing(finished, tmp_path,
+                                                                         capsys):
+  workdir = _copy(finished, tmp_path)
+  config = distill.get_config("tiny")
+  config.student_alone = False
+  report = pipeline.run(config, workdir)
+  out = capsys.readouterr().out
+  assert "report will rerun: the models it reports changed" in out
+  assert [l for l in out.splitlines() if l.startswith("[pipeline] stage ")] == [
+      l for l in out.splitlines() if l.startswith("[pipeline] stage report")]
+  assert "student_alone" not in report["models"]
+  assert report["models"]["mstkd/SL/a-KD"] == finished[1]["models"]["mstkd/SL/a-KD"]
+
+
+@pytest.mark.parametrize("batch", [-32, 0])
+def test_a_batch_that_is_not_positive_stops_before_any_stage_runs(tmp_path, capsys, batch):
+  config = distill.get_config("tiny")
+  config.adaptor.train.batch_size = batch
+  with pytest.raises(UserError, match=rf"config field adaptor.train.batch_size={batch}: "
+                                      r"expected a positive integer"):
+    pipeline.run(config, str(tmp_path))
+  assert "[pipeline] stage" not in capsys.readouterr().out
+
+
+def test_a_finished_run_in_a_read_only_workdir_prints_its_report(finished, tmp_path, capsys,
+                                                                 monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  import filelock  # pylint: disable=g-import-not-at-top
+  from mstkd_jax import main, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir = _copy(finished, tmp_path)
+
+  def read_only(*args, **kwargs):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+  # Root ignores file modes, so the read-only file system is simulated where it is felt.
+  monkeypatch.setattr(filelock.FileLock, "acquire", read_only)
+  monkeypatch.setattr(workdir_lib, "prepare", read_only)
+  report = main.run(distill.get_config("tiny"), workdir)
+  out = capsys.readouterr().out
+  assert "is read-only (Read-only file system): not locked" in out
+  assert "[pipeline] stage" not in out and "student_alone" in out
+  assert report["models"] == finished[1]["models"]

@@ -171,3 +171,46 @@ def test_global_threshold_failure_is_noted_not_fatal():
   entry = R.build_report({"m": {"a": good, "b": only_genuine}})["models"]["m"]
   assert entry["global_threshold"] is None
   assert "genuine and impostor" in entry["global_threshold_note"]
+
+
+def _verification(kind: str, pairs: int = 300, dim: int = 16):
+  from mstkd_jax.evaluation import verification  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  issame = np.arange(pairs) % 2 == 0
+  if kind == "collapsed":     # every image embeds alike (e.g. a diverged, huge-LR model)
+    emb = np.ones((2 * pairs, dim), np.float32)
+  elif kind == "random":      # no identity information: chance
+    emb = rng.normal(size=(2 * pairs, dim)).astype(np.float32)
+  else:                       # same pairs close, different pairs random
+    first = rng.normal(size=(pairs, dim))
+    second = np.where(issame[:, None], first + 0.1 * rng.normal(size=(pairs, dim)),
+                      rng.normal(size=(pairs, dim)))
+    emb = np.stack([first, second], axis=1).reshape(2 * pairs, dim).astype(np.float32)
+  return verification.evaluate_verification(emb, emb, issame)
+
+
+def test_collapsed_and_chance_models_are_named_in_the_warnings():
+  results = {"collapsed": {"group_a": _verification("collapsed"),
+                           "group_b": _verification("good")},
+             "chance": {"group_a": _verification("random"), "group_b": _verification("random")},
+             "one_weak_group": {"group_a": _verification("random"),
+                                "group_b": _verification("good")},
+             "healthy": {"group_a": _verification("good")}}
+  assert results["collapsed"]["group_a"]["accuracy"] == 0.5
+  report = R.build_report(results)
+  warnings = report["warnings"]
+  assert len(warnings) == 2, warnings
+  assert warnings[0].startswith("collapsed: all 300 pair distances of group group_a are "
+                                "equal")
+  assert warnings[1].startswith("chance verifies at chance in every group (group_a ")
+  assert R.model_warnings("healthy", results["healthy"]) == []
+  assert R.model_warnings("one_weak_group", results["one_weak_group"]) == []
+  # Too few pairs to tell a weak model from chance; NaN embeddings are always named.
+  few = {"group_a": _verification("random", pairs=40)}
+  assert R.model_warnings("few", few) == []
+  diverged = dict(_verification("good"))
+  diverged["distances"] = np.full_like(diverged["distances"], np.nan)
+  assert R.model_warnings("diverged", {"group_a": diverged}) == [
+      "diverged: group group_a has non-finite pair distances (NaN or Inf embeddings: a "
+      "diverged model); its accuracy is not a measurement"]
+  assert "## Warnings" in R._report_markdown(report, {})  # pylint: disable=protected-access

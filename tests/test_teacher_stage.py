@@ -8,21 +8,17 @@ import numpy as np
 import pytest
 
 from configs import teacher as teacher_config
+from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
-from mstkd_jax.stages import runtime, teacher
+from mstkd_jax.evaluation import embed
+from mstkd_jax.stages import teacher
 from mstkd_jax.train import checkpoints as checkpoints_lib
 
 
 def tiny_config(**train):
-  c = teacher_config.smoke()
-  c.data.synthetic.update(num_groups=2, identities_per_group=8, images_per_identity=6,
-                          eval_identities_per_group=6, eval_images_per_identity=4,
-                          pairs_per_group=40, image_size=16)
-  c.model.update(width=4, embedding_size=16)
-  c.train.update(batch_size=16, epochs=4.0, log_every=3, checkpoint_every=3)
+  """configs/teacher.py:tiny with these `train` fields changed."""
+  c = teacher_config.get_config("tiny")
   c.train.update(**train)
-  c.optim.lr_decay_epochs = (3,)
-  c.num_devices = 1
   return c
 
 
@@ -58,7 +54,7 @@ def test_rerun_of_a_finished_run_does_nothing_but_say_so(uninterrupted, capsys, 
   def no_embedding(*args, **kwargs):
     raise AssertionError("a finished run's verification pairs were embedded again")
 
-  monkeypatch.setattr(runtime, "verification_embeddings", no_embedding)
+  monkeypatch.setattr(embed, "verification_embeddings", no_embedding)
   again = teacher.run(tiny_config(), workdir)
   out = capsys.readouterr().out
   assert "already finished" in out and "(saved at step 12)" in out
@@ -71,17 +67,17 @@ def test_rerun_of_a_finished_run_does_nothing_but_say_so(uninterrupted, capsys, 
 def test_interrupted_run_resumes_bit_identical(uninterrupted, tmp_path, monkeypatch, capsys):
   _, reference = uninterrupted
   workdir = str(tmp_path)
-  original = teacher.input_pipeline.train_batches
+  original = input_pipeline.train_batches
 
   def dying_after_seven_batches(*args, **kwargs):
     for i, batch in enumerate(original(*args, **kwargs)):
       if i == 7:
         raise Interrupt()
       yield batch
-  monkeypatch.setattr(teacher.input_pipeline, "train_batches", dying_after_seven_batches)
+  monkeypatch.setattr(input_pipeline, "train_batches", dying_after_seven_batches)
   with pytest.raises(Interrupt):
     teacher.run(tiny_config(), workdir)
-  monkeypatch.setattr(teacher.input_pipeline, "train_batches", original)
+  monkeypatch.setattr(input_pipeline, "train_batches", original)
   latest = checkpoints_lib.Checkpoints(os.path.join(workdir, "checkpoints")).latest_step()
   assert latest in (3, 6)
   resumed = teacher.run(tiny_config(), workdir)

@@ -359,3 +359,103 @@ def test_pickle_cannot_modify_the_loader(tmp_path):
   good = tmp_path / "good.pth"
   tc.save_state_dict(good, {"w": np.ones(3, np.float32)})
   np.testing.assert_array_equal(tc.load_state_dict(good)["w"], np.ones(3, np.float32))
+
+
+# --- Checkpoints that hold more than the backbone --------------------------------------
+
+
+def _arcface_torch_resume_checkpoint(torch, net, data_parallel: bool, optimizer: str):
+  """What arcface_torch's train.py saves as checkpoint_gpu_<rank>.pt to resume a run."""
+  partial_fc = torch.nn.Linear(EMBEDDING, 11, bias=False)  # The class centres.
+  params = [{"params": net.parameters()}, {"params": partial_fc.parameters()}]
+  if optimizer == "sgd":
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+  else:
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
+  scheduler = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=100, power=2)
+  net.train()
+  loss = partial_fc(net(torch.from_numpy(_images(n=4, seed=2)))).square().mean()
+  loss.backward()
+  opt.step()  # Momentum buffers / Adam moments and step counts in the optimizer state.
+  scheduler.step()
+  net.eval()
+  backbone = net.state_dict()
+  if data_parallel:  # torch.nn.parallel.DistributedDataParallel(backbone).state_dict().
+    backbone = collections.OrderedDict((f"module.{k}", v) for k, v in backbone.items())
+  return {"epoch": 3, "global_step": 1234, "state_dict_backbone": backbone,
+          "state_dict_softmax_fc": partial_fc.state_dict(),
+          "state_optimizer": opt.state_dict(), "state_lr_scheduler": scheduler.state_dict()}
+
+
+@pytest.mark.parametrize("data_parallel", [False, True])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_arcface_torch_resume_checkpoint_gives_pytorch_embeddings(tmp_path, data_parallel,
+                                                                  optimizer):
+  torch = pytest.importorskip("torch")
+  net = _randomize(torch, _torch_iresnet(torch))
+  path = tmp_path / "checkpoint_gpu_0.pt"
+  torch.save(_arcface_torch_resume_checkpoint(torch, net, data_parallel, optimizer), path)
+  images = _images()
+  with torch.no_grad():
+    reference = net(torch.from_numpy(images)).numpy()
+
+  state_dict, note = tc.read_state_dict(path)
+  expected_note = "state_dict under ['state_dict_backbone']" + (
+      ", 'module.' prefix removed" if data_parallel else "")
+  assert note == expected_note
+  assert list(state_dict) == list(net.state_dict())
+  flax = _flax()
+  notes = []
+  ours = flax.embed(tc.load_iresnet(path, flax.template, log=notes.append), images)
+  assert notes == [f"note: {path}: using the {expected_note}"]
+  assert _max_relative_error(ours, reference) < 1e-4
+
+
+@pytest.mark.parametrize("key", tc.STATE_DICT_KEYS)
+def test_state_dict_found_under_common_keys(tmp_path, key):
+  torch = pytest.importorskip("torch")
+  tensors = {"w": torch.arange(3.0), "b": torch.ones(2, dtype=torch.int64)}
+  path = tmp_path / f"{key}.pth"
+  torch.save({"epoch": 1, "best_acc": 0.5, "args": {"lr": 0.1, "steps": [1, 2]},
+              key: {f"module.{k}": v for k, v in tensors.items()}}, path)
+  state_dict, note = tc.read_state_dict(path)
+  assert note == f"state_dict under [{key!r}], 'module.' prefix removed"
+  assert list(state_dict) == ["w", "b"]
+  np.testing.assert_array_equal(state_dict["w"], [0.0, 1.0, 2.0])
+  assert state_dict["b"].dtype == np.int64
+  # The most specific key wins; nesting is followed.
+  path = tmp_path / "nested.pth"
+  torch.save({"model": {"state_dict": tensors}, "state_dict_backbone_ema": {}}, path)
+  assert tc.read_state_dict(path)[1] == "state_dict under ['model']['state_dict']"
+  path = tmp_path / "plain.pth"
+  torch.save(tensors, path)
+  assert tc.read_state_dict(path)[1] == ""
+
+
+def test_checkpoint_without_a_known_key_lists_what_it_holds(tmp_path):
+  torch = pytest.importorskip("torch")
+  path = tmp_path / "ema.pth"
+  torch.save({"epoch": 1, "ema_weights": {"w": torch.ones(2)}, "head": {"x": torch.ones(1)}},
+             path)
+  with pytest.raises(UserError) as info:
+    tc.load_state_dict(path)
+  message = str(info.value)
+  assert message.startswith(f"{path}: expected a state_dict")
+  assert "'state_dict_backbone'" in message and "'model'" in message
+  assert "found dicts of tensors under 'ema_weights', 'head'" in message
+  path = tmp_path / "model_list.pth"
+  torch.save({"model": [torch.ones(1)]}, path)
+  with pytest.raises(UserError, match="found non-tensor entries 'model'"):
+    tc.load_state_dict(path)
+
+
+def test_checkpoint_extras_still_run_nothing(tmp_path):
+  # The optimizer part of a checkpoint is read by the same restricted unpickler.
+  marker = tmp_path / "marker"
+  payload = {"state_dict_backbone": collections.OrderedDict(), "state_optimizer":
+             {"state": {0: _Payload(os.system, f"touch {shlex.quote(str(marker))}")}}}
+  path = tmp_path / "evil.pt"
+  _zip_with_pickle(path, pickle.dumps(payload, protocol=2))
+  with pytest.raises(UserError, match="refused to load the global .*system"):
+    tc.load_state_dict(path)
+  assert not marker.exists()

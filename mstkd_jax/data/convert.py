@@ -1,18 +1,26 @@
 """Converters between face data formats, and their command line.
 
-python -m mstkd_jax.data.convert rfw_to_bin|tree_to_rec|rec_to_tree --src=... --dst=...
+python -m mstkd_jax.data.convert COMMAND --src=PATH --dst=PATH [flags]
+
+  rfw_to_bin   RFW folder -> <dst>/<group>_test.bin   [--groups=A,B] [--overwrite]
+  tree_to_rec  image tree -> train.rec/.idx   [--layout=auto|grouped|flat] [--skip_corrupt]
+               [--overwrite]
+  rec_to_tree  train.rec/.idx -> image tree   [--skip_corrupt] [--strict_identity_records]
+
+Every command takes --no_validate (do not decode the images). The summary is printed as
+JSON on stdout; errors print one `error: ...` line (exit 1; 2 for usage mistakes).
 """
 
-import argparse
-import io
 import json
 import os
 import shutil
 import sys
+import warnings
 from typing import Sequence
 
-from PIL import Image
+from absl import flags
 
+from mstkd_jax.data import cli
 from mstkd_jax.data import image_tree
 from mstkd_jax.data import recordio
 from mstkd_jax.data import rfw
@@ -34,7 +42,8 @@ def rfw_to_bin(src: str, dst: str, groups: Sequence[str] | None = None,
   paths = {g: os.path.join(dst, f"{g}_test.bin") for g in reader.groups}
   for path in paths.values():  # Before writing anything.
     if os.path.exists(path) and not overwrite:
-      raise UserError(f"{path}: already exists; pass overwrite to replace it")
+      raise UserError(f"{path}: already exists; pass --overwrite (overwrite=True in Python) "
+                      "to replace it")
   os.makedirs(dst, exist_ok=True)
   out = {}
   for group, path in paths.items():
@@ -76,7 +85,8 @@ def tree_to_rec(src: str, dst: str, grouped: bool | None = None, validate: bool 
   finals = [p for p in (rec, idx, names, prop) if p]
   existing = [p for p in finals if os.path.exists(p)]
   if existing and not overwrite:
-    raise UserError(f"{existing[0]}: already exists; pass overwrite to replace it")
+    raise UserError(f"{existing[0]}: already exists; pass --overwrite (overwrite=True in "
+                    "Python) to replace it")
   # Write beside the targets and rename at the end, so a failure leaves no half .rec.
   tmp = {p: p + ".partial" for p in finals}
   writer = recordio.FaceRecordIOWriter(tmp[rec], tmp[idx], tmp[names])
@@ -113,9 +123,8 @@ def tree_to_rec(src: str, dst: str, grouped: bool | None = None, validate: bool 
 def _image_size(data: bytes) -> tuple[int, int] | None:
   """(height, width) from the image header only; None if unreadable."""
   try:
-    with Image.open(io.BytesIO(data), formats=image_tree.DECODABLE_FORMATS) as img:
-      return img.height, img.width
-  except Exception:  # pylint: disable=broad-except  # Only decides whether to write `property`.
+    return image_tree.image_size(data, "")
+  except UserError:  # Only decides whether to write `property`.
     return None
 
 
@@ -128,14 +137,23 @@ def _find_rec(src: str) -> str:
   return src
 
 
-def rec_to_tree(src: str, dst: str, validate: bool = True, skip_corrupt: bool = False) -> dict:
+def rec_to_tree(src: str, dst: str, validate: bool = True, skip_corrupt: bool = False,
+                strict_identity_records: bool = False) -> dict:
   """Unpacks an insightface RecordIO into <dst>/<group>/<identity>/<NNNN>.jpg|png.
 
   Folder names come from <rec>.identities.json when present, else zero-padded labels
-  (groups then absent), so reading the tree back gives the same labels.
+  (groups then absent), so reading the tree back gives the same labels. Each image goes
+  to the identity of its own header label; identity records that disagree are counted
+  ("identity_record_disagreements" in the summary, and a recordio.IdentityRecordWarning),
+  or refused with strict_identity_records=True.
+
+  Raises:
+    UserError: naming the file: an unreadable or (strict) disagreeing RecordIO, a corrupt
+      image (unless skip_corrupt), or a dst that exists and is not an empty folder.
   """
   reader = recordio.FaceRecordIOReader(_find_rec(src), validate=validate,
-                                       skip_corrupt=skip_corrupt)
+                                       skip_corrupt=skip_corrupt,
+                                       strict_identity_records=strict_identity_records)
   with reader:
     if os.path.exists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
       raise UserError(f"{dst}: already exists and is not an empty folder; expected a new "
@@ -157,6 +175,7 @@ def rec_to_tree(src: str, dst: str, validate: bool = True, skip_corrupt: bool = 
             for n, g in zip(index.identity_names, index.identity_groups)]
     summary = index.summary()
     summary.update(written=writer.written,
+                   identity_record_disagreements=reader.identity_record_disagreements,
                    empty_identities=[index.identity_key(i) for i in writer.empty_identities()],
                    skipped=[s for s, _ in reader.skipped],
                    # Tree labels follow sorted names; say so if the .rec numbered otherwise.
@@ -165,36 +184,79 @@ def rec_to_tree(src: str, dst: str, validate: bool = True, skip_corrupt: bool = 
   return summary
 
 
+COMMANDS = ("rfw_to_bin", "tree_to_rec", "rec_to_tree")
+
+
+def _define_flags(command: str, fv: flags.FlagValues):
+  """The flags of one command, on `fv` (see cli: a FlagValues per call)."""
+  flags.DEFINE_string("src", None, "The source folder or file.", flag_values=fv)
+  flags.DEFINE_string("dst", None, "The output folder or file.", flag_values=fv)
+  flags.DEFINE_boolean("no_validate", False, "Do not decode the images.", flag_values=fv)
+  for name in ("src", "dst"):
+    flags.mark_flag_as_required(name, flag_values=fv)
+  if command == "rfw_to_bin":
+    flags.DEFINE_string("groups", None, "Comma-separated groups (default: all).",
+                        flag_values=fv)
+  if command == "tree_to_rec":
+    flags.DEFINE_enum("layout", "auto", ("auto", "grouped", "flat"),
+                      "Image tree layout (default: detect).", flag_values=fv)
+  if command in ("tree_to_rec", "rec_to_tree"):
+    flags.DEFINE_boolean("skip_corrupt", False, "Skip undecodable images and list them, "
+                         "instead of stopping.", flag_values=fv)
+  if command in ("rfw_to_bin", "tree_to_rec"):
+    flags.DEFINE_boolean("overwrite", False, "Replace existing outputs.", flag_values=fv)
+  if command == "rec_to_tree":
+    flags.DEFINE_boolean("strict_identity_records", False, "Refuse packs whose identity "
+                         "records disagree with the image labels, instead of using each "
+                         "image's own label and counting the disagreements.", flag_values=fv)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+  del category, filename, lineno, line
+  print(f"warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs one conversion and prints its summary as JSON; UserErrors print without traceback."""
-  parser = argparse.ArgumentParser(prog="python -m mstkd_jax.data.convert",
-                                   description=__doc__.splitlines()[0])
-  sub = parser.add_subparsers(dest="command", required=True)
-  cmd = sub.add_parser("rfw_to_bin", help="RFW folder -> <dst>/<group>_test.bin")
-  cmd.add_argument("--groups", default=None, help="comma-separated groups (default: all)")
-  cmd = sub.add_parser("tree_to_rec", help="image tree -> train.rec/.idx")
-  cmd.add_argument("--layout", choices=("auto", "grouped", "flat"), default="auto")
-  cmd.add_argument("--skip_corrupt", action="store_true")
-  sub.add_parser("rec_to_tree", help="train.rec/.idx -> image tree").add_argument(
-      "--skip_corrupt", action="store_true")
-  for p in sub.choices.values():
-    p.add_argument("--src", required=True)
-    p.add_argument("--dst", required=True)
-    p.add_argument("--no_validate", action="store_true", help="do not decode images")
-    if p.prog.endswith(("rfw_to_bin", "tree_to_rec")):
-      p.add_argument("--overwrite", action="store_true")
-  args = parser.parse_args(argv)
-  validate = not args.no_validate
+  """Runs one conversion and prints its summary as JSON.
+
+  Args:
+    argv: COMMAND then its flags, without the program name; None reads sys.argv[1:].
+
+  Returns:
+    0 on success; 1 after printing one `error: ...` line for a UserError.
+
+  Raises:
+    SystemExit: 2 after one `error: ...` line for a usage mistake; 0 after --help.
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  prog = "python -m mstkd_jax.data.convert"
+  if argv and argv[0] in cli.HELP_FLAGS:
+    print(__doc__)
+    sys.exit(0)
+  if not argv or argv[0] not in COMMANDS:
+    given = repr(argv[0]) if argv else "none"
+    cli.usage_error(f"command {given}; expected one of {', '.join(COMMANDS)} first")
+  command = argv[0]
+  fv = flags.FlagValues()
+  _define_flags(command, fv)
+  rest = cli.parse(fv, argv[1:], prog=f"{prog} {command}", doc=__doc__)
+  if rest:
+    cli.usage_error(f"unexpected arguments {rest}; give every setting as a --flag")
+  validate = not fv.no_validate
   try:
-    if args.command == "rfw_to_bin":
-      groups = args.groups.split(",") if args.groups else None
-      summary = rfw_to_bin(args.src, args.dst, groups, validate, args.overwrite)
-    elif args.command == "tree_to_rec":
-      grouped = {"auto": None, "grouped": True, "flat": False}[args.layout]
-      summary = tree_to_rec(args.src, args.dst, grouped, validate, args.skip_corrupt,
-                            args.overwrite)
-    else:
-      summary = rec_to_tree(args.src, args.dst, validate, args.skip_corrupt)
+    with warnings.catch_warnings():
+      warnings.showwarning = _one_line_warning
+      warnings.simplefilter("always", recordio.IdentityRecordWarning)
+      if command == "rfw_to_bin":
+        groups = fv.groups.split(",") if fv.groups else None
+        summary = rfw_to_bin(fv.src, fv.dst, groups, validate, fv.overwrite)
+      elif command == "tree_to_rec":
+        grouped = {"auto": None, "grouped": True, "flat": False}[fv.layout]
+        summary = tree_to_rec(fv.src, fv.dst, grouped, validate, fv.skip_corrupt,
+                              fv.overwrite)
+      else:
+        summary = rec_to_tree(fv.src, fv.dst, validate, fv.skip_corrupt,
+                              fv.strict_identity_records)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -111,17 +111,110 @@ def read_image_file(path: str) -> bytes:
     raise UserError(f"{path}: cannot read image file ({e})") from e
 
 
-def decode_image(data: bytes, source: str) -> np.ndarray:
-  """Fully decodes JPEG/PNG bytes to uint8 [H, W, 3] RGB; UserError naming `source` on failure."""
+# What decode_image makes of each mode Pillow can return. The target is the 8-bit RGB that
+# OpenCV's imread(IMREAD_COLOR) (insightface's loader) and TensorFlow's decode_png/jpeg
+# (channels=3, the prepared-data input pipeline) give, in RGB order:
+# * alpha (LA, PA, RGBA, and palette transparency) is dropped, never composited;
+# * 16-bit samples keep their high byte (value >> 8), as OpenCV and TF do;
+# * 1, L, P, CMYK and YCbCr go through Pillow's own conversion to RGB;
+# * I (32-bit integer) is accepted only from a PNG, where it is a 16-bit grayscale image
+#   (Pillow < 10.3 opens those as I; later versions as I;16): its values must lie in
+#   [0, 65535] and are scaled like I;16. Elsewhere the mode says nothing about the range.
+# * F (32-bit float) is refused: the mode carries no range to scale from, and JPEG/PNG
+#   never decode to it.
+_GRAY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_PILLOW_TO_RGB_MODES = ("1", "L", "CMYK", "YCbCr")
+_DROP_ALPHA_MODES = ("LA", "RGBA")
+_PALETTE_MODES = ("P", "PA")
+
+
+class _Undecodable(Exception):
+  """An image that opens but has no faithful 8-bit RGB form; its message is the reason."""
+
+
+def _open_image(data: bytes, source: str) -> Image.Image:
+  """Opens JPEG/PNG bytes with Pillow (headers only); UserError naming `source` otherwise."""
   try:
-    with Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS) as img:
-      # load() decodes every pixel: verify() alone passes truncated JPEGs.
-      img.load()
-      rgb = img.convert("RGB")
+    return Image.open(io.BytesIO(data), formats=DECODABLE_FORMATS)
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error, ...).
     raise UserError(f"{source}: not a decodable JPEG/PNG image ({type(e).__name__}: {e}); "
                     "expected a complete, uncorrupted image file") from e
-  return np.asarray(rgb, dtype=np.uint8)
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+  return np.repeat(gray[..., None], 3, axis=-1)
+
+
+def _high_byte(values: np.ndarray) -> np.ndarray:
+  """uint8 of 16-bit samples, value >> 8 (what OpenCV and libpng's strip_16 keep)."""
+  return (values.astype(np.uint32) >> 8).astype(np.uint8)
+
+
+def image_to_rgb8(img: Image.Image, source: str) -> np.ndarray:
+  """Converts a loaded Pillow image of any supported mode to uint8 [H, W, 3] RGB.
+
+  Args:
+    img: an image Pillow has decoded (its `mode` decides the conversion).
+    source: the file (or "<file>#<record>") to name in errors.
+
+  Returns:
+    uint8 [H, W, 3]: alpha dropped (not composited), 16-bit samples as value >> 8, which
+    is what OpenCV's imread(IMREAD_COLOR) and TensorFlow's decode_png(channels=3) give.
+
+  Raises:
+    UserError: the mode has no faithful 8-bit RGB form (F, I outside a PNG or outside
+      [0, 65535], or a mode JPEG/PNG do not produce); the message names `source` and mode.
+  """
+  mode = img.mode
+  try:
+    if mode == "RGB":
+      return np.asarray(img, dtype=np.uint8)
+    if mode in _PILLOW_TO_RGB_MODES:
+      return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    if mode in _PALETTE_MODES:
+      # Through RGBA: Pillow warns when a palette image with transparency goes to RGB.
+      return np.asarray(img.convert("RGBA"), dtype=np.uint8)[..., :3].copy()
+    if mode in _DROP_ALPHA_MODES:
+      values = np.asarray(img, dtype=np.uint8)
+      return _gray_to_rgb(values[..., 0]) if mode == "LA" else values[..., :3].copy()
+    if mode in _GRAY16_MODES:
+      return _gray_to_rgb(_high_byte(np.asarray(img)))
+    if mode == "I":
+      if img.format != "PNG":
+        raise _Undecodable("32-bit integer samples of unknown range")
+      values = np.asarray(img)
+      if values.size and (values.min() < 0 or values.max() > 0xFFFF):
+        raise _Undecodable(f"samples in [{values.min()}, {values.max()}], outside the "
+                           "[0, 65535] of a 16-bit grayscale PNG")
+      return _gray_to_rgb(_high_byte(values))
+    if mode == "F":
+      raise _Undecodable("32-bit float samples of unknown range")
+    raise _Undecodable("a mode JPEG/PNG face images do not use")
+  except _Undecodable as e:
+    raise UserError(f"{source}: image mode {mode!r} ({e}) cannot become 8-bit RGB; expected "
+                    "an 8- or 16-bit grayscale, palette, RGB(A) or CMYK JPEG/PNG") from None
+
+
+def decode_image(data: bytes, source: str) -> np.ndarray:
+  """Fully decodes JPEG/PNG bytes to uint8 [H, W, 3] RGB (see `image_to_rgb8`).
+
+  Raises:
+    UserError: naming `source`: not a complete JPEG/PNG, or a mode with no 8-bit RGB form.
+  """
+  with _open_image(data, source) as img:
+    try:
+      # load() decodes every pixel: verify() alone passes truncated JPEGs.
+      img.load()
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, struct.error, ...).
+      raise UserError(f"{source}: not a decodable JPEG/PNG image ({type(e).__name__}: {e}); "
+                      "expected a complete, uncorrupted image file") from e
+    return image_to_rgb8(img, source)
+
+
+def image_size(data: bytes, source: str) -> tuple[int, int]:
+  """(height, width) from the JPEG/PNG header alone; UserError naming `source` otherwise."""
+  with _open_image(data, source) as img:
+    return img.height, img.width
 
 
 def image_extension(data: bytes, source: str) -> str:
@@ -233,7 +326,8 @@ class ImageTreeReader:
     """Returns the sorted image file names of one identity folder."""
     sub_dirs, files = _list_dir(path, "identity folder")
     if sub_dirs:
-      hint = "" if self.grouped else " (is this a grouped tree? pass grouped=True)"
+      hint = "" if self.grouped else (" (is this a grouped tree? pass --layout=grouped, or "
+                                      "grouped=True in Python)")
       raise UserError(f"{os.path.join(path, sub_dirs[0])}: unexpected folder; expected only "
                       f".jpg/.jpeg/.png images in identity folder {path}{hint}")
     images = []
@@ -244,7 +338,8 @@ class ImageTreeReader:
       source = os.path.join(path, f)
       if not self.skip_corrupt:
         raise UserError(f"{source}: not an image file; expected .jpg/.jpeg/.png files only "
-                        "(pass skip_corrupt to skip such files)")
+                        "(pass --skip_corrupt, or skip_corrupt=True in Python, to skip such "
+                        "files)")
       if scanning:
         self._scan_skipped.append((source, "not an image file name"))
     if not images:

@@ -25,9 +25,15 @@ def normalize_images(images):
   return (np.asarray(images, np.float32) / 255.0 - 0.5) / 0.5
 
 
-def check_batch_split(global_batch: int, device_count: int, process_count: int) -> None:
+def check_batch_split(global_batch: int, device_count: int, process_count: int,
+                      field: str = "train.batch_size") -> None:
+  """Refuses a global batch that is not a positive integer or does not split evenly over
+  the devices and hosts (UserError naming the config `field`)."""
+  if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
+    raise UserError(f"config field {field}={global_batch!r}: expected a positive integer "
+                    "(the global batch, over all hosts and devices)")
   if global_batch % device_count or global_batch % process_count:
-    raise UserError(f"train.batch_size={global_batch} must be divisible by the number of "
+    raise UserError(f"{field}={global_batch} must be divisible by the number of "
                     f"devices ({device_count}) and of hosts ({process_count})")
 
 

@@ -1,34 +1,41 @@
 """Prepares a face data set once as a TFDS (array_record) data set, and prints its summary.
 
 python -m mstkd_jax.data.prepare --format=image_tree|rfw|bin|recordio --src=PATH
-    --data_dir=DIR [--name=NAME] [--skip_corrupt]
+    --data_dir=DIR [--name=NAME] [--skip_corrupt] [--layout=auto|grouped|flat]
+    [--strict_identity_records]
 
 Training sets (image_tree, recordio) become <DIR>/mstkd_faces/<NAME>/1.0.0, verification
 sets (rfw, bin) <DIR>/mstkd_verification/<NAME>/1.0.0 (see tfds_builders). A data set that
 is already prepared is not built again. stdout gets one line, a JSON object:
 {"name", "num_images", "num_identities", "groups": {group: {"images", "identities"[,
-"pairs", "same"]}}, "skipped", "path"}, counted from the prepared data. Progress, notes
-and skipped files go to stderr; errors print one `error: ...` line (exit 1; 2 for usage).
+"pairs", "same"]}}, "skipped", "path"}, counted from the prepared data; a RecordIO built by
+this run adds "identity_record_disagreements": the images whose own label differs from
+their identity record (each image's own label is used, as insightface's trainer does;
+--strict_identity_records refuses such packs instead). Progress, notes, warnings and
+skipped files go to stderr; errors print one `error: ...` line (exit 1; 2 for usage).
 """
 
-import argparse
 import contextlib
 import json
 import os
 import re
 import sys
+import warnings
 from typing import Callable, Sequence
 
+from absl import flags
+
 from mstkd_jax import paths
+from mstkd_jax.data import cli
+from mstkd_jax.data import pairs, prepared
 from mstkd_jax.errors import UserError
 
-FORMATS = ("image_tree", "recordio", "rfw", "bin")
+FORMATS = prepared.TRAINING.formats + prepared.VERIFICATION.formats
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
 _EXPECTED = {
     "image_tree": "a folder <root>/<group>/<identity>/<image> or <root>/<identity>/<image>",
     "recordio": "an insightface train.rec (with train.idx beside it) or its folder",
-    "rfw": "the RFW folder holding test/data and test/txts",
-    "bin": "an insightface verification .bin file or a folder of them",
+    **{fmt: pairs.PLANNERS[fmt].expected for fmt in prepared.VERIFICATION.formats},
 }
 
 
@@ -60,7 +67,7 @@ def _locate(fmt: str, src: str) -> tuple[str, str]:
         raise UserError(f"{src}: no train.rec in this folder; {expected}")
       return src, "train.rec"
     return os.path.dirname(src), os.path.basename(src)
-  if fmt == "bin" and os.path.isfile(src):
+  if fmt in pairs.PLANNERS and os.path.isfile(src) and pairs.PLANNERS[fmt].claims(src):
     return os.path.dirname(src), os.path.basename(src)
   if not os.path.isdir(src):
     raise UserError(f"{src}: is a file; {expected}")
@@ -69,10 +76,36 @@ def _locate(fmt: str, src: str) -> tuple[str, str]:
   return src, ""
 
 
+@contextlib.contextmanager
+def _identity_record_warnings(log: Callable[[str], None]):
+  """Yields a list that receives the counts of the RecordIO reader's IdentityRecordWarnings.
+
+  Their messages go to `log` as one `warning: ...` line each; other warnings raised
+  meanwhile are passed on unchanged.
+  """
+  from mstkd_jax.data import recordio  # pylint: disable=g-import-not-at-top
+  counts: list[int] = []
+  others = []
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    try:
+      yield counts
+    finally:
+      for w in caught:
+        if isinstance(w.message, recordio.IdentityRecordWarning):
+          counts.append(w.message.disagreements)
+          log(f"warning: {w.message}")
+        else:
+          others.append(w)
+  for w in others:
+    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
 def prepare(fmt: str, src: str, data_dir: str, name: str | None = None,
             skip_corrupt: bool = False, grouped: bool | None = None, workers: int = 0,
-            log: Callable[[str], None] = _stderr) -> dict:
-  """Builds the data set unless it exists; returns its summary (tfds_builders.summary).
+            log: Callable[[str], None] = _stderr,
+            strict_identity_records: bool = False) -> dict:
+  """Builds the data set unless it exists; returns its summary (prepared.summary).
 
   Args:
     fmt: one of FORMATS.
@@ -83,7 +116,13 @@ def prepare(fmt: str, src: str, data_dir: str, name: str | None = None,
       them through `log` (the summary counts them); otherwise stop at the first one.
     grouped: image tree layout; None detects it.
     workers: image-checking threads; 0 picks min(8, CPUs).
-    log: receives progress and notes.
+    log: receives progress, notes and warnings.
+    strict_identity_records: (recordio) refuse a pack whose identity records disagree
+      with the image labels; by default the images' own labels are used, and the summary
+      counts the disagreements under "identity_record_disagreements".
+
+  Raises:
+    UserError: a bad format, name or source (naming it), or a source the readers refuse.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from mstkd_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
@@ -97,25 +136,32 @@ def prepare(fmt: str, src: str, data_dir: str, name: str | None = None,
     raise UserError(f"--name={name!r}; expected letters, digits and _ . + - (not first . + -)")
   data_dir = paths.local(data_dir, "--data_dir")
   builder_cls = tfds_builders.BUILDERS[fmt]
-  path = tfds_builders.prepared_dir(data_dir, builder_cls, name)
-  if tfds_builders.is_prepared(path):
-    meta = tfds_builders.read_metadata(path)
+  path = prepared.prepared_dir(data_dir, prepared.kind_of(fmt), name)
+  if prepared.is_prepared(path):
+    meta = prepared.read_metadata(path)
     log(f'{path}: already prepared (from {meta.get("source")}, '
         f'format {meta.get("source_format")}); remove that folder to prepare it again')
     if os.path.normpath(meta.get("source", "")) != source:
       log(f"note: --src={source} differs from the source it was prepared from")
-    return tfds_builders.summary(path, name)
+    return prepared.summary(path, name)
   config = tfds_builders.SourceConfig(
       name=name, description=f"{fmt} source {source}",
       source_format=fmt, source_file=source_file, grouped=grouped,
       skip_corrupt=skip_corrupt, workers=workers)
+  if fmt == "recordio" and strict_identity_records:
+    from mstkd_jax.data import recordio  # pylint: disable=g-import-not-at-top
+    with recordio.FaceRecordIOReader(source, validate=False, strict_identity_records=True):
+      pass  # Refuses before anything is built.
   log(f"preparing {name!r} from {source} ({fmt}) into {path}")
   builder = builder_cls(config=config, data_dir=data_dir)
-  builder.download_and_prepare(
-      file_format="array_record",
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  out = tfds_builders.summary(path, name)
-  skipped = tfds_builders.read_metadata(path).get("skipped", [])
+  with _identity_record_warnings(log) as disagreements:
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  out = prepared.summary(path, name)
+  if fmt == "recordio":
+    out["identity_record_disagreements"] = sum(disagreements)
+  skipped = prepared.read_metadata(path).get("skipped", [])
   if skipped:
     log(f"skipped {len(skipped)} file(s):")
     for file, reason in skipped:
@@ -123,36 +169,52 @@ def prepare(fmt: str, src: str, data_dir: str, name: str | None = None,
   return out
 
 
-class _Parser(argparse.ArgumentParser):
-  """Prints usage errors as one `error: ...` line and exits with 2."""
-
-  def error(self, message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def _define_flags(fv: flags.FlagValues):
+  """The command's flags, on `fv` (see cli: a FlagValues per call)."""
+  flags.DEFINE_enum("format", None, FORMATS, "Source format.", flag_values=fv)
+  flags.DEFINE_string("src", None, "The source folder or file.", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "The TFDS data dir.", flag_values=fv)
+  flags.DEFINE_string("name", None, "Data set name (default: from --src).", flag_values=fv)
+  flags.DEFINE_boolean("skip_corrupt", False, "Skip undecodable images and list them, "
+                       "instead of stopping.", flag_values=fv)
+  flags.DEFINE_enum("layout", "auto", ("auto", "grouped", "flat"),
+                    "Image tree layout (default: detect).", flag_values=fv)
+  flags.DEFINE_boolean("strict_identity_records", False, "RecordIO: refuse packs whose "
+                       "identity records disagree with the image labels, instead of using "
+                       "each image's own label and counting the disagreements.",
+                       flag_values=fv)
+  for name in ("format", "src", "data_dir"):
+    flags.mark_flag_as_required(name, flag_values=fv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs prepare from the command line; prints the summary as one JSON line on stdout."""
-  parser = _Parser(prog="python -m mstkd_jax.data.prepare",
-                   description=__doc__.split("\n\n", maxsplit=1)[0])
-  parser.add_argument("--format", required=True, choices=FORMATS)
-  parser.add_argument("--src", required=True, help="the source folder or file")
-  parser.add_argument("--data_dir", required=True, help="the TFDS data dir")
-  parser.add_argument("--name", default=None, help="data set name (default: from --src)")
-  parser.add_argument("--skip_corrupt", action="store_true",
-                      help="skip undecodable images and list them, instead of stopping")
-  parser.add_argument("--layout", choices=("auto", "grouped", "flat"), default="auto",
-                      help="image tree layout (default: detect)")
-  args = parser.parse_args(argv)
+  """Runs prepare from the command line; prints the summary as one JSON line on stdout.
+
+  Args:
+    argv: the arguments without the program name; None reads sys.argv[1:].
+
+  Returns:
+    0 on success, 1 after printing one `error: ...` line for a UserError or OSError.
+
+  Raises:
+    SystemExit: 2 after one `error: ...` line for a usage mistake; 0 after --help.
+  """
+  fv = flags.FlagValues()
+  _define_flags(fv)
+  rest = cli.parse(fv, sys.argv[1:] if argv is None else argv,
+                   prog="python -m mstkd_jax.data.prepare", doc=__doc__)
+  if rest:
+    cli.usage_error(f"unexpected arguments {rest}; give every setting as a --flag")
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow loads.
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.ERROR)  # TFDS warns about every custom config.
   try:
     # TFDS prints its progress messages to stdout; stdout is for the JSON line alone.
     with contextlib.redirect_stdout(sys.stderr):
-      out = prepare(args.format, args.src, args.data_dir, name=args.name,
-                    skip_corrupt=args.skip_corrupt,
-                    grouped={"auto": None, "grouped": True, "flat": False}[args.layout])
+      out = prepare(fv.format, fv.src, fv.data_dir, name=fv.name,
+                    skip_corrupt=fv.skip_corrupt,
+                    grouped={"auto": None, "grouped": True, "flat": False}[fv.layout],
+                    strict_identity_records=fv.strict_identity_records)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

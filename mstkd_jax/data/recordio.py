@@ -8,6 +8,7 @@ import json
 import math
 import os
 import struct
+import warnings
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -24,6 +25,8 @@ _LENGTH_BITS = 29
 _LENGTH_MASK = (1 << _LENGTH_BITS) - 1
 # MXNet's image record header: flag, label, id, id2; flag > 0 means `flag` float32 labels follow.
 _IR = struct.Struct("<IfQQ")
+_FLAG_LABEL = struct.Struct("<If")
+_FLOAT32 = struct.Struct("<f")
 # Keys and labels live in float32 header labels; above 2**24 they stop being exact.
 _MAX_FLOAT_INT = 1 << 24
 NAMES_FORMAT = "mstkd_jax.identities"
@@ -201,6 +204,28 @@ class RecordIOReader:
     payload, _ = self._read_at(int(self._offsets[i]), self._where(i), from_idx=True)
     return payload
 
+  def read_head(self, key: int, size: int) -> bytes:
+    """Returns the first `size` bytes of record `key`'s payload (all of it if shorter).
+
+    Reads only those bytes when the record's first part holds them, which makes scanning
+    the labels of millions of image records cheap; otherwise (a short first part of a
+    multi-part record, or anything odd) it falls back to `read`, which checks everything.
+    """
+    i = self._position(int(key))
+    if i >= 0:
+      offset = self._offsets.item(i)
+      self._f.seek(offset)
+      head = self._f.read(_HEAD.size + size)
+      if len(head) >= _HEAD.size:
+        magic, lrec = _HEAD.unpack_from(head)
+        cflag, length = lrec >> _LENGTH_BITS, lrec & _LENGTH_MASK
+        inside = offset + _HEAD.size + length + (-length % 4) <= self._size
+        if magic == MAGIC and inside and (cflag == 0 or (cflag == 1 and length >= size)):
+          available = head[_HEAD.size:_HEAD.size + length]
+          if len(available) == min(length, size):
+            return available
+    return self.read(key)[:size]
+
   def _where(self, i: int) -> str:
     return (f"record {int(self._keys[i])} at byte {int(self._offsets[i])} (from "
             f"{self.idx_path} line {int(self._lines[i])})")
@@ -373,29 +398,87 @@ def _label_int(value: float, source: str) -> int:
   return int(value)
 
 
+def _head_header(head: bytes, source: str) -> IRHeader:
+  """The image record header in the first bytes of a payload, with at most two labels."""
+  if len(head) < _IR.size:
+    raise UserError(f"{source}: record of {len(head)} bytes; expected at least the "
+                    f"{_IR.size}-byte image record header")
+  flag, label, id_, id2 = _IR.unpack_from(head)
+  if flag > 0:
+    count = min(flag, 2)
+    if len(head) < _IR.size + 4 * count:
+      raise UserError(f"{source}: header announces {flag} float32 labels but the record has "
+                      f"{len(head) - _IR.size} bytes after the header")
+    label = tuple(float(v) for v in np.frombuffer(head, "<f4", count=count, offset=_IR.size))
+  return IRHeader(flag, label, id_, id2)
+
+
+class IdentityRecordWarning(UserWarning):
+  """Identity records of a RecordIO disagree with the image labels, which are used instead.
+
+  Attributes:
+    source: the .rec file.
+    disagreements: images whose own label differs from the identity record whose key
+      range holds them, or that no well-formed identity record covers.
+    malformed: identity records that are not a usable (first key, end key) range.
+  """
+
+  def __init__(self, message: str, source: str, disagreements: int, malformed: int):
+    super().__init__(message)
+    self.source = source
+    self.disagreements = disagreements
+    self.malformed = malformed
+
+
 class FaceRecordIOReader:
   """Streams FaceRecords from an insightface training RecordIO (train.rec + train.idx).
 
   With a header record (key 0, flag > 0, label = (first identity key, end key)), images are
-  keys 1..first-1 and identity record first+j holds the key range of label j; every image's
-  own label must equal that j. Without a header all keys are images labeled by their header.
+  keys 1..first-1 and identity record first+j holds the key range of label j. Without a
+  header all keys are images. Either way every image's label is the one in its own header,
+  as insightface's trainer reads it. Where identity records disagree (an image in the key
+  range of another identity, as in Glint360K; identity records with a scalar label and
+  flag 0, as in merged packs; ranges that do not tile the images), the disagreements are
+  counted and an IdentityRecordWarning says so; strict_identity_records=True refuses such
+  packs instead. Building the index reads the header of every image record (only the
+  first bytes of each record).
 
   Attributes:
-    index: DatasetIndex; names come from <rec>.identities.json if present, else labels.
+    index: DatasetIndex counted from the image labels; names come from
+      <rec>.identities.json if present, else labels.
     has_header: whether the insightface header/identity records are present.
+    identity_record_disagreements: images whose own label differs from what the identity
+      records say (0 without a header).
+    malformed_identity_records: identity records that are not a usable key range.
     skipped: (source, reason) of images skipped when skip_corrupt=True.
   """
 
   def __init__(self, rec_path: str, idx_path: str | None = None,
                names_path: str | None = None, validate: bool = True,
-               skip_corrupt: bool = False):
-    """Opens the files and builds the index from the header and identity records."""
+               skip_corrupt: bool = False, strict_identity_records: bool = False):
+    """Opens the files and builds the index from the image labels.
+
+    Args:
+      rec_path: the .rec file; its .idx is idx_path or <rec without .rec>.idx.
+      names_path: identity names file; default <rec>.identities.json when it exists.
+      validate: fully decode every image while iterating.
+      skip_corrupt: skip (and list in `skipped`) undecodable images instead of raising.
+      strict_identity_records: refuse (UserError) identity records that are malformed or
+        disagree with an image's own label, instead of counting them.
+
+    Raises:
+      UserError: naming the file and record: missing files, a malformed .idx, a missing
+        or malformed header or image record, or (strict) a disagreeing identity record.
+    """
     self.rec_path = os.fspath(rec_path)
     self.validate = validate
     self.skip_corrupt = skip_corrupt
+    self.strict_identity_records = strict_identity_records
     self.skipped: list[tuple[str, str]] = []
-    self._ranges: list[tuple[int, int]] = []  # With a header: image keys per label.
-    self._image_keys = np.zeros(0, np.int64)  # Without a header: all keys, sorted.
+    self.identity_record_disagreements = 0
+    self.malformed_identity_records = 0
+    self._image_keys: range | np.ndarray = range(0)  # In reading order.
+    self._image_labels = np.zeros(0, np.int32)  # From the image headers, per image key.
     self._raw = RecordIOReader(self.rec_path, idx_path)
     try:
       if self._raw.idx_path is None:
@@ -412,6 +495,10 @@ class FaceRecordIOReader:
   def _header(self, key: int) -> tuple[IRHeader, bytes]:
     return unpack_image_record(self._raw.read(key), self._source(key))
 
+  def _head(self, key: int) -> IRHeader:
+    """The header of record `key` (with at most two labels), reading only its first bytes."""
+    return _head_header(self._raw.read_head(key, _IR.size + 8), self._source(key))
+
   def _build_index(self, names_path: str | None):
     if not self._raw.has_key(0):
       raise UserError(f"{self._raw.idx_path}: no record with key 0; expected the insightface "
@@ -419,9 +506,14 @@ class FaceRecordIOReader:
     header, _ = self._header(0)
     self.has_header = header.flag > 0
     if self.has_header:
-      counts = self._read_identity_records(header)
+      first, end = self._header_range(header)
+      self._image_keys = range(1, first)
+      self._image_labels = self._scan_labels(self._image_keys)
+      counts = self._check_identity_records(first, end)
     else:
-      counts = self._scan_labels()
+      self._image_keys = np.sort(self._raw.keys)
+      self._image_labels = self._scan_labels(self._image_keys)
+      counts = np.bincount(self._image_labels, minlength=0).tolist()
     n = len(counts)
     if names_path is None:
       guess = names_path_for(self.rec_path)
@@ -433,7 +525,7 @@ class FaceRecordIOReader:
       groups, names, identity_groups = (), tuple(f"{i:0{width}d}" for i in range(n)), (-1,) * n
     self.index = DatasetIndex(groups, names, identity_groups, tuple(counts), self.rec_path)
 
-  def _read_identity_records(self, header: IRHeader) -> list[int]:
+  def _header_range(self, header: IRHeader) -> tuple[int, int]:
     src0 = self._source(0)
     if len(header.label) < 2:
       raise UserError(f"{src0}: header record label {header.label}; expected (first identity "
@@ -443,63 +535,112 @@ class FaceRecordIOReader:
     if not 1 <= first <= end:
       raise UserError(f"{src0}: header label ({first}, {end}); expected 1 <= first identity "
                       "key <= end key")
+    return first, end
+
+  def _scan_labels(self, keys: range | np.ndarray) -> np.ndarray:
+    """Reads the label in the header of every image record; int32 [len(keys)]."""
+    # int32: labels live in float32 headers, exact only below 2**24.
+    labels = array.array("i", bytes(4 * len(keys)))
+    read_head, size = self._raw.read_head, _IR.size + 4
+    for i, key in enumerate(keys):
+      key = int(key)
+      head = read_head(key, size)
+      # The common case inline (millions of records); anything else takes the checked path.
+      if len(head) == size or (len(head) >= _IR.size and head[:4] == b"\0\0\0\0"):
+        flag, value = _FLAG_LABEL.unpack_from(head)
+        if flag > 0:
+          value = _FLOAT32.unpack_from(head, _IR.size)[0]
+        if 0 <= value < _MAX_FLOAT_INT and value == int(value):
+          labels[i] = int(value)
+          continue
+      labels[i] = self._image_label(self._head(key), key)
+    return np.frombuffer(labels, np.int32)
+
+  def _identity_record(self, key: int, first: int, expected_start: int
+                       ) -> tuple[tuple[int, int] | None, str]:
+    """(identity record `key`'s key range or None if it has none, '' or why it does not tile).
+
+    Raises:
+      UserError: the record is missing or unreadable (a damaged file, not a disagreement).
+    """
+    src = self._source(key)
+    h, _ = self._header(key)  # A full read: these few records are never read again.
+    if h.flag < 2:
+      return None, (f"{src}: identity record has flag {h.flag}; expected a (first image "
+                    "key, end key) label with flag 2")
+    try:
+      start, stop = _label_int(h.label[0], src), _label_int(h.label[1], src)
+    except UserError as e:
+      return None, str(e)
+    span = (start, stop) if 1 <= start <= stop <= first else None
+    # Ranges must tile 1..first-1 in order, or some image would get another's label.
+    if start != expected_start or stop < start or stop > first:
+      return span, (f"{src}: identity {key - first} covers image keys [{start}, {stop}); "
+                    f"expected a range starting at {expected_start} and ending by {first}")
+    return span, ""
+
+  def _check_identity_records(self, first: int, end: int) -> list[int]:
+    """Compares the identity records with the image labels; returns counts per label."""
+    claimed = np.full(first, -1, np.int32)  # Label the identity records give each key.
     expected_start = 1
     for key in range(first, end):
-      h, _ = self._header(key)
-      src = self._source(key)
-      if h.flag < 2:
-        raise UserError(f"{src}: identity record has flag {h.flag}; expected a (first image "
-                        "key, end key) label with flag 2")
-      start, stop = _label_int(h.label[0], src), _label_int(h.label[1], src)
-      # Ranges must tile 1..first-1 in order, or some image would get another's label.
-      if start != expected_start or stop < start or stop > first:
-        raise UserError(f"{src}: identity {key - first} covers image keys [{start}, {stop}); "
-                        f"expected a range starting at {expected_start} and ending by {first}")
-      self._ranges.append((start, stop))
+      span, problem = self._identity_record(key, first, expected_start)
+      if problem and self.strict_identity_records:
+        raise UserError(problem)
+      if span is None:
+        self.malformed_identity_records += 1
+        continue
+      start, stop = span
+      claimed[start:stop] = np.where(claimed[start:stop] == -1, key - first, -2)  # -2: overlap.
       expected_start = stop
-    if expected_start != first:
-      raise UserError(f"{src0}: identity records cover image keys up to {expected_start}, but "
-                      f"images run to key {first - 1}; expected every image in one identity")
-    for key in (1, first - 1):
-      if first > 1 and not self._raw.has_key(key):
-        raise UserError(f"{self._raw.idx_path}: no image record {key}; expected keys 1.."
-                        f"{first - 1} from the header record")
-    return [stop - start for start, stop in self._ranges]
-
-  def _scan_labels(self) -> list[int]:
-    # Without identity records the labels are only in the image headers: read them all.
-    self._image_keys = np.sort(self._raw.keys)
-    counts: dict[int, int] = {}
-    for key in self._image_keys:
-      h, _ = self._header(int(key))
-      label = self._image_label(h, int(key))
-      counts[label] = counts.get(label, 0) + 1
-    n = max(counts) + 1 if counts else 0
-    return [counts.get(i, 0) for i in range(n)]
+    if expected_start != first and self.strict_identity_records:
+      raise UserError(f"{self._source(0)}: identity records cover image keys up to "
+                      f"{expected_start}, but images run to key {first - 1}; expected every "
+                      "image in one identity")
+    wrong = np.nonzero(claimed[1:] != self._image_labels)[0]
+    self.identity_record_disagreements = int(wrong.size)
+    if wrong.size and self.strict_identity_records:
+      key = int(self._image_keys[wrong[0]])
+      raise UserError(f"{self._source(key)}: image label {int(self._image_labels[wrong[0]])} "
+                      f"disagrees with identity record {int(claimed[key])} whose key range "
+                      "holds it; refusing to guess the label")
+    if wrong.size or self.malformed_identity_records:
+      example = ""
+      if wrong.size:
+        key = int(self._image_keys[wrong[0]])
+        owner = int(claimed[key])
+        example = (f" (first: key {key} has label {int(self._image_labels[wrong[0]])}, " +
+                   (f"in the range of identity record {owner})" if owner >= 0 else
+                    "in no single identity record's range)"))
+      message = (f"{self.rec_path}: {wrong.size} of {len(self._image_keys)} images carry a "
+                 "label other than the identity record whose key range holds them"
+                 f"{example}, and {self.malformed_identity_records} of {end - first} identity "
+                 "records hold no (first key, end key) range; each image's own label is "
+                 "used, as insightface's trainer does (--strict_identity_records refuses "
+                 "such packs)")
+      warnings.warn(IdentityRecordWarning(message, self.rec_path, int(wrong.size),
+                                          self.malformed_identity_records), stacklevel=4)
+    n = max(end - first, int(self._image_labels.max()) + 1 if self._image_labels.size else 0)
+    return np.bincount(self._image_labels, minlength=n).tolist()
 
   def _image_label(self, h: IRHeader, key: int) -> int:
     value = h.label if h.flag == 0 else h.label[0]
-    return _label_int(value, self._source(key))
-
-  def _iter_keys(self) -> Iterator[tuple[int, int | None]]:
-    """Yields (key, expected label or None)."""
-    if self.has_header:
-      for j, (start, stop) in enumerate(self._ranges):
-        for key in range(start, stop):
-          yield key, j
-    else:
-      for key in self._image_keys:
-        yield int(key), None
+    label = _label_int(value, self._source(key))
+    if label >= _MAX_FLOAT_INT:
+      raise UserError(f"{self._source(key)}: label {label}; expected an identity label below "
+                      f"{_MAX_FLOAT_INT} (float32 header labels are exact only below it)")
+    return label
 
   def __iter__(self) -> Iterator[FaceRecord]:
     self.skipped = []
-    for key, expected in self._iter_keys():
+    for key, expected in zip(self._image_keys, self._image_labels):
+      key, expected = int(key), int(expected)
       source = self._source(key)
       h, image = self._header(key)
       label = self._image_label(h, key)
-      if expected is not None and label != expected:
-        raise UserError(f"{source}: image label {label} disagrees with identity record "
-                        f"{expected} whose key range holds it; refusing to guess the label")
+      if label != expected:
+        raise UserError(f"{source}: image label {label} now but {expected} when the index "
+                        "was read; expected the .rec not to change while it is read")
       if self.validate:
         try:
           decode_image(image, source)

@@ -12,14 +12,14 @@ identities (data.synthetic.validation_identities_per_group > 0), or for tfds the
 verification set named by data.tfds.validation, which may not be the test set.
 """
 
-import dataclasses
 import os
 from typing import Iterator
 
 import numpy as np
 
 from mstkd_jax import paths
-from mstkd_jax.data import input_pipeline, synthetic
+from mstkd_jax.data import input_pipeline, pairs, prepared, synthetic
+from mstkd_jax.data.pairs import VerificationSet  # The stages' pair-set type.
 from mstkd_jax.errors import UserError
 
 SOURCES = ("synthetic", "tfds")
@@ -121,18 +121,6 @@ class TfdsTrainingSet(TrainingSet):
         (0,) + self.image_shape, np.uint8)
 
 
-@dataclasses.dataclass
-class VerificationSet:
-  """One group's verification pairs: images and (a, b) index pairs with same/different labels."""
-  images: np.ndarray          # uint8 [M, H, W, 3]
-  pairs: np.ndarray           # int32 [P, 2]
-  issame: np.ndarray          # bool [P]
-
-  def pair_images(self) -> np.ndarray:
-    """uint8 [2P, H, W, 3] in insightface .bin order: pair k = rows 2k and 2k+1."""
-    return self.images[self.pairs.reshape(-1)]
-
-
 def data_dir(data_config, workdir: str) -> str:
   """data.data_dir; if empty, for the tfds source TFDS_DATA_DIR (TFDS's own variable), for
   the synthetic set <workdir>/data (where it is generated and cached)."""
@@ -153,6 +141,12 @@ def _synthetic_spec(data_config) -> synthetic.SyntheticSpec:
 def _synthetic(data_config, workdir: str) -> synthetic.SyntheticFaces:
   return synthetic.load_or_generate(_synthetic_spec(data_config),
                                     data_dir(data_config, workdir))
+
+
+def _synthetic_sets(data_config, workdir: str, split: str) -> dict[str, VerificationSet]:
+  source = pairs.SyntheticSource(_synthetic_spec(data_config), data_dir(data_config, workdir),
+                                 split)
+  return pairs.load("synthetic", source)
 
 
 def _check_source(data_config) -> str:
@@ -184,13 +178,10 @@ def verification_sets(data_config, workdir: str) -> dict[str, VerificationSet]:
     if not data_config.tfds.verification:
       raise UserError("config field data.tfds.verification: expected the name of a prepared "
                       "verification set (RFW or .bin files)")
-    sets = tfds_input.load_verification_sets(
+    return tfds_input.load_verification_sets(
         data_config.tfds.verification, data_dir(data_config, workdir),
         data_config.tfds.image_size)
-    return {g: VerificationSet(*parts) for g, parts in sets.items()}
-  faces = _synthetic(data_config, workdir)
-  return {g: VerificationSet(images=faces.eval_images[g], pairs=faces.eval_pairs[g],
-                             issame=faces.eval_issame[g]) for g in faces.spec.group_names}
+  return _synthetic_sets(data_config, workdir, "eval")
 
 
 def select(train: TrainingSet, *, group: str = "", identities=()) -> tuple[np.ndarray, np.ndarray]:
@@ -264,13 +255,8 @@ def validation_sets(data_config, workdir: str) -> dict[str, VerificationSet]:
     name = data_config.tfds.validation
     root = data_dir(data_config, workdir)
     _refuse_same_source(data_config, root)
-    sets = tfds_input.load_verification_sets(name, root, data_config.tfds.image_size)
-    return {g: VerificationSet(*parts) for g, parts in sets.items()}
-  faces = _synthetic(data_config, workdir)
-  return {g: VerificationSet(images=faces.validation_images[g],
-                             pairs=faces.validation_pairs[g],
-                             issame=faces.validation_issame[g])
-          for g in faces.spec.group_names}
+    return tfds_input.load_verification_sets(name, root, data_config.tfds.image_size)
+  return _synthetic_sets(data_config, workdir, "validation")
 
 
 def _refuse_same_source(data_config, root: str) -> None:
@@ -279,15 +265,14 @@ def _refuse_same_source(data_config, root: str) -> None:
   Reads only the two metadata.json files; says nothing when the test set is unset or not
   prepared (verification_sets names that problem itself).
   """
-  from mstkd_jax.data import tfds_builders as tfb  # pylint: disable=g-import-not-at-top
-  validation = tfb.find_prepared(root, data_config.tfds.validation, tfb.MstkdVerification)
+  validation = prepared.find_prepared(root, data_config.tfds.validation, prepared.VERIFICATION)
   if not data_config.tfds.verification:
     return
-  test = tfb.prepared_dir(root, tfb.MstkdVerification, data_config.tfds.verification)
-  if not tfb.is_prepared(test):
+  test = prepared.prepared_dir(root, prepared.VERIFICATION, data_config.tfds.verification)
+  if not prepared.is_prepared(test):
     return
-  source = tfb.read_metadata(validation).get("source")
-  if source and source == tfb.read_metadata(test).get("source"):
+  source = prepared.read_metadata(validation).get("source")
+  if source and source == prepared.read_metadata(test).get("source"):
     raise UserError(f"config field data.tfds.validation={data_config.tfds.validation!r} "
                     f"was prepared from {source}, as the test set "
                     f"data.tfds.verification={data_config.tfds.verification!r}; selection on "

@@ -24,14 +24,14 @@ Examples are written in source order (`disable_shuffling`), so a group's rows ar
 contiguous and record r of the array_record shards is the r-th image read. Besides TFDS's
 own files the prepared folder holds metadata.json (group and identity names, image sizes,
 skipped files; also `builder.info.metadata`) and, for training sets, labels.npz with the
-identity and group of every record, so labels load without reading any image.
+identity and group of every record, so labels load without reading any image; data.prepared
+finds and reads those folders. The verification builder stores the plans of data.pairs, so it
+takes every file format registered there.
 """
 
 import concurrent.futures
 import collections
 import dataclasses
-import hashlib
-import json
 import os
 from typing import Any, Callable, Iterable, Iterator
 
@@ -40,16 +40,13 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from mstkd_jax.data import image_tree
+from mstkd_jax.data import pairs
+from mstkd_jax.data import prepared
 from mstkd_jax.data import recordio
-from mstkd_jax.data import rfw
-from mstkd_jax.data import verification_bin
 from mstkd_jax.errors import UserError
 
-TRAINING_FORMATS = ("image_tree", "recordio")
-VERIFICATION_FORMATS = ("rfw", "bin")
-METADATA_FORMAT = "mstkd_jax.tfds"
-LABELS_FILE = "labels.npz"
-METADATA_FILE = "metadata.json"
+TRAINING_FORMATS = prepared.TRAINING.formats
+VERIFICATION_FORMATS = prepared.VERIFICATION.formats
 # Keys are spread over TFDS's 128-bit key space: with shuffling disabled TFDS sorts by key
 # and buckets keys by their top bits, so small keys would all land in one in-memory bucket.
 _KEY_SPACE = 1 << 128
@@ -102,7 +99,7 @@ class _PreparedMetadata(tfds.core.MetadataDict):
   def save_metadata(self, data_dir):
     super().save_metadata(data_dir)
     if self.arrays:
-      with open(os.path.join(os.fspath(data_dir), LABELS_FILE), "wb") as f:
+      with open(os.path.join(os.fspath(data_dir), prepared.LABELS_FILE), "wb") as f:
         np.savez(f, **self.arrays)
 
 
@@ -162,7 +159,8 @@ def _sizes_list(sizes: set) -> list[list[int]]:
 class MstkdFaces(_SourceBuilder):
   """A face training set from an image tree or an insightface RecordIO (manual dir)."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  name = prepared.TRAINING.builder
+  VERSION = tfds.core.Version(prepared.TRAINING.version)
   RELEASE_NOTES = {"1.0.0": "Encoded image, identity, group per example; labels.npz."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Pass the image tree (<root>/<group>/<identity>/<image> or <root>/<identity>/<image>) "
@@ -196,7 +194,7 @@ class MstkdFaces(_SourceBuilder):
       reader = recordio.FaceRecordIOReader(source, validate=False)
     index = reader.index
     self.info.metadata.update(
-        format=METADATA_FORMAT, kind="training", source=source,
+        format=prepared.METADATA_FORMAT, kind="training", source=source,
         source_format=config.source_format, group_names=list(index.group_names),
         identity_names=list(index.identity_names),
         identity_groups=[int(g) for g in index.identity_groups])
@@ -232,20 +230,11 @@ class MstkdFaces(_SourceBuilder):
                                  "group": np.asarray(group, np.int32)}
 
 
-@dataclasses.dataclass
-class _GroupPairs:
-  """One verification group while preparing: distinct images and pairs of their rows."""
-  name: str
-  images: list = dataclasses.field(default_factory=list)  # (bytes or None, source).
-  identities: set | None = None  # Names of the identities shown; None when unknown.
-  pairs: list = dataclasses.field(default_factory=list)  # (row a, row b, issame).
-  dropped: int = 0
-
-
 class MstkdVerification(_SourceBuilder):
-  """Per-group verification pairs from RFW or insightface .bin files (manual dir)."""
+  """Per-group verification pairs from a file format of data.pairs (manual dir)."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  name = prepared.VERIFICATION.builder
+  VERSION = tfds.core.Version(prepared.VERIFICATION.version)
   RELEASE_NOTES = {"1.0.0": 'Split "test" of distinct images; pairs in metadata.'}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Pass the RFW folder (test/data, test/txts) or a folder of insightface .bin files "
@@ -268,216 +257,71 @@ class MstkdVerification(_SourceBuilder):
     config = self.builder_config
     source = os.path.normpath(os.path.join(os.fspath(dl_manager.manual_dir),
                                            config.source_file))
-    if config.source_format == "rfw":
-      groups = self._plan_rfw(source)
-    elif config.source_format == "bin":
-      groups = self._plan_bins(source)
-    else:
+    if config.source_format not in VERIFICATION_FORMATS:
       raise ValueError(f"{config.source_format!r} is not a verification format "
                        f"{VERIFICATION_FORMATS}")
-    skipped, sizes = self._check_images(groups)
-    for group in groups:
-      if not group.pairs:
-        raise UserError(f"{source}: group {group.name!r} has no pair left with two decodable "
+    plans = pairs.PLANNERS[config.source_format].plan(source)
+    plans, dropped, skipped, sizes = self._check_images(plans)
+    for plan in plans:
+      if not len(plan.issame):
+        raise UserError(f"{source}: group {plan.name!r} has no pair left with two decodable "
                         "images")
     self.info.metadata.update(
-        format=METADATA_FORMAT, kind="verification", source=source,
-        source_format=config.source_format, group_names=[g.name for g in groups],
-        images={g.name: len(g.images) for g in groups},
-        identities={g.name: None if g.identities is None else len(g.identities)
-                    for g in groups},
-        pairs={g.name: len(g.pairs) for g in groups},
-        same={g.name: int(sum(p[2] for p in g.pairs)) for g in groups},
-        dropped_pairs={g.name: g.dropped for g in groups},
-        pair_table={g.name: {"index_a": [p[0] for p in g.pairs],
-                             "index_b": [p[1] for p in g.pairs],
-                             "issame": [bool(p[2]) for p in g.pairs]} for g in groups},
+        format=prepared.METADATA_FORMAT, kind="verification", source=source,
+        source_format=config.source_format, group_names=[p.name for p in plans],
+        images={p.name: len(p.images) for p in plans},
+        identities={p.name: None if p.identities is None else len(set(p.identities))
+                    for p in plans},
+        pairs={p.name: len(p.issame) for p in plans},
+        same={p.name: int(p.issame.sum()) for p in plans},
+        dropped_pairs=dropped,
+        pair_table={p.name: {"index_a": p.pairs[:, 0].tolist(),
+                             "index_b": p.pairs[:, 1].tolist(),
+                             "issame": p.issame.tolist()} for p in plans},
         image_sizes=_sizes_list(sizes), skipped=[list(s) for s in skipped])
-    return {"test": self._generate_examples(groups=groups)}
+    return {"test": self._generate_examples(plans=plans)}
 
-  def _plan_rfw(self, source: str) -> list[_GroupPairs]:
-    reader = rfw.RFWReader(source)
-    groups = []
-    for name in reader.groups:
-      group = _GroupPairs(name, identities=set())
-      rows = {}
-      for p in reader.pairs(name):
-        ab = []
-        for person, number in ((p.name1, p.index1), (p.name2, p.index2)):
-          if (person, number) not in rows:
-            rows[(person, number)] = len(group.images)
-            group.images.append((None, reader.image_path(name, person, number)))
-            group.identities.add(person)
-          ab.append(rows[(person, number)])
-        group.pairs.append((ab[0], ab[1], p.same))
-      groups.append(group)
-    return groups
+  def _check_images(self, plans: list[pairs.GroupPlan]
+                    ) -> tuple[list[pairs.GroupPlan], dict, list, set]:
+    """Decodes every image; drops undecodable ones (and their pairs) when skipping.
 
-  def _plan_bins(self, source: str) -> list[_GroupPairs]:
-    if os.path.isdir(source):
-      files = sorted(f for f in os.listdir(source)
-                     if f.lower().endswith(".bin") and not f.startswith("."))
-      if not files:
-        raise UserError(f"{source}: no .bin files in this folder; expected insightface "
-                        "verification files such as African_test.bin")
-      paths = [os.path.join(source, f) for f in files]
-    else:
-      paths = [source]
-    groups, seen = [], {}
-    for path in paths:
-      name = bin_group_name(path)
-      if name in seen:
-        raise UserError(f"{path}: group name {name!r} also comes from {seen[name]}; expected "
-                        "one .bin per group")
-      seen[name] = path
-      images, issame = verification_bin.load_verification_bin(path)
-      group = _GroupPairs(name)
-      rows = {}
-      for k, same in enumerate(issame):
-        ab = []
-        for j in (2 * k, 2 * k + 1):
-          digest = hashlib.sha256(images[j]).digest()
-          if digest not in rows:
-            rows[digest] = len(group.images)
-            group.images.append((images[j], f"{path}#{j}"))
-          ab.append(rows[digest])
-        group.pairs.append((ab[0], ab[1], same))
-      groups.append(group)
-    return sorted(groups, key=lambda g: g.name)
-
-  def _check_images(self, groups: list[_GroupPairs]) -> tuple[list, set]:
-    """Decodes every image; drops undecodable ones (and their pairs) when skipping."""
+    Returns (the plans without them, dropped pairs per group, skipped, image sizes).
+    """
     config = self.builder_config
-    skipped, sizes = [], set()
-    for group in groups:
-      kept = {}
-      items = ((row, data, src) for row, (data, src) in enumerate(group.images))
+    kept_plans, dropped, skipped, sizes = [], {}, [], set()
+    for plan in plans:
+      kept = []
+      items = ((row, data, src) for row, (data, src) in enumerate(plan.images))
       checked = _checked_images(items, skip_corrupt=config.skip_corrupt, skipped=skipped,
                                 workers=_workers(config))
       # Before TFDS's own progress bars: this pass reads and decodes every image.
-      for row, _, size in tqdm.tqdm(checked, total=len(group.images), unit=" images",
-                                    desc=f"Checking {group.name} images", leave=False):
-        kept[row] = len(kept)
+      for row, _, size in tqdm.tqdm(checked, total=len(plan.images), unit=" images",
+                                    desc=f"Checking {plan.name} images", leave=False):
+        kept.append(row)
         sizes.add(size)
-      if len(kept) < len(group.images):
-        pairs = [(kept[a], kept[b], s) for a, b, s in group.pairs if a in kept and b in kept]
-        group.dropped = len(group.pairs) - len(pairs)
-        group.pairs = pairs
-        group.images = [group.images[row] for row in sorted(kept)]
-        if group.identities is not None:
-          group.identities = {os.path.basename(os.path.dirname(src))
-                              for _, src in group.images}
-    return skipped, sizes
+      dropped[plan.name] = 0
+      if len(kept) < len(plan.images):
+        new_row = np.full(len(plan.images), -1, np.int64)
+        new_row[kept] = np.arange(len(kept))
+        keep = (new_row[plan.pairs] >= 0).all(axis=1)
+        dropped[plan.name] = int((~keep).sum())
+        plan = pairs.GroupPlan(
+            plan.name, [plan.images[row] for row in kept], new_row[plan.pairs[keep]],
+            plan.issame[keep],
+            None if plan.identities is None else [plan.identities[row] for row in kept])
+      kept_plans.append(plan)
+    return kept_plans, dropped, skipped, sizes
 
-  def _generate_examples(self, groups: list[_GroupPairs]):
-    total = sum(len(g.images) for g in groups)
+  def _generate_examples(self, plans: list[pairs.GroupPlan]):
+    total = sum(len(p.images) for p in plans)
     i = 0
-    for g, group in enumerate(groups):
-      for row, (data, source) in enumerate(group.images):
-        yield _ordered_key(i, total), {"image": image_tree.read_image_file(source) if data is None else data,
-                                       "group": g, "index": row}
+    for g, plan in enumerate(plans):
+      for row, (data, source) in enumerate(plan.images):
+        image = image_tree.read_image_file(source) if data is None else data
+        yield _ordered_key(i, total), {"image": image, "group": g, "index": row}
         i += 1
-
-
-def bin_group_name(path: str) -> str:
-  """African_test.bin -> African; lfw.bin -> lfw."""
-  stem = os.path.splitext(os.path.basename(path))[0]
-  return stem[:-len("_test")] if stem.endswith("_test") and len(stem) > 5 else stem
 
 
 BUILDERS: dict[str, Callable[..., tfds.core.DatasetBuilder]] = {
     fmt: MstkdFaces for fmt in TRAINING_FORMATS}
 BUILDERS.update({fmt: MstkdVerification for fmt in VERIFICATION_FORMATS})
-
-
-def prepared_dir(data_dir: str, builder: type, name: str) -> str:
-  """<data_dir>/<builder name>/<name>/<version>: where a data set is (or will be) prepared."""
-  return os.path.join(os.fspath(data_dir), builder.name, name, str(builder.VERSION))
-
-
-def is_prepared(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "dataset_info.json"))
-
-
-def find_prepared(data_dir: str, name: str, builder: type) -> str:
-  """Returns the prepared folder of `name`; UserError saying how to prepare it otherwise."""
-  path = prepared_dir(data_dir, builder, name)
-  if is_prepared(path):
-    return path
-  others = [b for b in (MstkdFaces, MstkdVerification) if b is not builder]
-  for other in others:
-    if is_prepared(prepared_dir(data_dir, other, name)):
-      raise UserError(f"{prepared_dir(data_dir, other, name)}: {name!r} was prepared as a "
-                      f"{other.name} data set; expected a {builder.name} one here")
-  formats = TRAINING_FORMATS if builder is MstkdFaces else VERIFICATION_FORMATS
-  raise UserError(f"{path}: no prepared data set {name!r}; expected it prepared first with "
-                  f'`python -m mstkd_jax.data.prepare --format={"|".join(formats)} '
-                  f"--src=PATH --data_dir={data_dir} --name={name}`")
-
-
-def read_metadata(path: str) -> dict:
-  """Reads metadata.json of a prepared folder and checks it is ours."""
-  file = os.path.join(path, METADATA_FILE)
-  try:
-    with open(file, encoding="utf-8") as f:
-      data = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{file}: cannot read the data set metadata ({e}); expected the file "
-                    "written by mstkd_jax.data.prepare") from None
-  if not isinstance(data, dict) or data.get("format") != METADATA_FORMAT:
-    raise UserError(f'{file}: not mstkd_jax metadata; expected "format": "{METADATA_FORMAT}"')
-  return data
-
-
-def read_labels(path: str, num_examples: int | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
-  """(identity int32 [N], group int32 [N]) of a prepared training set, in record order.
-
-  num_examples, when given, is checked against the arrays (the split's record count).
-  """
-  file = os.path.join(path, LABELS_FILE)
-  try:
-    with np.load(file, allow_pickle=False) as data:
-      identity = np.asarray(data["identity"], np.int32)
-      group = np.asarray(data["group"], np.int32)
-  except (OSError, KeyError, ValueError) as e:
-    raise UserError(f"{file}: cannot read the label arrays ({e}); expected the file written "
-                    "by mstkd_jax.data.prepare") from None
-  if num_examples is None:
-    num_examples = len(identity)
-  if identity.shape != (num_examples,) or group.shape != (num_examples,):
-    raise UserError(f"{file}: labels for {identity.shape} / {group.shape} examples but the "
-                    f"data set has {num_examples}; expected the labels of this data set")
-  return identity, group
-
-
-def summary(path: str, name: str) -> dict:
-  """{"name", "num_images", "num_identities", "groups": {...}, ...} counted from the data."""
-  meta = read_metadata(path)
-  out = {"name": name}
-  if meta.get("kind") == "verification":
-    groups = meta["group_names"]
-    ids = [meta["identities"][g] for g in groups]
-    out.update(num_images=int(sum(meta["images"][g] for g in groups)),
-               num_identities=None if None in ids else int(sum(ids)),
-               groups={g: {"images": meta["images"][g], "identities": meta["identities"][g],
-                           "pairs": meta["pairs"][g], "same": meta["same"][g]}
-                       for g in groups})
-    dropped = sum(meta["dropped_pairs"].values())
-    if dropped:
-      out["dropped_pairs"] = dropped
-  else:
-    identity, group = read_labels(path)
-    num_images = len(identity)
-    groups = {}
-    for g, gname in enumerate(meta["group_names"]):
-      in_group = group == g
-      groups[gname] = {"images": int(in_group.sum()),
-                       "identities": int(np.unique(identity[in_group]).size)}
-    out.update(num_images=int(num_images), num_identities=int(np.unique(identity).size),
-               groups=groups)
-    empty = len(meta["identity_names"]) - out["num_identities"]
-    if empty:
-      out["identities_without_images"] = empty
-  out.update(skipped=len(meta.get("skipped", [])), path=path)
-  return out

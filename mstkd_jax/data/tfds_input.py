@@ -1,6 +1,7 @@
 """Prepared (TFDS) face data for the stages: labels, the training stream, verification sets.
 
-Data sets come from `python -m mstkd_jax.data.prepare` (see tfds_builders for the layout).
+Data sets come from `python -m mstkd_jax.data.prepare` (see tfds_builders for the layout);
+data.prepared finds their folders and reads their metadata and labels.
 
 * load_face_dataset: identity/group label arrays (from labels.npz, no image is read) and
   the names, plus the random-access data source of the array_record records.
@@ -25,7 +26,8 @@ import warnings
 import numpy as np
 
 from mstkd_jax import paths
-from mstkd_jax.data import input_pipeline
+from mstkd_jax.data import input_pipeline, prepared
+from mstkd_jax.data.pairs import VerificationSet
 from mstkd_jax.errors import UserError
 
 ImageSize = int | Sequence[int]
@@ -47,11 +49,6 @@ def _tfds():
   _tf()
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds
-
-
-def _builders():
-  from mstkd_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
-  return tfds_builders
 
 
 def _hw(image_size: ImageSize) -> tuple[int, int]:
@@ -123,20 +120,19 @@ def load_face_dataset(name: str, data_dir: str) -> TfdsFaceSet:
   Raises:
     UserError: not prepared, or its files disagree with each other.
   """
-  tfb = _builders()
   data_dir = paths.local(data_dir, "data.data_dir")
-  path = tfb.find_prepared(data_dir, name, tfb.MstkdFaces)
-  meta = tfb.read_metadata(path)
+  path = prepared.find_prepared(data_dir, name, prepared.TRAINING)
+  meta = prepared.read_metadata(path)
   face_set = TfdsFaceSet(
       name=name, path=path, identity=np.zeros(0, np.int32), group=np.zeros(0, np.int32),
       group_names=tuple(meta["group_names"]), identity_names=tuple(meta["identity_names"]),
       identity_group=np.asarray(meta["identity_groups"], np.int32).reshape(-1),
       image_sizes=tuple(tuple(int(v) for v in s) for s in meta["image_sizes"]))
   num_examples = face_set.builder.info.splits["train"].num_examples
-  identity, group = tfb.read_labels(path, num_examples)
+  identity, group = prepared.read_labels(path, num_examples)
   bad = (identity < 0) | (identity >= face_set.num_identities)
   if bad.any() or (group != face_set.identity_group[np.clip(identity, 0, None)]).any():
-    raise UserError(f"{os.path.join(path, tfb.LABELS_FILE)}: labels outside the "
+    raise UserError(f"{os.path.join(path, prepared.LABELS_FILE)}: labels outside the "
                     f"{face_set.num_identities} identities of metadata.json, or groups that "
                     "disagree with their identity's; expected the files of one preparation")
   face_set = dataclasses.replace(face_set, identity=identity, group=group)
@@ -147,7 +143,7 @@ def load_face_dataset(name: str, data_dir: str) -> TfdsFaceSet:
     for row, raw in zip(rows, records):
       if _record_labels(raw) != (int(identity[row]), int(group[row])):
         raise UserError(f"{path}: record {row} has labels {_record_labels(raw)} but "
-                        f"{tfb.LABELS_FILE} says {(int(identity[row]), int(group[row]))}; "
+                        f"{prepared.LABELS_FILE} says {(int(identity[row]), int(group[row]))}; "
                         "expected the files of one preparation")
   return face_set
 
@@ -331,7 +327,7 @@ def ordered_images(face_set: TfdsFaceSet, image_size: ImageSize,
 
 
 def load_verification_sets(name: str, data_dir: str, image_size: ImageSize
-                           ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                           ) -> dict[str, VerificationSet]:
   """Loads every group of a prepared verification set.
 
   Args:
@@ -340,15 +336,16 @@ def load_verification_sets(name: str, data_dir: str, image_size: ImageSize
     image_size: int or (height, width); stored images of another size are resized (with a
       warning, once) and rounded back to uint8.
   Returns:
-    {group: (images uint8 [M, H, W, 3], pairs int32 [P, 2] rows into images, issame bool
-    [P])}, pairs in the source's order (the fields of sources.VerificationSet).
+    {group: VerificationSet(images uint8 [M, H, W, 3], pairs int32 [P, 2] rows into
+    images, issame bool [P])}, pairs in the source's order.
+  Raises:
+    UserError: not prepared, or its files disagree with each other.
   """
   tf = _tf()
   tfds = _tfds()
-  tfb = _builders()
   data_dir = paths.local(data_dir, "data.data_dir")
-  path = tfb.find_prepared(data_dir, name, tfb.MstkdVerification)
-  meta = tfb.read_metadata(path)
+  path = prepared.find_prepared(data_dir, name, prepared.VERIFICATION)
+  meta = prepared.read_metadata(path)
   builder = tfds.builder_from_directory(path)
   source = builder.as_data_source(
       "test", deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
@@ -385,8 +382,8 @@ def load_verification_sets(name: str, data_dir: str, image_size: ImageSize
     pairs = np.stack([np.asarray(table["index_a"], np.int32),
                       np.asarray(table["index_b"], np.int32)], axis=1).reshape(-1, 2)
     if pairs.size and (pairs.min() < 0 or pairs.max() >= len(sel)):
-      raise UserError(f"{os.path.join(path, tfb.METADATA_FILE)}: pairs of group {group!r} "
+      raise UserError(f"{os.path.join(path, prepared.METADATA_FILE)}: pairs of group {group!r} "
                       f"name image rows outside [0, {len(sel)})")
-    out[group] = (images[sel[order]], pairs, np.asarray(table["issame"], bool))
+    out[group] = VerificationSet(images[sel[order]], pairs, np.asarray(table["issame"], bool))
   return out
 

@@ -1,11 +1,19 @@
 """insightface verification .bin: a pickle of (encoded images, issame); pair k = images 2k, 2k+1.
 
-Loading uses an allow-list unpickler, since a pickle can run arbitrary code when loaded.
+Loading uses an allow-list unpickler, since a pickle can run arbitrary code when loaded. What
+it accepts is what insightface's loader (`pickle.load(f, encoding="bytes")`) reads in files
+built the usual ways: images as `bytes` or as numpy uint8 arrays (OpenCV's `imencode` gives
+shape (N, 1)), issame as a list of bools, of numpy bool scalars or of 0/1 integers, or as a
+numpy bool/integer array. Only plain numpy arrays and scalars of bool and integer dtypes
+are rebuilt, from their raw bytes (numpy 1.x pickles name numpy.core.multiarray, numpy 2.x
+numpy._core.multiarray); every other global is refused before anything runs.
 """
 
+import math
 import os
 import pickle
 import struct
+import tempfile
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -15,6 +23,13 @@ from mstkd_jax.data.rfw import VerificationPair
 from mstkd_jax.errors import UserError
 
 _BYTE_ORDERS = ("|", "<", ">", "=")
+# The dtypes a pickled array or scalar may have: numpy pickles dtype(<str without byte
+# order>), e.g. "b1", "u1", "i8"; older files may spell the name out.
+_PLAIN_DTYPES = {}
+for _code, _name in (("b1", "bool"), ("u1", "uint8"), ("i1", "int8"), ("u2", "uint16"),
+                     ("i2", "int16"), ("u4", "uint32"), ("i4", "int32"), ("u8", "uint64"),
+                     ("i8", "int64")):
+  _PLAIN_DTYPES[_code] = _PLAIN_DTYPES[_name] = np.dtype(_code)
 
 
 class _Refused(Exception):
@@ -24,6 +39,10 @@ class _Refused(Exception):
 def _text(value) -> str:
   # py2 pickles loaded with encoding='bytes' give bytes where py3 pickles give str.
   return value.decode("latin1") if isinstance(value, bytes) else value
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
 class _StandIn:
@@ -42,38 +61,81 @@ class _NdarrayClass(_StandIn):
 _NDARRAY = _NdarrayClass()
 
 
-class _Uint8Dtype(_StandIn):
-  """Stands for numpy.dtype('u1'); checks the state numpy pickles with it."""
-  __slots__ = ()
+class _Dtype(_StandIn):
+  """Stands for a plain numpy dtype; its byte order comes with the state numpy pickles."""
+  __slots__ = ("base", "dtype")
+
+  def __init__(self, base: np.dtype):
+    self.base = base
+    self.dtype = None
 
   def __setstate__(self, state):
+    # numpy's dtype state: (version, byte order, subarray, names, fields, elsize,
+    # alignment, flags[, metadata]); plain dtypes have no subarray, names or fields.
+    if self.dtype is not None:
+      raise _Refused("numpy dtype state given twice")
     if not (isinstance(state, tuple) and len(state) >= 5 and state[0] in (3, 4)
             and _text(state[1]) in _BYTE_ORDERS and state[2] is None and state[3] is None
-            and state[4] is None):
+            and state[4] is None and all(v is None for v in state[8:9])):
       raise _Refused(f"unexpected numpy dtype state {state!r:.80}")
+    order = _text(state[1])
+    self.dtype = self.base.newbyteorder(order) if order in "<>" else self.base
+
+  def built(self) -> np.dtype:
+    if self.dtype is None:
+      raise _Refused("numpy dtype used before its state was set")
+    return self.dtype
 
 
-class _Uint8Array(_StandIn):
-  """Stands for a 1-D uint8 ndarray being rebuilt by numpy's _reconstruct + __setstate__."""
-  __slots__ = ("data",)
+def _check_bools(raw: bytes, dtype: np.dtype):
+  # A numpy bool is one byte, 0 or 1; other bytes are not a bool numpy would have written.
+  if dtype.kind == "b" and raw and max(raw) > 1:
+    raise _Refused("numpy bool data with bytes other than 0 and 1")
 
-  def __init__(self, data=None):
-    self.data = data
+
+def _array_from_raw(raw, dtype, shape, fortran: bool) -> "_Array":
+  """Checks and wraps the raw bytes of a plain array (they are its memory, in order)."""
+  if isinstance(raw, pickle.PickleBuffer):
+    raw = bytes(raw.raw())
+  if not (isinstance(dtype, _Dtype) and isinstance(raw, (bytes, bytearray))
+          and isinstance(shape, tuple) and all(_is_int(n) and n >= 0 for n in shape)):
+    raise _Refused("numpy array that is not a plain bool or integer array")
+  dtype = dtype.built()
+  if math.prod(shape) * dtype.itemsize != len(raw):
+    raise _Refused(f"numpy array of shape {shape} and dtype {dtype.str} with {len(raw)} "
+                   "bytes of data")
+  _check_bools(raw, dtype)
+  array = np.frombuffer(bytes(raw), dtype).reshape(shape, order="F" if fortran else "C")
+  return _Array(array, bytes(raw))
+
+
+class _Array(_StandIn):
+  """Stands for a plain ndarray: made empty by _reconstruct, filled by its state."""
+  __slots__ = ("array", "raw")
+
+  def __init__(self, array: np.ndarray | None = None, raw: bytes | None = None):
+    self.array = array
+    self.raw = raw
 
   def __setstate__(self, state):
     # numpy's ndarray state: ([version,] shape, dtype, is_fortran, raw bytes).
-    if self.data is not None:
+    if self.array is not None:
       raise _Refused("numpy array state given twice")
     if isinstance(state, tuple) and len(state) == 5:
       state = state[1:]
-    if not (isinstance(state, tuple) and len(state) == 4):
+    if not (isinstance(state, tuple) and len(state) == 4 and state[2] in (0, 1)):
       raise _Refused("unexpected numpy array state")
-    shape, dtype, _, raw = state
-    if not (isinstance(dtype, _Uint8Dtype) and isinstance(shape, tuple) and len(shape) == 1
-            and isinstance(shape[0], int) and isinstance(raw, (bytes, bytearray))
-            and len(raw) == shape[0]):
-      raise _Refused("numpy array that is not a 1-D uint8 array")
-    self.data = bytes(raw)
+    shape, dtype, fortran, raw = state
+    built = _array_from_raw(raw, dtype, shape, bool(fortran))
+    self.array, self.raw = built.array, built.raw
+
+
+class _Scalar(_StandIn):
+  """Stands for a numpy scalar of a plain dtype (numpy.bool_, numpy.int64, ...)."""
+  __slots__ = ("value",)
+
+  def __init__(self, value):
+    self.value = value
 
 
 class _Guard(_StandIn):
@@ -90,24 +152,33 @@ class _Guard(_StandIn):
 def _reconstruct(cls, shape, typecode):
   if cls is not _NDARRAY or shape != (0,) or typecode not in (b"b", "b"):
     raise _Refused("numpy _reconstruct with unexpected arguments")
-  return _Uint8Array()
+  return _Array()
 
 
 def _frombuffer(buf, dtype, shape, order):
   # numpy's protocol-5 form of a contiguous array.
-  if isinstance(buf, pickle.PickleBuffer):
-    buf = bytes(buf.raw())
-  if not (isinstance(buf, (bytes, bytearray)) and isinstance(dtype, _Uint8Dtype)
-          and shape == (len(buf),) and _text(order) in ("C", "F")):
-    raise _Refused("numpy array that is not a 1-D uint8 array")
-  return _Uint8Array(bytes(buf))
+  if _text(order) not in ("C", "F"):
+    raise _Refused("numpy _frombuffer with unexpected arguments")
+  return _array_from_raw(buf, dtype, shape, _text(order) == "F")
+
+
+def _scalar(dtype, raw=None):
+  # numpy's scalar pickle: scalar(dtype, raw bytes of one item).
+  if not (isinstance(dtype, _Dtype) and isinstance(raw, (bytes, bytearray))):
+    raise _Refused("numpy scalar with unexpected arguments")
+  dtype = dtype.built()
+  if len(raw) != dtype.itemsize:
+    raise _Refused(f"numpy scalar of dtype {dtype.str} with {len(raw)} bytes")
+  _check_bools(raw, dtype)
+  return _Scalar(np.frombuffer(bytes(raw), dtype)[0])
 
 
 def _dtype(name, align=False, copy=True):
   del align, copy
-  if _text(name) not in ("u1", "uint8"):
-    raise _Refused(f"numpy dtype {name!r:.40} (only uint8 is accepted)")
-  return _Uint8Dtype()
+  base = _PLAIN_DTYPES.get(_text(name)) if isinstance(name, (str, bytes)) else None
+  if base is None:
+    raise _Refused(f"numpy dtype {name!r:.40} (only bool and integer dtypes are accepted)")
+  return _Dtype(base)
 
 
 def _codecs_encode(text, encoding="utf-8"):
@@ -151,6 +222,7 @@ _ALLOWED[("numpy", "ndarray")] = _NDARRAY
 _ALLOWED[("numpy", "dtype")] = _Guard(_dtype)
 for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):
   _ALLOWED[(_module, "_reconstruct")] = _Guard(_reconstruct)
+  _ALLOWED[(_module, "scalar")] = _Guard(_scalar)
 for _module in ("numpy.core.numeric", "numpy._core.numeric"):
   _ALLOWED[(_module, "_frombuffer")] = _Guard(_frombuffer)
 
@@ -168,21 +240,64 @@ class _RestrictedUnpickler(pickle.Unpickler):
     raise _Refused("persistent ids are not allowed")
 
 
+def _describe(value) -> str:
+  if isinstance(value, _Array):
+    if value.array is None:
+      return "an incomplete numpy array"
+    return f"a numpy {value.array.dtype.name} array of shape {value.array.shape}"
+  if isinstance(value, _Scalar):
+    return f"a numpy {value.value.dtype.name} scalar"
+  return "an incomplete numpy object" if isinstance(value, _StandIn) else (
+      f"a {type(value).__name__}")
+
+
 def _as_image_bytes(value, path: str, k: int) -> bytes:
   if isinstance(value, bytes):
     return value
   if isinstance(value, bytearray):
     return bytes(value)
-  if isinstance(value, _Uint8Array) and value.data is not None:
-    return value.data
-  kind = "an incomplete numpy array" if isinstance(value, _StandIn) else (
-      f"a {type(value).__name__}")
-  raise UserError(f"{path}: image {k} is {kind}; expected encoded image bytes or a 1-D uint8 "
-                  "numpy array")
+  if isinstance(value, _Array) and value.array is not None and value.array.dtype == np.uint8:
+    # The array's memory, as insightface's imdecode(np.frombuffer(...)) reads it.
+    return value.raw
+  raise UserError(f"{path}: image {k} is {_describe(value)}; expected encoded image bytes or "
+                  "a uint8 numpy array")
+
+
+def _as_issame(value, path: str, k: int) -> bool:
+  if isinstance(value, _Scalar):
+    value = value.value.item()
+  elif isinstance(value, _Array) and value.array is not None and value.array.ndim == 0:
+    value = value.array.item()
+  # py2 pickles and numpy-built lists may hold 0/1 ints; anything else would be a guess.
+  if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+    return bool(value)
+  shown = _describe(value) if isinstance(value, _StandIn) else f"{value!r:.40}"
+  raise UserError(f"{path}: issame[{k}] is {shown}; expected True/False (or 0/1)")
+
+
+def _issame_items(value, path: str) -> list:
+  if isinstance(value, (list, tuple)):
+    return list(value)
+  array = value.array
+  if array is None or array.ndim != 1:
+    raise UserError(f"{path}: issame is {_describe(value)}; expected a list or a 1-D array of "
+                    "True/False (or 0/1)")
+  return array.tolist()
 
 
 def load_verification_bin(path: str) -> tuple[list[bytes], list[bool]]:
-  """Loads (encoded images, issame) with a restricted unpickler; UserError on anything else."""
+  """Loads (encoded images, issame) with a restricted unpickler, executing nothing.
+
+  Returns:
+    (images, issame): 2N encoded images as bytes and N Python bools; pair k is images
+    2k and 2k+1.
+
+  Raises:
+    UserError: naming the file: missing, not a pickle, a refused global (anything but the
+      builtins of plain lists/tuples/bytes/bools and plain numpy arrays/scalars of bool and
+      integer dtypes), not a pair (images, issame), an image that is not bytes or a uint8
+      array, an issame that is not a bool or 0/1, or not two images per pair.
+  """
   path = os.fspath(path)
   expected = ("expected an insightface verification .bin: a pickle of (list of encoded "
               "images, list of bools)")
@@ -197,17 +312,12 @@ def load_verification_bin(path: str) -> tuple[list[bytes], list[bool]]:
     raise UserError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); "
                     f"{expected}") from None
   if not (isinstance(obj, (tuple, list)) and len(obj) == 2
-          and all(isinstance(v, (list, tuple)) for v in obj)):
+          and isinstance(obj[0], (list, tuple))
+          and isinstance(obj[1], (list, tuple, _Array))):
     raise UserError(f"{path}: holds a {type(obj).__name__}; {expected}")
   raw_images, raw_issame = obj
   images = [_as_image_bytes(v, path, k) for k, v in enumerate(raw_images)]
-  issame = []
-  for k, v in enumerate(raw_issame):
-    # py2 pickles may hold 0/1 ints; anything else would be a guess.
-    if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)):
-      issame.append(bool(v))
-    else:
-      raise UserError(f"{path}: issame[{k}] is {v!r:.40}; expected True/False")
+  issame = [_as_issame(v, path, k) for k, v in enumerate(_issame_items(raw_issame, path))]
   if len(images) != 2 * len(issame):
     raise UserError(f"{path}: {len(images)} images for {len(issame)} pairs; expected exactly "
                     "two images per pair")
@@ -223,8 +333,12 @@ class VerificationBinWriter:
 
   def __init__(self, path: str):
     self.path = os.fspath(path)
-    self._tmp = self.path + ".partial"
-    self._f = open(self._tmp, "wb")
+    # A unique name next to the target: concurrent writers never share a partial file.
+    fd, self._tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)),
+                                     prefix=f".{os.path.basename(self.path)}.",
+                                     suffix=".partial")
+    os.chmod(self._tmp, 0o644)  # mkstemp makes it owner-only; a data file is shareable
+    self._f = os.fdopen(fd, "wb")
     self._issame: list[bool] = []
     self._f.write(b"\x80\x04]")  # PROTO 4, EMPTY_LIST (the images).
 

@@ -11,7 +11,7 @@ import os
 import jax
 import numpy as np
 
-from mstkd_jax import workdir as workdir_lib
+from mstkd_jax import files
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import verification
@@ -89,7 +89,7 @@ def save_embeddings(workdir: str, embeddings: dict) -> str:
   for group, (emb, emb_flip, same) in embeddings.items():
     arrays.update({f"{group}/embedding": emb, f"{group}/embedding_flip": emb_flip,
                    f"{group}/issame": same})
-  workdir_lib.save_npz(path, arrays)
+  files.save_npz(path, arrays)
   return path
 
 

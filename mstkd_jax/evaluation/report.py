@@ -11,12 +11,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from mstkd_jax import files
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import fairness, target_space
 
@@ -93,8 +93,8 @@ def build_report(models: Mapping[str, Mapping[str, Mapping]],
     "accuracy_noflip", "accuracy_noflip_std", "tar_at_far": {"1e-3": ..},
     "tar_at_far_detail", "best_thresholds", "num_pairs", "roc": {fpr, tpr}}},
     "mean", "std", "std_sample", "ser", "best_group", "worst_group",
-    "global_threshold"}}, "config": {...}}. Accuracies, TARs, mean and STD are
-    percents rounded to 4 decimals; STD is the population std (ddof=0); SER is a
+    "global_threshold"}}, "config": {...}, "warnings": model_warnings of every model}.
+    Accuracies, TARs, mean and STD are percents rounded to 4 decimals; STD is the population std (ddof=0); SER is a
     ratio; "global_threshold" holds `fairness.global_threshold_metrics` (rates as
     fractions) when every group carries distances/issame and there are >= 2 groups,
     else None (with "global_threshold_note" saying why, when the metrics failed).
@@ -102,7 +102,7 @@ def build_report(models: Mapping[str, Mapping[str, Mapping]],
   """
   if not isinstance(models, Mapping) or not models:
     raise UserError("models: expected a non-empty dict of model name -> group results")
-  out = {}
+  out, warnings = {}, []
   for model, groups in models.items():
     if not isinstance(groups, Mapping) or not groups:
       raise UserError(f"models[{model!r}]: expected a non-empty dict of group -> results")
@@ -112,6 +112,7 @@ def build_report(models: Mapping[str, Mapping[str, Mapping]],
       accs[group] = float(res["accuracy"])
       if res.get("distances") is not None and res.get("issame") is not None:
         dists[group] = (np.asarray(res["distances"]), np.asarray(res["issame"]))
+    warnings += model_warnings(model, groups)  # entries checked by _group_entry above
     summary = fairness.summarize_accuracies(accs)
     global_metrics, note = None, None
     if len(dists) == len(groups) >= 2:
@@ -132,7 +133,62 @@ def build_report(models: Mapping[str, Mapping[str, Mapping]],
     }
     if note is not None:
       out[model]["global_threshold_note"] = note
-  return _jsonable({"models": out, "config": dict(config or {})})
+  return _jsonable({"models": out, "config": dict(config or {}), "warnings": warnings})
+
+
+# All pair distances of a group within this spread of each other: every image embeds alike.
+EQUAL_DISTANCES = 1e-6
+# Fewer pairs cannot tell a weak model from chance (two standard errors: 10 points at 100).
+MIN_PAIRS_FOR_CHANCE = 100
+
+
+def model_warnings(model: str, groups: Mapping[str, Mapping]) -> list[str]:
+  """Warnings that a model's numbers are not to be trusted.
+
+  - A group whose pair distances are all (nearly) equal: every image of it embeds alike (a
+    collapsed model, or images that decode to one colour); its accuracy is chance, not a
+    measurement, yet it enters mean, STD and SER.
+  - A group with non-finite distances (NaN or Inf embeddings).
+  - A model at chance in every group (each accuracy within two standard errors of 50%,
+    the balanced pairs' chance: 0.5 + 1/sqrt(pairs), judged where a group has at least
+    MIN_PAIRS_FOR_CHANCE pairs): it has diverged or learned nothing. One group near chance
+    alone is not flagged: a specialized teacher may verify a group it never saw that poorly.
+
+  Args:
+    model: the model's name, for the messages.
+    groups: group -> the dict of `evaluate_verification` ("accuracy" a fraction;
+      "distances" and "issame" or "num_pairs" where known).
+
+  Returns:
+    One line per finding ([] for a healthy model).
+  """
+  warnings, at_chance = [], []
+  for group, res in groups.items():
+    accuracy = float(res["accuracy"])
+    distances = res.get("distances")
+    issame = res.get("issame")
+    pairs = int(res.get("num_pairs") or (len(issame) if issame is not None else 0))
+    if distances is not None and len(distances):
+      distances = np.asarray(distances, np.float64)
+      if not np.all(np.isfinite(distances)):
+        warnings.append(f"{model}: group {group} has non-finite pair distances (NaN or Inf "
+                        "embeddings: a diverged model); its accuracy is not a measurement")
+        continue
+      spread = float(np.ptp(distances))
+      if spread <= EQUAL_DISTANCES:
+        warnings.append(
+            f"{model}: all {len(distances)} pair distances of group {group} are equal "
+            f"(spread {spread:.1e}): every image embeds alike (a collapsed model, or "
+            "images that decode to one colour); its accuracy there is chance, not a "
+            "measurement")
+    if pairs >= MIN_PAIRS_FOR_CHANCE and accuracy <= 0.5 + 1.0 / math.sqrt(pairs):
+      at_chance.append(f"{group} {100 * accuracy:.2f}%")
+  if groups and len(at_chance) == len(groups):
+    warnings.append(
+        f"{model} verifies at chance in every group ({', '.join(at_chance)}; each within "
+        "2 standard errors of 50%): it has diverged or learned nothing, and its mean, STD "
+        "and SER are not measurements")
+  return warnings
 
 
 def _all_groups(report: Mapping) -> list[str]:
@@ -312,23 +368,6 @@ def _report_markdown(report: Mapping, images: Mapping[str, str]) -> str:
   return "\n".join(parts) + "\n"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-  """Writes to a temporary file in the same folder, then renames it over `path`."""
-  tmp = None
-  try:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except OSError as e:
-    if tmp is not None and os.path.exists(tmp):
-      try:
-        os.unlink(tmp)
-      except OSError:
-        pass
-    raise UserError(f"{path}: cannot write report file ({e.strerror or e})") from e
-
-
 def _png_bytes(fig) -> bytes:
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   FigureCanvasAgg(fig)
@@ -502,7 +541,7 @@ def write_report(report: Mapping, out_dir: Any, roc_data: Mapping | None = None)
 
   def put(label: str, name: str, data: bytes) -> None:
     path = out / name
-    _atomic_write(path, data)
+    files.write_bytes(path, data)
     written[label] = str(path)
 
   put("json", "report.json", (json.dumps(slim, indent=2, allow_nan=False) + "\n").encode())

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy import stats
 
+from mstkd_jax import files
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import report as report_lib
 
@@ -481,7 +482,7 @@ def write_combined(combined: Mapping, out_dir: Any) -> dict:
 
   def put(label: str, name: str, content: bytes) -> None:
     path = out / name
-    report_lib._atomic_write(path, content)  # pylint: disable=protected-access
+    files.write_bytes(path, content)
     written[label] = str(path)
 
   put("json", "report.json", (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())

@@ -6,10 +6,13 @@ opt_state}) and, once trained, <workdir>/model/<step>/default (the network alone
 {params, batch_stats}). Evaluation needs only the backbone, so only its params and
 batch_stats are restored (Orbax partial restore, the restore target built from the
 checkpoint's own metadata): the head and optimiser shapes need not be known.
+
+A folder of steps resolves to its newest complete step: damaged newer ones (an interrupted
+copy or save: no commit marker, no metadata, missing array data) are skipped with one
+warning line each. Restored arrays are checked for NaN and Inf.
 """
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -17,17 +20,18 @@ from typing import Any
 
 from etils import epath
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from mstkd_jax import paths
+from mstkd_jax import files
 from mstkd_jax.errors import UserError
 from mstkd_jax.models import iresnet
+from mstkd_jax.train import checkpoints
 
-# The item folder CheckpointManager writes for its single (unnamed) item.
-ITEM_NAME = "default"
+# The item folder of the training state (or of the network alone, in model/).
+ITEM_NAME = checkpoints.STATE
 # Orbax writes this file into every item folder it finishes.
-_ITEM_METADATA = "_METADATA"
+_ITEM_METADATA = checkpoints.ITEM_METADATA
 # Folders of a stage workdir that hold Orbax steps, the preferred (the trained model) first.
 STEP_FOLDERS = ("model", "checkpoints")
 _EXPECTED = ("expected an Orbax checkpoint of this project: a stage workdir, its model/ or "
@@ -57,20 +61,36 @@ def _is_item(folder: str) -> bool:
 
 
 def _steps(folder: str) -> list[int]:
-  """Finished steps under a checkpoints/ folder (Orbax's temporary folders have no number)."""
+  """Step folders under a checkpoints/ folder, oldest first (Orbax's temporary folders and
+  set-aside damaged ones have no plain number), complete or not."""
   try:
     names = os.listdir(folder)
   except OSError as e:
     raise UserError(f"{folder}: cannot list the checkpoint folder ({e.strerror or e})") from e
   return sorted(int(n) for n in names
-                if n.isdigit() and _is_item(os.path.join(folder, n, ITEM_NAME)))
+                if n.isdigit() and os.path.isdir(os.path.join(folder, n, ITEM_NAME)))
 
 
 def locate(path: Any) -> tuple[str, str | None]:
   """(step folder, workdir or None) of a workdir, a model/ or checkpoints/ folder or a step.
 
-  A folder of steps resolves to its latest finished step; a stage workdir to that of its
-  model/ folder (the trained network) when there is one, else of its checkpoints/.
+  A folder of steps resolves to its newest complete step (damaged newer ones are skipped
+  with a warning); a stage workdir to that of its model/ folder (the trained network) when
+  there is one, else of its checkpoints/.
+  """
+  candidates, workdir, _ = _candidates(path)
+  complete = [step_dir for step_dir, reason in candidates if reason is None]
+  if not complete:
+    raise _none_complete(candidates)
+  return complete[0], workdir
+
+
+def _candidates(path: Any) -> tuple[list[tuple[str, str | None]], str | None, bool]:
+  """([(step folder, why it is damaged or None)], newest first; workdir or None; whether
+  `path` named the step itself).
+
+  Raises:
+    UserError: the path is missing or a file, or holds no step folder.
   """
   path = paths.local(path, "checkpoint")
   if not os.path.exists(path):
@@ -79,21 +99,32 @@ def locate(path: Any) -> tuple[str, str | None]:
     raise UserError(f"{path}: is a file; {_EXPECTED} (PyTorch .pth files are read by "
                     "interop.torch_checkpoint)")
   if _is_item(path):  # The item folder itself: <step>/default.
-    step_dir = os.path.dirname(path)
+    candidates, explicit = [(os.path.dirname(path), None)], True
   elif _is_item(os.path.join(path, ITEM_NAME)):
-    step_dir = path
+    candidates, explicit = [(path, None)], True
+  elif os.path.isdir(os.path.join(path, ITEM_NAME)):  # A step folder whose item is damaged.
+    raise UserError(f"{path}: a damaged checkpoint step ({checkpoints.damage(path)}, as after "
+                    f"an interrupted copy or save); {_EXPECTED}")
   else:
-    candidates = [os.path.join(path, name) for name in STEP_FOLDERS] + [path]
-    found = [(folder, _steps(folder)) for folder in candidates if os.path.isdir(folder)]
+    folders = [os.path.join(path, name) for name in STEP_FOLDERS] + [path]
+    found = [(folder, _steps(folder)) for folder in folders if os.path.isdir(folder)]
     found = [(folder, steps) for folder, steps in found if steps]
     if not found:
       raise UserError(f"{path}: holds no finished checkpoint step (no "
                       f"<step>/{ITEM_NAME}/{_ITEM_METADATA}); {_EXPECTED}")
     folder, steps = found[0]
-    step_dir = os.path.join(folder, str(steps[-1]))
-  parent = os.path.dirname(step_dir)
+    step_dirs = [os.path.join(folder, str(step)) for step in reversed(steps)]
+    candidates = [(step_dir, checkpoints.damage(step_dir)) for step_dir in step_dirs]
+    explicit = False
+  parent = os.path.dirname(candidates[0][0])
   workdir = os.path.dirname(parent) if os.path.basename(parent) in STEP_FOLDERS else None
-  return step_dir, workdir
+  return candidates, workdir, explicit
+
+
+def _none_complete(candidates: list) -> UserError:
+  damaged = ", ".join(f"{os.path.basename(d)} ({reason})" for d, reason in candidates)
+  return UserError(f"{os.path.dirname(candidates[0][0])}: holds no complete checkpoint step "
+                   f"(damaged: {damaged}); {_EXPECTED}")
 
 
 def _read_config(workdir: str | None) -> dict | None:
@@ -102,12 +133,8 @@ def _read_config(workdir: str | None) -> dict | None:
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     return None
-  try:
-    with open(path, encoding="utf-8") as f:
-      config = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"{path}: not a readable config.json ({e}); expected the JSON a stage "
-                    "writes (or remove it and give the model flags)") from e
+  config = files.read_json(path, "the config.json a stage writes (or remove it and give "
+                           "the model flags)")
   if not isinstance(config, dict):
     raise UserError(f"{path}: holds a {type(config).__name__}; expected a JSON object")
   return config
@@ -173,35 +200,51 @@ def load_backbone_variables(path: Any) -> tuple[dict, CheckpointInfo]:
     UserError: the path is missing or not such a checkpoint, the checkpoint cannot be
       read, or the workdir's config.json is unreadable.
   """
-  step_dir, workdir = locate(path)
-  item_dir = os.path.join(step_dir, ITEM_NAME)
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
-    try:
-      tree = handler.metadata(epath.Path(item_dir)).tree
-    except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f"{step_dir}: cannot read the Orbax checkpoint metadata "
-                      f"({type(e).__name__}: {e})") from e
-    params_path, stats_path = _backbone_subtrees(tree, step_dir)
-    item = _merge(_nest(params_path, _abstract(_get(tree, params_path))),
-                  _nest(stats_path, _abstract(_get(tree, stats_path))))
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    try:
-      restored = handler.restore(epath.Path(item_dir), args=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True))
-    except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f"{step_dir}: cannot restore the backbone from the Orbax checkpoint "
-                      f"({type(e).__name__}: {e})") from e
-  finally:
-    handler.close()
-  variables = {"params": _get(restored, params_path),
-               "batch_stats": _get(restored, stats_path)}
-  variables = jax.tree.map(np.asarray, variables)
+  candidates, workdir, explicit = _candidates(path)
+  for i, (step_dir, reason) in enumerate(candidates):
+    if reason is None:
+      try:
+        variables = _restore_backbone(step_dir)
+        break
+      except checkpoints.DamagedCheckpoint as e:
+        if explicit:
+          raise
+        candidates[i] = (step_dir, e.reason)
+        reason = e.reason
+    then = (f"trying step {os.path.basename(candidates[i + 1][0])}"
+            if i + 1 < len(candidates) else "no older step")
+    checkpoints.warn(f"skipping the damaged checkpoint {step_dir} ({reason}); {then}")
+  else:
+    raise _none_complete(candidates)
   base = os.path.basename(step_dir)
   name = os.path.basename(workdir) if workdir else os.path.basename(os.path.dirname(step_dir))
   info = CheckpointInfo(path=step_dir, step=int(base) if base.isdigit() else None,
                         workdir=workdir, config=_read_config(workdir), name=name or base)
   return variables, info
+
+
+def _restore_backbone(step_dir: str) -> dict:
+  """{"params", "batch_stats"} of the backbone in the step folder `step_dir` (numpy).
+
+  Raises:
+    DamagedCheckpoint: the step cannot be read (metadata or array data missing).
+    UserError: it holds no backbone, or NaN/Inf.
+  """
+  item_dir = os.path.join(step_dir, ITEM_NAME)
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(epath.Path(item_dir)).tree
+  except Exception as e:  # pylint: disable=broad-except
+    raise checkpoints.DamagedCheckpoint(
+        step_dir, "cannot read the Orbax checkpoint metadata", e) from e
+  finally:
+    handler.close()
+  params_path, stats_path = _backbone_subtrees(tree, step_dir)
+  item = _merge(_nest(params_path, _abstract(_get(tree, params_path))),
+                _nest(stats_path, _abstract(_get(tree, stats_path))))
+  restored = checkpoints.restore_partial(item_dir, item, step_dir)
+  checkpoints.check_finite(restored, step_dir)
+  return {"params": _get(restored, params_path), "batch_stats": _get(restored, stats_path)}
 
 
 def describe_iresnet(variables: dict) -> dict:

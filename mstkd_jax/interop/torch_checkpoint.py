@@ -12,7 +12,6 @@ import pickle
 import re
 import struct
 import sys
-import tempfile
 import zipfile
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -21,6 +20,7 @@ import flax.core
 import ml_dtypes
 import numpy as np
 
+from mstkd_jax import files
 from mstkd_jax.errors import UserError
 
 # The first bytes of PyTorch's legacy (pre-1.6, non-zip) format: pickle protocol 2, then
@@ -275,27 +275,85 @@ def _unpickle_archive(path: str, archive: zipfile.ZipFile):
                     f"{type(e).__name__}: {e}") from e
 
 
-def _find_state_dict(path: str, obj) -> dict:
-  """Returns the state_dict in `obj` (itself, or under "state_dict" / "model")."""
+# Where trainers keep the model's state_dict inside a larger checkpoint dict, most
+# specific first: arcface_torch's resume checkpoint (checkpoint_gpu_<rank>.pt) holds
+# state_dict_backbone next to state_dict_softmax_fc, optimizer and scheduler states; others
+# use state_dict (Lightning, timm), model / model_state_dict (torchvision references, the
+# PyTorch tutorials), net / network, or backbone.
+STATE_DICT_KEYS = ("state_dict_backbone", "backbone", "state_dict", "model_state_dict",
+                   "model", "net", "network", "module")
+_MODULE_PREFIX = "module."  # DataParallel / DistributedDataParallel parameter names.
+
+
+def _is_tensor_dict(obj) -> bool:
+  return isinstance(obj, dict) and all(isinstance(v, np.ndarray) for v in obj.values())
+
+
+def _find_state_dict(path: str, obj, where: tuple[str, ...] = ()
+                     ) -> tuple[dict, tuple[str, ...]]:
+  """Returns (the state_dict in `obj`, the keys leading to it: () when it is `obj`)."""
   if not isinstance(obj, dict):
     raise UserError(f"{path}: expected a state_dict (a dict of tensors), found a "
-                    f"{type(obj).__name__}")
-  if all(isinstance(v, np.ndarray) for v in obj.values()):
-    return obj
-  for wrapper in ("state_dict", "model"):
-    if isinstance(obj.get(wrapper), dict):
-      return _find_state_dict(path, obj[wrapper])
+                    f"{type(obj).__name__}" + (f" under {_key_path(where)}" if where else ""))
+  if _is_tensor_dict(obj):
+    return obj, where
+  for key in STATE_DICT_KEYS:
+    if isinstance(obj.get(key), dict):
+      return _find_state_dict(path, obj[key], where + (key,))
+  holders = [repr(k) for k, v in obj.items() if _is_tensor_dict(v) and v]
   others = [repr(k) for k, v in obj.items() if not isinstance(v, np.ndarray)]
+  found = (f"dicts of tensors under {', '.join(holders[:10])}" if holders else
+           f"non-tensor entries {', '.join(others[:10])}{' ...' if len(others) > 10 else ''}")
+  place = f" (under {_key_path(where)})" if where else ""
   raise UserError(f"{path}: expected a state_dict (a dict of tensors) or a dict holding one "
-                  f"under 'state_dict' or 'model', found non-tensor entries "
-                  f"{', '.join(others[:10])}{' ...' if len(others) > 10 else ''}")
+                  f"under one of {', '.join(repr(k) for k in STATE_DICT_KEYS)}{place}, found "
+                  f"{found}")
+
+
+def _key_path(keys: tuple[str, ...]) -> str:
+  return "".join(f"[{k!r}]" for k in keys)
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
+  """Reads a PyTorch zip-format .pth state_dict, running no code; also says where it was.
+
+  The state_dict is the file's object itself, or the one under the first of
+  STATE_DICT_KEYS a checkpoint dict holds (recursively; e.g. arcface_torch's resume
+  checkpoint: ['state_dict_backbone']). Whatever else the file holds (optimizer and
+  scheduler states, epoch, ...) is read with the same restricted unpickler and dropped.
+  The "module." prefix of DataParallel/DistributedDataParallel models is stripped.
+
+  Args:
+    path: the .pth file (as written by `torch.save`, PyTorch >= 1.6).
+
+  Returns:
+    (state_dict in file order with tensors as numpy arrays of their dtype (bfloat16 as
+    ml_dtypes.bfloat16), a note such as "state_dict under ['state_dict_backbone'],
+    'module.' prefix removed"; "" when the file is a plain state_dict).
+
+  Raises:
+    UserError: the file is missing, truncated, holds no state_dict, or its pickle names
+      any global other than torch tensor/storage rebuilders and collections.OrderedDict.
+  """
+  path = os.fspath(path)
+  with _open_archive(path) as archive:
+    obj = _unpickle_archive(path, archive)
+  state_dict, where = _find_state_dict(path, obj)
+  if not all(isinstance(k, str) for k in state_dict):
+    raise UserError(f"{path}: expected string keys in the state_dict"
+                    + (f" under {_key_path(where)}" if where else ""))
+  notes = [f"state_dict under {_key_path(where)}"] if where else []
+  if state_dict and all(k.startswith(_MODULE_PREFIX) for k in state_dict):
+    state_dict = {k[len(_MODULE_PREFIX):]: v for k, v in state_dict.items()}
+    notes.append(f"{_MODULE_PREFIX!r} prefix removed")
+  return dict(state_dict), ", ".join(notes)
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a PyTorch zip-format .pth state_dict as numpy arrays, running no code from it.
 
-  A dict wrapping the state_dict under "state_dict" or "model" is unwrapped, and the
-  "module." prefix of DataParallel/DistributedDataParallel models is stripped.
+  As `read_state_dict`, without the note: a checkpoint dict is searched for the
+  state_dict under STATE_DICT_KEYS and the "module." prefix is stripped.
 
   Args:
     path: the .pth file (as written by `torch.save`, PyTorch >= 1.6).
@@ -307,15 +365,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     UserError: the file is missing, truncated, not a state_dict, or its pickle names any
       global other than torch tensor/storage rebuilders and collections.OrderedDict.
   """
-  path = os.fspath(path)
-  with _open_archive(path) as archive:
-    obj = _unpickle_archive(path, archive)
-  state_dict = _find_state_dict(path, obj)
-  if not all(isinstance(k, str) for k in state_dict):
-    raise UserError(f"{path}: expected string keys in the state_dict")
-  if state_dict and all(k.startswith("module.") for k in state_dict):
-    state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-  return dict(state_dict)
+  return read_state_dict(path)[0]
 
 
 # --- Writing ---------------------------------------------------------------------------
@@ -398,14 +448,8 @@ def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Any]) -> N
       raise UserError(f"cannot save {key!r} to {path}: dtype {array.dtype} has no PyTorch "
                       f"storage; expected float, int, bool or complex")
     items.append((key, str(i), array))
-  folder = os.path.dirname(os.path.abspath(path))
-  try:
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
-                                    suffix=".tmp")
-  except OSError as e:
-    raise UserError(f"cannot write {path}: {e}") from e
-  try:
-    with os.fdopen(fd, "wb") as f:
+  with files.atomic_path(path) as tmp_path:  # OS errors: one line naming `path`
+    with open(tmp_path, "wb") as f:
       with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
         _write_aligned(f, archive, f"{_ARCHIVE_NAME}/data.pkl", _state_dict_pickle(items))
         _write_aligned(f, archive, f"{_ARCHIVE_NAME}/byteorder", sys.byteorder.encode())
@@ -414,13 +458,6 @@ def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Any]) -> N
         _write_aligned(f, archive, f"{_ARCHIVE_NAME}/version", b"3\n")
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-  except BaseException as e:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    if isinstance(e, OSError):
-      raise UserError(f"cannot write {path}: {e}") from e
-    raise
 
 
 # --- IResNet name and layout mapping ---------------------------------------------------
@@ -619,8 +656,31 @@ def export_iresnet(variables, *,
   return {k: state_dict[k] for k in sorted(state_dict, key=_torch_order)}
 
 
+def _note_to_stderr(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
 def load_iresnet(path: str | os.PathLike, template_variables, *,
-                 feature_hw: tuple[int, int] | None = None) -> dict[str, Any]:
-  """Reads a .pth IResNet checkpoint into Flax variables shaped like `template_variables`."""
-  return import_iresnet(load_state_dict(path), template_variables, source=os.fspath(path),
-                        feature_hw=feature_hw)
+                 feature_hw: tuple[int, int] | None = None,
+                 log: Callable[[str], None] | None = _note_to_stderr) -> dict[str, Any]:
+  """Reads a .pth IResNet checkpoint into Flax variables shaped like `template_variables`.
+
+  Args:
+    path: a state_dict, or a checkpoint dict holding one (see `read_state_dict`).
+    template_variables: variables of the target model (see `import_iresnet`).
+    feature_hw: (height, width) of the last feature map; default square.
+    log: receives one line saying where the state_dict was found, when it was not the
+      file's object itself (default: stderr; None: silent).
+
+  Returns:
+    {"params": ..., "batch_stats": ...} as nested dicts of numpy arrays.
+
+  Raises:
+    UserError: as `read_state_dict` and `import_iresnet`; messages name the file and key.
+  """
+  path = os.fspath(path)
+  state_dict, note = read_state_dict(path)
+  if note and log is not None:
+    log(f"note: {path}: using the {note}")
+  source = f"{path} ({note})" if note else path
+  return import_iresnet(state_dict, template_variables, source=source, feature_hw=feature_hw)

@@ -6,6 +6,9 @@ adaptor and the cached-target student fetch exactly the orientation they feed. T
 filled in place a chunk at a time and read memory-mapped, so it may exceed memory. Also
 verification_teacher_embeddings.npz: the same for every group's verification pair images
 (the adaptor's space is evaluated on them).
+
+Config: seed, parallelism, num_devices, data, model (of the teachers), train.eval_batch_size.
+Inputs: teacher_dirs (the teacher stages, in teacher order).
 """
 
 import os
@@ -13,17 +16,17 @@ import os
 import jax
 import numpy as np
 
-from mstkd_jax import losses
+from mstkd_jax import files, losses, workdir as workdir_lib
 from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import target_space
-from mstkd_jax.stages import runtime
-from mstkd_jax.train import parallel as parallel_lib
+from mstkd_jax.evaluation import embed, target_space
+from mstkd_jax.stages import common
+from mstkd_jax.train import build, parallel as parallel_lib
 
 
 def _normalized_pair(variables, module, images, parallel, batch_size):
   """L2-normalized embeddings of uint8 images and their mirrors: [N, 2, D]."""
-  emb, emb_flip = runtime.embed_images(variables, module, images, parallel, batch_size)
+  emb, emb_flip = embed.embed_images(variables, module, images, parallel, batch_size)
   return np.stack([np.asarray(losses.l2_normalize(emb)),
                    np.asarray(losses.l2_normalize(emb_flip))], axis=1)
 
@@ -42,17 +45,24 @@ def _embed_training_set(variables, module, train_set, parallel, batch_size, out,
                     f"{train_set.num_examples}; prepare it again")
 
 
-def run(config, workdir: str, name: str = "extract") -> dict:
-  """Embeds the training and verification images with every teacher of config.extract."""
-  workdir = runtime.prepare_workdir(config, workdir)
-  teacher_dirs = list(config.extract.teacher_dirs)
+def run(config, workdir: str, name: str = "extract",
+        inputs: common.Inputs = common.Inputs()) -> dict:
+  """Embeds the training and verification images with every teacher of
+  `inputs.teacher_dirs`; returns {"diagnostics": concatenation statistics (process 0)}.
+
+  Raises:
+    UserError: no teachers, a teacher model missing or of another shape, or a training set
+      that yields another number of images than its labels.
+  """
+  teacher_dirs = list(inputs.teacher_dirs)
   if not teacher_dirs:
-    raise UserError("config field extract.teacher_dirs: expected at least one teacher")
+    raise UserError("the extraction stage needs at least one teacher folder")
+  workdir = workdir_lib.prepare(config, workdir)
   train_set = sources.training_set(config.data, workdir)
   verification = sources.verification_sets(config.data, workdir)
   parallel = parallel_lib.get(config.parallelism, config.num_devices)
-  module = runtime.backbone(config.model)
-  template = runtime.init_variables(
+  module = build.backbone(config.model)
+  template = build.init_variables(
       module, jax.random.PRNGKey(0), np.zeros((1,) + train_set.image_shape, np.float32),
       train=False)
   batch = config.train.eval_batch_size
@@ -61,10 +71,10 @@ def run(config, workdir: str, name: str = "extract") -> dict:
   shape = (train_set.num_examples, 2, len(teacher_dirs), config.model.embedding_size)
   is_main = jax.process_index() == 0
   # Written in place, a chunk at a time: [N, 2, G, D] float32 reaches ~20 GB at BUPT scale.
-  with runtime.npy_writer(os.path.join(workdir, "teacher_embeddings.npy"), shape,
+  with files.npy_writer(os.path.join(workdir, "teacher_embeddings.npy"), shape,
                           enabled=is_main) as train_out:
     for i, teacher_dir in enumerate(teacher_dirs):
-      variables = runtime.load_model(teacher_dir, template, teacher_dir)
+      variables = workdir_lib.load_model(teacher_dir, template, teacher_dir)
       print(f"[{name}] teacher {i + 1}/{len(teacher_dirs)} ({teacher_dir}) embeds "
             f"{train_set.num_examples} training images and their mirrors", flush=True)
       _embed_training_set(variables, module, train_set, parallel, batch, train_out, i)
@@ -73,7 +83,7 @@ def run(config, workdir: str, name: str = "extract") -> dict:
             _normalized_pair(variables, module, vset.pair_images(), parallel, batch))
   diagnostics = None
   if is_main:
-    runtime.atomic_save_npz(
+    files.save_npz(
         os.path.join(workdir, "verification_teacher_embeddings.npz"),
         {f"{g}/embeddings": np.stack(parts, axis=2) for g, parts in verification_parts.items()}
         | {f"{g}/issame": verification[g].issame for g in verification})
@@ -82,8 +92,8 @@ def run(config, workdir: str, name: str = "extract") -> dict:
     embeddings = np.load(os.path.join(workdir, "teacher_embeddings.npy"), mmap_mode="r")
     diagnostics = target_space.space_statistics(embeddings[:, 0], train_set.identity,
                                                 train_set.group)
-    runtime.warn_collapse(f"{name} (concatenated teacher embeddings)", diagnostics)
-    runtime.write_json(os.path.join(workdir, "results.json"),
+    common.warn_collapse(f"{name} (concatenated teacher embeddings)", diagnostics)
+    files.write_json(os.path.join(workdir, "results.json"),
                        {"stage": name, "diagnostics": {"concatenation": diagnostics}})
   return {"diagnostics": diagnostics}
 

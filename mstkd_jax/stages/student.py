@@ -5,6 +5,11 @@ baseline), "a-KD" (kd_weight x MSE to the MST-KD target, no labels) or "EAF-KD"
 (ElasticArcFace + the same term). Targets come `cached` (the adaptor stage's
 <adaptor>/targets.npy, for the image and its mirror, looked up for the orientation fed) or
 `online` (the frozen teachers and adaptor run inside the step).
+
+Config: seed, parallelism, num_devices, data, model, head, optim, train, student.kd,
+student.orientation and, for the KD students, student.{targets, kd_weight, adaptor_model}
+(the student alone has adaptor_model None). Inputs: adaptor_dir (KD students) and
+teacher_dirs (online targets).
 """
 
 import functools
@@ -13,112 +18,114 @@ import os
 import jax
 import numpy as np
 
-from mstkd_jax import models
-from mstkd_jax.data import input_pipeline, sources
+from mstkd_jax import models, workdir as workdir_lib
+from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import target_space
-from mstkd_jax.stages import runtime
-from mstkd_jax.train import loop, parallel as parallel_lib, state as state_lib, steps
+from mstkd_jax.evaluation import embed, target_space
+from mstkd_jax.stages import common
+from mstkd_jax.train import build, steps
 
 KD_LOSSES = ("none", "a-KD", "EAF-KD")
 TARGETS = ("cached", "online")
 
 
-def frozen_teachers(config, train_set):
-  """(teacher module, stacked teacher variables) of the teacher dirs, in teacher order."""
-  teacher = runtime.backbone(config.model)
-  template = runtime.init_variables(
-      teacher, jax.random.PRNGKey(0), np.zeros((1,) + train_set.image_shape, np.float32),
-      train=False)
-  variables = [runtime.load_model(d, template, d) for d in config.student.teacher_dirs]
+def frozen_teachers(config, teacher_dirs, image_example):
+  """(teacher module, teacher variables stacked along a leading axis) of `teacher_dirs`, in
+  teacher order; every model's shapes are checked against the config's backbone."""
+  teacher = build.backbone(config.model)
+  template = build.init_variables(teacher, jax.random.PRNGKey(0), image_example,
+                                  train=False)
+  variables = [workdir_lib.load_model(d, template, d) for d in teacher_dirs]
   return teacher, jax.tree.map(lambda *xs: np.stack(xs), *variables)
 
 
-def frozen_adaptor(config, num_teachers: int):
-  """(adaptor module, adaptor variables) of the adaptor stage (its best epoch)."""
+def frozen_adaptor(config, adaptor_dir: str, num_teachers: int):
+  """(adaptor module, adaptor variables) saved by the adaptor stage (its selected epoch)."""
   adaptor = models.create("adaptor", **config.student.adaptor_model.to_dict())
-  template = runtime.init_variables(
+  template = build.init_variables(
       adaptor, jax.random.PRNGKey(0),
       np.zeros((1, num_teachers * config.model.embedding_size), np.float32))
-  return adaptor, runtime.load_model(config.student.adaptor_dir, template,
-                                     config.student.adaptor_dir)
+  return adaptor, workdir_lib.load_model(adaptor_dir, template, adaptor_dir)
 
 
-def run(config, workdir: str, name: str = "student", epochs_field: str = "train.epochs") -> dict:
-  kd, mode = config.student.kd, config.student.targets
+def run(config, workdir: str, name: str = "student", epochs_field: str = "train.epochs",
+        inputs: common.Inputs = common.Inputs()) -> dict:
+  """Trains the student with config.student.kd; the KD students read their targets from
+  `inputs.adaptor_dir` (cached) or from the frozen `inputs.teacher_dirs` and adaptor
+  (online). Returns {"state", "verification", "training", "diagnostics"}.
+
+  Raises:
+    UserError: an unknown student.kd / student.targets / student.orientation, a KD student
+      without an adaptor, or inputs that are missing or of another shape.
+  """
+  kd = config.student.kd
+  mode = config.student.targets if kd != "none" else None
   if kd not in KD_LOSSES:
     raise UserError(f"config field student.kd={kd!r}: expected one of {KD_LOSSES}")
-  if mode not in TARGETS:
+  if kd != "none" and mode not in TARGETS:
     raise UserError(f"config field student.targets={mode!r}: expected one of {TARGETS}")
   orientation = input_pipeline.check_orientation(
       config.student.get("orientation", "as_fed"), "student.orientation")
-  workdir = runtime.prepare_workdir(config, workdir)
-  train_set = sources.training_set(config.data, workdir)
-  labels = train_set.identity
-  print(f"[{name}] {len(labels)} images of {train_set.num_identities} identities, "
+  if kd != "none" and not inputs.adaptor_dir:
+    raise UserError(f"the student with student.kd={kd!r} needs the folder of an adaptor "
+                    "stage (its targets); run it through the pipeline (configs/distill.py)")
+  run = common.StageRun.create(config, workdir, name, epochs_field)
+  labels = run.train_set.identity
+  print(f"[{name}] {len(labels)} images of {run.train_set.num_identities} identities, "
         f"loss {'ElasticArcFace' if kd == 'none' else kd}"
         f"{'' if kd == 'none' else f', {mode} targets'}", flush=True)
+  settings = run.settings(len(labels))
 
-  parallel = parallel_lib.get(config.parallelism, config.num_devices)
-  input_pipeline.check_batch_split(config.train.batch_size, parallel.device_count,
-                                   jax.process_count())
-  settings = runtime.loop_settings(config, name, len(labels), epochs_field)
-  backbone = runtime.backbone(config.model)
-  init_rng, head_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  variables = runtime.init_variables(
-      backbone, init_rng, np.zeros((1,) + train_set.image_shape, np.float32), train=False)
+  backbone = build.backbone(config.model)
+  init_rng, head_rng = run.init_rngs()
+  variables = build.init_variables(backbone, init_rng, run.image_example(), train=False)
   params = {"backbone": variables["params"]}
-  groups = runtime.backbone_and_head_groups(config.optim)
+  groups = build.backbone_and_head_groups(config.optim)
   head = None
   if kd != "a-KD":
-    head = models.create("margin_head", num_classes=train_set.num_identities)
-    params["head"] = runtime.init_variables(
+    head = models.create("margin_head", num_classes=run.train_set.num_identities)
+    params["head"] = build.init_variables(
         head, head_rng, np.zeros((1, config.model.embedding_size), np.float32))["params"]
-  if head is None:
+  else:
     del groups["head"]
-  tx, schedule = runtime.optimiser(config.optim, global_batch=config.train.batch_size,
-                                   steps_per_epoch=settings.steps_per_epoch, groups=groups)
-  init_state = jax.tree.map(np.asarray, state_lib.create_state(
-      params, variables.get("batch_stats", {}), tx))
+  init_state, tx, schedule = run.state(settings, params, variables.get("batch_stats", {}),
+                                       groups)
 
-  extra, extra_args = {}, ()
-  margin = runtime.margin_spec(config.head)
+  extra, frozen = {}, None
+  margin = build.margin_spec(config.head)
   if kd == "none":
     step_fn = functools.partial(steps.classification_step, backbone=backbone, head=head,
                                 margin=margin, tx=tx, schedule=schedule)
   else:
     target_fn = None
     if mode == "cached":
-      extra["target"] = load_targets(config.student.adaptor_dir, len(labels))
+      extra["target"] = load_targets(inputs.adaptor_dir, len(labels))
     else:
-      teacher, teacher_vars = frozen_teachers(config, train_set)
-      adaptor, adaptor_vars = frozen_adaptor(config, len(config.student.teacher_dirs))
+      teacher, teacher_vars = frozen_teachers(config, inputs.teacher_dirs,
+                                              run.image_example())
+      adaptor, adaptor_vars = frozen_adaptor(config, inputs.adaptor_dir,
+                                             len(inputs.teacher_dirs))
       target_fn = functools.partial(steps.online_targets, teacher=teacher, adaptor=adaptor)
-      extra_args = (teacher_vars, adaptor_vars)
+      frozen = {"teachers": teacher_vars, "adaptor": adaptor_vars}
     step_fn = functools.partial(steps.student_step, backbone=backbone, head=head,
                                 margin=margin if head is not None else None,
                                 kd_weight=config.student.kd_weight, tx=tx, schedule=schedule,
                                 target_fn=target_fn, orientation=orientation)
-  batches = functools.partial(
-      train_set.train_batches, np.arange(len(labels)), labels, extra=extra,
-      orientation=orientation,
-      global_batch=config.train.batch_size, steps_per_epoch=settings.steps_per_epoch,
-      seed=config.seed, total_steps=settings.total_steps,
-      local_device_count=parallel.local_device_count)
-  evaluation = runtime.training_evaluation(config, workdir, backbone, parallel)
-  final = loop.train(workdir=workdir, settings=settings, init_state=init_state,
-                     step_fn=step_fn, batches=lambda start: batches(start_step=start),
-                     parallel=parallel, rng=jax.random.PRNGKey(config.seed + 1),
-                     extra_args=extra_args, evaluation=evaluation)
-  variables, step, selected = runtime.backbone_result(final, workdir, evaluation)
-  training = runtime.training_record(workdir, settings)
-  results = runtime.finish_model(config, workdir, name, step, variables, backbone, parallel)
+  batches = functools.partial(run.train_set.train_batches, np.arange(len(labels)), labels,
+                              extra=extra, orientation=orientation, **run.batch_plan(settings))
+  evaluation = common.training_evaluation(run, backbone)
+  final = run.train(settings, init_state, step_fn, lambda start: batches(start_step=start),
+                    frozen=frozen, evaluation=evaluation)
+
+  variables, step, selected = common.backbone_result(final, run.workdir, evaluation)
+  training = common.training_record(run.workdir, settings)
+  results = common.finish_model(run, step, variables, backbone)
   diagnostics = None
   if kd != "none":
-    diagnostics = target_fit(config, workdir, train_set, variables, backbone, parallel)
-  runtime.write_results(workdir, name, step, results,
-                        {"training": training, "selected": selected,
-                         "diagnostics": diagnostics})
+    diagnostics = target_fit(run, inputs.adaptor_dir, variables, backbone)
+  workdir_lib.write_results(run.workdir, name, step, results,
+                            {"training": training, "selected": selected,
+                             "diagnostics": diagnostics})
   return {"state": final, "verification": results, "training": training,
           "diagnostics": diagnostics}
 
@@ -127,7 +134,7 @@ def run(config, workdir: str, name: str = "student", epochs_field: str = "train.
 TARGET_FIT_SAMPLE = 2048
 
 
-def target_fit(config, workdir: str, train_set, variables: dict, backbone, parallel) -> dict:
+def target_fit(run: common.StageRun, adaptor_dir: str, variables: dict, backbone) -> dict:
   """How close a distilled student came to its targets: the mean cosine between its
   embedding and the adaptor's target of the same image, over a fixed sample of training
   images (at most TARGET_FIT_SAMPLE, the same rows for every student of a data set; images
@@ -138,19 +145,19 @@ def target_fit(config, workdir: str, train_set, variables: dict, backbone, paral
   Returns {"train_target_cosine": float, "num_train_images": int,
   "verification_target_cosine": {group: float}} on process 0, None on the others.
   """
-  adaptor_dir = config.student.adaptor_dir
+  train_set = run.train_set
   rows = target_space.fixed_sample(train_set.num_examples, TARGET_FIT_SAMPLE)
   # Every process embeds (one program over all devices); process 0, which wrote the
   # verification embeddings, compares.
-  embeddings, _ = runtime.embed_images(variables, backbone, train_set.images_at(rows),
-                                       parallel, config.train.eval_batch_size)
+  embeddings, _ = embed.embed_images(variables, backbone, train_set.images_at(rows),
+                                     run.parallel, run.config.train.eval_batch_size)
   if jax.process_index() != 0:
     return None
   targets = load_targets(adaptor_dir, train_set.num_examples)
-  own = runtime.load_embeddings(workdir)
+  own = embed.load_embeddings(run.workdir)
   # An adaptor stage saves its space on the verification pairs; hand-made targets need not.
-  has_space = os.path.exists(os.path.join(adaptor_dir, "verification_embeddings.npz"))
-  space = runtime.load_embeddings(adaptor_dir) if has_space else {}
+  has_space = os.path.exists(os.path.join(adaptor_dir, embed.EMBEDDINGS_FILE))
+  space = embed.load_embeddings(adaptor_dir) if has_space else {}
   return {
       "train_target_cosine": target_space.mean_cosine(embeddings, targets[rows, 0]),
       "num_train_images": len(rows),

@@ -1,7 +1,16 @@
-"""Orbax checkpoints of the full training state, with a shape check before restoring.
+"""Orbax checkpoints of the full training state, with the loss history and the best state.
 
-A checkpoint holds the TrainState (params, batch_stats, opt_state, step); `step` is also
-the data position, so restoring it resumes the input pipeline exactly.
+A step folder holds the TrainState (params, batch_stats, opt_state, step) in the item
+"default" (the folder Orbax gives a single item, so a model/ folder and a checkpoint
+written before the other items read alike) and, as the loop saves them, the per-step
+history in the JSON item "history" and Orbax's "metrics" item. `step` is also the data
+position, so restoring it resumes the input pipeline exactly.
+
+One CheckpointManager keeps what a run needs: the newest `keep` steps (resume) and the one
+best candidate (Orbax's BestN preservation over the metric "score", lower is better; the
+loop saves a candidate only when it beats every earlier one). Damaged steps (no commit
+marker, an unreadable item, missing array data) are skipped with a warning; restored
+states are checked for NaN and Inf.
 
 The states are host (numpy) arrays, the same on every device, so a checkpoint restores
 onto any number of devices or processes. In a multi-host run every process creates the
@@ -9,14 +18,34 @@ manager, saves and restores (Orbax synchronizes them; process 0 writes the array
 process reads them), so the workdir must be a folder every host sees.
 """
 
+import json
+import math
 import os
-from typing import Mapping
+import sys
+from typing import Any, Mapping
 
+from etils import epath
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from mstkd_jax.errors import UserError
+from mstkd_jax.train import parallel as parallel_lib
+
+STATE = "default"           # the item folder of the TrainState (Orbax's single-item name)
+HISTORY = "history"         # the item folder of the per-step history (JSON)
+COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, into a finished step
+ITEM_METADATA = "_METADATA"           # Orbax writes it into every finished PyTree item
+_STEP_METADATA = "_CHECKPOINT_METADATA"
+
+
+class DamagedCheckpoint(UserError):
+  """A step folder that cannot be read: interrupted copy or save, missing files."""
+
+  def __init__(self, path: str, what: str, error: BaseException):
+    self.reason = short_error(error)
+    super().__init__(f"{path}: {what} ({self.reason})")
 
 
 def flat_shapes(tree, prefix=""):
@@ -41,20 +70,167 @@ def shape_mismatches(expected: dict, found: dict, limit: int = 8) -> list[str]:
   return lines
 
 
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def check_finite(tree, source: str) -> None:
+  """Refuses a restored tree holding NaN or Inf (a diverged run), naming the first tensor.
+
+  Args:
+    tree: the restored pytree (numpy or JAX arrays; integer leaves are skipped).
+    source: the checkpoint folder, for the message.
+
+  Raises:
+    UserError: "<source>: the checkpoint holds NaN in params/backbone/conv1/kernel ...".
+  """
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.asarray(leaf)
+    if not jnp.issubdtype(array.dtype, jnp.inexact):
+      continue
+    finite = np.isfinite(array)
+    if not finite.all():
+      bad = array[~finite]
+      kind = "NaN" if np.isnan(bad).any() else "Inf"
+      name = "/".join(_key_name(k) for k in path)
+      raise UserError(
+          f"{source}: the checkpoint holds {kind} in {name} ({bad.size} of {array.size} "
+          "values; a diverged run?); use an earlier step or retrain with a lower LR")
+
+
+def short_error(e: BaseException, limit: int = 200) -> str:
+  """The first line of an exception's message, cut to `limit` characters (tensorstore's
+  messages run to kilobytes)."""
+  text = (str(e).strip().splitlines() or [""])[0]
+  text = text if len(text) <= limit else text[:limit] + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def quiet_closed_loop_callbacks() -> None:
+  """Drops Python's "Exception ignored ... RuntimeError: Event loop is closed" reports.
+
+  When an Orbax read fails (a damaged step), tensorstore still completes the reads in
+  flight and calls back into the asyncio loop Orbax has already closed; Python prints each
+  such callback as an unraisable exception with a traceback (0-10 of them), after the
+  failure was caught and reported in one line. This wraps sys.unraisablehook (once per
+  process, before the first read) to drop exactly those; every other report goes through.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    previous(unraisable)
+  hook.drops_closed_loop_callbacks = True
+  sys.unraisablehook = hook
+
+
+def _commit_timestamp(step_dir: str) -> bool:
+  try:
+    with open(os.path.join(step_dir, _STEP_METADATA)) as f:
+      return bool(json.load(f).get("commit_timestamp_nsecs"))
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def damage(step_dir: str, item: str = STATE) -> str | None:
+  """Why `step_dir` is not a complete Orbax step (None where it looks complete).
+
+  Complete: `item` holds its _METADATA, and the step is committed: it holds Orbax's commit
+  marker, or (Orbax versions that left none on local disks: no marker in any item either)
+  its _CHECKPOINT_METADATA records a commit time. Missing array files show only when the
+  arrays are read (`Checkpoints.restore_latest` tries the step).
+  """
+  if not os.path.isfile(os.path.join(step_dir, item, ITEM_METADATA)):
+    return f"no {item}/{ITEM_METADATA}"
+  if os.path.isfile(os.path.join(step_dir, COMMIT_MARKER)):
+    return None
+  try:
+    names = os.listdir(step_dir)
+  except OSError as e:
+    return f"unreadable folder: {e.strerror or e}"
+  items_marked = any(os.path.isfile(os.path.join(step_dir, name, COMMIT_MARKER))
+                     for name in names)
+  if items_marked or not _commit_timestamp(step_dir):
+    return f"no commit marker {COMMIT_MARKER}"
+  return None
+
+
+def warn(message: str) -> None:
+  """One warning line on stderr (process 0 only)."""
+  if jax.process_index() == 0:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def _rank(metrics) -> float:
+  """Orbax's best_fn (best_mode "max"): candidates by -score; other steps never best."""
+  if isinstance(metrics, Mapping) and isinstance(metrics.get("score"), (int, float)):
+    return -float(metrics["score"])
+  return -math.inf
+
+
+def _abstract(template):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                      template)
+
+
 class Checkpoints:
-  """Saves and restores TrainStates under `directory` (an Orbax CheckpointManager)."""
+  """Saves and restores TrainStates under `directory` (one Orbax CheckpointManager)."""
 
   def __init__(self, directory: str, keep: int = 3):
+    """Keeps the newest `keep` steps and the best candidate (see the module docstring)."""
     self.directory = os.path.abspath(directory)
+    policies = ocp.checkpoint_managers
+    preservation = policies.AnyPreservationPolicy([
+        policies.LatestN(n=keep),
+        policies.BestN(get_metric_fn=_rank, n=1, keep_checkpoints_without_metrics=False)])
+    options = ocp.CheckpointManagerOptions(
+        create=True, best_fn=_rank, best_mode="max", preservation_policy=preservation)
     self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_handlers=ocp.StandardCheckpointHandler())
+        self.directory, options=options,
+        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                       HISTORY: ocp.JsonCheckpointHandler()})
+    self._warned = set()
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    """The newest complete step (None where there is none); newer damaged steps are
+    skipped with one warning line each (once per step and instance)."""
+    damaged = []
+    latest = None
+    for step in reversed(self.manager.all_steps()):
+      reason = damage(self._step_dir(step))
+      if reason is None:
+        latest = step
+        break
+      damaged.append((step, reason))
+    for step, reason in damaged:
+      if step not in self._warned:
+        self._warned.add(step)
+        warn(f"skipping the damaged checkpoint {self._step_dir(step)} ({reason}); "
+             + (f"using step {latest}" if latest is not None else "no complete step"))
+    return latest
 
-  def save(self, step: int, state) -> None:
-    self.manager.save(step, args=ocp.args.StandardSave(state))
+  def save(self, step: int, state, *, history: dict | None = None,
+           candidate: dict | None = None) -> None:
+    """Saves `state` (and `history`, JSON) as `step`, asynchronously.
+
+    `candidate` ({"score": lower is better, ...}) makes the step a best-state candidate: it
+    is kept while no later candidate scores lower; `best()` returns it with its record.
+    """
+    items = {STATE: ocp.args.StandardSave(state)}
+    if history is not None:
+      items[HISTORY] = ocp.args.JsonSave(history)
+    self.manager.save(step, args=ocp.args.Composite(**items),
+                      metrics={"step": int(step), **(candidate or {})})
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -62,29 +238,161 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.close()
 
-  def restore_tree(self, step: int, template):
-    """Restores `step` into the structure of `template` without the TrainState shape check."""
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
-                            template)
+  def best(self) -> tuple[int, dict] | None:
+    """(step, record) of the best candidate saved ({"step", "score", ...}), or None."""
+    step = self.manager.best_step()
+    if step is None:
+      return None
+    record = self.manager.metrics(step)
+    if _rank(record) == -math.inf:
+      return None
+    return step, dict(record)
+
+  def stored_tree(self, step: int):
+    """The stored TrainState tree of `step` as Orbax metadata (shapes and dtypes)."""
     try:
-      return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      return self.manager.item_metadata(step)[STATE].tree
     except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f"cannot restore the checkpoint {self.directory}/{step}: {e}") from e
+      raise DamagedCheckpoint(self._step_dir(step), "cannot read the checkpoint", e) from e
+
+  def restore_tree(self, step: int, template):
+    """Restores `step` into the structure of `template` without the TrainState shape check.
+
+    Raises:
+      DamagedCheckpoint: the step cannot be read.
+      UserError: it holds NaN or Inf.
+    """
+    path = self._step_dir(step)
+    quiet_closed_loop_callbacks()
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          **{STATE: ocp.args.StandardRestore(_abstract(template))}))[STATE]
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpoint(path, "cannot restore the checkpoint", e) from e
+    check_finite(restored, path)
+    return restored
 
   def restore(self, step: int, template):
-    """Restores `step` into the structure of `template` (host arrays), checking shapes first."""
-    path = os.path.join(self.directory, str(step))
-    try:
-      stored = self.manager.item_metadata(step).tree
-    except Exception as e:  # pylint: disable=broad-except
-      raise UserError(f"cannot read the checkpoint {path}: {e}") from e
+    """Restores `step` into the structure of `template` (host arrays), checking the shapes
+    of its params and batch_stats (attributes of a TrainState, or keys) first.
+
+    Raises:
+      DamagedCheckpoint: the step cannot be read.
+      UserError: its shapes differ from `template`'s, or it holds NaN or Inf.
+    """
+    stored = self.stored_tree(step)
     problems = []
     for part in ("params", "batch_stats"):
-      problems += shape_mismatches(flat_shapes(getattr(template, part), f"{part}/"),
+      expected = (template.get(part) if isinstance(template, Mapping)
+                  else getattr(template, part, None))
+      problems += shape_mismatches(flat_shapes(expected or {}, f"{part}/"),
                                    flat_shapes(stored.get(part) or {}, f"{part}/"))
     if problems:
       raise UserError(
-          f"the checkpoint {path} was written for another model than this config builds:\n  "
-          + "\n  ".join(problems)
+          f"the checkpoint {self._step_dir(step)} was written for another model than this "
+          "config builds:\n  " + "\n  ".join(problems)
           + "\nUse another --workdir, or delete that checkpoint directory to start over.")
     return self.restore_tree(step, template)
+
+  def history(self, step: int) -> dict | None:
+    """The history item of `step` (None where the step has none).
+
+    Raises:
+      DamagedCheckpoint: the item is there but unreadable.
+    """
+    if not os.path.isdir(os.path.join(self._step_dir(step), HISTORY)):
+      return None
+    quiet_closed_loop_callbacks()
+    try:
+      return self.manager.restore(step, args=ocp.args.Composite(
+          **{HISTORY: ocp.args.JsonRestore()}))[HISTORY]
+    except Exception as e:  # pylint: disable=broad-except
+      raise DamagedCheckpoint(self._step_dir(step), "cannot read the checkpoint's history",
+                              e) from e
+
+  def restore_latest(self, template, *, set_aside: bool = False):
+    """(step, state, history) of the newest step that restores, or (None, template, None).
+
+    Damaged newer steps are skipped with one warning line each; with `set_aside` (the
+    training loop, which will write those steps again) they are renamed <step>.damaged.
+
+    Raises:
+      UserError: every step is damaged (one line naming them), a step of another model,
+        or NaN/Inf in the newest readable step.
+    """
+    damaged = []
+    for step in reversed(self.manager.all_steps()):
+      reason = damage(self._step_dir(step))
+      if reason is None:
+        try:
+          state = self.restore(step, template)
+          history = self.history(step)
+        except DamagedCheckpoint as e:
+          reason = e.reason
+        else:
+          moved = self._set_aside([s for s, _ in damaged]) if set_aside else {}
+          for bad, why in damaged:
+            self._warned.add(bad)
+            warn(f"skipping the damaged checkpoint {self._step_dir(bad)} ({why}); using "
+                 f"step {step}" + (f"; moved it to {moved[bad]}" if bad in moved else ""))
+          return step, state, history
+      damaged.append((step, reason))
+    if damaged:
+      names = ", ".join(f"{s} ({r})" for s, r in damaged)
+      raise UserError(f"{self.directory}: holds no complete checkpoint (damaged steps: "
+                      f"{names}); delete that folder to start over")
+    return None, template, None
+
+  def _set_aside(self, steps: list[int]) -> dict[int, str]:
+    """Renames damaged step folders to <step>.damaged (process 0), so the run can write
+    those steps again (Orbax then lists the others only); returns {step: new folder}."""
+    if not steps:
+      return {}
+    # Every process has looked at the steps (the same ones: the folder is shared) before
+    # process 0 moves any.
+    parallel_lib.sync_hosts(f"damaged checkpoints found in {self.directory}")
+    moved = {}
+    for step in steps:
+      target, n = f"{self._step_dir(step)}.damaged", 1
+      while os.path.exists(target):
+        n += 1
+        target = f"{self._step_dir(step)}.damaged{n}"
+      moved[step] = target
+      if jax.process_index() == 0:
+        os.rename(self._step_dir(step), target)
+    parallel_lib.sync_hosts(f"checkpoints set aside in {self.directory}")
+    self.manager.reload()
+    return moved
+
+  def restore_variables(self, step: int, template: dict) -> dict:
+    """Restores the entries of `template` ({"params", "batch_stats"}, as nested dicts) out
+    of the TrainState of `step` (Orbax partial restore: the optimiser state is not read).
+
+    Raises:
+      DamagedCheckpoint: the step cannot be read or does not hold `template`'s shapes.
+      UserError: it holds NaN or Inf.
+    """
+    path = self._step_dir(step)
+    restored = restore_partial(os.path.join(path, STATE), _abstract(template), path)
+    check_finite(restored, path)
+    return restored
+
+
+def restore_partial(item_dir: str, abstract: Any, source: str):
+  """Restores the subtrees `abstract` names (jax.ShapeDtypeStruct leaves) out of the PyTree
+  item `item_dir`, as numpy arrays, leaving the rest of it unread.
+
+  Raises:
+    DamagedCheckpoint: the item cannot be read, lacks a subtree or holds other shapes.
+  """
+  quiet_closed_loop_callbacks()
+  handler = ocp.PyTreeCheckpointHandler()
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+  try:
+    restored = handler.restore(epath.Path(item_dir), args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=restore_args, partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except
+    raise DamagedCheckpoint(source, "cannot restore from the Orbax checkpoint", e) from e
+  finally:
+    handler.close()
+  return jax.tree.map(np.asarray, restored)

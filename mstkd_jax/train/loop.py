@@ -3,28 +3,34 @@
 Stages differ only in the step function, the initial state and the batches they hand in.
 The RNG of step t is fold_in(rng, t) inside the step and the input pipeline is a pure
 function of the step, so a run restored from a checkpoint continues bit for bit.
+
+What the loop leans on: optax for the LR (train/state.py), clu's metric writer (or JSON
+lines without TensorFlow, train/writers.py), and one Orbax CheckpointManager
+(train/checkpoints.py) that holds each step's state with its per-step history and keeps
+both the newest steps and the best one. Its own part is the progress line.
 """
 
 import dataclasses
 import datetime
-import json
 import math
 import os
-import sys
 import time
 from typing import Callable, Iterator
 
 import jax
 import numpy as np
 
+from mstkd_jax import files
 from mstkd_jax.errors import UserError
 from mstkd_jax.train import writers
 from mstkd_jax.train.checkpoints import Checkpoints
 from mstkd_jax.train.parallel import DataParallel
 
 
-# The per-step metrics kept in <workdir>/loss_history.json (convergence.summarize reads them).
+# The per-step metrics kept with every checkpoint (convergence.summarize reads them).
 HISTORY_METRICS = ("loss", "accuracy")
+# Where the history lived before it moved into the checkpoints (still read).
+_LEGACY_HISTORY = "loss_history.json"
 
 
 class TrainingDiverged(UserError):
@@ -40,8 +46,8 @@ class LoopSettings:
   log_every: int = 50
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
-  # Keep the parameters of the epoch with the lowest mean training loss in <workdir>/best
-  # (the adaptor's model selection); read them back with `load_best`.
+  # Keep the state of the epoch with the lowest mean training loss among the checkpoints
+  # (the adaptor's model selection); read its variables back with `load_best`.
   select_best_epoch: bool = False
   # The config field that sets this stage's length, named by the convergence warning.
   epochs_field: str = "train.epochs"
@@ -52,8 +58,8 @@ class Evaluation:
   """Verification during training (`train.eval_every`): `fn(host TrainState)` returns
   {group: accuracy in [0, 1]}; it runs after every `every`-th step, its accuracies go to
   the writer as "<label>/<group>" (and "<label>/mean") and to the progress output. With
-  `select` the state of the best mean accuracy so far is kept in <workdir>/best (read it
-  back with `load_best`); otherwise the evaluation only watches: training reads nothing
+  `select` the state of the best mean accuracy so far is kept among the checkpoints (read
+  it back with `load_best`); otherwise the evaluation only watches: training reads nothing
   it computes, so the parameters are the same, bit for bit, with it or without it."""
   fn: Callable
   every: int
@@ -76,7 +82,13 @@ def _format_eta(seconds: float) -> str:
 
 
 class _Progress:
-  """Fetches per-step metrics, checks them, writes them and prints one line per window."""
+  """Fetches per-step metrics, checks them, writes them and prints one line per window.
+
+  The loop's one progress reporter. clu's ReportProgress (steps/s to the writer, ETA in
+  absl's log) needs TensorFlow and shows neither loss nor LR; this line shows loss, the
+  step's other metrics (accuracy, kd, ce), LR, steps/s, img/s and ETA on every machine,
+  and steps/s also goes to the writer as "steps_per_sec" (ReportProgress's scalar).
+  """
 
   def __init__(self, settings: LoopSettings, writer, start_step: int, history: dict):
     self.settings = settings
@@ -105,10 +117,10 @@ class _Progress:
         if key in m:
           self.history.setdefault(key, []).append(float(m[key]))
     means = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
-    self.writer.write_scalars(step, means)
     now, then = time.perf_counter(), self.window_start
     steps_per_s = (step - then[1]) / max(now - then[0], 1e-9)
     self.window_start = (now, step)
+    self.writer.write_scalars(step, means | {"steps_per_sec": steps_per_s})
     total = self.settings.total_steps
     epoch = min(step / self.settings.steps_per_epoch, total / self.settings.steps_per_epoch)
     extra = " ".join(f"{k} {v:.4g}" for k, v in means.items() if k not in ("loss", "lr"))
@@ -118,31 +130,52 @@ class _Progress:
           f" | ETA {_format_eta((total - step) / max(steps_per_s, 1e-9))}", flush=True)
 
 
-def _history_path(workdir: str) -> str:
-  return os.path.join(workdir, "loss_history.json")
+def _history_record(history: dict, step: int, parallel: DataParallel) -> dict:
+  """What a checkpoint keeps of the history: a copy (the save is asynchronous and the lists
+  keep growing), the step, and the device layout that wrote it."""
+  return {"step": step, "metrics": {k: list(v) for k, v in history.items()},
+          "devices": parallel.device_count, "processes": jax.process_count()}
 
 
-def _load_history(workdir: str, step: int) -> tuple[dict, dict]:
-  """Per-step metrics of steps 1..step ({"loss": [...], "accuracy": [...]}) as saved with
-  the checkpoints ({} if none), and the devices and processes of the run that saved them
-  ({} if not recorded)."""
+def _read_history(record: dict | None, step: int | None, source: str) -> tuple[dict, dict]:
+  """(per-step metrics of steps 1..step (every step for None), {"devices", "processes"} of
+  the run that saved them) out of a history record ({}, {} where there is none)."""
+  if record is None:
+    return {}, {}
   try:
-    with open(_history_path(workdir)) as f:
-      record = json.load(f)
     metrics = record.get("metrics") or {"loss": record["losses"]}
     history = {k: [float(x) for x in v[:step]] for k, v in metrics.items()}
-  except FileNotFoundError:
-    return {}, {}
-  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-    raise UserError(f"{_history_path(workdir)} is unreadable ({e}); delete it to resume "
-                    "without the loss history") from e
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
+    raise UserError(f"{source}: the loss history is unreadable ({e}); expected "
+                    '{"metrics": {"loss": [...]}, ...}') from e
   layout = {k: record[k] for k in ("devices", "processes") if k in record}
   return history, layout
 
 
+def _legacy_record(workdir: str) -> dict | None:
+  """The loss_history.json of a workdir written before the history moved into the
+  checkpoints (None where there is none)."""
+  return files.read_json(os.path.join(workdir, _LEGACY_HISTORY),
+                               "the loss history a stage writes; delete it to resume "
+                               "without it", missing=None)
+
+
 def load_history(workdir: str) -> dict:
-  """Every per-step metric the loop saved in `workdir` ({} when it trained nothing)."""
-  return _load_history(workdir, sys.maxsize)[0]
+  """Every per-step metric the loop saved in `workdir` ({"loss": [...], "accuracy": [...]};
+  {} when it trained nothing): the history of its newest checkpoint, or of the
+  loss_history.json that workdirs of earlier versions hold."""
+  directory = os.path.join(workdir, "checkpoints")
+  record, source = None, directory
+  if os.path.isdir(directory):
+    checkpoints = Checkpoints(directory)
+    try:
+      step = checkpoints.latest_step()
+      record = checkpoints.history(step) if step is not None else None
+    finally:
+      checkpoints.close()
+  if record is None:
+    record, source = _legacy_record(workdir), os.path.join(workdir, _LEGACY_HISTORY)
+  return _read_history(record, None, source)[0]
 
 
 def _layout(devices: int, processes: int) -> str:
@@ -161,46 +194,6 @@ def _resume_note(name: str, saved: dict, parallel: DataParallel) -> str | None:
           "float rounding).")
 
 
-def _write_json(path: str, value) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(value, f)
-  os.replace(path + ".tmp", path)
-
-
-class _Best:
-  """Keeps the variables of the best state seen so far in <workdir>/best and its record in
-  best.json ({"step", "epoch", "score", ...}); lower scores are better. A resumed run takes
-  the best so far from best.json."""
-
-  def __init__(self, workdir: str):
-    self.workdir = workdir
-    self.checkpoints = Checkpoints(os.path.join(workdir, "best"), keep=1)
-    self.score = float("inf")
-    try:
-      with open(os.path.join(workdir, "best.json")) as f:
-        self.score = float(json.load(f)["score"])
-    except FileNotFoundError:
-      pass
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise UserError(f"{workdir}/best.json is unreadable ({e}); delete it and best/ to "
-                      "resume (the best state is then chosen again from here on)") from e
-
-  def consider(self, step: int, score: float, state_fn, record: dict) -> None:
-    if not score < self.score:
-      return
-    self.score = score
-    # Every process saves (Orbax synchronizes them); the scores, hence the choice, are the
-    # same on every process.
-    self.checkpoints.save(step, best_variables(state_fn()))
-    self.checkpoints.wait()
-    if jax.process_index() == 0:
-      _write_json(os.path.join(self.workdir, "best.json"),
-                  {"step": step, "score": score, **record})
-
-  def close(self):
-    self.checkpoints.close()
-
-
 def best_variables(state) -> dict:
   """What a select_best_epoch run keeps of a state: params (and batch_stats if any)."""
   out = {"params": state.params}
@@ -210,78 +203,117 @@ def best_variables(state) -> dict:
 
 
 def load_best(workdir: str, template) -> tuple[dict, dict]:
-  """(`best_variables` of the best state, best.json), restored into `template`'s shapes."""
+  """(`best_variables` of the best state, its record), restored into `template`'s shapes.
+
+  The record is {"step", "score" (lower is better), "epoch", and "mean_loss" or
+  "mean_accuracy" and "accuracy"}. Workdirs of earlier versions kept the best state in
+  best/ and its record in best.json; those are read too.
+
+  Raises:
+    UserError: no best state was recorded, or it cannot be read.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(directory):
+    checkpoints = Checkpoints(directory)
+    try:
+      best = checkpoints.best()
+      if best is not None:
+        step, info = best
+        return checkpoints.restore_variables(step, template), info
+    finally:
+      checkpoints.close()
+  if os.path.isfile(os.path.join(workdir, "best.json")):
+    step, info = _legacy_best(workdir)
+    checkpoints = Checkpoints(os.path.join(workdir, "best"), keep=1)
+    try:
+      return checkpoints.restore_tree(step, template), info
+    finally:
+      checkpoints.close()
+  raise UserError(f"no best state recorded in {directory}; rerun its stage")
+
+
+def _legacy_best(workdir: str) -> tuple[int, dict]:
+  """(step, record) of the best.json of a workdir written before the best state moved
+  into the checkpoints (its variables are in best/)."""
+  path = os.path.join(workdir, "best.json")
+  info = files.read_json(path, 'the best-state record {"step", "score", ...}; rerun '
+                               "its stage")
   try:
-    with open(os.path.join(workdir, "best.json")) as f:
-      info = json.load(f)
-  except (OSError, ValueError) as e:
-    raise UserError(f"no best-epoch record in {workdir} ({e}); rerun its stage") from e
-  checkpoints = Checkpoints(os.path.join(workdir, "best"), keep=1)
-  try:
-    return checkpoints.restore_tree(info["step"], template), info
-  finally:
-    checkpoints.close()
+    return int(info["step"]), info | {"score": float(info["score"])}
+  except (KeyError, TypeError, ValueError) as e:
+    raise UserError(f'{path}: holds no "step" and "score" ({e}); expected the best-state '
+                    "record a stage writes; rerun its stage") from e
 
 
 def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable,
           batches: Callable[[int], Iterator[dict]], parallel: DataParallel, rng,
-          extra_args: tuple = (), evaluation: Evaluation | None = None):
+          frozen: dict | None = None, evaluation: Evaluation | None = None):
   """Trains `init_state` to `settings.total_steps`, resuming from `workdir/checkpoints`.
 
   Args:
     workdir: the stage's folder (checkpoints/ and TensorBoard events go there).
     settings: steps, logging and checkpoint cadence.
     init_state: host TrainState of a fresh run (also the template checkpoints restore into).
-    step_fn: per-device `(state, batch, rng, *extra_args) -> (state, metrics)`.
+    step_fn: per-device `(state, batch, rng) -> (state, metrics)`, or with `frozen`
+      `(state, batch, rng, frozen) -> (state, metrics)`.
     batches: `batches(start_step)` yields host batches [local_devices, per_device, ...]
       for steps start_step, start_step + 1, ... (a pure function of the step).
     parallel: how steps are mapped over devices.
     rng: base key; the step folds in its step number.
-    extra_args: host pytrees replicated to every device and passed after the rng (frozen
-      networks, ...).
+    frozen: networks the step reads but never trains, as one named host pytree (e.g.
+      {"teachers": stacked teacher variables, "adaptor": adaptor variables}), replicated
+      to every device; None for steps that take none.
     evaluation: verification during training (see `Evaluation`), or None.
   Returns:
     The final TrainState on the host.
+  Raises:
+    TrainingDiverged: a loss became NaN or Inf (the last good checkpoint is kept).
+    UserError: the checkpoints hold another model, NaN/Inf, or only damaged steps; the
+      input pipeline ended early.
   """
+  if settings.select_best_epoch and evaluation is not None and evaluation.select:
+    raise ValueError("select the best epoch by its loss or by evaluation, not both")
   checkpoints = Checkpoints(f"{workdir}/checkpoints", keep=settings.keep_checkpoints)
-  total = settings.total_steps
-  start = checkpoints.latest_step() or 0
-  state = init_state
-  if start:
-    state = checkpoints.restore(start, init_state)
+  writer = None
+  try:
+    total = settings.total_steps
+    start, state, record = checkpoints.restore_latest(init_state, set_aside=True)
+    start = start or 0
     if start >= total:
       print(f"[{settings.name}] already finished: checkpoint at step {start} of {total} in "
             f"{checkpoints.directory}; nothing to do.", flush=True)
-      checkpoints.close()
       return state
-    print(f"[{settings.name}] resuming from step {start} of {total} "
-          f"({checkpoints.directory}).", flush=True)
+    if start:
+      print(f"[{settings.name}] resuming from step {start} of {total} "
+            f"({checkpoints.directory}).", flush=True)
+      if record is None:  # a checkpoint written before the history moved into it
+        record = _legacy_record(workdir)
+    history, saved_layout = _read_history(record, start, checkpoints.directory)
+    note = _resume_note(settings.name, saved_layout, parallel) if start else None
+    if note:
+      print(note, flush=True)
 
-  is_main = jax.process_index() == 0
-  history, saved_layout = _load_history(workdir, start)
-  note = _resume_note(settings.name, saved_layout, parallel) if start else None
-  if note:
-    print(note, flush=True)
-  writer = writers.create_writer(workdir, just_logging=not is_main)
-  report = writers.create_progress_reporter(total, writer, settings.log_every)
-  progress = _Progress(settings, writer, start, history)
-  if settings.select_best_epoch and evaluation is not None and evaluation.select:
-    raise ValueError("select the best epoch by its loss or by evaluation, not both")
-  selects = settings.select_best_epoch or (evaluation is not None and evaluation.select)
-  best = _Best(workdir) if selects else None
-  host_state = lambda: parallel.unreplicate(device_state)
-  p_step = parallel.wrap(step_fn)
-  device_state = parallel.replicate(state)
-  device_args = parallel.replicate((rng,) + tuple(extra_args))
-  last_saved = start
+    writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
+    progress = _Progress(settings, writer, start, history)
+    selects = settings.select_best_epoch or (evaluation is not None and evaluation.select)
+    best_score = math.inf  # the candidates' score to beat (lower is better)
+    if selects:
+      best = checkpoints.best()
+      if best is not None:
+        best_score = best[1]["score"]
+      elif os.path.isfile(os.path.join(workdir, "best.json")):  # a run of an earlier version
+        best_score = _legacy_best(workdir)[1]["score"]
+    p_step = parallel.wrap(step_fn)
+    device_state = parallel.replicate(state)
+    device_args = parallel.replicate((rng,) if frozen is None else (rng, frozen))
+    last_saved = start
 
-  def hint():
-    if last_saved:
-      return (f"the last good checkpoint is step {last_saved} in {checkpoints.directory} "
-              "(kept intact)")
-    return "no checkpoint was written yet"
+    def hint():
+      if last_saved:
+        return (f"the last good checkpoint is step {last_saved} in {checkpoints.directory} "
+                "(kept intact)")
+      return "no checkpoint was written yet"
 
-  try:
     step = start
     for batch in _prefetch(batches(start), parallel):
       if step >= total:
@@ -289,42 +321,50 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
       device_state, metrics = p_step(device_state, batch, *device_args)
       step += 1
       progress.add(step, metrics)
-      if report is not None:
-        report(step)
       is_checkpoint = step % settings.checkpoint_every == 0 or step == total
       is_epoch_end = settings.select_best_epoch and step % settings.steps_per_epoch == 0
       is_eval = evaluation is not None and evaluation.every and step % evaluation.every == 0
       if step % settings.log_every == 0 or is_checkpoint or is_epoch_end or is_eval:
         progress.flush(step, parallel, hint())
+      host_state = None
+      candidate = None
       if is_epoch_end:
-        epoch = step // settings.steps_per_epoch
         mean = float(np.mean(history["loss"][-settings.steps_per_epoch:]))
-        best.consider(step, mean, host_state, {"epoch": epoch, "mean_loss": mean})
+        candidate = {"score": mean, "epoch": step // settings.steps_per_epoch,
+                     "mean_loss": mean}
       if is_eval:
-        _evaluate(evaluation, settings, step, host_state(), writer, best)
-      if is_checkpoint:
-        # Every loss up to here was finite (flush checked), so this state is good. The
-        # history goes first: a checkpoint never lacks the losses that led to it.
-        if is_main:
-          _write_json(_history_path(workdir), {
-              "step": step, "metrics": history, "devices": parallel.device_count,
-              "processes": jax.process_count()})
-        checkpoints.save(step, parallel.unreplicate(device_state))
+        host_state = parallel.unreplicate(device_state)
+        mean, accuracy = _evaluate(evaluation, settings, step, host_state, writer)
+        if evaluation.select:
+          candidate = {"score": -mean, "epoch": step / settings.steps_per_epoch,
+                       "mean_accuracy": mean, "accuracy": accuracy}
+      if candidate is not None and not candidate["score"] < best_score:
+        candidate = None  # only a state better than every earlier one becomes a candidate
+      if is_checkpoint or candidate is not None:
+        # Every loss up to here was finite (flush checked), so this state is good; the
+        # history that led to it is saved with it. Every process saves (Orbax synchronizes
+        # them); the scores, hence the candidates, are the same on every process.
+        if host_state is None:
+          host_state = parallel.unreplicate(device_state)
+        checkpoints.save(step, host_state, history=_history_record(history, step, parallel),
+                         candidate=candidate)
         last_saved = step
+        if candidate is not None:
+          best_score = candidate["score"]
     if step < total:
       raise UserError(f"[{settings.name}] the input pipeline ended at step {step} of {total}")
   finally:
     checkpoints.wait()
     checkpoints.close()
-    if best is not None:
-      best.close()
-    writer.flush()
+    if writer is not None:
+      writer.flush()
   return parallel.unreplicate(device_state)
 
 
-def _evaluate(evaluation: Evaluation, settings: LoopSettings, step: int, state, writer,
-              best: _Best | None) -> None:
-  """Runs `evaluation` on the state after `step`: writer, progress line, best state."""
+def _evaluate(evaluation: Evaluation, settings: LoopSettings, step: int, state,
+              writer) -> tuple[float, dict]:
+  """Runs `evaluation` on the state after `step` (writer, progress line); returns (mean
+  accuracy, {group: accuracy})."""
   accuracy = {g: float(a) for g, a in evaluation.fn(state).items()}
   mean = float(np.mean(list(accuracy.values())))
   writer.write_scalars(step, {f"{evaluation.label}/{g}": a for g, a in accuracy.items()}
@@ -332,10 +372,7 @@ def _evaluate(evaluation: Evaluation, settings: LoopSettings, step: int, state, 
   groups = "  ".join(f"{g} {100 * a:.2f}%" for g, a in accuracy.items())
   print(f"[{settings.name}] step {step} {evaluation.label} accuracy: {groups}  "
         f"(mean {100 * mean:.2f}%)", flush=True)
-  if best is not None:
-    best.consider(step, -mean, lambda: state,
-                  {"epoch": step / settings.steps_per_epoch, "mean_accuracy": mean,
-                   "accuracy": accuracy})
+  return mean, accuracy
 
 
 def steps_for(num_examples: int, global_batch: int, epochs: float) -> tuple[int, int]:

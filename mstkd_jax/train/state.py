@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -25,21 +26,54 @@ class TrainState:
 
 def step_decay_schedule(peak_lr: float, steps_per_epoch: int, decay_epochs: Sequence[int],
                         factor: float = 0.1) -> Callable[[jax.Array], jax.Array]:
-  """LR for the update made at (0-based) `step`: peak_lr x factor^(decays passed).
+  """LR for the update made at (0-based) `step`: peak_lr x factor^(decays passed), float32.
 
   `decay_epochs` are 1-based epoch numbers from which the LR is multiplied by `factor`,
   reproducing the authors' LambdaLR (0.1 ** len([m for m in epochs if m - 1 <= epoch]),
   stepped once per epoch): with decay_epochs (8, 14, 20, 25) the 8th epoch already runs at
   0.1 x peak, i.e. the LR drops at step (8 - 1) x steps_per_epoch.
-  """
-  boundaries = jnp.asarray([(e - 1) * steps_per_epoch for e in sorted(decay_epochs)] or [-1],
-                           jnp.int32)
-  num_boundaries = len(decay_epochs)
 
-  def schedule(step):
-    passed = jnp.sum((jnp.asarray(step, jnp.int32) >= boundaries)[:num_boundaries])
-    return peak_lr * jnp.asarray(factor, jnp.float32) ** passed
-  return schedule
+  The steps are `optax.piecewise_constant_schedule` over the unit LR, times peak_lr (a
+  float32 scalar). Optax multiplies its scales one after another in float32: with peak_lr
+  inside, 0.25 x 0.1 x 0.1 x 0.1 x 0.1 lands one bit away from what the hand-written
+  schedule this replaces gave in the jitted step, float32(peak_lr) x float32(factor)^k
+  (XLA's pow, correctly rounded there). So optax runs over the unit LR, with scales chosen
+  (`_unit_scales`) to make its running product exactly the correctly rounded
+  float32(factor)^k at every boundary, and peak_lr multiplies that once: the LR is bit for
+  bit the one before (tests/test_optim.py checks every boundary of every config).
+  """
+  boundaries: dict[int, int] = {}  # step -> how many decays start there
+  for epoch in decay_epochs:
+    step = (epoch - 1) * steps_per_epoch
+    boundaries[step] = boundaries.get(step, 0) + 1
+  scales = _unit_scales(factor, [boundaries[b] for b in sorted(boundaries)])
+  unit = optax.piecewise_constant_schedule(1.0, dict(zip(sorted(boundaries), scales)))
+  return lambda step: jnp.float32(peak_lr) * unit(step)
+
+
+def _unit_scales(factor: float, decays: Sequence[int]) -> list[float]:
+  """Scales s_i whose float32 running product is round_f32(factor_f32^k) after each boundary.
+
+  `decays[i]` is how many decays boundary i passes at once (k grows by that much). Where no
+  float32 scale makes a product exact (not the case for 0.1 up to 12 decays), the nearest
+  is kept: the next boundary aims at its own power again, so errors never add up.
+  """
+  f = float(np.float32(factor))
+  value, k, scales = np.float32(1.0), 0, []
+  for count in decays:
+    k += count
+    target = np.float32(f ** k)
+    guess = np.float32(float(target) / float(value)) if value else np.float32(0.0)
+    candidates = [np.float32(f ** count), guess]
+    up = down = guess
+    for _ in range(4):
+      up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+      candidates += [up, down]
+    exact = [c for c in candidates if c >= 0 and np.float32(c * value) == target]
+    scale = exact[0] if exact else guess
+    scales.append(float(scale))
+    value = np.float32(scale * value)
+  return scales
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = 512) -> float:

@@ -92,14 +92,15 @@ def classification_step(state: TrainState, batch, rng, *, backbone: nn.Module,
 TEACHER_MAPS = ("sequential", "vmap")
 
 
-def online_targets(images, teacher_variables, adaptor_variables, *, teacher: nn.Module,
-                   adaptor: nn.Module, teacher_map: str = "sequential"):
+def online_targets(images, frozen: dict, *, teacher: nn.Module, adaptor: nn.Module,
+                   teacher_map: str = "sequential"):
   """MST-KD targets computed in the step: frozen teachers, then the frozen adaptor.
 
-  teacher_variables are the G teachers' variables stacked on a leading axis (they share
-  one architecture), in the fixed teacher order; each teacher embeds the (already flipped)
-  images, embeddings are L2-normalized and concatenated, and the adaptor (inference mode)
-  maps them to unit targets [B, D]. Exactly what extraction + the adaptor stage cache.
+  frozen: {"teachers": the G teachers' variables stacked on a leading axis (they share one
+  architecture), in the fixed teacher order; "adaptor": the adaptor's variables}. Each
+  teacher embeds the (already flipped) images [B, H, W, 3], embeddings are L2-normalized
+  and concatenated, and the adaptor (inference mode) maps them to unit targets [B, D].
+  Exactly what extraction + the adaptor stage cache.
 
   teacher_map: "sequential" runs the teachers one after another with lax.map (ordinary
   convolutions, the teacher compiled once); "vmap" maps one forward over the stacked
@@ -108,28 +109,30 @@ def online_targets(images, teacher_variables, adaptor_variables, *, teacher: nn.
   """
   forward = lambda v: teacher.apply(v, images, train=False)
   if teacher_map == "sequential":
-    embeddings = jax.lax.map(forward, teacher_variables)
+    embeddings = jax.lax.map(forward, frozen["teachers"])
   elif teacher_map == "vmap":
-    embeddings = jax.vmap(forward)(teacher_variables)
+    embeddings = jax.vmap(forward)(frozen["teachers"])
   else:
     raise ValueError(f"teacher_map must be one of {TEACHER_MAPS}, got {teacher_map!r}")
   embeddings = losses.l2_normalize(embeddings)                       # [G, B, D_t]
   concatenated = jnp.transpose(embeddings, (1, 0, 2)).reshape(images.shape[0], -1)
-  targets = adaptor.apply(adaptor_variables, concatenated, train=False)
+  targets = adaptor.apply(frozen["adaptor"], concatenated, train=False)
   return jax.lax.stop_gradient(targets)
 
 
-def student_step(state: TrainState, batch, rng, *frozen, backbone: nn.Module,
-                 head: nn.Module | None, margin: losses.MarginSpec | None, kd_weight: float,
+def student_step(state: TrainState, batch, rng, frozen: dict | None = None, *,
+                 backbone: nn.Module, head: nn.Module | None,
+                 margin: losses.MarginSpec | None, kd_weight: float,
                  tx: optax.GradientTransformation, schedule, target_fn=None,
                  orientation: str = "as_fed", axis_name=AXIS):
   """One SGD step of an MST-KD student: a-KD (head None) or EAF-KD (margin-head CE + KD).
 
   Targets come from batch["target"] (cached: looked up on the host) or, when `target_fn` is
-  given, from target_fn(images, *frozen) inside the step (online: frozen networks passed in
-  as parameter pytrees, never seen by the optimiser), where images are the images fed, or
-  with orientation="stored" those images un-mirrored by batch["flip"] (the stored images,
-  as the cached "stored" targets).
+  given, from target_fn(images, frozen) inside the step (online: `frozen` is one named
+  pytree of the frozen networks' variables, e.g. {"teachers": ..., "adaptor": ...}, never
+  seen by the optimiser), where images are the images fed, or with orientation="stored"
+  those images un-mirrored by batch["flip"] (the stored images, as the cached "stored"
+  targets).
   """
   keys = step_rngs(rng, state.step, ("dropout", "margin"))
   dropout_rng = jax.random.fold_in(keys["dropout"], jax.lax.axis_index(axis_name))
@@ -141,7 +144,7 @@ def student_step(state: TrainState, batch, rng, *frozen, backbone: nn.Module,
       images = jnp.where(batch["flip"][:, None, None, None], images[:, :, ::-1], images)
     elif orientation != "as_fed":
       raise ValueError(f"orientation must be 'as_fed' or 'stored', got {orientation!r}")
-    targets = target_fn(images, *frozen)
+    targets = target_fn(images, frozen)
 
   def loss_fn(params):
     embeddings, batch_stats = _forward(backbone, params["backbone"], state.batch_stats,

@@ -1,7 +1,8 @@
 """Metric writers: clu's TensorBoard + log writer when TensorFlow is installed, else JSON lines.
 
-clu's writers and periodic actions import TensorFlow; a JAX-only machine (a bare GPU box,
-a colab without TF) still trains and keeps its metrics in <logdir>/metrics.jsonl.
+clu's writers import TensorFlow; a JAX-only machine (a bare GPU box, a colab without TF)
+still trains and keeps its metrics in <logdir>/metrics.jsonl. Progress (steps/s, ETA) is
+the loop's own line (train/loop.py), the same with either writer.
 """
 
 import json
@@ -40,13 +41,3 @@ def create_writer(logdir: str, *, just_logging: bool):
     return JsonLinesWriter(logdir, just_logging)
   return metric_writers.create_default_writer(logdir, just_logging=just_logging,
                                               asynchronous=True)
-
-
-def create_progress_reporter(total_steps: int, writer, every_steps: int):
-  """clu's ReportProgress (steps/s to the writer, ETA in the work-unit notes) or None."""
-  try:
-    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                         every_steps=every_steps)

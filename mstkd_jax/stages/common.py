@@ -1,0 +1,219 @@
+"""What every stage does around its networks: set-up (`StageRun`), the inputs it reads
+(`Inputs`), and the end of a trained backbone (`finish_model`, `backbone_result`,
+`training_record`).
+
+A stage reads top to bottom: config -> StageRun.create -> networks -> optimizer -> step ->
+StageRun.train -> finish. Configs are read here and in the stage files only; models, losses
+and steps take plain values.
+"""
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from mstkd_jax import workdir as workdir_lib
+from mstkd_jax.data import input_pipeline, sources
+from mstkd_jax.errors import UserError
+from mstkd_jax.evaluation import embed, report as report_lib, target_space
+from mstkd_jax.train import build, convergence, loop, parallel as parallel_lib, state as state_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """The folders of earlier stages that a stage reads. They are not part of its config: a
+  stage's fingerprint and config.json hold only the fields that shape its numbers, so a
+  workdir moved elsewhere, or an input rerun at the same config, is still the same stage
+  (the pipeline chains the inputs' own fingerprints into a stage's record)."""
+  teacher_dirs: tuple[str, ...] = ()    # frozen teachers, in teacher order
+  extract_dir: str = ""                 # the extraction stage (teacher embeddings)
+  adaptor_dir: str = ""                 # the adaptor stage (targets); "" = no adaptor
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+  """A training stage's set-up: its checked workdir, training set and devices, and the loop
+  settings once the number of examples is known (`plan`)."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  name: str
+  train_set: sources.TrainingSet
+  parallel: parallel_lib.DataParallel
+  epochs_field: str = "train.epochs"
+
+  @classmethod
+  def create(cls, config, workdir: str, name: str,
+             epochs_field: str = "train.epochs") -> "StageRun":
+    """Prepares the workdir (refusing one of another config), opens the training set and
+    the devices, and checks that train.batch_size splits over them.
+
+    Raises:
+      UserError: from the workdir, the data or the batch split, naming the field.
+    """
+    workdir = workdir_lib.prepare(config, workdir)
+    train_set = sources.training_set(config.data, workdir)
+    parallel = parallel_lib.get(config.parallelism, config.num_devices)
+    input_pipeline.check_batch_split(config.train.batch_size, parallel.device_count,
+                                     jax.process_count())
+    return cls(config, workdir, name, train_set, parallel, epochs_field)
+
+  def settings(self, num_examples: int, **changes) -> loop.LoopSettings:
+    """The loop's settings for `num_examples` per epoch, with `changes` applied."""
+    settings = build.loop_settings(self.config, self.name, num_examples, self.epochs_field)
+    return dataclasses.replace(settings, **changes)
+
+  def batch_plan(self, settings: loop.LoopSettings) -> dict:
+    """The keyword arguments every training batch iterator takes (global batch, steps per
+    epoch and in all, the data seed, the local devices)."""
+    return dict(global_batch=self.config.train.batch_size,
+                steps_per_epoch=settings.steps_per_epoch, seed=self.config.seed,
+                total_steps=settings.total_steps,
+                local_device_count=self.parallel.local_device_count)
+
+  def init_rngs(self) -> tuple[jax.Array, jax.Array]:
+    """(network, margin head) initialization keys of config.seed."""
+    return tuple(jax.random.split(jax.random.PRNGKey(self.config.seed)))
+
+  def image_example(self) -> np.ndarray:
+    """A zero float32 batch [1, H, W, 3] of the training set's image shape."""
+    return np.zeros((1,) + self.train_set.image_shape, np.float32)
+
+  def state(self, settings: loop.LoopSettings, params: dict, batch_stats: dict,
+            groups: dict) -> tuple:
+    """(host TrainState of `params`, its optax SGD over `groups`, the LR schedule for
+    logging); `groups` as build.optimizer takes them."""
+    tx, schedule = build.optimizer(self.config.optim,
+                                   global_batch=self.config.train.batch_size,
+                                   steps_per_epoch=settings.steps_per_epoch, groups=groups)
+    init_state = jax.tree.map(np.asarray, state_lib.create_state(params, batch_stats, tx))
+    return init_state, tx, schedule
+
+  def train(self, settings: loop.LoopSettings, init_state, step_fn, batches, **kwargs):
+    """loop.train in this stage's workdir on its devices (step RNG from config.seed + 1);
+    `batches(start_step)` yields the batches from a step on. Returns the final state."""
+    return loop.train(workdir=self.workdir, settings=settings, init_state=init_state,
+                      step_fn=step_fn, batches=batches, parallel=self.parallel,
+                      rng=jax.random.PRNGKey(self.config.seed + 1), **kwargs)
+
+
+def training_record(workdir: str, settings: loop.LoopSettings) -> dict:
+  """How far the stage trained (convergence.summarize over the loop's saved history) and
+  its "warnings" ([] or the one not-converged line, also printed here)."""
+  summary = convergence.summarize(loop.load_history(workdir), settings.steps_per_epoch)
+  warning = convergence.warning(settings.name, summary, settings.epochs_field)
+  if warning:
+    print(f"WARNING: {warning}", flush=True)
+  return {**summary, "warnings": [warning] if warning else []}
+
+
+EVAL_SELECTION = ("last", "validation")
+
+
+def evaluation_fields(train_config, section: str = "train") -> tuple[int, str]:
+  """(eval_every, select) of a `train` config section, checked; UserError naming the field."""
+  every = train_config.get("eval_every", 0)
+  select = train_config.get("select", "last")
+  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+    raise UserError(f"config field {section}.eval_every={every!r}: expected an integer >= 0 "
+                    "(steps between evaluations; 0 = off)")
+  if select not in EVAL_SELECTION:
+    raise UserError(f"config field {section}.select={select!r}: expected one of "
+                    f"{EVAL_SELECTION}")
+  return every, select
+
+
+def training_evaluation(run: StageRun, module) -> loop.Evaluation | None:
+  """The loop's verification during training from train.eval_every (steps, 0 = off) and
+  train.select ("last": the final state is the model; "validation": the state of the best
+  mean validation accuracy, which needs a held-out validation split). Evaluates on the
+  validation pairs where the data has them, else on the test pairs, for watching only."""
+  config = run.config
+  every, select = evaluation_fields(config.train)
+  has_validation = sources.has_validation(config.data)
+  if select == "validation":
+    if not has_validation:
+      raise UserError("config field train.select='validation' needs a held-out validation "
+                      "split (data.synthetic.validation_identities_per_group > 0, or "
+                      "data.tfds.validation); selecting on the test pairs would report a "
+                      "test score chosen on the test set")
+    if not every:
+      raise UserError("config field train.select='validation' needs train.eval_every > 0 "
+                      "(how often to evaluate)")
+  if not every:
+    return None
+  pairs = (sources.validation_sets(config.data, run.workdir) if has_validation
+           else sources.verification_sets(config.data, run.workdir))
+  batch = config.train.eval_batch_size
+
+  def accuracy(state):
+    variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
+    results = embed.evaluate_embeddings(
+        embed.verification_embeddings(variables, module, pairs, run.parallel, batch))
+    return {g: r["accuracy"] for g, r in results.items()}
+
+  label = "validation" if has_validation else "verification"
+  return loop.Evaluation(fn=accuracy, every=every, label=label,
+                         select=select == "validation")
+
+
+def backbone_result(final, workdir: str, evaluation: loop.Evaluation | None):
+  """(backbone variables, their step, selection record or None) of a trained teacher or
+  student: the final state, or with train.select='validation' the best one the loop kept."""
+  if evaluation is None or not evaluation.select:
+    variables = {"params": final.params["backbone"], "batch_stats": final.batch_stats}
+    return variables, int(final.step), None
+  best, info = loop.load_best(workdir, loop.best_variables(final))
+  print(f"[{os.path.basename(workdir)}] selected step {info['step']} (mean validation "
+        f"accuracy {100 * info['mean_accuracy']:.2f}%)", flush=True)
+  variables = {"params": best["params"]["backbone"], "batch_stats": best["batch_stats"]}
+  return variables, int(info["step"]), info
+
+
+def finish_model(run: StageRun, step: int, variables: dict, module) -> dict:
+  """What every trained backbone stage ends with: save the network under <workdir>/model,
+  embed every group's verification pairs (kept for the report) and print the per-group
+  accuracy. The stage then writes results.json (`workdir.write_results`). Returns {group:
+  evaluate_verification result}."""
+  results = _evaluated(run.workdir, step)
+  if results is not None:  # a rerun of a finished run: its model and embeddings are saved
+    print(f"[{run.name}] verification accuracy (saved at step {step}): "
+          f"{embed.accuracy_line(results)}", flush=True)
+    return results
+  workdir_lib.save_model(run.workdir, step, variables)  # every process takes part
+  embeddings = embed.verification_embeddings(
+      variables, module, sources.verification_sets(run.config.data, run.workdir),
+      run.parallel, run.config.train.eval_batch_size)
+  results = embed.evaluate_embeddings(embeddings)
+  print(f"[{run.name}] verification accuracy: {embed.accuracy_line(results)}", flush=True)
+  for warning in report_lib.model_warnings(run.name, results):
+    print(f"WARNING: {warning}", flush=True)
+  if jax.process_index() == 0:
+    embed.save_embeddings(run.workdir, embeddings)
+  return results
+
+
+def _evaluated(workdir: str, step: int) -> dict | None:
+  """The verification results that `finish_model` saved for `step` in this workdir (model,
+  embeddings and results.json all of that step), recomputed from the saved embeddings; None
+  where anything is missing or of another step."""
+  try:
+    if workdir_lib.read_results(workdir).get("step") != int(step):
+      return None
+  except UserError:
+    return None
+  if workdir_lib.model_step(workdir) != int(step):
+    return None
+  try:
+    return embed.evaluate_embeddings(embed.load_embeddings(workdir))
+  except UserError:
+    return None
+
+
+def warn_collapse(name: str, statistics: dict) -> str | None:
+  """Prints the collapse warning of a target space's statistics (target_space); returns it."""
+  warning = target_space.collapse_warning(name, statistics)
+  if warning:
+    print(f"WARNING: {warning}", flush=True)
+  return warning

@@ -1,0 +1,59 @@
+"""Report stage: every model's per-group verification from its saved embeddings, with
+every stage's convergence record, the target-space diagnostics and their warnings.
+
+Writes <out_dir>/report.json, report.md and the plots (evaluation/report.py).
+Inputs: the folders of the pipeline's stages, as (stage name, report row or "").
+"""
+
+import os
+
+import jax
+
+from mstkd_jax import workdir as workdir_lib
+from mstkd_jax.evaluation import embed, report as report_lib, target_space
+
+
+def run(config, workdir: str, stages: list[tuple[str, str]], out_dir: str) -> dict:
+  """Evaluates every model's saved verification embeddings and writes the report, with
+  every stage's convergence record, the target-space diagnostics and their warnings."""
+  models = {}
+  for name, model in stages:
+    if model:
+      embeddings = embed.load_embeddings(os.path.join(workdir, name))
+      models[model] = embed.evaluate_embeddings(embeddings)
+  report = report_lib.build_report(models, config=workdir_lib.config_dict(config))
+  health = stage_health(workdir, stages)
+  # A model verifying at chance first: its numbers are not measurements at all.
+  health["warnings"] = report["warnings"] + health["warnings"]
+  report.update(health)
+  if jax.process_index() == 0:
+    report_lib.write_report(report, out_dir)
+  return report
+
+
+def stage_health(workdir: str, stages: list[tuple[str, str]]) -> dict:
+  """{"warnings": [...], "training": {stage: convergence record}, "diagnostics":
+  {"target_space": {space: target_space statistics}, "students": {model: target fit}}}
+  from the results.json of every stage (not-converged and collapse warnings first)."""
+  warnings, training = [], {}
+  spaces, students = {}, {}
+  for name, model in stages:
+    results = workdir_lib.read_results(os.path.join(workdir, name))
+    record = results.get("training")
+    if record:
+      training[name] = {k: v for k, v in record.items() if k != "warnings"}
+      warnings += record.get("warnings", [])
+    diagnostics = results.get("diagnostics") or {}
+    for key, label in (("concatenation", "concatenated teacher embeddings"),
+                       ("targets", "targets")):
+      statistics = diagnostics.get(key)
+      if statistics:
+        space = f"{name} ({label})"
+        spaces[space] = statistics
+        warning = target_space.collapse_warning(space, statistics)
+        if warning:
+          warnings.append(warning)
+    if model and "train_target_cosine" in diagnostics:
+      students[model] = diagnostics
+  return {"warnings": warnings, "training": training,
+          "diagnostics": {"target_space": spaces, "students": students}}

@@ -1,0 +1,141 @@
+"""The files of a run: atomic writes with one-line errors, JSON reads, the workdir lock."""
+
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from mstkd_jax import files, workdir as workdir_lib
+from mstkd_jax.errors import UserError
+
+
+def test_atomic_write_replaces_whole_or_keeps_the_old_file(tmp_path):
+  path = tmp_path / "a.json"
+  files.write_json(str(path), {"a": 1})
+  with pytest.raises(RuntimeError):
+    with files.atomic_path(str(path)) as tmp:
+      with open(tmp, "w") as f:
+        f.write('{"a": ')
+      raise RuntimeError("interrupted")
+  assert json.loads(path.read_text()) == {"a": 1}
+  assert sorted(os.listdir(tmp_path)) == ["a.json"]  # no temporary file left behind
+
+
+def test_temporary_names_are_unique(tmp_path):
+  path = str(tmp_path / "x.npz")
+  with files.atomic_path(path, suffix=".npz") as first, \
+       files.atomic_path(path, suffix=".npz") as second:
+    assert first != second and first.endswith(".npz") and second.endswith(".npz")
+    np.savez(first, a=np.zeros(2))
+    np.savez(second, a=np.ones(2))
+  with np.load(path) as data:  # the last rename wins, whole
+    np.testing.assert_array_equal(data["a"], np.zeros(2))
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EROFS])
+def test_os_errors_while_writing_are_one_line_naming_the_path(tmp_path, monkeypatch, code):
+  path = tmp_path / "results.json"
+  path.write_text("{}")
+
+  def failing_replace(src, dst):
+    raise OSError(code, os.strerror(code))
+
+  monkeypatch.setattr(files.os, "replace", failing_replace)
+  with pytest.raises(UserError) as e:
+    files.write_json(str(path), {"b": 2})
+  message = str(e.value)
+  assert "\n" not in message and str(path) in message
+  assert errno.errorcode[code] in message and os.strerror(code) in message
+  assert path.read_text() == "{}"
+  assert sorted(os.listdir(tmp_path)) == ["results.json"]
+
+
+def test_npy_writer_failure_leaves_no_file(tmp_path):
+  path = str(tmp_path / "cache.npy")
+  with pytest.raises(ValueError):
+    with files.npy_writer(path, (4, 2)) as out:
+      out[:2] = 1.0
+      raise ValueError("chunk failed")
+  assert os.listdir(tmp_path) == []
+
+
+def test_read_json_names_the_file(tmp_path):
+  path = tmp_path / "stage.json"
+  assert files.read_json(str(path), missing=None) is None
+  with pytest.raises(UserError, match=r"stage.json is missing; expected a stage record"):
+    files.read_json(str(path), "a stage record")
+  path.write_text("{not json")
+  with pytest.raises(UserError, match=r"stage.json is unreadable .*expected a stage record"):
+    files.read_json(str(path), "a stage record")
+
+
+def test_lock_refuses_a_second_run_naming_the_holder(tmp_path):
+  with workdir_lib.locked(str(tmp_path)):
+    with pytest.raises(UserError) as e:
+      with workdir_lib.locked(str(tmp_path)):
+        pass
+  message = str(e.value)
+  assert f"process {os.getpid()} on {socket.gethostname()}" in message
+  assert str(tmp_path) in message and "\n" not in message
+  with workdir_lib.locked(str(tmp_path)):  # released on exit
+    pass
+
+
+def test_lock_of_a_killed_process_is_not_stale(tmp_path):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", textwrap.dedent(f"""
+          import sys, time
+          from mstkd_jax import workdir
+          with workdir.locked({str(tmp_path)!r}):
+            print("held", flush=True)
+            time.sleep(120)
+          """)],
+      stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError, match=rf"in use by process {holder.pid} on "):
+      with workdir_lib.locked(str(tmp_path)):
+        pass
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  deadline = time.monotonic() + 10
+  with workdir_lib.locked(str(tmp_path)):  # the OS released the dead holder's lock
+    assert time.monotonic() < deadline
+
+
+def test_main_run_holds_the_lock(tmp_path):
+  from configs import teacher as teacher_config  # pylint: disable=g-import-not-at-top
+  from mstkd_jax import main  # pylint: disable=g-import-not-at-top
+  with workdir_lib.locked(str(tmp_path)):
+    with pytest.raises(UserError, match=r"is in use by process"):
+      main.run(teacher_config.smoke(), str(tmp_path))
+
+
+def test_root_config_history_keeps_every_accepted_run(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  first = ml_collections.ConfigDict({"seed": 0, "train": {"epochs": 2.0}})
+  second = ml_collections.ConfigDict({"seed": 1, "train": {"epochs": 2.0}})
+  workdir_lib.prepare(first, str(tmp_path), refuse_changes=False)
+  workdir_lib.prepare(second, str(tmp_path), refuse_changes=False)
+  assert json.loads((tmp_path / "config.json").read_text())["seed"] == 1
+  lines = (tmp_path / workdir_lib.HISTORY_FILE).read_text().splitlines()
+  assert [json.loads(line)["config"]["seed"] for line in lines] == [0, 1]
+  assert all(json.loads(line)["pid"] == os.getpid() for line in lines)
+
+
+def test_stage_config_change_is_refused_and_leaves_config_json(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  workdir_lib.prepare(ml_collections.ConfigDict({"seed": 0}), str(tmp_path))
+  with pytest.raises(UserError, match=r"differs in: seed: 0 -> 1"):
+    workdir_lib.prepare(ml_collections.ConfigDict({"seed": 1}), str(tmp_path))
+  assert json.loads((tmp_path / "config.json").read_text()) == {"seed": 0}
+  assert not (tmp_path / workdir_lib.HISTORY_FILE).exists()
