@@ -312,3 +312,22 @@ def test_evaluation_of_only_damaged_steps_prints_one_line_and_no_traceback(tmp_p
   # The explicitly named step is not replaced by another one.
   with pytest.raises(UserError, match=r"^\S+/7: cannot restore from the Orbax checkpoint"):
     orbax_checkpoint.load_backbone_variables(os.path.join(directory, "7"))
+
+
+@pytest.mark.parametrize("where", ["save", "wait_until_finished"])
+def test_a_failed_checkpoint_save_is_one_line_naming_the_folder(tmp_path, monkeypatch, where):
+  import errno  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  def disk_full(*args, **kwargs):
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError as e:  # as tensorstore/Orbax re-raise it from their threads
+      raise RuntimeError("Error writing the array data: [...] kilobytes of detail") from e
+
+  monkeypatch.setattr(ocp.CheckpointManager, where, disk_full)
+  with pytest.raises(UserError) as e:
+    _train(tmp_path)
+  message = str(e.value)
+  assert message.startswith(f"cannot write the checkpoint {tmp_path}/checkpoints")
+  assert "(ENOSPC: No space left on device)" in message and "\n" not in message

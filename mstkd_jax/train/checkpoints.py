@@ -18,6 +18,7 @@ manager, saves and restores (Orbax synchronizes them; process 0 writes the array
 process reads them), so the workdir must be a folder every host sees.
 """
 
+import errno
 import json
 import math
 import os
@@ -107,6 +108,19 @@ def short_error(e: BaseException, limit: int = 200) -> str:
   text = (str(e).strip().splitlines() or [""])[0]
   text = text if len(text) <= limit else text[:limit] + "..."
   return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _save_error(path: str, error: BaseException) -> UserError:
+  """One line for a failed save: the OS error (ENOSPC, EACCES, EROFS, ...) where one is in
+  the exception's chain, else the first line of Orbax's or tensorstore's message."""
+  cause = error
+  while cause is not None and not isinstance(cause, OSError):
+    cause = cause.__cause__ or cause.__context__
+  if isinstance(cause, OSError) and cause.errno:
+    reason = f"{errno.errorcode.get(cause.errno, cause.errno)}: {cause.strerror}"
+  else:
+    reason = short_error(error)
+  return UserError(f"cannot write the checkpoint {path} ({reason})")
 
 
 def quiet_closed_loop_callbacks() -> None:
@@ -229,11 +243,18 @@ class Checkpoints:
     items = {STATE: ocp.args.StandardSave(state)}
     if history is not None:
       items[HISTORY] = ocp.args.JsonSave(history)
-    self.manager.save(step, args=ocp.args.Composite(**items),
-                      metrics={"step": int(step), **(candidate or {})})
+    try:
+      self.manager.save(step, args=ocp.args.Composite(**items),
+                        metrics={"step": int(step), **(candidate or {})})
+    except Exception as e:  # pylint: disable=broad-except
+      raise _save_error(self._step_dir(step), e) from e
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the asynchronous saves; UserError naming the folder if one failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise _save_error(self.directory, e) from e
 
   def close(self) -> None:
     self.manager.close()
