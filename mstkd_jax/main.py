@@ -15,6 +15,7 @@ process runs the same command on the same workdir; only process 0 prints and wri
 import contextlib
 import dataclasses
 import os
+import re
 import socket
 import sys
 import threading
@@ -226,7 +227,11 @@ def main(argv):
     config = _CONFIG.value
     config.stage  # pylint: disable=pointless-statement
   except OSError as e:  # ml_collections reports an unloadable config file only on use.
-    print(f"error: {e}", file=sys.stderr)
+    path = config_arg.partition(":")[0]
+    reason = (f"no such file (from {os.getcwd()})" if not os.path.exists(path)
+              else str(e).strip().splitlines()[-1].strip())
+    print(f"error: --config={config_arg}: cannot load the config file: {reason}",
+          file=sys.stderr)
     sys.exit(2)
   try:
     run(config, workdir, Multihost(
@@ -248,7 +253,8 @@ def parse_flags(argv):
     if isinstance(e, (KeyError, AttributeError)):
       known = unknown_field_message(argv)
       if known:
-        message = known + (f" ({message})" if "Did you mean" in str(message) else "")
+        hint = re.search(r"Did you mean [^\n']*\?", str(message))
+        message = known + (f" ({hint.group(0)})" if hint else "")
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 

@@ -229,11 +229,8 @@ def locked(workdir: str, enabled: bool = True):
     os.makedirs(workdir, exist_ok=True)
     lock.acquire()
   except filelock.Timeout:
-    holder = read_json(os.path.join(workdir, HOLDER_FILE), missing={})
-    who = (f"process {holder.get('pid', '?')} on {holder.get('host', '?')}, started "
-           f"{holder.get('started', '?')}") if holder else "another process"
-    raise UserError(f"the workdir {workdir} is in use by {who}; wait for it to finish, "
-                    "or use another --workdir") from None
+    raise UserError(f"the workdir {workdir} is in use by {_holder(workdir)}; wait for it "
+                    "to finish, or use another --workdir") from None
   except OSError as e:
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
       # Nothing can be written there, so nothing to guard: a finished run may still print
@@ -242,13 +239,40 @@ def locked(workdir: str, enabled: bool = True):
       yield
       return
     raise UserError(f"cannot lock the workdir {workdir} ({e.strerror or e})") from e
+  holder = os.path.join(workdir, HOLDER_FILE)
   try:
-    write_json(os.path.join(workdir, HOLDER_FILE),
-               {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     yield
   finally:
+    with contextlib.suppress(OSError):
+      os.remove(holder)
     lock.release()
+
+
+def _holder(workdir: str, wait_s: float = 3.0) -> str:
+  """"process PID on HOST, started ..." of the run holding the workdir's lock. The holder
+  writes that just after taking the lock, so a run that lost a race waits for it a moment;
+  a record of a process that no longer runs on this host is not the holder."""
+  deadline = time.monotonic() + wait_s
+  while True:
+    record = read_json(os.path.join(workdir, HOLDER_FILE), missing={})
+    pid, host = record.get("pid"), record.get("host")
+    if isinstance(pid, int) and host and (host != socket.gethostname() or _alive(pid)):
+      return f"process {pid} on {host}, started {record.get('started', '?')}"
+    if time.monotonic() >= deadline:
+      return "another process"
+    time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:
+    return True  # exists, owned by another user
+  return True
 
 
 # ------------------------------------------------------------------------------ models

@@ -139,3 +139,25 @@ def test_stage_config_change_is_refused_and_leaves_config_json(tmp_path):
     workdir_lib.prepare(ml_collections.ConfigDict({"seed": 1}), str(tmp_path))
   assert json.loads((tmp_path / "config.json").read_text()) == {"seed": 0}
   assert not (tmp_path / workdir_lib.HISTORY_FILE).exists()
+
+
+def test_a_run_losing_the_race_still_names_the_holder(tmp_path, monkeypatch):
+  # The holder's record of an earlier, finished run names a dead PID: not the holder.
+  files.write_json(str(tmp_path / workdir_lib.HOLDER_FILE),
+                   {"pid": 2**22 + 12345, "host": socket.gethostname(), "started": "then"})
+  import filelock  # pylint: disable=g-import-not-at-top
+  holder = filelock.FileLock(str(tmp_path / workdir_lib.LOCK_FILE))
+  holder.acquire()  # taken, its record not written yet (the race a second run may lose)
+  try:
+    def record_soon(_):
+      files.write_json(str(tmp_path / workdir_lib.HOLDER_FILE),
+                       {"pid": os.getpid(), "host": socket.gethostname(), "started": "now"})
+    monkeypatch.setattr(workdir_lib.time, "sleep", record_soon)
+    with pytest.raises(UserError, match=rf"in use by process {os.getpid()} on .*, started now"):
+      with workdir_lib.locked(str(tmp_path)):
+        pass
+  finally:
+    holder.release()
+  with workdir_lib.locked(str(tmp_path)):
+    assert (tmp_path / workdir_lib.HOLDER_FILE).exists()
+  assert not (tmp_path / workdir_lib.HOLDER_FILE).exists()  # removed on release
