@@ -63,3 +63,57 @@ def test_iresnet50_takes_the_paper_s_dropout_unless_given():
   assert build.backbone(config.model).dropout == 0.1
   config.model.update(name="iresnet100", dropout=None)
   assert build.backbone(config.model).dropout == 0.0
+
+
+# Fields of configs/distill.py that the pipeline itself reads (the others reach a stage).
+PIPELINE_FIELDS = {"stage", "preset", "teacher_sets", "adaptors", "kd_losses", "student_alone",
+                   "seeds", "targets", "target_orientation", "balanced_seed", "only", "force"}
+
+
+def _changed(value):
+  """A different value of the same kind (what a user's override would give)."""
+  if isinstance(value, bool):
+    return not value
+  if isinstance(value, (int, float)):
+    return value + 1
+  if isinstance(value, str):
+    return value + "_changed"
+  if isinstance(value, (tuple, list)):
+    return tuple(value) + (tuple(value)[-1] if value else 1,)
+  return 1.5 if value is None else None
+
+
+@pytest.mark.parametrize("preset", ["tiny", "smoke"])
+def test_every_field_of_the_recipe_is_read(tmp_path, preset):
+  """Changing any field of the recipe changes some stage's config (or is refused): no
+  field is silently ignored. The pipeline's own fields are read by pipeline.build/run."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from mstkd_jax import pipeline, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.errors import UserError as Refused  # pylint: disable=g-import-not-at-top
+  config = distill.get_config(preset)
+  config.data.data_dir = str(tmp_path / "data")
+  train_set = sources.training_set(config.data, str(tmp_path))
+
+  def stage_configs(c):
+    return [workdir_lib.config_dict(s.config) for s in pipeline.build(c, str(tmp_path),
+                                                                     train_set)]
+
+  reference = stage_configs(config)
+  unread = []
+  for field, value in workdir_lib.flatten(workdir_lib.config_dict(config)).items():
+    if field.split(".")[0] in PIPELINE_FIELDS:
+      continue
+    changed = ml_collections.ConfigDict(config.to_dict())
+    *parents, leaf = field.split(".")
+    node = changed
+    for key in parents:
+      node = node[key]
+    with node.ignore_type():
+      node[leaf] = _changed(value)
+    try:
+      if stage_configs(changed) == reference:
+        unread.append(field)
+    except (Refused, TypeError, ValueError):
+      pass  # checked, so read
+  assert not unread, f"fields no stage reads: {unread}"
