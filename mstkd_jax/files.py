@@ -20,10 +20,15 @@ import numpy as np
 from mstkd_jax.errors import UserError
 
 
-def _os_error(path: str, error: OSError) -> UserError:
+def os_error_reason(error: OSError) -> str:
+  """"ENOSPC: No space left on device" (the errno's name and text), or the message."""
   code = errno.errorcode.get(error.errno, "") if error.errno else ""
-  reason = f"{code}: {error.strerror}" if code and error.strerror else str(error)
-  return UserError(f"cannot write {path} ({reason})")
+  return f"{code}: {error.strerror}" if code and error.strerror else str(error)
+
+
+def write_error(path: str, error: OSError) -> UserError:
+  """The one-line UserError of an OS error while writing `path`."""
+  return UserError(f"cannot write {path} ({os_error_reason(error)})")
 
 
 @contextlib.contextmanager
@@ -43,12 +48,12 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; outputs of a run are shareable
   except OSError as e:
-    raise _os_error(path, e) from e
+    raise write_error(path, e) from e
   try:
     yield tmp
     os.replace(tmp, path)
-  except OSError as e:
-    raise _os_error(path, e) from e
+  except OSError as e:  # from the block too: its writes to `tmp` fail the same way
+    raise write_error(path, e) from e
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
@@ -104,10 +109,7 @@ def npy_writer(path: str, shape: tuple, dtype=np.float32, enabled: bool = True):
     yield None
     return
   with atomic_path(path, suffix=".npy") as tmp:
-    try:
-      array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
-    except OSError as e:
-      raise _os_error(path, e) from e
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape))
     try:
       yield array
       array.flush()

@@ -290,12 +290,14 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
   # Every finished stage is checked against this config before anything runs or is
   # written (config.json included): a refused run leaves the workdir as it was. The report
   # is only rebuilt when it is stale (a new variant adds stages and report rows).
-  fingerprints, records, rerun = {}, {}, {}
+  fingerprints, records, rerun, unfinished = {}, {}, {}, []
   for stage in stages:
     records[stage.name] = _fingerprint(stage, fingerprints)
     fingerprints[stage.name] = records[stage.name]["fingerprint"]
     old = _read_record(os.path.join(workdir, stage.name))
-    if stage.name in forced or not (old and old.get("finished")):
+    if not (old and old.get("finished")):
+      unfinished.append(stage.name)
+    if stage.name in forced or stage.name in unfinished:
       continue
     if old["fingerprint"] != fingerprints[stage.name]:
       if stage.name != "report":
@@ -307,9 +309,7 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
   for name in _downstream(stages, set(rerun)) - set(rerun):
     rerun[name] = "an earlier stage it reads reruns"
   rerun.update({name: "--config.force" for name in forced})
-  done = not rerun and all((_read_record(os.path.join(workdir, s.name)) or {}).get("finished")
-                           for s in stages)
-  if not done:  # a finished run writes nothing: its report prints from a read-only workdir
+  if rerun or unfinished:  # a finished run writes nothing: it prints from a read-only workdir
     workdir_lib.prepare(config, workdir, refuse_changes=False)
   # Recorded before anything runs: an interrupted forced (or repaired) run, resumed without
   # --config.force, still reruns every stage it invalidated.

@@ -15,9 +15,8 @@ import time
 import jax
 import numpy as np
 
-from mstkd_jax import paths
+from mstkd_jax import files, paths
 from mstkd_jax.errors import UserError
-from mstkd_jax.files import read_json, write_json
 from mstkd_jax.train import parallel as parallel_lib
 from mstkd_jax.train.checkpoints import Checkpoints, flat_shapes, shape_mismatches
 
@@ -63,8 +62,8 @@ def prepare(config, workdir: str, refuse_changes: bool = True) -> str:
   """Creates `workdir`, refuses one holding a run of another config, writes config.json.
 
   With refuse_changes=False (the pipeline's root, whose stages check their own configs)
-  config.json just records the latest run, and config_history.jsonl gets a line for it. Returns the absolute workdir; only process 0
-  writes.
+  config.json just records the latest run, and config_history.jsonl gets a line for it.
+  Returns the absolute workdir; only process 0 writes.
 
   Raises:
     UserError: the workdir cannot be written, is not shared by every host of a multi-host
@@ -83,14 +82,15 @@ def prepare(config, workdir: str, refuse_changes: bool = True) -> str:
   path = os.path.join(workdir, "config.json")
   new = config_dict(config)
   if refuse_changes and os.path.exists(path):
-    old = read_json(path, "a readable config.json; move it away or use another --workdir")
+    old = files.read_json(path, "a readable config.json; move it away or use another "
+                          "--workdir")
     changes = changed_fields(old, new)
     if changes:
       raise UserError(
           f"{workdir} holds a run of another config (its config.json differs in: "
           + "; ".join(changes) + "). Use another --workdir, or the same settings to resume.")
   if jax.process_index() == 0:
-    write_json(path, new, sort_keys=True)
+    files.write_json(path, new, sort_keys=True)
     if not refuse_changes:
       _append_history(workdir, new)
   return workdir
@@ -110,7 +110,7 @@ def _append_history(workdir: str, config: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
       f.write(line + "\n")
   except OSError as e:
-    raise UserError(f"cannot write {path} ({e.strerror or e})") from e
+    raise files.write_error(path, e) from e
 
 
 def _check_shared(workdir: str) -> None:
@@ -241,7 +241,7 @@ def locked(workdir: str, enabled: bool = True):
     raise UserError(f"cannot lock the workdir {workdir} ({e.strerror or e})") from e
   holder = os.path.join(workdir, HOLDER_FILE)
   try:
-    write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
+    files.write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
                         "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     yield
   finally:
@@ -256,7 +256,7 @@ def _holder(workdir: str, wait_s: float = 3.0) -> str:
   a record of a process that no longer runs on this host is not the holder."""
   deadline = time.monotonic() + wait_s
   while True:
-    record = read_json(os.path.join(workdir, HOLDER_FILE), missing={})
+    record = files.read_json(os.path.join(workdir, HOLDER_FILE), missing={})
     pid, host = record.get("pid"), record.get("host")
     if isinstance(pid, int) and host and (host != socket.gethostname() or _alive(pid)):
       return f"process {pid} on {host}, started {record.get('started', '?')}"
@@ -332,11 +332,11 @@ def write_results(workdir: str, name: str, step: int, results: dict,
     return
   summary = {g: {k: r[k] for k in ("accuracy", "accuracy_std", "accuracy_noflip")}
              for g, r in results.items()}
-  write_json(os.path.join(workdir, "results.json"),
+  files.write_json(os.path.join(workdir, "results.json"),
              {"model": name, "step": int(step), "verification": summary, **(record or {})})
 
 
 def read_results(workdir: str) -> dict:
   """The results.json a stage wrote ({} where it wrote none)."""
-  return read_json(os.path.join(workdir, "results.json"), "the results.json of a stage; "
-                   "rerun its stage", missing={})
+  return files.read_json(os.path.join(workdir, "results.json"),
+                         "the results.json of a stage; rerun its stage", missing={})

@@ -18,7 +18,6 @@ manager, saves and restores (Orbax synchronizes them; process 0 writes the array
 process reads them), so the workdir must be a folder every host sees.
 """
 
-import errno
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mstkd_jax import files
 from mstkd_jax.errors import UserError
 from mstkd_jax.train import parallel as parallel_lib
 
@@ -116,10 +116,8 @@ def _save_error(path: str, error: BaseException) -> UserError:
   cause = error
   while cause is not None and not isinstance(cause, OSError):
     cause = cause.__cause__ or cause.__context__
-  if isinstance(cause, OSError) and cause.errno:
-    reason = f"{errno.errorcode.get(cause.errno, cause.errno)}: {cause.strerror}"
-  else:
-    reason = short_error(error)
+  reason = (files.os_error_reason(cause) if isinstance(cause, OSError) and cause.errno
+            else short_error(error))
   return UserError(f"cannot write the checkpoint {path} ({reason})")
 
 
