@@ -46,10 +46,15 @@ def margin_head(name: str = "elastic_arcface", **fields) -> ml_collections.Confi
   """A margin head section; m and std left unset (None) take the head's standard values
   (mstkd_jax.losses.STANDARD_MARGINS: ElasticArcFace m 0.5 std 0.05, ElasticArcFace+ std
   0.0175, ElasticCosFace m 0.35 std 0.05, ElasticCosFace+ m 0.35 std 0.02, ArcFace 0.5,
-  CosFace 0.35), so --config.head.name=... alone switches the margins with the loss."""
+  CosFace 0.35), so --config.head.name=... alone switches the margins with the loss.
+
+  shard_classes=True splits the class centres over all devices (Partial FC's model
+  parallelism, mstkd_jax/train/sharded_head.py; the teacher stage); sample_rate < 1 (with
+  shard_classes) keeps, at each step, the classes of the batch and that fraction of the
+  others (Partial FC v2). 1.0 = every class."""
   head = ml_collections.ConfigDict(dict(
       name=name, s=64.0, m=config_dict.placeholder(float),
-      std=config_dict.placeholder(float)))
+      std=config_dict.placeholder(float), shard_classes=False, sample_rate=1.0))
   head.update(fields)
   return head
 

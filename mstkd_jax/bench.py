@@ -18,6 +18,13 @@ and times it after warm-up with block_until_ready:
                on one device with the global batch: compare it on one-device runs
 "cost x plain" is (plain img/s) / (its img/s): a step taking 1.1x the plain step's time
 reads 1.10. Runs without TensorFlow, TFDS and clu.
+
+`--head_scale=10000,100000,1000000,2000000` instead measures the margin head alone against
+the number of identities, replicated, class-sharded and sharded with Partial-FC sampling
+(mstkd_jax/bench_heads.py): memory per device from XLA's compiled memory analysis, step
+time, and their ratios to the replicated head, e.g. on 8 simulated CPU devices:
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m mstkd_jax.bench \
+      --config=configs/teacher.py --head_scale=10000,100000,1000000,2000000
 """
 
 import dataclasses
@@ -507,6 +514,20 @@ def main(argv):
   from absl import flags
   del argv
   f = flags.FLAGS
+  if f.head_scale:
+    # pylint: disable-next=g-import-not-at-top
+    from mstkd_jax import bench_heads
+    report = bench_heads.run(
+        _ints(f.head_scale, "head_scale"),
+        margin=build.margin_spec(f.config.head, shards_classes=True),
+        embedding_size=f.head_dim, batch=f.head_batch, sample_rate=f.head_sample_rate,
+        steps=f.steps, run_limit_gib=f.head_run_limit_gib)
+    print(bench_heads.format_table(report), flush=True)
+    if f.out:
+      with open(f.out, "w") as out:
+        json.dump(report, out, indent=2)
+      _log(f"wrote {f.out}")
+    return
   report = run(f.config, steps=f.steps, warmup=f.warmup, rounds=f.rounds, batch=f.batch,
                image_size=f.image_size, num_classes=f.num_classes,
                num_teachers=f.num_teachers, stage_depths=_ints(f.stage_depths, "stage_depths"),
@@ -539,6 +560,14 @@ def _define_flags():
   flags.DEFINE_string("out", "", "Write the results as JSON to this file.")
   flags.DEFINE_string("only", "", "Comma-separated subset of " + ",".join(
       STEP_NAMES + ("pipeline",)) + " (plain is always run).")
+  flags.DEFINE_string("head_scale", "", "Comma-separated numbers of identities: measure "
+                      "the margin head alone (replicated, sharded, sampled) instead.")
+  flags.DEFINE_integer("head_dim", 512, "--head_scale: embedding size D.")
+  flags.DEFINE_integer("head_batch", 64, "--head_scale: global batch of features.")
+  flags.DEFINE_float("head_sample_rate", 0.1, "--head_scale: Partial-FC rate of 'sampled'.")
+  flags.DEFINE_float("head_run_limit_gib", 8.0, "--head_scale: run (and time) a layout "
+                     "only if its memory over all devices is below this; the memory is "
+                     "measured either way.")
   flags.mark_flag_as_required("config")
 
 

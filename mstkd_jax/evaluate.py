@@ -14,7 +14,12 @@ African_test.bin -> African), an RFW folder (test/data + test/txts, every group 
 the built-in synthetic set by name: `synthetic` (the workdir's configured synthetic set when
 the checkpoint's config.json has one, else configs.common.synthetic_data("default")) or
 `synthetic:<scale>` (configs.common.synthetic_data(scale)), cached under <out>/data unless
---data_dir.
+--data_dir. --ijb=PATH (with or without --data) adds IJB-B/C 1:1 template verification
+(mstkd_jax.data.ijb reads the release, evaluation/ijb.py the protocol): the loose crops are
+aligned to 112x112 with their 5 landmarks, then resized to the model's input; TAR at FAR
+1e-6 ... 1e-1 for flip x detector-score weighting, a section of report.json/report.md,
+roc_ijb.json and roc_ijb_<IJBB|IJBC>.png. --skip_missing skips images absent from
+loose_crop (listed) instead of refusing them.
 
 Images are decoded as RGB, resized to the model input when their size differs (bilinear,
 see RESAMPLING; warned once per data source) and normalized (x / 255 - 0.5) / 0.5 as
@@ -58,8 +63,7 @@ SYNTHETIC = "synthetic"
 NUM_FOLDS = 10
 
 
-class FlagError(UserError):
-  """A bad command-line setting (exit code 2); other UserErrors are data/checkpoint (1)."""
+FlagError = resolve.FlagError  # Shared with export and embed.
 
 
 @dataclasses.dataclass
@@ -220,7 +224,8 @@ def _warner(messages: list, verbose: bool):
 
 def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], out_dir: Any,
              *, name: str | None = None, batch_size: int = 256, data_dir: Any = None,
-             parallel=None, verbose: bool = True) -> dict:
+             parallel=None, verbose: bool = True, ijb: Any = None,
+             ijb_name: str | None = None, skip_missing: bool = False) -> dict:
   """Evaluates a checkpoint on verification sets per group; writes and returns the report.
 
   Args:
@@ -230,7 +235,8 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
     arch_settings: an ArchSettings or a dict of its fields; None fields (or None) are
       taken from the workdir's config.json, the checkpoint's shapes, or DEFAULTS.
     data_sources: .bin paths, RFW folders, "synthetic" / "synthetic:<scale>", or dicts
-      of group -> VerificationSet (uint8 RGB images, pairs, issame); at least one.
+      of group -> VerificationSet (uint8 RGB images, pairs, issame); at least one, or
+      none with `ijb`.
     out_dir: where report.json, roc.json, report.md and the PNGs go (created).
     name: the model's name in the report; default: the checkpoint file's stem, or the
       stage workdir's folder name.
@@ -238,6 +244,10 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
     data_dir: synthetic data cache; default <out_dir>/data.
     parallel: a mstkd_jax.train.parallel.DataParallel; default pmap over every local device.
     verbose: print warnings (stderr) and the result table (stdout).
+    ijb: an IJBB/IJBC release folder (meta/, loose_crop/) to add 1:1 template
+      verification for (report["ijb"], evaluation.ijb.report_section), or None.
+    ijb_name: "IJBB" or "IJBC"; default from the folder (data.ijb.detect_name).
+    skip_missing: skip IJB images absent from loose_crop instead of refusing them.
 
   Returns:
     The report of `report.build_report` for {name: {group: result}}, its "config" holding
@@ -255,9 +265,10 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
   if isinstance(data_sources, (str, os.PathLike, Mapping)):
     data_sources = [data_sources]
   data_sources = list(data_sources or [])
-  if not data_sources:
+  if not data_sources and not ijb:
     raise FlagError("--data: no data sources; expected at least one --data=PATH (a .bin "
-                    f"file or an RFW folder) or --data={SYNTHETIC}[:scale]")
+                    f"file or an RFW folder), --data={SYNTHETIC}[:scale] or --ijb=PATH")
+  ijb = paths.local(ijb, "--ijb") if ijb else None
   if out_dir is None or not os.fspath(out_dir):
     raise FlagError("--out: expected the folder to write the report into")
   if name is not None and not str(name).strip():
@@ -265,14 +276,7 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
   out_dir = paths.local(out_dir, "--out")
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FlagError(f"--out={out_dir}: is a file; expected a folder")
-  if checkpoint is None or not os.fspath(checkpoint):
-    raise FlagError("--checkpoint: expected an Orbax stage workdir, model/ or checkpoints/ "
-                    "folder or step folder, or a PyTorch .pth file")
-  checkpoint_path = paths.local(checkpoint, "--checkpoint")
-  if not os.path.exists(checkpoint_path):
-    raise UserError(f"--checkpoint={os.fspath(checkpoint)}: {checkpoint_path} does not exist; "
-                    "expected a stage workdir, its model/ or checkpoints/ folder or a step "
-                    "folder (Orbax), or a PyTorch .pth state_dict")
+  checkpoint_path = resolve.checkpoint_path(checkpoint)
   for i, entry in enumerate(data_sources):
     _precheck(entry, i)
   data_dir = paths.local(data_dir, "--data_dir") if data_dir else (
@@ -287,6 +291,10 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
     sources = [_classify(entry, i, model.config, data_dir)
                for i, entry in enumerate(data_sources)]
     _check_unique_groups(sources)
+    release = None
+    if ijb:
+      from mstkd_jax.data import ijb as ijb_data  # pylint: disable=g-import-not-at-top
+      release = ijb_data.read_release(ijb, ijb_name, skip_missing, warn)
     size = int(model.settings.image_size)
     pair_sets, data_records = {}, []
     for source in sources:
@@ -303,6 +311,16 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
       parallel = parallel_lib.get("pmap", 0)
     results = _evaluate_groups(model, pair_sets, parallel, batch_size)
     model_name = str(name) if name is not None else model.name
+    ijb_section = None
+    if release is not None:
+      from mstkd_jax.evaluation import ijb as ijb_eval  # pylint: disable=g-import-not-at-top
+      emb, emb_flip = ijb_eval.embed_release(model.variables, model.module, release, size,
+                                             parallel, batch_size, warn)
+      ijb_section = ijb_eval.report_section(
+          {model_name: ijb_eval.evaluate_ijb(emb, emb_flip, release.scores,
+                                             release.templates, release.medias,
+                                             release.pairs, release.labels)},
+          release.summary())
     config = {
         "checkpoint": model.path, "checkpoint_format": model.format,
         "step": model.step, "model": dataclasses.asdict(model.settings),
@@ -313,7 +331,8 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
                 "(insightface); accuracy_noflip: the image alone",
         "warnings": messages,
     }
-    report = report_lib.build_report({model_name: results}, config=config)
+    report = report_lib.build_report({model_name: results} if results else {},
+                                     config=config, ijb=ijb_section)
     try:
       os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -328,38 +347,31 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
     for warning in report["warnings"]:
       print(f"WARNING: {warning}", flush=True)
     print(report_lib.format_table(report))
-    groups = report["models"][model_name]["groups"]
-    print("No-flip accuracy (%): " + "  ".join(
-        f"{g} {e['accuracy_noflip']:.2f}" for g, e in groups.items()))
+    if model_name in report["models"]:
+      groups = report["models"][model_name]["groups"]
+      print("No-flip accuracy (%): " + "  ".join(
+          f"{g} {e['accuracy_noflip']:.2f}" for g, e in groups.items()))
     print(f"Report written to {out_dir} (report.json, report.md, roc.json, PNGs)", flush=True)
   return report
 
 
 # --- Command line ----------------------------------------------------------------------
 
-_CHECKPOINT = flags.DEFINE_string(
-    "checkpoint", None, "Orbax stage workdir (its model/, else latest checkpoints/), a model/ "
-    "or checkpoints/ folder or a step folder; or a PyTorch IResNet .pth state_dict.")
+# --checkpoint, --arch, --width, --embedding_size, --use_se, --image_size (shared).
+_MODEL = resolve.define_model_flags()
 _DATA = flags.DEFINE_multi_string(
     "data", [], "Verification data, repeatable: an insightface .bin (group = file stem "
     "without _test), an RFW folder, or synthetic[:scale].")
 _OUT = flags.DEFINE_string("out", None, "Folder for report.json, report.md, roc.json, PNGs.")
-_ARCH = flags.DEFINE_string("arch", None, "IResNet name (default: from config.json or the "
-                            f"checkpoint, else {DEFAULTS.arch}).")
-_WIDTH = flags.DEFINE_integer("width", None, "Stem channels (default: from config.json or "
-                              f"the checkpoint, else {DEFAULTS.width}).")
-_EMBEDDING = flags.DEFINE_integer(
-    "embedding_size", None, "Embedding size (default: from config.json or the checkpoint, "
-    f"else {DEFAULTS.embedding_size}).")
-_USE_SE = flags.DEFINE_boolean("use_se", None, "Squeeze-and-excitation blocks (default: from "
-                               "config.json or the checkpoint, else false).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Model input side, a multiple of 16 "
-                                   "(default: from config.json or the checkpoint, else "
-                                   f"{DEFAULTS.image_size}).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Images per embedding step.")
 _NAME = flags.DEFINE_string("name", None, "Model name in the report (default: checkpoint file "
                             "stem, or the stage workdir's folder name).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Synthetic data cache (default <out>/data).")
+_IJB = flags.DEFINE_string("ijb", None, "IJB-B/C release folder (meta/, loose_crop/): adds "
+                           "1:1 template verification, TAR at FAR 1e-6 ... 1e-1.")
+_IJB_NAME = flags.DEFINE_string("ijb_name", None, "IJBB or IJBC (default: from the folder).")
+_SKIP_MISSING = flags.DEFINE_boolean("skip_missing", False, "Skip IJB images absent from "
+                                     "loose_crop (counted, listed) instead of stopping.")
 
 
 def main(argv):
@@ -368,12 +380,11 @@ def main(argv):
           file=sys.stderr)
     sys.exit(2)
   logging.set_verbosity(logging.WARNING)
-  settings = ArchSettings(arch=_ARCH.value, width=_WIDTH.value,
-                          embedding_size=_EMBEDDING.value, use_se=_USE_SE.value,
-                          image_size=_IMAGE_SIZE.value)
+  settings = _MODEL.settings()
   try:
-    evaluate(_CHECKPOINT.value, settings, _DATA.value, _OUT.value, name=_NAME.value,
-             batch_size=_BATCH_SIZE.value, data_dir=_DATA_DIR.value)
+    evaluate(_MODEL.checkpoint.value, settings, _DATA.value, _OUT.value, name=_NAME.value,
+             batch_size=_BATCH_SIZE.value, data_dir=_DATA_DIR.value, ijb=_IJB.value,
+             ijb_name=_IJB_NAME.value, skip_missing=_SKIP_MISSING.value)
   except FlagError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -382,13 +393,7 @@ def main(argv):
     sys.exit(1)
 
 
-def parse_flags(argv):
-  """absl's flag parsing, with flag mistakes reported as one line (exit code 2)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+parse_flags = resolve.parse_flags
 
 
 if __name__ == "__main__":

@@ -164,3 +164,83 @@ def kd_loss(targets, student_embeddings, kd_weight):
   """MST-KD's distillation term: kd_weight * mean((target - normalize(student))**2)."""
   student = l2_normalize(student_embeddings)
   return kd_weight * jnp.mean((targets.astype(jnp.float32) - student) ** 2)
+
+
+# ------------------------------------------------------------- class-sharded margin head
+# The centres are split by columns over the devices of a mapped axis; every device sees the
+# features of the global batch and the cosines of its own classes only. These functions run
+# inside pmap or shard_map (`axis_name`), and every device returns the same global values.
+
+def sharded_target_cosine(cos, positions, axis_name):
+  """Each sample's cosine to its own class centre, from the device that holds that class.
+
+  Args:
+    cos: [B, K] float32 cosines of the global batch to this device's K (held or sampled)
+      classes.
+    positions: [B] int column of each sample's class in `cos`, -1 where another device
+      holds it.
+    axis_name: the mapped axis over which the classes are split.
+  Returns:
+    [B] float32, the same on every device (a psum over the axis: one device adds the value,
+    the others 0).
+  """
+  owned = positions >= 0
+  local = jnp.take_along_axis(cos.astype(jnp.float32),
+                              jnp.maximum(positions, 0)[:, None], axis=-1)[:, 0]
+  return jax.lax.psum(jnp.where(owned, local, 0.0), axis_name)
+
+
+def sharded_margin_cross_entropy(cos, positions, margins, active, spec: MarginSpec,
+                                 axis_name):
+  """Per-sample softmax cross-entropy [B] of margin logits whose classes are split over devices.
+
+  The logits are those of `margin_logits` (the margin on the target class, on the device
+  that holds it). The log-normalizer is combined over the axis as in arcface_torch's
+  partial_fc_v2.py (DistCrossEntropy): M = pmax of the rows' largest logits (no gradient;
+  it only shifts), log Z = M + log(psum(sum_j exp(logit_j - M))), and the target logit is
+  psummed from its device; CE = log Z - target logit.
+
+  Args:
+    cos: [B, K] cosines of the global batch to this device's K classes (any float dtype).
+    positions: [B] int column of each sample's class in `cos`, -1 where another device holds
+      it (every sample's class must be active on exactly one device).
+    margins: [B] float32 margin of each sample (losses.draw_margins over the global batch).
+    active: [K] bool; inactive columns (padding classes, classes not sampled at this step)
+      take no part: their probability is exactly 0 and they receive no gradient.
+    spec: the margin head.
+    axis_name: the mapped axis over which the classes are split.
+  Returns:
+    [B] float32 cross-entropy of each sample of the global batch, the same on every device.
+  """
+  logits = margin_logits(cos, positions, margins, spec)   # one_hot(-1) is a zero row
+  active = active[None, :]
+  row_max = jnp.max(jnp.where(active, logits, -jnp.inf), axis=-1)
+  top = jax.lax.pmax(jax.lax.stop_gradient(row_max), axis_name)          # [B]
+  # -inf (not a large negative) for inactive columns: exp gives 0 and a zero gradient,
+  # where exp of an unmasked logit far above `top` could overflow into inf * 0 = NaN.
+  shifted = jnp.where(active, logits - top[:, None], -jnp.inf)
+  log_normalizer = top + jnp.log(jax.lax.psum(jnp.sum(jnp.exp(shifted), axis=-1), axis_name))
+  owned = positions >= 0
+  local_target = jnp.take_along_axis(logits, jnp.maximum(positions, 0)[:, None], axis=-1)[:, 0]
+  target = jax.lax.psum(jnp.where(owned, local_target, 0.0), axis_name)
+  return log_normalizer - target
+
+
+def sharded_argmax(cos, class_ids, active, axis_name):
+  """The global class of the largest cosine of each row [B] (the first on ties, as argmax).
+
+  Args:
+    cos: [B, K] cosines to this device's K classes.
+    class_ids: [K] int global class of each column, ascending.
+    active: [K] bool; inactive columns are never chosen.
+    axis_name: the mapped axis over which the classes are split.
+  Returns:
+    [B] int32, the same on every device (no gradient).
+  """
+  cos = jax.lax.stop_gradient(cos.astype(jnp.float32))
+  masked = jnp.where(active[None, :], cos, -jnp.inf)
+  local_best = jnp.max(masked, axis=-1)
+  local_class = class_ids[jnp.argmax(masked, axis=-1)].astype(jnp.int32)
+  best = jax.lax.pmax(local_best, axis_name)
+  candidate = jnp.where(local_best == best, local_class, jnp.iinfo(jnp.int32).max)
+  return jax.lax.pmin(candidate, axis_name)

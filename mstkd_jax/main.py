@@ -240,7 +240,35 @@ def main(argv):
         timeout_s=_MULTIHOST_TIMEOUT.value))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    exit_promptly(1)
+  except KeyboardInterrupt:
+    print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+    exit_promptly(130)
+  except Exception:  # pylint: disable=broad-except
+    # A bug: its traceback, then the same prompt exit.
+    import traceback  # pylint: disable=g-import-not-at-top
+    traceback.print_exc()
+    exit_promptly(1)
+
+
+EXIT_GRACE_S = 10.0  # how long interpreter shutdown may take once the run has failed
+
+
+def exit_promptly(code: int, grace_s: float | None = None) -> None:
+  """sys.exit(code), bounded in time.
+
+  A background thread that cannot finish (an Orbax save waiting for a commit that will not
+  come) would otherwise hold the process at shutdown for minutes. After `grace_s` seconds
+  (default EXIT_GRACE_S) of shutdown the process ends with `code` anyway (os._exit);
+  everything already written stays, and the workdir lock goes with the process.
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  grace_s = EXIT_GRACE_S if grace_s is None else grace_s
+  timer = threading.Timer(grace_s, os._exit, args=(code,))  # pylint: disable=protected-access
+  timer.daemon = True
+  timer.start()
+  sys.exit(code)
 
 
 def parse_flags(argv):

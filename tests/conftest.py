@@ -6,6 +6,8 @@ import os
 import sys
 import tempfile
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -13,3 +15,19 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       tempfile.mkdtemp(prefix="mstkd_jax_test_compilation_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: takes a minute or more on 2 CPU cores (still run by the README's "
+      "test command and CI; deselect with -m 'not slow' for a quick pass)")
+
+
+@pytest.fixture(scope="session")
+def tiny_recipe(tmp_path_factory):
+  """(workdir, report) of the whole recipe run once on configs/distill.py:tiny, shared by the
+  tests that read a finished run (copy it before changing anything in it)."""
+  from configs import distill  # pylint: disable=g-import-not-at-top
+  from mstkd_jax import pipeline  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("tiny_recipe"))
+  return workdir, pipeline.run(distill.get_config("tiny"), workdir)

@@ -96,3 +96,32 @@ def test_mfu_uses_the_peak_and_goals_read_the_cost_ratio():
   assert results["plain"]["mfu"] == pytest.approx(0.5)
   assert results["cached_kd"]["cost_vs_plain"] == pytest.approx(1.25)
   assert results["cached_kd"]["goal_met"] is False
+
+
+def test_head_scale_measures_memory_per_device_and_runs_each_layout(capsys):
+  """--head_scale on the 8 simulated devices, tiny: 1,000 identities at D = 64."""
+  from mstkd_jax import bench_heads, losses  # pylint: disable=g-import-not-at-top
+  report = bench_heads.run([1000], margin=losses.MarginSpec(), embedding_size=64, batch=16,
+                           steps=1)
+  cases = {c["layout"]: c for c in report["cases"]}
+  assert list(cases) == ["replicated", "sharded", "sampled"]
+  assert cases["sharded"]["classes_per_device"] == 125
+  for case in cases.values():
+    assert case["finite_loss"] and case["seconds_per_step"] > 0, case
+  # The centres and their momentum dominate: split 8 ways, about 1/8 per device.
+  state_bytes = 2 * 4 * 64 * 1000
+  assert cases["replicated"]["arguments_bytes"] >= state_bytes
+  assert cases["sharded"]["arguments_bytes"] < state_bytes / 8 * 1.1
+  assert report["ratios"]["1000/sharded"]["memory"] < 0.2
+  assert report["ratios"]["1000/replicated"] == {"memory": 1.0, "time": 1.0}
+  print(bench_heads.format_table(report))
+  assert "x repl" in capsys.readouterr().out
+
+
+def test_head_scale_skips_running_what_would_not_fit():
+  from mstkd_jax import bench_heads, losses  # pylint: disable=g-import-not-at-top
+  report = bench_heads.run([1000], margin=losses.MarginSpec(), embedding_size=64, batch=16,
+                           steps=1, run_limit_gib=1e-6, layouts=("replicated",))
+  (case,) = report["cases"]
+  assert case["skipped"].startswith("not run") and case["total_bytes"] > 0
+  assert "seconds_per_step" not in case

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from mstkd_jax.errors import UserError
 from mstkd_jax.train import checkpoints as checkpoints_lib, loop, parallel, state as state_lib
 
 
@@ -66,3 +67,43 @@ def test_steps_for_refuses_a_data_set_smaller_than_a_batch():
   assert loop.steps_for(100, 32, 2.5) == (3, 8)
   with pytest.raises(loop.UserError, match="fewer than one global batch of 64"):
     loop.steps_for(10, 64, 1.0)
+
+
+def test_a_metrics_folder_that_cannot_be_written_is_one_line(tmp_path):
+  from mstkd_jax.train import writers  # pylint: disable=g-import-not-at-top
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(UserError) as info:
+    writers.create_writer(str(tmp_path / "a_file" / "logs"), just_logging=False)
+  message = str(info.value)
+  assert message.startswith(f"cannot write the metrics in {tmp_path}/a_file/logs (")
+  assert "is not a directory" in message and "\n" not in message and "{{" not in message
+
+
+def test_a_metrics_write_failing_in_the_writer_thread_stops_the_run_in_one_line(
+    tmp_path, monkeypatch):
+  """clu's asynchronous writer re-raises TensorFlow's disk-full error (which has no errno)
+  at a later call: the run stops with one line naming the folder and ENOSPC."""
+  from clu import asynclib  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.train import writers  # pylint: disable=g-import-not-at-top
+
+  class DiskFull:
+    def write_scalars(self, step, scalars):
+      del step, scalars
+      raise asynclib.AsyncError(
+          "{{function_node __wrapped__FlushSummaryWriter_device_/job:localhost}} "
+          "/w/events.out.tfevents.1; No space left on device\n\tFailed to flush 3 events")
+
+    def flush(self):
+      pass
+
+  monkeypatch.setattr(writers, "create_writer", lambda logdir, just_logging: (
+      writers.CheckedWriter(DiskFull(), logdir)))
+  init = state_lib.TrainState(step=np.zeros((), np.int32), params={"w": np.zeros(3, np.float32)},
+                              batch_stats={}, opt_state=optax.EmptyState())
+  settings = loop.LoopSettings(name="toy", total_steps=4, steps_per_epoch=2,
+                               images_per_step=2, log_every=2, checkpoint_every=2)
+  with pytest.raises(UserError) as info:  # (_step's loss is finite for these 4 steps)
+    loop.train(workdir=str(tmp_path), settings=settings, init_state=init, step_fn=_step,
+               batches=_batches, parallel=parallel.get("pmap", 1), rng=np.zeros(2, np.uint32))
+  assert str(info.value) == (f"cannot write the metrics in {tmp_path} "
+                             "(ENOSPC: No space left on device)")

@@ -2,13 +2,14 @@
 
 The notebook is executed in a fresh Jupyter kernel of this Python with nbclient, shrunk by
 MSTKD_NOTEBOOK_TINY=1 to configs/distill.py:tiny (as tests/test_pipeline.py) and writing into
-a temporary MSTKD_NOTEBOOK_WORKDIR. The kernel inherits this process's environment
+a temporary MSTKD_NOTEBOOK_WORKDIR that holds a copy of the session's finished tiny recipe. The kernel inherits this process's environment
 (conftest's 8 simulated devices and compilation cache; the tiny preset uses one device).
 """
 
 import importlib
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -56,7 +57,10 @@ def test_notebook_is_committed_without_outputs():
           f"cell {cell.get('id')} holds outputs; clear them before committing")
 
 
-def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch, tiny_recipe):
+  """The notebook on a copy of the session's finished tiny recipe: its recipe cell resumes
+  (every stage finished, so nothing trains again) and the cells after it read what the
+  recipe wrote. The recipe's own run from scratch is tests/test_pipeline.py's."""
   nbclient, nbformat, _ = (_require(m) for m in ("nbclient", "nbformat", "ipykernel"))
 
   # A kernel spec of exactly this interpreter, whatever kernels the machine has installed.
@@ -71,6 +75,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
   monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
   monkeypatch.setenv("MSTKD_NOTEBOOK_TINY", "1")
   workdir = tmp_path / "workdir"
+  shutil.copytree(tiny_recipe[0], workdir)
   monkeypatch.setenv("MSTKD_NOTEBOOK_WORKDIR", str(workdir))
   for name in ("MSTKD_REPO_URL", "MSTKD_REPO_DIR"):
     monkeypatch.delenv(name, raising=False)
@@ -93,6 +98,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     for output in cell.get("outputs", []):
       assert output.get("output_type") != "error", output
   assert "nothing to install" in _text(_tagged(nb, "install"))
+  assert "[pipeline] stage" not in _text(_tagged(nb, "run"))  # resumed: nothing reran
   table = _text(_tagged(nb, "table"))
   assert "student_alone" in table and "mstkd/SL/a-KD" in table, table
   images = [o for o in _tagged(nb, "plots").outputs

@@ -12,10 +12,9 @@ from mstkd_jax import pipeline
 from mstkd_jax.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("recipe"))
-  return workdir, pipeline.run(distill.get_config("tiny"), workdir)
+@pytest.fixture
+def finished(tiny_recipe):
+  return tiny_recipe  # (conftest: the tiny recipe, run once per test session)
 
 
 def test_report_holds_every_model_of_the_recipe(finished):
@@ -307,3 +306,36 @@ def test_a_finished_run_in_a_read_only_workdir_prints_its_report(finished, tmp_p
   assert "is read-only (Read-only file system): not locked" in out
   assert "[pipeline] stage" not in out and "student_alone" in out
   assert report["models"] == finished[1]["models"]
+
+
+# Points inside every kind of stage, in run order: training (a checkpoint save in flight),
+# the model save of a finished teacher, extraction writing its cache, the adaptor writing
+# its targets, a student's training, and the report between two of its files.
+KILL_POINTS = [
+    ("mstkd_jax.train.checkpoints:Checkpoints.save", "after", 2, "teacher/group_a"),
+    ("mstkd_jax.workdir:save_model", "after", 1, "teacher/group_a"),
+    ("mstkd_jax.stages.extract:_embed_training_set", "before", 2, ""),
+    ("mstkd_jax.stages.adaptor:_map", "before", 5, ""),
+    ("mstkd_jax.train.checkpoints:Checkpoints.save", "after", 1, "student/mstkd"),
+    ("mstkd_jax.files:write_bytes", "before", 1, "report.md"),
+]
+
+
+@pytest.mark.slow
+def test_a_run_killed_inside_every_kind_of_stage_resumes_to_the_same_numbers(finished,
+                                                                            tmp_path):
+  """SIGKILL at each point in turn (each rerun resumes what the last one left), then a
+  plain rerun: the report equals the uninterrupted run's, digit for digit."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "killed")
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_at.py")
+  for target, when, n, substring in KILL_POINTS:
+    result = subprocess.run([sys.executable, script, workdir, target, when, str(n), substring],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == -9, (target, result.stdout[-1500:], result.stderr[-1500:])
+  report = pipeline.run(distill.get_config("tiny"), workdir)
+  assert report["models"] == finished[1]["models"]
+  with open(os.path.join(workdir, "report", "report.md")) as f, \
+       open(os.path.join(finished[0], "report", "report.md")) as g:
+    assert f.read() == g.read().replace(finished[0], workdir)  # (the config names its folder)

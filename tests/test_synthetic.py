@@ -227,7 +227,9 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
     f.write(b"PK\x03\x04 truncated")
 
   def interrupted_savez(file, **arrays):
-    file.write(b"PK\x03\x04 half a zip")
+    del arrays
+    with open(file, "wb") as f:
+      f.write(b"PK\x03\x04 half a zip")
     raise KeyboardInterrupt
 
   monkeypatch.setattr(synthetic.np, "savez", interrupted_savez)
@@ -239,6 +241,23 @@ def test_cache_write_is_atomic(tmp_path, monkeypatch):
   monkeypatch.undo()
   faces = synthetic.load_or_generate(spec, tmp_path)
   assert os.path.exists(final) and faces.train_images.shape[0] == 45
+
+
+def test_a_full_disk_while_writing_the_cache_is_one_line_naming_the_file(tmp_path,
+                                                                        monkeypatch):
+  import errno  # pylint: disable=g-import-not-at-top
+  spec = synthetic.SyntheticSpec(**SMALL)
+
+  def disk_full(file, **arrays):
+    del file, arrays
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(synthetic.np, "savez", disk_full)
+  with pytest.raises(UserError) as info:
+    synthetic.load_or_generate(spec, tmp_path)
+  assert str(info.value) == (f"cannot write {synthetic.cache_path(spec, tmp_path)} "
+                             "(ENOSPC: No space left on device)")
+  assert os.listdir(tmp_path) == []
 
 
 def test_corrupt_cache_raises_user_error(tmp_path):

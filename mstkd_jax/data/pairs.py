@@ -262,7 +262,8 @@ def check_pairs(pairs: np.ndarray, issame: np.ndarray, count: int, where: str,
                     f"protocol needs at least {min_pairs}")
 
 
-def _resize(image: np.ndarray, size: int) -> np.ndarray:
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8 [size, size, 3], resampled as RESAMPLING says."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
 
@@ -297,7 +298,7 @@ def decode(plan: GroupPlan, image_size: int | None = None
   else:
     stacked = np.empty((len(images),) + tuple(target) + (3,), np.uint8)
     for i, image in enumerate(images):
-      stacked[i] = image if image.shape[:2] == target else _resize(image, target[0])
+      stacked[i] = image if image.shape[:2] == target else resize_image(image, target[0])
   return VerificationSet(stacked, plan.pairs, np.asarray(plan.issame, bool)), other
 
 

@@ -61,11 +61,11 @@ import json
 import math
 import os
 import string
-import tempfile
 from typing import Any
 
 import numpy as np
 
+from mstkd_jax import files
 from mstkd_jax.errors import UserError
 
 # Bump when the generator's output for a given spec changes, so stale caches are not used.
@@ -808,12 +808,12 @@ def _load(path: str, spec: SyntheticSpec) -> SyntheticFaces:
 def load_or_generate(spec: SyntheticSpec, data_dir: str | os.PathLike) -> SyntheticFaces:
   """Loads spec's data set from its cache file under data_dir, generating it once.
 
-  The file is written to a temporary name in data_dir (`.<name>.tmp-XXXX`) and renamed
-  into place with os.replace, so a file with the final name is always complete: an
-  interrupted write leaves only a temp file, which is never read (a later call writes its
-  own) and may be deleted by hand. Concurrent callers each write their own temp file and
-  the last rename wins; the contents are identical. A final-name file that cannot be
-  read is never overwritten silently: UserError names it and asks to delete it.
+  The file is written atomically (`files.save_npz`: a unique temporary name in data_dir,
+  renamed into place when complete), so a file with the final name is always complete and
+  concurrent callers never share a temporary file; their contents are identical. A
+  final-name file that cannot be read is never overwritten silently: UserError names it and
+  asks to delete it. A data_dir that cannot be written (disk full, no permission, a
+  read-only file system) is one UserError naming the file and the OS error.
   """
   data_dir = os.fspath(data_dir)
   if os.path.exists(data_dir) and not os.path.isdir(data_dir):
@@ -824,24 +824,10 @@ def load_or_generate(spec: SyntheticSpec, data_dir: str | os.PathLike) -> Synthe
   faces = generate(spec)
   try:
     os.makedirs(data_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=data_dir)
   except OSError as e:
-    raise UserError(f"data_dir {data_dir}: cannot write the synthetic data cache "
-                    f"there ({e})") from e
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **_to_arrays(faces))  # A file object: savez adds no suffix.
-      os.fchmod(f.fileno(), 0o644)  # mkstemp makes it owner-only; a cache is shareable.
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    # Our own partial file: safe to remove, whatever interrupted the write.
-    try:
-      os.remove(tmp)
-    except OSError:
-      pass
-    raise
+    raise UserError(f"data_dir {data_dir}: cannot write the synthetic data cache there "
+                    f"({files.os_error_reason(e)})") from e
+  files.save_npz(path, _to_arrays(faces))
   return faces
 
 

@@ -7,6 +7,8 @@ report is computed from.
 
 import functools
 import os
+import sys
+from typing import Iterable, Iterator
 
 import jax
 import numpy as np
@@ -52,6 +54,29 @@ def embed_images(variables, module, images: np.ndarray, parallel, batch_size: in
     return embeddings, flipped
   return tuple(parallel_lib.gather_hosts(_pad_rows(e, share))[:len(images)]
                for e in (embeddings, flipped))
+
+
+def embed_stream(variables, module, chunks: Iterable[np.ndarray], parallel, batch_size: int,
+                 *, total: int | None = None, desc: str = "embedding"
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """`embed_images` of images that arrive in chunks, so that only one chunk of decoded
+  images is in memory at a time; a progress bar (images) on stderr when it is a terminal.
+
+  Args:
+    chunks: non-empty uint8 arrays [n_i, H, W, 3] of the model's input size. With several
+      processes every process must pass the same chunks (each embeds its share of a chunk).
+    total: the number of images in all chunks, for the progress bar's ETA (None: unknown).
+  Yields:
+    (raw embeddings float32 [n_i, D], raw embeddings of the horizontal flips [n_i, D]) of
+    each chunk, in order.
+  """
+  import tqdm  # pylint: disable=g-import-not-at-top
+  show = jax.process_index() == 0 and sys.stderr.isatty()
+  with tqdm.tqdm(total=total, unit="img", desc=desc, disable=not show) as bar:
+    for chunk in chunks:
+      embeddings, flipped = embed_images(variables, module, chunk, parallel, batch_size)
+      bar.update(len(chunk))
+      yield embeddings, flipped
 
 
 def _pad_rows(rows: np.ndarray, count: int) -> np.ndarray:

@@ -80,7 +80,7 @@ def _group_entry(model: str, group: str, res: Any) -> dict:
 
 
 def build_report(models: Mapping[str, Mapping[str, Mapping]],
-                 config: Mapping | None = None) -> dict:
+                 config: Mapping | None = None, ijb: Mapping | None = None) -> dict:
   """Summarizes per-group verification results of several models.
 
   Args:
@@ -98,9 +98,10 @@ def build_report(models: Mapping[str, Mapping[str, Mapping]],
     ratio; "global_threshold" holds `fairness.global_threshold_metrics` (rates as
     fractions) when every group carries distances/issame and there are >= 2 groups,
     else None (with "global_threshold_note" saying why, when the metrics failed).
-    Non-finite numbers are the strings "inf"/"nan".
+    Non-finite numbers are the strings "inf"/"nan". With `ijb` (evaluation.ijb.
+    report_section) also "ijb": it, and `models` may then be empty.
   """
-  if not isinstance(models, Mapping) or not models:
+  if not isinstance(models, Mapping) or not (models or ijb):
     raise UserError("models: expected a non-empty dict of model name -> group results")
   out, warnings = {}, []
   for model, groups in models.items():
@@ -133,7 +134,12 @@ def build_report(models: Mapping[str, Mapping[str, Mapping]],
     }
     if note is not None:
       out[model]["global_threshold_note"] = note
-  return _jsonable({"models": out, "config": dict(config or {}), "warnings": warnings})
+  report = {"models": out, "config": dict(config or {}), "warnings": warnings}
+  if ijb:
+    from mstkd_jax.evaluation import ijb as ijb_lib  # pylint: disable=g-import-not-at-top
+    report["ijb"] = dict(ijb)
+    report["warnings"] = warnings + ijb_lib.warnings_of(ijb)
+  return _jsonable(report)
 
 
 # All pair distances of a group within this spread of each other: every image embeds alike.
@@ -278,11 +284,15 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 def format_table(report: Mapping) -> str:
   """Terminal tables: accuracy (%) per group with Mean, STD, SER; then teacher x group."""
   header, rows = _main_table(report)
-  parts = ["Verification accuracy (%) per group", _plain(header, rows)]
+  parts = ["Verification accuracy (%) per group", _plain(header, rows)] if rows else []
   tt = _teacher_table(report)
   if tt is not None:
     parts += ["", "Teacher x evaluation group accuracy (%)", _plain(*tt)]
-  return "\n".join(parts)
+  if report.get("ijb"):
+    from mstkd_jax.evaluation import ijb as ijb_lib  # pylint: disable=g-import-not-at-top
+    parts += ["" if parts else None, f"{report['ijb']['name']} 1:1 verification: TAR (%) "
+              "at FAR", _plain(*ijb_lib.table(report["ijb"]))]
+  return "\n".join(p for p in parts if p is not None)
 
 
 _LEGEND = """\
@@ -350,8 +360,12 @@ def _diagnostics_markdown(report: Mapping) -> list[str]:
 
 def _report_markdown(report: Mapping, images: Mapping[str, str]) -> str:
   header, rows = _main_table(report)
-  parts = ["# Evaluation report", ""] + warnings_markdown(report.get("warnings")) + [
-      "## Verification accuracy (%) per group", "", _markdown(header, rows)]
+  parts = ["# Evaluation report", ""] + warnings_markdown(report.get("warnings"))
+  if rows:
+    parts += ["## Verification accuracy (%) per group", "", _markdown(header, rows)]
+  if report.get("ijb"):
+    from mstkd_jax.evaluation import ijb as ijb_lib  # pylint: disable=g-import-not-at-top
+    parts += ijb_lib.markdown(report["ijb"], _markdown)[0 if rows else 1:]
   tt = _teacher_table(report)
   if tt is not None:
     parts += ["", "## Teacher x evaluation group accuracy (%)", "", _markdown(*tt)]
@@ -518,11 +532,14 @@ def write_report(report: Mapping, out_dir: Any, roc_data: Mapping | None = None)
   The per-group "roc" curves are left out of report.json (400 points x 2 per group
   and model would dominate it) and written to roc.json instead, as
   {model: {group: {fpr, tpr}}}. `roc_data` (same shape) replaces the curves kept in
-  the report. Every file is written atomically.
+  the report. Every file is written atomically. A report with an "ijb" section also gets
+  roc_ijb.json ({model: {variant: {fpr, tpr}}}, left out of report.json likewise) and
+  roc_ijb_<name>.png.
 
   Returns:
-    label -> written path: "json", "roc_json", "markdown", "accuracy_by_group",
-    "teacher_group_heatmap" (when teachers are present), "roc/<model>" per model.
+    label -> written path: "json", "roc_json", "markdown", "accuracy_by_group" (when
+    there are group results), "teacher_group_heatmap" (when teachers are present),
+    "roc/<model>" per model, "roc_ijb_json" and "roc_ijb" (with an IJB section).
   """
   out = Path(out_dir)
   try:
@@ -536,6 +553,9 @@ def write_report(report: Mapping, out_dir: Any, roc_data: Mapping | None = None)
   for entry in slim["models"].values():
     for group in entry["groups"].values():
       group.pop("roc", None)
+  ijb_rocs = {}  # IJB curves go to roc_ijb.json, as the groups' go to roc.json
+  for model, variants in (slim.get("ijb") or {}).get("models", {}).items():
+    ijb_rocs[model] = {v: e.pop("roc") for v, e in variants.items() if "roc" in e}
 
   written: dict[str, str] = {}
 
@@ -549,8 +569,15 @@ def write_report(report: Mapping, out_dir: Any, roc_data: Mapping | None = None)
     put("roc_json", "roc.json", (json.dumps(rocs, allow_nan=False) + "\n").encode())
 
   images: dict[str, str] = {}
-  put("accuracy_by_group", "accuracy_by_group.png", plot_accuracy_by_group(report))
-  images["Accuracy by group"] = "accuracy_by_group.png"
+  if report.get("ijb"):
+    from mstkd_jax.evaluation import ijb as ijb_lib  # pylint: disable=g-import-not-at-top
+    put("roc_ijb_json", "roc_ijb.json", (json.dumps(ijb_rocs, allow_nan=False) + "\n").encode())
+    name = re.sub(r"[^A-Za-z0-9._+-]", "_", str(report["ijb"]["name"]))
+    put("roc_ijb", f"roc_ijb_{name}.png", ijb_lib.plot_roc(report["ijb"]))
+    images[f"ROC {report['ijb']['name']}"] = f"roc_ijb_{name}.png"
+  if report["models"]:
+    put("accuracy_by_group", "accuracy_by_group.png", plot_accuracy_by_group(report))
+    images["Accuracy by group"] = "accuracy_by_group.png"
   heatmap = plot_teacher_heatmap(report)
   if heatmap is not None:
     put("teacher_group_heatmap", "teacher_group_heatmap.png", heatmap)

@@ -289,3 +289,98 @@ def _load_orbax(path: str, explicit: ArchSettings) -> LoadedModel:
   return LoadedModel(module=module, variables=variables, settings=settings, origins=origins,
                      format="orbax", path=info.path, step=info.step, config=info.config,
                      name=info.name)
+
+
+# --- Command line (shared by evaluate, export and embed) -------------------------------
+
+
+class FlagError(UserError):
+  """A bad command-line setting (exit code 2); other UserErrors are data/checkpoint (1)."""
+
+
+CHECKPOINT_EXPECTED = ("expected a stage workdir, its model/ or checkpoints/ folder or a step "
+                       "folder (Orbax), or a PyTorch .pth state_dict")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFlags:
+  """The absl flags that name a checkpoint and the backbone it holds (`define_model_flags`)."""
+  checkpoint: Any
+  arch: Any
+  width: Any
+  embedding_size: Any
+  use_se: Any
+  image_size: Any
+
+  def settings(self) -> ArchSettings:
+    """The explicit ArchSettings the flags give (None where a flag is unset)."""
+    return ArchSettings(**{field: getattr(self, field).value for field in FIELDS})
+
+
+def define_model_flags() -> ModelFlags:
+  """Defines --checkpoint, --arch, --width, --embedding_size, --use_se and --image_size in
+  absl's global flags (once per command-line module); returns their holders."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  default = "default: from config.json or the checkpoint, else"
+  return ModelFlags(
+      checkpoint=flags.DEFINE_string(
+          "checkpoint", None, "Orbax stage workdir (its model/, else latest checkpoints/), a "
+          "model/ or checkpoints/ folder or a step folder; or a PyTorch IResNet .pth "
+          "state_dict."),
+      arch=flags.DEFINE_string("arch", None, f"IResNet name ({default} {DEFAULTS.arch})."),
+      width=flags.DEFINE_integer("width", None, f"Stem channels ({default} {DEFAULTS.width})."),
+      embedding_size=flags.DEFINE_integer(
+          "embedding_size", None, f"Embedding size ({default} {DEFAULTS.embedding_size})."),
+      use_se=flags.DEFINE_boolean("use_se", None,
+                                  f"Squeeze-and-excitation blocks ({default} false)."),
+      image_size=flags.DEFINE_integer(
+          "image_size", None, f"Model input side, a multiple of 16 ({default} "
+          f"{DEFAULTS.image_size})."))
+
+
+def checkpoint_path(checkpoint: Any) -> str:
+  """The local path of a --checkpoint value.
+
+  Raises:
+    FlagError: none given.
+    UserError: the path does not exist.
+  """
+  if checkpoint is None or not os.fspath(checkpoint):
+    raise FlagError("--checkpoint: expected an Orbax stage workdir, model/ or checkpoints/ "
+                    "folder or step folder, or a PyTorch .pth file")
+  path = paths.local(checkpoint, "--checkpoint")
+  if not os.path.exists(path):
+    raise UserError(f"--checkpoint={os.fspath(checkpoint)}: {path} does not exist; "
+                    + CHECKPOINT_EXPECTED)
+  return path
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with flag mistakes reported as one line (exit code 2)."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run_command(argv: Sequence[str], body) -> None:
+  """Runs a command's `body()` as absl's main: unexpected positional arguments and FlagError
+  print one `error: ...` line and exit 2, any other UserError one line and exit 1."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}; give every setting as a --flag",
+          file=sys.stderr)
+    sys.exit(2)
+  logging.set_verbosity(logging.WARNING)
+  try:
+    body()
+  except FlagError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)

@@ -59,9 +59,11 @@ def run(config, workdir: str, name: str = "", epochs_field: str = "train.epochs"
   init_state, tx, schedule = run.state(
       settings, {"backbone": variables["params"], "head": head_vars["params"]},
       variables.get("batch_stats", {}), build.backbone_and_head_groups(config.optim))
+  parallel, classes = build.class_shards(config.head, run.parallel, num_classes)
+  run = dataclasses.replace(run, parallel=parallel)
   step_fn = functools.partial(steps.classification_step, backbone=backbone, head=head,
-                              margin=build.margin_spec(config.head), tx=tx,
-                              schedule=schedule)
+                              margin=build.margin_spec(config.head, shards_classes=True),
+                              tx=tx, schedule=schedule, classes=classes)
   batches = functools.partial(run.train_set.train_batches, rows, labels,
                               **run.batch_plan(settings))
   evaluation = common.training_evaluation(run, backbone)

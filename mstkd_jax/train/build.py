@@ -14,7 +14,7 @@ import numpy as np
 from mstkd_jax import losses, models
 from mstkd_jax.errors import UserError
 from mstkd_jax.models import iresnet
-from mstkd_jax.train import loop, parallel as parallel_lib, state as state_lib
+from mstkd_jax.train import loop, parallel as parallel_lib, sharded_head, state as state_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -36,12 +36,55 @@ def backbone(model_config: ml_collections.ConfigDict, **overrides):
   return models.create(name, **settings)
 
 
-def margin_spec(head_config) -> losses.MarginSpec:
-  """The margin head's losses.MarginSpec; UserError naming the `head` section if invalid."""
+# Fields of a head section that say how the head is laid out over devices (class_shards),
+# not which margins it applies.
+_LAYOUT_FIELDS = {"shard_classes": False, "sample_rate": 1.0}
+
+
+def margin_spec(head_config, shards_classes: bool = False) -> losses.MarginSpec:
+  """The margin head's losses.MarginSpec; UserError naming the `head` section if invalid.
+
+  `shards_classes`: the calling stage reads head.shard_classes and head.sample_rate
+  (`class_shards`); other stages refuse them set.
+  """
+  fields = head_config.to_dict()
+  layout = {k: fields.pop(k, default) for k, default in _LAYOUT_FIELDS.items()}
+  if not shards_classes:
+    for key, default in _LAYOUT_FIELDS.items():
+      if layout[key] != default:
+        raise UserError(f"config field head.{key}={layout[key]!r}: only the teacher stage "
+                        f"shards its class centres so far; expected {default!r} here")
   try:
-    return losses.MarginSpec(**head_config.to_dict())
+    return losses.MarginSpec(**fields)
   except (TypeError, ValueError) as e:
     raise UserError(f"config section head: {e}") from e
+
+
+def class_shards(head_config, parallel: parallel_lib.DataParallel, num_classes: int):
+  """(DataParallel, sharded_head.ClassShards or None) of head.shard_classes and
+  head.sample_rate: with shard_classes the centres are split over all devices (padding
+  classes where the device count does not divide `num_classes`, said in one log line) and
+  the returned DataParallel places the state so.
+
+  Raises:
+    UserError: head.sample_rate outside (0, 1], or below 1 without head.shard_classes.
+  """
+  shard = head_config.get("shard_classes", False)
+  rate = head_config.get("sample_rate", 1.0)
+  if not isinstance(shard, bool):
+    raise UserError(f"config field head.shard_classes={shard!r}: expected True or False")
+  if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 1.0:
+    raise UserError(f"config field head.sample_rate={rate!r}: expected a number in (0, 1] "
+                    "(the fraction of classes kept per step; 1.0 = all)")
+  if not shard:
+    if rate < 1.0:
+      raise UserError(f"config field head.sample_rate={rate!r} samples each device's block "
+                      "of classes: it needs head.shard_classes=True")
+    return parallel, None
+  parallel = parallel.with_class_shards(num_classes, float(rate))
+  if jax.process_index() == 0:
+    print(sharded_head.describe(parallel.class_shards), flush=True)
+  return parallel, parallel.class_shards
 
 
 def init_variables(module, rng, example_input, **kwargs) -> dict:

@@ -19,9 +19,11 @@ process reads them), so the workdir must be a folder every host sees.
 """
 
 import json
+import logging
 import math
 import os
 import sys
+import threading
 from typing import Any, Mapping
 
 from etils import epath
@@ -39,6 +41,8 @@ HISTORY = "history"         # the item folder of the per-step history (JSON)
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, into a finished step
 ITEM_METADATA = "_METADATA"           # Orbax writes it into every finished PyTree item
 _STEP_METADATA = "_CHECKPOINT_METADATA"
+# How long a failing run waits for its pending background saves before leaving them behind.
+PENDING_SAVE_TIMEOUT_S = 20.0
 
 
 class DamagedCheckpoint(UserError):
@@ -143,6 +147,26 @@ def quiet_closed_loop_callbacks() -> None:
   sys.unraisablehook = hook
 
 
+class _DropOrbaxTracebacks(logging.Filter):
+  """Drops the records that Orbax logs, with a traceback, for a failed background save.
+
+  The same exception reaches `Checkpoints.wait` (or the next save), which reports it in one
+  line naming the folder and the OS error; the logged copies would print it again as
+  tracebacks (one per thread that saw it). Orbax's records without a traceback pass.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    from_orbax = f"{os.sep}orbax{os.sep}" in (record.pathname or "")
+    return not (from_orbax and record.exc_info and record.levelno >= logging.ERROR)
+
+
+def quiet_failed_save_tracebacks() -> None:
+  """Installs `_DropOrbaxTracebacks` on absl's logger (once per process)."""
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _DropOrbaxTracebacks) for f in logger.filters):
+    logger.addFilter(_DropOrbaxTracebacks())
+
+
 def _commit_timestamp(step_dir: str) -> bool:
   try:
     with open(os.path.join(step_dir, _STEP_METADATA)) as f:
@@ -209,6 +233,8 @@ class Checkpoints:
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
                        HISTORY: ocp.JsonCheckpointHandler()})
     self._warned = set()
+    self._pending = None  # the step of the save in flight, if any
+    quiet_failed_save_tracebacks()
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -238,6 +264,7 @@ class Checkpoints:
     `candidate` ({"score": lower is better, ...}) makes the step a best-state candidate: it
     is kept while no later candidate scores lower; `best()` returns it with its record.
     """
+    self.wait()  # as Orbax would inside save, but a failure names the step it belongs to
     items = {STATE: ocp.args.StandardSave(state)}
     if history is not None:
       items[HISTORY] = ocp.args.JsonSave(history)
@@ -246,16 +273,54 @@ class Checkpoints:
                         metrics={"step": int(step), **(candidate or {})})
     except Exception as e:  # pylint: disable=broad-except
       raise _save_error(self._step_dir(step), e) from e
+    self._pending = step
 
   def wait(self) -> None:
-    """Waits for the asynchronous saves; UserError naming the folder if one failed."""
+    """Waits for the asynchronous save; UserError naming its step folder if it failed."""
+    pending, self._pending = self._pending, None
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
-      raise _save_error(self.directory, e) from e
+      where = self.directory if pending is None else self._step_dir(pending)
+      raise _save_error(where, e) from e
 
   def close(self) -> None:
     self.manager.close()
+
+  def abandon(self, error: BaseException | None = None, timeout_s: float | None = None
+              ) -> None:
+    """Ends pending saves when the run is failing anyway (`error` is its failure): waits
+    for them at most `timeout_s` seconds (default PENDING_SAVE_TIMEOUT_S), then closes.
+    Never raises, so the run's own error is the one reported.
+
+    A save that fails is reported as one warning line, unless its failure is `error` seen
+    again. A save that does not finish in time (a commit waiting on something that will not
+    come) is left behind with a warning: its step stays uncommitted, and the next run
+    skips it as damaged.
+    """
+    timeout_s = PENDING_SAVE_TIMEOUT_S if timeout_s is None else timeout_s
+    outcome = {}
+
+    def finish():
+      try:
+        self.wait()
+        self.close()
+      except UserError as e:
+        outcome["error"] = e
+      except Exception as e:  # pylint: disable=broad-except
+        outcome["error"] = short_error(e)
+    thread = threading.Thread(target=finish, name="abandon-checkpoints", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+      warn(f"a checkpoint save in {self.directory} did not finish within {timeout_s:g} s "
+           "and was left behind (a later run skips its uncommitted step)")
+    elif "error" in outcome:
+      failure = outcome["error"]
+      seen = (error is not None and isinstance(failure, UserError)
+              and (failure.__cause__ is error.__cause__ or str(failure) == str(error)))
+      if not seen:
+        warn(str(failure))
 
   def best(self) -> tuple[int, dict] | None:
     """(step, record) of the best candidate saved ({"step", "score", ...}), or None."""

@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import math
 import os
+import sys
 import time
 from typing import Callable, Iterator
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from mstkd_jax import files
 from mstkd_jax.errors import UserError
-from mstkd_jax.train import writers
+from mstkd_jax.train import checkpoints as checkpoints_lib, writers
 from mstkd_jax.train.checkpoints import Checkpoints
 from mstkd_jax.train.parallel import DataParallel
 
@@ -189,9 +190,11 @@ def _resume_note(name: str, saved: dict, parallel: DataParallel) -> str | None:
   if not saved or saved == now:
     return None
   return (f"[{name}] the checkpoint was written on {_layout(**saved)}; resuming on "
-          f"{_layout(**now)}: the training state is replicated and the global batch is "
-          "unchanged, so it carries over as it is (sums over the batch may differ in "
-          "float rounding).")
+          f"{_layout(**now)}: the training state is replicated"
+          + (" (the class centres, saved whole, are split anew over the devices)"
+             if getattr(parallel, "class_shards", None) else "")
+          + " and the global batch is unchanged, so it carries over as it is (sums over "
+          "the batch may differ in float rounding).")
 
 
 def best_variables(state) -> dict:
@@ -275,6 +278,7 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
     raise ValueError("select the best epoch by its loss or by evaluation, not both")
   checkpoints = Checkpoints(f"{workdir}/checkpoints", keep=settings.keep_checkpoints)
   writer = None
+  completed = False
   try:
     total = settings.total_steps
     start, state, record = checkpoints.restore_latest(init_state, set_aside=True)
@@ -282,6 +286,7 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
     if start >= total:
       print(f"[{settings.name}] already finished: checkpoint at step {start} of {total} in "
             f"{checkpoints.directory}; nothing to do.", flush=True)
+      completed = True
       return state
     if start:
       print(f"[{settings.name}] resuming from step {start} of {total} "
@@ -353,11 +358,21 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
           best_score = candidate["score"]
     if step < total:
       raise UserError(f"[{settings.name}] the input pipeline ended at step {step} of {total}")
+    completed = True
   finally:
-    checkpoints.wait()
-    checkpoints.close()
-    if writer is not None:
-      writer.flush()
+    if completed:
+      checkpoints.wait()
+      checkpoints.close()
+      if writer is not None:
+        writer.flush()
+    else:  # the run's own error is the one reported; pending saves get a bounded wait
+      checkpoints.abandon(sys.exc_info()[1])
+      if writer is not None:
+        try:
+          writer.flush()
+        except UserError as e:
+          if str(e) != str(sys.exc_info()[1]):
+            checkpoints_lib.warn(str(e))
   return parallel.unreplicate(device_state)
 
 

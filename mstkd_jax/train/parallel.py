@@ -11,8 +11,15 @@ a step run over all devices, and every process reads back identical replicated v
 pmap (since JAX 0.8 a jit over shard_map) takes each process's local [local_devices, ...]
 arrays as they are when it is not pinned to local devices; shard_map takes global arrays
 assembled from every process's rows (`jax.make_array_from_process_local_data`).
+
+With a class-sharded margin head (`with_class_shards`) the class centres and their
+optimizer buffers are the one exception to "replicated": `replicate` splits them by
+columns over the devices (pmap: block i on device i; shard_map: one global [D, N x S]
+array sharded P(None, AXIS)), `unreplicate` joins them back into the host's whole [D, C],
+and the wrapped step keeps them split (see train/sharded_head.py).
 """
 
+import copy
 import functools
 from typing import Any, Callable
 
@@ -21,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from mstkd_jax.errors import UserError
+from mstkd_jax.train import sharded_head
 
 AXIS = "batch"
 KINDS = ("pmap", "shard_map")
@@ -47,6 +55,28 @@ class DataParallel:
     self._pmap_devices = None if jax.process_count() > 1 else self.local_devices
     # pmap's arrays carry a leading axis of local devices, split over this host's devices.
     self._local_split = NamedSharding(Mesh(np.asarray(self.local_devices), (AXIS,)), P(AXIS))
+    self.class_shards: sharded_head.ClassShards | None = None
+
+  def with_class_shards(self, num_classes: int, sample_rate: float = 1.0) -> "DataParallel":
+    """A copy of this DataParallel whose states keep the class centres split over the
+    devices (train/sharded_head.py); compiled functions are not shared with the original.
+
+    Raises:
+      UserError: pmap over several processes (use parallelism=shard_map).
+    """
+    if self.kind == "pmap" and jax.process_count() > 1:
+      raise UserError("config field head.shard_classes=True with parallelism='pmap' runs on "
+                      "one process only; set parallelism=shard_map for several hosts")
+    twin = copy.copy(self)
+    twin.class_shards = sharded_head.ClassShards(num_classes, self.device_count, sample_rate)
+    return twin
+
+  def _sharded(self, path, leaf, on_device: bool = False) -> bool:
+    """Whether a leaf is class centres (host [D, C]; pmap's device blocks [N, D, S])."""
+    if self.class_shards is None:
+      return False
+    leading = 1 if on_device and self.kind == "pmap" else 0
+    return sharded_head.is_kernel(path, leaf, leading)
 
   @property
   def local_device_count(self) -> int:
@@ -57,20 +87,62 @@ class DataParallel:
     return self.mesh.size
 
   def replicate(self, tree):
-    """Host pytree -> the same values on every device."""
+    """Host pytree -> the same values on every device (class centres split, see above)."""
+    if self.class_shards is not None:
+      return jax.tree_util.tree_map_with_path(
+          lambda p, x: self._split(x) if self._sharded(p, x) else self._replicate(x), tree)
+    return jax.tree.map(self._replicate, tree)
+
+  def _replicate(self, x):
     if self.kind == "pmap":
-      return jax.tree.map(lambda x: jax.device_put(
-          np.stack([np.asarray(x)] * self.local_device_count), self._local_split), tree)
-    sharding = NamedSharding(self.mesh, P())
-    return jax.tree.map(
-        lambda x: jax.make_array_from_callback(np.shape(x), sharding,
-                                               lambda idx, x=x: np.asarray(x)[idx]), tree)
+      return jax.device_put(np.stack([np.asarray(x)] * self.local_device_count),
+                            self._local_split)
+    return jax.make_array_from_callback(np.shape(x), NamedSharding(self.mesh, P()),
+                                        lambda idx: np.asarray(x)[idx])
 
   def unreplicate(self, tree):
-    """Replicated device pytree -> one host (numpy) copy."""
+    """Replicated device pytree -> one host (numpy) copy (class centres joined whole)."""
+    if self.class_shards is not None:
+      return jax.tree_util.tree_map_with_path(
+          lambda p, x: (self._join(x) if self._sharded(p, x, on_device=True)
+                        else self._unreplicate(x)), tree)
+    return jax.tree.map(self._unreplicate, tree)
+
+  def _unreplicate(self, x):
     if self.kind == "pmap":
-      return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+      return np.asarray(x.addressable_shards[0].data)[0]
+    return np.asarray(x.addressable_data(0))
+
+  def _split(self, x):
+    """Host [D, C] class centres -> device blocks (pmap [N, D, S]; shard_map [D, N x S])."""
+    shards = self.class_shards
+    if self.kind == "pmap":
+      return jax.device_put(sharded_head.split_host(x, shards), self._local_split)
+    padded = sharded_head.split_host(x, shards).transpose(1, 0, 2).reshape(np.shape(x)[0], -1)
+    return jax.make_array_from_callback(padded.shape, NamedSharding(self.mesh, P(None, AXIS)),
+                                        lambda idx: padded[idx])
+
+  def _join(self, x):
+    """Device blocks of class centres -> the host's whole [D, C]."""
+    shards = self.class_shards
+    if self.kind == "pmap":
+      return sharded_head.join_host(np.asarray(x), shards)
+    if not x.is_fully_addressable:
+      # pylint: disable-next=g-import-not-at-top
+      from jax.experimental import multihost_utils
+      x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)[:, :shards.num_classes]
+
+  def state_sharding(self, state):
+    """shard_map: the NamedSharding of every leaf of a state as `replicate` places it
+    (to build or lower a state without going through the host)."""
+    return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), self._state_specs(state),
+                        is_leaf=lambda x: isinstance(x, P))
+
+  def _state_specs(self, state):
+    """shard_map specs of a state: P(None, AXIS) for class centres, P() for the rest."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: P(None, AXIS) if self._sharded(p, x) else P(), state)
 
   def shard(self, batch):
     """Host batch of [local_devices, per_device, ...] arrays -> device arrays."""
@@ -101,11 +173,13 @@ class DataParallel:
 
     @functools.wraps(step_fn)
     def mapped(state, batch, *rest):
-      specs = (P(), P(AXIS)) + (P(),) * len(rest)
+      state_specs = self._state_specs(state) if self.class_shards is not None else P()
+      specs = (state_specs, P(AXIS)) + (P(),) * len(rest)
+      out_specs = (state_specs, P()) if self.class_shards is not None else P()
       # check_vma=False gives pmap's semantics: each device differentiates its own copy
       # of the replicated state (no implicit psum of gradients; the step's pmean averages
       # them), and the psums inside synchronized BatchNorm transpose to psums.
-      return jax.shard_map(per_device, mesh=self.mesh, in_specs=specs, out_specs=P(),
+      return jax.shard_map(per_device, mesh=self.mesh, in_specs=specs, out_specs=out_specs,
                            check_vma=False)(state, batch, *rest)
     return jax.jit(mapped, donate_argnums=donate)
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from mstkd_jax import losses
+from mstkd_jax.train import sharded_head
 from mstkd_jax.train.parallel import AXIS
 from mstkd_jax.train.state import TrainState
 
@@ -29,9 +30,18 @@ def step_rngs(rng, step, names):
 
 
 def apply_updates(state: TrainState, grads, batch_stats, tx: optax.GradientTransformation,
-                  axis_name=AXIS) -> TrainState:
-  """Averages gradients over devices and applies the optimiser."""
-  grads = jax.lax.pmean(grads, axis_name)
+                  axis_name=AXIS, local_shards: int = 0) -> TrainState:
+  """Averages gradients over devices and applies the optimiser.
+
+  With `local_shards` = N > 0 the head's parameters are class-sharded (train/sharded_head.py):
+  each device's block of centres keeps its own gradient, divided by N instead of averaged.
+  """
+  if local_shards:
+    grads = {name: (jax.tree.map(lambda g: g / local_shards, g_tree) if name == "head"
+                    else jax.lax.pmean(g_tree, axis_name))
+             for name, g_tree in grads.items()}
+  else:
+    grads = jax.lax.pmean(grads, axis_name)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                        batch_stats=batch_stats, opt_state=opt_state)
@@ -60,13 +70,22 @@ def _margin_loss(head, head_params, embeddings, labels, margin, margin_rng, axis
 def classification_step(state: TrainState, batch, rng, *, backbone: nn.Module,
                         head: nn.Module, margin: losses.MarginSpec,
                         tx: optax.GradientTransformation, schedule, input_key="image",
-                        axis_name=AXIS):
+                        axis_name=AXIS, classes: sharded_head.ClassShards | None = None):
   """One SGD step of backbone + margin head (teachers, the student alone, the adaptor).
 
   batch: {input_key: [B, ...] backbone input, "label": [B] int identity}. The backbone is
   any module taking (inputs, train=) and returning embeddings (an IResNet, or the adaptor
   over concatenated teacher embeddings).
+
+  `classes` (with a `DataParallel.with_class_shards` of the same split) makes the head
+  class-sharded, with Partial-FC sampling at classes.sample_rate < 1: state.params["head"]
+  ["kernel"] is then this device's [D, S] block (train/sharded_head.py). None is the
+  replicated head, unchanged.
   """
+  if classes is not None:
+    return _sharded_classification_step(state, batch, rng, backbone=backbone, margin=margin,
+                                        tx=tx, schedule=schedule, input_key=input_key,
+                                        axis_name=axis_name, classes=classes)
   keys = step_rngs(rng, state.step, ("dropout", "margin"))
   dropout_rng = jax.random.fold_in(keys["dropout"], jax.lax.axis_index(axis_name))
   labels = batch["label"]
@@ -85,6 +104,37 @@ def classification_step(state: TrainState, batch, rng, *, backbone: nn.Module,
       "accuracy": jnp.mean(jnp.argmax(cos, axis=-1) == labels),
   }
   metrics = jax.lax.pmean(metrics, axis_name)
+  metrics["lr"] = schedule(state.step)
+  return new_state, metrics
+
+
+def _sharded_classification_step(state: TrainState, batch, rng, *, backbone: nn.Module,
+                                 margin: losses.MarginSpec, tx: optax.GradientTransformation,
+                                 schedule, input_key, axis_name,
+                                 classes: sharded_head.ClassShards):
+  """classification_step with the class-sharded head: the same keys for dropout and margins
+  (plus one for Partial-FC sampling), the loss and accuracy of the global batch."""
+  keys = step_rngs(rng, state.step, ("dropout", "margin"))
+  dropout_rng = jax.random.fold_in(keys["dropout"], jax.lax.axis_index(axis_name))
+  # Its own key, folded from the step's: the dropout and margin keys stay those of the
+  # replicated head (the same draws, hence the same numbers at sample_rate 1).
+  sample_rng = jax.random.fold_in(keys["margin"], 1)
+
+  def loss_fn(params):
+    embeddings, batch_stats = _forward(backbone, params["backbone"], state.batch_stats,
+                                       batch[input_key], dropout_rng)
+    loss, accuracy = sharded_head.margin_loss(
+        params["head"]["kernel"], embeddings, batch["label"], margin, keys["margin"],
+        sample_rng, classes, axis_name)
+    return loss, (batch_stats, accuracy)
+
+  (loss, (batch_stats, accuracy)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  new_state = apply_updates(state, grads, batch_stats, tx, axis_name,
+                            local_shards=classes.num_shards)
+  # Both are global values already (the same on every device); pmean keeps the replicated
+  # head's metric path.
+  metrics = jax.lax.pmean({"loss": loss, "accuracy": accuracy}, axis_name)
   metrics["lr"] = schedule(state.step)
   return new_state, metrics
 

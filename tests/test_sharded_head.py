@@ -1,0 +1,364 @@
+"""The class-sharded margin head (head.shard_classes) and Partial-FC sampling
+(head.sample_rate) on 8 simulated devices: the distributed softmax against numpy, the same
+training as the replicated head, sampling, checkpoints across device counts, bad input."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import functools
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from mstkd_jax import losses, models
+from mstkd_jax.errors import UserError
+from mstkd_jax.train import build, loop, parallel as parallel_lib, sharded_head
+from mstkd_jax.train import state as state_lib, steps
+from mstkd_jax.train.checkpoints import Checkpoints
+
+DEVICES = 8
+GLOBAL_BATCH = 16
+NUM_CLASSES = 20      # 3 per device and 4 padding classes on 8 devices
+EMBEDDING = 16
+
+
+# ------------------------------------------------------------------ head against numpy
+
+def _numpy_margin_ce(cos, labels, margins, spec, active):
+  """Per-sample CE of the margin logits over the active classes, float64 numpy."""
+  cos = np.clip(cos.astype(np.float64), -1, 1)
+  rows = np.arange(len(labels))
+  target = cos[rows, labels]
+  if spec.additive_angle:
+    new = np.cos(np.arccos(np.clip(target, -1 + 1e-7, 1 - 1e-7)) + margins)
+  else:
+    new = target - margins
+  logits = spec.s * cos
+  logits[rows, labels] = spec.s * new
+  logits = np.where(active[None], logits, -np.inf)
+  top = logits.max(axis=1, keepdims=True)
+  log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+  return log_z - logits[rows, labels]
+
+
+def _mesh_map(fn, in_specs, out_specs):
+  par = parallel_lib.DataParallel("shard_map", DEVICES)
+  return jax.jit(jax.shard_map(fn, mesh=par.mesh, in_specs=in_specs, out_specs=out_specs,
+                               check_vma=False))
+
+
+@pytest.mark.parametrize("name", losses.HEADS)
+def test_distributed_cross_entropy_equals_numpy_on_the_full_matrix(name):
+  spec = losses.MarginSpec(name)
+  shards = sharded_head.ClassShards(NUM_CLASSES, DEVICES)
+  rng = np.random.default_rng(0)
+  cos = rng.uniform(-1, 1, (GLOBAL_BATCH, shards.padded_classes)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, GLOBAL_BATCH).astype(np.int32)
+  margins = rng.normal(spec.m, 0.05, GLOBAL_BATCH).astype(np.float32)
+  # Padding classes and some not-sampled classes (never a label) are inactive.
+  active = np.arange(shards.padded_classes) < NUM_CLASSES
+  inactive = np.setdiff1d(np.arange(NUM_CLASSES), labels)[:3]
+  active[inactive] = False
+
+  def per_device(cos_block, active_block):
+    shard = jax.lax.axis_index("batch")
+    local = labels - shard * shards.shard_size
+    positions = jnp.where((local >= 0) & (local < shards.shard_size), local, -1)
+    ce = losses.sharded_margin_cross_entropy(cos_block, positions, jnp.asarray(margins),
+                                             active_block, spec, "batch")
+    target = losses.sharded_target_cosine(cos_block, positions, "batch")
+    class_ids = shard * shards.shard_size + jnp.arange(shards.shard_size)
+    argmax = losses.sharded_argmax(cos_block, class_ids, active_block, "batch")
+    return ce, target, argmax
+
+  ce, target, argmax = _mesh_map(per_device, (P(None, "batch"), P("batch")), P())(
+      cos, active)
+  np.testing.assert_allclose(ce, _numpy_margin_ce(cos, labels, margins, spec, active),
+                             rtol=2e-5, atol=2e-5)
+  np.testing.assert_array_equal(target, cos[np.arange(GLOBAL_BATCH), labels])
+  np.testing.assert_array_equal(argmax, np.argmax(np.where(active, cos, -np.inf), axis=1))
+  # The replicated head's CE on the same logits (the path shard_classes=false takes).
+  if active[:NUM_CLASSES].all():
+    full = losses.margin_logits(cos[:, :NUM_CLASSES], labels, margins, spec)
+    np.testing.assert_allclose(
+        ce, optax.softmax_cross_entropy_with_integer_labels(full, labels), rtol=1e-5)
+
+
+def test_distributed_cross_entropy_is_stable_far_from_zero():
+  """Logits of s = 64 and margins push exp out of float32's range without the max."""
+  spec = losses.MarginSpec("cosface", s=1000.0)
+  cos = np.full((2, 8), 0.9, np.float32)
+  cos[:, 3] = 0.95
+  labels = np.asarray([3, 5], np.int32)
+
+  def per_device(cos_block):
+    shard = jax.lax.axis_index("batch")
+    positions = jnp.where(labels == shard, 0, -1)
+    return losses.sharded_margin_cross_entropy(cos_block, positions,
+                                               jnp.full(2, 0.35, jnp.float32),
+                                               jnp.ones(1, bool), spec, "batch")
+
+  ce = _mesh_map(per_device, P(None, "batch"), P())(cos)
+  assert np.isfinite(ce).all()
+  np.testing.assert_allclose(
+      ce, _numpy_margin_ce(cos, labels, np.full(2, 0.35), spec, np.ones(8, bool)), rtol=1e-5)
+
+
+# ------------------------------------------------------- sharded vs replicated training
+
+def _recording(tx):
+  """tx whose state also holds the gradient of the last update (to compare gradients)."""
+  def init(params):
+    return tx.init(params), jax.tree.map(jnp.zeros_like, params)
+
+  def update(grads, state, params=None):
+    updates, inner = tx.update(grads, state[0], params)
+    return updates, (inner, grads)
+  return optax.GradientTransformation(init, update)
+
+
+def _setup(classes=None, head_name="elastic_arcface_plus"):
+  backbone = models.create("iresnet18", stage_depths=(1, 1, 1, 1), width=4,
+                           embedding_size=EMBEDDING, axis_name=parallel_lib.AXIS)
+  head = models.create("margin_head", num_classes=NUM_CLASSES)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  variables = build.init_variables(backbone, k1, np.zeros((1, 16, 16, 3), np.float32))
+  head_vars = build.init_variables(head, k2, np.zeros((1, EMBEDDING), np.float32))
+  schedule = state_lib.step_decay_schedule(0.1, 2, (2,))
+  tx = _recording(state_lib.sgd({"backbone": state_lib.ParamGroup(schedule, 5.0),
+                                 "head": state_lib.ParamGroup(schedule)}))
+  state = state_lib.create_state({"backbone": variables["params"],
+                                  "head": head_vars["params"]}, variables["batch_stats"], tx)
+  step = functools.partial(steps.classification_step, backbone=backbone, head=head,
+                           margin=losses.MarginSpec(head_name), tx=tx, schedule=schedule,
+                           classes=classes)
+  return jax.tree.map(np.asarray, state), step
+
+
+def _batches(start, devices, total=6):
+  for step in range(start, total):
+    rng = np.random.default_rng(step)
+    images = rng.uniform(-1, 1, (GLOBAL_BATCH, 16, 16, 3)).astype(np.float32)
+    labels = rng.integers(0, NUM_CLASSES, GLOBAL_BATCH).astype(np.int32)
+    yield {"image": images.reshape(devices, -1, 16, 16, 3),
+           "label": labels.reshape(devices, -1)}
+
+
+def _parallel(kind, devices, sharded, rate=1.0):
+  par = parallel_lib.DataParallel(kind, devices)
+  return par.with_class_shards(NUM_CLASSES, rate) if sharded else par
+
+
+def _train(kind, sharded, num_steps=3, rate=1.0):
+  par = _parallel(kind, DEVICES, sharded, rate)
+  state, step = _setup(par.class_shards)
+  p_step = par.wrap(step)
+  device_state = par.replicate(state)
+  rng = par.replicate(jax.random.PRNGKey(1))
+  seen = []
+  for batch in _batches(0, DEVICES, num_steps):
+    device_state, metrics = p_step(device_state, par.shard(batch), rng)
+    seen.append(par.unreplicate(metrics))
+  return par.unreplicate(device_state), seen
+
+
+def relative_difference(a, b) -> float:
+  """max |a - b| over the tree, relative to the largest |a| of the tree (as
+  test_parallel.assert_trees_close: some leaves are float noise around 0)."""
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  scale = max(float(np.abs(np.asarray(x)).max()) for x in leaves_a)
+  return max(float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max())
+             for x, y in zip(leaves_a, leaves_b)) / scale
+
+
+@pytest.fixture(scope="module")
+def replicated():
+  assert jax.device_count() == DEVICES
+  return _train("pmap", sharded=False)
+
+
+@pytest.mark.parametrize("kind", parallel_lib.KINDS)
+def test_sharded_head_trains_as_the_replicated_head(replicated, kind):
+  ref_state, ref_metrics = replicated
+  state, metrics = _train(kind, sharded=True)
+  assert state.params["head"]["kernel"].shape == (EMBEDDING, NUM_CLASSES)  # joined whole
+  for ref, got in zip(ref_metrics, metrics):
+    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
+    assert got["accuracy"] == ref["accuracy"]
+  figures = {
+      "params": relative_difference(ref_state.params, state.params),
+      "grads (step 3)": relative_difference(ref_state.opt_state[1], state.opt_state[1]),
+      "head grads": relative_difference(ref_state.opt_state[1]["head"],
+                                        state.opt_state[1]["head"]),
+      "optimizer state": relative_difference(ref_state.opt_state, state.opt_state),
+      "batch_stats": relative_difference(ref_state.batch_stats, state.batch_stats),
+  }
+  print(kind, {k: f"{v:.2e}" for k, v in figures.items()})
+  head_grads = figures.pop("head grads")   # relative to the head's own largest gradient
+  assert max(figures.values()) < 1e-5 and head_grads < 3e-5, figures
+
+
+def test_replicated_head_is_unchanged_by_the_sharded_code():
+  """shard_classes=false takes the old path: DataParallel without class shards replicates
+  the head, classification_step without `classes` is the replicated step."""
+  par = parallel_lib.DataParallel("pmap", DEVICES)
+  assert par.class_shards is None
+  placed = par.replicate({"head": {"kernel": np.ones((4, 20), np.float32)}})
+  assert placed["head"]["kernel"].shape == (DEVICES, 4, 20)
+
+
+# --------------------------------------------------------------------------- sampling
+
+def test_sampling_keeps_every_positive_and_the_rate_of_the_rest():
+  shards = sharded_head.ClassShards(1000, 2, sample_rate=0.1)
+  labels = np.asarray([3, 3, 7, 600, 999, 10, 11, 12], np.int32)
+  assert shards.num_sample().tolist() == [50, 50]
+  assert shards.sample_slots(len(labels)) == 50
+
+  def per_device(rng):
+    shard = jax.lax.axis_index("batch")
+    local = labels - shard * shards.shard_size
+    owned = (local >= 0) & (local < shards.shard_size)
+    index, kept = sharded_head.sample_classes(rng, shard, local, owned, shards, len(labels))
+    return index[None], kept[None]
+
+  par = parallel_lib.DataParallel("shard_map", 2)
+  run = jax.jit(jax.shard_map(per_device, mesh=par.mesh, in_specs=P(),
+                              out_specs=P("batch"), check_vma=False))
+  index, kept = map(np.asarray, run(jax.random.PRNGKey(3)))
+  again, _ = map(np.asarray, run(jax.random.PRNGKey(3)))
+  other, _ = map(np.asarray, run(jax.random.PRNGKey(4)))
+  np.testing.assert_array_equal(index, again)           # a function of the key
+  assert not np.array_equal(index, other)
+  for shard, positives in ((0, {3, 7, 10, 11, 12}), (1, {100, 499})):
+    assert (np.diff(index[shard]) > 0).all()            # ascending, no repeats
+    assert positives <= set(index[shard][kept[shard]].tolist())
+    assert kept[shard].sum() == 50
+
+
+def test_positives_beyond_the_rate_are_all_kept_and_nothing_else():
+  """Partial FC v2: where a shard's positives outnumber int(rate x classes), only they."""
+  shards = sharded_head.ClassShards(40, 1, sample_rate=0.1)   # int(0.1 x 40) = 4
+  labels = np.arange(0, 16, 2, dtype=np.int32)                 # 8 positives
+  index, kept = jax.jit(functools.partial(
+      sharded_head.sample_classes, shards=shards, global_batch=len(labels)))(
+          jax.random.PRNGKey(0), 0, labels, np.ones(len(labels), bool))
+  assert set(np.asarray(index)[np.asarray(kept)].tolist()) == set(labels.tolist())
+
+
+def test_sampled_training_runs_and_moves_unsampled_rows_only_by_momentum_and_decay():
+  """rate 0.1 of 20 classes over 2 shards (10 each): one class drawn per shard, plus the
+  positives. A centre that no batch holds still moves: weight decay reaches it through SGD,
+  as in Partial FC v2 (the whole weight is one parameter)."""
+  par = parallel_lib.DataParallel("shard_map", 2).with_class_shards(NUM_CLASSES, 0.1)
+  state, step = _setup(par.class_shards)
+  p_step = par.wrap(step)
+  device_state = par.replicate(state)
+  rng = par.replicate(jax.random.PRNGKey(1))
+  seen = set()
+  for batch in _batches(0, 2, 3):
+    seen |= set(batch["label"].ravel().tolist())
+    device_state, metrics = p_step(device_state, par.shard(batch), rng)
+    assert np.isfinite(par.unreplicate(metrics)["loss"])
+  final = par.unreplicate(device_state)
+  grads = final.opt_state[1]["head"]["kernel"]         # the last step's gradient
+  moved = np.abs(final.params["head"]["kernel"] - state.params["head"]["kernel"]).max(0)
+  assert (moved > 0).all()
+  last_labels = set(list(_batches(2, 2, 3))[0]["label"].ravel().tolist())
+  # The last step's gradient is zero in the rows it did not sample (a positive always is).
+  sampled = np.abs(grads).max(axis=0) > 0
+  assert set(np.flatnonzero(~sampled).tolist()).isdisjoint(last_labels)
+  assert sampled.sum() <= len(last_labels) + 2
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+def _loop_run(workdir, kind, devices, total, sharded=True):
+  par = _parallel(kind, devices, sharded)
+  # ElasticArcFace (not "+": its margin ranking may swap on float-rounding ties).
+  state, step = _setup(par.class_shards, head_name="elastic_arcface")
+  settings = loop.LoopSettings(name="sharded", total_steps=total, steps_per_epoch=2,
+                               images_per_step=GLOBAL_BATCH, log_every=2, checkpoint_every=2)
+  return loop.train(workdir=str(workdir), settings=settings, init_state=state, step_fn=step,
+                    batches=lambda start: _batches(start, devices), parallel=par,
+                    rng=jax.random.PRNGKey(1))
+
+
+def _assert_same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sharded_run_resumes_bit_identical(tmp_path):
+  whole = _loop_run(tmp_path / "whole", "pmap", DEVICES, 4)
+  _loop_run(tmp_path / "split", "pmap", DEVICES, 2)                # stopped at step 2
+  _assert_same(whole, _loop_run(tmp_path / "split", "pmap", DEVICES, 4))
+
+
+def test_checkpoint_of_8_devices_resumes_on_4_and_without_sharding(tmp_path):
+  _loop_run(tmp_path / "four", "shard_map", DEVICES, 2)
+  # The checkpoint holds the whole [D, C] centres and momentum, whatever the devices.
+  checkpoints = Checkpoints(str(tmp_path / "four" / "checkpoints"))
+  try:
+    stored = checkpoints.stored_tree(2)
+    saved = checkpoints.restore(2, _setup()[0])
+  finally:
+    checkpoints.close()
+  kernels = {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in
+             jax.tree_util.tree_flatten_with_path(
+                 stored, is_leaf=lambda x: hasattr(x, "shape"))[0]
+             if jax.tree_util.keystr(path).endswith("['head']['kernel']")}
+  assert len(kernels) >= 2 and set(kernels.values()) == {(EMBEDDING, NUM_CLASSES)}, kernels
+  par4 = _parallel("shard_map", 4, True)                          # 5 classes a device
+  _assert_same(par4.unreplicate(par4.replicate(saved)), saved)    # re-split, same values
+  shutil.copytree(tmp_path / "four", tmp_path / "plain")
+  on_four = _loop_run(tmp_path / "four", "shard_map", 4, 4)
+  # Restored by the replicated head (shard_classes=false): the same arrays, nothing to
+  # convert.
+  plain = _loop_run(tmp_path / "plain", "shard_map", DEVICES, 4, sharded=False)
+  assert relative_difference(plain.params, on_four.params) < 1e-5
+  assert relative_difference(plain.opt_state, on_four.opt_state) < 1e-5
+
+
+# -------------------------------------------------------------------------- bad input
+
+def _head(**fields):
+  return ml_collections.ConfigDict(dict(name="elastic_arcface", s=64.0, m=None, std=None,
+                                        shard_classes=False, sample_rate=1.0) | fields)
+
+
+@pytest.mark.parametrize("rate", [0.0, -0.5, 1.5, True, "half"])
+def test_sample_rate_outside_0_1_is_refused_naming_the_field(rate):
+  par = parallel_lib.DataParallel("pmap", DEVICES)
+  with pytest.raises(UserError, match=r"^config field head.sample_rate=.*expected a number "
+                                      r"in \(0, 1\]"):
+    build.class_shards(_head(shard_classes=True, sample_rate=rate), par, 100)
+
+
+def test_sampling_without_shards_and_sharding_outside_the_teacher_are_refused():
+  par = parallel_lib.DataParallel("pmap", DEVICES)
+  with pytest.raises(UserError, match="head.sample_rate=0.5 .* needs head.shard_classes=True"):
+    build.class_shards(_head(sample_rate=0.5), par, 100)
+  with pytest.raises(UserError, match="head.shard_classes=True: only the teacher stage"):
+    build.margin_spec(_head(shard_classes=True))
+  assert build.margin_spec(_head(shard_classes=True), shards_classes=True).name == \
+      "elastic_arcface"
+
+
+def test_uneven_classes_are_padded_and_said_in_one_line(capsys):
+  par = parallel_lib.DataParallel("shard_map", DEVICES)
+  par, shards = build.class_shards(_head(shard_classes=True), par, 27997)
+  assert (shards.shard_size, shards.padding) == (3500, 3)
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 1 and "3 padding classes" in lines[0] and "27997" in lines[0]
+  assert par.class_shards is shards
+  assert parallel_lib.DataParallel("shard_map", DEVICES).class_shards is None
