@@ -49,7 +49,7 @@ def margin_head(name: str = "elastic_arcface", **fields) -> ml_collections.Confi
   CosFace 0.35), so --config.head.name=... alone switches the margins with the loss.
 
   shard_classes=True splits the class centres over all devices (Partial FC's model
-  parallelism, mstkd_jax/train/sharded_head.py; the teacher stage); sample_rate < 1 (with
+  parallelism, mstkd_jax/train/sharded_head.py; every training stage); sample_rate < 1 (with
   shard_classes) keeps, at each step, the classes of the batch and that fraction of the
   others (Partial FC v2). 1.0 = every class."""
   head = ml_collections.ConfigDict(dict(

@@ -171,15 +171,6 @@ def resize_warning(source: str, resized: dict, total: int, size: int) -> str:
 # --- Embedding -------------------------------------------------------------------------
 
 
-def _check_out(out: Any) -> str:
-  if out is None or not os.fspath(out):
-    raise FlagError("--out: expected the .npz file to write, e.g. --out=embeddings.npz")
-  path = paths.local(out, "--out")
-  if os.path.isdir(path):
-    raise FlagError(f"--out={os.fspath(out)}: is a folder; expected the .npz file to write")
-  return path
-
-
 def embed(checkpoint: Any, arch_settings: Any, images: Any, out: Any, *, flip: bool = False,
           batch_size: int = 256, parallel=None, verbose: bool = True) -> dict:
   """Writes the L2-normalized embeddings of a folder or list of images (module docstring).
@@ -208,7 +199,7 @@ def embed(checkpoint: Any, arch_settings: Any, images: Any, out: Any, *, flip: b
   explicit = resolve.as_settings(arch_settings, FlagError)
   resolve.check_settings(explicit, "--", FlagError)
   batch_size = resolve.check_positive(batch_size, "--batch_size", FlagError)
-  path = _check_out(out)
+  path = resolve.output_file(out, "embeddings.npz")
   image_paths, names = list_images(images)
   model = resolve.load_model(resolve.checkpoint_path(checkpoint), explicit)
 

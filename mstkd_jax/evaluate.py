@@ -48,7 +48,7 @@ import sys
 import tempfile
 from typing import Any, Mapping, Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
 import numpy as np
 
 from mstkd_jax import paths
@@ -156,6 +156,22 @@ def _check_unique_groups(sources: Sequence[_Source]) -> None:
       seen[group] = source.label
 
 
+def _load_sources(sources: Sequence[_Source], size: int, warn) -> tuple[dict, list]:
+  """({group: VerificationSet} of every source at the model's size, the data records of
+  the report's config)."""
+  pair_sets, records = {}, []
+  for source in sources:
+    loaded, resized = _load_source(source, size, warn)
+    pair_sets.update(loaded)
+    records.append({
+        "source": source.path or source.label,
+        "format": source.kind, "groups": list(loaded),
+        "pairs": {g: int(p.pairs.shape[0]) for g, p in loaded.items()},
+        "images": {g: int(p.images.shape[0]) for g, p in loaded.items()},
+        "resized_from": resized or None})
+  return pair_sets, records
+
+
 def _load_source(source: _Source, size: int, warn) -> tuple[dict, list]:
   """{group: VerificationSet} of one source at the model's size, and the sizes resized."""
   plans = pairs.PLANNERS[source.kind].plan(source.source)
@@ -223,23 +239,24 @@ def _warner(messages: list, verbose: bool):
 
 
 def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], out_dir: Any,
-             *, name: str | None = None, batch_size: int = 256, data_dir: Any = None,
+             *, name: Any = None, batch_size: int = 256, data_dir: Any = None,
              parallel=None, verbose: bool = True, ijb: Any = None,
              ijb_name: str | None = None, skip_missing: bool = False) -> dict:
-  """Evaluates a checkpoint on verification sets per group; writes and returns the report.
+  """Evaluates checkpoints on verification sets per group; writes and returns the report.
 
   Args:
     checkpoint: an Orbax stage workdir (its model/, else the latest checkpoints/ step), a
       model/ or checkpoints/ folder, or a step folder; or a PyTorch IResNet state_dict
-      file (.pth).
+      file (.pth). A list or tuple of them: one report row (and IJB row) per checkpoint.
     arch_settings: an ArchSettings or a dict of its fields; None fields (or None) are
-      taken from the workdir's config.json, the checkpoint's shapes, or DEFAULTS.
+      taken from the workdir's config.json, the checkpoint's shapes, or DEFAULTS. Given
+      fields apply to every checkpoint.
     data_sources: .bin paths, RFW folders, "synthetic" / "synthetic:<scale>", or dicts
       of group -> VerificationSet (uint8 RGB images, pairs, issame); at least one, or
       none with `ijb`.
     out_dir: where report.json, roc.json, report.md and the PNGs go (created).
-    name: the model's name in the report; default: the checkpoint file's stem, or the
-      stage workdir's folder name.
+    name: the model's name in the report (a list: one per checkpoint); default: the
+      checkpoint file's stem, or the stage workdir's folder name. Names must differ.
     batch_size: images per embedding step (over all local devices).
     data_dir: synthetic data cache; default <out_dir>/data.
     parallel: a mstkd_jax.train.parallel.DataParallel; default pmap over every local device.
@@ -252,7 +269,9 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
   Returns:
     The report of `report.build_report` for {name: {group: result}}, its "config" holding
     the checkpoint, model settings (and where each came from), data sources, warnings and
-    the written files.
+    the written files; with several checkpoints config["models"] holds {name: the
+    checkpoint, its format, step and settings} and the top-level checkpoint fields are the
+    first one's.
 
   Raises:
     FlagError: a setting is invalid (unknown arch, bad size, no data sources, ...).
@@ -271,12 +290,23 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
   ijb = paths.local(ijb, "--ijb") if ijb else None
   if out_dir is None or not os.fspath(out_dir):
     raise FlagError("--out: expected the folder to write the report into")
-  if name is not None and not str(name).strip():
-    raise FlagError("--name: expected a non-empty model name")
+  checkpoints = ([checkpoint] if checkpoint is None or isinstance(checkpoint, (str, os.PathLike))
+                 else list(checkpoint))
+  if not checkpoints:
+    checkpoints = [None]  # resolve.checkpoint_path names the missing flag
+  names = [name] if name is None or isinstance(name, str) else list(name)
+  if len(names) == 1 and names[0] is None:
+    names = [None] * len(checkpoints)
+  if len(names) != len(checkpoints):
+    raise FlagError(f"--name: {len(names)} names for {len(checkpoints)} checkpoints; give "
+                    "one --name per --checkpoint, in the same order, or none")
+  for given in names:
+    if given is not None and not str(given).strip():
+      raise FlagError("--name: expected a non-empty model name")
   out_dir = paths.local(out_dir, "--out")
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FlagError(f"--out={out_dir}: is a file; expected a folder")
-  checkpoint_path = resolve.checkpoint_path(checkpoint)
+  checkpoint_paths = [resolve.checkpoint_path(c) for c in checkpoints]
   for i, entry in enumerate(data_sources):
     _precheck(entry, i)
   data_dir = paths.local(data_dir, "--data_dir") if data_dir else (
@@ -287,52 +317,60 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
   messages: list[str] = []
   warn = _warner(messages, verbose)
   try:
-    model = resolve.load_model(checkpoint_path, explicit)
-    sources = [_classify(entry, i, model.config, data_dir)
+    models = [resolve.load_model(path, explicit) for path in checkpoint_paths]
+    model_names = [str(given) if given is not None else model.name
+                   for given, model in zip(names, models)]
+    repeated = sorted({n for n in model_names if model_names.count(n) > 1})
+    if repeated:
+      raise FlagError(f"--name: several checkpoints are named {repeated[0]!r}; give one "
+                      "--name per --checkpoint")
+    # Data sets described by a workdir config (synthetic) follow the first checkpoint's.
+    sources = [_classify(entry, i, models[0].config, data_dir)
                for i, entry in enumerate(data_sources)]
     _check_unique_groups(sources)
     release = None
     if ijb:
       from mstkd_jax.data import ijb as ijb_data  # pylint: disable=g-import-not-at-top
       release = ijb_data.read_release(ijb, ijb_name, skip_missing, warn)
-    size = int(model.settings.image_size)
-    pair_sets, data_records = {}, []
-    for source in sources:
-      loaded, resized = _load_source(source, size, warn)
-      pair_sets.update(loaded)
-      data_records.append({
-          "source": source.path or source.label,
-          "format": source.kind, "groups": list(loaded),
-          "pairs": {g: int(p.pairs.shape[0]) for g, p in loaded.items()},
-          "images": {g: int(p.images.shape[0]) for g, p in loaded.items()},
-          "resized_from": resized or None})
     if parallel is None:
       from mstkd_jax.train import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
       parallel = parallel_lib.get("pmap", 0)
-    results = _evaluate_groups(model, pair_sets, parallel, batch_size)
-    model_name = str(name) if name is not None else model.name
+    loaded_at = {}  # the data at each input size any of the models takes
+    group_results, ijb_results, model_records = {}, {}, {}
+    for model, model_name in zip(models, model_names):
+      size = int(model.settings.image_size)
+      if size not in loaded_at:
+        loaded_at[size] = _load_sources(sources, size, warn)
+      pair_sets = loaded_at[size][0]
+      results = _evaluate_groups(model, pair_sets, parallel, batch_size)
+      if results:
+        group_results[model_name] = results
+      if release is not None:
+        from mstkd_jax.evaluation import ijb as ijb_eval  # pylint: disable=g-import-not-at-top
+        emb, emb_flip = ijb_eval.embed_release(model.variables, model.module, release, size,
+                                               parallel, batch_size, warn)
+        ijb_results[model_name] = ijb_eval.evaluate_ijb(
+            emb, emb_flip, release.scores, release.templates, release.medias,
+            release.pairs, release.labels)
+      model_records[model_name] = {
+          "checkpoint": model.path, "checkpoint_format": model.format, "step": model.step,
+          "model": dataclasses.asdict(model.settings), "model_settings_from": model.origins}
     ijb_section = None
     if release is not None:
       from mstkd_jax.evaluation import ijb as ijb_eval  # pylint: disable=g-import-not-at-top
-      emb, emb_flip = ijb_eval.embed_release(model.variables, model.module, release, size,
-                                             parallel, batch_size, warn)
-      ijb_section = ijb_eval.report_section(
-          {model_name: ijb_eval.evaluate_ijb(emb, emb_flip, release.scores,
-                                             release.templates, release.medias,
-                                             release.pairs, release.labels)},
-          release.summary())
+      ijb_section = ijb_eval.report_section(ijb_results, release.summary())
+    first = model_records[model_names[0]]
     config = {
-        "checkpoint": model.path, "checkpoint_format": model.format,
-        "step": model.step, "model": dataclasses.asdict(model.settings),
-        "model_settings_from": model.origins, "dtype": "float32",
-        "data": data_records, "batch_size": batch_size, "num_folds": NUM_FOLDS,
-        "normalization": NORMALIZATION, "resampling": RESAMPLING,
+        **first, "dtype": "float32",
+        "data": loaded_at[int(models[0].settings.image_size)][1], "batch_size": batch_size,
+        "num_folds": NUM_FOLDS, "normalization": NORMALIZATION, "resampling": RESAMPLING,
         "flip": "accuracy: raw embeddings of image and mirror summed, then L2-normalized "
                 "(insightface); accuracy_noflip: the image alone",
         "warnings": messages,
     }
-    report = report_lib.build_report({model_name: results} if results else {},
-                                     config=config, ijb=ijb_section)
+    if len(models) > 1:
+      config["models"] = model_records
+    report = report_lib.build_report(group_results, config=config, ijb=ijb_section)
     try:
       os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -347,10 +385,11 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
     for warning in report["warnings"]:
       print(f"WARNING: {warning}", flush=True)
     print(report_lib.format_table(report))
-    if model_name in report["models"]:
-      groups = report["models"][model_name]["groups"]
-      print("No-flip accuracy (%): " + "  ".join(
-          f"{g} {e['accuracy_noflip']:.2f}" for g, e in groups.items()))
+    for model_name in model_names:
+      if model_name in report["models"]:
+        groups = report["models"][model_name]["groups"]
+        print(f"No-flip accuracy (%) of {model_name}: " + "  ".join(
+            f"{g} {e['accuracy_noflip']:.2f}" for g, e in groups.items()))
     print(f"Report written to {out_dir} (report.json, report.md, roc.json, PNGs)", flush=True)
   return report
 
@@ -358,14 +397,15 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
 # --- Command line ----------------------------------------------------------------------
 
 # --checkpoint, --arch, --width, --embedding_size, --use_se, --image_size (shared).
-_MODEL = resolve.define_model_flags()
+_MODEL = resolve.define_model_flags(repeatable=True)
 _DATA = flags.DEFINE_multi_string(
     "data", [], "Verification data, repeatable: an insightface .bin (group = file stem "
     "without _test), an RFW folder, or synthetic[:scale].")
 _OUT = flags.DEFINE_string("out", None, "Folder for report.json, report.md, roc.json, PNGs.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Images per embedding step.")
-_NAME = flags.DEFINE_string("name", None, "Model name in the report (default: checkpoint file "
-                            "stem, or the stage workdir's folder name).")
+_NAME = flags.DEFINE_multi_string("name", [], "Model name in the report, one per --checkpoint "
+                                  "(default: checkpoint file stem, or the stage workdir's "
+                                  "folder name).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Synthetic data cache (default <out>/data).")
 _IJB = flags.DEFINE_string("ijb", None, "IJB-B/C release folder (meta/, loose_crop/): adds "
                            "1:1 template verification, TAR at FAR 1e-6 ... 1e-1.")
@@ -375,27 +415,16 @@ _SKIP_MISSING = flags.DEFINE_boolean("skip_missing", False, "Skip IJB images abs
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}; give every setting as a --flag",
-          file=sys.stderr)
-    sys.exit(2)
-  logging.set_verbosity(logging.WARNING)
-  settings = _MODEL.settings()
-  try:
-    evaluate(_MODEL.checkpoint.value, settings, _DATA.value, _OUT.value, name=_NAME.value,
-             batch_size=_BATCH_SIZE.value, data_dir=_DATA_DIR.value, ijb=_IJB.value,
-             ijb_name=_IJB_NAME.value, skip_missing=_SKIP_MISSING.value)
-  except FlagError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  resolve.run_command(argv, lambda: evaluate(
+      _MODEL.checkpoint.value, _MODEL.settings(), _DATA.value, _OUT.value,
+      name=_NAME.value or None,
+      batch_size=_BATCH_SIZE.value, data_dir=_DATA_DIR.value, ijb=_IJB.value,
+      ijb_name=_IJB_NAME.value, skip_missing=_SKIP_MISSING.value))
 
 
 parse_flags = resolve.parse_flags
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["checkpoint", "out"])
+  flags.mark_flags_as_required(["out"])
   app.run(main, flags_parser=parse_flags)

@@ -66,7 +66,6 @@ from typing import Any, Callable
 
 from absl import app, flags
 
-from mstkd_jax import paths
 from mstkd_jax.errors import UserError
 from mstkd_jax.interop import resolve
 from mstkd_jax.interop.resolve import FlagError
@@ -249,15 +248,6 @@ def metadata(model: resolve.LoadedModel, error: float) -> dict:
   return props
 
 
-def _check_out(out: Any) -> str:
-  if out is None or not os.fspath(out):
-    raise FlagError("--out: expected the .onnx file to write, e.g. --out=model.onnx")
-  path = paths.local(out, "--out")
-  if os.path.isdir(path):
-    raise FlagError(f"--out={os.fspath(out)}: is a folder; expected the .onnx file to write")
-  return path
-
-
 def export(checkpoint: Any, arch_settings: Any, out: Any, *, opset: int = DEFAULT_OPSET,
            verbose: bool = True) -> dict:
   """Converts a checkpoint's backbone to an ONNX file (see the module docstring).
@@ -286,7 +276,7 @@ def export(checkpoint: Any, arch_settings: Any, out: Any, *, opset: int = DEFAUL
   resolve.check_settings(explicit, "--", FlagError)
   if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
     raise FlagError(f"--opset={opset!r}: expected an ONNX opset of {MIN_OPSET} or newer")
-  path = _check_out(out)
+  path = resolve.output_file(out, "model.onnx")
   checkpoint_path = resolve.checkpoint_path(checkpoint)
   model = resolve.load_model(checkpoint_path, explicit)
   size = int(model.settings.image_size)

@@ -1,23 +1,36 @@
 """The one set of file helpers: atomic writes, JSON, .npz and memory-mapped .npy files.
 
-Every writer goes through `atomic_path`: the data goes to a unique temporary name next to
-the target and is renamed over it only once complete, so a file with its final name is
-always whole (an interruption leaves the earlier file, or none), and two processes never
-share a temporary file. An OS error while writing (disk full, no permission, a read-only
-file system) becomes one UserError naming the path and the error. Standard library and
-numpy only: the data readers use it without pulling in JAX.
+Every path may be a local path or a URL (gs://bucket/run/x.json; str or os.PathLike, an
+epath.Path included). Local paths: every writer goes through `atomic_path`: the data goes
+to a unique temporary name next to the target and is renamed over it only once complete,
+so a file with its final name is always whole (an interruption leaves the earlier file, or
+none), and two processes never share a temporary file. URLs go through `etils.epath` (for
+gs://: tf.io.gfile where TensorFlow is installed, else fsspec/gcsfs). An object store has
+no atomic rename, and needs none: an object is written in one upload that becomes visible
+whole when the file closes, so a URL is written directly (by `atomic_path` from a local
+temporary file once the block ends). An OS error while writing (disk full, no permission,
+a read-only file system) or the storage library's error on a URL (no credentials, no such
+bucket, no network) becomes one UserError naming the path and the error. Standard library,
+numpy and etils only: the data readers use it without pulling in JAX.
 """
 
 import contextlib
 import errno
+import io
 import json
 import os
+import shutil
 import tempfile
 from typing import Iterator
 
 import numpy as np
 
+from mstkd_jax import paths
 from mstkd_jax.errors import UserError
+
+# Where a URL's storage library fails, its message can run over many lines (a retry log,
+# the request): the first line, at most this long, names what went wrong.
+URL_ERROR_CHARS = 300
 
 
 def os_error_reason(error: OSError) -> str:
@@ -31,17 +44,74 @@ def write_error(path: str, error: OSError) -> UserError:
   return UserError(f"cannot write {path} ({os_error_reason(error)})")
 
 
+def url_error(path, error: Exception, action: str = "write") -> UserError:
+  """The one-line UserError of a storage library's `error` (e.g. tf.errors.OpError, an
+  OSError from gcsfs) while `action`-ing the URL `path`: the error's type and the first
+  line of its message, at most URL_ERROR_CHARS long."""
+  return UserError(f"cannot {action} {os.fspath(path)} ({url_reason(error)})")
+
+
+def url_reason(error: Exception) -> str:
+  """"Type: the first line of the message" of a storage library's `error`, at most
+  URL_ERROR_CHARS long."""
+  lines = str(error).strip().splitlines()
+  first = lines[0].strip() if lines else ""
+  if len(first) > URL_ERROR_CHARS:
+    first = first[:URL_ERROR_CHARS - 3] + "..."
+  return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def is_url(path) -> bool:
+  """Whether `path` (str or os.PathLike) is a URL, written through etils.epath."""
+  return paths.is_url(path)
+
+
+def epath_of(path):
+  """`path` (str or os.PathLike) as an etils.epath.Path (gs://... included)."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(os.fspath(path))
+
+
+def _write_url(path, source) -> None:
+  """Writes the bytes `source` (bytes, or a binary file object to copy) to the URL `path`
+  in one upload (the object appears whole when the file closes). Its folder is made
+  first: object stores infer folders from names, but other file systems behind a URL (and
+  TF's in-memory ram://) list only folders that were made.
+
+  Raises:
+    UserError: the storage library failed (no credentials, no such bucket, ...).
+  """
+  target = epath_of(path)
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with target.open("wb") as f:
+      if isinstance(source, bytes):
+        f.write(source)
+      else:
+        shutil.copyfileobj(source, f, 1 << 20)
+  except Exception as e:  # pylint: disable=broad-except; the storage library's own errors
+    raise url_error(path, e) from e
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
   """Yields a unique temporary file name next to `path`, ending in `suffix` (e.g. ".npz",
   where a writer would append one otherwise). When the block ends without an error the
   file is renamed over `path`; otherwise it is removed and `path` is left as it was.
 
+  For a URL `path` the temporary file is a local one (tempfile.gettempdir()) and is
+  uploaded to `path` when the block ends without an error (an object appears whole; there
+  is no rename on an object store), then removed.
+
   Raises:
     UserError: an OS error (ENOSPC, EACCES, EROFS, ...) while creating, writing or
-      renaming, naming `path`.
+      renaming, naming `path`; for a URL the storage library's error, naming `path`.
   """
   path = os.fspath(path)
+  if is_url(path):
+    with _url_atomic_path(path, suffix) as tmp:
+      yield tmp
+    return
   directory, name = os.path.split(os.path.abspath(path))
   try:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=f".tmp{suffix}")
@@ -59,15 +129,45 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
       os.remove(tmp)
 
 
+@contextlib.contextmanager
+def _url_atomic_path(path: str, suffix: str) -> Iterator[str]:
+  """`atomic_path` of a URL: a local temporary file, uploaded once the block succeeds."""
+  name = path.rstrip("/").rsplit("/", 1)[-1]
+  try:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=f".tmp{suffix}")
+    os.close(fd)
+  except OSError as e:
+    raise write_error(path, e) from e
+  try:
+    yield tmp
+    with open(tmp, "rb") as f:
+      _write_url(path, f)
+  except OSError as e:  # the block's writes to the local `tmp`
+    raise UserError(f"cannot write {path} (its local temporary file {tmp}: "
+                    f"{os_error_reason(e)})") from e
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def write_bytes(path: str, data: bytes) -> None:
-  """Writes `data` to `path` atomically."""
+  """Writes `data` to `path` (str or os.PathLike; a URL included) atomically: a local path
+  by a rename, a URL in one upload.
+
+  Raises:
+    UserError: the write failed (OS or storage library error), naming `path`.
+  """
+  if is_url(path):
+    _write_url(path, data)
+    return
   with atomic_path(path) as tmp:
     with open(tmp, "wb") as f:
       f.write(data)
 
 
 def write_json(path: str, value, sort_keys: bool = False) -> None:
-  """Writes `value` as indented JSON to `path`, atomically."""
+  """Writes `value` as indented JSON to `path` (str or os.PathLike; a URL included),
+  atomically (`write_bytes`)."""
   write_bytes(path, json.dumps(value, indent=2, sort_keys=sort_keys).encode())
 
 
@@ -75,13 +175,15 @@ def read_json(path: str, expected: str = "readable JSON", missing=UserError):
   """The JSON value in `path`.
 
   Args:
-    path: the file.
+    path: the file (str or os.PathLike; a URL is read through etils.epath).
     expected: what the file should be, for the error message.
     missing: returned where the file does not exist; the default, UserError, raises.
 
   Raises:
     UserError: the file is missing (unless `missing` is given), unreadable, or not JSON.
   """
+  if is_url(path):
+    return _read_json_url(path, expected, missing)
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
@@ -93,8 +195,77 @@ def read_json(path: str, expected: str = "readable JSON", missing=UserError):
     raise UserError(f"{path} is unreadable ({e}); expected {expected}") from e
 
 
+def _read_json_url(path, expected: str, missing):
+  """`read_json` of a URL."""
+  try:
+    text = epath_of(path).read_text(encoding="utf-8")
+  except FileNotFoundError as e:
+    if missing is UserError:
+      raise UserError(f"{path} is missing; expected {expected}") from e
+    return missing
+  except Exception as e:  # pylint: disable=broad-except; the storage library's own errors
+    raise url_error(path, e, "read") from e
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    raise UserError(f"{path} is unreadable ({e}); expected {expected}") from e
+
+
+def read_bytes(path) -> bytes:
+  """The bytes of `path` (str or os.PathLike; a URL included).
+
+  Raises:
+    FileNotFoundError: there is no such file (for the caller to word).
+    UserError: any other OS or storage library error, naming `path`.
+  """
+  try:
+    if is_url(path):
+      return epath_of(path).read_bytes()
+    with open(path, "rb") as f:
+      return f.read()
+  except FileNotFoundError:
+    raise
+  except OSError as e:
+    raise UserError(f"cannot read {os.fspath(path)} ({os_error_reason(e)})") from e
+  except Exception as e:  # pylint: disable=broad-except; a URL's storage library
+    raise url_error(path, e, "read") from e
+
+
+def append_text(path, text: str) -> None:
+  """Appends `text` to `path` (str or os.PathLike), creating it. A local file is opened
+  for appending; an object store cannot append, so a URL's object is read and written
+  again whole (one writer at a time: one run per workdir).
+
+  Raises:
+    UserError: the write failed, naming `path`.
+  """
+  if is_url(path):
+    try:
+      old = read_bytes(path)
+    except FileNotFoundError:
+      old = b""
+    _write_url(path, old + text.encode("utf-8"))
+    return
+  try:
+    with open(path, "a", encoding="utf-8") as f:
+      f.write(text)
+  except OSError as e:
+    raise write_error(path, e) from e
+
+
 def save_npz(path: str, arrays: dict) -> None:
-  """np.savez of `arrays` ({name: array}) to `path`, atomically."""
+  """np.savez of `arrays` ({name: array}) to `path` (str or os.PathLike; a URL included),
+  atomically. A URL's archive is built in memory and uploaded whole (object-store files
+  cannot seek, which zip writing needs).
+
+  Raises:
+    UserError: the write failed (OS or storage library error), naming `path`.
+  """
+  if is_url(path):
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    _write_url(path, buffer.getvalue())
+    return
   with atomic_path(path, suffix=".npz") as tmp:
     np.savez(tmp, **arrays)
 
@@ -104,7 +275,15 @@ def npy_writer(path: str, shape: tuple, dtype=np.float32, enabled: bool = True):
   """Yields a memory-mapped array [shape] of `dtype` to fill in chunks; it becomes the
   .npy `path` only when the block ends without an error (an earlier file there stays until
   then), so arrays larger than memory are written whole or not at all. Yields None where
-  not `enabled` (processes other than 0)."""
+  not `enabled` (processes other than 0).
+
+  Raises:
+    UserError: `path` is a URL (a memory map needs a local disk: such caches go under the
+      local `cache_dir`, see paths.cache_dir), or an OS error while writing, naming `path`.
+  """
+  if is_url(path):
+    raise UserError(f"{os.fspath(path)} is a URL; a memory-mapped cache needs a local disk "
+                    "(set cache_dir to a local folder)")
   if not enabled:
     yield None
     return

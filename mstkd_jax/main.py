@@ -307,14 +307,14 @@ def unknown_field_message(argv) -> str | None:
     if not arg.startswith("--config.") or arg.startswith("--config_"):
       continue
     field = arg[len("--config."):].split("=", 1)[0]
-    section, known = config, "config"
+    section = config
     for i, key in enumerate(field.split(".")):
       children = section.keys() if hasattr(section, "keys") else ()
       if key not in children:
         where = ".".join(field.split(".")[:i]) or "the config"
         return (f"unknown config field {field!r} (in {config_arg}); {where} has: "
                 f"{', '.join(sorted(children))}")
-      section, known = section[key], key
+      section = section[key]
   return None
 
 

@@ -1,6 +1,11 @@
 """The files of a run: the workdir check, config diffs, trained models and results.json.
 
-Its files are written with mstkd_jax.files (atomic, one-line errors).
+Its files are written with mstkd_jax.files (atomic, one-line errors). A workdir may be a
+URL (gs://bucket/run) for what this module writes and reads: the write check, config.json,
+config_history.jsonl, results.json and the stage output records go through etils.epath;
+such a workdir is not locked (an object store has no file lock: one run per bucket
+workdir is the user's job), and trained models (Orbax, train/checkpoints.py) still need a
+local or mounted path.
 """
 
 import contextlib
@@ -25,7 +30,11 @@ from mstkd_jax.train.checkpoints import Checkpoints, flat_shapes, shape_mismatch
 # see stages.common.Inputs.)
 RUN_CONTROL_FIELDS = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                       "train.eval_batch_size", "train.eval_every", "parallelism",
-                      "num_devices", "data.data_dir", "only", "force")
+                      "num_devices", "data.data_dir", "only", "force",
+                      # The layout of the class centres, saved whole either way (the
+                      # adaptor's head section sits under `adaptor` in the recipe's
+                      # config). head.sample_rate changes the numbers: not listed.
+                      "head.shard_classes", "adaptor.head.shard_classes")
 
 
 # ------------------------------------------------------------------------- config diffs
@@ -65,11 +74,17 @@ def prepare(config, workdir: str, refuse_changes: bool = True) -> str:
   config.json just records the latest run, and config_history.jsonl gets a line for it.
   Returns the absolute workdir; only process 0 writes.
 
+  `workdir` (str or os.PathLike) may be a URL (gs://bucket/run): it is probed by writing
+  and removing an object, and is shared by every host by construction.
+
   Raises:
-    UserError: the workdir cannot be written, is not shared by every host of a multi-host
-      run, or (refuse_changes) holds a config.json of another config.
+    UserError: the workdir cannot be written (for a URL: the storage library's error in
+      one line, e.g. no credentials), is not shared by every host of a multi-host run, or
+      (refuse_changes) holds a config.json of another config.
   """
-  workdir = paths.local(workdir, "workdir")
+  workdir = paths.resolve(workdir, "workdir")
+  if paths.is_url(workdir):
+    return _prepare_url(config, workdir, refuse_changes)
   try:
     os.makedirs(workdir, exist_ok=True)
     fd, probe = tempfile.mkstemp(dir=workdir, prefix=".write_probe.")  # unique per process
@@ -89,10 +104,41 @@ def prepare(config, workdir: str, refuse_changes: bool = True) -> str:
       raise UserError(
           f"{workdir} holds a run of another config (its config.json differs in: "
           + "; ".join(changes) + "). Use another --workdir, or the same settings to resume.")
+  _write_config(config, workdir, path, new, refuse_changes)
+  return workdir
+
+
+def _write_config(config, workdir: str, path: str, new: dict, refuse_changes: bool) -> None:
+  """Process 0 writes config.json (and, not refuse_changes, the history line)."""
+  del config
   if jax.process_index() == 0:
     files.write_json(path, new, sort_keys=True)
     if not refuse_changes:
       _append_history(workdir, new)
+
+
+def _prepare_url(config, workdir: str, refuse_changes: bool) -> str:
+  """`prepare` of a URL workdir (etils.epath; the storage library's errors in one line)."""
+  root = files.epath_of(workdir)
+  probe = root / f".write_probe.{socket.gethostname()}.{os.getpid()}.{time.time_ns()}"
+  try:
+    root.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"ok")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except; the storage library's own errors
+    raise UserError(f"the workdir {workdir} cannot be written ({files.url_reason(e)})"
+                    ) from e
+  path = f"{workdir}/config.json"
+  new = config_dict(config)
+  if refuse_changes:
+    old = files.read_json(path, "a readable config.json; move it away or use another "
+                          "--workdir", missing=None)
+    changes = changed_fields(old, new) if old is not None else []
+    if changes:
+      raise UserError(
+          f"{workdir} holds a run of another config (its config.json differs in: "
+          + "; ".join(changes) + "). Use another --workdir, or the same settings to resume.")
+  _write_config(config, workdir, path, new, refuse_changes)
   return workdir
 
 
@@ -105,12 +151,7 @@ def _append_history(workdir: str, config: dict) -> None:
   line = json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"),
                      "host": socket.gethostname(), "pid": os.getpid(), "config": config},
                     sort_keys=True)
-  path = os.path.join(workdir, HISTORY_FILE)
-  try:
-    with open(path, "a", encoding="utf-8") as f:
-      f.write(line + "\n")
-  except OSError as e:
-    raise files.write_error(path, e) from e
+  files.append_text(os.path.join(workdir, HISTORY_FILE), line + "\n")
 
 
 def _check_shared(workdir: str) -> None:
@@ -147,7 +188,7 @@ def _file_digest(path: str, size: int) -> str:
   SAMPLE_CHUNKS chunks at fixed, evenly spaced offsets (a cache's header and a sample of
   its rows: cheap at any size, and it catches truncation, a rewrite or garbage)."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with (files.epath_of(path).open("rb") if paths.is_url(path) else open(path, "rb")) as f:
     if size <= FULL_HASH_BYTES:
       for block in iter(lambda: f.read(1 << 20), b""):
         digest.update(block)
@@ -163,9 +204,12 @@ def _file_digest(path: str, size: int) -> str:
 def output_record(stage_dir: str) -> dict:
   """{relative path: {"size": bytes, "sha256": digest}} of every output file of a finished
   stage (its model, caches, embeddings, results and config; not its training checkpoints,
-  TensorBoard events or hidden files)."""
+  TensorBoard events or hidden files). `stage_dir` may be a URL (etils.epath)."""
+  url = paths.is_url(stage_dir)
   record = {}
-  for root, dirs, names in os.walk(stage_dir):
+  walk = (((str(r), d, n) for r, d, n in files.epath_of(stage_dir).walk()) if url
+          else os.walk(stage_dir))
+  for root, dirs, names in walk:
     rel_root = os.path.relpath(root, stage_dir)
     dirs[:] = sorted(d for d in dirs if not (rel_root == "." and d in UNRECORDED)
                      and not d.startswith("."))
@@ -173,10 +217,22 @@ def output_record(stage_dir: str) -> dict:
       if (rel_root == "." and name in UNRECORDED) or name.startswith(UNRECORDED_PREFIXES):
         continue
       path = os.path.join(root, name)
-      size = os.path.getsize(path)
+      size = _size(path)
       rel = os.path.normpath(os.path.join(rel_root, name))
       record[rel] = {"size": size, "sha256": _file_digest(path, size)}
   return record
+
+
+def _size(path: str) -> int:
+  """The size in bytes of a local file or a URL's object (OSError where missing)."""
+  if paths.is_url(path):
+    try:
+      return files.epath_of(path).stat().length
+    except OSError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except; the storage library's errors
+      raise files.url_error(path, e, "read") from e
+  return os.path.getsize(path)
 
 
 def damaged_output(stage_dir: str, record: dict) -> str | None:
@@ -185,7 +241,7 @@ def damaged_output(stage_dir: str, record: dict) -> str | None:
   for rel, expected in sorted(record.items()):
     path = os.path.join(stage_dir, rel)
     try:
-      size = os.path.getsize(path)
+      size = _size(path)
     except OSError:
       return f"{rel} is missing"
     if size != expected["size"]:
@@ -214,13 +270,20 @@ def locked(workdir: str, enabled: bool = True):
   Multi-host runs: call it with enabled=True on process 0 only.
 
   A read-only workdir is not locked (nothing can change it): the block runs, so a finished
-  run can print its report again.
+  run can print its report again. Nor is a URL workdir (gs://...: an object store has no
+  file lock): the block runs after a printed note; one run at a time there is the user's
+  job.
 
   Raises:
     UserError: another process holds the lock (naming its PID and host), or the lock
       cannot be taken for another OS error.
   """
   if not enabled:
+    yield
+    return
+  if paths.is_url(workdir):
+    print(f"[workdir] {workdir} is a URL: not locked (an object store has no file lock); "
+          "run one run at a time in it", flush=True)
     yield
     return
   import filelock  # pylint: disable=g-import-not-at-top

@@ -422,3 +422,38 @@ def test_command_line_prints_the_table_and_writes_the_report(model_files, data_f
   assert "Verification accuracy (%) per group" in result.stdout
   with open(tmp_path / "report.json") as f:
     assert list(json.load(f)["models"]["cli"]["groups"]) == ["bin_group_a"]
+
+
+def test_several_checkpoints_are_one_row_each(model_files, data_files, tmp_path):
+  """The Orbax workdir and the .pth of the same weights, evaluated together: two rows with
+  the same accuracies, each checkpoint's record in config["models"]."""
+  report = _run([model_files["workdir"], model_files["pth"]], ARCH, [data_files["rfw"]],
+                tmp_path / "both")
+  assert list(report["models"]) == ["teacher_run", "tiny_r18"]
+  rows = {m: {g: e["accuracy"] for g, e in entry["groups"].items()}
+          for m, entry in report["models"].items()}
+  assert rows["teacher_run"] == rows["tiny_r18"]
+  alone = _run(model_files["pth"], ARCH, [data_files["rfw"]], tmp_path / "alone")
+  assert alone["models"]["tiny_r18"]["groups"] == report["models"]["tiny_r18"]["groups"]
+  models = report["config"]["models"]
+  assert [models[m]["checkpoint_format"] for m in ("teacher_run", "tiny_r18")] == [
+      "orbax", "pytorch"]
+  assert report["config"]["checkpoint"] == models["teacher_run"]["checkpoint"]
+  with pytest.raises(evaluate_lib.FlagError, match="several checkpoints are named 'x'"):
+    _run([model_files["workdir"], model_files["pth"]], ARCH, [data_files["rfw"]],
+         tmp_path / "same_names", name=["x", "x"])
+  with pytest.raises(evaluate_lib.FlagError, match="1 names for 2 checkpoints"):
+    _run([model_files["workdir"], model_files["pth"]], ARCH, [data_files["rfw"]],
+         tmp_path / "one_name", name="x")
+  assert not (tmp_path / "same_names").exists() and not (tmp_path / "one_name").exists()
+
+
+def test_command_line_takes_several_checkpoints_and_names(model_files, data_files, tmp_path):
+  result = _cli(f"--checkpoint={model_files['workdir']}", f"--checkpoint={model_files['pth']}",
+                "--arch=iresnet18", "--width=4", "--embedding_size=16", "--image_size=16",
+                f"--batch_size={BATCH}", f"--data={data_files['bins'][0]}",
+                f"--out={tmp_path}", "--name=orbax", "--name=pth")
+  assert result.returncode == 0, result.stderr
+  with open(tmp_path / "report.json") as f:
+    assert list(json.load(f)["models"]) == ["orbax", "pth"]
+  assert "No-flip accuracy (%) of pth:" in result.stdout

@@ -167,6 +167,7 @@ def _final_state(stage_dir: str):
   return step, state
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(processes, tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
   _seed(one)

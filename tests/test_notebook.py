@@ -57,6 +57,7 @@ def test_notebook_is_committed_without_outputs():
           f"cell {cell.get('id')} holds outputs; clear them before committing")
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch, tiny_recipe):
   """The notebook on a copy of the session's finished tiny recipe: its recipe cell resumes
   (every stage finished, so nothing trains again) and the cells after it read what the

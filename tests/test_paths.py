@@ -1,6 +1,7 @@
 """User-given paths: absolute, ~ expanded, URLs refused with the flag or field named."""
 
 import os
+import tempfile
 
 import ml_collections
 import pytest
@@ -44,3 +45,24 @@ def test_data_dir_defaults(tmp_path, monkeypatch):
     sources.data_dir(_data("tfds"), workdir)
   with pytest.raises(UserError, match="config field data.data_dir='gs://b/d' is a URL"):
     sources.data_dir(_data("synthetic", "gs://b/d"), workdir)
+
+
+def test_resolve_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert paths.resolve("runs/a", "--workdir") == str(tmp_path / "runs" / "a")
+  assert paths.resolve("gs://bucket/run/", "--workdir") == "gs://bucket/run"
+  assert paths.resolve("file:///tmp/x", "--workdir") == "file:///tmp/x"
+  for bad in ("gs://", "gs:///", ""):
+    with pytest.raises(UserError, match="--workdir"):
+      paths.resolve(bad, "--workdir")
+
+
+def test_cache_dir_is_local(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert paths.cache_dir("", str(tmp_path / "wd")) == str(tmp_path / "wd")
+  assert paths.cache_dir("c", "gs://b/run") == str(tmp_path / "c")
+  remote = paths.cache_dir("", "gs://b/run")
+  assert remote.startswith(os.path.join(tempfile.gettempdir(), "mstkd_cache", ""))
+  assert remote == paths.cache_dir("", "gs://b/run/") != paths.cache_dir("", "gs://b/other")
+  with pytest.raises(UserError, match="cache_dir='gs://b/c' is a URL"):
+    paths.cache_dir("gs://b/c", "gs://b/run")

@@ -134,6 +134,7 @@ def _two_seeds():
   return config
 
 
+@pytest.mark.slow
 def test_seeds_run_once_each_and_end_with_the_combined_report(finished, tmp_path, capsys):
   # Seed 0 of a 2-seed run is the single run of the same config: copied in, it is skipped
   # as finished, and only seed 1 trains.

@@ -1,6 +1,7 @@
 """The class-sharded margin head (head.shard_classes) and Partial-FC sampling
 (head.sample_rate) on 8 simulated devices: the distributed softmax against numpy, the same
-training as the replicated head, sampling, checkpoints across device counts, bad input."""
+training as the replicated head, sampling, checkpoints across device counts, bad input, and
+the adaptor and student stages with it."""
 
 import os
 
@@ -344,11 +345,13 @@ def test_sample_rate_outside_0_1_is_refused_naming_the_field(rate):
     build.class_shards(_head(shard_classes=True, sample_rate=rate), par, 100)
 
 
-def test_sampling_without_shards_and_sharding_outside_the_teacher_are_refused():
+def test_sampling_without_shards_and_sharding_where_not_read_are_refused():
+  """Every training stage reads the fields (margin_spec(..., shards_classes=True)); a
+  caller that does not (the speed benchmark's stage steps) refuses them."""
   par = parallel_lib.DataParallel("pmap", DEVICES)
   with pytest.raises(UserError, match="head.sample_rate=0.5 .* needs head.shard_classes=True"):
     build.class_shards(_head(sample_rate=0.5), par, 100)
-  with pytest.raises(UserError, match="head.shard_classes=True: only the teacher stage"):
+  with pytest.raises(UserError, match="head.shard_classes=True: this command does not shard"):
     build.margin_spec(_head(shard_classes=True))
   assert build.margin_spec(_head(shard_classes=True), shards_classes=True).name == \
       "elastic_arcface"
@@ -362,3 +365,210 @@ def test_uneven_classes_are_padded_and_said_in_one_line(capsys):
   assert len(lines) == 1 and "3 padding classes" in lines[0] and "27997" in lines[0]
   assert par.class_shards is shards
   assert parallel_lib.DataParallel("shard_map", DEVICES).class_shards is None
+
+
+# ------------------------------------------------------------ adaptor and student stages
+
+def _adaptor_stage(tmp_path):
+  """(the tiny recipe's adaptor stage config on 8 devices, 1 epoch, and an extraction
+  folder of random unit teacher embeddings for its training set)."""
+  from configs import distill  # pylint: disable=g-import-not-at-top
+  from mstkd_jax import files, pipeline  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.data import sources  # pylint: disable=g-import-not-at-top
+  config = distill.get_config("tiny")
+  config.data.data_dir = str(tmp_path / "data")
+  train_set = sources.training_set(config.data, str(tmp_path))
+  stage = {s.name: s for s in pipeline.build(config, str(tmp_path), train_set)}[
+      "adaptor/specialized/SL"]
+  c = ml_collections.ConfigDict(stage.config.to_dict())
+  c.num_devices = DEVICES
+  c.train.update(epochs=1.0, log_every=2)
+  teachers, size = len(train_set.group_names), config.model.embedding_size
+  rng = np.random.default_rng(0)
+
+  def unit(shape):
+    x = rng.normal(size=shape).astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+  extract_dir = tmp_path / "extract"
+  extract_dir.mkdir()
+  np.save(extract_dir / "teacher_embeddings.npy", unit((train_set.num_examples, 2, teachers,
+                                                        size)))
+  files.save_npz(str(extract_dir / "verification_teacher_embeddings.npz"),
+                 {"group_a/embeddings": unit((20, 2, teachers, size)),
+                  "group_a/issame": np.arange(10) % 2 == 0})
+  return c, str(extract_dir), train_set.num_identities
+
+
+def _final_state(monkeypatch):
+  """Records the final host state of every StageRun.train (a list, in call order)."""
+  from mstkd_jax.stages import common  # pylint: disable=g-import-not-at-top
+  finals, train = [], common.StageRun.train
+
+  def recording(self, *args, **kwargs):
+    finals.append(train(self, *args, **kwargs))
+    return finals[-1]
+  monkeypatch.setattr(common.StageRun, "train", recording)
+  return finals
+
+
+def test_adaptor_stage_with_sharded_head_trains_as_the_replicated_head(tmp_path, monkeypatch):
+  """The adaptor stage (ElasticArcFace over every training identity: 16 here, 2 a device)
+  with head.shard_classes=true, sample_rate 1, ends where the replicated head does."""
+  from mstkd_jax.stages import adaptor, common  # pylint: disable=g-import-not-at-top
+  config, extract_dir, num_classes = _adaptor_stage(tmp_path)
+  finals = _final_state(monkeypatch)
+  results = []
+  for shard in (False, True):
+    config.head.shard_classes = shard
+    results.append(adaptor.run(config, str(tmp_path / f"shard_{shard}"), "adaptor",
+                               inputs=common.Inputs(extract_dir=extract_dir)))
+  replicated, sharded = finals
+  assert sharded.params["head"]["kernel"].shape == (EMBEDDING, num_classes)
+  assert int(sharded.step) == int(replicated.step) == 6
+  figures = {"params": relative_difference(replicated.params, sharded.params),
+             "optimizer state": relative_difference(replicated.opt_state,
+                                                    sharded.opt_state)}
+  print("adaptor stage", {k: f"{v:.2e}" for k, v in figures.items()})
+  assert max(figures.values()) < 1e-5, figures
+  np.testing.assert_allclose(results[1]["best"]["mean_loss"],
+                             results[0]["best"]["mean_loss"], rtol=1e-5)
+
+
+FEATURES = 24
+
+
+def _student_setup(classes=None, kd_weight=500.0):
+  """An EAF-KD student step (margin-head CE + KD to cached targets). Its backbone is a
+  small dense network (the adaptor module over [B, FEATURES] inputs), to compile fast: the
+  IResNet's path through the sharded head is the teacher's, tested above."""
+  backbone = models.create("adaptor", kind="DuL", embedding_size=EMBEDDING, dropout=0.2)
+  head = models.create("margin_head", num_classes=NUM_CLASSES)
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  params = {"backbone": build.init_variables(backbone, k1, np.zeros((1, FEATURES),
+                                                                    np.float32))["params"],
+            "head": build.init_variables(head, k2, np.zeros((1, EMBEDDING),
+                                                            np.float32))["params"]}
+  schedule = state_lib.step_decay_schedule(0.1, 2, (2,))
+  tx = _recording(state_lib.sgd({"backbone": state_lib.ParamGroup(schedule, 5.0),
+                                 "head": state_lib.ParamGroup(schedule)}))
+  state = jax.tree.map(np.asarray, state_lib.create_state(params, {}, tx))
+  step = functools.partial(steps.student_step, backbone=backbone, head=head,
+                           margin=losses.MarginSpec("elastic_arcface"), kd_weight=kd_weight,
+                           tx=tx, schedule=schedule, classes=classes)
+  return state, step
+
+
+def test_kd_student_step_with_sharded_head_trains_as_the_replicated_head(kind="pmap"):
+  """EAF-KD's step (steps.student_step) with the class-sharded head, sample_rate 1: the
+  same loss, KD and CE terms, gradients and parameters after 3 steps (pmap; shard_map
+  wraps the same step as for the teacher's, tested with both above)."""
+  rng = np.random.default_rng(7)
+  data = []
+  for _ in range(3):
+    targets = rng.normal(size=(GLOBAL_BATCH, EMBEDDING))
+    data.append({
+        "image": rng.normal(size=(DEVICES, GLOBAL_BATCH // DEVICES, FEATURES)).astype(
+            np.float32),
+        "label": rng.integers(0, NUM_CLASSES, (DEVICES, GLOBAL_BATCH // DEVICES)).astype(
+            np.int32),
+        "target": (targets / np.linalg.norm(targets, axis=-1, keepdims=True)).astype(
+            np.float32).reshape(DEVICES, -1, EMBEDDING)})
+  runs = []
+  for sharded in (False, True):
+    par = _parallel(kind, DEVICES, sharded)
+    state, step = _student_setup(par.class_shards)
+    p_step = par.wrap(step)
+    device_state = par.replicate(state)
+    key = par.replicate(jax.random.PRNGKey(1))
+    metrics = []
+    for batch in data:
+      device_state, m = p_step(device_state, par.shard(batch), key)
+      metrics.append(par.unreplicate(m))
+    runs.append((par.unreplicate(device_state), metrics))
+  (ref_state, ref_metrics), (state, metrics) = runs
+  assert state.params["head"]["kernel"].shape == (EMBEDDING, NUM_CLASSES)
+  for ref, got in zip(ref_metrics, metrics):
+    for key in ("loss", "kd", "ce"):
+      np.testing.assert_allclose(got[key], ref[key], rtol=1e-5)
+    assert got["accuracy"] == ref["accuracy"]
+  assert ref_metrics[-1]["kd"] > 0.1 * ref_metrics[-1]["ce"]    # both terms matter
+  figures = {"params": relative_difference(ref_state.params, state.params),
+             "grads (step 3)": relative_difference(ref_state.opt_state[1],
+                                                   state.opt_state[1]),
+             "optimizer state": relative_difference(ref_state.opt_state, state.opt_state)}
+  print("student", kind, {k: f"{v:.2e}" for k, v in figures.items()})
+  assert max(figures.values()) < 1e-5, figures
+
+
+def test_a_kd_student_step_refuses_class_shards():
+  with pytest.raises(ValueError, match="this student has none"):
+    steps.student_step(None, {}, None, backbone=None, head=None, margin=None, kd_weight=1.0,
+                       tx=None, schedule=None, classes=sharded_head.ClassShards(20, 8))
+
+
+def test_shard_classes_may_change_in_a_workdir_and_sample_rate_may_not(tmp_path):
+  """head.shard_classes is a run-control field (the checkpoint holds the whole centres
+  either way): a stage's workdir and the recipe's seed folders accept a change of it.
+  head.sample_rate changes what is trained: refused."""
+  from configs import distill  # pylint: disable=g-import-not-at-top
+  from mstkd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  stage = ml_collections.ConfigDict(dict(seed=0, head=_head(), train=dict(epochs=1.0)))
+  workdir_lib.prepare(stage, str(tmp_path))
+  stage.head.shard_classes = True
+  workdir_lib.prepare(stage, str(tmp_path))                     # not refused
+  stage.head.sample_rate = 0.5
+  with pytest.raises(UserError, match=r"differs in: head.sample_rate: 1.0 -> 0.5\)"):
+    workdir_lib.prepare(stage, str(tmp_path))
+  # The recipe's config (a seed folder's record): the adaptor's head sits under `adaptor`.
+  old = workdir_lib.config_dict(distill.get_config("tiny"))
+  new = distill.get_config("tiny")
+  new.head.shard_classes = new.adaptor.head.shard_classes = True
+  assert workdir_lib.changed_fields(old, workdir_lib.config_dict(new)) == []
+  new.adaptor.head.sample_rate = 0.5
+  assert workdir_lib.changed_fields(old, workdir_lib.config_dict(new)) == [
+      "adaptor.head.sample_rate: 1.0 -> 0.5"]
+
+
+class _Stop(Exception):
+  pass
+
+
+@pytest.mark.parametrize("kd", ["none", "EAF-KD", "a-KD"])
+def test_student_stages_read_shard_classes_and_sample_rate(tmp_path, monkeypatch, kd):
+  """The student alone and the EAF-KD student train with the class-sharded head of
+  head.shard_classes / head.sample_rate; a-KD has no head and keeps its devices whole.
+  (Stopped where training would start: the steps are tested above.)"""
+  from configs import distill  # pylint: disable=g-import-not-at-top
+  from mstkd_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.stages import common, student  # pylint: disable=g-import-not-at-top
+  config = distill.get_config("tiny")
+  config.data.data_dir = str(tmp_path / "data")
+  config.kd_losses = ("a-KD", "EAF-KD")
+  train_set = sources.training_set(config.data, str(tmp_path))
+  name = "student/student_alone" if kd == "none" else f"student/mstkd/SL/{kd}"
+  stage = {s.name: s for s in pipeline.build(config, str(tmp_path), train_set)}[name]
+  c = ml_collections.ConfigDict(stage.config.to_dict())
+  c.num_devices = DEVICES
+  c.head.update(shard_classes=True, sample_rate=0.5)
+  adaptor_dir = tmp_path / "adaptor"
+  adaptor_dir.mkdir()
+  np.save(adaptor_dir / "targets.npy", np.zeros((train_set.num_examples, 2,
+                                                 config.model.embedding_size), np.float32))
+  seen = {}
+
+  def stop(self, settings, init_state, step_fn, batches, **kwargs):
+    seen.update(shards=self.parallel.class_shards, classes=step_fn.keywords["classes"],
+                head="head" in init_state.params)
+    raise _Stop
+  monkeypatch.setattr(common.StageRun, "train", stop)
+  with pytest.raises(_Stop):
+    student.run(c, str(tmp_path / "student"), name,
+                inputs=common.Inputs(adaptor_dir=str(adaptor_dir)))
+  if kd == "a-KD":
+    assert seen == {"shards": None, "classes": None, "head": False}
+  else:
+    assert seen["classes"] is seen["shards"] == sharded_head.ClassShards(
+        train_set.num_identities, DEVICES, 0.5)
+    assert seen["head"]

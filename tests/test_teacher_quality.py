@@ -1,11 +1,13 @@
 """A specialized teacher trained a few hundred steps verifies its own group best."""
 
 import numpy as np
+import pytest
 
 from configs import teacher as teacher_config
 from mstkd_jax.stages import teacher
 
 
+@pytest.mark.slow
 def test_group_a_teacher_verifies_group_a_better_than_chance_and_other_groups(tmp_path):
   config = teacher_config.smoke()            # 4 groups x 32 identities x 12 images, 32x32
   config.train.update(batch_size=32, epochs=17.0, log_every=50, checkpoint_every=1000)

@@ -317,16 +317,18 @@ class ModelFlags:
     return ArchSettings(**{field: getattr(self, field).value for field in FIELDS})
 
 
-def define_model_flags() -> ModelFlags:
-  """Defines --checkpoint, --arch, --width, --embedding_size, --use_se and --image_size in
-  absl's global flags (once per command-line module); returns their holders."""
+def define_model_flags(repeatable: bool = False) -> ModelFlags:
+  """Defines --checkpoint (given several times where `repeatable`), --arch, --width,
+  --embedding_size, --use_se and --image_size in absl's global flags (once per command-line
+  module); returns their holders."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   default = "default: from config.json or the checkpoint, else"
+  help_text = ("Orbax stage workdir (its model/, else latest checkpoints/), a model/ or "
+               "checkpoints/ folder or a step folder; or a PyTorch IResNet .pth state_dict.")
   return ModelFlags(
-      checkpoint=flags.DEFINE_string(
-          "checkpoint", None, "Orbax stage workdir (its model/, else latest checkpoints/), a "
-          "model/ or checkpoints/ folder or a step folder; or a PyTorch IResNet .pth "
-          "state_dict."),
+      checkpoint=(flags.DEFINE_multi_string("checkpoint", [], help_text + " Repeatable: "
+                                            "one report row per checkpoint.")
+                  if repeatable else flags.DEFINE_string("checkpoint", None, help_text)),
       arch=flags.DEFINE_string("arch", None, f"IResNet name ({default} {DEFAULTS.arch})."),
       width=flags.DEFINE_integer("width", None, f"Stem channels ({default} {DEFAULTS.width})."),
       embedding_size=flags.DEFINE_integer(
@@ -364,6 +366,24 @@ def parse_flags(argv):
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+
+
+def output_file(out: Any, example: str) -> str:
+  """The absolute local path of a command's --out file (e.g. example "embeddings.npz").
+
+  Raises:
+    FlagError: --out is missing or empty, a URL, or an existing folder.
+  """
+  if out is None or not os.fspath(out):
+    raise FlagError(f"--out: expected the file to write, e.g. --out={example}")
+  try:
+    path = paths.local(out, "--out")
+  except UserError as e:
+    raise FlagError(str(e)) from None
+  if os.path.isdir(path):
+    raise FlagError(f"--out={os.fspath(out)}: is a folder; expected the file to write "
+                    f"(e.g. {example})")
+  return path
 
 
 def run_command(argv: Sequence[str], body) -> None:

@@ -9,11 +9,13 @@ The teacher embeddings are read memory-mapped and the targets written in chunks,
 has to fit in memory.
 
 Config: seed, parallelism, num_devices, data, model.embedding_size, head (the adaptor's
-margin head), optim, train, adaptor.orientation and adaptor.model (the arguments of
-models.create("adaptor", ...): kind, embedding_size, dropout).
+margin head; head.shard_classes and head.sample_rate as the teacher's), optim, train,
+adaptor.orientation and adaptor.model (the arguments of models.create("adaptor", ...):
+kind, embedding_size, dropout).
 Inputs: extract_dir (the extraction stage).
 """
 
+import dataclasses
 import functools
 import os
 
@@ -77,9 +79,15 @@ def run(config, workdir: str, name: str = "adaptor", epochs_field: str = "train.
   init_state, tx, schedule = run.state(
       settings, {"backbone": variables["params"], "head": head_vars["params"]}, {},
       build.backbone_and_head_groups(config.optim))
+  # head.shard_classes / head.sample_rate: the adaptor's head covers every training
+  # identity, so it gains most from splitting its centres (train/sharded_head.py).
+  parallel, classes = build.class_shards(config.head, run.parallel,
+                                         run.train_set.num_identities)
+  run = dataclasses.replace(run, parallel=parallel)
   step_fn = functools.partial(steps.classification_step, backbone=adaptor, head=head,
-                              margin=build.margin_spec(config.head), tx=tx,
-                              schedule=schedule, input_key="teacher_embeddings")
+                              margin=build.margin_spec(config.head, shards_classes=True),
+                              tx=tx, schedule=schedule, input_key="teacher_embeddings",
+                              classes=classes)
   # Only labels go through tf.data; each batch reads its rows of the (memory-mapped)
   # embeddings in the orientation drawn for it, like an image flip.
   oriented = {"teacher_embeddings": train_embeddings.reshape(num, 2, num_teachers * size)}

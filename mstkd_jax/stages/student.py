@@ -6,12 +6,14 @@ baseline), "a-KD" (kd_weight x MSE to the MST-KD target, no labels) or "EAF-KD"
 <adaptor>/targets.npy, for the image and its mirror, looked up for the orientation fed) or
 `online` (the frozen teachers and adaptor run inside the step).
 
-Config: seed, parallelism, num_devices, data, model, head, optim, train, student.kd,
+Config: seed, parallelism, num_devices, data, model, head (with head.shard_classes and
+head.sample_rate as the teacher's, for the students with a head), optim, train, student.kd,
 student.orientation and, for the KD students, student.{targets, kd_weight, adaptor_model}
 (the student alone has adaptor_model None). Inputs: adaptor_dir (KD students) and
 teacher_dirs (online targets).
 """
 
+import dataclasses
 import functools
 import os
 
@@ -92,10 +94,17 @@ def run(config, workdir: str, name: str = "student", epochs_field: str = "train.
                                        groups)
 
   extra, frozen = {}, None
-  margin = build.margin_spec(config.head)
+  margin = build.margin_spec(config.head, shards_classes=True)
+  classes = None
+  if head is not None:
+    # head.shard_classes / head.sample_rate split the centres of every training identity
+    # (train/sharded_head.py). a-KD has no head: its head section is checked, not used.
+    parallel, classes = build.class_shards(config.head, run.parallel,
+                                           run.train_set.num_identities)
+    run = dataclasses.replace(run, parallel=parallel)
   if kd == "none":
     step_fn = functools.partial(steps.classification_step, backbone=backbone, head=head,
-                                margin=margin, tx=tx, schedule=schedule)
+                                margin=margin, tx=tx, schedule=schedule, classes=classes)
   else:
     target_fn = None
     if mode == "cached":
@@ -110,7 +119,8 @@ def run(config, workdir: str, name: str = "student", epochs_field: str = "train.
     step_fn = functools.partial(steps.student_step, backbone=backbone, head=head,
                                 margin=margin if head is not None else None,
                                 kd_weight=config.student.kd_weight, tx=tx, schedule=schedule,
-                                target_fn=target_fn, orientation=orientation)
+                                target_fn=target_fn, orientation=orientation,
+                                classes=classes)
   batches = functools.partial(run.train_set.train_batches, np.arange(len(labels)), labels,
                               extra=extra, orientation=orientation, **run.batch_plan(settings))
   evaluation = common.training_evaluation(run, backbone)

@@ -52,8 +52,9 @@ def margin_spec(head_config, shards_classes: bool = False) -> losses.MarginSpec:
   if not shards_classes:
     for key, default in _LAYOUT_FIELDS.items():
       if layout[key] != default:
-        raise UserError(f"config field head.{key}={layout[key]!r}: only the teacher stage "
-                        f"shards its class centres so far; expected {default!r} here")
+        raise UserError(f"config field head.{key}={layout[key]!r}: this command does not "
+                        f"shard the class centres (the training stages do); expected "
+                        f"{default!r} here")
   try:
     return losses.MarginSpec(**fields)
   except (TypeError, ValueError) as e:

@@ -220,7 +220,15 @@ class Checkpoints:
   """Saves and restores TrainStates under `directory` (one Orbax CheckpointManager)."""
 
   def __init__(self, directory: str, keep: int = 3):
-    """Keeps the newest `keep` steps and the best candidate (see the module docstring)."""
+    """Keeps the newest `keep` steps and the best candidate (see the module docstring).
+
+    Raises:
+      UserError: `directory` is a URL: the damage checks and the set-aside below use
+        plain file-system calls, not converted to etils.epath yet.
+    """
+    if files.is_url(directory):
+      raise UserError(f"checkpoints in {directory}: a URL checkpoint folder is not "
+                      "supported yet; mount the bucket (gcsfuse) and give the path")
     self.directory = os.path.abspath(directory)
     policies = ocp.checkpoint_managers
     preservation = policies.AnyPreservationPolicy([

@@ -174,7 +174,8 @@ def student_step(state: TrainState, batch, rng, frozen: dict | None = None, *,
                  backbone: nn.Module, head: nn.Module | None,
                  margin: losses.MarginSpec | None, kd_weight: float,
                  tx: optax.GradientTransformation, schedule, target_fn=None,
-                 orientation: str = "as_fed", axis_name=AXIS):
+                 orientation: str = "as_fed", axis_name=AXIS,
+                 classes: sharded_head.ClassShards | None = None):
   """One SGD step of an MST-KD student: a-KD (head None) or EAF-KD (margin-head CE + KD).
 
   Targets come from batch["target"] (cached: looked up on the host) or, when `target_fn` is
@@ -183,7 +184,13 @@ def student_step(state: TrainState, batch, rng, frozen: dict | None = None, *,
   seen by the optimiser), where images are the images fed, or with orientation="stored"
   those images un-mirrored by batch["flip"] (the stored images, as the cached "stored"
   targets).
+
+  `classes` makes the margin head class-sharded, as in classification_step (EAF-KD only:
+  a-KD has no head); the KD term is the same either way. Its CE and accuracy are then those
+  of the global batch.
   """
+  if classes is not None and head is None:
+    raise ValueError("classes= shards a margin head; this student has none (a-KD)")
   keys = step_rngs(rng, state.step, ("dropout", "margin"))
   dropout_rng = jax.random.fold_in(keys["dropout"], jax.lax.axis_index(axis_name))
   if target_fn is None:
@@ -202,7 +209,14 @@ def student_step(state: TrainState, batch, rng, frozen: dict | None = None, *,
     kd = losses.kd_loss(targets, embeddings, kd_weight)
     parts = {"kd": kd}
     loss = kd
-    if head is not None:
+    if head is not None and classes is not None:
+      # The Partial-FC key as _sharded_classification_step folds it.
+      ce, accuracy = sharded_head.margin_loss(
+          params["head"]["kernel"], embeddings, batch["label"], margin, keys["margin"],
+          jax.random.fold_in(keys["margin"], 1), classes, axis_name)
+      loss = loss + ce
+      parts.update(ce=ce, accuracy=accuracy)
+    elif head is not None:
       ce, cos = _margin_loss(head, params["head"], embeddings, batch["label"], margin,
                              keys["margin"], axis_name)
       loss = loss + ce
@@ -211,7 +225,8 @@ def student_step(state: TrainState, batch, rng, frozen: dict | None = None, *,
 
   (loss, (batch_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  new_state = apply_updates(state, grads, batch_stats, tx, axis_name)
+  new_state = apply_updates(state, grads, batch_stats, tx, axis_name,
+                            local_shards=classes.num_shards if classes is not None else 0)
   metrics = jax.lax.pmean({"loss": loss, **parts}, axis_name)
   metrics["lr"] = schedule(state.step)
   return new_state, metrics
