@@ -56,10 +56,6 @@ NORMALIZATION = "(x / 255 - 0.5) / 0.5 on RGB uint8, as evaluate and insightface
 # --- Listing ---------------------------------------------------------------------------
 
 
-def _is_image(name: str) -> bool:
-  return os.path.splitext(name)[1].lower() in image_tree.IMAGE_EXTENSIONS
-
-
 def _walk_folder(root: str) -> tuple[list[str], list[str]]:
   def fail(error: OSError):
     raise UserError(f"{error.filename or root}: cannot list the images folder "
@@ -69,7 +65,7 @@ def _walk_folder(root: str) -> tuple[list[str], list[str]]:
   for folder, subfolders, file_names in os.walk(root, onerror=fail):
     subfolders[:] = [d for d in subfolders if not d.startswith(".")]
     for name in file_names:
-      if not name.startswith(".") and _is_image(name):
+      if not name.startswith(".") and image_tree.is_image_name(name):
         relative = os.path.relpath(os.path.join(folder, name), root)
         found.append(relative.replace(os.sep, "/"))
   found.sort()
@@ -128,7 +124,7 @@ def list_images(images: Any) -> tuple[list[str], list[str]]:
   if not os.path.exists(path):
     raise UserError(f"--images={os.fspath(images)}: {path} does not exist; expected a folder "
                     "of images or a text file listing image paths")
-  if _is_image(path):
+  if image_tree.is_image_name(path):
     raise UserError(f"--images={os.fspath(images)}: is an image; expected a folder of images "
                     "or a text file listing image paths, one a line")
   return _read_list(path)

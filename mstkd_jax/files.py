@@ -61,11 +61,6 @@ def url_reason(error: Exception) -> str:
   return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
-def is_url(path) -> bool:
-  """Whether `path` (str or os.PathLike) is a URL, written through etils.epath."""
-  return paths.is_url(path)
-
-
 def epath_of(path):
   """`path` (str or os.PathLike) as an etils.epath.Path (gs://... included)."""
   from etils import epath  # pylint: disable=g-import-not-at-top
@@ -108,7 +103,7 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
       renaming, naming `path`; for a URL the storage library's error, naming `path`.
   """
   path = os.fspath(path)
-  if is_url(path):
+  if paths.is_url(path):
     with _url_atomic_path(path, suffix) as tmp:
       yield tmp
     return
@@ -157,7 +152,7 @@ def write_bytes(path: str, data: bytes) -> None:
   Raises:
     UserError: the write failed (OS or storage library error), naming `path`.
   """
-  if is_url(path):
+  if paths.is_url(path):
     _write_url(path, data)
     return
   with atomic_path(path) as tmp:
@@ -182,7 +177,7 @@ def read_json(path: str, expected: str = "readable JSON", missing=UserError):
   Raises:
     UserError: the file is missing (unless `missing` is given), unreadable, or not JSON.
   """
-  if is_url(path):
+  if paths.is_url(path):
     return _read_json_url(path, expected, missing)
   try:
     with open(path, encoding="utf-8") as f:
@@ -219,7 +214,7 @@ def read_bytes(path) -> bytes:
     UserError: any other OS or storage library error, naming `path`.
   """
   try:
-    if is_url(path):
+    if paths.is_url(path):
       return epath_of(path).read_bytes()
     with open(path, "rb") as f:
       return f.read()
@@ -239,7 +234,7 @@ def append_text(path, text: str) -> None:
   Raises:
     UserError: the write failed, naming `path`.
   """
-  if is_url(path):
+  if paths.is_url(path):
     try:
       old = read_bytes(path)
     except FileNotFoundError:
@@ -261,7 +256,7 @@ def save_npz(path: str, arrays: dict) -> None:
   Raises:
     UserError: the write failed (OS or storage library error), naming `path`.
   """
-  if is_url(path):
+  if paths.is_url(path):
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     _write_url(path, buffer.getvalue())
@@ -281,7 +276,7 @@ def npy_writer(path: str, shape: tuple, dtype=np.float32, enabled: bool = True):
     UserError: `path` is a URL (a memory map needs a local disk: such caches go under the
       local `cache_dir`, see paths.cache_dir), or an OS error while writing, naming `path`.
   """
-  if is_url(path):
+  if paths.is_url(path):
     raise UserError(f"{os.fspath(path)} is a URL; a memory-mapped cache needs a local disk "
                     "(set cache_dir to a local folder)")
   if not enabled:

@@ -226,7 +226,8 @@ def image_extension(data: bytes, source: str) -> str:
   raise UserError(f"{source}: not a JPEG or PNG image (starts with {bytes(data[:8])!r})")
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
+  """Whether a file name has one of IMAGE_EXTENSIONS (any case)."""
   return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
@@ -308,7 +309,7 @@ class ImageTreeReader:
   def _detect_layout(self, top_dirs: Sequence[str]) -> bool:
     first = os.path.join(self.root, top_dirs[0])
     sub_dirs, files = _list_dir(first, "folder")
-    has_images = any(_is_image_name(f) for f in files)
+    has_images = any(is_image_name(f) for f in files)
     if sub_dirs and not has_images:
       return True
     if has_images and not sub_dirs:
@@ -332,7 +333,7 @@ class ImageTreeReader:
                       f".jpg/.jpeg/.png images in identity folder {path}{hint}")
     images = []
     for f in files:
-      if _is_image_name(f):
+      if is_image_name(f):
         images.append(f)
         continue
       source = os.path.join(path, f)

@@ -19,7 +19,6 @@ process reads them), so the workdir must be a folder every host sees.
 """
 
 import json
-import logging
 import math
 import os
 import sys
@@ -32,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mstkd_jax import files
+from mstkd_jax import files, paths
+from mstkd_jax import errors
 from mstkd_jax.errors import UserError
 from mstkd_jax.train import parallel as parallel_lib
 
@@ -147,26 +147,6 @@ def quiet_closed_loop_callbacks() -> None:
   sys.unraisablehook = hook
 
 
-class _DropOrbaxTracebacks(logging.Filter):
-  """Drops the records that Orbax logs, with a traceback, for a failed background save.
-
-  The same exception reaches `Checkpoints.wait` (or the next save), which reports it in one
-  line naming the folder and the OS error; the logged copies would print it again as
-  tracebacks (one per thread that saw it). Orbax's records without a traceback pass.
-  """
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    from_orbax = f"{os.sep}orbax{os.sep}" in (record.pathname or "")
-    return not (from_orbax and record.exc_info and record.levelno >= logging.ERROR)
-
-
-def quiet_failed_save_tracebacks() -> None:
-  """Installs `_DropOrbaxTracebacks` on absl's logger (once per process)."""
-  logger = logging.getLogger("absl")
-  if not any(isinstance(f, _DropOrbaxTracebacks) for f in logger.filters):
-    logger.addFilter(_DropOrbaxTracebacks())
-
-
 def _commit_timestamp(step_dir: str) -> bool:
   try:
     with open(os.path.join(step_dir, _STEP_METADATA)) as f:
@@ -226,7 +206,7 @@ class Checkpoints:
       UserError: `directory` is a URL: the damage checks and the set-aside below use
         plain file-system calls, not converted to etils.epath yet.
     """
-    if files.is_url(directory):
+    if paths.is_url(directory):
       raise UserError(f"checkpoints in {directory}: a URL checkpoint folder is not "
                       "supported yet; mount the bucket (gcsfuse) and give the path")
     self.directory = os.path.abspath(directory)
@@ -242,7 +222,9 @@ class Checkpoints:
                        HISTORY: ocp.JsonCheckpointHandler()})
     self._warned = set()
     self._pending = None  # the step of the save in flight, if any
-    quiet_failed_save_tracebacks()
+    # Orbax logs a failed background save with a traceback per thread; `wait` (or the
+    # next save) reports the same exception in one line.
+    errors.drop_logged_tracebacks("orbax")
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))

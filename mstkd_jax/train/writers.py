@@ -8,11 +8,11 @@ folder and the OS error.
 """
 
 import json
-import logging
 import os
 import re
 
 from mstkd_jax import files
+from mstkd_jax import errors
 from mstkd_jax.errors import UserError
 
 # The OS errors as TensorFlow's file system words them (its errors carry no errno).
@@ -84,16 +84,6 @@ class CheckedWriter:
     self._call("close")
 
 
-class _DropProducerTracebacks(logging.Filter):
-  """Drops clu's "Error in producer thread" records: the error it logs with a traceback
-  from its writer thread reaches the next flush or write, where `CheckedWriter` reports it
-  in one line."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    from_clu = f"{os.sep}clu{os.sep}" in (record.pathname or "")
-    return not (from_clu and record.exc_info and record.levelno >= logging.ERROR)
-
-
 def create_writer(logdir: str, *, just_logging: bool) -> CheckedWriter:
   """clu's default writer (TensorBoard events + logging), or JsonLinesWriter without TF,
   as a CheckedWriter.
@@ -105,9 +95,9 @@ def create_writer(logdir: str, *, just_logging: bool) -> CheckedWriter:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
   except ImportError:
     return CheckedWriter(JsonLinesWriter(logdir, just_logging), logdir)
-  logger = logging.getLogger("absl")
-  if not any(isinstance(f, _DropProducerTracebacks) for f in logger.filters):
-    logger.addFilter(_DropProducerTracebacks())
+  # clu logs "Error in producer thread" with a traceback; the same error reaches the next
+  # flush or write, where CheckedWriter reports it in one line.
+  errors.drop_logged_tracebacks("clu")
   try:
     writer = metric_writers.create_default_writer(logdir, just_logging=just_logging,
                                                   asynchronous=True)
