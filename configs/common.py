@@ -66,6 +66,9 @@ def base() -> ml_collections.ConfigDict:
   c.seed = 0
   c.parallelism = "pmap"          # "pmap" or "shard_map" (jax.jit over a Mesh)
   c.num_devices = 0               # 0 = every device; n = the first n (single host)
+  # Local folder of the memory-mapped caches (teacher embeddings, targets) and of the
+  # compilation cache; "" = the workdir when it is local, else <temp dir>/mstkd_cache.
+  c.cache_dir = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "synthetic"

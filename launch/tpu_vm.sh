@@ -13,8 +13,8 @@ source "$SCRIPT_DIR/lib.sh"  # PROG, REPO and the helpers shared by the launch s
 # shellcheck disable=SC2088
 REMOTE_CODE='~/mstkd_jax' REMOTE_VENV='~/mstkd_venv' REMOTE_LOGS='~/mstkd_logs'
 REMOTE_TARBALL='mstkd_jax_src.tar.gz'
-# mstkd_jax reads and writes plain paths (memory-mapped caches among them), so run mounts
-# gs://BUCKET here on every worker with gcsfuse; workdir and data live under the mount.
+# run gives mstkd_jax the workdir as a gs:// URL and mounts gs://BUCKET here on every
+# worker (gcsfuse) for the TFDS data: array_record, its file format, reads local files only.
 REMOTE_MOUNTS='/mnt/gcs'
 JAX_TPU_REQ='jax[tpu]>=0.7.1,<0.13'
 
@@ -32,12 +32,15 @@ Commands:
            apt when the image lacks it), install "$JAX_TPU_REQ" and
            requirements.txt there, and gcsfuse (Google's apt repository) when
            missing. Run it again after changing the code.
-  run      run "python -m mstkd_jax.main" on every worker (--worker=all), after
-           mounting gs://BUCKET at $REMOTE_MOUNTS/BUCKET with gcsfuse (where it is not
-           mounted yet): the workdir and TFDS_DATA_DIR are folders of that
-           mount, so every worker sees the same files. Each worker tees its
-           output into $REMOTE_LOGS/RUN_NAME.worker-\$(hostname).log; the
-           script prints how to fetch the logs.
+  run      run "python -m mstkd_jax.main" on every worker (--worker=all) with the
+           workdir in the bucket itself (a gs:// URL, written through etils.epath
+           and Orbax; the memory-mapped caches stay on each worker's local disk:
+           see the README), after mounting gs://BUCKET at $REMOTE_MOUNTS/BUCKET
+           with gcsfuse (where it is not mounted yet) for TFDS_DATA_DIR: the
+           prepared data sets are array_record files, which are read from local
+           paths only. Each worker tees its output into
+           $REMOTE_LOGS/RUN_NAME.worker-\$(hostname).log; the script prints how
+           to fetch the logs.
   ssh      open a shell on a worker, or run "-- COMMAND..." on the workers chosen
            by --worker (the words after -- are joined with spaces, as ssh does)
   delete   delete the TPU VM
@@ -56,9 +59,12 @@ Options:
   --config.KEY=VALUE       run: config override, passed through to mstkd_jax.main
   --run-name=NAME          run: names the default workdir and the log files
                            (default: mstkd-YYYYmmdd-HHMMSS; letters, digits, . _ -)
-  --workdir=PATH           run: default $REMOTE_MOUNTS/BUCKET/mstkd_jax/workdirs/RUN_NAME
-                           (a path every worker sees; gs:// URLs are refused)
+  --workdir=URL|PATH       run: default gs://BUCKET/mstkd_jax/workdirs/RUN_NAME
+                           (a URL, or a path every worker sees)
+  --gcsfuse                run: the default workdir is a folder of the mount instead,
+                           $REMOTE_MOUNTS/BUCKET/mstkd_jax/workdirs/RUN_NAME
   --tfds-data-dir=PATH     run: default $REMOTE_MOUNTS/BUCKET/tensorflow_datasets
+                           (a local path: URLs are refused)
   --detach                 run: start in the background (nohup) on every worker
                            and return at once; output goes only to the log files
   --worker=W               ssh: worker index, list (1,3), range (0-3) or "all"
@@ -107,6 +113,7 @@ dry_run=0
 spot=0
 detach=0
 yes=0
+gcsfuse=0
 name=${TPU_NAME:-mstkd-tpu}
 zone=${TPU_ZONE:-us-central2-b}
 accelerator=${TPU_ACCELERATOR:-v4-8}
@@ -128,6 +135,7 @@ while (($#)); do
     --spot) spot=1; scoped+=("--spot|create"); shift ;;
     --detach) detach=1; scoped+=("--detach|run"); shift ;;
     --yes) yes=1; scoped+=("--yes|delete"); shift ;;
+    --gcsfuse) gcsfuse=1; scoped+=("--gcsfuse|run"); shift ;;
     --name | --name=*) optval "$@"; name=$OPTVAL; shift "$OPTSHIFT" ;;
     --zone | --zone=*) optval "$@"; zone=$OPTVAL; shift "$OPTSHIFT" ;;
     --accelerator | --accelerator=*) optval "$@"; accelerator=$OPTVAL; shift "$OPTSHIFT" ;;
@@ -268,16 +276,17 @@ do_run() {
   if ! [[ $run_name =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then
     die "--run-name may only use letters, digits, '.', '_' and '-' (got: $run_name)"
   fi
-  local mount=$REMOTE_MOUNTS/$bucket
-  workdir=${workdir:-$mount/mstkd_jax/workdirs/$run_name}
+  local mount=$REMOTE_MOUNTS/$bucket root=gs://$bucket
+  if ((gcsfuse)); then
+    root=$mount
+  fi
+  workdir=${workdir:-$root/mstkd_jax/workdirs/$run_name}
   tfds_dir=${tfds_dir:-$mount/tensorflow_datasets}
-  local given
-  for given in "--workdir=$workdir" "--tfds-data-dir=$tfds_dir"; do
-    if [[ ${given#*=} =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]]; then
-      die "$given is a URL; mstkd_jax needs a path. gs://$bucket is mounted at $mount" \
-        "on every worker: give a folder under it (e.g. ${given%%=*}=$mount/...)"
-    fi
-  done
+  if [[ $tfds_dir =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]]; then
+    die "--tfds-data-dir=$tfds_dir is a URL; the prepared data sets are array_record" \
+      "files, which are read from local paths only. gs://$bucket is mounted at $mount on" \
+      "every worker: give a folder under it (e.g. --tfds-data-dir=$mount/...)"
+  fi
   need_gcloud
 
   local log="$REMOTE_LOGS/$run_name.worker-\$(hostname).log"
@@ -286,7 +295,9 @@ do_run() {
   local remote
   # --rename-dir-limit: Orbax finalizes a checkpoint by renaming its temporary folder.
   remote="set -eo pipefail; mkdir -p $REMOTE_LOGS; "
-  remote+="if ! mountpoint -q $(q "$mount"); then sudo mkdir -p $(q "$mount") && sudo chown \$(id -u):\$(id -g) $(q "$mount") && gcsfuse --implicit-dirs --rename-dir-limit=1000000 $(q "$bucket") $(q "$mount"); fi; "
+  if [[ $workdir == "$mount"* || $tfds_dir == "$mount"* ]]; then
+    remote+="if ! mountpoint -q $(q "$mount"); then sudo mkdir -p $(q "$mount") && sudo chown \$(id -u):\$(id -g) $(q "$mount") && gcsfuse --implicit-dirs --rename-dir-limit=1000000 $(q "$bucket") $(q "$mount"); fi; "
+  fi
   remote+="cd $REMOTE_CODE; export TFDS_DATA_DIR=$(q "$tfds_dir") PYTHONUNBUFFERED=1; "
   if ((detach)); then
     remote+="nohup $main >> $log 2>&1 < /dev/null & echo \"[\$(hostname)] started pid \$!, log: $log\""

@@ -30,7 +30,7 @@ fairness metrics. It is printed and written to --out (report.json, roc.json, rep
 PNGs), and nothing is written there when the evaluation fails.
 
 Model settings come from the flags when given, else (Orbax) from the workdir's
-config.json, else (Orbax) from the checkpoint's shapes, else the defaults in DEFAULTS; a
+config.json, else (Orbax) from the checkpoint's shapes, else interop.resolve.DEFAULTS; a
 checkpoint that does not fit is refused with the settings its shapes imply (the input size
 from fc's weight). Evaluation always computes in float32. Errors a user can fix print one
 `error: ...` and exit with 2 (flags) or 1 (checkpoint or data).
@@ -55,7 +55,6 @@ from mstkd_jax import paths
 from mstkd_jax.data import pairs
 from mstkd_jax.errors import UserError
 from mstkd_jax.interop import resolve
-from mstkd_jax.interop.resolve import ArchSettings, DEFAULTS
 
 RESAMPLING = pairs.RESAMPLING
 NORMALIZATION = "(x / 255 - 0.5) / 0.5 on RGB uint8, as insightface"

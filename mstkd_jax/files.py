@@ -289,3 +289,139 @@ def npy_writer(path: str, shape: tuple, dtype=np.float32, enabled: bool = True):
       array.flush()
     finally:
       del array
+
+
+@contextlib.contextmanager
+def load_npz(path) -> Iterator:
+  """np.load of the .npz `path` (str or os.PathLike; a URL is read whole through
+  etils.epath), as a context manager yielding the NpzFile. Pickles are refused.
+
+  Raises:
+    FileNotFoundError: there is no such file; OSError / ValueError: not an .npz archive
+      (for the caller to word, as np.load raises them).
+    UserError: a URL's storage library failed, naming `path`.
+  """
+  source = io.BytesIO(read_bytes(path)) if paths.is_url(path) else os.fspath(path)
+  with np.load(source, allow_pickle=False) as data:
+    yield data
+
+
+# ------------------------------------------------------ file-system calls, local or URL
+# os / shutil for a local path, etils.epath for a URL (gs://...): the same call either way.
+# A URL's storage library errors (other than a missing file) become one UserError naming
+# the path and what was being done.
+
+def _on_url(path, action: str, call):
+  try:
+    return call(epath_of(path))
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except; the storage library's own errors
+    raise url_error(path, e, action) from e
+
+
+def exists(path) -> bool:
+  """Whether `path` (str or os.PathLike; a URL included) exists."""
+  if paths.is_url(path):
+    return _on_url(path, "read", lambda p: p.exists())
+  return os.path.exists(path)
+
+
+def isdir(path) -> bool:
+  """Whether `path` (a local path or a URL) is a folder."""
+  if paths.is_url(path):
+    return _on_url(path, "read", lambda p: p.is_dir())
+  return os.path.isdir(path)
+
+
+def isfile(path) -> bool:
+  """Whether `path` (a local path or a URL) is a file."""
+  if paths.is_url(path):
+    return _on_url(path, "read", lambda p: p.is_file())
+  return os.path.isfile(path)
+
+
+def listdir(path) -> list[str]:
+  """The names in the folder `path` (a local path or a URL), sorted.
+
+  Raises:
+    FileNotFoundError: there is no such folder; OSError: another OS error (local paths).
+    UserError: a URL's storage library failed, naming `path`.
+  """
+  if paths.is_url(path):
+    return sorted(_on_url(path, "list", lambda p: [c.name for c in p.iterdir()]))
+  return sorted(os.listdir(path))
+
+
+def makedirs(path) -> None:
+  """Makes the folder `path` (a local path or a URL) and its parents; no error if it exists.
+
+  Raises:
+    UserError: it cannot be made (OS or storage library error), naming `path`.
+  """
+  if paths.is_url(path):
+    _on_url(path, "write", lambda p: p.mkdir(parents=True, exist_ok=True))
+    return
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise write_error(os.fspath(path), e) from e
+
+
+def remove(path) -> None:
+  """Removes the file `path` (a local path or a URL); no error if it is already gone.
+
+  Raises:
+    UserError: it cannot be removed (OS or storage library error), naming `path`.
+  """
+  try:
+    if paths.is_url(path):
+      _on_url(path, "remove", lambda p: p.unlink(missing_ok=True))
+    else:
+      os.remove(path)
+  except FileNotFoundError:
+    pass
+  except OSError as e:
+    raise UserError(f"cannot remove {os.fspath(path)} ({os_error_reason(e)})") from e
+
+
+def rmtree(path) -> None:
+  """Removes the folder `path` (a local path or a URL) with everything in it; no error if
+  it is already gone.
+
+  Raises:
+    UserError: it cannot be removed (OS or storage library error), naming `path`.
+  """
+  try:
+    if paths.is_url(path):
+      _on_url(path, "remove", lambda p: p.rmtree() if p.exists() else None)
+    else:
+      shutil.rmtree(path)
+  except FileNotFoundError:
+    pass
+  except OSError as e:
+    raise UserError(f"cannot remove {os.fspath(path)} ({os_error_reason(e)})") from e
+
+
+def size(path) -> int:
+  """The size in bytes of the file `path` (a local path or a URL's object).
+
+  Raises:
+    FileNotFoundError: there is no such file; OSError: another OS error (local paths).
+    UserError: a URL's storage library failed, naming `path`.
+  """
+  if paths.is_url(path):
+    return _on_url(path, "read", lambda p: p.stat().length)
+  return os.path.getsize(path)
+
+
+def open_read(path):
+  """A binary file object of `path` for reading (a local path or a URL), seekable.
+
+  Raises:
+    FileNotFoundError / OSError as open() raises them; UserError where a URL's storage
+      library fails, naming `path`.
+  """
+  if paths.is_url(path):
+    return _on_url(path, "read", lambda p: p.open("rb"))
+  return open(path, "rb")

@@ -30,7 +30,8 @@ from mstkd_jax.errors import UserError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:preset]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
-                               "Where the run writes; default ./workdir/<config>_<preset>.")
+                               "Where the run writes: a folder or a gs:// URL; default "
+                               "./workdir/<config>_<preset>.")
 _MULTIHOST = flags.DEFINE_enum(
     "multihost", "auto", ["auto", "true", "false"],
     "Call jax.distributed.initialize(): auto = on a TPU VM pod, under SLURM with several "
@@ -198,13 +199,14 @@ def run(config, workdir: str, multihost: str | Multihost = "false"):
   `multihost` is a mode ("auto", "true", "false") or a full Multihost setting.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  workdir = paths.local(workdir, "--workdir")
+  workdir = paths.resolve(workdir, "--workdir")
   setup = multihost if isinstance(multihost, Multihost) else Multihost(mode=multihost)
   initialize_multihost(setup)
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    # Reruns and resumptions (and stages of the same shapes) skip XLA compilation.
-    jax.config.update("jax_compilation_cache_dir",
-                      os.path.join(workdir, "compilation_cache"))
+    # Reruns and resumptions (and stages of the same shapes) skip XLA compilation. Kept on
+    # a local disk: the workdir's own folder, or its local cache folder for a URL workdir.
+    cache = paths.cache_dir(config.get("cache_dir", ""), workdir)
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache, "compilation_cache"))
   stages = _stages()
   if config.stage not in stages:
     raise UserError(f"config field stage={config.stage!r}: expected one of {sorted(stages)}")

@@ -1,17 +1,15 @@
 """Paths that users give (flags, config fields, environment): local ones made absolute,
 URLs (gs://bucket/dir) either kept as they are or refused, and the local cache folder.
 
-Where the code reads and writes through `mstkd_jax.files` and `etils.epath` (the workdir's
-records: config.json, config_history.jsonl, stage.json, results.json, reports; see
-`resolve`), a URL is kept and written through epath, whose gs:// backend is tf.io.gfile
-(TensorFlow is installed) or fsspec/gcsfs. Where the code still uses plain file-system
-calls, or memory-maps files (the embedding caches), `local` refuses a URL with one line:
-otherwise gs://bucket/dir would turn into a local folder named "gs:" without a word.
-Buckets are then used through a mount (gcsfuse: launch/tpu_vm.sh --gcsfuse mounts
-gs://BUCKET at /mnt/gcs/BUCKET on every TPU VM worker).
+Workdirs and TFDS data folders may be URLs (`resolve`): the run reads and writes them
+through `mstkd_jax.files` and `etils.epath` (whose gs:// backend is tf.io.gfile where
+TensorFlow is installed, else fsspec/gcsfs), and Orbax through epath and tensorstore.
+What must be a local file refuses a URL with one line (`local`): the memory-mapped caches
+(they go under `cache_dir`), and the user's own input files (image folders, RecordIO,
+.bin, IJB releases), which are read with plain file calls; otherwise gs://bucket/dir would
+turn into a local folder named "gs:" without a word.
 """
 
-import hashlib
 import os
 import re
 import tempfile
@@ -61,19 +59,27 @@ def resolve(path, what: str) -> str:
   return local(text, what)
 
 
-def cache_dir(cache: str, workdir: str) -> str:
-  """The local folder of the memory-mapped caches (teacher_embeddings.npy, targets.npy),
-  which need a local disk: `cache` (the config field `cache_dir`) made absolute when given;
-  else `workdir` when it is local; else <tempfile.gettempdir()>/mstkd_cache/<the first 16
-  hex digits of sha256(workdir)>, one folder per URL workdir on this machine. A cache there
-  is not in the bucket: a run on another machine computes it again.
+CACHE_ROOT = "mstkd_cache"   # under tempfile.gettempdir(), for URL folders without cache_dir
+
+
+def cache_dir(cache: str, folder: str) -> str:
+  """The local folder of the memory-mapped caches (teacher_embeddings.npy, targets.npy) of
+  the stage folder `folder`, since a memory map needs a local disk:
+  - `cache` (the config field `cache_dir`) empty and `folder` local: `folder` itself;
+  - `cache` empty and `folder` a URL: <tempfile.gettempdir()>/mstkd_cache/<mirror>;
+  - `cache` given: <cache, made absolute>/<mirror>;
+  where <mirror> is `folder` without its scheme's "://" and leading "/"
+  (gs://bucket/run/extract/specialized -> gs/bucket/run/extract/specialized), so every
+  stage and seed has its own. A cache in a local folder is not in the bucket: a run
+  resumed on another machine computes it again where a stage still needs it.
 
   Raises:
     UserError: `cache` is a URL (a memory map needs a local file).
   """
-  if cache:
-    return local(cache, "cache_dir")
-  if not is_url(workdir):
-    return local(workdir, "workdir")
-  digest = hashlib.sha256(os.fspath(workdir).rstrip("/").encode()).hexdigest()[:16]
-  return os.path.join(tempfile.gettempdir(), "mstkd_cache", digest)
+  text = os.fspath(folder).rstrip("/")
+  if not cache and not is_url(text):
+    return local(text, "workdir")
+  root = local(cache, "cache_dir") if cache else os.path.join(tempfile.gettempdir(),
+                                                              CACHE_ROOT)
+  mirror = text.replace("://", "/", 1) if is_url(text) else local(text, "workdir")
+  return os.path.join(root, mirror.lstrip("/"))

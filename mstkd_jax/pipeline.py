@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 from typing import Callable
 
@@ -55,7 +54,7 @@ class Stage:
 
 def _base(config) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  for key in ("seed", "parallelism", "num_devices", "data", "model", "head"):
+  for key in ("seed", "parallelism", "num_devices", "cache_dir", "data", "model", "head"):
     c[key] = config[key]
   return ml_collections.ConfigDict(c.to_dict())
 
@@ -205,7 +204,7 @@ def _with_data_dir(config, workdir: str) -> ml_collections.ConfigDict:
   (for the synthetic set, its cache)."""
   config = ml_collections.ConfigDict(config.to_dict())
   if not config.data.data_dir:
-    config.data.data_dir = sources.data_dir(config.data, workdir)
+    config.data.data_dir = sources.data_dir(config.data, workdir, config.cache_dir)
   return config
 
 
@@ -225,7 +224,7 @@ def run(config, workdir: str) -> dict:
   balanced identity split; finished seeds are skipped. It ends with the combined report
   over seeds in <workdir>/report/ (evaluation/seeds.py) and returns it.
   """
-  workdir = paths.local(workdir, "workdir")
+  workdir = paths.resolve(workdir, "workdir")
   seeds = _check_seeds(config)
   config = _with_data_dir(config, workdir)
   if seeds == 1:
@@ -252,6 +251,31 @@ def run(config, workdir: str) -> dict:
   print(f"[pipeline] {seeds} seeds done; combined report: "
         f"{os.path.join(workdir, 'report')}", flush=True)
   return combined
+
+
+def _cache_record(config, stage_dir: str) -> dict:
+  """{"caches": output record} of the stage's caches where they are not in its folder
+  (cache_dir, or a URL workdir), {} otherwise."""
+  cache = paths.cache_dir(config.cache_dir, stage_dir)
+  if cache == stage_dir or not files.isdir(cache):
+    return {}
+  return {"caches": workdir_lib.output_record(cache)}
+
+
+def _damaged_caches(config, stage_dir: str, record: dict) -> str | None:
+  """Why the caches of a finished stage are not as it left them (None where intact). In a
+  multi-host run each process checks its own copy (common.writes_caches) and all agree:
+  a stage is repaired where any process lacks them."""
+  if not record.get("caches"):
+    return None
+  cache = paths.cache_dir(config.cache_dir, stage_dir)
+  why = workdir_lib.damaged_output(cache, record["caches"])
+  why = f"its caches in {cache} are not as it left them ({why})" if why else None
+  if jax.process_count() > 1:
+    lacking = np.flatnonzero(parallel_lib.gather_hosts(np.array([why is not None])))
+    if len(lacking) and why is None:
+      why = f"its caches are not as it left them on processes {lacking.tolist()}"
+  return why
 
 
 def _check_seed_folder(seed_dir: str, seed_config) -> None:
@@ -290,7 +314,7 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
   # Every finished stage is checked against this config before anything runs or is
   # written (config.json included): a refused run leaves the workdir as it was. The report
   # is only rebuilt when it is stale (a new variant adds stages and report rows).
-  fingerprints, records, rerun, unfinished = {}, {}, {}, []
+  fingerprints, records, rerun, unfinished, caches = {}, {}, {}, [], {}
   for stage in stages:
     records[stage.name] = _fingerprint(stage, fingerprints)
     fingerprints[stage.name] = records[stage.name]["fingerprint"]
@@ -306,6 +330,16 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
     elif (why := workdir_lib.damaged_output(os.path.join(workdir, stage.name),
                                             old.get("outputs", {}))):
       rerun[stage.name] = f"its outputs are damaged ({why})"
+    elif (why := _damaged_caches(config, os.path.join(workdir, stage.name), old)):
+      caches[stage.name] = why
+  # A cache (in cache_dir: e.g. a URL workdir resumed on another machine) matters only
+  # where a stage that reads it still has to run (the report reads none). A rerun adaptor
+  # reads the extraction's cache in turn: repeated until nothing is added.
+  readers = {s.name: {t.name for t in stages if s.name in t.deps and t.name != "report"}
+             for s in stages}
+  while added := [name for name in caches if name not in rerun and readers[name] & (
+      _downstream(stages, set(rerun) | forced) | set(unfinished))]:
+    rerun.update({name: caches[name] for name in added})
   for name in _downstream(stages, set(rerun)) - set(rerun):
     rerun[name] = "an earlier stage it reads reruns"
   rerun.update({name: "--config.force" for name in forced})
@@ -315,7 +349,7 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
   # --config.force, still reruns every stage it invalidated.
   for name, why in rerun.items():
     stage_dir = os.path.join(workdir, name)
-    if not os.path.isdir(stage_dir):
+    if not files.isdir(stage_dir):
       continue
     print(f"[pipeline] {name} will rerun: {why}", flush=True)
     if jax.process_index() == 0:
@@ -339,8 +373,11 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
     if old and old.get("invalidated"):
       # Its inputs are there: only now are its previous outputs removed.
       if jax.process_index() == 0:
-        shutil.rmtree(stage_dir)
-        os.makedirs(stage_dir)  # a resumption of this rerun keeps its progress
+        files.rmtree(stage_dir)
+        cache = paths.cache_dir(config.cache_dir, stage_dir)
+        if cache != stage_dir:
+          files.rmtree(cache)
+        files.makedirs(stage_dir)  # a resumption of this rerun keeps its progress
         files.write_json(os.path.join(stage_dir, "stage.json"), {"cleared": True})
       parallel_lib.sync_hosts(f"cleared {stage.name}")
     print(f"[pipeline] stage {stage.name} ({time.perf_counter() - started:.0f} s so far)",
@@ -350,10 +387,11 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
     else:
       stage.run_in(stage_dir)
     if jax.process_index() == 0:
-      os.makedirs(stage_dir, exist_ok=True)
+      files.makedirs(stage_dir)
       files.write_json(os.path.join(stage_dir, "stage.json"),
                        {**records[stage.name], "finished": True,
-                        "outputs": workdir_lib.output_record(stage_dir)}, sort_keys=True)
+                        "outputs": workdir_lib.output_record(stage_dir),
+                        **_cache_record(config, stage_dir)}, sort_keys=True)
     # The other processes read what process 0 just wrote only after this barrier.
     parallel_lib.sync_hosts(f"finished {stage.name}")
     finished[stage.name] = True

@@ -1,11 +1,10 @@
 """The files of a run: the workdir check, config diffs, trained models and results.json.
 
 Its files are written with mstkd_jax.files (atomic, one-line errors). A workdir may be a
-URL (gs://bucket/run) for what this module writes and reads: the write check, config.json,
-config_history.jsonl, results.json and the stage output records go through etils.epath;
-such a workdir is not locked (an object store has no file lock: one run per bucket
-workdir is the user's job), and trained models (Orbax, train/checkpoints.py) still need a
-local or mounted path.
+URL (gs://bucket/run): the write check, config.json, config_history.jsonl, results.json,
+the stage output records and the trained models (Orbax, which reads and writes buckets
+itself) go through etils.epath; such a workdir is not locked (an object store has no file
+lock: one run per bucket workdir is the user's job).
 """
 
 import contextlib
@@ -30,7 +29,7 @@ from mstkd_jax.train.checkpoints import Checkpoints, flat_shapes, shape_mismatch
 # see stages.common.Inputs.)
 RUN_CONTROL_FIELDS = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                       "train.eval_batch_size", "train.eval_every", "parallelism",
-                      "num_devices", "data.data_dir", "only", "force",
+                      "num_devices", "data.data_dir", "cache_dir", "only", "force",
                       # The layout of the class centres, saved whole either way (the
                       # adaptor's head section sits under `adaptor` in the recipe's
                       # config). head.sample_rate changes the numbers: not listed.
@@ -93,7 +92,7 @@ def prepare(config, workdir: str, refuse_changes: bool = True) -> str:
   except OSError as e:
     raise UserError(f"the workdir {workdir} cannot be written: {e.strerror or e}") from e
   if jax.process_count() > 1:
-    _check_shared(workdir)
+    check_shared(workdir)
   path = os.path.join(workdir, "config.json")
   new = config_dict(config)
   if refuse_changes and os.path.exists(path):
@@ -154,21 +153,25 @@ def _append_history(workdir: str, config: dict) -> None:
   files.append_text(os.path.join(workdir, HISTORY_FILE), line + "\n")
 
 
-def _check_shared(workdir: str) -> None:
-  """Refuses a multi-host workdir that is not one folder every process sees (NFS, a
-  mounted bucket): Orbax checkpoints and process 0's outputs would be missing elsewhere."""
+def check_shared(folder: str, what: str = "the workdir") -> None:
+  """Refuses, in a multi-host run, a local `folder` that is not one folder every process
+  sees (NFS, a mounted bucket): Orbax checkpoints, caches and process 0's outputs would be
+  missing elsewhere. Process 0 writes a probe file, every process looks for it.
+
+  Raises:
+    UserError: some processes do not see the probe (naming them and `what`).
+  """
   nonce = int(parallel_lib.broadcast_from_main(np.int32(time.time_ns() % 2**31)))
-  probe = os.path.join(workdir, f".shared_probe_{nonce}")
+  probe = os.path.join(folder, f".shared_probe_{nonce}")
   if jax.process_index() == 0:
-    with open(probe, "w") as f:
-      f.write("ok")
+    files.write_bytes(probe, b"ok")
   parallel_lib.sync_hosts(f"shared probe {nonce} written")
   blind = np.flatnonzero(~parallel_lib.gather_hosts(np.array([os.path.exists(probe)])))
   parallel_lib.sync_hosts(f"shared probe {nonce} read")
   if jax.process_index() == 0:
-    os.remove(probe)
+    files.remove(probe)
   if len(blind):
-    raise UserError(f"the workdir {workdir} is not shared: processes {blind.tolist()} do not "
+    raise UserError(f"{what} {folder} is not shared: processes {blind.tolist()} do not "
                     "see the files process 0 writes there; a multi-host run needs a folder "
                     "every host sees (NFS, a mounted bucket)")
 
@@ -188,7 +191,7 @@ def _file_digest(path: str, size: int) -> str:
   SAMPLE_CHUNKS chunks at fixed, evenly spaced offsets (a cache's header and a sample of
   its rows: cheap at any size, and it catches truncation, a rewrite or garbage)."""
   digest = hashlib.sha256()
-  with (files.epath_of(path).open("rb") if paths.is_url(path) else open(path, "rb")) as f:
+  with files.open_read(path) as f:
     if size <= FULL_HASH_BYTES:
       for block in iter(lambda: f.read(1 << 20), b""):
         digest.update(block)
@@ -217,22 +220,10 @@ def output_record(stage_dir: str) -> dict:
       if (rel_root == "." and name in UNRECORDED) or name.startswith(UNRECORDED_PREFIXES):
         continue
       path = os.path.join(root, name)
-      size = _size(path)
+      size = files.size(path)
       rel = os.path.normpath(os.path.join(rel_root, name))
       record[rel] = {"size": size, "sha256": _file_digest(path, size)}
   return record
-
-
-def _size(path: str) -> int:
-  """The size in bytes of a local file or a URL's object (OSError where missing)."""
-  if paths.is_url(path):
-    try:
-      return files.epath_of(path).stat().length
-    except OSError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except; the storage library's errors
-      raise files.url_error(path, e, "read") from e
-  return os.path.getsize(path)
 
 
 def damaged_output(stage_dir: str, record: dict) -> str | None:
@@ -241,7 +232,7 @@ def damaged_output(stage_dir: str, record: dict) -> str | None:
   for rel, expected in sorted(record.items()):
     path = os.path.join(stage_dir, rel)
     try:
-      size = _size(path)
+      size = files.size(path)
     except OSError:
       return f"{rel} is missing"
     if size != expected["size"]:

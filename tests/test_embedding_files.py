@@ -80,15 +80,26 @@ def test_extracted_embeddings_are_read_memory_mapped_and_bad_files_named(tmp_pat
   np.save(tmp_path / "teacher_embeddings.npy", train)
   files.save_npz(str(tmp_path / "verification_teacher_embeddings.npz"),
                           {"g/embeddings": train[:4], "g/issame": np.array([True, False])})
-  loaded, verification = extract.load(str(tmp_path))
+  loaded, verification = extract.load({}, str(tmp_path))
   assert isinstance(loaded, np.memmap)
   np.testing.assert_array_equal(loaded, train)
   np.testing.assert_array_equal(verification["g"][0], train[:4])
 
+  # With cache_dir the memory-mapped file is looked for there (mirroring the stage folder),
+  # the .npz next to the stage's other outputs.
+  config = {"cache_dir": str(tmp_path / "cache")}
+  with pytest.raises(UserError, match="cannot read the teacher embeddings in"):
+    extract.load(config, str(tmp_path))
+  mirror = tmp_path / "cache" / str(tmp_path).lstrip("/")
+  mirror.mkdir(parents=True)
+  (tmp_path / "teacher_embeddings.npy").rename(mirror / "teacher_embeddings.npy")
+  np.testing.assert_array_equal(extract.load(config, str(tmp_path))[0], train)
+  (mirror / "teacher_embeddings.npy").rename(tmp_path / "teacher_embeddings.npy")
+
   data = (tmp_path / "teacher_embeddings.npy").read_bytes()
   (tmp_path / "teacher_embeddings.npy").write_bytes(data[:len(data) // 2])   # truncated
   with pytest.raises(UserError, match="cannot read the teacher embeddings in"):
-    extract.load(str(tmp_path))
+    extract.load({}, str(tmp_path))
 
 
 def test_adaptor_targets_are_written_in_bounded_memory(tmp_path):

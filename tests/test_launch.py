@@ -184,7 +184,7 @@ def test_tpu_setup_copies_code_and_installs_on_all_workers(sh, tmp_path):
   assert {"pip", "install"} <= set(remote[r - 4:r])
   assert j < r  # jax[tpu] first, so requirements.txt keeps it
   assert "venv" in remote
-  g = remote.index("gcsfuse")  # installed where missing, for run's bucket mount
+  g = remote.index("gcsfuse")  # installed where missing, for run's bucket mount (data)
   assert remote[g - 2:g] == ["command", "-v"] and "apt_install" in remote[g:g + 40]
 
 
@@ -197,8 +197,9 @@ def test_tpu_run_passes_config_workdir_and_tfds_dir_on_the_bucket(sh):
   assert words[4:6] == ["ssh", "t1"]
   assert "--worker=all" in words
   remote = remote_words(words)
+  # The workdir is the bucket itself (a gs:// URL); the data (array_record, read from local
+  # paths only) come through the bucket mounted (where it is not yet) on every worker.
   assert "TFDS_DATA_DIR=/mnt/gcs/my-bucket/tensorflow_datasets" in remote
-  # The bucket is mounted (where it is not yet) before the run, on every worker.
   g = remote.index("gcsfuse")
   assert remote[g + 1:g + 5] == ["--implicit-dirs", "--rename-dir-limit=1000000", "my-bucket",
                                  "/mnt/gcs/my-bucket"]
@@ -207,13 +208,26 @@ def test_tpu_run_passes_config_workdir_and_tfds_dir_on_the_bucket(sh):
   assert remote[m - 1] == "-m"
   main_args = remote[m + 1:remote.index("2>&1")]
   assert "--config=configs/distill.py:tiny" in main_args
-  assert "--workdir=/mnt/gcs/my-bucket/mstkd_jax/workdirs/exp1" in main_args
+  assert "--workdir=gs://my-bucket/mstkd_jax/workdirs/exp1" in main_args
   # --multihost=true first; the words after -- come later and win.
   assert main_args[2:] == ["--multihost=true", "--multihost=auto"]
   # Every worker keeps its own log, and the script says how to get it.
   assert "tee" in remote
   assert "~/mstkd_logs/exp1.worker-$(hostname).log" in remote
   assert "scp" in result.stderr and "mstkd_logs/exp1" in result.stderr
+
+
+def test_tpu_run_with_gcsfuse_puts_the_workdir_under_the_mount(sh):
+  result = ok(sh(TPU, "run", "--dry-run", "--name=t1", "--bucket=my-bucket", "--gcsfuse",
+                 "--run-name=exp1"))
+  remote = remote_words(commands(result.stdout)[0])
+  assert "TFDS_DATA_DIR=/mnt/gcs/my-bucket/tensorflow_datasets" in remote
+  assert remote.index("gcsfuse") < remote.index("mstkd_jax.main")
+  assert "--workdir=/mnt/gcs/my-bucket/mstkd_jax/workdirs/exp1" in remote
+  # Nothing under the mount: nothing is mounted.
+  result = ok(sh(TPU, "run", "--dry-run", "--bucket=b", "--workdir=/shared/wd",
+                 "--tfds-data-dir=/local/tfds"))
+  assert "gcsfuse" not in remote_words(commands(result.stdout)[0])
 
 
 def test_tpu_run_bucket_flag_beats_environment_and_workdir_override(sh):
@@ -225,13 +239,16 @@ def test_tpu_run_bucket_flag_beats_environment_and_workdir_override(sh):
   assert "TFDS_DATA_DIR=/mnt/gcs/flag-bucket/tensorflow_datasets" in remote
   assert "--workdir=/shared/wd" in remote
   assert "env-bucket" not in result.stdout
+  result = ok(sh(TPU, "run", "--dry-run", "--bucket=b", "--workdir=gs://other/wd"))
+  assert "--workdir=gs://other/wd" in remote_words(commands(result.stdout)[0])
 
 
-@pytest.mark.parametrize("flag", ["--workdir", "--tfds-data-dir"])
-def test_tpu_run_refuses_url_folders(sh, flag):
-  result = sh(TPU, "run", "--dry-run", "--bucket=b", f"{flag}=gs://b/x")
+def test_tpu_run_refuses_a_url_data_folder(sh):
+  result = sh(TPU, "run", "--dry-run", "--bucket=b", "--tfds-data-dir=gs://b/x")
   assert result.returncode != 0 and not commands(result.stdout)
-  assert f"{flag}=gs://b/x is a URL" in result.stderr and "/mnt/gcs/b" in result.stderr
+  assert "--tfds-data-dir=gs://b/x is a URL; the prepared data sets are array_record" in (
+      result.stderr.replace("\n", " "))
+  assert "/mnt/gcs/b" in result.stderr
 
 
 def test_tpu_run_quotes_arguments_with_spaces_and_quotes(sh):
@@ -270,7 +287,7 @@ def test_tpu_run_remote_command_runs_in_bash(sh, tool_bin, tmp_path):
       "sudo mkdir -p /mnt/gcs/b", f"sudo chown {os.getuid()}:{os.getgid()} /mnt/gcs/b",
       "gcsfuse --implicit-dirs --rename-dir-limit=1000000 b /mnt/gcs/b"]
   expected = ["TFDS=/mnt/gcs/b/tensorflow_datasets", "<-m>", "<mstkd_jax.main>",
-              "<--config=configs/distill.py>", "<--workdir=/mnt/gcs/b/mstkd_jax/workdirs/r>",
+              "<--config=configs/distill.py>", "<--workdir=gs://b/mstkd_jax/workdirs/r>",
               "<--multihost=true>",
               "<--config.name=my run>", "<it's>", "<$(echo no)>"]
   assert run.stdout.splitlines()[-len(expected):] == expected

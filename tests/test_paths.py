@@ -40,11 +40,21 @@ def test_data_dir_defaults(tmp_path, monkeypatch):
   assert sources.data_dir(_data("tfds"), workdir) == str(tmp_path / "tfds")
   assert sources.data_dir(_data("synthetic"), workdir) == os.path.join(workdir, "data")
   assert sources.data_dir(_data("tfds", str(tmp_path / "d")), workdir) == str(tmp_path / "d")
+  # Data folders are local: array_record (TFDS) reads local files only, the synthetic set's
+  # cache is memory-mapped; a URL workdir's synthetic cache is in its local cache folder.
   monkeypatch.setenv("TFDS_DATA_DIR", "gs://bucket/tensorflow_datasets")
-  with pytest.raises(UserError, match="TFDS_DATA_DIR='gs://bucket/tensorflow_datasets' is a URL"):
+  with pytest.raises(UserError, match="^TFDS_DATA_DIR='gs://bucket/tensorflow_datasets' is a "
+                     r"URL, but .*array_record#120\). Copy the folder to a local disk "
+                     r"\(gsutil -m cp -r gs://bucket/tensorflow_datasets /local/dir\)"):
     sources.data_dir(_data("tfds"), workdir)
+  with pytest.raises(UserError, match="config field data.data_dir='gs://b/d' is a URL, but"):
+    sources.data_dir(_data("tfds", "gs://b/d"), workdir)
   with pytest.raises(UserError, match="config field data.data_dir='gs://b/d' is a URL"):
     sources.data_dir(_data("synthetic", "gs://b/d"), workdir)
+  assert sources.data_dir(_data("synthetic"), "gs://b/run") == os.path.join(
+      paths.cache_dir("", "gs://b/run"), "data")
+  assert sources.data_dir(_data("synthetic"), "gs://b/run", str(tmp_path / "c")) == str(
+      tmp_path / "c" / "gs" / "b" / "run" / "data")
 
 
 def test_resolve_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch):
@@ -57,12 +67,15 @@ def test_resolve_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch
       paths.resolve(bad, "--workdir")
 
 
-def test_cache_dir_is_local(tmp_path, monkeypatch):
+def test_cache_dir_is_local_and_one_per_stage_folder(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   assert paths.cache_dir("", str(tmp_path / "wd")) == str(tmp_path / "wd")
-  assert paths.cache_dir("c", "gs://b/run") == str(tmp_path / "c")
+  assert paths.cache_dir("", "wd/") == str(tmp_path / "wd")
+  assert paths.cache_dir("c", "gs://b/run/extract/x") == str(tmp_path / "c/gs/b/run/extract/x")
+  assert paths.cache_dir("c", "/data/run") == str(tmp_path / "c/data/run")
   remote = paths.cache_dir("", "gs://b/run")
-  assert remote.startswith(os.path.join(tempfile.gettempdir(), "mstkd_cache", ""))
+  assert remote == os.path.join(tempfile.gettempdir(), "mstkd_cache", "gs/b/run")
   assert remote == paths.cache_dir("", "gs://b/run/") != paths.cache_dir("", "gs://b/other")
+  assert paths.cache_dir("", "s3://b/run") != remote
   with pytest.raises(UserError, match="cache_dir='gs://b/c' is a URL"):
     paths.cache_dir("gs://b/c", "gs://b/run")

@@ -14,13 +14,16 @@ import io
 import json
 import os
 import pathlib
+import shutil
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 
 from mstkd_jax import files, paths, workdir as workdir_lib
 from mstkd_jax.errors import UserError
+from mstkd_jax.train.checkpoints import Checkpoints
 
 pytest.importorskip("tensorflow")
 from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -119,6 +122,13 @@ def test_storage_errors_are_one_line_naming_the_url(url, monkeypatch):
   with pytest.raises(UserError, match=f"^the workdir {url} cannot be written "
                      r"\(PermissionDeniedError: .* 401\)$"):
     workdir_lib.prepare(ml_collections.ConfigDict({"a": 1}), url)
+  monkeypatch.setattr(type(epath.Path(url)), "mkdir", refuse)
+  for make in (files.makedirs, lambda p: Checkpoints(p)):
+    with pytest.raises(UserError) as error:
+      make(f"{url}/checkpoints")
+    assert str(error.value) == (f"cannot {'write' if make is files.makedirs else 'open'} "
+                                f"{url}/checkpoints (PermissionDeniedError: Error executing "
+                                "an HTTP request: HTTP response code 401)")
 
 
 def test_url_error_is_short():
@@ -166,10 +176,109 @@ def test_workdir_records_on_a_url(url, capsys):
   assert workdir_lib.damaged_output(stage, record) == "results.json is missing"
 
 
-def test_models_under_a_url_are_refused_in_one_line(url):
-  with pytest.raises(UserError, match=f"checkpoints in {url}/model: a URL checkpoint "
-                     "folder is not supported yet"):
-    workdir_lib.model_step(url)
+class _MappedBackend(epath_backend._OsPathBackend):  # pylint: disable=protected-access
+  """epath's local backend with ram://<path> kept under the local folder `root`: the
+  storage under a URL that Orbax's tensorstore (which cannot reach TF's RAM file system)
+  reads and writes too, through the mapping of `_map_tensorstore`."""
+
+  def __init__(self, root: str):
+    self.root = root
+
+  def local(self, path) -> str:
+    text = os.fspath(path)
+    if text.startswith(self.root + os.sep):  # the base class calling itself back
+      return text
+    assert text.startswith("ram://"), text
+    return os.path.join(self.root, text[len("ram://"):])
+
+  def url(self, path) -> str:
+    return "ram://" + os.path.relpath(os.fspath(path), self.root)
+
+  def open(self, path, mode):
+    return super().open(self.local(path), mode)
+
+  def walk(self, top, **kwargs):
+    for root, dirs, names in super().walk(self.local(top), **kwargs):
+      yield self.url(root), dirs, names
+
+  def glob(self, path):
+    return [self.url(p) for p in super().glob(self.local(path))]
+
+  def rename(self, path, dst):
+    super().rename(self.local(path), self.local(dst))
+
+  def replace(self, path, dst):
+    super().replace(self.local(path), self.local(dst))
+
+  def copy(self, path, dst, overwrite):
+    super().copy(self.local(path), self.local(dst), overwrite)
+
+
+for _name in ("exists", "isdir", "listdir", "makedirs", "mkdir", "rmtree", "remove", "stat"):
+  def _mapped(self, path, *args, _method=getattr(epath_backend._OsPathBackend, _name),
+              **kwargs):
+    return _method(self, self.local(path), *args, **kwargs)
+  setattr(_MappedBackend, _name, _mapped)
+
+
+@pytest.fixture
+def mapped_url(url, tmp_path, monkeypatch):
+  """(ram://<bucket>/run, its local folder): a URL that epath and Orbax (tensorstore) both
+  keep in one local folder, for Orbax checkpoints under a URL.
+
+  Orbax handles a URL through epath (folders, metadata, the commit) and tensorstore (the
+  arrays); tensorstore has no RAM file system of TF's, so both are pointed at `root`: epath's
+  ram:// paths use `_MappedBackend`, and tensorstore's key-value specs get the same local
+  path (`build_kvstore_tspec`, which every Orbax array read and write goes through). Our
+  code sees only the URL. TensorFlow itself (clu's TensorBoard events) still writes its RAM
+  file system, which nothing reads back.
+  """
+  from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / "bucket_storage")
+  os.makedirs(root)
+  backend = _MappedBackend(root)
+  tf_backend = gpath._GPath._backend  # pylint: disable=protected-access
+  monkeypatch.setattr(gpath._GPath, "_backend", property(  # pylint: disable=protected-access
+      lambda self: backend if self._uri_scheme == "ram" else tf_backend.fget(self)))
+  build = tensorstore_utils.build_kvstore_tspec
+
+  def mapped_build(directory, *args, **kwargs):
+    text = os.fspath(directory)
+    return build(backend.local(text) if text.startswith("ram://") else directory,
+                 *args, **kwargs)
+  monkeypatch.setattr(tensorstore_utils, "build_kvstore_tspec", mapped_build)
+  return url, backend.local(url)
+
+
+def test_checkpoints_and_models_on_a_url(mapped_url, capsys):
+  url, local = mapped_url
+  variables = {"params": {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3)},
+               "batch_stats": {"m": np.ones(3, np.float32)}}
+  workdir_lib.save_model(url, 7, variables)
+  assert os.path.isdir(os.path.join(local, "model", "7"))  # under the URL, not "ram:/..."
+  assert not os.path.exists("ram:")
+  assert workdir_lib.model_step(url) == 7
+  restored = workdir_lib.load_model(url, variables, "teacher")
+  np.testing.assert_array_equal(restored["params"]["w"], variables["params"]["w"])
+  with pytest.raises(UserError, match=f"the model in {url}/model does not match"):
+    workdir_lib.load_model(url, {"params": {"w": np.zeros((3, 3), np.float32)}}, "teacher")
+
+  # A training run's checkpoints: a damaged newer step is skipped, and (an object store
+  # cannot rename a folder) removed rather than set aside.
+  checkpoints = Checkpoints(f"{url}/checkpoints", keep=3)
+  try:
+    for step in (2, 4):
+      checkpoints.save(step, {**variables, "step": np.int32(step)},
+                       history={"loss": [float(step)]})
+    checkpoints.wait()
+    os.remove(os.path.join(local, "checkpoints", "4", "default", "_METADATA"))
+    step, state, history = checkpoints.restore_latest(
+        {**variables, "step": np.int32(0)}, set_aside=True)
+  finally:
+    checkpoints.close()
+  assert (step, int(state["step"]), history) == (2, 2, {"loss": [2.0]})
+  assert capsys.readouterr().err.strip().endswith("using step 2; removed it")
+  assert sorted(os.listdir(os.path.join(local, "checkpoints"))) == ["2"]
 
 
 # Every plain open() in mstkd_jax/, by file: how many and why none of them writes a path in
@@ -177,23 +286,19 @@ def test_models_under_a_url_are_refused_in_one_line(url):
 # workdir path must go through mstkd_jax.files (which takes URLs through etils.epath)
 # instead, or be added here with the reason it is local.
 OPEN_ALLOWED = {
-    "files.py": (5, "the local branches of the helpers themselves (URLs take epath)"),
-    "workdir.py": (2, "_check_shared (local workdirs only) and the digest's local branch"),
+    "files.py": (6, "the local branches of the helpers themselves (URLs take epath)"),
     "main.py": (1, "os.devnull"),
     "bench.py": (2, "--out of the benchmark, a local file the user names"),
     "embed.py": (1, "reads the user's list of images"),
     "interop/torch_checkpoint.py": (2, "reads a user's .pth; writes into atomic_path's "
                                        "local temporary file"),
-    "train/checkpoints.py": (1, "Orbax step metadata; Checkpoints refuses URL folders"),
-    "train/writers.py": (1, "the JSON-lines fallback writer (no TensorBoard); URL "
-                            "workdirs are refused before it (main.py, paths.local)"),
     "data/image_tree.py": (2, "reads a user's image; writes a user's tree (--dst)"),
     "data/synthetic.py": (1, "the pairs .txt of the synthetic cache under data_dir, "
-                             "which sources.data_dir keeps local (paths.local)"),
+                             "which sources.data_dir keeps local (paths.local; a URL "
+                             "workdir's local cache folder)"),
     "data/align.py": (1, "reads the user's landmarks file"),
     "data/verification_bin.py": (1, "reads a user's .bin"),
     "data/ijb.py": (1, "reads the IJB release's metadata"),
-    "data/tfds_builders.py": (1, "the labels file of a TFDS data_dir (paths.local)"),
     "data/recordio.py": (6, "reads and writes the user's RecordIO files (local paths)"),
     "data/rfw.py": (1, "reads the RFW release's pair lists"),
     "data/convert.py": (1, "the converter's output (--dst, paths.local)"),
@@ -221,3 +326,93 @@ def test_nothing_writes_a_workdir_path_through_plain_open():
     if count:
       found[path.relative_to(root).as_posix()] = count
   assert found == {name: count for name, (count, _) in OPEN_ALLOWED.items()}
+
+
+@pytest.mark.slow
+def test_the_recipe_runs_resumes_and_reports_in_a_url_workdir(mapped_url, tiny_recipe,
+                                                              tmp_path, capsys, monkeypatch):
+  """The tiny recipe with --workdir=<URL>: every record, model, checkpoint, report and plot
+  goes to the URL; the memory-mapped caches (teacher embeddings, targets) and the synthetic
+  data go to the local cache_dir, and are recorded in stage.json. The numbers equal the
+  same recipe's in a local workdir (the session's `tiny_recipe`)."""
+  from configs import distill  # pylint: disable=g-import-not-at-top
+  from mstkd_jax import pipeline  # pylint: disable=g-import-not-at-top
+  url, local = mapped_url
+  _, local_report = tiny_recipe
+  config = distill.get_config("tiny")
+  # Half the recipe (every kind of stage; the balanced set repeats them) keeps it short.
+  config.update(teacher_sets=("specialized",), student_alone=False,
+                cache_dir=str(tmp_path / "cache"))
+  monkeypatch.chdir(tmp_path)  # where a URL taken for a path would land ("ram:/...")
+  same_models = lambda report: {m: local_report["models"][m] for m in report["models"]}
+  report = pipeline.run(config, url)
+  assert sorted(report["models"]) == ["adaptor/SL", "mstkd/SL/a-KD", "teacher/group_a",
+                                      "teacher/group_b"]
+  assert report["models"] == same_models(report)
+
+  # Outputs are under the URL (its storage folder); caches and data under cache_dir.
+  cache = paths.cache_dir(config.cache_dir, url)
+  assert cache == str(tmp_path / "cache" / url.replace("://", "/"))
+  for name in ("report/report.json", "report/report.md", "config.json",
+               "teacher/group_a/model", "teacher/group_a/checkpoints", "teacher/group_a/stage.json",
+               "adaptor/specialized/SL/verification_embeddings.npz",
+               "extract/specialized/verification_teacher_embeddings.npz"):
+    assert os.path.exists(os.path.join(local, name)), name
+  assert any(n.endswith(".png") for n in os.listdir(os.path.join(local, "report")))
+  for name in ("extract/specialized/teacher_embeddings.npy",
+               "adaptor/specialized/SL/targets.npy"):
+    assert os.path.isfile(os.path.join(cache, name)), name
+    assert not os.path.exists(os.path.join(local, name)), name
+  assert os.path.isdir(os.path.join(cache, "data"))   # the synthetic set's cache
+  record = files.read_json(f"{url}/adaptor/specialized/SL/stage.json")
+  assert "targets.npy" in record["caches"] and "targets.npy" not in record["outputs"]
+
+  # A trained model is read straight from the URL (evaluate, export and embed load it so).
+  from mstkd_jax.interop import resolve  # pylint: disable=g-import-not-at-top
+  student = "student/mstkd/SL/a-KD"
+  remote = resolve.load_model(f"{url}/{student}", resolve.ArchSettings())
+  here = resolve.load_model(os.path.join(tiny_recipe[0], student), resolve.ArchSettings())
+  assert remote.path == f"{url}/{student}/model/{remote.step}"
+  assert remote.origins == here.origins and remote.step == here.step
+  for a, b in zip(jax.tree.leaves(remote.variables), jax.tree.leaves(here.variables)):
+    np.testing.assert_array_equal(a, b)
+
+  # A finished run in the URL reruns nothing; without a local cache (another machine)
+  # still nothing, since no stage that reads it has to run.
+  capsys.readouterr()
+  shutil.rmtree(os.path.join(cache, "adaptor"))
+  report = pipeline.run(config, url)
+  assert report["models"] == same_models(report)
+  out = capsys.readouterr().out
+  assert "[pipeline] stage" not in out and "will rerun" not in out
+
+  # A stage that reads a missing cache has to run: the stage that made the cache reruns
+  # first (and, as any rerun, what comes after it); the extraction, whose cache is there,
+  # does not.
+  config.force = student
+  report = pipeline.run(config, url)
+  assert report["models"] == same_models(report)
+  out = capsys.readouterr().out
+  assert ("[pipeline] adaptor/specialized/SL will rerun: its caches in "
+          f"{os.path.join(cache, 'adaptor/specialized/SL')} are not as it left them "
+          "(targets.npy is missing)") in out
+  assert "[pipeline] extract/specialized will rerun" not in out
+  assert os.path.isfile(os.path.join(cache, "adaptor/specialized/SL/targets.npy"))
+  assert sorted(os.listdir(tmp_path)) == ["bucket_storage", "cache"]  # nothing else local
+
+
+def test_every_host_writes_its_own_caches_where_they_are_not_in_the_stage_folder(
+    tmp_path, monkeypatch):
+  """Process 0 alone writes caches in a (shared) local stage folder; every process writes
+  its own copy in a local cache folder (cache_dir, or a URL workdir's), which the other
+  hosts cannot see."""
+  from mstkd_jax.stages import common  # pylint: disable=g-import-not-at-top
+  stage = str(tmp_path / "run" / "extract")
+  for process, cache, folder, writes in (
+      (0, "", stage, True), (1, "", stage, False),
+      (1, str(tmp_path / "c"), stage, True), (1, "", "gs://b/run/extract", True)):
+    monkeypatch.setattr(jax, "process_index", lambda p=process: p)
+    config = {"cache_dir": cache}
+    assert common.writes_caches(config, folder) is writes, (process, cache, folder)
+  assert common.cache_file({"cache_dir": ""}, "gs://b/run/extract", "x.npy") == os.path.join(
+      paths.cache_dir("", "gs://b/run/extract"), "x.npy")

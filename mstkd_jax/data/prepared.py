@@ -53,7 +53,8 @@ def prepared_dir(data_dir: str, kind: Kind, name: str) -> str:
 
 
 def is_prepared(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "dataset_info.json"))
+  """Whether `path` (a local folder or a URL) holds a prepared TFDS data set."""
+  return files.isfile(os.path.join(path, "dataset_info.json"))
 
 
 def find_prepared(data_dir: str, name: str, kind: Kind) -> str:
@@ -87,7 +88,7 @@ def read_labels(path: str, num_examples: int | None = None
   """
   file = os.path.join(path, LABELS_FILE)
   try:
-    with np.load(file, allow_pickle=False) as data:
+    with files.load_npz(file) as data:
       identity = np.asarray(data["identity"], np.int32)
       group = np.asarray(data["group"], np.int32)
   except (OSError, KeyError, ValueError) as e:

@@ -121,14 +121,44 @@ class TfdsTrainingSet(TrainingSet):
         (0,) + self.image_shape, np.uint8)
 
 
-def data_dir(data_config, workdir: str) -> str:
+def data_dir(data_config, workdir: str, cache: str = "") -> str:
   """data.data_dir; if empty, for the tfds source TFDS_DATA_DIR (TFDS's own variable), for
-  the synthetic set <workdir>/data (where it is generated and cached)."""
+  the synthetic set <workdir>/data (where it is generated and cached), or <the workdir's
+  local cache folder>/data where the workdir is a URL (paths.cache_dir; `cache` is the
+  config field cache_dir).
+
+  Raises:
+    UserError: the data folder is a URL (see `_tfds_dir` for the tfds source; the
+      synthetic set's cache is a local file).
+  """
+  tfds = _check_source(data_config) == "tfds"
   if data_config.data_dir:
+    if tfds:
+      return _tfds_dir(data_config.data_dir, "config field data.data_dir")
     return paths.local(data_config.data_dir, "config field data.data_dir")
-  if _check_source(data_config) == "tfds":
-    return paths.local(os.environ["TFDS_DATA_DIR"], "TFDS_DATA_DIR")
+  if tfds:
+    return _tfds_dir(os.environ["TFDS_DATA_DIR"], "TFDS_DATA_DIR")
+  if paths.is_url(workdir):
+    return os.path.join(paths.cache_dir(cache, workdir), "data")
   return os.path.join(paths.local(workdir, "workdir"), "data")
+
+
+def _tfds_dir(path: str, what: str) -> str:
+  """A TFDS data folder made absolute.
+
+  Raises:
+    UserError: `path` is a URL: the prepared face sets are array_record files, read by
+      random access, and array_record's reader opens local files only (its open-source
+      build has no GCS file: google/array_record issue 120).
+  """
+  if paths.is_url(path):
+    raise UserError(
+        f"{what}={os.fspath(path)!r} is a URL, but the prepared face sets are array_record "
+        "files, whose reader opens local files only (google/array_record#120). Copy the "
+        f"folder to a local disk (gsutil -m cp -r {os.fspath(path)} /local/dir) or mount "
+        "the bucket (gcsfuse; launch/tpu_vm.sh run mounts it for TFDS_DATA_DIR), and give "
+        "that path. The workdir may be a URL.")
+  return paths.local(path, what)
 
 
 def _synthetic_spec(data_config) -> synthetic.SyntheticSpec:

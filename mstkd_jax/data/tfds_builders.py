@@ -39,6 +39,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from mstkd_jax import files
 from mstkd_jax.data import image_tree
 from mstkd_jax.data import pairs
 from mstkd_jax.data import prepared
@@ -99,8 +100,7 @@ class _PreparedMetadata(tfds.core.MetadataDict):
   def save_metadata(self, data_dir):
     super().save_metadata(data_dir)
     if self.arrays:
-      with open(os.path.join(os.fspath(data_dir), prepared.LABELS_FILE), "wb") as f:
-        np.savez(f, **self.arrays)
+      files.save_npz(os.path.join(os.fspath(data_dir), prepared.LABELS_FILE), self.arrays)
 
 
 def _probe(item: tuple[Any, str]) -> tuple[bytes | None, Any]:

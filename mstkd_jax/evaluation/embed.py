@@ -122,7 +122,7 @@ def load_embeddings(workdir: str) -> dict:
   """What `save_embeddings` wrote in `workdir`; UserError naming the file if unreadable."""
   path = os.path.join(workdir, EMBEDDINGS_FILE)
   try:
-    with np.load(path) as data:
+    with files.load_npz(path) as data:
       groups = sorted({k.split("/")[0] for k in data.files})
       return {g: (data[f"{g}/embedding"], data[f"{g}/embedding_flip"], data[f"{g}/issame"])
               for g in groups}

@@ -11,12 +11,11 @@ import json
 import math
 import os
 import re
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from mstkd_jax import files
+from mstkd_jax import files, paths
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import fairness, target_space
 
@@ -541,11 +540,8 @@ def write_report(report: Mapping, out_dir: Any, roc_data: Mapping | None = None)
     there are group results), "teacher_group_heatmap" (when teachers are present),
     "roc/<model>" per model, "roc_ijb_json" and "roc_ijb" (with an IJB section).
   """
-  out = Path(out_dir)
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"{out}: cannot create the report folder ({e.strerror or e})") from e
+  out = paths.resolve(out_dir, "the report folder")  # a URL stays one (pathlib would not)
+  files.makedirs(out)
   rocs = _jsonable(roc_data) if roc_data is not None else _collect_roc(report)
   _check_rocs(rocs)
 
@@ -560,7 +556,7 @@ def write_report(report: Mapping, out_dir: Any, roc_data: Mapping | None = None)
   written: dict[str, str] = {}
 
   def put(label: str, name: str, data: bytes) -> None:
-    path = out / name
+    path = os.path.join(out, name)
     files.write_bytes(path, data)
     written[label] = str(path)
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from pathlib import Path
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
 
-from mstkd_jax import files
+from mstkd_jax import files, paths
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import report as report_lib
 
@@ -472,16 +472,13 @@ def write_combined(combined: Mapping, out_dir: Any) -> dict:
   Raises:
     UserError: the folder or a file cannot be written.
   """
-  out = Path(out_dir)
-  try:
-    out.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise UserError(f"{out}: cannot create the report folder ({e.strerror or e})") from e
+  out = paths.resolve(out_dir, "the report folder")  # a URL stays one (pathlib would not)
+  files.makedirs(out)
   data = report_lib._jsonable(combined)  # pylint: disable=protected-access
   written: dict[str, str] = {}
 
   def put(label: str, name: str, content: bytes) -> None:
-    path = out / name
+    path = os.path.join(out, name)
     files.write_bytes(path, content)
     written[label] = str(path)
 

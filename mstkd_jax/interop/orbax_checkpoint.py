@@ -57,18 +57,18 @@ class CheckpointInfo:
 
 
 def _is_item(folder: str) -> bool:
-  return os.path.isfile(os.path.join(folder, _ITEM_METADATA))
+  return files.isfile(os.path.join(folder, _ITEM_METADATA))
 
 
 def _steps(folder: str) -> list[int]:
   """Step folders under a checkpoints/ folder, oldest first (Orbax's temporary folders and
   set-aside damaged ones have no plain number), complete or not."""
   try:
-    names = os.listdir(folder)
+    names = files.listdir(folder)
   except OSError as e:
     raise UserError(f"{folder}: cannot list the checkpoint folder ({e.strerror or e})") from e
   return sorted(int(n) for n in names
-                if n.isdigit() and os.path.isdir(os.path.join(folder, n, ITEM_NAME)))
+                if n.isdigit() and files.isdir(os.path.join(folder, n, ITEM_NAME)))
 
 
 def locate(path: Any) -> tuple[str, str | None]:
@@ -92,22 +92,22 @@ def _candidates(path: Any) -> tuple[list[tuple[str, str | None]], str | None, bo
   Raises:
     UserError: the path is missing or a file, or holds no step folder.
   """
-  path = paths.local(path, "checkpoint")
-  if not os.path.exists(path):
+  path = paths.resolve(path, "checkpoint")
+  if not files.exists(path):
     raise UserError(f"{path}: checkpoint does not exist; {_EXPECTED}")
-  if not os.path.isdir(path):
+  if not files.isdir(path):
     raise UserError(f"{path}: is a file; {_EXPECTED} (PyTorch .pth files are read by "
                     "interop.torch_checkpoint)")
   if _is_item(path):  # The item folder itself: <step>/default.
     candidates, explicit = [(os.path.dirname(path), None)], True
   elif _is_item(os.path.join(path, ITEM_NAME)):
     candidates, explicit = [(path, None)], True
-  elif os.path.isdir(os.path.join(path, ITEM_NAME)):  # A step folder whose item is damaged.
+  elif files.isdir(os.path.join(path, ITEM_NAME)):  # A step folder whose item is damaged.
     raise UserError(f"{path}: a damaged checkpoint step ({checkpoints.damage(path)}, as after "
                     f"an interrupted copy or save); {_EXPECTED}")
   else:
     folders = [os.path.join(path, name) for name in STEP_FOLDERS] + [path]
-    found = [(folder, _steps(folder)) for folder in folders if os.path.isdir(folder)]
+    found = [(folder, _steps(folder)) for folder in folders if files.isdir(folder)]
     found = [(folder, steps) for folder, steps in found if steps]
     if not found:
       raise UserError(f"{path}: holds no finished checkpoint step (no "
@@ -131,7 +131,7 @@ def _read_config(workdir: str | None) -> dict | None:
   if workdir is None:
     return None
   path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     return None
   config = files.read_json(path, "the config.json a stage writes (or remove it and give "
                            "the model flags)")

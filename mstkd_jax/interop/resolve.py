@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mstkd_jax import paths
+from mstkd_jax import files, paths
 from mstkd_jax.errors import UserError
 
 
@@ -225,9 +225,12 @@ def load_model(checkpoint: Any, explicit: ArchSettings) -> LoadedModel:
     UserError: the checkpoint cannot be read, its config.json holds an invalid model
       setting, or it does not fit the resolved model (the message says what it looks like).
   """
-  path = paths.local(checkpoint, "--checkpoint")
-  if os.path.isdir(path):
+  path = paths.resolve(checkpoint, "--checkpoint")
+  if files.isdir(path):
     return _load_orbax(path, explicit)
+  if paths.is_url(path):
+    raise UserError(f"--checkpoint={path}: a PyTorch file is read from a local path; copy "
+                    "it here first (an Orbax checkpoint may be a URL)")
   return _load_pytorch(path, explicit)
 
 
@@ -350,8 +353,8 @@ def checkpoint_path(checkpoint: Any) -> str:
   if checkpoint is None or not os.fspath(checkpoint):
     raise FlagError("--checkpoint: expected an Orbax stage workdir, model/ or checkpoints/ "
                     "folder or step folder, or a PyTorch .pth file")
-  path = paths.local(checkpoint, "--checkpoint")
-  if not os.path.exists(path):
+  path = paths.resolve(checkpoint, "--checkpoint")
+  if not files.exists(path):
     raise UserError(f"--checkpoint={os.fspath(checkpoint)}: {path} does not exist; "
                     + CHECKPOINT_EXPECTED)
   return path

@@ -17,7 +17,6 @@ Inputs: extract_dir (the extraction stage).
 
 import dataclasses
 import functools
-import os
 
 import jax
 import numpy as np
@@ -58,7 +57,7 @@ def run(config, workdir: str, name: str = "adaptor", epochs_field: str = "train.
   orientation = input_pipeline.check_orientation(
       config.adaptor.get("orientation", "as_fed"), "adaptor.orientation")
   run = common.StageRun.create(config, workdir, name, epochs_field)
-  train_embeddings, verification = extract.load(inputs.extract_dir)  # memory-mapped
+  train_embeddings, verification = extract.load(config, inputs.extract_dir)  # memory-mapped
   labels = run.train_set.identity
   num, _, num_teachers, size = train_embeddings.shape
   if num != len(labels):
@@ -114,10 +113,11 @@ def run(config, workdir: str, name: str = "adaptor", epochs_field: str = "train.
   training = common.training_record(run.workdir, settings)
   workdir_lib.save_model(run.workdir, info["step"], best)  # every process takes part
   diagnostics = None
-  if jax.process_index() == 0:
-    path = os.path.join(run.workdir, "targets.npy")
+  path = common.cache_file(config, run.workdir, common.TARGETS, make=True)
+  if common.writes_caches(config, run.workdir):
     with files.npy_writer(path, (num, 2, size_out)) as targets:
       _map(apply, best, train_embeddings, targets)                   # [N, 2, D]
+  if jax.process_index() == 0:
     embed.save_embeddings(run.workdir, space)
     diagnostics = target_space.space_statistics(
         np.load(path, mmap_mode="r")[:, 0], labels, run.train_set.group)

@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mstkd_jax import workdir as workdir_lib
+from mstkd_jax import files, paths, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import embed, report as report_lib, target_space
@@ -30,6 +30,32 @@ class Inputs:
   teacher_dirs: tuple[str, ...] = ()    # frozen teachers, in teacher order
   extract_dir: str = ""                 # the extraction stage (teacher embeddings)
   adaptor_dir: str = ""                 # the adaptor stage (targets); "" = no adaptor
+
+
+# The memory-mapped caches a stage writes for the next one (in its cache folder).
+TEACHER_EMBEDDINGS = "teacher_embeddings.npy"   # extraction: [N, 2, G, D]
+TARGETS = "targets.npy"                         # adaptor: [N, 2, D]
+
+
+def cache_file(config, stage_dir: str, name: str, make: bool = False) -> str:
+  """The local path of the cache `name` of the stage in `stage_dir`: in that folder when it
+  is local (and config field cache_dir is empty), else under cache_dir or a local temp
+  folder (paths.cache_dir): a memory map needs a local disk. `make`: its folder is made
+  (for the stage that writes it)."""
+  folder = paths.cache_dir(config.get("cache_dir", ""), stage_dir)
+  if make:
+    files.makedirs(folder)
+  return os.path.join(folder, name)
+
+
+def writes_caches(config, stage_dir: str) -> bool:
+  """Whether this process writes the stage's caches: process 0 where they are in the stage
+  folder (which every host sees), every process where they are in a local cache folder
+  (cache_dir, or a URL workdir's), each its own copy (the same bytes: every process holds
+  every row it writes)."""
+  in_stage_dir = (paths.cache_dir(config.get("cache_dir", ""), stage_dir)
+                  == paths.resolve(stage_dir, "workdir"))
+  return jax.process_index() == 0 or not in_stage_dir
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Extraction stage: every frozen teacher of a set embeds every training image and its mirror.
 
-Writes <workdir>/teacher_embeddings.npy, float32 [N, 2, G, D]: image n as stored ([:, 0])
+Writes teacher_embeddings.npy (in the stage folder, or under cache_dir: see
+common.cache_file), float32 [N, 2, G, D]: image n as stored ([:, 0])
 and mirrored ([:, 1]), teacher g in the fixed teacher order, L2-normalized, so the
 adaptor and the cached-target student fetch exactly the orientation they feed. The file is
 filled in place a chunk at a time and read memory-mapped, so it may exceed memory. Also
@@ -33,7 +34,7 @@ def _normalized_pair(variables, module, images, parallel, batch_size):
 
 def _embed_training_set(variables, module, train_set, parallel, batch_size, out, teacher):
   """Writes teacher `teacher`'s pairs of every training image into out[:, :, teacher]
-  chunk by chunk (out is None on processes other than 0, which only take part)."""
+  chunk by chunk (out is None on processes that write no cache: they only take part)."""
   count = 0
   for images in train_set.image_chunks(max(batch_size, 4096)):
     pairs = _normalized_pair(variables, module, images, parallel, batch_size)
@@ -71,8 +72,9 @@ def run(config, workdir: str, name: str = "extract",
   shape = (train_set.num_examples, 2, len(teacher_dirs), config.model.embedding_size)
   is_main = jax.process_index() == 0
   # Written in place, a chunk at a time: [N, 2, G, D] float32 reaches ~20 GB at BUPT scale.
-  with files.npy_writer(os.path.join(workdir, "teacher_embeddings.npy"), shape,
-                          enabled=is_main) as train_out:
+  cache = common.cache_file(config, workdir, common.TEACHER_EMBEDDINGS, make=True)
+  with files.npy_writer(cache, shape, enabled=common.writes_caches(config, workdir)
+                        ) as train_out:
     for i, teacher_dir in enumerate(teacher_dirs):
       variables = workdir_lib.load_model(teacher_dir, template, teacher_dir)
       print(f"[{name}] teacher {i + 1}/{len(teacher_dirs)} ({teacher_dir}) embeds "
@@ -89,7 +91,7 @@ def run(config, workdir: str, name: str = "extract",
         | {f"{g}/issame": verification[g].issame for g in verification})
     # The space the adaptor starts from: the plain concatenation of the teachers'
     # embeddings of every training image as stored.
-    embeddings = np.load(os.path.join(workdir, "teacher_embeddings.npy"), mmap_mode="r")
+    embeddings = np.load(cache, mmap_mode="r")
     diagnostics = target_space.space_statistics(embeddings[:, 0], train_set.identity,
                                                 train_set.group)
     common.warn_collapse(f"{name} (concatenated teacher embeddings)", diagnostics)
@@ -98,14 +100,17 @@ def run(config, workdir: str, name: str = "extract",
   return {"diagnostics": diagnostics}
 
 
-def load(extract_dir: str) -> tuple[np.ndarray, dict]:
-  """(training [N, 2, G, D], {group: ([2P, 2, G, D], issame [P])}) written by `run`.
+def load(config, extract_dir: str) -> tuple[np.ndarray, dict]:
+  """(training [N, 2, G, D], {group: ([2P, 2, G, D], issame [P])}) written by `run` in
+  `extract_dir` (and its cache folder, from config field cache_dir).
 
   The training embeddings come memory-mapped (read-only): callers read the rows they need.
   """
   try:
-    train = np.load(os.path.join(extract_dir, "teacher_embeddings.npy"), mmap_mode="r")
-    with np.load(os.path.join(extract_dir, "verification_teacher_embeddings.npz")) as data:
+    train = np.load(common.cache_file(config, extract_dir, common.TEACHER_EMBEDDINGS),
+                    mmap_mode="r")
+    with files.load_npz(os.path.join(extract_dir,
+                                     "verification_teacher_embeddings.npz")) as data:
       groups = sorted({k.split("/")[0] for k in data.files})
       verification = {g: (data[f"{g}/embeddings"], data[f"{g}/issame"]) for g in groups}
   except (OSError, ValueError, KeyError) as e:

@@ -20,7 +20,7 @@ import os
 import jax
 import numpy as np
 
-from mstkd_jax import models, workdir as workdir_lib
+from mstkd_jax import files, models, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import embed, target_space
@@ -108,7 +108,7 @@ def run(config, workdir: str, name: str = "student", epochs_field: str = "train.
   else:
     target_fn = None
     if mode == "cached":
-      extra["target"] = load_targets(inputs.adaptor_dir, len(labels))
+      extra["target"] = load_targets(config, inputs.adaptor_dir, len(labels))
     else:
       teacher, teacher_vars = frozen_teachers(config, inputs.teacher_dirs,
                                               run.image_example())
@@ -163,10 +163,10 @@ def target_fit(run: common.StageRun, adaptor_dir: str, variables: dict, backbone
                                      run.parallel, run.config.train.eval_batch_size)
   if jax.process_index() != 0:
     return None
-  targets = load_targets(adaptor_dir, train_set.num_examples)
+  targets = load_targets(run.config, adaptor_dir, train_set.num_examples)
   own = embed.load_embeddings(run.workdir)
   # An adaptor stage saves its space on the verification pairs; hand-made targets need not.
-  has_space = os.path.exists(os.path.join(adaptor_dir, embed.EMBEDDINGS_FILE))
+  has_space = files.exists(os.path.join(adaptor_dir, embed.EMBEDDINGS_FILE))
   space = embed.load_embeddings(adaptor_dir) if has_space else {}
   return {
       "train_target_cosine": target_space.mean_cosine(embeddings, targets[rows, 0]),
@@ -176,9 +176,10 @@ def target_fit(run: common.StageRun, adaptor_dir: str, variables: dict, backbone
   }
 
 
-def load_targets(adaptor_dir: str, num_examples: int) -> np.ndarray:
-  """The adaptor stage's cached targets [N, 2, D] (image, mirror)."""
-  path = f"{adaptor_dir}/targets.npy"
+def load_targets(config, adaptor_dir: str, num_examples: int) -> np.ndarray:
+  """The adaptor stage's cached targets [N, 2, D] (image, mirror), memory-mapped from its
+  cache folder (common.cache_file; config field cache_dir)."""
+  path = common.cache_file(config, adaptor_dir, common.TARGETS)
   try:
     targets = np.load(path, mmap_mode="r")  # each batch reads its own rows
   except (OSError, ValueError) as e:

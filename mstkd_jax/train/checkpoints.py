@@ -18,7 +18,6 @@ manager, saves and restores (Orbax synchronizes them; process 0 writes the array
 process reads them), so the workdir must be a folder every host sees.
 """
 
-import json
 import math
 import os
 import sys
@@ -149,9 +148,9 @@ def quiet_closed_loop_callbacks() -> None:
 
 def _commit_timestamp(step_dir: str) -> bool:
   try:
-    with open(os.path.join(step_dir, _STEP_METADATA)) as f:
-      return bool(json.load(f).get("commit_timestamp_nsecs"))
-  except (OSError, ValueError, AttributeError):
+    record = files.read_json(os.path.join(step_dir, _STEP_METADATA), missing=None)
+    return bool(record.get("commit_timestamp_nsecs"))
+  except (UserError, AttributeError):
     return False
 
 
@@ -163,15 +162,17 @@ def damage(step_dir: str, item: str = STATE) -> str | None:
   its _CHECKPOINT_METADATA records a commit time. Missing array files show only when the
   arrays are read (`Checkpoints.restore_latest` tries the step).
   """
-  if not os.path.isfile(os.path.join(step_dir, item, ITEM_METADATA)):
+  if not files.isfile(os.path.join(step_dir, item, ITEM_METADATA)):
     return f"no {item}/{ITEM_METADATA}"
-  if os.path.isfile(os.path.join(step_dir, COMMIT_MARKER)):
+  if files.isfile(os.path.join(step_dir, COMMIT_MARKER)):
     return None
   try:
-    names = os.listdir(step_dir)
+    names = files.listdir(step_dir)
   except OSError as e:
     return f"unreadable folder: {e.strerror or e}"
-  items_marked = any(os.path.isfile(os.path.join(step_dir, name, COMMIT_MARKER))
+  except UserError as e:
+    return f"unreadable folder: {e}"
+  items_marked = any(files.isfile(os.path.join(step_dir, name, COMMIT_MARKER))
                      for name in names)
   if items_marked or not _commit_timestamp(step_dir):
     return f"no commit marker {COMMIT_MARKER}"
@@ -201,25 +202,32 @@ class Checkpoints:
 
   def __init__(self, directory: str, keep: int = 3):
     """Keeps the newest `keep` steps and the best candidate (see the module docstring).
+    `directory` is a local folder or a URL (gs://bucket/run/checkpoints; Orbax reads and
+    writes it through etils.epath and tensorstore).
 
     Raises:
-      UserError: `directory` is a URL: the damage checks and the set-aside below use
-        plain file-system calls, not converted to etils.epath yet.
+      UserError: the folder cannot be made or listed (an OS error, or a URL's storage
+        error such as missing credentials), naming it.
     """
-    if paths.is_url(directory):
-      raise UserError(f"checkpoints in {directory}: a URL checkpoint folder is not "
-                      "supported yet; mount the bucket (gcsfuse) and give the path")
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory, "the checkpoint folder")
     policies = ocp.checkpoint_managers
     preservation = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
         policies.BestN(get_metric_fn=_rank, n=1, keep_checkpoints_without_metrics=False)])
     options = ocp.CheckpointManagerOptions(
         create=True, best_fn=_rank, best_mode="max", preservation_policy=preservation)
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={STATE: ocp.StandardCheckpointHandler(),
-                       HISTORY: ocp.JsonCheckpointHandler()})
+    try:
+      self.manager = ocp.CheckpointManager(
+          epath.Path(self.directory), options=options,
+          item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                         HISTORY: ocp.JsonCheckpointHandler()})
+    except OSError as e:
+      raise UserError(f"cannot open the checkpoint folder {self.directory} "
+                      f"({files.os_error_reason(e)})") from e
+    except Exception as e:  # pylint: disable=broad-except; a URL's storage library errors
+      if not paths.is_url(self.directory):
+        raise
+      raise files.url_error(self.directory, e, "open") from e
     self._warned = set()
     self._pending = None  # the step of the save in flight, if any
     # Orbax logs a failed background save with a traceback per thread; `wait` (or the
@@ -374,7 +382,7 @@ class Checkpoints:
     Raises:
       DamagedCheckpoint: the item is there but unreadable.
     """
-    if not os.path.isdir(os.path.join(self._step_dir(step), HISTORY)):
+    if not files.isdir(os.path.join(self._step_dir(step), HISTORY)):
       return None
     quiet_closed_loop_callbacks()
     try:
@@ -408,7 +416,7 @@ class Checkpoints:
           for bad, why in damaged:
             self._warned.add(bad)
             warn(f"skipping the damaged checkpoint {self._step_dir(bad)} ({why}); using "
-                 f"step {step}" + (f"; moved it to {moved[bad]}" if bad in moved else ""))
+                 f"step {step}" + (f"; {moved[bad]}" if bad in moved else ""))
           return step, state, history
       damaged.append((step, reason))
     if damaged:
@@ -419,7 +427,9 @@ class Checkpoints:
 
   def _set_aside(self, steps: list[int]) -> dict[int, str]:
     """Renames damaged step folders to <step>.damaged (process 0), so the run can write
-    those steps again (Orbax then lists the others only); returns {step: new folder}."""
+    those steps again (Orbax then lists the others only); returns {step: new folder}. In a
+    URL folder (an object store cannot rename a folder: it would copy every object) they
+    are removed instead: {step: "removed it"}."""
     if not steps:
       return {}
     # Every process has looked at the steps (the same ones: the folder is shared) before
@@ -427,11 +437,16 @@ class Checkpoints:
     parallel_lib.sync_hosts(f"damaged checkpoints found in {self.directory}")
     moved = {}
     for step in steps:
+      if paths.is_url(self.directory):
+        moved[step] = "removed it"
+        if jax.process_index() == 0:
+          files.rmtree(self._step_dir(step))
+        continue
       target, n = f"{self._step_dir(step)}.damaged", 1
       while os.path.exists(target):
         n += 1
         target = f"{self._step_dir(step)}.damaged{n}"
-      moved[step] = target
+      moved[step] = f"moved it to {target}"
       if jax.process_index() == 0:
         os.rename(self._step_dir(step), target)
     parallel_lib.sync_hosts(f"checkpoints set aside in {self.directory}")

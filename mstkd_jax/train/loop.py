@@ -167,7 +167,7 @@ def load_history(workdir: str) -> dict:
   loss_history.json that workdirs of earlier versions hold."""
   directory = os.path.join(workdir, "checkpoints")
   record, source = None, directory
-  if os.path.isdir(directory):
+  if files.isdir(directory):
     checkpoints = Checkpoints(directory)
     try:
       step = checkpoints.latest_step()
@@ -216,7 +216,7 @@ def load_best(workdir: str, template) -> tuple[dict, dict]:
     UserError: no best state was recorded, or it cannot be read.
   """
   directory = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(directory):
+  if files.isdir(directory):
     checkpoints = Checkpoints(directory)
     try:
       best = checkpoints.best()
@@ -225,7 +225,7 @@ def load_best(workdir: str, template) -> tuple[dict, dict]:
         return checkpoints.restore_variables(step, template), info
     finally:
       checkpoints.close()
-  if os.path.isfile(os.path.join(workdir, "best.json")):
+  if files.isfile(os.path.join(workdir, "best.json")):
     step, info = _legacy_best(workdir)
     checkpoints = Checkpoints(os.path.join(workdir, "best"), keep=1)
     try:
@@ -306,7 +306,7 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
       best = checkpoints.best()
       if best is not None:
         best_score = best[1]["score"]
-      elif os.path.isfile(os.path.join(workdir, "best.json")):  # a run of an earlier version
+      elif files.isfile(os.path.join(workdir, "best.json")):  # a run of an earlier version
         best_score = _legacy_best(workdir)[1]["score"]
     p_step = parallel.wrap(step_fn)
     device_state = parallel.replicate(state)

@@ -28,8 +28,7 @@ class JsonLinesWriter:
 
   def _write(self, record):
     if self._path:
-      with open(self._path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      files.append_text(self._path, json.dumps(record) + "\n")
 
   def write_scalars(self, step, scalars):
     self._write({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
