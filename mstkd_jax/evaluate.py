@@ -330,6 +330,7 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
     release = None
     if ijb:
       from mstkd_jax.data import ijb as ijb_data  # pylint: disable=g-import-not-at-top
+      from mstkd_jax.evaluation import ijb as ijb_eval  # pylint: disable=g-import-not-at-top
       release = ijb_data.read_release(ijb, ijb_name, skip_missing, warn)
     if parallel is None:
       from mstkd_jax.train import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
@@ -345,7 +346,6 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
       if results:
         group_results[model_name] = results
       if release is not None:
-        from mstkd_jax.evaluation import ijb as ijb_eval  # pylint: disable=g-import-not-at-top
         emb, emb_flip = ijb_eval.embed_release(model.variables, model.module, release, size,
                                                parallel, batch_size, warn)
         ijb_results[model_name] = ijb_eval.evaluate_ijb(
@@ -356,7 +356,6 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
           "model": dataclasses.asdict(model.settings), "model_settings_from": model.origins}
     ijb_section = None
     if release is not None:
-      from mstkd_jax.evaluation import ijb as ijb_eval  # pylint: disable=g-import-not-at-top
       ijb_section = ijb_eval.report_section(ijb_results, release.summary())
     first = model_records[model_names[0]]
     config = {

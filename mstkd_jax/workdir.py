@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import socket
-import tempfile
 import time
 
 import jax
@@ -82,52 +81,21 @@ def prepare(config, workdir: str, refuse_changes: bool = True) -> str:
       (refuse_changes) holds a config.json of another config.
   """
   workdir = paths.resolve(workdir, "workdir")
-  if paths.is_url(workdir):
-    return _prepare_url(config, workdir, refuse_changes)
+  # A unique probe per process (host, PID, time): written and removed.
+  probe = os.path.join(workdir, f".write_probe.{socket.gethostname()}.{os.getpid()}."
+                                f"{time.time_ns()}")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    fd, probe = tempfile.mkstemp(dir=workdir, prefix=".write_probe.")  # unique per process
-    os.close(fd)
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f"the workdir {workdir} cannot be written: {e.strerror or e}") from e
-  if jax.process_count() > 1:
+    files.makedirs(workdir)
+    files.write_bytes(probe, b"ok")
+    files.remove(probe)
+  except UserError as e:
+    cause = e.__cause__
+    reason = (files.os_error_reason(cause) if isinstance(cause, OSError) and cause.errno
+              else files.url_reason(cause) if cause is not None else str(e))
+    raise UserError(f"the workdir {workdir} cannot be written ({reason})") from e
+  if jax.process_count() > 1 and not paths.is_url(workdir):  # a URL is shared by nature
     check_shared(workdir)
   path = os.path.join(workdir, "config.json")
-  new = config_dict(config)
-  if refuse_changes and os.path.exists(path):
-    old = files.read_json(path, "a readable config.json; move it away or use another "
-                          "--workdir")
-    changes = changed_fields(old, new)
-    if changes:
-      raise UserError(
-          f"{workdir} holds a run of another config (its config.json differs in: "
-          + "; ".join(changes) + "). Use another --workdir, or the same settings to resume.")
-  _write_config(config, workdir, path, new, refuse_changes)
-  return workdir
-
-
-def _write_config(config, workdir: str, path: str, new: dict, refuse_changes: bool) -> None:
-  """Process 0 writes config.json (and, not refuse_changes, the history line)."""
-  del config
-  if jax.process_index() == 0:
-    files.write_json(path, new, sort_keys=True)
-    if not refuse_changes:
-      _append_history(workdir, new)
-
-
-def _prepare_url(config, workdir: str, refuse_changes: bool) -> str:
-  """`prepare` of a URL workdir (etils.epath; the storage library's errors in one line)."""
-  root = files.epath_of(workdir)
-  probe = root / f".write_probe.{socket.gethostname()}.{os.getpid()}.{time.time_ns()}"
-  try:
-    root.mkdir(parents=True, exist_ok=True)
-    probe.write_bytes(b"ok")
-    probe.unlink()
-  except Exception as e:  # pylint: disable=broad-except; the storage library's own errors
-    raise UserError(f"the workdir {workdir} cannot be written ({files.url_reason(e)})"
-                    ) from e
-  path = f"{workdir}/config.json"
   new = config_dict(config)
   if refuse_changes:
     old = files.read_json(path, "a readable config.json; move it away or use another "
@@ -137,7 +105,10 @@ def _prepare_url(config, workdir: str, refuse_changes: bool) -> str:
       raise UserError(
           f"{workdir} holds a run of another config (its config.json differs in: "
           + "; ".join(changes) + "). Use another --workdir, or the same settings to resume.")
-  _write_config(config, workdir, path, new, refuse_changes)
+  if jax.process_index() == 0:
+    files.write_json(path, new, sort_keys=True)
+    if not refuse_changes:
+      _append_history(workdir, new)
   return workdir
 
 
