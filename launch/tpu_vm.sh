@@ -295,7 +295,7 @@ do_run() {
   local remote
   # --rename-dir-limit: Orbax finalizes a checkpoint by renaming its temporary folder.
   remote="set -eo pipefail; mkdir -p $REMOTE_LOGS; "
-  if [[ $workdir == "$mount"* || $tfds_dir == "$mount"* ]]; then
+  if [[ $workdir == "$mount" || $workdir == "$mount"/* || $tfds_dir == "$mount" || $tfds_dir == "$mount"/* ]]; then
     remote+="if ! mountpoint -q $(q "$mount"); then sudo mkdir -p $(q "$mount") && sudo chown \$(id -u):\$(id -g) $(q "$mount") && gcsfuse --implicit-dirs --rename-dir-limit=1000000 $(q "$bucket") $(q "$mount"); fi; "
   fi
   remote+="cd $REMOTE_CODE; export TFDS_DATA_DIR=$(q "$tfds_dir") PYTHONUNBUFFERED=1; "

@@ -1,13 +1,13 @@
 """Paths that users give (flags, config fields, environment): local ones made absolute,
 URLs (gs://bucket/dir) either kept as they are or refused, and the local cache folder.
 
-Workdirs and TFDS data folders may be URLs (`resolve`): the run reads and writes them
-through `mstkd_jax.files` and `etils.epath` (whose gs:// backend is tf.io.gfile where
-TensorFlow is installed, else fsspec/gcsfs), and Orbax through epath and tensorstore.
-What must be a local file refuses a URL with one line (`local`): the memory-mapped caches
-(they go under `cache_dir`), and the user's own input files (image folders, RecordIO,
-.bin, IJB releases), which are read with plain file calls; otherwise gs://bucket/dir would
-turn into a local folder named "gs:" without a word.
+Workdirs and checkpoints may be URLs (`resolve`): the run reads and writes them through
+`mstkd_jax.files` and `etils.epath` (whose gs:// backend is tf.io.gfile where TensorFlow is
+installed, else fsspec/gcsfs), and Orbax through epath and tensorstore. What must be a
+local file refuses a URL with one line (`local`): the memory-mapped caches (they go under
+`cache_dir`), TFDS data folders (array_record reads local files only), the user's own
+input files (image folders, RecordIO, .bin, RFW, IJB releases) and the commands' --out;
+otherwise gs://bucket/dir would turn into a local folder named "gs:" without a word.
 """
 
 import os
@@ -34,9 +34,9 @@ def local(path, what: str) -> str:
   text = os.fspath(path)
   if _URL.match(text):
     raise UserError(
-        f"{what}={text!r} is a URL; mstkd_jax reads and writes plain paths. Mount the "
-        "bucket (e.g. gcsfuse; launch/tpu_vm.sh mounts gs://BUCKET at /mnt/gcs/BUCKET on "
-        "every worker) or use a shared file system, and give the path")
+        f"{what}={text!r} is a URL; it must be a local path (only the workdir and "
+        "checkpoints may be URLs). Copy the files to a local disk, or mount the bucket "
+        "(gcsfuse), and give the path")
   return os.path.abspath(os.path.expanduser(text))
 
 

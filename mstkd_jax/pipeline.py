@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
 from typing import Callable
 
@@ -46,6 +47,8 @@ class Stage:
   model: str = ""                    # report row of the model it trains ("" = none)
   section: str = ""                  # its recipe section in configs/distill.py ("" = none)
   inputs: common.Inputs = common.Inputs()
+  # Writes its local caches again for a finished stage, from its saved outputs and inputs.
+  remake: Callable | None = None
 
   def run_in(self, stage_dir: str):
     kwargs = {"epochs_field": f"{self.section}.train.epochs"} if self.section else {}
@@ -133,7 +136,8 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
     teacher_dirs = tuple(path(n) for n in teacher_names)
     extract_name = f"extract/{teacher_set}"
     stages.append(Stage(extract_name, c, extract.run, deps=tuple(teacher_names),
-                        inputs=common.Inputs(teacher_dirs=teacher_dirs)))
+                        inputs=common.Inputs(teacher_dirs=teacher_dirs),
+                        remake=extract.remake_caches))
     for kind in config.adaptors:
       c = _with_recipe(config, config.adaptor)
       c.head = ml_collections.ConfigDict(config.adaptor.head.to_dict())
@@ -142,7 +146,8 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
       adaptor_name = f"adaptor/{teacher_set}/{kind}"
       stages.append(Stage(adaptor_name, c, adaptor.run, deps=(extract_name,),
                           model=f"{adaptor_prefix}adaptor/{kind}", section="adaptor",
-                          inputs=common.Inputs(extract_dir=path(extract_name))))
+                          inputs=common.Inputs(extract_dir=path(extract_name)),
+                          remake=adaptor.remake_caches))
       for kd in config.kd_losses:
         c = _with_recipe(config, config.student)
         c.student = dict(
@@ -264,18 +269,44 @@ def _cache_record(config, stage_dir: str) -> dict:
 
 def _damaged_caches(config, stage_dir: str, record: dict) -> str | None:
   """Why the caches of a finished stage are not as it left them (None where intact). In a
-  multi-host run each process checks its own copy (common.writes_caches) and all agree:
-  a stage is repaired where any process lacks them."""
+  multi-host run each process checks its own machine's copy (common.writes_caches; the
+  other processes check sizes only: their copies were computed apart from the recorded
+  one) and all agree: the caches are remade where any process lacks them."""
   if not record.get("caches"):
     return None
   cache = paths.cache_dir(config.cache_dir, stage_dir)
-  why = workdir_lib.damaged_output(cache, record["caches"])
+  why = workdir_lib.damaged_output(cache, record["caches"],
+                                   contents=jax.process_index() == 0)
   why = f"its caches in {cache} are not as it left them ({why})" if why else None
   if jax.process_count() > 1:
     lacking = np.flatnonzero(parallel_lib.gather_hosts(np.array([why is not None])))
     if len(lacking) and why is None:
-      why = f"its caches are not as it left them on processes {lacking.tolist()}"
+      why = (f"its caches in {cache} are not as it left them on processes "
+             f"{lacking.tolist()}")
   return why
+
+
+def _remake(config, stage: Stage, stage_dir: str, record: dict, why: str) -> None:
+  """Writes the caches of a finished stage again (`Stage.remake`: no training, nothing in
+  the workdir changes but its record). Stages after it that finished keep what they made;
+  where the new caches differ from the recorded ones (another machine's float rounding),
+  a warning says so and the record takes the new ones, which the stages still to run read.
+  """
+  print(f"[pipeline] {stage.name}: remaking its caches, which a stage to run reads ({why})",
+        flush=True)
+  stage.remake(stage.config, stage_dir, name=stage.name, inputs=stage.inputs)
+  parallel_lib.sync_hosts(f"remade {stage.name}")
+  if jax.process_index() == 0:
+    cache = paths.cache_dir(config.cache_dir, stage_dir)
+    fresh = workdir_lib.output_record(cache)
+    if fresh != record["caches"]:
+      print(f"WARNING: {stage.name}: its remade caches in {cache} differ from the ones the "
+            "finished stages after it read (other hardware rounds differently); those keep "
+            "their results, the stages still to run read the new caches", file=sys.stderr,
+            flush=True)
+      files.write_json(os.path.join(stage_dir, "stage.json"), {**record, "caches": fresh},
+                       sort_keys=True)
+  parallel_lib.sync_hosts(f"recorded {stage.name}")
 
 
 def _check_seed_folder(seed_dir: str, seed_config) -> None:
@@ -332,17 +363,21 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
       rerun[stage.name] = f"its outputs are damaged ({why})"
     elif (why := _damaged_caches(config, os.path.join(workdir, stage.name), old)):
       caches[stage.name] = why
-  # A cache (in cache_dir: e.g. a URL workdir resumed on another machine) matters only
-  # where a stage that reads it still has to run (the report reads none). A rerun adaptor
-  # reads the extraction's cache in turn: repeated until nothing is added.
-  readers = {s.name: {t.name for t in stages if s.name in t.deps and t.name != "report"}
-             for s in stages}
-  while added := [name for name in caches if name not in rerun and readers[name] & (
-      _downstream(stages, set(rerun) | forced) | set(unfinished))]:
-    rerun.update({name: caches[name] for name in added})
   for name in _downstream(stages, set(rerun)) - set(rerun):
     rerun[name] = "an earlier stage it reads reruns"
   rerun.update({name: "--config.force" for name in forced})
+  # A finished stage's cache (in cache_dir: e.g. a URL workdir resumed on another machine)
+  # is remade only where a stage that reads it will run (the report reads none); a remade
+  # adaptor reads the extraction's cache in turn: repeated until nothing is added.
+  will_run = set(rerun) | set(unfinished)
+  if config.only:
+    will_run &= {config.only}
+  readers = {s.name: {t.name for t in stages if s.name in t.deps and t.name != "report"}
+             for s in stages}
+  remake = {}
+  while added := [name for name in caches if name not in rerun and name not in remake
+                  and readers[name] & (will_run | set(remake))]:
+    remake.update({name: caches[name] for name in added})
   if rerun or unfinished:  # a finished run writes nothing: it prints from a read-only workdir
     workdir_lib.prepare(config, workdir, refuse_changes=False)
   # Recorded before anything runs: an interrupted forced (or repaired) run, resumed without
@@ -362,6 +397,8 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
     old = _read_record(stage_dir)
     if old and old.get("finished"):
       finished[stage.name] = True
+      if stage.name in remake:
+        _remake(config, stage, stage_dir, old, remake[stage.name])
       continue
     if config.only and stage.name != config.only:
       continue
@@ -374,11 +411,11 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
       # Its inputs are there: only now are its previous outputs removed.
       if jax.process_index() == 0:
         files.rmtree(stage_dir)
-        cache = paths.cache_dir(config.cache_dir, stage_dir)
-        if cache != stage_dir:
-          files.rmtree(cache)
         files.makedirs(stage_dir)  # a resumption of this rerun keeps its progress
         files.write_json(os.path.join(stage_dir, "stage.json"), {"cleared": True})
+      cache = paths.cache_dir(config.cache_dir, stage_dir)
+      if cache != stage_dir and common.writes_caches(config, stage_dir):
+        files.rmtree(cache)  # each machine's own copy
       parallel_lib.sync_hosts(f"cleared {stage.name}")
     print(f"[pipeline] stage {stage.name} ({time.perf_counter() - started:.0f} s so far)",
           flush=True)

@@ -183,23 +183,39 @@ def output_record(stage_dir: str) -> dict:
   record = {}
   walk = (((str(r), d, n) for r, d, n in files.epath_of(stage_dir).walk()) if url
           else os.walk(stage_dir))
-  for root, dirs, names in walk:
-    rel_root = os.path.relpath(root, stage_dir)
-    dirs[:] = sorted(d for d in dirs if not (rel_root == "." and d in UNRECORDED)
-                     and not d.startswith("."))
-    for name in sorted(names):
-      if (rel_root == "." and name in UNRECORDED) or name.startswith(UNRECORDED_PREFIXES):
-        continue
-      path = os.path.join(root, name)
-      size = files.size(path)
-      rel = os.path.normpath(os.path.join(rel_root, name))
-      record[rel] = {"size": size, "sha256": _file_digest(path, size)}
+  try:
+    for root, dirs, names in walk:
+      _record_folder(stage_dir, root, dirs, names, record)
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except; a URL's storage library errors
+    if not url:
+      raise
+    raise files.url_error(stage_dir, e, "list") from e
   return record
 
 
-def damaged_output(stage_dir: str, record: dict) -> str | None:
+def _record_folder(stage_dir: str, root: str, dirs: list, names: list, record: dict) -> None:
+  """Adds the output files of one folder of a walk to `record`, and prunes `dirs` (in
+  place: the walk descends into what is left). On GCS, tf.io.gfile lists sub-folders with
+  a trailing "/" (tensorflow issue 39167): names are compared without it."""
+  rel_root = os.path.relpath(root, stage_dir)
+  dirs[:] = sorted(d.rstrip("/") for d in dirs
+                   if not (rel_root == "." and d.rstrip("/") in UNRECORDED)
+                   and not d.startswith("."))
+  for name in sorted(names):
+    if (rel_root == "." and name in UNRECORDED) or name.startswith(UNRECORDED_PREFIXES):
+      continue
+    path = os.path.join(root, name)
+    size = files.size(path)
+    rel = os.path.normpath(os.path.join(rel_root, name))
+    record[rel] = {"size": size, "sha256": _file_digest(path, size)}
+
+
+def damaged_output(stage_dir: str, record: dict, contents: bool = True) -> str | None:
   """Why the outputs in `stage_dir` differ from `record` (`output_record` when the stage
-  finished): the first file missing, of another size or another content; None if intact."""
+  finished): the first file missing, of another size or (`contents`) another content; None
+  if intact."""
   for rel, expected in sorted(record.items()):
     path = os.path.join(stage_dir, rel)
     try:
@@ -208,6 +224,8 @@ def damaged_output(stage_dir: str, record: dict) -> str | None:
       return f"{rel} is missing"
     if size != expected["size"]:
       return f"{rel} has {size} bytes, {expected['size']} when the stage finished"
+    if not contents:
+      continue
     try:
       if _file_digest(path, size) != expected["sha256"]:
         return f"{rel} changed since the stage finished"

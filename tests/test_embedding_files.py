@@ -86,14 +86,18 @@ def test_extracted_embeddings_are_read_memory_mapped_and_bad_files_named(tmp_pat
   np.testing.assert_array_equal(verification["g"][0], train[:4])
 
   # With cache_dir the memory-mapped file is looked for there (mirroring the stage folder),
-  # the .npz next to the stage's other outputs.
+  # else in the stage folder (a stage run before cache_dir was set); the .npz is always
+  # next to the stage's other outputs.
   config = {"cache_dir": str(tmp_path / "cache")}
-  with pytest.raises(UserError, match="cannot read the teacher embeddings in"):
-    extract.load(config, str(tmp_path))
+  np.testing.assert_array_equal(extract.load(config, str(tmp_path))[0], train)
   mirror = tmp_path / "cache" / str(tmp_path).lstrip("/")
   mirror.mkdir(parents=True)
   (tmp_path / "teacher_embeddings.npy").rename(mirror / "teacher_embeddings.npy")
-  np.testing.assert_array_equal(extract.load(config, str(tmp_path))[0], train)
+  loaded = extract.load(config, str(tmp_path))[0]
+  assert loaded.filename == str(mirror / "teacher_embeddings.npy")
+  np.testing.assert_array_equal(loaded, train)
+  with pytest.raises(UserError, match="cannot read the teacher embeddings in"):
+    extract.load({}, str(tmp_path))  # not in the stage folder, and no cache_dir given
   (mirror / "teacher_embeddings.npy").rename(tmp_path / "teacher_embeddings.npy")
 
   data = (tmp_path / "teacher_embeddings.npy").read_bytes()

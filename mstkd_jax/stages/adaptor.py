@@ -45,6 +45,39 @@ def _map(apply, variables, embeddings, out, batch=4096):
   return out
 
 
+def _write_targets(config, workdir: str, apply, variables, train_embeddings, size_out: int
+                   ) -> str:
+  """Writes the cache targets.npy [N, 2, size_out] (the adaptor's outputs for every
+  training image and its mirror) where this process writes caches; returns its path."""
+  path = common.cache_file(config, workdir, common.TARGETS, make=True)
+  if common.writes_caches(config, workdir):
+    with files.npy_writer(path, (len(train_embeddings), 2, size_out)) as targets:
+      _map(apply, variables, train_embeddings, targets)             # [N, 2, D]
+  return path
+
+
+def remake_caches(config, workdir: str, name: str = "adaptor",
+                  inputs: common.Inputs = common.Inputs()) -> None:
+  """Writes the cache targets.npy of the finished stage in `workdir` again, from its saved
+  adaptor and the extraction's teacher embeddings (`inputs.extract_dir`), e.g. on another
+  machine than the one that trained it, where the local cache is missing. Nothing in
+  `workdir` changes; no training.
+
+  Raises:
+    UserError: the saved adaptor or the teacher embeddings are missing or do not fit.
+  """
+  train_embeddings, _ = extract.load(config, inputs.extract_dir)
+  num, _, num_teachers, size = train_embeddings.shape
+  network = config.adaptor.model.to_dict()
+  adaptor = models.create("adaptor", **network)
+  template = build.init_variables(adaptor, jax.random.PRNGKey(0),
+                                  np.zeros((1, num_teachers * size), np.float32))
+  variables = workdir_lib.load_model(workdir, {"params": template["params"]}, name)
+  print(f"[{name}] remaking the targets of {num} images from the saved adaptor", flush=True)
+  _write_targets(config, workdir, _apply_fn(adaptor), variables, train_embeddings,
+                 network["embedding_size"])
+
+
 def run(config, workdir: str, name: str = "adaptor", epochs_field: str = "train.epochs",
         inputs: common.Inputs = common.Inputs()) -> dict:
   """Trains the adaptor on the teacher embeddings in `inputs.extract_dir`, keeps its epoch
@@ -113,10 +146,7 @@ def run(config, workdir: str, name: str = "adaptor", epochs_field: str = "train.
   training = common.training_record(run.workdir, settings)
   workdir_lib.save_model(run.workdir, info["step"], best)  # every process takes part
   diagnostics = None
-  path = common.cache_file(config, run.workdir, common.TARGETS, make=True)
-  if common.writes_caches(config, run.workdir):
-    with files.npy_writer(path, (num, 2, size_out)) as targets:
-      _map(apply, best, train_embeddings, targets)                   # [N, 2, D]
+  path = _write_targets(config, run.workdir, apply, best, train_embeddings, size_out)
   if jax.process_index() == 0:
     embed.save_embeddings(run.workdir, space)
     diagnostics = target_space.space_statistics(

@@ -41,21 +41,31 @@ def cache_file(config, stage_dir: str, name: str, make: bool = False) -> str:
   """The local path of the cache `name` of the stage in `stage_dir`: in that folder when it
   is local (and config field cache_dir is empty), else under cache_dir or a local temp
   folder (paths.cache_dir): a memory map needs a local disk. `make`: its folder is made
-  (for the stage that writes it)."""
+  (for the stage that writes it); otherwise (readers) a cache missing there but in the
+  stage's own local folder (written before cache_dir was set) is taken from there."""
   folder = paths.cache_dir(config.get("cache_dir", ""), stage_dir)
+  path = os.path.join(folder, name)
   if make:
     files.makedirs(folder)
-  return os.path.join(folder, name)
+  elif not paths.is_url(stage_dir) and not os.path.exists(path):
+    # A stage run before cache_dir was set keeps its caches in its own folder.
+    in_stage = os.path.join(stage_dir, name)
+    if os.path.exists(in_stage):
+      return in_stage
+  return path
 
 
 def writes_caches(config, stage_dir: str) -> bool:
   """Whether this process writes the stage's caches: process 0 where they are in the stage
-  folder (which every host sees), every process where they are in a local cache folder
-  (cache_dir, or a URL workdir's), each its own copy (the same bytes: every process holds
-  every row it writes)."""
+  folder (which every host sees); where they are in a local cache folder (cache_dir, or a
+  URL workdir's), the first process of each machine, for the others on that machine (the
+  same bytes on every machine: each holds every row it writes). Every process must call it
+  (a gather, in a multi-process run)."""
   in_stage_dir = (paths.cache_dir(config.get("cache_dir", ""), stage_dir)
                   == paths.resolve(stage_dir, "workdir"))
-  return jax.process_index() == 0 or not in_stage_dir
+  if in_stage_dir:
+    return jax.process_index() == 0
+  return parallel_lib.first_process_on_host()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -61,28 +61,9 @@ def run(config, workdir: str, name: str = "extract",
   workdir = workdir_lib.prepare(config, workdir)
   train_set = sources.training_set(config.data, workdir)
   verification = sources.verification_sets(config.data, workdir)
-  parallel = parallel_lib.get(config.parallelism, config.num_devices)
-  module = build.backbone(config.model)
-  template = build.init_variables(
-      module, jax.random.PRNGKey(0), np.zeros((1,) + train_set.image_shape, np.float32),
-      train=False)
-  batch = config.train.eval_batch_size
-  verification_parts = {g: [] for g in verification}
-  # Every teacher is loaded against this template (shapes checked), so all share its size.
-  shape = (train_set.num_examples, 2, len(teacher_dirs), config.model.embedding_size)
+  verification_parts = _embed(config, workdir, name, teacher_dirs, train_set, verification)
   is_main = jax.process_index() == 0
-  # Written in place, a chunk at a time: [N, 2, G, D] float32 reaches ~20 GB at BUPT scale.
-  cache = common.cache_file(config, workdir, common.TEACHER_EMBEDDINGS, make=True)
-  with files.npy_writer(cache, shape, enabled=common.writes_caches(config, workdir)
-                        ) as train_out:
-    for i, teacher_dir in enumerate(teacher_dirs):
-      variables = workdir_lib.load_model(teacher_dir, template, teacher_dir)
-      print(f"[{name}] teacher {i + 1}/{len(teacher_dirs)} ({teacher_dir}) embeds "
-            f"{train_set.num_examples} training images and their mirrors", flush=True)
-      _embed_training_set(variables, module, train_set, parallel, batch, train_out, i)
-      for group, vset in verification.items():
-        verification_parts[group].append(
-            _normalized_pair(variables, module, vset.pair_images(), parallel, batch))
+  cache = common.cache_file(config, workdir, common.TEACHER_EMBEDDINGS)
   diagnostics = None
   if is_main:
     files.save_npz(
@@ -98,6 +79,47 @@ def run(config, workdir: str, name: str = "extract",
     files.write_json(os.path.join(workdir, "results.json"),
                        {"stage": name, "diagnostics": {"concatenation": diagnostics}})
   return {"diagnostics": diagnostics}
+
+
+def _embed(config, workdir: str, name: str, teacher_dirs: list, train_set, verification: dict
+           ) -> dict:
+  """Writes every teacher's embeddings of the training set into the cache and returns
+  {group: [each teacher's [2P, 2, D] of the verification pair images]}."""
+  parallel = parallel_lib.get(config.parallelism, config.num_devices)
+  module = build.backbone(config.model)
+  template = build.init_variables(
+      module, jax.random.PRNGKey(0), np.zeros((1,) + train_set.image_shape, np.float32),
+      train=False)
+  batch = config.train.eval_batch_size
+  verification_parts = {g: [] for g in verification}
+  # Every teacher is loaded against this template (shapes checked), so all share its size.
+  shape = (train_set.num_examples, 2, len(teacher_dirs), config.model.embedding_size)
+  # Written in place, a chunk at a time: [N, 2, G, D] float32 reaches ~20 GB at BUPT scale.
+  cache = common.cache_file(config, workdir, common.TEACHER_EMBEDDINGS, make=True)
+  with files.npy_writer(cache, shape, enabled=common.writes_caches(config, workdir)
+                        ) as train_out:
+    for i, teacher_dir in enumerate(teacher_dirs):
+      variables = workdir_lib.load_model(teacher_dir, template, teacher_dir)
+      print(f"[{name}] teacher {i + 1}/{len(teacher_dirs)} ({teacher_dir}) embeds "
+            f"{train_set.num_examples} training images and their mirrors", flush=True)
+      _embed_training_set(variables, module, train_set, parallel, batch, train_out, i)
+      for group, vset in verification.items():
+        verification_parts[group].append(
+            _normalized_pair(variables, module, vset.pair_images(), parallel, batch))
+  return verification_parts
+
+
+def remake_caches(config, workdir: str, name: str = "extract",
+                  inputs: common.Inputs = common.Inputs()) -> None:
+  """Writes the cache teacher_embeddings.npy of the finished stage in `workdir` again,
+  from its teachers (`inputs.teacher_dirs`), e.g. on another machine than the one that
+  ran it, where the local cache is missing. Nothing in `workdir` changes.
+
+  Raises:
+    UserError: as `run`.
+  """
+  train_set = sources.training_set(config.data, workdir)
+  _embed(config, workdir, name, list(inputs.teacher_dirs), train_set, {})
 
 
 def load(config, extract_dir: str) -> tuple[np.ndarray, dict]:

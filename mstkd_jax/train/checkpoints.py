@@ -120,7 +120,7 @@ def _save_error(path: str, error: BaseException) -> UserError:
   while cause is not None and not isinstance(cause, OSError):
     cause = cause.__cause__ or cause.__context__
   reason = (files.os_error_reason(cause) if isinstance(cause, OSError) and cause.errno
-            else short_error(error))
+            else short_error(error))  # the first line only, at most 200 characters
   return UserError(f"cannot write the checkpoint {path} ({reason})")
 
 

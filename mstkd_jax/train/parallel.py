@@ -219,6 +219,19 @@ def gather_hosts(rows: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(np.asarray(rows), tiled=True))
 
 
+def first_process_on_host() -> bool:
+  """Whether this process has the lowest index of the processes on its machine (by host
+  name): one writer per machine for files on its local disk. Every process must call it
+  (a gather); True on a single process."""
+  if jax.process_count() == 1:
+    return True
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+  host = int.from_bytes(hashlib.sha256(socket.gethostname().encode()).digest()[:4], "little")
+  hosts = gather_hosts(np.array([host], np.uint32))
+  return int(np.flatnonzero(hosts == host)[0]) == jax.process_index()
+
+
 def broadcast_from_main(value):
   """Process 0's value of a numpy scalar or array, on every process."""
   if jax.process_count() == 1:
