@@ -408,7 +408,13 @@ def test_the_recipe_runs_resumes_and_reports_in_a_url_workdir(mapped_url, tiny_r
 
   # A stage that reads a missing cache has to run: the caches are remade from the saved
   # adaptor and teachers (the adaptor's from the extraction's, remade first), nothing is
-  # trained again but that stage, and the remade caches are the recorded ones.
+  # trained again but that stage, and the remade caches are the recorded ones. (The
+  # extraction's record is altered here, as if another machine had made it: its remade
+  # cache differs, which a warning says, and the record takes the new one.)
+  extract_record = files.read_json(f"{url}/extract/specialized/stage.json")
+  made_here = extract_record["caches"]
+  extract_record["caches"] = {k: {**v, "sha256": "0" * 64} for k, v in made_here.items()}
+  files.write_json(f"{url}/extract/specialized/stage.json", extract_record)
   config.force = student
   report = pipeline.run(config, url)
   assert report["models"] == same_models(report)
@@ -421,7 +427,10 @@ def test_the_recipe_runs_resumes_and_reports_in_a_url_workdir(mapped_url, tiny_r
     assert (f"[pipeline] {name}: remaking its caches, which a stage to run reads (its caches "
             f"in {os.path.join(cache, name)} are not as it left them ({file} is missing))"
             ) in captured.out
-  assert "differ" not in captured.err
+  assert captured.err.count("differ from the ones the finished stages after it read") == 1
+  assert ("WARNING: extract/specialized: its remade caches in "
+          f"{os.path.join(cache, 'extract/specialized')} differ") in captured.err
+  assert files.read_json(f"{url}/extract/specialized/stage.json")["caches"] == made_here
   assert workdir_lib.damaged_output(
       os.path.join(cache, "adaptor/specialized/SL"),
       files.read_json(f"{url}/adaptor/specialized/SL/stage.json")["caches"]) is None
