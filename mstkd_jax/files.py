@@ -374,15 +374,7 @@ def remove(path) -> None:
   Raises:
     UserError: it cannot be removed (OS or storage library error), naming `path`.
   """
-  try:
-    if paths.is_url(path):
-      _on_url(path, "remove", lambda p: p.unlink(missing_ok=True))
-    else:
-      os.remove(path)
-  except FileNotFoundError:
-    pass
-  except OSError as e:
-    raise UserError(f"cannot remove {os.fspath(path)} ({os_error_reason(e)})") from e
+  _remove(path, lambda p: p.unlink(missing_ok=True), os.remove)
 
 
 def rmtree(path) -> None:
@@ -392,11 +384,17 @@ def rmtree(path) -> None:
   Raises:
     UserError: it cannot be removed (OS or storage library error), naming `path`.
   """
+  _remove(path, lambda p: p.rmtree() if p.exists() else None, shutil.rmtree)
+
+
+def _remove(path, on_url, on_local) -> None:
+  """`on_url(epath.Path)` or `on_local(path)`; a missing path is no error, any other one
+  UserError naming `path`."""
   try:
     if paths.is_url(path):
-      _on_url(path, "remove", lambda p: p.rmtree() if p.exists() else None)
+      _on_url(path, "remove", on_url)
     else:
-      shutil.rmtree(path)
+      on_local(path)
   except FileNotFoundError:
     pass
   except OSError as e:
