@@ -29,8 +29,9 @@ from mstkd_jax import paths
 from mstkd_jax.errors import UserError
 
 # Where a URL's storage library fails, its message can run over many lines (a retry log,
-# the request): the first line, at most this long, names what went wrong.
-URL_ERROR_CHARS = 300
+# the request): its first line, cut to this many characters (then "..."), names what went
+# wrong.
+URL_ERROR_CHARS = 297
 
 
 def os_error_reason(error: OSError) -> str:
@@ -46,18 +47,17 @@ def write_error(path: str, error: OSError) -> UserError:
 
 def url_error(path, error: Exception, action: str = "write") -> UserError:
   """The one-line UserError of a storage library's `error` (e.g. tf.errors.OpError, an
-  OSError from gcsfs) while `action`-ing the URL `path`: the error's type and the first
-  line of its message, at most URL_ERROR_CHARS long."""
-  return UserError(f"cannot {action} {os.fspath(path)} ({url_reason(error)})")
+  OSError from gcsfs) while `action`-ing the URL `path`: `error_line` of it."""
+  return UserError(f"cannot {action} {os.fspath(path)} ({error_line(error)})")
 
 
-def url_reason(error: Exception) -> str:
-  """"Type: the first line of the message" of a storage library's `error`, at most
-  URL_ERROR_CHARS long."""
+def error_line(error: BaseException, limit: int = URL_ERROR_CHARS) -> str:
+  """"Type: the first line of the message" of `error`, that line cut to `limit` characters
+  (then "...") where longer: storage libraries and tensorstore write kilobytes."""
   lines = str(error).strip().splitlines()
   first = lines[0].strip() if lines else ""
-  if len(first) > URL_ERROR_CHARS:
-    first = first[:URL_ERROR_CHARS - 3] + "..."
+  if len(first) > limit:
+    first = first[:limit] + "..."
   return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 

@@ -91,7 +91,7 @@ def prepare(config, workdir: str, refuse_changes: bool = True) -> str:
   except UserError as e:
     cause = e.__cause__
     reason = (files.os_error_reason(cause) if isinstance(cause, OSError) and cause.errno
-              else files.url_reason(cause) if cause is not None else str(e))
+              else files.error_line(cause) if cause is not None else str(e))
     raise UserError(f"the workdir {workdir} cannot be written ({reason})") from e
   if jax.process_count() > 1 and not paths.is_url(workdir):  # a URL is shared by nature
     check_shared(workdir)

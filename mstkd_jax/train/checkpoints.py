@@ -40,6 +40,8 @@ HISTORY = "history"         # the item folder of the per-step history (JSON)
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, into a finished step
 ITEM_METADATA = "_METADATA"           # Orbax writes it into every finished PyTree item
 _STEP_METADATA = "_CHECKPOINT_METADATA"
+# Orbax's and tensorstore's messages run to kilobytes: the first line, cut to this length.
+ERROR_CHARS = 200
 # How long a failing run waits for its pending background saves before leaving them behind.
 PENDING_SAVE_TIMEOUT_S = 20.0
 
@@ -48,7 +50,7 @@ class DamagedCheckpoint(UserError):
   """A step folder that cannot be read: interrupted copy or save, missing files."""
 
   def __init__(self, path: str, what: str, error: BaseException):
-    self.reason = short_error(error)
+    self.reason = files.error_line(error, ERROR_CHARS)
     super().__init__(f"{path}: {what} ({self.reason})")
 
 
@@ -105,14 +107,6 @@ def check_finite(tree, source: str) -> None:
           "values; a diverged run?); use an earlier step or retrain with a lower LR")
 
 
-def short_error(e: BaseException, limit: int = 200) -> str:
-  """The first line of an exception's message, cut to `limit` characters (tensorstore's
-  messages run to kilobytes)."""
-  text = (str(e).strip().splitlines() or [""])[0]
-  text = text if len(text) <= limit else text[:limit] + "..."
-  return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def _save_error(path: str, error: BaseException) -> UserError:
   """One line for a failed save: the OS error (ENOSPC, EACCES, EROFS, ...) where one is in
   the exception's chain, else the first line of Orbax's or tensorstore's message."""
@@ -120,7 +114,7 @@ def _save_error(path: str, error: BaseException) -> UserError:
   while cause is not None and not isinstance(cause, OSError):
     cause = cause.__cause__ or cause.__context__
   reason = (files.os_error_reason(cause) if isinstance(cause, OSError) and cause.errno
-            else short_error(error))  # the first line only, at most 200 characters
+            else files.error_line(error, ERROR_CHARS))
   return UserError(f"cannot write the checkpoint {path} ({reason})")
 
 
@@ -306,7 +300,7 @@ class Checkpoints:
       except UserError as e:
         outcome["error"] = e
       except Exception as e:  # pylint: disable=broad-except
-        outcome["error"] = short_error(e)
+        outcome["error"] = files.error_line(e, ERROR_CHARS)
     thread = threading.Thread(target=finish, name="abandon-checkpoints", daemon=True)
     thread.start()
     thread.join(timeout_s)
