@@ -22,7 +22,6 @@ import threading
 import time
 
 from absl import app, flags, logging
-import ml_collections
 from ml_collections import config_flags
 
 from mstkd_jax import paths
@@ -211,12 +210,11 @@ def run(config, workdir: str, multihost: str | Multihost = "false"):
   stages = _stages()
   if config.stage not in stages:
     raise UserError(f"config field stage={config.stage!r}: expected one of {sorted(stages)}")
-  if paths.is_url(workdir) and "data" in config and not config.data.data_dir:
+  if paths.is_url(workdir) and "data" in config:
     # The synthetic set's cache goes to the local cache folder (the pipeline does this for
     # its stages itself).
     from mstkd_jax.data import sources  # pylint: disable=g-import-not-at-top
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.data.data_dir = sources.data_dir(config.data, workdir, config.get("cache_dir", ""))
+    config = sources.with_data_dir(config, workdir)
   from mstkd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   with workdir_lib.locked(workdir, enabled=jax.process_index() == 0):
     if jax.process_index() == 0:

@@ -204,15 +204,6 @@ def _downstream(stages: list[Stage], roots: set) -> set:
   return out
 
 
-def _with_data_dir(config, workdir: str) -> ml_collections.ConfigDict:
-  """The config with data.data_dir filled in: one data folder for every stage and seed
-  (for the synthetic set, its cache)."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  if not config.data.data_dir:
-    config.data.data_dir = sources.data_dir(config.data, workdir, config.cache_dir)
-  return config
-
-
 def _check_seeds(config) -> int:
   seeds = config.get("seeds", 1)
   if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
@@ -231,7 +222,8 @@ def run(config, workdir: str) -> dict:
   """
   workdir = paths.resolve(workdir, "workdir")
   seeds = _check_seeds(config)
-  config = _with_data_dir(config, workdir)
+  # One data folder for every stage and seed (for the synthetic set, its cache).
+  config = sources.with_data_dir(config, workdir)
   if seeds == 1:
     return run_recipe(config, workdir)
   workdir_lib.prepare(config, workdir, refuse_changes=False)
@@ -261,8 +253,8 @@ def run(config, workdir: str) -> dict:
 def _cache_record(config, stage_dir: str) -> dict:
   """{"caches": output record} of the stage's caches where they are not in its folder
   (cache_dir, or a URL workdir), {} otherwise."""
-  cache = paths.cache_dir(config.cache_dir, stage_dir)
-  if cache == stage_dir or not files.isdir(cache):
+  cache = common.cache_folder(config, stage_dir)
+  if cache is None or not files.isdir(cache):
     return {}
   return {"caches": workdir_lib.output_record(cache)}
 
@@ -413,8 +405,8 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
         files.rmtree(stage_dir)
         files.makedirs(stage_dir)  # a resumption of this rerun keeps its progress
         files.write_json(os.path.join(stage_dir, "stage.json"), {"cleared": True})
-      cache = paths.cache_dir(config.cache_dir, stage_dir)
-      if cache != stage_dir and common.writes_caches(config, stage_dir):
+      cache = common.cache_folder(config, stage_dir)
+      if cache and common.writes_caches(config, stage_dir):
         files.rmtree(cache)  # each machine's own copy
       parallel_lib.sync_hosts(f"cleared {stage.name}")
     print(f"[pipeline] stage {stage.name} ({time.perf_counter() - started:.0f} s so far)",

@@ -15,6 +15,7 @@ verification set named by data.tfds.validation, which may not be the test set.
 import os
 from typing import Iterator
 
+import ml_collections
 import numpy as np
 
 from mstkd_jax import paths
@@ -141,6 +142,15 @@ def data_dir(data_config, workdir: str, cache: str = "") -> str:
   if paths.is_url(workdir):
     return os.path.join(paths.cache_dir(cache, workdir), "data")
   return os.path.join(paths.local(workdir, "workdir"), "data")
+
+
+def with_data_dir(config, workdir: str) -> ml_collections.ConfigDict:
+  """A copy of `config` (a stage's or the recipe's) with data.data_dir filled in by
+  `data_dir` where it is empty (config field cache_dir read where there is one)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if not config.data.data_dir:
+    config.data.data_dir = data_dir(config.data, workdir, config.get("cache_dir", ""))
+  return config
 
 
 def _tfds_dir(path: str, what: str) -> str:

@@ -55,15 +55,21 @@ def cache_file(config, stage_dir: str, name: str, make: bool = False) -> str:
   return path
 
 
+def cache_folder(config, stage_dir: str) -> str | None:
+  """The local folder of the stage's caches where it is apart from the stage folder
+  (config field cache_dir set, or a URL stage folder: paths.cache_dir); None where the
+  caches are in the stage folder, among its outputs."""
+  folder = paths.cache_dir(config.get("cache_dir", ""), stage_dir)
+  return None if folder == paths.resolve(stage_dir, "workdir") else folder
+
+
 def writes_caches(config, stage_dir: str) -> bool:
   """Whether this process writes the stage's caches: process 0 where they are in the stage
   folder (which every host sees); where they are in a local cache folder (cache_dir, or a
   URL workdir's), the first process of each machine, for the others on that machine (the
   same bytes on every machine: each holds every row it writes). Every process must call it
   (a gather, in a multi-process run)."""
-  in_stage_dir = (paths.cache_dir(config.get("cache_dir", ""), stage_dir)
-                  == paths.resolve(stage_dir, "workdir"))
-  if in_stage_dir:
+  if cache_folder(config, stage_dir) is None:
     return jax.process_index() == 0
   return parallel_lib.first_process_on_host()
 
