@@ -290,7 +290,9 @@ def _remake(config, stage: Stage, stage_dir: str, record: dict, why: str) -> Non
   parallel_lib.sync_hosts(f"remade {stage.name}")
   if jax.process_index() == 0:
     cache = paths.cache_dir(config.cache_dir, stage_dir)
-    fresh = workdir_lib.output_record(cache)
+    # The recorded files only: with cache_dir unset since, the cache folder is the stage's.
+    fresh = {rel: entry for rel, entry in workdir_lib.output_record(cache).items()
+             if rel in record["caches"]}
     if fresh != record["caches"]:
       print(f"WARNING: {stage.name}: its remade caches in {cache} differ from the ones the "
             "finished stages after it read (other hardware rounds differently); those keep "
