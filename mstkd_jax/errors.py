@@ -1,16 +1,28 @@
-"""The one exception type for problems a user can fix (bad data, config, checkpoint), and
-the filter that keeps a library's logged copies of an error we report out of the log.
+"""The one exception type for problems a user can fix (bad data, config, checkpoint), the
+one warning line, and the filter that keeps a library's logged copies of an error we report
+out of the log.
 
-`main` and the other command-line entry points print its message alone, without a
-traceback; everything else is a bug and keeps its traceback.
+`main` and the other command-line entry points print a UserError's message alone, as
+`error: <message>` on stderr, without a traceback; everything else is a bug and keeps its
+traceback. Our warnings are single `warning: <message>` lines: the two prefixes are ours
+alone (absl, TensorFlow and Python's `warnings` print other forms), so a reader or a test can
+pick our lines out of a log.
 """
 
 import logging
 import os
+import sys
+from typing import TextIO
 
 
 class UserError(Exception):
   """A problem in the user's input; the message names the file or field and what was expected."""
+
+
+def warn(message: str, file: TextIO | None = None) -> None:
+  """Prints `warning: <message>` as one line to `file` (default: stdout, next to the
+  progress lines it is about) and flushes it."""
+  print(f"warning: {message}", file=file or sys.stdout, flush=True)
 
 
 class _DropLoggedTracebacks(logging.Filter):

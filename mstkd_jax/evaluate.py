@@ -53,6 +53,7 @@ import numpy as np
 
 from mstkd_jax import paths
 from mstkd_jax.data import pairs
+from mstkd_jax import errors
 from mstkd_jax.errors import UserError
 from mstkd_jax.interop import resolve
 
@@ -381,7 +382,7 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
   report["config"]["files"] = written
   if verbose:
     for warning in report["warnings"]:
-      print(f"WARNING: {warning}", flush=True)
+      errors.warn(warning)
     print(report_lib.format_table(report))
     for model_name in model_names:
       if model_name in report["models"]:

@@ -23,6 +23,7 @@ import numpy as np
 
 from mstkd_jax import files, paths, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline, sources
+from mstkd_jax import errors
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import report as report_lib, seeds as seeds_lib
 from mstkd_jax.models import adaptor as adaptor_model
@@ -294,10 +295,10 @@ def _remake(config, stage: Stage, stage_dir: str, record: dict, why: str) -> Non
     fresh = {rel: entry for rel, entry in workdir_lib.output_record(cache).items()
              if rel in record["caches"]}
     if fresh != record["caches"]:
-      print(f"WARNING: {stage.name}: its remade caches in {cache} differ from the ones the "
-            "finished stages after it read (other hardware rounds differently); those keep "
-            "their results, the stages still to run read the new caches", file=sys.stderr,
-            flush=True)
+      errors.warn(f"{stage.name}: its remade caches in {cache} differ from the ones the "
+                  "finished stages after it read (other hardware rounds differently); those "
+                  "keep their results, the stages still to run read the new caches",
+                  file=sys.stderr)
       files.write_json(os.path.join(stage_dir, "stage.json"), {**record, "caches": fresh},
                        sort_keys=True)
   parallel_lib.sync_hosts(f"recorded {stage.name}")

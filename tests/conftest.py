@@ -3,18 +3,27 @@ the tests of one session (stages rebuilt with the same shapes compile once), and
 sys.path (for `configs`)."""
 
 import os
+import re
 import sys
 import tempfile
 
 import pytest
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# XLA flags the user gave (e.g. --xla_cpu_max_isa=AVX2 to run the suite on XLA's AVX2 code
+# path), kept for the child processes of the tests too (child_xla_flags).
+USER_XLA_FLAGS = re.sub(r"--xla_force_host_platform_device_count=\S*", "",
+                        os.environ.get("XLA_FLAGS", "")).strip()
+os.environ["XLA_FLAGS"] = (USER_XLA_FLAGS + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       tempfile.mkdtemp(prefix="mstkd_jax_test_compilation_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def child_xla_flags(*flags: str) -> str:
+  """XLA_FLAGS for a test's child process: the user's flags plus `flags` (the suite's 8
+  simulated devices left out)."""
+  return " ".join((USER_XLA_FLAGS,) + flags).strip()
 
 
 def pytest_configure(config):

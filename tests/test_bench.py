@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import conftest
 from mstkd_jax import bench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ def report(tmp_path_factory):
   env = dict(os.environ)
   # One CPU device (conftest simulates 8), and XLA's quick code generation: this checks the
   # plumbing, not the speed, and compiling dominates the child's time.
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  env["XLA_FLAGS"] = conftest.child_xla_flags("--xla_backend_optimization_level=0")
   # online_kd_vmap (a diagnostic variant) is left out to keep the compilations few.
   args = ["--config=configs/distill.py:smoke", "--stage_depths=1,1,1,1", "--batch=8",
           "--image_size=16", "--num_classes=8", "--num_teachers=2", "--steps=2",

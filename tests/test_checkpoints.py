@@ -182,7 +182,7 @@ def test_damaged_newest_step_is_skipped_on_resume_with_one_warning(uninterrupted
   captured = capsys.readouterr()
   warnings = [line for line in captured.err.splitlines() if "checkpoints/8 " in line]
   assert len(warnings) == 1, captured.err
-  assert warnings[0].startswith(f"WARNING: skipping the damaged checkpoint {tmp_path}/"
+  assert warnings[0].startswith(f"warning: skipping the damaged checkpoint {tmp_path}/"
                                 "checkpoints/8 (")
   assert warnings[0].endswith(f"); using step 4; moved it to {tmp_path}/checkpoints/8.damaged")
   assert "Traceback" not in captured.err
@@ -196,7 +196,7 @@ def test_damaged_newest_step_is_skipped_on_resume_with_one_warning(uninterrupted
 def _our_warnings(capsys) -> list[str]:
   """This project's warning lines on stderr (Orbax's own log lines left out)."""
   return [line for line in capsys.readouterr().err.splitlines()
-          if line.startswith("WARNING: ")]
+          if line.startswith("warning: ")]
 
 
 def _saved_steps(directory, steps=(3, 7), state=None):
@@ -218,7 +218,7 @@ def test_restore_latest_skips_damaged_steps_and_refuses_when_none_is_complete(tm
   np.testing.assert_array_equal(state["params"]["backbone"]["conv1"]["kernel"],
                                 _backbone_state(3)["params"]["backbone"]["conv1"]["kernel"])
   err = _our_warnings(capsys)
-  assert len(err) == 1 and err[0].startswith(f"WARNING: skipping the damaged checkpoint "
+  assert len(err) == 1 and err[0].startswith(f"warning: skipping the damaged checkpoint "
                                              f"{directory}/7 (")
   _remove_commit_marker(os.path.join(directory, "3"))
   with pytest.raises(UserError) as e:
@@ -293,7 +293,7 @@ def test_evaluation_reads_the_newest_complete_step(tmp_path, capsys, damage):
                                 _backbone_state(3)["params"]["backbone"]["conv1"]["kernel"])
   err = _our_warnings(capsys)
   assert len(err) == 1, err
-  assert err[0].startswith(f"WARNING: skipping the damaged checkpoint {directory}/7 (")
+  assert err[0].startswith(f"warning: skipping the damaged checkpoint {directory}/7 (")
 
 
 def test_evaluation_of_only_damaged_steps_prints_one_line_and_no_traceback(tmp_path):
@@ -313,7 +313,7 @@ def test_evaluation_of_only_damaged_steps_prints_one_line_and_no_traceback(tmp_p
                           text=True, timeout=300, check=False)
   assert result.returncode == 1
   lines = [line for line in result.stderr.splitlines()
-           if line.startswith(("WARNING: skipping", "error:"))]
+           if line.startswith(("warning: skipping", "error:"))]
   assert lines[-1].startswith(f"error: {directory}: holds no complete checkpoint step "
                               "(damaged: 7 (ValueError: ")
   assert "3 (no commit marker commit_success.txt)" in lines[-1]
@@ -360,11 +360,11 @@ def test_a_fault_in_a_background_save_ends_the_run_promptly_in_one_line(tmp_path
   assert ended - failed_at < 2.0 + 5.0  # the shutdown grace (2 s here) and interpreter exit
   assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
   ours = [line for line in result.stderr.splitlines()
-          if line.startswith(("error:", "WARNING:"))]
+          if line.startswith(("error:", "warning:"))]
   if mode == "fails":
     assert ours == [f"error: cannot write the checkpoint {tmp_path}/run/checkpoints/4 "
                     "(ENOSPC: No space left on device)"]
   else:
-    assert ours == [f"WARNING: a checkpoint save in {tmp_path}/run/checkpoints did not "
+    assert ours == [f"warning: a checkpoint save in {tmp_path}/run/checkpoints did not "
                     "finish within 2 s and was left behind (a later run skips its "
                     "uncommitted step)", "error: injected failure in the main thread"]

@@ -88,7 +88,7 @@ def test_a_starved_teacher_warns_and_records_it(tmp_path, capsys):
   workdir = str(tmp_path / "starved")
   result = teacher.run(tiny_config(epochs=1.0), workdir, epochs_field="teacher.train.epochs")
   out = capsys.readouterr().out
-  assert "WARNING: teacher/group_a has not converged" in out
+  assert "warning: teacher/group_a has not converged" in out
   assert "Raise teacher.train.epochs" in out
   with open(os.path.join(workdir, "results.json")) as f:
     record = json.load(f)["training"]
@@ -101,6 +101,6 @@ def test_the_same_teacher_trained_to_convergence_does_not_warn(tmp_path, capsys)
   config = tiny_config(epochs=40.0, log_every=40, checkpoint_every=1000)
   config.optim.lr_decay_epochs = (30, 38)
   result = teacher.run(config, str(tmp_path), epochs_field="teacher.train.epochs")
-  assert "WARNING" not in capsys.readouterr().out
+  assert "warning:" not in capsys.readouterr().out
   assert result["training"]["warnings"] == []
   assert result["training"]["final_epoch_accuracy"] >= convergence.MIN_TRAIN_ACCURACY

@@ -428,7 +428,7 @@ def test_the_recipe_runs_resumes_and_reports_in_a_url_workdir(mapped_url, tiny_r
             f"in {os.path.join(cache, name)} are not as it left them ({file} is missing))"
             ) in captured.out
   assert captured.err.count("differ from the ones the finished stages after it read") == 1
-  assert ("WARNING: extract/specialized: its remade caches in "
+  assert ("warning: extract/specialized: its remade caches in "
           f"{os.path.join(cache, 'extract/specialized')} differ") in captured.err
   assert files.read_json(f"{url}/extract/specialized/stage.json")["caches"] == made_here
   assert workdir_lib.damaged_output(

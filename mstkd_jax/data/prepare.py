@@ -205,7 +205,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                    prog="python -m mstkd_jax.data.prepare", doc=__doc__)
   if rest:
     cli.usage_error(f"unexpected arguments {rest}; give every setting as a --flag")
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Before TensorFlow loads.
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.ERROR)  # TFDS warns about every custom config.
   try:

@@ -16,6 +16,7 @@ import numpy as np
 
 from mstkd_jax import files, paths, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline, sources
+from mstkd_jax import errors
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import embed, report as report_lib, target_space
 from mstkd_jax.train import build, convergence, loop, parallel as parallel_lib, state as state_lib
@@ -146,7 +147,7 @@ def training_record(workdir: str, settings: loop.LoopSettings) -> dict:
   summary = convergence.summarize(loop.load_history(workdir), settings.steps_per_epoch)
   warning = convergence.warning(settings.name, summary, settings.epochs_field)
   if warning:
-    print(f"WARNING: {warning}", flush=True)
+    errors.warn(warning)
   return {**summary, "warnings": [warning] if warning else []}
 
 
@@ -230,7 +231,7 @@ def finish_model(run: StageRun, step: int, variables: dict, module) -> dict:
   results = embed.evaluate_embeddings(embeddings)
   print(f"[{run.name}] verification accuracy: {embed.accuracy_line(results)}", flush=True)
   for warning in report_lib.model_warnings(run.name, results):
-    print(f"WARNING: {warning}", flush=True)
+    errors.warn(warning)
   if jax.process_index() == 0:
     embed.save_embeddings(run.workdir, embeddings)
   return results
@@ -257,5 +258,5 @@ def warn_collapse(name: str, statistics: dict) -> str | None:
   """Prints the collapse warning of a target space's statistics (target_space); returns it."""
   warning = target_space.collapse_warning(name, statistics)
   if warning:
-    print(f"WARNING: {warning}", flush=True)
+    errors.warn(warning)
   return warning

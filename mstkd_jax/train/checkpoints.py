@@ -176,7 +176,7 @@ def damage(step_dir: str, item: str = STATE) -> str | None:
 def warn(message: str) -> None:
   """One warning line on stderr (process 0 only)."""
   if jax.process_index() == 0:
-    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+    errors.warn(message, file=sys.stderr)
 
 
 def _rank(metrics) -> float:
