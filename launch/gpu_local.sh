@@ -7,7 +7,7 @@ set -euo pipefail
 SCRIPT_DIR=.; [[ ${BASH_SOURCE[0]} == */* ]] && SCRIPT_DIR=${BASH_SOURCE[0]%/*}
 # shellcheck source=lib.sh source-path=SCRIPTDIR
 source "$SCRIPT_DIR/lib.sh"  # PROG, REPO and the helpers shared by the launch scripts
-JAX_CUDA_REQ='jax[cuda12]>=0.7.1,<0.13'
+JAX_EXTRA='cuda12'  # pip's jax[cuda12]: the CUDA 12 plugin of the locked JAX version
 
 usage() {
   cat <<EOF
@@ -16,8 +16,9 @@ Usage: launch/$PROG COMMAND [options] [-- ARGS...]
 Run mstkd_jax on one host with one or more NVIDIA GPUs.
 
 Commands:
-  setup    make the venv (default: <repo>/.venv) and install "$JAX_CUDA_REQ"
-           and requirements.txt into it (needs Python >= 3.11)
+  setup    make the venv (default: <repo>/.venv) and install requirements.txt (the
+           lock) and then "jax[$JAX_EXTRA]" of the JAX version it locked into it
+           (needs Python >= 3.11)
   run      run "python -m mstkd_jax.main --multihost=false" from the repo root, as
            one process that uses every GPU it can see. CUDA_VISIBLE_DEVICES from the
            environment is respected (--gpus sets it).

@@ -7,7 +7,7 @@ set -euo pipefail
 SCRIPT_DIR=.; [[ ${BASH_SOURCE[0]} == */* ]] && SCRIPT_DIR=${BASH_SOURCE[0]%/*}
 # shellcheck source=lib.sh source-path=SCRIPTDIR
 source "$SCRIPT_DIR/lib.sh"  # PROG, REPO and the helpers shared by the launch scripts
-JAX_CUDA_REQ='jax[cuda12]>=0.7.1,<0.13'
+JAX_EXTRA='cuda12'  # pip's jax[cuda12]: the CUDA 12 plugin of the locked JAX version
 
 usage() {
   cat <<EOF
@@ -24,8 +24,9 @@ Commands:
              srun python -m mstkd_jax.main --multihost=true ...
            Every task sees all GPUs of its node and JAX gives it the one with
            index SLURM_LOCALID, so do not add per-task GPU binding (--gpus-per-task).
-  setup    make the venv (default: <repo>/.venv) and install "$JAX_CUDA_REQ" and
-           requirements.txt into it; run it once, on a login node (Python >= 3.11)
+  setup    make the venv (default: <repo>/.venv) and install requirements.txt (the
+           lock) and then "jax[$JAX_EXTRA]" of the JAX version it locked into it;
+           run it once, on a login node (Python >= 3.11)
 
 Options for submit:
   --nodes=N                nodes (default: 1)

@@ -1,6 +1,6 @@
 # Helpers shared by the launch scripts, sourced first thing (the caller sets SCRIPT_DIR, its
 # own folder, and later dry_run, and for the command and setup helpers cmd, scoped, python,
-# venv and JAX_CUDA_REQ).
+# venv and JAX_EXTRA).
 # shellcheck shell=bash disable=SC2034,SC2154
 
 PROG=${0##*/}
@@ -100,7 +100,9 @@ check_scoped() {
 }
 
 # setup of the GPU launchers: checks $python (>= 3.11), makes $venv and installs
-# $JAX_CUDA_REQ, then requirements.txt. $1: what else to try where $python is missing.
+# requirements.txt (the lock: CPU JAX among exact versions), then jax[$JAX_EXTRA] of the
+# same JAX version (the CUDA plugin; a plugin must match its jaxlib). $1: what else to try
+# where $python is missing.
 make_cuda_venv() {
   if ((!dry_run)); then
     if ! command -v "$python" >/dev/null 2>&1; then
@@ -112,6 +114,10 @@ make_cuda_venv() {
   fi
   run_cmd "$python" -m venv "$venv"
   run_cmd "$venv/bin/python" -m pip install -U pip
-  run_cmd "$venv/bin/python" -m pip install -U "$JAX_CUDA_REQ"
   run_cmd "$venv/bin/python" -m pip install -r "$REPO/requirements.txt"
+  local version='<the JAX version of the lock>'
+  if ((!dry_run)); then
+    version=$("$venv/bin/python" -c 'import jax; print(jax.__version__)')
+  fi
+  run_cmd "$venv/bin/python" -m pip install "jax[$JAX_EXTRA]==$version"
 }

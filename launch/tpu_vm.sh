@@ -16,7 +16,8 @@ REMOTE_TARBALL='mstkd_jax_src.tar.gz'
 # run gives mstkd_jax the workdir as a gs:// URL and mounts gs://BUCKET here on every
 # worker (gcsfuse) for the TFDS data: array_record, its file format, reads local files only.
 REMOTE_MOUNTS='/mnt/gcs'
-JAX_TPU_REQ='jax[tpu]>=0.7.1,<0.13'
+# pip's jax[tpu] (libtpu) of the JAX version requirements.txt locked, after the lock.
+JAX_EXTRA='tpu'
 
 usage() {
   cat <<EOF
@@ -29,8 +30,8 @@ Commands:
   setup    copy this checkout (a tarball of the tracked and untracked, not ignored
            files; no .git/, no workdirs) to every worker, unpack it into
            $REMOTE_CODE, make the venv $REMOTE_VENV (Python >= 3.11; installed with
-           apt when the image lacks it), install "$JAX_TPU_REQ" and
-           requirements.txt there, and gcsfuse (Google's apt repository) when
+           apt when the image lacks it), install requirements.txt (the lock)
+           and "jax[$JAX_EXTRA]" of the JAX version it locked there, and gcsfuse (Google's apt repository) when
            missing. Run it again after changing the code.
   run      run "python -m mstkd_jax.main" on every worker (--worker=all) with the
            workdir in the bucket itself (a gs:// URL, written through etils.epath
@@ -235,8 +236,8 @@ remote_setup_command() {
     "if [ -x $REMOTE_VENV/bin/python ] && ! $REMOTE_VENV/bin/python $py_ok; then rm -rf $REMOTE_VENV; fi"
     "if [ ! -x $REMOTE_VENV/bin/python ]; then \"\$py\" -m venv $REMOTE_VENV 2>/dev/null || { apt_install \"\$py-venv\" && rm -rf $REMOTE_VENV && \"\$py\" -m venv $REMOTE_VENV; }; fi"
     "$REMOTE_VENV/bin/python -m pip install -q -U pip"
-    "$REMOTE_VENV/bin/python -m pip install -q -U \"$JAX_TPU_REQ\""
     "$REMOTE_VENV/bin/python -m pip install -q -r $REMOTE_CODE/requirements.txt"
+    "$REMOTE_VENV/bin/python -m pip install -q \"jax[$JAX_EXTRA]==\$($REMOTE_VENV/bin/python -c 'import jax; print(jax.__version__)')\""
     "command -v gcsfuse >/dev/null || { echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && apt_install gcsfuse; }"
     "echo \"[\$(hostname)] ready: \$($REMOTE_VENV/bin/python -c 'import jax; print(\"jax\", jax.__version__)')\""
   )

@@ -106,3 +106,38 @@ def test_oriented_arrays_follow_each_example_s_flip(arrays, tmp_path):
     np.testing.assert_array_equal(stored["target"].reshape(-1), plain[index])
   with pytest.raises(ValueError, match="orientation must be one of"):
     input_pipeline.add_oriented(batch, {"target": mapped}, "mirrored")
+
+
+_PIPELINE_DIGEST = """
+import hashlib
+import numpy as np
+from mstkd_jax.data import input_pipeline
+import tensorflow as tf
+rng = np.random.default_rng(0)
+images = rng.integers(0, 256, (64, 24, 24, 3), dtype=np.uint8)
+digest = hashlib.sha256()
+for batch in input_pipeline.train_batches(
+    {"image": images}, global_batch=16, steps_per_epoch=4, seed=3, start_step=0,
+    total_steps=8, local_device_count=2, process_index=0, process_count=1):
+  digest.update(batch["image"].tobytes())
+digest.update(tf.io.decode_jpeg(tf.io.encode_jpeg(images[0])).numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_input_batches_are_the_same_bits_with_tensorflows_onednn_on_or_off():
+  """mstkd_jax turns TensorFlow's oneDNN kernels off (mstkd_jax/__init__.py), which newer
+  CPUs get by default, and the README says nothing we compute goes through them: the
+  training batches and a JPEG decode are the same bits either way."""
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  digests = []
+  for onednn in ("0", "1"):
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS=onednn, PYTHONPATH=root)
+    done = subprocess.run([sys.executable, "-c", _PIPELINE_DIGEST], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    digests.append(done.stdout.split()[-1])
+  assert digests[0] == digests[1]

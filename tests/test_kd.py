@@ -5,6 +5,7 @@ import functools
 import jax
 import numpy as np
 
+import numerics
 from mstkd_jax import models
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.stages import adaptor as adaptor_stage, extract
@@ -12,6 +13,11 @@ from mstkd_jax.train import parallel as parallel_lib, state as state_lib, steps
 from mstkd_jax.train import build
 
 NUM_TEACHERS, EMBEDDING, SIZE, BATCH = 3, 16, 16, 8
+# Online (teachers and adaptor inside the student step) against cached (extracted, then
+# mapped) targets: the same networks, fused and reduced differently; one step, the widest
+# reduction a teacher BatchNorm's over 8 images x 16 x 16 (2,048 terms): 44 EPS32 = 5.2e-6.
+# Measured: targets equal, losses within 2 EPS32 (AVX-512, AVX2 and SSE4.2 code paths).
+KD_BOUND = numerics.reorder_bound(terms=BATCH * SIZE * SIZE)
 
 
 def _networks():
@@ -51,7 +57,7 @@ def test_online_targets_equal_the_cached_targets_and_the_losses_agree():
   stacked = jax.tree.map(lambda *xs: np.stack(xs), *teachers)
   online = steps.online_targets(fed, {"teachers": stacked, "adaptor": adaptor_vars},
                                 teacher=teacher, adaptor=adaptor)
-  np.testing.assert_allclose(online, cached_fed, rtol=1e-4, atol=1e-5)
+  numerics.check_tree("targets", cached_fed, online, KD_BOUND)
 
   # The student's loss on this batch is the same either way.
   student = models.create("iresnet18", stage_depths=(1, 1, 1, 1), width=4,
@@ -78,7 +84,7 @@ def test_online_targets_equal_the_cached_targets_and_the_losses_agree():
   _, online_metrics = online_step(parallel.replicate(state), parallel.shard(batch), rng, frozen)
   cached_loss = float(parallel.unreplicate(cached_metrics)["loss"])
   online_loss = float(parallel.unreplicate(online_metrics)["loss"])
-  np.testing.assert_allclose(online_loss, cached_loss, rtol=1e-4)
+  numerics.check("loss", numerics.difference(online_loss, cached_loss), KD_BOUND)
   assert cached_loss > 0
 
   # orientation="stored" (the released scripts): the stored image's target whatever the
@@ -95,6 +101,6 @@ def test_online_targets_equal_the_cached_targets_and_the_losses_agree():
   _, metrics_o = stored_online(parallel.replicate(state), parallel.shard(stored_batch), rng,
                                frozen)
   stored_loss = float(parallel.unreplicate(metrics_c)["loss"])
-  np.testing.assert_allclose(float(parallel.unreplicate(metrics_o)["loss"]), stored_loss,
-                             rtol=1e-4)
+  numerics.check("loss (stored orientation)", numerics.difference(
+      float(parallel.unreplicate(metrics_o)["loss"]), stored_loss), KD_BOUND)
   assert abs(stored_loss - cached_loss) > 1e-3 * cached_loss  # the flipped targets differ

@@ -124,3 +124,37 @@ def test_unwritable_workdir_is_refused(tmp_path):
   blocker.write_text("not a directory")
   with pytest.raises(UserError, match="cannot be written"):
     teacher.run(tiny_config(), str(blocker / "workdir"))
+
+
+def test_a_second_run_in_its_own_process_is_bit_identical_and_quiet(uninterrupted, tmp_path):
+  """The determinism we promise: the same config and seed on the same machine give the same
+  bits, here through `python -m mstkd_jax.main` in a fresh process (its own compilation)
+  against the in-process run. The child runs with TensorFlow's environment variables unset
+  and prints nothing on stderr: TensorFlow (tf.data, the TensorBoard writer) and absl log
+  no line there (mstkd_jax/__init__.py)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from mstkd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir, result = uninterrupted
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS",
+                      "JAX_COMPILATION_CACHE_DIR")}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  again = str(tmp_path / "again")
+  done = subprocess.run([sys.executable, "-m", "mstkd_jax.main",
+                         "--config=configs/teacher.py:tiny", f"--workdir={again}"],
+                        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+                        check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stderr == ""
+  variables = {"params": result["state"].params["backbone"],
+               "batch_stats": result["state"].batch_stats}
+  loaded = workdir_lib.load_model(again, variables, "teacher")
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(variables),
+                          jax.tree.leaves(loaded)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
+                                  err_msg=jax.tree_util.keystr(path))
+  with open(os.path.join(workdir, "results.json")) as f, \
+       open(os.path.join(again, "results.json")) as g:
+    first, second = json.load(f), json.load(g)
+  assert second["verification"] == first["verification"]
