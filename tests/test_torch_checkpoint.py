@@ -1,7 +1,9 @@
-"""Tests for PyTorch IResNet checkpoint import/export (interop/torch_checkpoint.py).
+"""Tests for PyTorch backbone checkpoint import/export (interop/torch_checkpoint.py and the
+files it rests on: pth_format, torch_names, torch_iresnet, torch_mbf, backbones).
 
-The PyTorch reference below follows insightface's IResNet as METHOD.md describes it;
-tests that need it skip when torch is not installed.
+The PyTorch references below follow insightface's IResNet and arcface_torch's
+MobileFaceNet as their architectures are described; tests that need them skip when torch
+is not installed.
 """
 
 import collections
@@ -14,12 +16,13 @@ import zipfile
 from typing import Any, Callable, NamedTuple
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 
 from mstkd_jax import models
 from mstkd_jax.errors import UserError
-from mstkd_jax.interop import torch_checkpoint as tc
+from mstkd_jax.interop import backbones, pth_format, torch_checkpoint as tc
 
 WIDTH = 16
 EMBEDDING = 64
@@ -102,7 +105,8 @@ def _torch_iresnet(torch, depths=DEPTHS, width=WIDTH, embedding_size=EMBEDDING,
 
 
 def _randomize(torch, net, seed=0):
-  """Random weights and BatchNorm statistics (features.weight stays 1), eval mode."""
+  """Random weights and BatchNorm statistics (an IResNet's features.weight stays 1), eval
+  mode."""
   torch.manual_seed(seed)
   with torch.no_grad():
     for name, module in net.named_modules():
@@ -114,7 +118,7 @@ def _randomize(torch, net, seed=0):
         module.running_var.uniform_(0.5, 1.5)
       elif isinstance(module, torch.nn.PReLU):
         module.weight.uniform_(0.0, 0.5)
-      elif isinstance(module, torch.nn.Linear):
+      elif isinstance(module, torch.nn.Linear) and module.bias is not None:
         module.bias.normal_(0.0, 0.1)
   return net.eval()
 
@@ -169,6 +173,17 @@ def _max_relative_error(ours, reference):
   return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
 
 
+def _saved_twin(torch, net, folder):
+  """Randomizes `net`, saves its state_dict to folder/twin.pth; returns (path, NCHW images,
+  the net's embeddings of them in eval mode)."""
+  _randomize(torch, net)
+  path = folder / "twin.pth"
+  torch.save(net.state_dict(), path)
+  images = _images()
+  with torch.no_grad():
+    return path, images, net(torch.from_numpy(images)).numpy()
+
+
 # --- Reading what torch.save writes ----------------------------------------------------
 
 
@@ -207,13 +222,7 @@ def test_legacy_format_is_refused_with_resave_hint(tmp_path):
 @pytest.mark.parametrize("use_se", [False, True])
 def test_imported_checkpoint_gives_pytorch_embeddings(tmp_path, use_se):
   torch = pytest.importorskip("torch")
-  net = _randomize(torch, _torch_iresnet(torch, use_se=use_se))
-  path = tmp_path / "backbone.pth"
-  torch.save(net.state_dict(), path)
-  images = _images()
-  with torch.no_grad():
-    reference = net(torch.from_numpy(images)).numpy()
-
+  path, images, reference = _saved_twin(torch, _torch_iresnet(torch, use_se=use_se), tmp_path)
   flax = _flax(use_se=use_se)
   ours = flax.embed(tc.load_iresnet(path, flax.template), images)
   assert _max_relative_error(ours, reference) < 1e-4
@@ -330,7 +339,7 @@ def _saved(tmp_path):
     (lambda data: data[:-10], "zip"),
     (lambda data: data.replace(np.float32(7).tobytes(), b"\0\0\0\0", 1), "CRC"),
     (lambda data: b"not a checkpoint at all", "not a PyTorch checkpoint"),
-    (lambda data: tc._LEGACY_MAGIC + b"rest", "legacy"),
+    (lambda data: pth_format._LEGACY_MAGIC + b"rest", "legacy"),
     (lambda data: b"", "not a PyTorch checkpoint"),
 ])
 def test_damaged_file_error_names_the_file(tmp_path, saved, damage, expected):
@@ -354,7 +363,7 @@ def test_pickle_cannot_modify_the_loader(tmp_path):
   _zip_with_pickle(path, data)
   with pytest.raises(UserError, match="tamper.pth"):
     tc.load_state_dict(path)
-  rebuild = tc._SAFE_GLOBALS[("torch._utils", "_rebuild_tensor_v2")]
+  rebuild = pth_format._SAFE_GLOBALS[("torch._utils", "_rebuild_tensor_v2")]
   assert getattr(rebuild, "_function", None) != "x"
   good = tmp_path / "good.pth"
   tc.save_state_dict(good, {"w": np.ones(3, np.float32)})
@@ -459,3 +468,192 @@ def test_checkpoint_extras_still_run_nothing(tmp_path):
   with pytest.raises(UserError, match="refused to load the global .*system"):
     tc.load_state_dict(path)
   assert not marker.exists()
+
+
+# --- MobileFaceNet (arcface_torch's mbf) -----------------------------------------------
+
+MBF = dict(width=8, scale=2, blocks=(2, 1, 1, 1), embedding_size=16)  # 32x32: a 2x2 GDC
+
+
+def _torch_mobilefacenet(torch, width=8, scale=2, blocks=(2, 1, 1, 1), embedding_size=16,
+                         image_size=IMAGE):
+  """A PyTorch MobileFaceNet with arcface_torch's layout and state_dict names: every
+  block an nn.Sequential named `layers`; ConvBlock = conv (no bias), BatchNorm2d, PReLU;
+  LinearBlock = conv, BatchNorm2d; DepthWise = ConvBlock 1x1 to its groups, ConvBlock 3x3
+  depthwise (stride), LinearBlock 1x1 (+ input where residual); GDC = LinearBlock over the
+  whole last map (7x7 at 112x112) in 8 x width groups, flatten, Linear without bias,
+  BatchNorm1d. Channel counts as arcface_torch's for width 64."""
+  nn = torch.nn
+
+  def conv_block(cin, cout, kernel=1, stride=1, padding=0, groups=1, prelu=True):
+    block = nn.Module()
+    parts = [nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False),
+             nn.BatchNorm2d(cout)]
+    block.layers = nn.Sequential(*parts, *([nn.PReLU(cout)] if prelu else []))
+    block.forward = block.layers.forward
+    return block
+
+  class DepthWise(nn.Module):
+
+    def __init__(self, cin, cout, groups, stride=1, residual=False):
+      super().__init__()
+      self.residual = residual
+      self.layers = nn.Sequential(conv_block(cin, groups),
+                                  conv_block(groups, groups, 3, stride, 1, groups),
+                                  conv_block(groups, cout, prelu=False))
+
+    def forward(self, x):
+      return x + self.layers(x) if self.residual else self.layers(x)
+
+  def residual(channels, depth, groups):
+    block = nn.Module()
+    block.layers = nn.Sequential(*[DepthWise(channels, channels, groups, residual=True)
+                                   for _ in range(depth)])
+    block.forward = block.layers.forward
+    return block
+
+  class MobileFaceNet(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      w, s, side = width, scale, image_size // 16
+      self.layers = nn.ModuleList([
+          conv_block(3, w * s, 3, 2, 1),
+          conv_block(w * s, w * s, 3, 1, 1, groups=w) if blocks[0] == 1
+          else residual(w * s, blocks[0], 2 * w),
+          DepthWise(w * s, w * s, 2 * w, stride=2), residual(w * s, blocks[1], 2 * w),
+          DepthWise(w * s, 2 * w * s, 4 * w, stride=2), residual(2 * w * s, blocks[2], 4 * w),
+          DepthWise(2 * w * s, 2 * w * s, 8 * w, stride=2),
+          residual(2 * w * s, blocks[3], 4 * w)])
+      self.conv_sep = conv_block(2 * w * s, 8 * w)
+      self.features = nn.Module()
+      self.features.layers = nn.Sequential(
+          conv_block(8 * w, 8 * w, side, groups=8 * w, prelu=False), nn.Flatten(),
+          nn.Linear(8 * w, embedding_size, bias=False), nn.BatchNorm1d(embedding_size))
+
+    def forward(self, x):
+      for layer in self.layers:
+        x = layer(x)
+      return self.features.layers(self.conv_sep(x))
+
+  return MobileFaceNet()
+
+
+@functools.cache
+def _mbf_flax(blocks=MBF["blocks"]) -> _Flax:
+  model = models.create("mbf", **dict(MBF, blocks=blocks))
+  template = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, IMAGE, IMAGE, 3)))
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  embed = lambda variables, images: np.asarray(apply(variables, images.transpose(0, 2, 3, 1)))
+  return _Flax(model, template, embed)
+
+
+# The stem: a grouped ConvBlock (blocks[0] == 1) or residual DepthWise blocks.
+@pytest.mark.parametrize("blocks", [(1, 2, 1, 1), (2, 1, 1, 1)])
+def test_imported_mbf_gives_pytorch_embeddings(tmp_path, blocks):
+  torch = pytest.importorskip("torch")
+  net = _torch_mobilefacenet(torch, blocks=blocks)
+  path, images, reference = _saved_twin(torch, net, tmp_path)
+  flax = _mbf_flax(blocks)
+  ours = flax.embed(tc.load_mbf(path, flax.template), images)
+  # float32 both sides, ~20 layers: summation-order differences of ~1e-7 relative per
+  # layer (BatchNorm folds, grouped-conv accumulation) stay well under 1e-4.
+  assert _max_relative_error(ours, reference) < 1e-4
+  assert list(tc.export_mbf(tc.load_mbf(path, flax.template))) == list(net.state_dict())
+
+
+def test_exported_mbf_gives_same_embeddings_in_pytorch(tmp_path):
+  torch = pytest.importorskip("torch")
+  flax = _mbf_flax()
+  variables = _random_variables(flax.template, seed=3)
+  path = tmp_path / "mbf_exported.pth"
+  tc.save_state_dict(path, tc.export_backbone(variables))
+  net = _torch_mobilefacenet(torch)
+  net.load_state_dict(torch.load(path, weights_only=True), strict=True)
+  images = _images(seed=1)
+  with torch.no_grad():
+    reference = net.eval()(torch.from_numpy(images)).numpy()
+  assert _max_relative_error(flax.embed(variables, images), reference) < 1e-4
+  imported = tc.import_backbone(tc.load_state_dict(path), flax.template)
+  jax.tree.map(np.testing.assert_array_equal, imported, variables)
+
+
+def test_a_pth_of_the_other_family_says_what_it_looks_like():
+  state_dict = tc.export_mbf(_random_variables(_mbf_flax().template))
+  with pytest.raises(UserError) as info:
+    tc.import_backbone(state_dict, _flax().template, source="mbf.pth")
+  message = str(info.value)
+  assert message.startswith("mbf.pth does not fit this IResNet")
+  assert ("the checkpoint looks like: MobileFaceNet blocks (2, 1, 1, 1), scale 2, width 8, "
+          "embedding_size 16, input size 32") in message
+  with pytest.raises(UserError, match="r18.pth does not fit this MobileFaceNet"):
+    tc.import_backbone(tc.export_iresnet(_random_variables(_flax().template)),
+                       _mbf_flax().template, source="r18.pth")
+
+
+# --- NaN / Inf, and what a state_dict is -----------------------------------------------
+
+
+@pytest.mark.parametrize("family, key", [("iresnet", "layer2.1.bn1.running_var"),
+                                         ("mbf", "layers.4.layers.1.layers.2.weight")])
+def test_a_nan_weight_is_refused_at_load_naming_the_file_and_tensor(tmp_path, family, key):
+  template = (_flax() if family == "iresnet" else _mbf_flax()).template
+  state_dict = tc.export_backbone(_random_variables(template))
+  later = list(state_dict)[-2]  # A bad tensor further on is not the one named.
+  state_dict[key] = state_dict[key].copy()
+  state_dict[key][1] = np.nan
+  state_dict[later] = np.full_like(state_dict[later], np.inf)
+  path = tmp_path / "diverged.pth"
+  tc.save_state_dict(path, state_dict)
+  with pytest.raises(UserError) as info:
+    tc.load_backbone(path, template)
+  assert str(info.value) == (f"{path}: the checkpoint holds NaN in {key} (1 of "
+                             f"{state_dict[key].size} values; a diverged run?); expected "
+                             "finite weights: use an earlier checkpoint")
+
+
+@pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16, np.float64])
+def test_every_float_dtype_is_checked_and_integers_are_not(tmp_path, dtype):
+  path = tmp_path / "half.pth"
+  tc.save_state_dict(path, {"bn.num_batches_tracked": np.array(-1, np.int64),
+                            "w": np.array([1.0, np.inf], dtype)})
+  with pytest.raises(UserError, match="half.pth: the checkpoint holds Inf in w "):
+    tc.check_finite(tc.load_state_dict(path), str(path))
+
+
+@pytest.mark.parametrize("name, settings, inferred", [
+    ("iresnet50", dict(width=8, embedding_size=24, use_se=True),
+     dict(arch="iresnet50", width=8, embedding_size=24, use_se=True, image_size=32)),
+    ("mbf", dict(width=8, embedding_size=16),
+     dict(arch="mbf", width=8, embedding_size=16, use_se=False, image_size=32)),
+    ("mbf_large", dict(width=4, embedding_size=16),
+     dict(arch="mbf_large", width=4, embedding_size=16, use_se=False, image_size=32)),
+    ("mbf", dict(width=8, embedding_size=16, scale=3), {}),          # No registered name.
+    ("iresnet18", dict(width=8, stage_depths=(1, 1, 1, 1)), {}),
+])
+def test_the_architecture_is_inferred_from_the_shapes(tmp_path, name, settings, inferred):
+  model = models.create(name, **settings)
+  template = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, IMAGE, IMAGE, 3)))
+  variables = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
+  path = tmp_path / "model.pth"
+  tc.save_state_dict(path, tc.export_backbone(variables))
+  notes = []
+  assert tc.infer_settings(path, log=notes.append) == inferred
+  assert notes == ([f"note: {path}: no --arch given; its shapes say "
+                    + " ".join(f"{k}={v}" for k, v in inferred.items())] if inferred else [])
+  if inferred:  # What is inferred builds a model the file fits.
+    built = models.create(inferred["arch"], width=inferred["width"],
+                          embedding_size=inferred["embedding_size"], use_se=inferred["use_se"])
+    tc.load_backbone(path, jax.eval_shape(built.init, jax.random.key(0),
+                                          np.zeros((1, IMAGE, IMAGE, 3))), log=None)
+  # Our variables and their PyTorch state_dict are described alike.
+  assert backbones.describe_variables(variables) == backbones.describe_state_dict(
+      tc.load_state_dict(path))
+
+
+def test_a_state_dict_of_no_known_backbone_infers_nothing(tmp_path):
+  path = tmp_path / "other.pth"
+  tc.save_state_dict(path, {"encoder.weight": np.ones((4, 3), np.float32)})
+  assert tc.infer_settings(path, log=None) == {}
+  with pytest.raises(UserError, match="no known backbone"):
+    backbones.describe_state_dict(tc.load_state_dict(path))
