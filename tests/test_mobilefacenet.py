@@ -1,7 +1,8 @@
 """MobileFaceNet ("mbf"): shapes and parameter counts counted independently from the
-architecture, and the network in our training step where an IResNet goes (built from a
-model config section, BatchNorm over every device, the same numbers on 1 and 4 devices).
-Its fidelity to PyTorch is tests/test_torch_checkpoint.py's, its ONNX export test_export's.
+architecture; the network in our training step where an IResNet goes (built from a model
+config section, BatchNorm over every device); and a PyTorch twin with arcface_torch's
+layout and names, written here from the architecture's description, giving the embeddings
+of our import and taking our export. Its ONNX export is test_export's.
 """
 
 import functools
@@ -14,7 +15,11 @@ import pytest
 
 from mstkd_jax import losses, models
 from mstkd_jax.errors import UserError
+from mstkd_jax.interop import torch_checkpoint as tc
 from mstkd_jax.train import build, parallel as parallel_lib, state as state_lib, steps
+
+from test_torch_checkpoint import (IMAGE, _Flax, _flax, _images, _max_relative_error,
+                                   _random_variables, _saved_twin)
 
 TINY = dict(width=4, scale=1, blocks=(1, 1, 1, 1), embedding_size=8)
 
@@ -188,3 +193,127 @@ def _relative_difference(a, b) -> float:
   """max |a - b| / max |a| over a whole pytree."""
   diff = max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
   return diff / max(float(np.abs(x).max()) for x in jax.tree.leaves(a))
+
+
+# --- The PyTorch twin: import and export -----------------------------------------------
+
+
+MBF = dict(width=8, scale=2, blocks=(2, 1, 1, 1), embedding_size=16)  # 32x32: a 2x2 GDC
+
+
+def _torch_mobilefacenet(torch, width=8, scale=2, blocks=(2, 1, 1, 1), embedding_size=16,
+                         image_size=IMAGE):
+  """A PyTorch MobileFaceNet with arcface_torch's layout and state_dict names: every
+  block an nn.Sequential named `layers`; ConvBlock = conv (no bias), BatchNorm2d, PReLU;
+  LinearBlock = conv, BatchNorm2d; DepthWise = ConvBlock 1x1 to its groups, ConvBlock 3x3
+  depthwise (stride), LinearBlock 1x1 (+ input where residual); GDC = LinearBlock over the
+  whole last map (7x7 at 112x112) in 8 x width groups, flatten, Linear without bias,
+  BatchNorm1d. Channel counts as arcface_torch's for width 64."""
+  nn = torch.nn
+
+  def conv_block(cin, cout, kernel=1, stride=1, padding=0, groups=1, prelu=True):
+    block = nn.Module()
+    parts = [nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False),
+             nn.BatchNorm2d(cout)]
+    block.layers = nn.Sequential(*parts, *([nn.PReLU(cout)] if prelu else []))
+    block.forward = block.layers.forward
+    return block
+
+  class DepthWise(nn.Module):
+
+    def __init__(self, cin, cout, groups, stride=1, residual=False):
+      super().__init__()
+      self.residual = residual
+      self.layers = nn.Sequential(conv_block(cin, groups),
+                                  conv_block(groups, groups, 3, stride, 1, groups),
+                                  conv_block(groups, cout, prelu=False))
+
+    def forward(self, x):
+      return x + self.layers(x) if self.residual else self.layers(x)
+
+  def residual(channels, depth, groups):
+    block = nn.Module()
+    block.layers = nn.Sequential(*[DepthWise(channels, channels, groups, residual=True)
+                                   for _ in range(depth)])
+    block.forward = block.layers.forward
+    return block
+
+  class MobileFaceNet(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      w, s, side = width, scale, image_size // 16
+      self.layers = nn.ModuleList([
+          conv_block(3, w * s, 3, 2, 1),
+          conv_block(w * s, w * s, 3, 1, 1, groups=w) if blocks[0] == 1
+          else residual(w * s, blocks[0], 2 * w),
+          DepthWise(w * s, w * s, 2 * w, stride=2), residual(w * s, blocks[1], 2 * w),
+          DepthWise(w * s, 2 * w * s, 4 * w, stride=2), residual(2 * w * s, blocks[2], 4 * w),
+          DepthWise(2 * w * s, 2 * w * s, 8 * w, stride=2),
+          residual(2 * w * s, blocks[3], 4 * w)])
+      self.conv_sep = conv_block(2 * w * s, 8 * w)
+      self.features = nn.Module()
+      self.features.layers = nn.Sequential(
+          conv_block(8 * w, 8 * w, side, groups=8 * w, prelu=False), nn.Flatten(),
+          nn.Linear(8 * w, embedding_size, bias=False), nn.BatchNorm1d(embedding_size))
+
+    def forward(self, x):
+      for layer in self.layers:
+        x = layer(x)
+      return self.features.layers(self.conv_sep(x))
+
+  return MobileFaceNet()
+
+
+@functools.cache
+def _mbf_flax(blocks=MBF["blocks"]) -> _Flax:
+  model = models.create("mbf", **dict(MBF, blocks=blocks))
+  template = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, IMAGE, IMAGE, 3)))
+  apply = jax.jit(functools.partial(model.apply, train=False))
+  embed = lambda variables, images: np.asarray(apply(variables, images.transpose(0, 2, 3, 1)))
+  return _Flax(model, template, embed)
+
+
+# The stem: a grouped ConvBlock (blocks[0] == 1) or residual DepthWise blocks.
+
+
+@pytest.mark.parametrize("blocks", [(1, 2, 1, 1), (2, 1, 1, 1)])
+def test_imported_mbf_gives_pytorch_embeddings(tmp_path, blocks):
+  torch = pytest.importorskip("torch")
+  net = _torch_mobilefacenet(torch, blocks=blocks)
+  path, images, reference = _saved_twin(torch, net, tmp_path)
+  flax = _mbf_flax(blocks)
+  ours = flax.embed(tc.load_mbf(path, flax.template), images)
+  # float32 both sides, ~20 layers: summation-order differences of ~1e-7 relative per
+  # layer (BatchNorm folds, grouped-conv accumulation) stay well under 1e-4.
+  assert _max_relative_error(ours, reference) < 1e-4
+  assert list(tc.export_mbf(tc.load_mbf(path, flax.template))) == list(net.state_dict())
+
+
+def test_exported_mbf_gives_same_embeddings_in_pytorch(tmp_path):
+  torch = pytest.importorskip("torch")
+  flax = _mbf_flax()
+  variables = _random_variables(flax.template, seed=3)
+  path = tmp_path / "mbf_exported.pth"
+  tc.save_state_dict(path, tc.export_backbone(variables))
+  net = _torch_mobilefacenet(torch)
+  net.load_state_dict(torch.load(path, weights_only=True), strict=True)
+  images = _images(seed=1)
+  with torch.no_grad():
+    reference = net.eval()(torch.from_numpy(images)).numpy()
+  assert _max_relative_error(flax.embed(variables, images), reference) < 1e-4
+  imported = tc.import_backbone(tc.load_state_dict(path), flax.template)
+  jax.tree.map(np.testing.assert_array_equal, imported, variables)
+
+
+def test_a_pth_of_the_other_family_says_what_it_looks_like():
+  state_dict = tc.export_mbf(_random_variables(_mbf_flax().template))
+  with pytest.raises(UserError) as info:
+    tc.import_backbone(state_dict, _flax().template, source="mbf.pth")
+  message = str(info.value)
+  assert message.startswith("mbf.pth does not fit this IResNet")
+  assert ("the checkpoint looks like: MobileFaceNet blocks (2, 1, 1, 1), scale 2, width 8, "
+          "embedding_size 16, input size 32") in message
+  with pytest.raises(UserError, match="r18.pth does not fit this MobileFaceNet"):
+    tc.import_backbone(tc.export_iresnet(_random_variables(_flax().template)),
+                       _mbf_flax().template, source="r18.pth")
