@@ -29,9 +29,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"arch": "iresnet18", "width": 4, "embedding_size": 16}
 
 
-def _variables(image_size, seed=0, use_se=False):
-  """A tiny IResNet's variables with non-trivial BatchNorm statistics and slopes."""
-  module = models.create("iresnet18", width=4, embedding_size=16, use_se=use_se)
+def _variables(image_size, seed=0, use_se=False, name="iresnet18"):
+  """A tiny backbone's variables (width 4, embedding 16) with non-trivial BatchNorm
+  statistics and slopes."""
+  module = models.create(name, width=4, embedding_size=16, use_se=use_se)
   variables = build.init_variables(module, jax.random.PRNGKey(seed),
                                    np.zeros((1, image_size, image_size, 3), np.float32),
                                    train=False)
@@ -228,3 +229,66 @@ def test_command_line_errors_are_one_line_and_write_nothing(small_pth, exported,
   folder = _cli(f"--checkpoint={small_pth['path']}", f"--out={tmp_path}")
   assert folder.returncode == 2 and "is a folder" in folder.stderr
   assert not out.exists()
+
+
+# --- MobileFaceNet ---------------------------------------------------------------------
+
+MBF = {"width": 4, "embedding_size": 16}  # mbf's blocks (1, 4, 6, 2) and scale 2
+
+
+@pytest.fixture(scope="module")
+def mbf_exported(tmp_path_factory):
+  """A tiny mbf at 112x112 (non-trivial BatchNorm statistics) as an arcface_torch .pth,
+  exported with no model settings: inferred from the file."""
+  root = tmp_path_factory.mktemp("mbf")
+  module, variables = _variables(112, seed=4, name="mbf")
+  pth = root / "mbf.pth"
+  torch_checkpoint.save_state_dict(pth, torch_checkpoint.export_mbf(variables))
+  summary = export_lib.export(str(pth), None, str(root / "mbf.onnx"), verbose=False)
+  return {"module": module, "variables": variables, "summary": summary, "pth": str(pth)}
+
+
+def test_an_mbf_pth_exports_with_its_architecture_inferred(mbf_exported):
+  # (The converter's first mbf in the process and onnxruntime's check: ~20 s.)
+  summary = mbf_exported["summary"]
+  assert summary["settings"] == {"arch": "mbf", "width": 4, "embedding_size": 16,
+                                 "use_se": False, "image_size": 112}
+  props = summary["metadata"]
+  assert props["architecture"] == "mbf" and props["checkpoint_format"] == "pytorch"
+  assert set(json.loads(props["model_settings_from"]).values()) == {"checkpoint shapes"}
+  assert summary["max_relative_error"] <= export_lib.MAX_RELATIVE_ERROR
+  images = _faces(6, 112, seed=2)
+  session = export_lib.onnx_session(summary["path"])
+  onnx_out = session.run(None, {"input": export_lib.normalized_nchw(images)})[0]
+  ours = _ours(mbf_exported["module"], mbf_exported["variables"], images)
+  error = export_lib.max_relative_error(onnx_out, ours)
+  print(f"mbf: onnxruntime vs JAX: max relative error {error:.3g}")
+  assert error <= 1e-4
+  model_zoo = pytest.importorskip(
+      "insightface.model_zoo", reason="insightface (requirements-dev.txt) is not installed")
+  model = model_zoo.get_model(summary["path"], providers=["CPUExecutionProvider"])
+  feats = model.get_feat([np.ascontiguousarray(image[:, :, ::-1]) for image in images])
+  assert _cosines(feats, ours).min() >= 0.9999
+
+
+def test_an_mbf_loads_from_orbax_and_pth_alike(mbf_exported, tmp_path, capsys):
+  from mstkd_jax.interop import resolve  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "mbf_student"
+  workdir_lib.save_model(str(workdir), 3, mbf_exported["variables"])
+  (workdir / "config.json").write_text(json.dumps(
+      {"stage": "student", "model": dict(name="mbf", dropout=0.0, dtype="float32", **MBF),
+       "data": {"source": "tfds", "image_size": 112}}))
+  orbax = resolve.load_model(str(workdir), resolve.ArchSettings())
+  pth = resolve.load_model(mbf_exported["pth"], resolve.ArchSettings())
+  assert capsys.readouterr().err == (
+      f"note: {mbf_exported['pth']}: no --arch given; its shapes say arch=mbf width=4 "
+      "embedding_size=16 use_se=False image_size=112\n")
+  assert orbax.settings == pth.settings == resolve.ArchSettings("mbf", 4, 16, False, 112)
+  assert set(orbax.origins.values()) == {"config.json", "checkpoint shapes"}
+  jax.tree.map(np.testing.assert_array_equal, orbax.variables, pth.variables)
+  # Settings that contradict the file: its shapes in the refusal.
+  with pytest.raises(UserError) as info:
+    resolve.load_model(mbf_exported["pth"], resolve.ArchSettings(arch="mbf", width=8))
+  assert "does not fit this MobileFaceNet" in str(info.value)
+  assert "looks like: MobileFaceNet blocks (1, 4, 6, 2), scale 2 (mbf), width 4" in str(
+      info.value)

@@ -309,8 +309,8 @@ OPEN_ALLOWED = {
     "main.py": (1, "os.devnull"),
     "bench.py": (2, "--out of the benchmark, a local file the user names"),
     "embed.py": (1, "reads the user's list of images"),
-    "interop/torch_checkpoint.py": (2, "reads a user's .pth; writes into atomic_path's "
-                                       "local temporary file"),
+    "interop/pth_format.py": (2, "reads a user's .pth; writes into atomic_path's "
+                                 "local temporary file"),
     "data/image_tree.py": (2, "reads a user's image; writes a user's tree (--dst)"),
     "data/synthetic.py": (1, "the pairs .txt of the synthetic cache under data_dir, "
                              "which sources.data_dir keeps local (paths.local; a URL "

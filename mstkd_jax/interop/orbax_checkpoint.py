@@ -151,7 +151,7 @@ def _backbone_subtrees(tree: Any, source: str) -> tuple[tuple[str, ...], tuple[s
     raise UserError(f"{source}: holds no 'params'; {_EXPECTED}")
   if isinstance(params.get("backbone"), dict):
     params_path = ("params", "backbone")
-  elif "conv1" in params:  # Bare backbone params, no parameter groups.
+  elif "conv1" in params or "conv_sep" in params:  # A bare IResNet or MobileFaceNet.
     params_path = ("params",)
   else:
     raise UserError(f"{source}: holds no backbone parameters (params has "

@@ -10,7 +10,6 @@ settings and DEFAULTS; when it does not fit, the refusal says what its shapes im
 
 import dataclasses
 import os
-import types
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -72,8 +71,9 @@ class LoadedModel:
 
 
 def iresnet_names() -> list[str]:
-  from mstkd_jax.models import iresnet  # pylint: disable=g-import-not-at-top
-  return sorted(iresnet.DEPTHS)
+  """The registered backbone names (IResNets and MobileFaceNets)."""
+  from mstkd_jax import models  # pylint: disable=g-import-not-at-top
+  return models.backbone_names()
 
 
 def check_positive(value: Any, what: str, error=UserError) -> int:
@@ -180,35 +180,15 @@ def template(module, image_size: int):
 
 
 def describe_state_dict(state_dict: Mapping[str, Any]) -> dict:
-  """The IResNet settings a PyTorch state_dict's shapes imply, image_size from fc.weight.
-
-  Returns:
-    orbax_checkpoint.describe_iresnet's dict: {"name" (None for unknown depths),
-    "stage_depths", "width", "embedding_size", "use_se", "image_size" (None when fc's input
-    is not a square feature map)}.
+  """The backbone settings a PyTorch state_dict's shapes imply (interop.backbones):
+  for an IResNet, orbax_checkpoint.describe_iresnet's dict {"name" (None for unknown
+  depths), "stage_depths", "width", "embedding_size", "use_se", "image_size" (None when
+  the last feature map is not square)}; a MobileFaceNet's adds "scale".
   Raises:
-    UserError: conv1.weight, fc.weight or bn2.weight is missing or of the wrong rank.
+    UserError: the state_dict is no known backbone's.
   """
-  from mstkd_jax.interop import orbax_checkpoint  # pylint: disable=g-import-not-at-top
-
-  def shaped(key: str, rank: int, order=None):
-    shape = tuple(np.shape(state_dict.get(key)))
-    if len(shape) != rank:
-      raise UserError(f"the state_dict has no {key} of rank {rank}; expected an "
-                      "insightface IResNet")
-    return types.SimpleNamespace(shape=tuple(shape[i] for i in order) if order else shape)
-
-  # Flax layouts: conv HWIO (PyTorch OIHW), dense [in, out] (PyTorch [out, in]).
-  params = {"conv1": {"kernel": shaped("conv1.weight", 4, (2, 3, 1, 0))},
-            "fc": {"kernel": shaped("fc.weight", 2, (1, 0))},
-            "bn2": {"scale": shaped("bn2.weight", 1)}}
-  for key in state_dict:
-    parts = key.split(".")
-    if parts[0].startswith("layer") and len(parts) > 2 and parts[1].isdigit():
-      block = params.setdefault(f"{parts[0]}_{parts[1]}", {})
-      if parts[2] == "se_block":
-        block["se"] = {}
-  return orbax_checkpoint.describe_iresnet({"params": params})
+  from mstkd_jax.interop import backbones  # pylint: disable=g-import-not-at-top
+  return backbones.describe_state_dict(state_dict)
 
 
 # --- Loading ---------------------------------------------------------------------------
@@ -236,12 +216,14 @@ def load_model(checkpoint: Any, explicit: ArchSettings) -> LoadedModel:
 
 def _load_pytorch(path: str, explicit: ArchSettings) -> LoadedModel:
   from mstkd_jax.interop import torch_checkpoint  # pylint: disable=g-import-not-at-top
-  settings, origins = resolve([("flag", explicit), ("default", DEFAULTS)])
+  inferred = torch_checkpoint.infer_settings(path) if explicit.arch is None else {}
+  settings, origins = resolve([("flag", explicit), ("checkpoint shapes", ArchSettings(**inferred)),
+                               ("default", DEFAULTS)])
   module = build_module(settings)
   side = settings.image_size // 16
   try:
-    variables = torch_checkpoint.load_iresnet(path, template(module, settings.image_size),
-                                              feature_hw=(side, side))
+    variables = torch_checkpoint.load_backbone(path, template(module, settings.image_size),
+                                               feature_hw=(side, side))
   except UserError as e:
     if "does not fit" not in str(e):
       raise
@@ -263,15 +245,15 @@ def _input_size_hint(path: str, settings: ArchSettings) -> str:
   size = shapes["image_size"]
   if size is None or size == settings.image_size:
     return ""
-  return (f"\n  its fc.weight takes a {size // 16}x{size // 16} feature map of the last "
+  return (f"\n  its weights take a {size // 16}x{size // 16} feature map of the last "
           f"stage, so its input size is {size}: --image_size={size}")
 
 
 def _load_orbax(path: str, explicit: ArchSettings) -> LoadedModel:
-  from mstkd_jax.interop import orbax_checkpoint  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.interop import backbones, orbax_checkpoint  # pylint: disable=g-import-not-at-top
   from mstkd_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
   variables, info = orbax_checkpoint.load_backbone_variables(path)
-  shapes = orbax_checkpoint.describe_iresnet(variables)
+  shapes = backbones.describe_variables(variables)
   configured = config_settings(info.config)
   config_file = os.path.join(info.workdir or "", "config.json")
   check_settings(configured, f"{config_file}: model setting ")
