@@ -5,6 +5,9 @@ The reference is the export's own model: a tiny IResNet (iresnet18, width 4, emb
 folder. A second graph is made model-zoo-like from the first (MXNet-style input name,
 normalization inside the graph by leading "_minus"/"_mul" nodes, raw 0..255 pixels in, a
 fixed batch of 1, no metadata), as insightface's downloaded recognition models are.
+
+(About 40 s: the export in the fixture is the converter's first use in the process, which
+costs 15-25 s, as in test_export.py.)
 """
 
 import os
