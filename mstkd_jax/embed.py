@@ -17,7 +17,7 @@ The images must already be aligned face crops (the ArcFace 5-point template, as 
 were trained on); unaligned photos are aligned first with mstkd_jax.data.align.
 
 Each image is decoded to RGB (data.image_tree.decode_image: every JPEG/PNG mode),
-resized to the model's input when its size differs (data.pairs.RESAMPLING; one warning
+resized to the model's input when its size differs (data.faces.RESAMPLING; one warning
 names the sizes found), normalized (x / 255 - 0.5) / 0.5 as evaluate does, and embedded
 on every device (evaluation.embed.embed_stream, with a progress bar on a terminal), a
 chunk of CHUNK_IMAGES images at a time, so memory does not grow with the number of images.
@@ -136,13 +136,13 @@ def list_images(images: Any) -> tuple[list[str], list[str]]:
 def decoded_chunks(image_paths: Sequence[str], size: int, chunk: int,
                    resized: dict) -> Iterator[np.ndarray]:
   """uint8 RGB [n <= chunk, size, size, 3] arrays of the images in order; an image of
-  another size is resized (data.pairs.resize_image) and counted in `resized` as
+  another size is resized (data.faces.resize_image) and counted in `resized` as
   {(height, width): images}.
 
   Raises:
     UserError: an image cannot be read or decoded (naming the file).
   """
-  from mstkd_jax.data import pairs  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.data import faces  # pylint: disable=g-import-not-at-top
   for start in range(0, len(image_paths), chunk):
     part = image_paths[start:start + chunk]
     out = np.empty((len(part), size, size, 3), np.uint8)
@@ -150,18 +150,18 @@ def decoded_chunks(image_paths: Sequence[str], size: int, chunk: int,
       image = image_tree.decode_image(image_tree.read_image_file(path), path)
       if image.shape[:2] != (size, size):
         resized[image.shape[:2]] = resized.get(image.shape[:2], 0) + 1
-        image = pairs.resize_image(image, size)
+        image = faces.resize_image(image, size)
       out[i] = image
     yield out
 
 
 def resize_warning(source: str, resized: dict, total: int, size: int) -> str:
   """The one warning about resized images (as evaluate words it), naming the sizes."""
-  from mstkd_jax.data import pairs  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.data import faces  # pylint: disable=g-import-not-at-top
   sizes = sorted(resized, key=lambda s: -resized[s])
   shown = ", ".join(f"{h}x{w}" for h, w in sizes[:4]) + (" ..." if len(sizes) > 4 else "")
   return (f"{source}: {sum(resized.values())} of {total} images of {shown} pixels, the model "
-          f"takes {size}x{size}; resized them with {pairs.RESAMPLING}")
+          f"takes {size}x{size}; resized them with {faces.RESAMPLING}")
 
 
 # --- Embedding -------------------------------------------------------------------------

@@ -21,9 +21,13 @@ aligned to 112x112 with their 5 landmarks, then resized to the model's input; TA
 roc_ijb.json and roc_ijb_<IJBB|IJBC>.png. --skip_missing skips images absent from
 loose_crop (listed) instead of refusing them.
 
-Images are decoded as RGB, resized to the model input when their size differs (bilinear,
-see RESAMPLING; warned once per data source) and normalized (x / 255 - 0.5) / 0.5 as
-insightface does. Each distinct image is embedded once, with its horizontal mirror; the
+Images are decoded as RGB; an RFW folder's loose crops are aligned to 112x112 with their
+five landmarks from test/txts/<group>/<group>_lmk.txt (data/align.py; images already
+112x112 are taken as aligned, and a folder without that file is taken as aligned faces),
+one line per group saying so on stderr and the counts in the report's data record
+("alignment"). Images are then resized to the model input when their size differs
+(data/faces.py, RESAMPLING; warned once per data source) and normalized (x / 255 - 0.5) /
+0.5 as insightface does. Each distinct image is embedded once, with its horizontal mirror; the
 report holds flip-fused accuracy (embedding of image + embedding of mirror) and plain
 (no-flip) accuracy per group, TAR@FAR, mean, STD and SER, and the global-threshold
 fairness metrics. It is printed and written to --out (report.json, roc.json, report.md,
@@ -52,12 +56,12 @@ from absl import app, flags
 import numpy as np
 
 from mstkd_jax import paths
-from mstkd_jax.data import pairs
+from mstkd_jax.data import faces, pairs
 from mstkd_jax import errors
 from mstkd_jax.errors import UserError
 from mstkd_jax.interop import resolve
 
-RESAMPLING = pairs.RESAMPLING
+RESAMPLING = faces.RESAMPLING
 NORMALIZATION = "(x / 255 - 0.5) / 0.5 on RGB uint8, as insightface"
 SYNTHETIC = "synthetic"
 NUM_FOLDS = 10
@@ -156,38 +160,55 @@ def _check_unique_groups(sources: Sequence[_Source]) -> None:
       seen[group] = source.label
 
 
-def _load_sources(sources: Sequence[_Source], size: int, warn) -> tuple[dict, list]:
+def _load_sources(sources: Sequence[_Source], size: int, warn, note) -> tuple[dict, list]:
   """({group: VerificationSet} of every source at the model's size, the data records of
   the report's config)."""
   pair_sets, records = {}, []
   for source in sources:
-    loaded, resized = _load_source(source, size, warn)
+    loaded, resized, alignment = _load_source(source, size, warn, note)
     pair_sets.update(loaded)
     records.append({
         "source": source.path or source.label,
         "format": source.kind, "groups": list(loaded),
         "pairs": {g: int(p.pairs.shape[0]) for g, p in loaded.items()},
         "images": {g: int(p.images.shape[0]) for g, p in loaded.items()},
-        "resized_from": resized or None})
+        "alignment": alignment, "resized_from": resized or None})
   return pair_sets, records
 
 
-def _load_source(source: _Source, size: int, warn) -> tuple[dict, list]:
-  """{group: VerificationSet} of one source at the model's size, and the sizes resized."""
+def _load_source(source: _Source, size: int, warn, note) -> tuple[dict, list, dict | str]:
+  """{group: VerificationSet} of one source at the model's size, the sizes resized, and
+  what was aligned ({group: counts and landmarks file}, or a sentence when nothing was)."""
   plans = pairs.PLANNERS[source.kind].plan(source.source)
-  out, resized = {}, []
+  out, resized, alignment = {}, [], {}
   for plan in plans:
     pairs.check_pairs(plan.pairs, plan.issame, len(plan.images),
                       f"{source.label} group {plan.name!r}", min_pairs=NUM_FOLDS)
-    vset, other = pairs.decode(plan, size)
-    resized.extend(s for s in other if s not in resized)
+    decoded = pairs.decode(plan, size)
+    resized.extend(s for s in decoded.resized if s not in resized)
+    vset = decoded.vset
     out[plan.name] = pairs.VerificationSet(vset.images, np.asarray(vset.pairs, np.int64),
                                            vset.issame)
+    if plan.landmarks is not None:
+      alignment[plan.name] = {"landmarks": plan.landmarks_file, "aligned": decoded.aligned,
+                              "taken_as_aligned": decoded.taken_as_aligned}
+      note(f"{source.label} group {plan.name}: {decoded.aligned} images aligned to "
+           f"{faces.ALIGNED_SIZE}x{faces.ALIGNED_SIZE} with their 5 landmarks "
+           f"({plan.landmarks_file})" + (
+               f", {decoded.taken_as_aligned} already {faces.ALIGNED_SIZE}x"
+               f"{faces.ALIGNED_SIZE} taken as aligned" if decoded.taken_as_aligned else ""))
+  unaligned = source.kind == "rfw" and not alignment
   if resized:
     shown = ", ".join(f"{h}x{w}" for h, w in resized[:4]) + (" ..." if len(resized) > 4 else "")
     warn(f"{source.label}: images of {shown} pixels, the model takes {size}x{size}; "
-         f"resizing them with {RESAMPLING}")
-  return out, resized
+         f"resizing them with {RESAMPLING}" + (
+             "; they are taken as aligned faces (no txts/<group>/<group>_lmk.txt): RFW's "
+             "loose crops need their landmarks file, unaligned they verify at chance"
+             if unaligned else ""))
+  if not alignment:
+    alignment = ("none: the images are taken as aligned" + (
+        " (no txts/<group>/<group>_lmk.txt)" if source.kind == "rfw" else ""))
+  return out, resized, alignment
 
 
 # --- Evaluation ------------------------------------------------------------------------
@@ -234,8 +255,15 @@ def _warner(messages: list, verbose: bool):
   def warn(message: str) -> None:
     messages.append(message)
     if verbose:
-      print(f"warning: {message}", file=sys.stderr, flush=True)
+      errors.warn(message, file=sys.stderr)
   return warn
+
+
+def _noter(verbose: bool):
+  def note(message: str) -> None:
+    if verbose:
+      print(message, file=sys.stderr, flush=True)
+  return note
 
 
 def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], out_dir: Any,
@@ -316,6 +344,7 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
   created = [p for p in (out_dir, data_dir) if not os.path.exists(p)]
   messages: list[str] = []
   warn = _warner(messages, verbose)
+  note = _noter(verbose)
   try:
     models = [resolve.load_model(path, explicit) for path in checkpoint_paths]
     model_names = [str(given) if given is not None else model.name
@@ -341,7 +370,7 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
     for model, model_name in zip(models, model_names):
       size = int(model.settings.image_size)
       if size not in loaded_at:
-        loaded_at[size] = _load_sources(sources, size, warn)
+        loaded_at[size] = _load_sources(sources, size, warn, note)
       pair_sets = loaded_at[size][0]
       results = _evaluate_groups(model, pair_sets, parallel, batch_size)
       if results:

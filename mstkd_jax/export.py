@@ -68,6 +68,9 @@ from absl import app, flags
 
 from mstkd_jax.errors import UserError
 from mstkd_jax.interop import resolve
+# How insightface's model_zoo reads a graph; shared with evaluate's ONNX checkpoints.
+from mstkd_jax.interop.onnx_model import INSIGHTFACE_MIN_SIZE, INSIGHTFACE_OTHER_SIZES
+from mstkd_jax.interop.onnx_model import insightface_reading
 from mstkd_jax.interop.resolve import FlagError
 
 DEFAULT_OPSET = 18
@@ -78,9 +81,6 @@ OUTPUT_NAME = "embedding"
 NORMALIZATION = "(x - 127.5) / 127.5 of RGB uint8 pixels, NCHW"
 # Images of the fidelity check: a fixed random batch.
 CHECK_IMAGES = 4
-# insightface 0.7.3 model_zoo routing: the input sizes its get_model sends elsewhere.
-INSIGHTFACE_MIN_SIZE = 112
-INSIGHTFACE_OTHER_SIZES = {192: "its landmark model"}
 
 
 # --- The graph -------------------------------------------------------------------------
@@ -131,22 +131,6 @@ def convert(fn: Callable, image_size: int, opset: int = DEFAULT_OPSET,
     raise UserError(f"the converter's graph is not valid ONNX at opset {opset} ({first}); "
                     f"try --opset={max(opset + 1, DEFAULT_OPSET)} or newer") from e
   return proto
-
-
-def insightface_reading(proto) -> dict:
-  """How insightface 0.7.3's model_zoo reads a recognition graph (its ModelRouter and
-  ArcFaceONNX.__init__, restated): {"routed": get_model returns an ArcFaceONNX,
-  "input_mean", "input_std": what get_feat subtracts from and divides BGR pixels by}."""
-  size = [d.dim_value if d.HasField("dim_value") else d.dim_param
-          for d in proto.graph.input[0].type.tensor_type.shape.dim]
-  names = [node.name for node in proto.graph.node[:8]]
-  subtracts = any(n.startswith(("Sub", "_minus")) for n in names)
-  multiplies = any(n.startswith(("Mul", "_mul")) for n in names)
-  side = size[2] if len(size) == 4 and size[2] == size[3] else None
-  routed = (isinstance(side, int) and side >= INSIGHTFACE_MIN_SIZE and side % 16 == 0
-            and side not in INSIGHTFACE_OTHER_SIZES and len(proto.graph.output) < 5)
-  mean, std = (0.0, 1.0) if subtracts and multiplies else (127.5, 127.5)
-  return {"routed": routed, "input_mean": mean, "input_std": std}
 
 
 def max_relative_error(values, reference) -> float:
@@ -279,6 +263,9 @@ def export(checkpoint: Any, arch_settings: Any, out: Any, *, opset: int = DEFAUL
   path = resolve.output_file(out, "model.onnx")
   checkpoint_path = resolve.checkpoint_path(checkpoint)
   model = resolve.load_model(checkpoint_path, explicit)
+  if model.format == "onnx":
+    raise FlagError(f"--checkpoint={checkpoint_path}: is an ONNX model already; export "
+                    "takes an Orbax checkpoint or a PyTorch .pth")
   size = int(model.settings.image_size)
   proto = convert(graph_function(model.module, model.variables), size, opset,
                   model_name=f"mstkd_jax_{model.settings.arch}")

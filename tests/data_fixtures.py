@@ -250,3 +250,56 @@ def rec_offsets(rec_path: str) -> dict[int, int]:
       k, o = line.split("\t")
       out[int(k)] = int(o)
   return out
+
+
+# ----- RFW as released: loose crops and their landmarks. -----
+
+# insightface's ArcFace template (arcface_dst), written out here rather than imported.
+ARCFACE_TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                                 [41.5493, 92.3655], [70.7299, 92.2041]])
+
+
+def loosen_rfw(aligned_root: str, loose_root: str, seed: int = 0, canvas: int = 240,
+               label_column: bool = True) -> dict:
+  """Copies an RFW folder of aligned 112x112 faces as RFW's release ships it: each face
+  pasted into a `canvas` x `canvas` JPEG at a random similarity transform (scale 0.8-1.2,
+  rotation +-25 degrees, shift +-15 px about the centre), and
+  test/txts/<group>/<group>_lmk.txt holding, per image, `/test/data/<group>/<id>/<file>`,
+  an integer label and the template's 5 points moved by the same transform (tab-separated,
+  as RFW writes it). Pairs files are copied.
+
+  Returns:
+    {(group, "<id>/<file>"): the 3x3 matrix mapping aligned (x, y) to loose (x, y)}.
+  """
+  from skimage.transform import SimilarityTransform, warp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  transforms = {}
+  data_root = os.path.join(aligned_root, "test", "data")
+  for group in sorted(os.listdir(data_root)):
+    lines = []
+    for label, identity in enumerate(sorted(os.listdir(os.path.join(data_root, group)))):
+      for name in sorted(os.listdir(os.path.join(data_root, group, identity))):
+        face = np.asarray(Image.open(os.path.join(data_root, group, identity, name)))
+        centre = SimilarityTransform(translation=(-56.0, -56.0))
+        move = SimilarityTransform(scale=rng.uniform(0.8, 1.2),
+                                   rotation=np.deg2rad(rng.uniform(-25, 25)),
+                                   translation=canvas / 2 + rng.uniform(-15, 15, 2))
+        transform = SimilarityTransform(matrix=move.params @ centre.params)
+        loose = warp(face, transform.inverse, output_shape=(canvas, canvas), order=1,
+                     mode="constant", cval=0.0, preserve_range=True)
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(np.rint(loose), 0, 255).astype(np.uint8)).save(
+            buf, "JPEG", quality=95)
+        write_file(os.path.join(loose_root, "test", "data", group, identity, name),
+                   buf.getvalue())
+        points = transform(ARCFACE_TEMPLATE_112).ravel()
+        fields = [f"/test/data/{group}/{identity}/{name}"]
+        fields += [str(label)] if label_column else []
+        lines.append("\t".join(fields + [f"{v:.3f}" for v in points]))
+        transforms[(group, f"{identity}/{name}")] = transform.params
+    txts = os.path.join(loose_root, "test", "txts", group)
+    write_file(os.path.join(txts, f"{group}_lmk.txt"), ("\n".join(lines) + "\n").encode())
+    pairs = os.path.join(aligned_root, "test", "txts", group, f"{group}_pairs.txt")
+    with open(pairs, "rb") as f:
+      write_file(os.path.join(txts, f"{group}_pairs.txt"), f.read())
+  return transforms

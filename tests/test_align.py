@@ -193,3 +193,31 @@ def test_degenerate_landmarks_in_python():
     align.estimate_transform(np.zeros((4, 2)))
   with pytest.raises(UserError, match=r"\[H, W, 3\]"):
     align.align_face(np.zeros((20, 20), np.uint8), align.ARCFACE_TEMPLATE)
+
+
+def test_an_eleventh_number_is_a_score_last_or_a_label_first(tmp_path):
+  """IJB's `name x1 .. y5 score` and RFW's `path label x1 .. y5` are both read (the form
+  decided for the whole file); a file whose 11th numbers fit neither is refused, not read
+  with the label as x1 and y5 dropped as a score."""
+  from mstkd_jax.data import landmarks  # pylint: disable=g-import-not-at-top
+  points = [align.ARCFACE_TEMPLATE * 2 + 30, align.ARCFACE_TEMPLATE * 1.5 + 10]
+  text = lambda p: " ".join(f"{v:.4f}" for v in p.ravel())
+  scored = tmp_path / "scored.txt"
+  scored.write_text(f"a.jpg {text(points[0])} 0.98\nb.jpg {text(points[1])} 1\n")
+  labelled = tmp_path / "labelled.txt"
+  labelled.write_text(f"/test/data/African/m.0a/m.0a_0001.jpg\t0\t{text(points[0])}\n"
+                      f"/test/data/African/m.0b/m.0b_0002.jpg\t1\t{text(points[1])}\n")
+  got = landmarks.read_landmarks(str(scored))
+  np.testing.assert_allclose(got["a.jpg"], points[0], atol=1e-4)
+  np.testing.assert_allclose(got["b.jpg"], points[1], atol=1e-4)
+  got = landmarks.read_landmarks(str(labelled))
+  np.testing.assert_allclose(got["/test/data/African/m.0b/m.0b_0002.jpg"], points[1],
+                             atol=1e-4)
+  matched, unknown = landmarks.match_names(["m.0a/m.0a_0001.jpg", "m.0b/m.0b_0002.jpg"], got,
+                                           "labelled.txt")
+  assert unknown == [] and matched["m.0a/m.0a_0001.jpg"].startswith("/test/data/")
+  neither = tmp_path / "neither.txt"
+  neither.write_text(f"a.jpg 0 {text(points[0])}\nb.jpg 3.5 {text(points[1])}\n")
+  with pytest.raises(UserError, match=r"neither.txt line 2: 11 numbers whose first, 3.5, is no "
+                                      r"integer label, in a file whose line 1 ends with"):
+    landmarks.read_landmarks(str(neither))

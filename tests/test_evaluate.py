@@ -243,7 +243,7 @@ def test_images_of_another_size_are_resized_with_a_warning(model_files, data_fil
   captured = capsys.readouterr()
   assert captured.err.count("warning:") == 1
   assert ("big_test.bin: images of 32x32 pixels, the model takes 16x16; resizing them with "
-          "bilinear") in captured.err
+          "Pillow bilinear") in captured.err
   assert [d["resized_from"] for d in report["config"]["data"]] == [[[32, 32]], None]
   assert len(report["config"]["warnings"]) == 1
   accuracies = _accuracies(report)
@@ -396,6 +396,19 @@ def test_an_orbax_checkpoint_of_another_input_size_is_refused_naming_its_input_s
 def _cli(*args):
   return subprocess.run([sys.executable, "-m", "mstkd_jax.evaluate", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export", "embed"])
+def test_help_lists_the_model_flags(command):
+  """--checkpoint and the model flags are the command's own (key) flags: in --help, not
+  only in --helpfull."""
+  result = subprocess.run([sys.executable, "-m", f"mstkd_jax.{command}", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+  listed = {line.split(":")[0].strip() for line in result.stdout.splitlines()
+            if line.startswith("  --")}
+  assert {"--checkpoint", "--arch", "--width", "--embedding_size", "--[no]use_se",
+          "--image_size", "--out"} <= listed, result.stdout
+  assert "ONNX" in result.stdout
 
 
 def test_command_line_errors_are_one_line_with_exit_codes(model_files, data_files, tmp_path):

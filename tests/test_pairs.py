@@ -44,7 +44,7 @@ def test_rfw_and_bin_plans_hold_the_source_pairs_over_distinct_images(sources, f
   for plan in plans:
     assert plan.encoded and plan.pairs.dtype == np.int64 and plan.issame.dtype == bool
     assert len(plan.images) == 5  # Each distinct image once, though pairs repeat some.
-    _check_against_source(pairs.decode(plan)[0], sources["expected"][plan.name])
+    _check_against_source(pairs.decode(plan).vset, sources["expected"][plan.name])
 
 
 def test_rfw_plans_name_the_identity_of_every_image(sources):
@@ -69,10 +69,24 @@ def test_bin_groups_are_file_stems_and_one_bin_per_group(sources, tmp_path):
     pairs.PLANNERS["bin"].plan(str(tmp_path / "empty"))
 
 
-def test_paths_are_claimed_in_registry_order(sources):
+def test_paths_are_claimed_in_registry_order(sources, tmp_path):
   assert pairs.format_of(str(sources["root"] / "RFW")) == "rfw"
+  assert pairs.format_of(str(sources["root"] / "RFW" / "test")) == "rfw"
   assert pairs.format_of(str(sources["root"] / "bins" / "Asian_test.bin")) == "bin"
   assert pairs.FILE_FORMATS == prepared.VERIFICATION.formats == ("rfw", "bin")
+
+
+def test_a_folder_of_bin_files_is_the_bin_format_not_rfw(sources, tmp_path):
+  """What `convert rfw_to_bin` writes (a folder of <group>_test.bin) is read as .bin files
+  wherever a folder is classified (evaluate's --data); a folder of neither is refused
+  naming both."""
+  assert pairs.format_of(str(sources["root"] / "bins")) == "bin"
+  os.makedirs(tmp_path / "photos")
+  fx.write_file(str(tmp_path / "photos" / "a.jpg"), fx.jpeg_bytes(1))
+  with pytest.raises(UserError, match="not a verification source; expected the RFW folder "
+                                      ".* or an insightface verification .bin file or a "
+                                      "folder of them"):
+    pairs.format_of(str(tmp_path / "photos"))
 
 
 def test_synthetic_plans_are_the_generated_arrays_uncopied(tmp_path):
@@ -119,8 +133,10 @@ def test_decode_resizes_other_sizes_bilinearly_and_says_which():
   small, big = fx.png_bytes(1, size=12), fx.png_bytes(2, size=20)
   plan = pairs.GroupPlan("g", [(small, "small"), (big, "big")], np.array([[0, 1]]),
                          np.array([True]))
-  vset, resized = pairs.decode(plan, 12)
-  assert resized == [[20, 20]] and vset.images.shape == (2, 12, 12, 3)
+  decoded = pairs.decode(plan, 12)
+  vset = decoded.vset
+  assert decoded.resized == [[20, 20]] and vset.images.shape == (2, 12, 12, 3)
+  assert decoded.aligned == decoded.taken_as_aligned == 0  # No landmarks: nothing aligned.
   np.testing.assert_array_equal(vset.images[0], decode_image(small, "small"))
   want = Image.fromarray(decode_image(big, "big")).resize((12, 12), Image.BILINEAR)
   np.testing.assert_array_equal(vset.images[1], np.asarray(want))

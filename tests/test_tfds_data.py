@@ -11,6 +11,7 @@ import pytest
 
 import data_fixtures as fx
 from mstkd_jax.data import convert
+from mstkd_jax.data import faces
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.data import prepare
 from mstkd_jax.data import tfds_input
@@ -172,15 +173,18 @@ def test_epochs_determinism_resumption_and_hosts(tree_set):
                                                    flip=False))
 
 
-def test_other_image_size_is_resized_with_a_warning(tree_set):
-  face_set, _, rows, labels = tree_set
-  with pytest.warns(UserWarning, match=r"differ from the requested \(8, 8\)"):
-    batch = _batches(face_set, rows, labels, total=1, image_size=8)[0]
+def test_other_image_size_is_resized_with_a_warning(tree_set, capsys):
+  face_set, images, rows, labels = tree_set
+  batch = _batches(face_set, rows, labels, total=1, image_size=8)[0]
+  out = capsys.readouterr().out  # One line of ours, no source line echoed.
+  warned = [line for line in out.splitlines() if "differ from the requested (8, 8)" in line]
+  assert len(warned) == 1 and warned[0].startswith("warning: ") and "--image_size=8" in out
   assert batch["image"].shape == (2, 2, 8, 8, 3)
   assert -1 <= batch["image"].min() and batch["image"].max() <= 1
-  # Training sees exactly the resized pixels extraction embeds (so cached targets match).
-  with pytest.warns(UserWarning):
-    stored = np.concatenate(list(tfds_input.ordered_images(face_set, 8, chunk=4)))
+  # Training sees exactly the resized pixels extraction embeds (so cached targets match),
+  # and they are the one resizer's (data/faces.py), as evaluate's and prepare's.
+  stored = np.concatenate(list(tfds_input.ordered_images(face_set, 8, chunk=4)))
+  np.testing.assert_array_equal(stored, np.stack([faces.resize_image(i, 8) for i in images]))
   fed = batch["image"].reshape(-1, 8, 8, 3)
   for image, index, flip in zip(fed, batch["index"].reshape(-1), batch["flip"].reshape(-1)):
     want = stored[index][:, ::-1] if flip else stored[index]

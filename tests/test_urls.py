@@ -315,7 +315,8 @@ OPEN_ALLOWED = {
     "data/synthetic.py": (1, "the pairs .txt of the synthetic cache under data_dir, "
                              "which sources.data_dir keeps local (paths.local; a URL "
                              "workdir's local cache folder)"),
-    "data/align.py": (1, "reads the user's landmarks file"),
+    "data/landmarks.py": (1, "reads the user's landmarks file"),
+    "data/groups.py": (1, "reads the user's --groups file of prepare"),
     "data/verification_bin.py": (1, "reads a user's .bin"),
     "data/ijb.py": (1, "reads the IJB release's metadata"),
     "data/recordio.py": (6, "reads and writes the user's RecordIO files (local paths)"),

@@ -16,31 +16,33 @@ multiples of 128 (not of 112) scale it by size / 128 and shift x by 8 * size / 1
 112 template centred in a 128-wide crop). insightface refuses every other size (an
 assertion); here they scale it by size / 112, with no shift.
 
---landmarks is either a text file, one line per photo: its name relative to --src, then 10
-numbers x1 y1 ... x5 y5 (pixels; an 11th number, a detector score as in IJB's
-*_name_5pts_score.txt, is allowed and ignored), whitespace-separated, blank lines skipped;
-or a JSON object {name: [[x, y] x 5]} or {name: [10 numbers]}. The points are, in order,
-the left eye, right eye, nose tip, left and right mouth corners as they appear in the
-image (left = smaller x in a frontal face), which is the order of insightface's detectors
-(`face.kps`). The file must name exactly the photos under --src.
+--landmarks is a landmarks file (data/landmarks.py): one line per photo, its name and 10
+numbers x1 y1 ... x5 y5 (pixels; IJB's trailing detector score and RFW's
+`<path> <label> x1 y1 ... x5 y5` lines are read too), or a JSON object {name: [[x, y] x
+5]}. The points are the left eye, right eye, nose tip, left and right mouth corners as they
+appear in the image (insightface's `face.kps` order). A name is a photo's path relative to
+--src or a longer path ending with it; the file must name exactly the photos under --src.
 
 Errors a user can fix print one `error: ...` line (exit 1; 2 for usage mistakes): a
 landmarks file whose names or line count do not match the photos, a line that does not
 parse (file and line number), a degenerate landmark set (NaN/Inf, all points within
-MIN_SPREAD_PX, or collinear), an undecodable photo.
+landmarks.MIN_SPREAD_PX, or collinear), an undecodable photo.
 """
 
 import json
 import os
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from absl import flags
 import numpy as np
 
 from mstkd_jax import files, paths
 from mstkd_jax.data import cli
-from mstkd_jax.data.image_tree import IMAGE_EXTENSIONS, decode_image, read_image_file
+from mstkd_jax.data.image_tree import IMAGE_EXTENSIONS, decode_image, encode_png
+from mstkd_jax.data.image_tree import read_image_file
+# check_landmarks is used here and by the IJB reader as align.check_landmarks.
+from mstkd_jax.data.landmarks import check_landmarks, match_landmarks, read_landmarks
 from mstkd_jax.errors import UserError
 
 # insightface face_align.py `arcface_dst`: (x, y) pixels in a 112 x 112 crop; left eye,
@@ -51,13 +53,6 @@ ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963],
                              [41.5493, 92.3655],
                              [70.7299, 92.2041]], np.float64)
 TEMPLATE_SIZE = 112
-# A landmark set whose points lie within this RMS distance (pixels) of their centroid has
-# no usable scale (a face of one or two pixels, or all points at one place).
-MIN_SPREAD_PX = 1.0
-# Smaller / larger singular value of the centred points below this: the points lie on one
-# line (a real face's eyes, nose and mouth never do, even in profile).
-MIN_ASPECT = 1e-3
-NUM_POINTS = 5
 
 
 def template(size: int = TEMPLATE_SIZE) -> np.ndarray:
@@ -76,43 +71,6 @@ def template(size: int = TEMPLATE_SIZE) -> np.ndarray:
     return ARCFACE_TEMPLATE * (size / TEMPLATE_SIZE)
   ratio = size / 128.0
   return ARCFACE_TEMPLATE * ratio + np.array([8.0 * ratio, 0.0])
-
-
-def check_landmarks(landmarks: Any, where: str) -> np.ndarray:
-  """The landmarks as float64 [5, 2] (x, y) pixels, refused where they cannot be aligned.
-
-  Args:
-    landmarks: 5 (x, y) pairs or 10 numbers x1 y1 ... x5 y5.
-    where: what to name in errors (e.g. "landmarks.txt line 3 (a.jpg)").
-
-  Raises:
-    UserError: naming `where`: not 10 numbers; NaN or Inf; all points within
-      MIN_SPREAD_PX (RMS) of their centroid (zero scale); collinear points (smaller/larger
-      singular value of the centred points below MIN_ASPECT).
-  """
-  try:
-    points = np.asarray(landmarks, np.float64)
-  except (TypeError, ValueError):
-    raise UserError(f"{where}: landmarks {landmarks!r} are not numbers; expected 5 (x, y) "
-                    "points") from None
-  if points.size != 2 * NUM_POINTS or points.ndim not in (1, 2):
-    raise UserError(f"{where}: {points.size} landmark numbers (shape {points.shape}); "
-                    "expected 5 (x, y) points: 10 numbers")
-  points = points.reshape(NUM_POINTS, 2)
-  if not np.all(np.isfinite(points)):
-    raise UserError(f"{where}: landmarks hold NaN or Inf ({points.ravel().tolist()}); "
-                    "expected 5 finite (x, y) points")
-  centred = points - points.mean(axis=0)
-  singular = np.linalg.svd(centred, compute_uv=False)
-  spread = float(np.sqrt(np.mean(np.sum(centred ** 2, axis=1))))
-  if spread < MIN_SPREAD_PX:
-    raise UserError(f"{where}: degenerate landmarks: the 5 points lie within {spread:.3g} "
-                    f"px of their centre (zero scale; at least {MIN_SPREAD_PX} px needed)")
-  if singular[1] < MIN_ASPECT * singular[0]:
-    raise UserError(f"{where}: degenerate landmarks: the 5 points are collinear (singular "
-                    f"values {singular[0]:.3g}, {singular[1]:.3g}); expected eyes, nose "
-                    "and mouth corners of one face")
-  return points
 
 
 def estimate_transform(landmarks: Any, size: int = TEMPLATE_SIZE, where: str = "landmarks"):
@@ -174,81 +132,6 @@ def align_face(image: np.ndarray, landmarks: Any, size: int = TEMPLATE_SIZE,
   return np.clip(np.rint(warped), 0, 255).astype(np.uint8)
 
 
-# --- Landmarks files ---------------------------------------------------------------------
-
-
-def _parse_text(path: str, text: str) -> dict[str, np.ndarray]:
-  out: dict[str, np.ndarray] = {}
-  lines: dict[str, int] = {}
-  for number, line in enumerate(text.splitlines(), start=1):
-    fields = line.split()
-    if not fields:
-      continue
-    where = f"{path} line {number}"
-    if len(fields) not in (11, 12):
-      raise UserError(f"{where}: {len(fields)} fields; expected a name and 10 numbers "
-                      "x1 y1 ... x5 y5 (an 11th, a detector score, is allowed)")
-    name = fields[0]
-    try:
-      values = [float(v) for v in fields[1:11]]
-      if len(fields) == 12:
-        float(fields[11])
-    except ValueError:
-      raise UserError(f"{where}: {line.strip()!r} does not parse: expected a name and 10 "
-                      "numbers") from None
-    if name in lines:
-      raise UserError(f"{where}: {name} is listed again (first at line {lines[name]}); "
-                      "expected one line per image")
-    lines[name] = number
-    out[name] = check_landmarks(values, f"{where} ({name})")
-  return out
-
-
-def _parse_json(path: str, value: Any) -> dict[str, np.ndarray]:
-  if not isinstance(value, Mapping):
-    raise UserError(f"{path}: a JSON {type(value).__name__}; expected an object "
-                    "{name: [[x, y] x 5] or [10 numbers]}")
-  out = {}
-  for name, points in value.items():
-    where = f"{path} entry {name!r}"
-    flat = points
-    if isinstance(points, list) and points and all(isinstance(p, list) for p in points):
-      if len(points) != NUM_POINTS or any(len(p) != 2 for p in points):
-        raise UserError(f"{where}: expected 5 [x, y] points, got {points!r}")
-      flat = [v for p in points for v in p]
-    if (not isinstance(flat, list) or len(flat) != 2 * NUM_POINTS
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat)):
-      raise UserError(f"{where}: expected [[x, y] x 5] or 10 numbers, got {points!r}")
-    out[name] = check_landmarks(flat, where)
-  return out
-
-
-def read_landmarks(path: str) -> dict[str, np.ndarray]:
-  """{image name: float64 [5, 2]} of a landmarks file (text or JSON; module docstring).
-
-  Raises:
-    UserError: naming the file (and line): unreadable, empty, a line or entry that does
-      not parse, a name listed twice, degenerate landmarks (`check_landmarks`).
-  """
-  try:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-  except (OSError, UnicodeDecodeError) as e:
-    raise UserError(f"{path}: cannot read the landmarks file ({e})") from e
-  if text.lstrip().startswith("{"):
-    try:
-      value = json.loads(text)
-    except ValueError as e:
-      raise UserError(f"{path}: not valid JSON ({e})") from e
-    out = _parse_json(path, value)
-  else:
-    out = _parse_text(path, text)
-  if not out:
-    raise UserError(f"{path}: no landmarks; expected one line (or JSON entry) per image")
-  return out
-
-
-# --- Folders -----------------------------------------------------------------------------
 
 
 def list_images(root: str) -> list[str]:
@@ -269,39 +152,6 @@ def list_images(root: str) -> list[str]:
   if not names:
     raise UserError(f"--src={root}: no images (.jpg, .jpeg, .png) in it")
   return sorted(names)
-
-
-def _shown(names: Sequence[str], limit: int = 5) -> str:
-  return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit
-                                     else "")
-
-
-def match_landmarks(images: Sequence[str], landmarks: Mapping[str, Any], landmarks_path: str,
-                    src: str) -> None:
-  """Refuses a landmarks file that does not name exactly the images under `src`.
-
-  Raises:
-    UserError: one line naming the file, the counts and the first names missing / unknown.
-  """
-  missing = [n for n in images if n not in landmarks]
-  image_set = set(images)
-  unknown = [n for n in landmarks if n not in image_set]
-  if missing or unknown:
-    parts = []
-    if missing:
-      parts.append(f"no landmarks for {len(missing)}: {_shown(missing)}")
-    if unknown:
-      parts.append(f"{len(unknown)} names with no image: {_shown(unknown)}")
-    raise UserError(f"{landmarks_path}: {len(landmarks)} landmark sets for {len(images)} "
-                    f"images in {src}; {'; '.join(parts)}")
-
-
-def _png_bytes(image: np.ndarray) -> bytes:
-  import io  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format="PNG")
-  return buf.getvalue()
 
 
 def align_folder(src: str, landmarks_path: str, dst: str, size: int = TEMPLATE_SIZE) -> dict:
@@ -329,8 +179,7 @@ def align_folder(src: str, landmarks_path: str, dst: str, size: int = TEMPLATE_S
     raise UserError(f"--dst={dst}: is inside --src={src}; expected a folder outside it (a "
                     "rerun would take the outputs for photos)")
   images = list_images(src)
-  landmarks = read_landmarks(landmarks_path)
-  match_landmarks(images, landmarks, landmarks_path, src)
+  landmarks = match_landmarks(images, read_landmarks(landmarks_path), landmarks_path, src)
   outputs: dict[str, str] = {}
   for name in images:
     out = os.path.splitext(name)[0] + ".png"
@@ -347,7 +196,7 @@ def align_folder(src: str, landmarks_path: str, dst: str, size: int = TEMPLATE_S
       os.makedirs(os.path.dirname(target), exist_ok=True)
     except OSError as e:
       raise files.write_error(target, e) from e
-    files.write_bytes(target, _png_bytes(aligned))
+    files.write_bytes(target, encode_png(aligned))
   return {"images": len(images), "size": int(size), "dst": dst}
 
 

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import sys
-import warnings
 from typing import Sequence
 
 from absl import flags
@@ -144,7 +143,7 @@ def rec_to_tree(src: str, dst: str, validate: bool = True, skip_corrupt: bool = 
   Folder names come from <rec>.identities.json when present, else zero-padded labels
   (groups then absent), so reading the tree back gives the same labels. Each image goes
   to the identity of its own header label; identity records that disagree are counted
-  ("identity_record_disagreements" in the summary, and a recordio.IdentityRecordWarning),
+  ("identity_record_disagreements" in the summary, and one `warning:` line on stderr),
   or refused with strict_identity_records=True.
 
   Raises:
@@ -211,11 +210,6 @@ def _define_flags(command: str, fv: flags.FlagValues):
                          "image's own label and counting the disagreements.", flag_values=fv)
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
-  del category, filename, lineno, line
-  print(f"warning: {message}", file=sys.stderr if file is None else file)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs one conversion and prints its summary as JSON.
 
@@ -244,19 +238,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.usage_error(f"unexpected arguments {rest}; give every setting as a --flag")
   validate = not fv.no_validate
   try:
-    with warnings.catch_warnings():
-      warnings.showwarning = _one_line_warning
-      warnings.simplefilter("always", recordio.IdentityRecordWarning)
-      if command == "rfw_to_bin":
-        groups = fv.groups.split(",") if fv.groups else None
-        summary = rfw_to_bin(fv.src, fv.dst, groups, validate, fv.overwrite)
-      elif command == "tree_to_rec":
-        grouped = {"auto": None, "grouped": True, "flat": False}[fv.layout]
-        summary = tree_to_rec(fv.src, fv.dst, grouped, validate, fv.skip_corrupt,
-                              fv.overwrite)
-      else:
-        summary = rec_to_tree(fv.src, fv.dst, validate, fv.skip_corrupt,
-                              fv.strict_identity_records)
+    if command == "rfw_to_bin":
+      groups = fv.groups.split(",") if fv.groups else None
+      summary = rfw_to_bin(fv.src, fv.dst, groups, validate, fv.overwrite)
+    elif command == "tree_to_rec":
+      grouped = {"auto": None, "grouped": True, "flat": False}[fv.layout]
+      summary = tree_to_rec(fv.src, fv.dst, grouped, validate, fv.skip_corrupt, fv.overwrite)
+    else:
+      summary = rec_to_tree(fv.src, fv.dst, validate, fv.skip_corrupt,
+                            fv.strict_identity_records)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

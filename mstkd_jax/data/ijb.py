@@ -292,15 +292,15 @@ def _aligned(release: IJBRelease, i: int, size: int) -> np.ndarray:
   image = decode_image(read_image_file(path), path)
   face = align.align_face(image, release.landmarks[i], ALIGNED_SIZE, path)
   if size != ALIGNED_SIZE:
-    from mstkd_jax.data import pairs  # pylint: disable=g-import-not-at-top
-    face = pairs.resize_image(face, size)
+    from mstkd_jax.data import faces  # pylint: disable=g-import-not-at-top
+    face = faces.resize_image(face, size)
   return face
 
 
 def aligned_chunks(release: IJBRelease, size: int = ALIGNED_SIZE, chunk: int = CHUNK,
                    workers: int | None = None) -> Iterator[np.ndarray]:
   """The loose crops decoded and aligned to 112x112 (data/align.py), then resized to
-  `size` (pairs.resize_image) when it differs, in meta order.
+  `size` (faces.resize_image) when it differs, in meta order.
 
   Decoding and alignment run on `workers` threads (default: the CPU count, at most 8), one
   chunk ahead of the consumer, so at most two chunks are in memory.

@@ -211,6 +211,13 @@ def decode_image(data: bytes, source: str) -> np.ndarray:
     return image_to_rgb8(img, source)
 
 
+def encode_png(image: np.ndarray) -> bytes:
+  """uint8 [H, W, 3] RGB as PNG bytes (lossless: `decode_image` gives the same pixels)."""
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  return buf.getvalue()
+
+
 def image_size(data: bytes, source: str) -> tuple[int, int]:
   """(height, width) from the JPEG/PNG header alone; UserError naming `source` otherwise."""
   with _open_image(data, source) as img:

@@ -5,17 +5,20 @@ in memory) into per-group `GroupPlan`s: each group's distinct images, not yet de
 its pairs as rows of them. The TFDS builder stores plans (tfds_builders), evaluation and
 the stages decode them into `VerificationSet`s (`decode`, `load`). A new verification
 format is one planner function plus one line in PLANNERS.
+
+What the model sees of each image is made by data/faces.py (`face_image`: decoded, aligned
+with its landmarks where the plan has them, resized by the one resizer).
 """
 
+import concurrent.futures
 import dataclasses
 import os
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from mstkd_jax.data import faces
 from mstkd_jax.errors import UserError
-
-RESAMPLING = "bilinear (PIL Image.resize with BILINEAR: antialiased when shrinking)"
 
 
 @dataclasses.dataclass
@@ -52,12 +55,17 @@ class GroupPlan:
     pairs: int64 [P, 2] rows into `images`, in the source's pair order.
     issame: bool [P].
     identities: the identity shown by every image (len M), or None when unknown.
+    landmarks: float64 [5, 2] (x, y) pixels per image (len M), to align the images with
+      (faces.face_image), or None for images that come aligned.
+    landmarks_file: the file the landmarks came from, for messages.
   """
   name: str
   images: list | np.ndarray
   pairs: np.ndarray
   issame: np.ndarray
   identities: list[str] | None = None
+  landmarks: list[np.ndarray] | None = None
+  landmarks_file: str | None = None
 
   @property
   def encoded(self) -> bool:
@@ -99,9 +107,11 @@ class Planner:
   claims: Callable[[str], bool] | None = None
 
 
-def _plan(name: str, images: list, rows: list, issame: Sequence, identities=None) -> GroupPlan:
+def _plan(name: str, images: list, rows: list, issame: Sequence, identities=None,
+          **landmarks) -> GroupPlan:
   pairs = np.asarray(rows, np.int64).reshape(-1, 2)
-  return GroupPlan(name, images, pairs, np.asarray(issame, bool).reshape(-1), identities)
+  return GroupPlan(name, images, pairs, np.asarray(issame, bool).reshape(-1), identities,
+                   **landmarks)
 
 
 # --- RFW -------------------------------------------------------------------------------
@@ -113,22 +123,31 @@ def _rfw_groups(path: str) -> tuple[str, ...]:
 
 
 def _rfw_plan(path: str) -> list[GroupPlan]:
-  """Every group of an RFW folder; an image is (None, its file), named by (person, number)."""
+  """Every group of an RFW folder; an image is (None, its file), named by (person, number),
+  with its landmarks where the group has txts/<group>/<group>_lmk.txt."""
   from mstkd_jax.data import rfw  # pylint: disable=g-import-not-at-top
   reader = rfw.RFWReader(path)
   plans = []
   for group in reader.groups:
-    images, identities, rows, issame, seen = [], [], [], [], {}
+    images, names, identities, rows, issame, seen = [], [], [], [], [], {}
     for p in reader.pairs(group):
       for person, number in ((p.name1, p.index1), (p.name2, p.index2)):
         if (person, number) not in seen:
           seen[(person, number)] = len(images)
           images.append((None, reader.image_path(group, person, number)))
+          names.append(reader.image_name(person, number))
           identities.append(person)
         rows.append(seen[(person, number)])
       issame.append(p.same)
-    plans.append(_plan(group, images, rows, issame, identities))
+    landmarks = reader.landmarks(group, names)
+    plans.append(_plan(group, images, rows, issame, identities, landmarks=landmarks,
+                       landmarks_file=reader.landmarks_path(group) if landmarks else None))
   return plans
+
+
+def _is_rfw_folder(path: str) -> bool:
+  return any(os.path.isdir(os.path.join(path, *parts)) for parts in (("txts",),
+                                                                     ("test", "txts")))
 
 
 # --- insightface .bin ------------------------------------------------------------------
@@ -161,6 +180,14 @@ def _bin_files(source: str) -> list[tuple[str, str]]:
   return sorted(seen.items())
 
 
+def _is_bin_source(path: str) -> bool:
+  """A file, or a folder holding .bin files (what `convert rfw_to_bin` writes)."""
+  if os.path.isfile(path):
+    return True
+  return os.path.isdir(path) and any(f.lower().endswith(".bin") and not f.startswith(".")
+                                     for f in os.listdir(path))
+
+
 def _bin_groups(source: str) -> tuple[str, ...]:
   return tuple(group for group, _ in _bin_files(source))
 
@@ -191,8 +218,8 @@ def _synthetic_groups(source: SyntheticSource) -> tuple[str, ...]:
 def _synthetic_plan(source: SyntheticSource) -> list[GroupPlan]:
   """The spec's test ("eval") or validation pairs, generated once and cached in data_dir."""
   from mstkd_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  faces = synthetic.load_or_generate(source.spec, source.data_dir)
-  images, pairs, issame = (getattr(faces, f"{source.split}_{field}")
+  generated = synthetic.load_or_generate(source.spec, source.data_dir)
+  images, pairs, issame = (getattr(generated, f"{source.split}_{field}")
                            for field in ("images", "pairs", "issame"))
   return [GroupPlan(g, images[g], pairs[g], issame[g]) for g in source.spec.group_names]
 
@@ -221,10 +248,10 @@ def _array_plan(source: ArraySource) -> list[GroupPlan]:
 
 PLANNERS: dict[str, Planner] = {
     "rfw": Planner(_rfw_groups, _rfw_plan, "the RFW folder holding test/data and test/txts",
-                   claims=os.path.isdir),
+                   claims=_is_rfw_folder),
     "bin": Planner(_bin_groups, _bin_plan,
                    "an insightface verification .bin file or a folder of them",
-                   claims=os.path.isfile),
+                   claims=_is_bin_source),
     "synthetic": Planner(_synthetic_groups, _synthetic_plan, "the built-in synthetic set"),
     "arrays": Planner(_array_groups, _array_plan,
                       "a dict of group -> VerificationSet (uint8 RGB images, pairs, issame)"),
@@ -235,7 +262,8 @@ FILE_FORMATS = tuple(name for name, planner in PLANNERS.items() if planner.claim
 
 def format_of(path: str) -> str:
   """The first format in PLANNERS order that claims an existing path (so a format that
-  claims specific files goes before "bin", which takes any file)."""
+  claims specific files goes before "bin", which takes any file and any folder holding
+  .bin files)."""
   for name, planner in PLANNERS.items():
     if planner.claims and planner.claims(path):
       return name
@@ -262,46 +290,72 @@ def check_pairs(pairs: np.ndarray, issame: np.ndarray, count: int, where: str,
                     f"protocol needs at least {min_pairs}")
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [H, W, 3] -> uint8 [size, size, 3], resampled as RESAMPLING says."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+@dataclasses.dataclass
+class Decoded:
+  """What `decode` made of a plan.
+
+  Attributes:
+    vset: the VerificationSet.
+    resized: the sorted [height, width] of the images that were resized.
+    aligned: how many images were aligned with their landmarks.
+    taken_as_aligned: how many had landmarks but were already faces.ALIGNED_SIZE square.
+  """
+  vset: VerificationSet
+  resized: list[list[int]]
+  aligned: int = 0
+  taken_as_aligned: int = 0
 
 
-def decode(plan: GroupPlan, image_size: int | None = None
-           ) -> tuple[VerificationSet, list[list[int]]]:
-  """Decodes a plan's images (each once), resized to image_size x image_size if given.
+def plan_face(plan: GroupPlan, row: int, image_size: int | None = None) -> faces.Face:
+  """faces.face_image of image `row` of an encoded plan, with its landmarks if it has them."""
+  data, source = plan.images[row]
+  return faces.face_image(data, source, image_size,
+                              None if plan.landmarks is None else plan.landmarks[row],
+                              plan.landmarks_file)
+
+
+def _workers() -> int:
+  return max(1, min(8, os.cpu_count() or 1))
+
+
+def decode(plan: GroupPlan, image_size: int | None = None) -> Decoded:
+  """Decodes a plan's images (each once, with `plan_face`, on a few threads), resized to
+  image_size x image_size if given.
 
   Returns:
-    (VerificationSet with images uint8 [M, S, S, 3] and the plan's pairs and issame, the
-    sorted [height, width] of the images that were resized). Already-decoded images of the
-    right size are kept as they are (not copied).
+    Decoded: a VerificationSet with images uint8 [M, S, S, 3] and the plan's pairs and
+    issame, and what was done to the images. Already-decoded images of the right size are
+    kept as they are (not copied).
   Raises:
     UserError: an image cannot be read or decoded (naming its file), or, without
       image_size, the images differ in size.
   """
-  if plan.encoded:
-    from mstkd_jax.data import image_tree  # pylint: disable=g-import-not-at-top
-    images = [image_tree.decode_image(
-        image_tree.read_image_file(source) if data is None else data, source)
-              for data, source in plan.images]
-    sizes = sorted({tuple(img.shape[:2]) for img in images})
-    if image_size is None and len(sizes) > 1:
-      raise UserError(f"group {plan.name!r}: images of sizes {sizes}; expected one size")
-  else:
+  if not plan.encoded:
     images = plan.images
-    sizes = [tuple(images.shape[1:3])]
-  target = (image_size, image_size) if image_size else (sizes[0] if sizes else (0, 0))
-  other = [list(s) for s in sizes if s != target]
-  if not plan.encoded and not other:
-    stacked = images
-  else:
-    stacked = np.empty((len(images),) + tuple(target) + (3,), np.uint8)
+    size = (image_size, image_size) if image_size else tuple(images.shape[1:3])
+    issame = np.asarray(plan.issame, bool)
+    if tuple(images.shape[1:3]) == size:
+      return Decoded(VerificationSet(images, plan.pairs, issame), [])
+    stacked = np.zeros((len(images),) + size + (3,), np.uint8)
     for i, image in enumerate(images):
-      stacked[i] = image if image.shape[:2] == target else resize_image(image, target[0])
-  return VerificationSet(stacked, plan.pairs, np.asarray(plan.issame, bool)), other
+      stacked[i] = faces.resize_image(image, size)
+    return Decoded(VerificationSet(stacked, plan.pairs, issame), [list(images.shape[1:3])])
+  with concurrent.futures.ThreadPoolExecutor(_workers()) as pool:
+    made = list(pool.map(lambda row: plan_face(plan, row, image_size),
+                         range(len(plan.images))))
+  sizes = sorted({tuple(f.image.shape[:2]) for f in made})
+  if image_size is None and len(sizes) > 1:
+    raise UserError(f"group {plan.name!r}: images of sizes {sizes}; expected one size")
+  size = sizes[0] if sizes else (image_size or 0, image_size or 0)
+  stacked = np.empty((len(made),) + tuple(size) + (3,), np.uint8)
+  for i, face in enumerate(made):
+    stacked[i] = face.image
+  resized = sorted({f.resized_from for f in made if f.resized_from})
+  return Decoded(VerificationSet(stacked, plan.pairs, np.asarray(plan.issame, bool)),
+                 [list(s) for s in resized], sum(f.aligned for f in made),
+                 sum(f.taken_as_aligned for f in made))
 
 
 def load(fmt: str, source: Any, image_size: int | None = None) -> dict[str, VerificationSet]:
   """{group: VerificationSet} of a source of format `fmt` (a key of PLANNERS)."""
-  return {plan.name: decode(plan, image_size)[0] for plan in PLANNERS[fmt].plan(source)}
+  return {plan.name: decode(plan, image_size).vset for plan in PLANNERS[fmt].plan(source)}

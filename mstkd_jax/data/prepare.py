@@ -1,16 +1,28 @@
 """Prepares a face data set once as a TFDS (array_record) data set, and prints its summary.
 
 python -m mstkd_jax.data.prepare --format=image_tree|rfw|bin|recordio --src=PATH
-    --data_dir=DIR [--name=NAME] [--skip_corrupt] [--layout=auto|grouped|flat]
-    [--strict_identity_records]
+    --data_dir=DIR [--name=NAME] [--image_size=N] [--groups=FILE] [--skip_corrupt]
+    [--layout=auto|grouped|flat] [--strict_identity_records]
 
 Training sets (image_tree, recordio) become <DIR>/mstkd_faces/<NAME>/1.0.0, verification
 sets (rfw, bin) <DIR>/mstkd_verification/<NAME>/1.0.0 (see tfds_builders). A data set that
-is already prepared is not built again. stdout gets one line, a JSON object:
-{"name", "num_images", "num_identities", "groups": {group: {"images", "identities"[,
-"pairs", "same"]}}, "skipped", "path"}, counted from the prepared data; a RecordIO built by
-this run adds "identity_record_disagreements": the images whose own label differs from
-their identity record (each image's own label is used, as insightface's trainer does;
+is already prepared is not built again.
+
+--image_size=N stores every image at N x N (those of another size resized by the one
+resizer, data/faces.py, and stored as PNG), so that training and evaluation at that size
+resize nothing. An RFW folder's loose crops are stored aligned to 112x112 with their
+landmarks (test/txts/<group>/<group>_lmk.txt; images already 112x112 are taken as aligned),
+then resized to --image_size if given: what `evaluate` does with the same folder.
+--groups=FILE (training sets) names each identity's demographic group, for a RecordIO or
+flat tree that has none (data/groups.py: CSV `identity,group`, JSON {identity: group} or
+{group: [identities]}, or a folder of <group>.txt lists).
+
+stdout gets one line, a JSON object: {"name", "num_images", "num_identities", "groups":
+{group: {"images", "identities"[, "pairs", "same"]}}, "skipped", "path", "image_size"},
+counted from the prepared data; a verification set adds "alignment" ({group: {"landmarks",
+"aligned", "taken_as_aligned"}}, or "none"); a RecordIO built by this run adds
+"identity_record_disagreements": the images whose own label differs from their identity
+record (each image's own label is used, as insightface's trainer does;
 --strict_identity_records refuses such packs instead). Progress, notes, warnings and
 skipped files go to stderr; errors print one `error: ...` line (exit 1; 2 for usage).
 """
@@ -20,7 +32,6 @@ import json
 import os
 import re
 import sys
-import warnings
 from typing import Callable, Sequence
 
 from absl import flags
@@ -76,35 +87,11 @@ def _locate(fmt: str, src: str) -> tuple[str, str]:
   return src, ""
 
 
-@contextlib.contextmanager
-def _identity_record_warnings(log: Callable[[str], None]):
-  """Yields a list that receives the counts of the RecordIO reader's IdentityRecordWarnings.
-
-  Their messages go to `log` as one `warning: ...` line each; other warnings raised
-  meanwhile are passed on unchanged.
-  """
-  from mstkd_jax.data import recordio  # pylint: disable=g-import-not-at-top
-  counts: list[int] = []
-  others = []
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    try:
-      yield counts
-    finally:
-      for w in caught:
-        if isinstance(w.message, recordio.IdentityRecordWarning):
-          counts.append(w.message.disagreements)
-          log(f"warning: {w.message}")
-        else:
-          others.append(w)
-  for w in others:
-    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
-
-
 def prepare(fmt: str, src: str, data_dir: str, name: str | None = None,
             skip_corrupt: bool = False, grouped: bool | None = None, workers: int = 0,
             log: Callable[[str], None] = _stderr,
-            strict_identity_records: bool = False) -> dict:
+            strict_identity_records: bool = False, image_size: int = 0,
+            groups: str | None = None) -> dict:
   """Builds the data set unless it exists; returns its summary (prepared.summary).
 
   Args:
@@ -120,6 +107,8 @@ def prepare(fmt: str, src: str, data_dir: str, name: str | None = None,
     strict_identity_records: (recordio) refuse a pack whose identity records disagree
       with the image labels; by default the images' own labels are used, and the summary
       counts the disagreements under "identity_record_disagreements".
+    image_size: store images at image_size x image_size (module docstring); 0 keeps them.
+    groups: (training sets) a file or folder naming each identity's group (data/groups.py).
 
   Raises:
     UserError: a bad format, name or source (naming it), or a source the readers refuse.
@@ -135,6 +124,18 @@ def prepare(fmt: str, src: str, data_dir: str, name: str | None = None,
   if not _NAME.match(name):
     raise UserError(f"--name={name!r}; expected letters, digits and _ . + - (not first . + -)")
   data_dir = paths.local(data_dir, "--data_dir")
+  if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 0 or (
+      image_size % 16):
+    raise UserError(f"--image_size={image_size!r}; expected a multiple of 16 (the model's "
+                    "input side, e.g. 112), or 0 to keep the images' size")
+  if groups:
+    if prepared.kind_of(fmt) is not prepared.TRAINING:
+      raise UserError(f"--groups={groups}: names the groups of a training set's identities; "
+                      f"--format={fmt} is a verification set, whose groups are its own")
+    groups = paths.local(groups, "--groups")
+    if not os.path.exists(groups):
+      raise UserError(f"--groups={groups}: does not exist; expected a CSV `identity,group`, "
+                      "a JSON {identity: group} or a folder of <group>.txt identity lists")
   builder_cls = tfds_builders.BUILDERS[fmt]
   path = prepared.prepared_dir(data_dir, prepared.kind_of(fmt), name)
   if prepared.is_prepared(path):
@@ -143,25 +144,40 @@ def prepare(fmt: str, src: str, data_dir: str, name: str | None = None,
         f'format {meta.get("source_format")}); remove that folder to prepare it again')
     if os.path.normpath(meta.get("source", "")) != source:
       log(f"note: --src={source} differs from the source it was prepared from")
+    if (meta.get("image_size") or 0) != image_size or (meta.get("groups_file") or "") != (
+        groups or ""):
+      log(f"note: it was prepared with --image_size={meta.get('image_size') or 0} and "
+          f"--groups={meta.get('groups_file') or ''}; give another --name for other settings")
     return prepared.summary(path, name)
   config = tfds_builders.SourceConfig(
       name=name, description=f"{fmt} source {source}",
       source_format=fmt, source_file=source_file, grouped=grouped,
-      skip_corrupt=skip_corrupt, workers=workers)
+      skip_corrupt=skip_corrupt, workers=workers, image_size=image_size,
+      groups_file=groups or "")
   if fmt == "recordio" and strict_identity_records:
     from mstkd_jax.data import recordio  # pylint: disable=g-import-not-at-top
     with recordio.FaceRecordIOReader(source, validate=False, strict_identity_records=True):
       pass  # Refuses before anything is built.
   log(f"preparing {name!r} from {source} ({fmt}) into {path}")
   builder = builder_cls(config=config, data_dir=data_dir)
-  with _identity_record_warnings(log) as disagreements:
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  builder.download_and_prepare(
+      file_format="array_record",
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   out = prepared.summary(path, name)
+  meta = prepared.read_metadata(path)
+  for warning in meta.get("warnings", []):
+    log(f"warning: {warning}")
   if fmt == "recordio":
-    out["identity_record_disagreements"] = sum(disagreements)
-  skipped = prepared.read_metadata(path).get("skipped", [])
+    out["identity_record_disagreements"] = meta.get("identity_record_disagreements", 0)
+  if meta.get("groups_file_unused_identities"):
+    log(f"warning: --groups={groups}: {meta['groups_file_unused_identities']} of its "
+        "identities are not in the data set (ignored)")
+  for group, done in (meta.get("alignment") or {}).items():
+    log(f"{name} group {group}: {done['aligned']} images aligned to 112x112 with their 5 "
+        f"landmarks ({done['landmarks']})" + (
+            f", {done['taken_as_aligned']} already 112x112 taken as aligned"
+            if done["taken_as_aligned"] else ""))
+  skipped = meta.get("skipped", [])
   if skipped:
     log(f"skipped {len(skipped)} file(s):")
     for file, reason in skipped:
@@ -175,6 +191,12 @@ def _define_flags(fv: flags.FlagValues):
   flags.DEFINE_string("src", None, "The source folder or file.", flag_values=fv)
   flags.DEFINE_string("data_dir", None, "The TFDS data dir.", flag_values=fv)
   flags.DEFINE_string("name", None, "Data set name (default: from --src).", flag_values=fv)
+  flags.DEFINE_integer("image_size", 0, "Store images at this side (a multiple of 16, the "
+                       "model's input), resized with the one resizer; 0 keeps their size.",
+                       flag_values=fv)
+  flags.DEFINE_string("groups", None, "Training sets: a file naming each identity's group "
+                      "(CSV identity,group; JSON {identity: group} or {group: [ids]}; or a "
+                      "folder of <group>.txt identity lists).", flag_values=fv)
   flags.DEFINE_boolean("skip_corrupt", False, "Skip undecodable images and list them, "
                        "instead of stopping.", flag_values=fv)
   flags.DEFINE_enum("layout", "auto", ("auto", "grouped", "flat"),
@@ -213,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       out = prepare(fv.format, fv.src, fv.data_dir, name=fv.name,
                     skip_corrupt=fv.skip_corrupt,
                     grouped={"auto": None, "grouped": True, "flat": False}[fv.layout],
-                    strict_identity_records=fv.strict_identity_records)
+                    strict_identity_records=fv.strict_identity_records,
+                    image_size=fv.image_size, groups=fv.groups)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

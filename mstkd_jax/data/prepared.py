@@ -103,7 +103,9 @@ def read_labels(path: str, num_examples: int | None = None
 
 
 def summary(path: str, name: str) -> dict:
-  """{"name", "num_images", "num_identities", "groups": {...}, ...} counted from the data."""
+  """{"name", "num_images", "num_identities", "groups": {...}, ..., "image_size" (the side
+  images were stored at, or None), and for verification sets "alignment"} counted from the
+  data and read from its metadata."""
   meta = read_metadata(path)
   out = {"name": name}
   if meta.get("kind") == "verification":
@@ -117,6 +119,7 @@ def summary(path: str, name: str) -> dict:
     dropped = sum(meta["dropped_pairs"].values())
     if dropped:
       out["dropped_pairs"] = dropped
+    out["alignment"] = meta.get("alignment") or "none"
   else:
     identity, group = read_labels(path)
     num_images = len(identity)
@@ -130,5 +133,6 @@ def summary(path: str, name: str) -> dict:
     empty = len(meta["identity_names"]) - out["num_identities"]
     if empty:
       out["identities_without_images"] = empty
-  out.update(skipped=len(meta.get("skipped", [])), path=path)
+  out.update(skipped=len(meta.get("skipped", [])), path=path,
+             image_size=meta.get("image_size"))
   return out

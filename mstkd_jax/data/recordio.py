@@ -8,14 +8,15 @@ import json
 import math
 import os
 import struct
-import warnings
-from typing import Iterator, NamedTuple, Sequence
+import sys
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from mstkd_jax.data.image_tree import DatasetIndex
 from mstkd_jax.data.image_tree import FaceRecord
 from mstkd_jax.data.image_tree import decode_image
+from mstkd_jax import errors
 from mstkd_jax.errors import UserError
 
 MAGIC = 0xCED7230A
@@ -413,23 +414,6 @@ def _head_header(head: bytes, source: str) -> IRHeader:
   return IRHeader(flag, label, id_, id2)
 
 
-class IdentityRecordWarning(UserWarning):
-  """Identity records of a RecordIO disagree with the image labels, which are used instead.
-
-  Attributes:
-    source: the .rec file.
-    disagreements: images whose own label differs from the identity record whose key
-      range holds them, or that no well-formed identity record covers.
-    malformed: identity records that are not a usable (first key, end key) range.
-  """
-
-  def __init__(self, message: str, source: str, disagreements: int, malformed: int):
-    super().__init__(message)
-    self.source = source
-    self.disagreements = disagreements
-    self.malformed = malformed
-
-
 class FaceRecordIOReader:
   """Streams FaceRecords from an insightface training RecordIO (train.rec + train.idx).
 
@@ -439,7 +423,7 @@ class FaceRecordIOReader:
   as insightface's trainer reads it. Where identity records disagree (an image in the key
   range of another identity, as in Glint360K; identity records with a scalar label and
   flag 0, as in merged packs; ranges that do not tile the images), the disagreements are
-  counted and an IdentityRecordWarning says so; strict_identity_records=True refuses such
+  counted and one warning line says so (`warn`); strict_identity_records=True refuses such
   packs instead. Building the index reads the header of every image record (only the
   first bytes of each record).
 
@@ -449,13 +433,15 @@ class FaceRecordIOReader:
     has_header: whether the insightface header/identity records are present.
     identity_record_disagreements: images whose own label differs from what the identity
       records say (0 without a header).
+    identity_record_warning: the warning said about them, or None.
     malformed_identity_records: identity records that are not a usable key range.
     skipped: (source, reason) of images skipped when skip_corrupt=True.
   """
 
   def __init__(self, rec_path: str, idx_path: str | None = None,
                names_path: str | None = None, validate: bool = True,
-               skip_corrupt: bool = False, strict_identity_records: bool = False):
+               skip_corrupt: bool = False, strict_identity_records: bool = False,
+               warn: Callable[[str], None] | None = None):
     """Opens the files and builds the index from the image labels.
 
     Args:
@@ -465,6 +451,8 @@ class FaceRecordIOReader:
       skip_corrupt: skip (and list in `skipped`) undecodable images instead of raising.
       strict_identity_records: refuse (UserError) identity records that are malformed or
         disagree with an image's own label, instead of counting them.
+      warn: receives the one warning about disagreeing identity records; default: printed
+        as a `warning: ...` line on stderr (errors.warn).
 
     Raises:
       UserError: naming the file and record: missing files, a malformed .idx, a missing
@@ -477,6 +465,8 @@ class FaceRecordIOReader:
     self.skipped: list[tuple[str, str]] = []
     self.identity_record_disagreements = 0
     self.malformed_identity_records = 0
+    self.identity_record_warning: str | None = None
+    self._warn = warn or (lambda message: errors.warn(message, file=sys.stderr))
     self._image_keys: range | np.ndarray = range(0)  # In reading order.
     self._image_labels = np.zeros(0, np.int32)  # From the image headers, per image key.
     self._raw = RecordIOReader(self.rec_path, idx_path)
@@ -618,8 +608,8 @@ class FaceRecordIOReader:
                  "records hold no (first key, end key) range; each image's own label is "
                  "used, as insightface's trainer does (--strict_identity_records refuses "
                  "such packs)")
-      warnings.warn(IdentityRecordWarning(message, self.rec_path, int(wrong.size),
-                                          self.malformed_identity_records), stacklevel=4)
+      self.identity_record_warning = message
+      self._warn(message)
     n = max(end - first, int(self._image_labels.max()) + 1 if self._image_labels.size else 0)
     return np.bincount(self._image_labels, minlength=n).tolist()
 

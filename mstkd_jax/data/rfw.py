@@ -1,11 +1,18 @@
 """Reader for the RFW test layout: test/data/<group>/<id>/<id>_NNNN.jpg and LFW-style pairs files.
 
 Pairs lines: `name i j` (same identity) or `name1 i name2 j` (different); i, j are 1-based.
+
+RFW's release ships its images as loose crops, not aligned: their five landmarks are in
+test/txts/<group>/<group>_lmk.txt, one line per image, `<path> <label> x1 y1 ... x5 y5`
+(data/landmarks.py reads it, the path ending in <id>/<id>_NNNN.jpg). `landmarks` gives
+them; data/pairs.py aligns with them (data/align.py).
 """
 
 import dataclasses
 import os
 from typing import Iterator, Sequence
+
+import numpy as np
 
 from mstkd_jax.data.image_tree import check_path_name
 from mstkd_jax.data.image_tree import decode_image
@@ -121,9 +128,39 @@ class RFWReader:
   def data_dir(self, group: str) -> str:
     return os.path.join(self.test_dir, "data", group)
 
+  def image_name(self, name: str, index: int) -> str:
+    """`name`'s image number `index` (1-based) relative to data/<group>:
+    <name>/<name>_<index:04d>.jpg."""
+    return f"{name}/{name}_{index:04d}.jpg"
+
   def image_path(self, group: str, name: str, index: int) -> str:
     """Path of `name`'s image number `index` (1-based): <name>/<name>_<index:04d>.jpg."""
-    return os.path.join(self.data_dir(group), name, f"{name}_{index:04d}.jpg")
+    return os.path.join(self.data_dir(group), *self.image_name(name, index).split("/"))
+
+  def landmarks_path(self, group: str) -> str:
+    return os.path.join(self.test_dir, "txts", group, f"{group}_lmk.txt")
+
+  def landmarks(self, group: str, images: Sequence[str]) -> list[np.ndarray] | None:
+    """The 5 landmarks of each of `images` (names relative to data/<group>, as `image_name`
+    gives them) from txts/<group>/<group>_lmk.txt: float64 [5, 2] (x, y) pixels each; None
+    when the group has no such file. Lines for other images are ignored.
+
+    Raises:
+      UserError: naming the file: a line that does not parse or degenerate points
+        (data/landmarks.py), two lines for one image, or an image without a line.
+    """
+    from mstkd_jax.data import landmarks as landmarks_lib  # pylint: disable=g-import-not-at-top
+    path = self.landmarks_path(group)
+    if not os.path.isfile(path):
+      return None
+    points = landmarks_lib.read_landmarks(path)
+    matched, _ = landmarks_lib.match_names(images, points, path)
+    missing = [name for name in images if name not in matched]
+    if missing:
+      raise UserError(f"{path}: no landmarks for {len(missing)} of the {len(images)} images "
+                      f"of the pairs (first: {missing[0]}); expected a line `<path> <label> "
+                      "x1 y1 ... x5 y5` for each, or no landmarks file for aligned images")
+    return [points[matched[name]] for name in images]
 
   def pairs(self, group: str) -> list[PairSpec]:
     """Parses the group's pairs file and checks that every image it names exists."""

@@ -234,6 +234,11 @@ def select(train: TrainingSet, *, group: str = "", identities=()) -> tuple[np.nd
     raise UserError("give exactly one of a group name or an identity subset "
                     f"(got group={group!r} and {len(identities)} identities)")
   if group:
+    if not train.group_names:
+      raise UserError(f"group {group!r}: this data set has no demographic groups (a stock "
+                      "insightface train.rec or a flat image tree has none); prepare it again "
+                      "with `python -m mstkd_jax.data.prepare ... --groups=FILE`, FILE naming "
+                      "each identity's group (CSV identity,group or JSON)")
     if group not in train.group_names:
       raise UserError(f"unknown group {group!r}; this data set has groups "
                       f"{list(train.group_names)}")

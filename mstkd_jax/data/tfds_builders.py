@@ -15,10 +15,12 @@ name inside it for a .rec or a single .bin):
   loading a group is: decode its images, read its three lists (TFDS splits share one
   feature dict, so pair records beside image records would need dummy fields).
 
-Images are a `tfds.features.Image(shape=(None, None, 3))` fed with the source bytes: TFDS
-stores given bytes unchanged (no re-encoding, JPEG and PNG may mix), `tfds.load` users get
-decoded uint8 images, and mstkd_jax reads the bytes with `SkipDecoding` and decodes in
-tf.data. Every image is fully decoded once while preparing, to find corrupt files.
+Images are a `tfds.features.Image(shape=(None, None, 3))` fed with the source bytes, stored
+unchanged (JPEG and PNG may mix; `tfds.load` users get decoded uint8 images, mstkd_jax
+decodes them in tf.data) and fully decoded once while preparing, to find corrupt files.
+Images that preparing changes are stored as PNG: resized to `image_size` (data/faces.py),
+or aligned with their landmarks (RFW's <group>_lmk.txt); metadata "image_size" and
+"alignment" say so. A `groups_file` (data/groups.py) gives a training set's groups.
 
 Examples are written in source order (`disable_shuffling`), so a group's rows are
 contiguous and record r of the array_record shards is the r-th image read. Besides TFDS's
@@ -32,6 +34,7 @@ takes every file format registered there.
 import concurrent.futures
 import collections
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Iterable, Iterator
 
@@ -40,6 +43,8 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from mstkd_jax import files
+from mstkd_jax.data import faces
+from mstkd_jax.data import groups
 from mstkd_jax.data import image_tree
 from mstkd_jax.data import pairs
 from mstkd_jax.data import prepared
@@ -82,12 +87,18 @@ class SourceConfig(tfds.core.BuilderConfig):
     skip_corrupt: skip undecodable images (verification: drop the pairs using them)
       instead of stopping at the first one.
     workers: threads that decode images to check them.
+    image_size: store images resized to image_size x image_size (faces.resize_image, as
+      PNG); 0 keeps their size.
+    groups_file: (training) the identity -> group file of data/groups.py; "" = the
+      source's own groups.
   """
   source_format: str = ""
   source_file: str = ""
   grouped: bool | None = None
   skip_corrupt: bool = False
   workers: int = 0
+  image_size: int = 0
+  groups_file: str = ""
 
 
 class _PreparedMetadata(tfds.core.MetadataDict):
@@ -103,20 +114,26 @@ class _PreparedMetadata(tfds.core.MetadataDict):
       files.save_npz(os.path.join(os.fspath(data_dir), prepared.LABELS_FILE), self.arrays)
 
 
-def _probe(item: tuple[Any, str]) -> tuple[bytes | None, Any]:
-  """Reads (if a path) and decodes one image; returns (bytes, (h, w)) or (None, UserError)."""
+def _probe(item: tuple[Any, str], image_size: int = 0) -> tuple[bytes | None, Any]:
+  """Reads (if a path) and decodes one image; returns (bytes, (h, w)) or (None, UserError).
+  With image_size, an image of another size comes back resized (faces.resize_image), as
+  PNG bytes."""
   data, source = item
   try:
     if data is None:
       data = image_tree.read_image_file(source)
-    shape = image_tree.decode_image(data, source).shape
+    image = image_tree.decode_image(data, source)
   except UserError as e:
     return None, e
-  return data, (int(shape[0]), int(shape[1]))
+  if image_size and image.shape[:2] != (image_size, image_size):
+    image = faces.resize_image(image, image_size)
+    data = image_tree.encode_png(image)
+  return data, (int(image.shape[0]), int(image.shape[1]))
 
 
 def _checked_images(items: Iterable[tuple[Any, str, Any]], *, skip_corrupt: bool,
-                    skipped: list, workers: int) -> Iterator[tuple[Any, bytes, tuple]]:
+                    skipped: list, workers: int, image_size: int = 0
+                    ) -> Iterator[tuple[Any, bytes, tuple]]:
   """Decodes every image in a thread pool, in order.
 
   Args:
@@ -124,28 +141,34 @@ def _checked_images(items: Iterable[tuple[Any, str, Any]], *, skip_corrupt: bool
     skip_corrupt: list undecodable images in `skipped` instead of raising.
     skipped: receives (source, reason).
     workers: decoding threads.
+    image_size: resize images of another size to it (see `_probe`); 0 = keep them.
   Yields:
     (tag, encoded bytes, (height, width)) of the decodable images, in input order.
   """
-  lookahead = 64 * workers
-  pending = collections.deque()
+  def probe(item):
+    tag, data, source = item
+    return tag, source, _probe((data, source), image_size)
+
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for tag, source, (data, result) in _in_order(pool, probe, items, 64 * workers):
+      if data is None:
+        if not skip_corrupt:
+          raise result
+        skipped.append((source, str(result)))
+        continue
+      yield tag, data, result
 
-    def drain(keep: int):
-      while len(pending) > keep:
-        tag, source, future = pending.popleft()
-        data, result = future.result()
-        if data is None:
-          if not skip_corrupt:
-            raise result
-          skipped.append((source, str(result)))
-          continue
-        yield tag, data, result
 
-    for tag, data, source in items:
-      pending.append((tag, source, pool.submit(_probe, (data, source))))
-      yield from drain(lookahead)
-    yield from drain(0)
+def _in_order(pool: concurrent.futures.Executor, fn: Callable, items: Iterable,
+              lookahead: int) -> Iterator:
+  """fn(item) of every item, computed on `pool` at most `lookahead` items ahead, in order."""
+  pending = collections.deque()
+  for item in items:
+    pending.append(pool.submit(fn, item))
+    if len(pending) > lookahead:
+      yield pending.popleft().result()
+  while pending:
+    yield pending.popleft().result()
 
 
 def _workers(config: SourceConfig) -> int:
@@ -191,16 +214,35 @@ class MstkdFaces(_SourceBuilder):
       reader = image_tree.ImageTreeReader(source, grouped=config.grouped, validate=False,
                                           skip_corrupt=config.skip_corrupt)
     else:
-      reader = recordio.FaceRecordIOReader(source, validate=False)
+      notes: list[str] = []  # prepare logs them after building
+      reader = recordio.FaceRecordIOReader(source, validate=False, warn=notes.append)
+      self.info.metadata.update(
+          warnings=notes, identity_record_disagreements=reader.identity_record_disagreements)
     index = reader.index
+    group_names, identity_groups = index.group_names, index.identity_groups
+    remap = None
+    if config.groups_file:
+      try:
+        group_names, identity_groups, extra = groups.assign_groups(config.groups_file,
+                                                                   index.identity_names)
+      except BaseException:
+        if hasattr(reader, "close"):
+          reader.close()
+        raise
+      remap = np.asarray(identity_groups, np.int32)
+      self.info.metadata.update(groups_file=config.groups_file,
+                                groups_file_unused_identities=extra,
+                                source_group_names=list(index.group_names))
     self.info.metadata.update(
         format=prepared.METADATA_FORMAT, kind="training", source=source,
-        source_format=config.source_format, group_names=list(index.group_names),
+        source_format=config.source_format, group_names=list(group_names),
         identity_names=list(index.identity_names),
-        identity_groups=[int(g) for g in index.identity_groups])
-    return {"train": self._generate_examples(reader=reader, total=index.num_images)}
+        identity_groups=[int(g) for g in identity_groups],
+        image_size=config.image_size or None)
+    return {"train": self._generate_examples(reader=reader, total=index.num_images,
+                                             remap=remap)}
 
-  def _generate_examples(self, reader, total: int):
+  def _generate_examples(self, reader, total: int, remap: np.ndarray | None = None):
     config = self.builder_config
     skipped = list(getattr(reader, "skipped", []))
     identity, group, sizes = [], [], set()
@@ -208,12 +250,13 @@ class MstkdFaces(_SourceBuilder):
     try:
       for i, (record, data, size) in enumerate(_checked_images(
           records, skip_corrupt=config.skip_corrupt, skipped=skipped,
-          workers=_workers(config))):
+          workers=_workers(config), image_size=config.image_size)):
+        record_group = record.group if remap is None else int(remap[record.identity])
         identity.append(record.identity)
-        group.append(record.group)
+        group.append(record_group)
         sizes.add(size)
         yield _ordered_key(i, total), {"image": data, "identity": record.identity,
-                                       "group": record.group}
+                                       "group": record_group}
     finally:
       if hasattr(reader, "close"):
         reader.close()
@@ -278,7 +321,8 @@ class MstkdVerification(_SourceBuilder):
         pair_table={p.name: {"index_a": p.pairs[:, 0].tolist(),
                              "index_b": p.pairs[:, 1].tolist(),
                              "issame": p.issame.tolist()} for p in plans},
-        image_sizes=_sizes_list(sizes), skipped=[list(s) for s in skipped])
+        image_sizes=_sizes_list(sizes), skipped=[list(s) for s in skipped],
+        image_size=config.image_size or None, alignment={})
     return {"test": self._generate_examples(plans=plans)}
 
   def _check_images(self, plans: list[pairs.GroupPlan]
@@ -308,18 +352,47 @@ class MstkdVerification(_SourceBuilder):
         plan = pairs.GroupPlan(
             plan.name, [plan.images[row] for row in kept], new_row[plan.pairs[keep]],
             plan.issame[keep],
-            None if plan.identities is None else [plan.identities[row] for row in kept])
+            None if plan.identities is None else [plan.identities[row] for row in kept],
+            None if plan.landmarks is None else [plan.landmarks[row] for row in kept],
+            plan.landmarks_file)
       kept_plans.append(plan)
     return kept_plans, dropped, skipped, sizes
 
   def _generate_examples(self, plans: list[pairs.GroupPlan]):
-    total = sum(len(p.images) for p in plans)
-    i = 0
-    for g, plan in enumerate(plans):
-      for row, (data, source) in enumerate(plan.images):
-        image = image_tree.read_image_file(source) if data is None else data
-        yield _ordered_key(i, total), {"image": image, "group": g, "index": row}
-        i += 1
+    """Each group's images in order, as stored (`_stored_face`), counting what was done."""
+    config = self.builder_config
+    total, i, sizes, alignment = sum(len(p.images) for p in plans), 0, set(), {}
+    with concurrent.futures.ThreadPoolExecutor(_workers(config)) as pool:
+      for g, plan in enumerate(plans):
+        aligned = taken = 0
+        stored = _in_order(pool, functools.partial(_stored_face, plan, config.image_size),
+                           range(len(plan.images)), 64 * _workers(config))
+        for row, (image, size, face) in enumerate(stored):
+          sizes.add(size)
+          if face is not None:
+            aligned, taken = aligned + face.aligned, taken + face.taken_as_aligned
+          yield _ordered_key(i, total), {"image": image, "group": g, "index": row}
+          i += 1
+        if plan.landmarks is not None:
+          alignment[plan.name] = dict(landmarks=plan.landmarks_file, aligned=aligned,
+                                      taken_as_aligned=taken)
+    self.info.metadata.update(image_sizes=_sizes_list(sizes), alignment=alignment)
+
+
+def _stored_face(plan: pairs.GroupPlan, image_size: int, row: int
+                 ) -> tuple[bytes, tuple[int, int], faces.Face | None]:
+  """What a verification set stores for image `row`: its source bytes, or faces.face_image's
+  result as PNG where alignment or resizing changes it; its (height, width); the Face."""
+  data, source = plan.images[row]
+  if data is None:
+    data = image_tree.read_image_file(source)
+  landmarks = None if plan.landmarks is None else plan.landmarks[row]
+  if landmarks is None and not image_size:
+    return data, image_tree.image_size(data, source), None
+  face = faces.face_image(data, source, image_size or None, landmarks, plan.landmarks_file)
+  if face.aligned or face.resized_from:
+    data = image_tree.encode_png(face.image)
+  return data, tuple(int(v) for v in face.image.shape[:2]), face
 
 
 BUILDERS: dict[str, Callable[..., tfds.core.DatasetBuilder]] = {

@@ -13,6 +13,9 @@ data.prepared finds their folders and reads their metadata and labels.
   at any step sees what an uninterrupted run sees.
 * load_verification_sets: each group's distinct images decoded once, with its pairs.
 
+Stored images of another size than the model's are resized with data/faces.py's resizer
+(Pillow's antialiased bilinear), the one evaluate, embed and prepare use, with one warning.
+
 TensorFlow is kept off the GPUs (set_visible_devices) the first time it is used here, so
 that tf.data does not take accelerator memory from JAX.
 """
@@ -21,12 +24,11 @@ import dataclasses
 import functools
 import os
 from typing import Iterator, Sequence
-import warnings
 
 import numpy as np
 
-from mstkd_jax import paths
-from mstkd_jax.data import input_pipeline, prepared
+from mstkd_jax import errors, paths
+from mstkd_jax.data import faces, input_pipeline, prepared
 from mstkd_jax.data.pairs import VerificationSet
 from mstkd_jax.errors import UserError
 
@@ -156,14 +158,16 @@ def _needs_resize(sizes: Sequence[tuple[int, int]], target: tuple[int, int],
     return False
   if (where, target) not in _WARNED_RESIZE:
     _WARNED_RESIZE.add((where, target))
-    warnings.warn(f"{where}: stored images of size(s) {other} (height, width) differ from "
-                  f"the requested {target}; they are resized (bilinear, antialiased) while "
-                  "loading. Prepare data at the model size to avoid this.", stacklevel=3)
+    errors.warn(f"{where}: stored images of size(s) {other} (height, width) differ from the "
+                f"requested {target}; they are resized with {faces.RESAMPLING} while "
+                "loading. Prepare the data at the model's size (python -m "
+                f"mstkd_jax.data.prepare ... --image_size={target[0]}) to avoid this.")
   return True
 
 
 def _image_decoder(features, size: tuple[int, int], resize: bool):
-  """Returns f(serialized record) -> (image [H, W, 3] (float32 if resized else uint8), example)."""
+  """Returns f(serialized record) -> (uint8 image [H, W, 3], example); images of another
+  size are resized by faces.resize_image (in a tf.numpy_function)."""
   tf = _tf()
   tfds = _tfds()
   h, w = size
@@ -180,9 +184,9 @@ def _image_decoder(features, size: tuple[int, int], resize: bool):
     if resize:
       shape = tf.shape(image)
       image = tf.cond(
-          tf.logical_and(tf.equal(shape[0], h), tf.equal(shape[1], w)),
-          lambda: tf.cast(image, tf.float32),
-          lambda: tf.image.resize(image, [h, w], method="bilinear", antialias=True))
+          tf.logical_and(tf.equal(shape[0], h), tf.equal(shape[1], w)), lambda: image,
+          lambda: tf.numpy_function(lambda x: faces.resize_image(x, (h, w)), [image],
+                                    tf.uint8, stateful=False))
     image = tf.ensure_shape(image, [h, w, 3])
     return image, example
 
@@ -272,9 +276,8 @@ def train_batches(face_set: TfdsFaceSet, rows: np.ndarray, labels: np.ndarray, *
             "label": tf.gather(labels_t, position), "flip": flips}
 
   def one_image(example):
+    # The pixels extraction sees too (ordered_images), so cached targets match.
     image, _ = decode(example.pop("raw"))
-    if resize:  # the pixels extraction sees too (ordered_images), so cached targets match
-      image = _to_uint8(tf, image)
     image = tf.where(example["flip"], tf.reverse(image, axis=[1]), image)
     example["image"] = (tf.cast(image, tf.float32) / 255.0 - 0.5) / 0.5
     return example
@@ -299,11 +302,6 @@ def train_batches(face_set: TfdsFaceSet, rows: np.ndarray, labels: np.ndarray, *
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
-def _to_uint8(tf, image):
-  """A resized float image rounded back onto the uint8 grid of stored images."""
-  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
-
 def ordered_images(face_set: TfdsFaceSet, image_size: ImageSize,
                    chunk: int = 512, rows=None) -> Iterator[np.ndarray]:
   """Every record's image in record order (or those of `rows`, int64 [M], in that order),
@@ -315,12 +313,11 @@ def ordered_images(face_set: TfdsFaceSet, image_size: ImageSize,
   fetch = _fetcher(face_set.raw_source(), None)
 
   def one_image(raw):
-    image, _ = decode(raw)
-    return _to_uint8(tf, image) if resize else image
+    return decode(raw)[0]
 
   ds = (tf.data.Dataset.range(face_set.num_examples) if rows is None
         else tf.data.Dataset.from_tensor_slices(np.asarray(rows, np.int64))).batch(chunk)
-  ds = ds.map(tf.autograph.experimental.do_not_convert(fetch), deterministic=True)
+  ds = ds.map(tf.autograph.experimental.do_not_convert(fetch))  # sequential: in order
   ds = ds.unbatch().map(tf.autograph.experimental.do_not_convert(one_image),
                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return ds.batch(chunk).prefetch(2).as_numpy_iterator()
@@ -333,8 +330,8 @@ def load_verification_sets(name: str, data_dir: str, image_size: ImageSize
   Args:
     name: the data set name given to prepare.
     data_dir: the TFDS data dir given to prepare.
-    image_size: int or (height, width); stored images of another size are resized (with a
-      warning, once) and rounded back to uint8.
+    image_size: int or (height, width); stored images of another size are resized by
+      faces.resize_image (with a warning, once): the pixels `evaluate` gives them.
   Returns:
     {group: VerificationSet(images uint8 [M, H, W, 3], pairs int32 [P, 2] rows into
     images, issame bool [P])}, pairs in the source's order.
@@ -355,8 +352,6 @@ def load_verification_sets(name: str, data_dir: str, image_size: ImageSize
 
   def one_image(serialized):
     image, example = decode(serialized)
-    if image.dtype != tf.uint8:
-      image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
     return image, example["group"], example["index"]
 
   chunk = 256

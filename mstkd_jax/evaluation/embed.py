@@ -29,7 +29,13 @@ def embed_images(variables, module, images: np.ndarray, parallel, batch_size: in
   With several processes each embeds its contiguous share of the images on its own devices
   (each device gets the per-device batch of a single process with as many devices) and the
   shares are gathered, so every process returns all N rows, as a 1-process run would.
+
+  An ONNX model (module an interop.onnx_model.OnnxBackbone, variables {}) runs in
+  onnxruntime on the CPU instead, batch_size images at a time, in every process.
   """
+  from mstkd_jax.interop import onnx_model  # pylint: disable=g-import-not-at-top
+  if isinstance(module, onnx_model.OnnxBackbone):
+    return module.embed(images, batch_size)
   apply = _embed_fn(module, parallel)
   device_vars = parallel.replicate(variables)
   hosts, host = jax.process_count(), jax.process_index()

@@ -188,12 +188,12 @@ def embed_release(variables, module, release, image_size: int, parallel, batch_s
   Returns:
     float32 [N, D] embeddings and float32 [N, D] embeddings of the mirrors, meta order.
   """
-  from mstkd_jax.data import ijb as ijb_data, pairs  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.data import faces, ijb as ijb_data  # pylint: disable=g-import-not-at-top
   from mstkd_jax.evaluation import embed  # pylint: disable=g-import-not-at-top
   if image_size != ijb_data.ALIGNED_SIZE and warn is not None:
     warn(f"{release.name}: faces are aligned to {ijb_data.ALIGNED_SIZE}x"
          f"{ijb_data.ALIGNED_SIZE}, the model takes {image_size}x{image_size}; resizing "
-         f"them with {pairs.RESAMPLING}")
+         f"them with {faces.RESAMPLING}")
   count = len(release.images)
   chunks = ijb_data.aligned_chunks(release, image_size, chunk or ijb_data.CHUNK)
   embeddings = flipped = None

@@ -1,11 +1,14 @@
-"""Which backbone a checkpoint holds, and loading it: an Orbax stage checkpoint of this project
-or a PyTorch IResNet state_dict (.pth).
+"""Which backbone a checkpoint holds, and loading it: an Orbax stage checkpoint of this project,
+a PyTorch IResNet state_dict (.pth), or an ONNX recognition model (.onnx).
 
 Every model setting is taken from the first layer that has it: the caller's explicit
 settings (evaluate's flags), else (Orbax) the workdir's config.json, else (Orbax) the
 checkpoint's shapes, else DEFAULTS. A .pth carries no config, so it is read with the explicit
 settings and DEFAULTS; when it does not fit, the refusal says what its shapes imply
-(architecture and input size).
+(architecture and input size). An .onnx file is a graph, run by onnxruntime
+(interop/onnx_model.py): its input size and embedding size come from the graph (--image_size
+only where the graph leaves the input size open), its architecture from our export's
+metadata when it has it; the other model flags do not apply to it.
 """
 
 import dataclasses
@@ -50,7 +53,7 @@ class LoadedModel:
     variables: {"params", "batch_stats"} as numpy arrays (float32).
     settings: the ArchSettings it was built with, every field set.
     origins: {field: "flag" | "config.json" | "checkpoint shapes" | "default"}.
-    format: "orbax" or "pytorch".
+    format: "orbax", "pytorch" or "onnx" (module: an onnx_model.OnnxBackbone, variables {}).
     path: the file or step folder that was read.
     step: the training step (Orbax), else None.
     config: the stage workdir's config.json (Orbax), else None.
@@ -151,8 +154,10 @@ def resolve(layers: Sequence[tuple[str, ArchSettings]]) -> tuple[ArchSettings, d
 
 
 def describe(settings: ArchSettings) -> str:
-  return (f"{settings.arch} width={settings.width} embedding_size={settings.embedding_size} "
-          f"use_se={settings.use_se} image_size={settings.image_size}")
+  """"iresnet34 width=64 ..."; fields an ONNX graph does not tell are left out."""
+  return " ".join([str(settings.arch)] + [
+      f"{field}={getattr(settings, field)}" for field in FIELDS[1:]
+      if getattr(settings, field) is not None])
 
 
 def _describe_shapes(shapes: Mapping) -> str:
@@ -209,8 +214,11 @@ def load_model(checkpoint: Any, explicit: ArchSettings) -> LoadedModel:
   if files.isdir(path):
     return _load_orbax(path, explicit)
   if paths.is_url(path):
-    raise UserError(f"--checkpoint={path}: a PyTorch file is read from a local path; copy "
-                    "it here first (an Orbax checkpoint may be a URL)")
+    raise UserError(f"--checkpoint={path}: a PyTorch or ONNX file is read from a local path; "
+                    "copy it here first (an Orbax checkpoint may be a URL)")
+  from mstkd_jax.interop import onnx_model  # pylint: disable=g-import-not-at-top
+  if onnx_model.is_onnx_path(path):
+    return onnx_model.load_model(path, explicit)
   return _load_pytorch(path, explicit)
 
 
@@ -284,7 +292,8 @@ class FlagError(UserError):
 
 
 CHECKPOINT_EXPECTED = ("expected a stage workdir, its model/ or checkpoints/ folder or a step "
-                       "folder (Orbax), or a PyTorch .pth state_dict")
+                       "folder (Orbax), a PyTorch .pth state_dict, or an ONNX recognition "
+                       "model (.onnx)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,11 +314,18 @@ class ModelFlags:
 def define_model_flags(repeatable: bool = False) -> ModelFlags:
   """Defines --checkpoint (given several times where `repeatable`), --arch, --width,
   --embedding_size, --use_se and --image_size in absl's global flags (once per command-line
-  module); returns their holders."""
+  module); returns their holders.
+
+  The flags belong to the calling module (this module disclaims them), so that they are
+  among its key flags and `--help` of the command lists them, not only `--helpfull`.
+  """
   from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.disclaim_key_flags()
   default = "default: from config.json or the checkpoint, else"
   help_text = ("Orbax stage workdir (its model/, else latest checkpoints/), a model/ or "
-               "checkpoints/ folder or a step folder; or a PyTorch IResNet .pth state_dict.")
+               "checkpoints/ folder or a step folder; a PyTorch IResNet .pth state_dict; or "
+               "an ONNX recognition model (.onnx, insightface's convention, run by "
+               "onnxruntime).")
   return ModelFlags(
       checkpoint=(flags.DEFINE_multi_string("checkpoint", [], help_text + " Repeatable: "
                                             "one report row per checkpoint.")
@@ -334,7 +350,7 @@ def checkpoint_path(checkpoint: Any) -> str:
   """
   if checkpoint is None or not os.fspath(checkpoint):
     raise FlagError("--checkpoint: expected an Orbax stage workdir, model/ or checkpoints/ "
-                    "folder or step folder, or a PyTorch .pth file")
+                    "folder or step folder, a PyTorch .pth file or an ONNX .onnx file")
   path = paths.resolve(checkpoint, "--checkpoint")
   if not files.exists(path):
     raise UserError(f"--checkpoint={os.fspath(checkpoint)}: {path} does not exist; "
