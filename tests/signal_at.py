@@ -5,13 +5,13 @@ for a test to send it a signal there (SIGTERM as a preemption sends it, or Ctrl-
 
 MODULE:ATTR names a function or method (e.g. mstkd_jax.stages.extract:_embed_training_set).
 At its N-th call whose first or second argument contains SUBSTRING (for an object: its
-`directory`, its `settings.name`, or an MLIR module's name), the process prints "paused at <MODULE:ATTR>" and
-waits (up to 120 s) for a signal, before or after the call. `during`: the call itself runs
-and the process sends itself SIGINT 0.5 s into it (XLA compiling, for
-jax._src.compiler:backend_compile_and_load). Used by tests/test_interrupts.py.
+`directory`, its `settings.name`, or an MLIR module's name), the process prints
+"paused at <MODULE:ATTR>" and waits (up to 120 s) for a signal, before or after the call.
+`during`: the call itself runs and the process sends itself SIGINT 0.5 s into it (XLA
+compiling, for jax._src.compiler:backend_compile_and_load). Used by
+tests/test_interrupts.py.
 """
 
-import importlib
 import os
 import signal
 import sys
@@ -23,16 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app
 from mstkd_jax import main
 from mstkd_jax.train import interrupts
+import fault_points
 
 WORKDIR, CONFIG, TARGET, WHEN, N = sys.argv[1:6]
 N = int(N)
 SUBSTRING = sys.argv[6] if len(sys.argv) > 6 else ""
-module_name, _, attr_path = TARGET.partition(":")
-owner = importlib.import_module(module_name)
-*parents, attr = attr_path.split(".")
-for parent in parents:
-  owner = getattr(owner, parent)
-original = getattr(owner, attr)
 calls = []
 
 
@@ -54,7 +49,7 @@ def _pause():
     time.sleep(0.01)
 
 
-def patched(*args, **kwargs):
+def patched(original, *args, **kwargs):
   hit = any(SUBSTRING in _label(arg) for arg in args[:2]) or not (args or SUBSTRING)
   if hit:
     calls.append(1)
@@ -69,6 +64,7 @@ def patched(*args, **kwargs):
   return result
 
 
-setattr(owner, attr, patched)
+# A function, so that a method replaced stays a method (bound to its object).
+fault_points.replace(TARGET, lambda original: lambda *a, **k: patched(original, *a, **k))
 sys.argv = [sys.argv[0], f"--config={CONFIG}", f"--workdir={WORKDIR}"]
 app.run(main.main, flags_parser=main.parse_flags)

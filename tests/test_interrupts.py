@@ -99,10 +99,10 @@ def test_sigterm_in_training_saves_the_step_it_reached_and_the_rerun_resumes_bit
 # ------------------------------------------------------------- the command line, for real
 
 def _child_env(**extra) -> dict:
-  from conftest import child_xla_flags  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, XLA_FLAGS=child_xla_flags(), PYTHONPATH=ROOT, **extra)
-  env.pop("JAX_PLATFORMS", None)
-  return env
+  """This process's environment (its XLA flags too: the 8 simulated devices of the tests
+  change how XLA:CPU compiles, hence float rounding, so a child computes as the tiny_recipe
+  fixture did)."""
+  return dict(os.environ, PYTHONPATH=ROOT, **extra)
 
 
 def _run_to_pause(workdir: str, config: str, point: tuple, send, env=None) -> dict:
@@ -152,8 +152,8 @@ def test_ctrl_c_while_xla_compiles_exits_130_in_one_line(tmp_path):
 
 
 # Points inside the recipe where a SIGTERM comes: inside a teacher's training (after the
-# step-5 metrics of teacher/group_a: its checkpoints are at every 30 steps), inside the
-# extraction, and inside the report.
+# step-5 metrics of teacher/group_a, of 6 steps: it has no checkpoint before its last
+# step), inside the extraction, and inside the report.
 SIGTERM_POINTS = [
     ("mstkd_jax.train.loop:_Progress.add", "after", 5, "teacher/group_a"),
     ("mstkd_jax.stages.extract:_embed_training_set", "before", 2, ""),
@@ -179,7 +179,7 @@ def test_sigterm_inside_the_recipe_stops_in_one_line_and_resumes_to_the_same_num
     timings[point[0]] = result["signal_to_exit_s"]
     if point[0].endswith("_Progress.add"):
       teacher = os.path.join(workdir, "teacher", "group_a", "checkpoints")
-      assert lines[0] == (f"error: [teacher/group_a] stopped by SIGTERM at step 5 of 36; its "
+      assert lines[0] == (f"error: [teacher/group_a] stopped by SIGTERM at step 5 of 6; its "
                           f"checkpoint is saved in {teacher}: rerun the same command to "
                           "resume")
       checkpoints = checkpoints_lib.Checkpoints(teacher)
@@ -255,8 +255,7 @@ def test_sigterm_to_one_process_of_a_multi_host_run_stops_every_process_at_one_s
   step and exit with 143. ~20 s: two processes start JAX and connect."""
   from conftest import child_xla_flags  # pylint: disable=g-import-not-at-top
   port = _free_port()
-  env = _child_env()
-  env["XLA_FLAGS"] = child_xla_flags("--xla_force_host_platform_device_count=1")
+  env = _child_env(XLA_FLAGS=child_xla_flags("--xla_force_host_platform_device_count=1"))
   procs = [subprocess.Popen([sys.executable, __file__, "worker", str(tmp_path), str(p),
                              str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for p in (0, 1)]

@@ -288,9 +288,10 @@ def test_a_damaged_prepared_set_is_one_line_naming_the_file_and_prepare(
       tfds_input.load_verification_sets(name, data_dir, 12)
   message = str(info.value)
   source = data["root"] / ("tree" if name == "tree" else "RFW")
+  fmt = "image_tree" if name == "tree" else "rfw"
   assert message.startswith(f"{os.path.join(folder, file)}: the prepared data set {name!r} is "
                             f"damaged ({reason}")
   assert message.endswith(f"; remove {folder} and prepare it again: python -m "
-                          f"mstkd_jax.data.prepare --format={'image_tree' if name == 'tree' else 'rfw'} "
+                          f"mstkd_jax.data.prepare --format={fmt} "
                           f"--src={source} --data_dir={data_dir} --name={name}")
   assert "\n" not in message

@@ -200,7 +200,8 @@ def test_a_damaged_lock_holder_record_still_says_the_workdir_is_in_use(tmp_path,
                                                                        monkeypatch):
   import filelock  # pylint: disable=g-import-not-at-top
   # (the wait for the holder to write its record: 0.2 s instead of 3)
-  monkeypatch.setattr(workdir_lib._holder, "__defaults__", (0.2,))  # pylint: disable=protected-access
+  holder_wait = workdir_lib._holder  # pylint: disable=protected-access
+  monkeypatch.setattr(holder_wait, "__defaults__", (0.2,))
   holder = filelock.FileLock(str(tmp_path / workdir_lib.LOCK_FILE))
   holder.acquire()
   try:
