@@ -172,8 +172,9 @@ def _json_object(line: str) -> bool:
 
 
 def refuse_a_file(workdir: str) -> None:
-  """UserError where the workdir path is an existing file, not a folder."""
-  if files.isfile(workdir):
+  """UserError where the local workdir path is an existing file, not a folder (a URL's
+  storage errors are left to the write check that follows)."""
+  if not paths.is_url(workdir) and os.path.isfile(workdir):
     raise UserError(f"the workdir {workdir} is a file; expected a folder (give another "
                     "--workdir, or move that file away)")
 
