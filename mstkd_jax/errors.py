@@ -1,6 +1,6 @@
 """The one exception type for problems a user can fix (bad data, config, checkpoint), the
-one warning line, and the filter that keeps a library's logged copies of an error we report
-out of the log.
+one warning line, the filter that keeps a library's logged copies of an error we report
+out of the log, and what an out-of-memory error says it needed.
 
 `main` and the other command-line entry points print a UserError's message alone, as
 `error: <message>` on stderr, without a traceback; everything else is a bug and keeps its
@@ -11,6 +11,7 @@ pick our lines out of a log.
 
 import logging
 import os
+import re
 import sys
 from typing import TextIO
 
@@ -46,3 +47,49 @@ def drop_logged_tracebacks(package: str) -> None:
   if not any(isinstance(f, _DropLoggedTracebacks) and f.package == package
              for f in logger.filters):
     logger.addFilter(_DropLoggedTracebacks(package))
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> str:
+  """"17179869184" (bytes) or "20.29G" -> "16.0 GiB" / "20.3 GiB"."""
+  number, unit = re.fullmatch(r"([\d.]+)([KMGT]?)i?B?", text).groups()
+  value = float(number) * _UNITS[unit]
+  for name, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20)):
+    if value >= scale:
+      return f"{value / scale:.1f} {name}"
+  return f"{value:.0f} bytes"
+
+
+def out_of_memory(error: BaseException) -> str | None:
+  """What an out-of-memory error says it needed, in a few words, or None for any other error.
+
+  Recognized: XLA's RESOURCE_EXHAUSTED errors (jax.errors.JaxRuntimeError) as its
+  allocators and compilers word them ("Out of memory allocating N bytes" on the CPU, "Out
+  of memory while trying to allocate N bytes" on a GPU, "Ran out of memory in memory space
+  hbm. Used 20.29G of 15.48G hbm" at a TPU compilation, "Attempting to allocate 8.00G.
+  That was not possible. There are 2.75G free" on a TPU), and Python's MemoryError (host
+  memory).
+  """
+  if isinstance(error, MemoryError):
+    return "host memory"
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text or not re.search(r"memory|allocat", text, re.I):
+    return None
+  size = r"([\d.]+[KMGT]?i?B?)"
+  used = re.search(rf"Used {size} of {size} (\w+)", text)
+  if used:
+    return (f"it needs {_size(used.group(1))} of {used.group(3)} where the device has "
+            f"{_size(used.group(2))}")
+  attempt = re.search(rf"Attempting to allocate {size}\..*?There are {size} free", text,
+                      re.DOTALL)
+  if attempt:
+    return (f"an allocation of {_size(attempt.group(1))} did not fit in the "
+            f"{_size(attempt.group(2))} free")
+  allocation = (re.search(r"allocat\w* (\d+) bytes", text)
+                or re.search(r"allocate request for [^(]*\((\d+)B\)", text))
+  if allocation:
+    return f"an allocation of {_size(allocation.group(1))} did not fit"
+  first = text.strip().splitlines()[0]
+  return first[:200]

@@ -166,8 +166,8 @@ def write_json(path: str, value, sort_keys: bool = False) -> None:
   write_bytes(path, json.dumps(value, indent=2, sort_keys=sort_keys).encode())
 
 
-def read_json(path: str, expected: str = "readable JSON", missing=UserError):
-  """The JSON value in `path`.
+def read_json(path: str, expected: str = "readable JSON", missing=UserError) -> dict:
+  """The JSON object in `path` (every record a run reads is one).
 
   Args:
     path: the file (str or os.PathLike; a URL is read through etils.epath).
@@ -175,19 +175,32 @@ def read_json(path: str, expected: str = "readable JSON", missing=UserError):
     missing: returned where the file does not exist; the default, UserError, raises.
 
   Raises:
-    UserError: the file is missing (unless `missing` is given), unreadable, or not JSON.
+    UserError: the file is missing (unless `missing` is given), unreadable, not JSON, or
+      JSON of another shape than an object ("... holds a JSON list; expected ...").
   """
   if paths.is_url(path):
     return _read_json_url(path, expected, missing)
   try:
     with open(path, encoding="utf-8") as f:
-      return json.load(f)
+      return _object(json.load(f), path, expected)
   except FileNotFoundError as e:
     if missing is UserError:
       raise UserError(f"{path} is missing; expected {expected}") from e
     return missing
   except (OSError, ValueError) as e:
     raise UserError(f"{path} is unreadable ({e}); expected {expected}") from e
+
+
+_JSON_NAMES = {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def _object(value, path, expected: str) -> dict:
+  """`value` where it is a JSON object; UserError naming `path` otherwise."""
+  if not isinstance(value, dict):
+    raise UserError(f"{os.fspath(path)} holds a JSON {_JSON_NAMES.get(type(value), 'value')}"
+                    f", not an object; expected {expected}")
+  return value
 
 
 def _read_json_url(path, expected: str, missing):
@@ -201,9 +214,10 @@ def _read_json_url(path, expected: str, missing):
   except Exception as e:  # pylint: disable=broad-except; the storage library's own errors
     raise url_error(path, e, "read") from e
   try:
-    return json.loads(text)
+    value = json.loads(text)
   except ValueError as e:
     raise UserError(f"{path} is unreadable ({e}); expected {expected}") from e
+  return _object(value, path, expected)
 
 
 def read_bytes(path) -> bytes:

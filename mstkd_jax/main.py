@@ -10,6 +10,10 @@ Multi-host (TPU VM pods, SLURM, or a manual launch) is set up here and only here
 
 (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID in the environment). Every
 process runs the same command on the same workdir; only process 0 prints and writes files.
+
+SIGTERM (a preemption, a scheduler's time limit) or Ctrl-C: a training stage saves the step
+it reached (every process the same step), and the run ends with one `error:` line and exit
+status 143 (SIGTERM) or 130 (SIGINT); the same command resumes (train/interrupts.py).
 """
 
 import contextlib
@@ -240,18 +244,33 @@ def main(argv):
     print(f"error: --config={config_arg}: cannot load the config file: {reason}",
           file=sys.stderr)
     sys.exit(2)
+  # pylint: disable=g-import-not-at-top; neither imports JAX (a fast --help)
+  from mstkd_jax import errors
+  from mstkd_jax.train import interrupts
   try:
-    run(config, workdir, Multihost(
-        mode=_MULTIHOST.value, coordinator_address=_COORDINATOR.value,
-        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
-        timeout_s=_MULTIHOST_TIMEOUT.value))
+    with interrupts.handled():  # SIGTERM and SIGINT: save the step reached, then stop
+      run(config, workdir, Multihost(
+          mode=_MULTIHOST.value, coordinator_address=_COORDINATOR.value,
+          num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+          timeout_s=_MULTIHOST_TIMEOUT.value))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     exit_promptly(1)
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as e:
+    # Without interpreter shutdown: XLA may still be compiling on its own threads.
+    if isinstance(e, interrupts.Interrupted):
+      print(f"error: {e}", file=sys.stderr)
+      interrupts.exit_now(e.code)
     print("error: interrupted; rerun the same command to resume", file=sys.stderr)
-    exit_promptly(130)
-  except Exception:  # pylint: disable=broad-except
+    interrupts.exit_now(130)
+  except Exception as e:  # pylint: disable=broad-except
+    memory = errors.out_of_memory(e)
+    if memory is not None:  # outside a training step (the loop words its own)
+      print(f"error: out of memory while embedding or evaluating images ({memory}); lower "
+            "the stage's train.eval_batch_size (in the recipe: teacher.train."
+            "eval_batch_size, student.train.eval_batch_size) or the image size",
+            file=sys.stderr)
+      exit_promptly(1)
     # A bug: its traceback, then the same prompt exit.
     import traceback  # pylint: disable=g-import-not-at-top
     traceback.print_exc()

@@ -183,8 +183,7 @@ def _fingerprint(stage: Stage, fingerprints: dict) -> dict:
 
 
 def _read_record(stage_dir: str) -> dict | None:
-  return files.read_json(os.path.join(stage_dir, "stage.json"),
-                               "a stage record; delete it to rerun that stage", missing=None)
+  return workdir_lib.read_stage_record(stage_dir)
 
 
 def _stale_message(name: str, old: dict, new: dict) -> str:

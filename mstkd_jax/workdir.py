@@ -1,4 +1,5 @@
-"""The files of a run: the workdir check, config diffs, trained models and results.json.
+"""The files of a run: the workdir check, config diffs and history, the lock and trained
+models (results.json, stage.json and output records: mstkd_jax/records.py).
 
 Its files are written with mstkd_jax.files (atomic, one-line errors). A workdir may be a
 URL (gs://bucket/run): the write check, config.json, config_history.jsonl, results.json,
@@ -9,7 +10,6 @@ lock: one run per bucket workdir is the user's job).
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import socket
@@ -18,8 +18,12 @@ import time
 import jax
 import numpy as np
 
-from mstkd_jax import files, paths
+from mstkd_jax import errors, files, paths
 from mstkd_jax.errors import UserError
+# Re-exported: the stages and the pipeline read and write these records through here.
+from mstkd_jax.records import (  # pylint: disable=unused-import
+    UNRECORDED, damaged_output, output_record, read_results, read_stage_record,
+    write_results)
 from mstkd_jax.train import parallel as parallel_lib
 from mstkd_jax.train.checkpoints import Checkpoints, flat_shapes, shape_mismatches
 
@@ -37,15 +41,36 @@ RUN_CONTROL_FIELDS = ("train.log_every", "train.checkpoint_every", "train.keep_c
 
 # ------------------------------------------------------------------------- config diffs
 
+# Config fields added after runs were recorded without them, each with the value that
+# computes what those runs computed. At that value a field is left out of what is compared
+# and fingerprinted (`flatten`), so a stage recorded before the field existed is still the
+# same stage; at any other value it shows as "field: '<absent>' -> value". Register a field
+# here in the change that adds it to configs/ (a field already in recorded stages must stay
+# out: leaving it out now would change their fingerprints). Keys are flattened paths as a
+# stage's config has them (e.g. "train.label_smoothing"), and as the recipe's root config
+# has them where it holds the field too ("student.train.label_smoothing").
+NEW_FIELD_DEFAULTS: dict[str, object] = {}
+
+
 def flatten(tree, prefix: str = "") -> dict:
-  """{"a.b.c": leaf} of a nested dict."""
+  """{"a.b.c": leaf} of a nested dict, as configs are compared and fingerprinted: a field
+  of NEW_FIELD_DEFAULTS holding its value there is left out (a record written before the
+  field existed lacks it alike)."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, dict):
       out.update(flatten(value, f"{prefix}{key}."))
     else:
       out[f"{prefix}{key}"] = value
-  return out
+  if prefix:
+    return out
+  return {k: v for k, v in out.items()
+          if not (k in NEW_FIELD_DEFAULTS and _same(v, NEW_FIELD_DEFAULTS[k]))}
+
+
+def _same(value, default) -> bool:
+  """Equal as JSON values (1 == 1.0, but True is not 1)."""
+  return (type(value) is bool) == (type(default) is bool) and value == default
 
 
 def config_dict(config) -> dict:
@@ -81,6 +106,7 @@ def prepare(config, workdir: str, refuse_changes: bool = True) -> str:
       (refuse_changes) holds a config.json of another config.
   """
   workdir = paths.resolve(workdir, "workdir")
+  refuse_a_file(workdir)
   # A unique probe per process (host, PID, time): written and removed.
   probe = os.path.join(workdir, f".write_probe.{socket.gethostname()}.{os.getpid()}."
                                 f"{time.time_ns()}")
@@ -117,11 +143,40 @@ HISTORY_FILE = "config_history.jsonl"
 
 def _append_history(workdir: str, config: dict) -> None:
   """Appends what this accepted run ran with to <workdir>/config_history.jsonl (one JSON
-  line per run: time, host, PID, config), since config.json holds only the latest."""
+  line per run: time, host, PID, config), since config.json holds only the latest. The file
+  is written again whole (atomically); a line that is not a JSON object (a run killed while
+  writing it: cut short, with no newline) is dropped with a warning, so that no record runs
+  into the next."""
+  path = os.path.join(workdir, HISTORY_FILE)
+  try:
+    lines = files.read_bytes(path).decode("utf-8", errors="replace").splitlines()
+  except FileNotFoundError:
+    lines = []
+  kept = [line for line in lines if _json_object(line)]
+  damaged = [n + 1 for n, line in enumerate(lines) if line.strip() and not _json_object(line)]
+  if damaged:
+    errors.warn(f"{path}: dropped line{'s' * (len(damaged) > 1)} "
+                f"{', '.join(map(str, damaged))}, which {'are' if len(damaged) > 1 else 'is'} "
+                "not a whole record (a run interrupted while writing it)")
   line = json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"),
                      "host": socket.gethostname(), "pid": os.getpid(), "config": config},
                     sort_keys=True)
-  files.append_text(os.path.join(workdir, HISTORY_FILE), line + "\n")
+  files.write_bytes(path, "".join(f"{x}\n" for x in kept + [line]).encode("utf-8"))
+
+
+def _json_object(line: str) -> bool:
+  try:
+    return isinstance(json.loads(line), dict)
+  except ValueError:
+    return False
+
+
+def refuse_a_file(workdir: str) -> None:
+  """UserError where the local workdir path is an existing file, not a folder (a URL's
+  storage errors are left to the write check that follows)."""
+  if not paths.is_url(workdir) and os.path.isfile(workdir):
+    raise UserError(f"the workdir {workdir} is a file; expected a folder (give another "
+                    "--workdir, or move that file away)")
 
 
 def check_shared(folder: str, what: str = "the workdir") -> None:
@@ -145,93 +200,6 @@ def check_shared(folder: str, what: str = "the workdir") -> None:
     raise UserError(f"{what} {folder} is not shared: processes {blind.tolist()} do not "
                     "see the files process 0 writes there; a multi-host run needs a folder "
                     "every host sees (NFS, a mounted bucket)")
-
-
-# ------------------------------------------------------------------------ stage outputs
-
-# Not outputs a later stage or the report reads: training checkpoints (kept for resume),
-# TensorBoard events, the loop's logs, and the pipeline's own record.
-UNRECORDED = ("checkpoints", "stage.json")
-UNRECORDED_PREFIXES = ("events.out.tfevents", ".")
-FULL_HASH_BYTES = 16 << 20     # files up to this size are hashed whole
-SAMPLE_CHUNKS, CHUNK_BYTES = 16, 64 << 10
-
-
-def _file_digest(path: str, size: int) -> str:
-  """sha256 of the file, or for a file over FULL_HASH_BYTES of its first and last chunk and
-  SAMPLE_CHUNKS chunks at fixed, evenly spaced offsets (a cache's header and a sample of
-  its rows: cheap at any size, and it catches truncation, a rewrite or garbage)."""
-  digest = hashlib.sha256()
-  with files.open_read(path) as f:
-    if size <= FULL_HASH_BYTES:
-      for block in iter(lambda: f.read(1 << 20), b""):
-        digest.update(block)
-    else:
-      offsets = [0, size - CHUNK_BYTES] + [size * (k + 1) // (SAMPLE_CHUNKS + 1)
-                                           for k in range(SAMPLE_CHUNKS)]
-      for offset in sorted(offsets):
-        f.seek(offset)
-        digest.update(f.read(CHUNK_BYTES))
-  return digest.hexdigest()
-
-
-def output_record(stage_dir: str) -> dict:
-  """{relative path: {"size": bytes, "sha256": digest}} of every output file of a finished
-  stage (its model, caches, embeddings, results and config; not its training checkpoints,
-  TensorBoard events or hidden files). `stage_dir` may be a URL (etils.epath)."""
-  url = paths.is_url(stage_dir)
-  record = {}
-  walk = (((str(r), d, n) for r, d, n in files.epath_of(stage_dir).walk()) if url
-          else os.walk(stage_dir))
-  try:
-    for root, dirs, names in walk:
-      _record_folder(stage_dir, root, dirs, names, record)
-  except UserError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except; a URL's storage library errors
-    if not url:
-      raise
-    raise files.url_error(stage_dir, e, "list") from e
-  return record
-
-
-def _record_folder(stage_dir: str, root: str, dirs: list, names: list, record: dict) -> None:
-  """Adds the output files of one folder of a walk to `record`, and prunes `dirs` (in
-  place: the walk descends into what is left). On GCS, tf.io.gfile lists sub-folders with
-  a trailing "/" (tensorflow issue 39167): names are compared without it."""
-  rel_root = os.path.relpath(root, stage_dir)
-  dirs[:] = sorted(d.rstrip("/") for d in dirs
-                   if not (rel_root == "." and d.rstrip("/") in UNRECORDED)
-                   and not d.startswith("."))
-  for name in sorted(names):
-    if (rel_root == "." and name in UNRECORDED) or name.startswith(UNRECORDED_PREFIXES):
-      continue
-    path = os.path.join(root, name)
-    size = files.size(path)
-    rel = os.path.normpath(os.path.join(rel_root, name))
-    record[rel] = {"size": size, "sha256": _file_digest(path, size)}
-
-
-def damaged_output(stage_dir: str, record: dict, contents: bool = True) -> str | None:
-  """Why the outputs in `stage_dir` differ from `record` (`output_record` when the stage
-  finished): the first file missing, of another size or (`contents`) another content; None
-  if intact."""
-  for rel, expected in sorted(record.items()):
-    path = os.path.join(stage_dir, rel)
-    try:
-      size = files.size(path)
-    except OSError:
-      return f"{rel} is missing"
-    if size != expected["size"]:
-      return f"{rel} has {size} bytes, {expected['size']} when the stage finished"
-    if not contents:
-      continue
-    try:
-      if _file_digest(path, size) != expected["sha256"]:
-        return f"{rel} changed since the stage finished"
-    except OSError as e:
-      return f"{rel} is unreadable ({e.strerror or e})"
-  return None
 
 
 # -------------------------------------------------------------------------------- lock
@@ -267,6 +235,7 @@ def locked(workdir: str, enabled: bool = True):
     yield
     return
   import filelock  # pylint: disable=g-import-not-at-top
+  refuse_a_file(workdir)
   lock = filelock.FileLock(os.path.join(workdir, LOCK_FILE), timeout=0)
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -296,12 +265,17 @@ def locked(workdir: str, enabled: bool = True):
 def _holder(workdir: str, wait_s: float = 3.0) -> str:
   """"process PID on HOST, started ..." of the run holding the workdir's lock. The holder
   writes that just after taking the lock, so a run that lost a race waits for it a moment;
-  a record of a process that no longer runs on this host is not the holder."""
+  a record of a process that no longer runs on this host is not the holder, nor is a
+  damaged record (then: "another process")."""
   deadline = time.monotonic() + wait_s
   while True:
-    record = files.read_json(os.path.join(workdir, HOLDER_FILE), missing={})
+    try:
+      record = files.read_json(os.path.join(workdir, HOLDER_FILE), missing={})
+    except UserError:  # damaged: it may be written again by the holder in a moment
+      record = {}
     pid, host = record.get("pid"), record.get("host")
-    if isinstance(pid, int) and host and (host != socket.gethostname() or _alive(pid)):
+    if (isinstance(pid, int) and isinstance(host, str) and host
+        and (host != socket.gethostname() or _alive(pid))):
       return f"process {pid} on {host}, started {record.get('started', '?')}"
     if time.monotonic() >= deadline:
       return "another process"
@@ -363,23 +337,3 @@ def load_model(workdir: str, template: dict, stage: str) -> dict:
     return checkpoints.restore_tree(step, template)
   finally:
     checkpoints.close()
-
-
-# ----------------------------------------------------------------------------- results
-
-def write_results(workdir: str, name: str, step: int, results: dict,
-                  record: dict | None = None) -> None:
-  """<workdir>/results.json (process 0): the model, its step, the per-group verification
-  summary and the entries of `record`."""
-  if jax.process_index() != 0:
-    return
-  summary = {g: {k: r[k] for k in ("accuracy", "accuracy_std", "accuracy_noflip")}
-             for g, r in results.items()}
-  files.write_json(os.path.join(workdir, "results.json"),
-             {"model": name, "step": int(step), "verification": summary, **(record or {})})
-
-
-def read_results(workdir: str) -> dict:
-  """The results.json a stage wrote ({} where it wrote none)."""
-  return files.read_json(os.path.join(workdir, "results.json"),
-                         "the results.json of a stage; rerun its stage", missing={})

@@ -8,7 +8,6 @@ the process is killed just before or just after its N-th call whose first argume
 for a method, its object's `directory`) contains SUBSTRING. Used by tests/test_pipeline.py.
 """
 
-import importlib
 import os
 import signal
 import sys
@@ -16,15 +15,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import distill  # pylint: disable=g-import-not-at-top,wrong-import-position
 from mstkd_jax import pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+import fault_points  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 WORKDIR, TARGET, WHEN, N = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 SUBSTRING = sys.argv[5] if len(sys.argv) > 5 else ""
-module_name, _, attr_path = TARGET.partition(":")
-owner = importlib.import_module(module_name)
-*parents, attr = attr_path.split(".")
-for parent in parents:
-  owner = getattr(owner, parent)
-original = getattr(owner, attr)
 calls = []
 
 
@@ -33,7 +27,7 @@ def _kill():
   os.kill(os.getpid(), signal.SIGKILL)
 
 
-def patched(*args, **kwargs):
+def patched(original, *args, **kwargs):
   first = args[0] if args else ""
   if SUBSTRING in str(getattr(first, "directory", first)):
     calls.append(1)
@@ -45,6 +39,7 @@ def patched(*args, **kwargs):
   return result
 
 
-setattr(owner, attr, patched)
+# A function, so that a method replaced stays a method (bound to its object).
+fault_points.replace(TARGET, lambda original: lambda *a, **k: patched(original, *a, **k))
 pipeline.run(distill.get_config("tiny"), WORKDIR)
 print("finished without being killed", flush=True)

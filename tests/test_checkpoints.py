@@ -113,6 +113,30 @@ def test_resumed_run_has_the_history_and_best_state_of_an_uninterrupted_one(unin
                                                                       template)[1]
 
 
+@pytest.mark.parametrize("damage,message", [
+    (lambda losses: losses[:2], "the loss history holds 2 'loss' values for 4 steps"),
+    (lambda losses: losses[:1] + [float("nan")] + losses[2:],
+     "the loss history's 'loss' of step 2 is nan"),
+])
+def test_a_history_shorter_than_its_step_or_holding_nan_is_refused_naming_the_step(
+    tmp_path, damage, message):
+  with pytest.raises(Interrupt):
+    _train(tmp_path, stop_after=7, select_best_epoch=False)  # a checkpoint at step 4
+  item = os.path.join(tmp_path, "checkpoints", "4", "history", "metadata")
+  with open(item) as f:
+    record = json.load(f)
+  record["metrics"]["loss"] = damage(record["metrics"]["loss"])
+  with open(item, "w") as f:
+    json.dump(record, f)
+  source = os.path.join(tmp_path, "checkpoints", "4")
+  for call in (lambda: _train(tmp_path, select_best_epoch=False),
+               lambda: loop.load_history(str(tmp_path))):
+    with pytest.raises(UserError) as info:
+      call()
+    assert str(info.value).startswith(f"{source}: {message}; expected ")
+    assert "delete that checkpoint step to resume from an earlier one" in str(info.value)
+
+
 def test_workdir_of_an_earlier_version_reads_its_history_and_best_state(uninterrupted,
                                                                        tmp_path):
   """Earlier versions kept loss_history.json, best/ and best.json beside checkpoints/."""

@@ -1,8 +1,10 @@
-"""The training loop: the divergence stop names the step and keeps the last good checkpoint;
-frozen networks reach the step as one named pytree."""
+"""The training loop: the divergence stop (a NaN loss, or a NaN/Inf state about to be saved)
+names the step and keeps the last good checkpoint; out of memory is one line; frozen
+networks reach the step as one named pytree."""
 
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -107,3 +109,79 @@ def test_a_metrics_write_failing_in_the_writer_thread_stops_the_run_in_one_line(
                batches=_batches, parallel=parallel.get("pmap", 1), rng=np.zeros(2, np.uint32))
   assert str(info.value) == (f"cannot write the metrics in {tmp_path} "
                              "(ENOSPC: No space left on device)")
+
+
+def _sgd_step(tx):
+  """Least squares on w -> 1 with `tx`; the loss is that of the state the step starts from."""
+  def step(state, batch, rng):
+    del batch, rng
+    loss, grads = jax.value_and_grad(lambda p: jnp.sum((p["w"] - 1.0) ** 2))(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         opt_state=opt_state), {"loss": loss}
+  return step
+
+
+def test_a_state_made_inf_by_a_huge_learning_rate_is_not_saved_and_is_named(tmp_path):
+  """From step 3 on the LR is 3e38: step 3 starts from a finite state (its loss is finite)
+  and leaves w at -inf. The checkpoint of step 3 is refused, naming the tensor and the step;
+  step 2's stays the last."""
+  tx = optax.sgd(lambda count: jnp.where(count >= 2, 3e38, 0.1))
+  params = {"w": np.zeros(3, np.float32)}
+  init = state_lib.TrainState(step=np.zeros((), np.int32), params=params, batch_stats={},
+                              opt_state=jax.tree.map(np.asarray, tx.init(params)))
+  settings = loop.LoopSettings(name="toy", total_steps=10, steps_per_epoch=5,
+                               images_per_step=2, log_every=10, checkpoint_every=1)
+  with pytest.raises(loop.TrainingDiverged) as info:
+    loop.train(workdir=str(tmp_path), settings=settings, init_state=init,
+               step_fn=_sgd_step(tx), batches=_batches, parallel=parallel.get("pmap", 1),
+               rng=np.zeros(2, np.uint32))
+  assert str(info.value) == (
+      "[toy] the training state became Inf in params/w (3 of 3 values) at step 3 while the "
+      f"loss was still finite; the last good checkpoint is step 2 in {tmp_path}/checkpoints "
+      "(kept intact). Lower the learning rate (optim.base_lr) or check the data.")
+  checkpoints = checkpoints_lib.Checkpoints(os.path.join(tmp_path, "checkpoints"))
+  assert checkpoints.latest_step() == 2
+  assert np.isfinite(checkpoints.restore(2, init).params["w"]).all()
+
+
+def test_out_of_memory_in_a_step_is_one_line_saying_what_to_lower(tmp_path, monkeypatch):
+  """XLA's error as a GPU allocator words it, raised by the step (simulated: a real one
+  would take the machine's memory): one line with the size and the fields to lower."""
+  def out_of_memory(*args):
+    raise jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 17179869184 bytes.\n"
+        "BufferAssignment OOM Debugging.\n" + "allocation details\n" * 40)
+
+  monkeypatch.setattr(parallel.DataParallel, "wrap", lambda self, fn: out_of_memory)
+  init = state_lib.TrainState(step=np.zeros((), np.int32), params={"w": np.zeros(3, np.float32)},
+                              batch_stats={}, opt_state=optax.EmptyState())
+  settings = loop.LoopSettings(name="student/mstkd/SL/a-KD", total_steps=4, steps_per_epoch=2,
+                               images_per_step=512, epochs_field="student.train.epochs")
+  with pytest.raises(UserError) as info:
+    loop.train(workdir=str(tmp_path), settings=settings, init_state=init, step_fn=_step,
+               batches=_batches, parallel=parallel.get("pmap", 1), rng=np.zeros(2, np.uint32),
+               frozen={"teachers": {"w": np.zeros(2, np.float32)}})
+  assert str(info.value) == (
+      "[student/mstkd/SL/a-KD] out of memory in training step 1 (an allocation of 16.0 GiB "
+      "did not fit); lower student.train.batch_size (now 512) or the image size "
+      "(data.synthetic.image_size, data.tfds.image_size), or run the teachers ahead of time "
+      "(student.targets='cached') instead of in every step")
+
+
+@pytest.mark.parametrize("message,expected", [
+    ("RESOURCE_EXHAUSTED: Out of memory allocating 1099511627776 bytes.",
+     "an allocation of 1.0 TiB did not fit"),                      # XLA:CPU
+    ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+     "hbm. Used 20.29G of 15.48G hbm. Exceeded hbm capacity by 4.81G.",
+     "it needs 20.3 GiB of hbm where the device has 15.5 GiB"),    # a TPU compilation
+    ("RESOURCE_EXHAUSTED: Error allocating device buffer: Attempting to allocate 8.00G. That "
+     "was not possible. There are 2.75G free.; (0x0x0_HBM0)",
+     "an allocation of 8.0 GiB did not fit in the 2.8 GiB free"),  # a TPU at run time
+    ("RESOURCE_EXHAUSTED: Failed to allocate request for 16.00GiB (17179869184B) on device "
+     "ordinal 0", "an allocation of 16.0 GiB did not fit"),        # a GPU at compile time
+    ("INTERNAL: something else", None),
+])
+def test_out_of_memory_errors_say_how_much_did_not_fit(message, expected):
+  from mstkd_jax import errors  # pylint: disable=g-import-not-at-top
+  assert errors.out_of_memory(jax.errors.JaxRuntimeError(message)) == expected

@@ -255,3 +255,47 @@ def test_images_at_reads_the_given_records_in_their_order(tree_set, data):
   rows = np.array([7, 0, 3])
   np.testing.assert_array_equal(train_set.images_at(rows), images[rows])
   assert train_set.images_at(np.array([], np.int64)).shape == (0,) + images.shape[1:]
+
+
+def _truncate(path, size):
+  with open(path, "r+b") as f:
+    f.truncate(size)
+
+
+def _zero_middle(path):
+  with open(path, "r+b") as f:
+    f.seek(2000)
+    f.write(b"\0" * 3000)
+
+
+@pytest.mark.parametrize("name,file,damage,reason", [
+    # A copy cut short: the shard's index (at its end) is gone; found when the set opens.
+    ("tree", "mstkd_faces-train.array_record-00000-of-00001",
+     lambda p: _truncate(p, 100_000), "RuntimeError: Corrupted Riegeli/records file"),
+    ("tree", "dataset_info.json", os.remove, "it is missing"),
+    ("tree", "features.json", os.remove, "it is missing"),
+    # A damaged record inside a whole shard: found when tf.data reads it.
+    ("rfw", "mstkd_verification-test.array_record-00000-of-00001", _zero_middle,
+     "record 2: RuntimeError: Corrupted Riegeli/records file"),
+])
+def test_a_damaged_prepared_set_is_one_line_naming_the_file_and_prepare(
+    data, tmp_path, name, file, damage, reason):
+  data_dir = str(tmp_path / "prepared")
+  shutil.copytree(data["data_dir"], data_dir)
+  kind = "mstkd_faces" if name == "tree" else "mstkd_verification"
+  folder = os.path.join(data_dir, kind, name, "1.0.0")
+  damage(os.path.join(folder, file))
+  with pytest.raises(UserError) as info:
+    if name == "tree":
+      tfds_input.load_face_dataset(name, data_dir)
+    else:
+      tfds_input.load_verification_sets(name, data_dir, 12)
+  message = str(info.value)
+  source = data["root"] / ("tree" if name == "tree" else "RFW")
+  fmt = "image_tree" if name == "tree" else "rfw"
+  assert message.startswith(f"{os.path.join(folder, file)}: the prepared data set {name!r} is "
+                            f"damaged ({reason}")
+  assert message.endswith(f"; remove {folder} and prepare it again: python -m "
+                          f"mstkd_jax.data.prepare --format={fmt} "
+                          f"--src={source} --data_dir={data_dir} --name={name}")
+  assert "\n" not in message

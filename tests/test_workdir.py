@@ -161,3 +161,108 @@ def test_a_run_losing_the_race_still_names_the_holder(tmp_path, monkeypatch):
   with workdir_lib.locked(str(tmp_path)):
     assert (tmp_path / workdir_lib.HOLDER_FILE).exists()
   assert not (tmp_path / workdir_lib.HOLDER_FILE).exists()  # removed on release
+
+
+@pytest.mark.parametrize("file,content,reader,message", [
+    ("results.json", "[1, 2]", lambda d: workdir_lib.read_results(d),
+     "results.json holds a JSON list, not an object; expected the results.json of a stage"),
+    ("results.json", '{"step": "3"}', lambda d: workdir_lib.read_results(d),
+     'results.json: "step" holds "3"; expected the results.json of a stage'),
+    ("stage.json", '"finished"', lambda d: workdir_lib.read_stage_record(d),
+     "stage.json holds a JSON string, not an object; expected a stage record"),
+    ("stage.json", '{"finished": true, "fields": {}, "inputs": {}, "outputs": {}}',
+     lambda d: workdir_lib.read_stage_record(d),
+     'stage.json: a finished stage without "fingerprint"; expected a stage record'),
+    ("stage.json", '{"finished": true, "fingerprint": "f", "fields": {}, "inputs": {}, '
+                   '"outputs": {"model": 12}}', lambda d: workdir_lib.read_stage_record(d),
+     'stage.json: "outputs" entry \'model\' holds 12; expected {"size": bytes, "sha256": '),
+    ("config.json", "[]", lambda d: workdir_lib.prepare({"seed": 0}, d),
+     "config.json holds a JSON list, not an object; expected a readable config.json"),
+])
+def test_a_record_of_another_shape_is_refused_in_one_line_naming_the_file(
+    tmp_path, file, content, reader, message):
+  (tmp_path / file).write_text(content)
+  with pytest.raises(UserError) as info:
+    reader(str(tmp_path))
+  assert str(info.value).startswith(f"{tmp_path / file}") and message in str(info.value)
+  assert "\n" not in str(info.value)
+
+
+def test_a_results_json_of_another_shape_is_rebuilt_by_a_rerun_of_its_stage(tmp_path):
+  """A finished stage's saved results count only where results.json reads (a damaged one
+  makes the stage evaluate again and write it anew)."""
+  from mstkd_jax.stages import common  # pylint: disable=g-import-not-at-top
+  (tmp_path / "results.json").write_text("[]")
+  assert common._evaluated(str(tmp_path), 3) is None  # pylint: disable=protected-access
+
+
+def test_a_damaged_lock_holder_record_still_says_the_workdir_is_in_use(tmp_path,
+                                                                       monkeypatch):
+  import filelock  # pylint: disable=g-import-not-at-top
+  # (the wait for the holder to write its record: 0.2 s instead of 3)
+  holder_wait = workdir_lib._holder  # pylint: disable=protected-access
+  monkeypatch.setattr(holder_wait, "__defaults__", (0.2,))
+  holder = filelock.FileLock(str(tmp_path / workdir_lib.LOCK_FILE))
+  holder.acquire()
+  try:
+    for damaged in ('{"pid": 12', "[1, 2]"):
+      (tmp_path / workdir_lib.HOLDER_FILE).write_text(damaged)
+      with pytest.raises(UserError) as info:
+        with workdir_lib.locked(str(tmp_path)):
+          pass
+      assert str(info.value) == (f"the workdir {tmp_path} is in use by another process; "
+                                 "wait for it to finish, or use another --workdir")
+  finally:
+    holder.release()
+
+
+def test_a_workdir_that_is_a_file_is_named_as_a_file(tmp_path):
+  path = tmp_path / "run"
+  path.write_text("")
+  for call in (lambda: workdir_lib.locked(str(path)).__enter__(),
+               lambda: workdir_lib.prepare({"seed": 0}, str(path))):
+    with pytest.raises(UserError, match=rf"^the workdir {path} is a file; expected a folder"):
+      call()
+
+
+def test_a_config_history_line_cut_short_is_dropped_not_merged_with_the_next(tmp_path, capsys):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  workdir_lib.prepare(ml_collections.ConfigDict({"seed": 0}), str(tmp_path),
+                      refuse_changes=False)
+  history = tmp_path / workdir_lib.HISTORY_FILE
+  whole = history.read_text()
+  history.write_text(whole + whole[:25])  # a second run killed while appending its line
+  workdir_lib.prepare(ml_collections.ConfigDict({"seed": 1}), str(tmp_path),
+                      refuse_changes=False)
+  lines = history.read_text().splitlines()
+  assert [json.loads(line)["config"]["seed"] for line in lines] == [0, 1]
+  assert f"warning: {history}: dropped line 2, which is not a whole record" in (
+      capsys.readouterr().out)
+
+
+def test_a_new_field_at_its_registered_default_leaves_comparison_and_fingerprint_unchanged(
+    tmp_path, monkeypatch):
+  """A stage recorded before train.label_smoothing existed (a field registered with the
+  value that computes what runs computed before it) is the same stage while the field
+  holds that value; any other value is a change, named."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(workdir_lib.NEW_FIELD_DEFAULTS, "train.label_smoothing", 0.0)
+  old = {"seed": 0, "train": {"epochs": 2.0}}
+  same = {"seed": 0, "train": {"epochs": 2.0, "label_smoothing": 0.0}}
+  other = {"seed": 0, "train": {"epochs": 2.0, "label_smoothing": 0.1}}
+
+  def fingerprint(fields):  # as the pipeline's stage records digest them
+    flat = workdir_lib.flatten(fields)
+    return hashlib.sha256(json.dumps([flat, {}], sort_keys=True).encode()).hexdigest()
+
+  assert fingerprint(same) == fingerprint(old) != fingerprint(other)
+  assert workdir_lib.changed_fields(old, same) == []
+  assert workdir_lib.changed_fields(old, other) == [
+      "train.label_smoothing: '<absent>' -> 0.1"]
+  assert workdir_lib.flatten({"train": {"label_smoothing": False}}) == {
+      "train.label_smoothing": False}  # False is not 0.0
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  workdir_lib.prepare(ml_collections.ConfigDict(old), str(tmp_path))
+  workdir_lib.prepare(ml_collections.ConfigDict(same), str(tmp_path))  # a resumption
+  with pytest.raises(UserError, match=r"differs in: train.label_smoothing: '<absent>' -> 0.1"):
+    workdir_lib.prepare(ml_collections.ConfigDict(other), str(tmp_path))

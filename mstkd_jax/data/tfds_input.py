@@ -98,13 +98,18 @@ class TfdsFaceSet:
   @functools.cached_property
   def builder(self):
     """The TFDS builder of the prepared folder (read-only)."""
-    return _tfds().builder_from_directory(self.path)
+    return prepared.open_builder(self.path)
 
   def raw_source(self):
     """Random access to the serialized records of split "train" (tfds data source)."""
-    tfds = _tfds()
-    return self.builder.as_data_source(
-        "train", deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    return _raw_source(self.builder, "train")
+
+
+def _raw_source(builder, split: str):
+  """Random access to the serialized records of `split`, as raw bytes."""
+  tfds = _tfds()
+  return builder.as_data_source(split,
+                                deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
 
 
 def _record_labels(raw: bytes) -> tuple[int, int]:
@@ -124,6 +129,7 @@ def load_face_dataset(name: str, data_dir: str) -> TfdsFaceSet:
   """
   data_dir = paths.local(data_dir, "data.data_dir")
   path = prepared.find_prepared(data_dir, name, prepared.TRAINING)
+  prepared.check_files(path, "train")
   meta = prepared.read_metadata(path)
   face_set = TfdsFaceSet(
       name=name, path=path, identity=np.zeros(0, np.int32), group=np.zeros(0, np.int32),
@@ -141,7 +147,7 @@ def load_face_dataset(name: str, data_dir: str) -> TfdsFaceSet:
   if num_examples:
     # Records must be in label-file order: check a few (first, middle, last).
     rows = sorted({0, num_examples // 2, num_examples - 1})
-    records = face_set.raw_source().__getitems__(rows)
+    records = prepared.read_records(face_set.raw_source(), rows, path, "train")
     for row, raw in zip(rows, records):
       if _record_labels(raw) != (int(identity[row]), int(group[row])):
         raise UserError(f"{path}: record {row} has labels {_record_labels(raw)} but "
@@ -193,16 +199,18 @@ def _image_decoder(features, size: tuple[int, int], resize: bool):
   return decode
 
 
-def _fetcher(source, count: int | None):
+def _fetcher(source, count: int | None, path: str, split: str):
   """tf function: int64 [count] record numbers -> their serialized records, tf.string [count].
 
-  `source` is a TFDS data source returning raw bytes; its reads run in Python, so the
-  function holds the GIL while it gathers the bytes (decoding is left to TF ops).
+  `source` is a TFDS data source returning raw bytes (of `split` of the prepared folder
+  `path`); its reads run in Python, so the function holds the GIL while it gathers the
+  bytes (decoding is left to TF ops).
   """
   tf = _tf()
 
   def read(rows):
-    return np.asarray(source.__getitems__([int(r) for r in rows]), dtype=object)
+    return np.asarray(prepared.read_records(source, [int(r) for r in rows], path, split),
+                      dtype=object)
 
   def fetch(rows):
     raw = tf.numpy_function(read, [rows], tf.string, stateful=False)
@@ -261,7 +269,7 @@ def train_batches(face_set: TfdsFaceSet, rows: np.ndarray, labels: np.ndarray, *
   size = _hw(image_size)
   resize = _needs_resize(face_set.image_sizes, size, face_set.path)
   decode = _image_decoder(face_set.builder.info.features, size, resize)
-  fetch = _fetcher(face_set.raw_source(), host_batch)
+  fetch = _fetcher(face_set.raw_source(), host_batch, face_set.path, "train")
   rows_t = tf.constant(rows)
   labels_t = tf.constant(labels)
 
@@ -299,7 +307,7 @@ def train_batches(face_set: TfdsFaceSet, rows: np.ndarray, labels: np.ndarray, *
   options = tf.data.Options()
   options.deterministic = True
   ds = ds.with_options(options)
-  return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  return prepared.one_line_errors(ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator())
 
 
 def ordered_images(face_set: TfdsFaceSet, image_size: ImageSize,
@@ -310,7 +318,7 @@ def ordered_images(face_set: TfdsFaceSet, image_size: ImageSize,
   size = _hw(image_size)
   resize = _needs_resize(face_set.image_sizes, size, face_set.path)
   decode = _image_decoder(face_set.builder.info.features, size, resize)
-  fetch = _fetcher(face_set.raw_source(), None)
+  fetch = _fetcher(face_set.raw_source(), None, face_set.path, "train")
 
   def one_image(raw):
     return decode(raw)[0]
@@ -320,7 +328,7 @@ def ordered_images(face_set: TfdsFaceSet, image_size: ImageSize,
   ds = ds.map(tf.autograph.experimental.do_not_convert(fetch))  # sequential: in order
   ds = ds.unbatch().map(tf.autograph.experimental.do_not_convert(one_image),
                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.batch(chunk).prefetch(2).as_numpy_iterator()
+  return prepared.one_line_errors(ds.batch(chunk).prefetch(2).as_numpy_iterator())
 
 
 def load_verification_sets(name: str, data_dir: str, image_size: ImageSize
@@ -339,13 +347,12 @@ def load_verification_sets(name: str, data_dir: str, image_size: ImageSize
     UserError: not prepared, or its files disagree with each other.
   """
   tf = _tf()
-  tfds = _tfds()
   data_dir = paths.local(data_dir, "data.data_dir")
   path = prepared.find_prepared(data_dir, name, prepared.VERIFICATION)
+  prepared.check_files(path, "test")
   meta = prepared.read_metadata(path)
-  builder = tfds.builder_from_directory(path)
-  source = builder.as_data_source(
-      "test", deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  builder = prepared.open_builder(path)
+  source = _raw_source(builder, "test")
   size = _hw(image_size)
   decode = _image_decoder(builder.info.features, size,
                           _needs_resize(meta["image_sizes"], size, path))
@@ -356,10 +363,10 @@ def load_verification_sets(name: str, data_dir: str, image_size: ImageSize
 
   chunk = 256
   ds = tf.data.Dataset.range(len(source)).batch(chunk)
-  ds = ds.map(_fetcher(source, None))
+  ds = ds.map(_fetcher(source, None, path, "test"))
   ds = ds.unbatch().map(one_image, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   images, groups, index = [], [], []
-  for image, g, i in ds.batch(chunk).as_numpy_iterator():
+  for image, g, i in prepared.one_line_errors(ds.batch(chunk).as_numpy_iterator()):
     images.append(image)
     groups.append(g)
     index.append(i)

@@ -83,6 +83,22 @@ def _key_name(key) -> str:
   return str(key)
 
 
+def first_non_finite(tree) -> tuple[str, str, int, int] | None:
+  """(tensor path "params/backbone/conv1/kernel", "NaN" or "Inf", how many values, of how
+  many) of the first floating-point leaf of `tree` (numpy or JAX arrays) holding NaN or
+  Inf, in pytree order; None where every value is finite."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.asarray(leaf)
+    if not jnp.issubdtype(array.dtype, jnp.inexact):
+      continue
+    finite = np.isfinite(array)
+    if not finite.all():
+      bad = array[~finite]
+      kind = "NaN" if np.isnan(bad).any() else "Inf"
+      return "/".join(_key_name(k) for k in path), kind, int(bad.size), int(array.size)
+  return None
+
+
 def check_finite(tree, source: str) -> None:
   """Refuses a restored tree holding NaN or Inf (a diverged run), naming the first tensor.
 
@@ -93,18 +109,12 @@ def check_finite(tree, source: str) -> None:
   Raises:
     UserError: "<source>: the checkpoint holds NaN in params/backbone/conv1/kernel ...".
   """
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    array = np.asarray(leaf)
-    if not jnp.issubdtype(array.dtype, jnp.inexact):
-      continue
-    finite = np.isfinite(array)
-    if not finite.all():
-      bad = array[~finite]
-      kind = "NaN" if np.isnan(bad).any() else "Inf"
-      name = "/".join(_key_name(k) for k in path)
-      raise UserError(
-          f"{source}: the checkpoint holds {kind} in {name} ({bad.size} of {array.size} "
-          "values; a diverged run?); use an earlier step or retrain with a lower LR")
+  found = first_non_finite(tree)
+  if found is not None:
+    name, kind, bad, size = found
+    raise UserError(
+        f"{source}: the checkpoint holds {kind} in {name} ({bad} of {size} "
+        "values; a diverged run?); use an earlier step or retrain with a lower LR")
 
 
 def _save_error(path: str, error: BaseException) -> UserError:
@@ -224,6 +234,8 @@ class Checkpoints:
       raise files.url_error(self.directory, e, "open") from e
     self._warned = set()
     self._pending = None  # the step of the save in flight, if any
+    self._stuck = None    # why `settle` gave up on a save (it then waits no more)
+    self._failure = None  # the UserError of the last failed save `settle` saw
     # Orbax logs a failed background save with a traceback per thread; `wait` (or the
     # next save) reports the same exception in one line.
     errors.drop_logged_tracebacks("orbax")
@@ -279,40 +291,58 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.close()
 
-  def abandon(self, error: BaseException | None = None, timeout_s: float | None = None
-              ) -> None:
-    """Ends pending saves when the run is failing anyway (`error` is its failure): waits
-    for them at most `timeout_s` seconds (default PENDING_SAVE_TIMEOUT_S), then closes.
-    Never raises, so the run's own error is the one reported.
-
-    A save that fails is reported as one warning line, unless its failure is `error` seen
-    again. A save that does not finish in time (a commit waiting on something that will not
-    come) is left behind with a warning: its step stays uncommitted, and the next run
-    skips it as damaged.
-    """
+  def settle(self, timeout_s: float | None = None) -> str | None:
+    """Waits at most `timeout_s` seconds (default PENDING_SAVE_TIMEOUT_S) for the pending
+    save; returns None where it finished, else why not, in one line (its failure, or that
+    it did not finish in time: it is then left behind, its step uncommitted, and later
+    calls return at once). Never raises."""
+    if self._stuck is not None:
+      return self._stuck
     timeout_s = PENDING_SAVE_TIMEOUT_S if timeout_s is None else timeout_s
     outcome = {}
 
     def finish():
       try:
         self.wait()
-        self.close()
       except UserError as e:
         outcome["error"] = e
       except Exception as e:  # pylint: disable=broad-except
-        outcome["error"] = files.error_line(e, ERROR_CHARS)
-    thread = threading.Thread(target=finish, name="abandon-checkpoints", daemon=True)
+        outcome["error"] = UserError(files.error_line(e, ERROR_CHARS))
+    thread = threading.Thread(target=finish, name="settle-checkpoints", daemon=True)
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
-      warn(f"a checkpoint save in {self.directory} did not finish within {timeout_s:g} s "
-           "and was left behind (a later run skips its uncommitted step)")
-    elif "error" in outcome:
-      failure = outcome["error"]
-      seen = (error is not None and isinstance(failure, UserError)
-              and (failure.__cause__ is error.__cause__ or str(failure) == str(error)))
-      if not seen:
-        warn(str(failure))
+      self._stuck = (f"a checkpoint save in {self.directory} did not finish within "
+                     f"{timeout_s:g} s and was left behind (a later run skips its "
+                     "uncommitted step)")
+      return self._stuck
+    self._failure = outcome.get("error")
+    return None if self._failure is None else str(self._failure)
+
+  def abandon(self, error: BaseException | None = None, timeout_s: float | None = None
+              ) -> None:
+    """Ends pending saves when the run is failing anyway (`error` is its failure): waits
+    for them at most `timeout_s` seconds (`settle`), then closes. Never raises, so the
+    run's own error is the one reported.
+
+    A save that fails is reported as one warning line, unless its failure is `error` seen
+    again. A save that does not finish in time (a commit waiting on something that will not
+    come) is left behind with a warning: its step stays uncommitted, and the next run
+    skips it as damaged.
+    """
+    stuck = self._stuck is not None
+    why = self.settle(timeout_s)
+    if why is None:
+      try:
+        self.close()
+      except Exception as e:  # pylint: disable=broad-except
+        warn(files.error_line(e, ERROR_CHARS))
+      return
+    failure = self._failure
+    seen = stuck or (error is not None and failure is not None and (
+        failure.__cause__ is error.__cause__ or str(failure) == str(error)))
+    if not seen:
+      warn(why)
 
   def best(self) -> tuple[int, dict] | None:
     """(step, record) of the best candidate saved ({"step", "score", ...}), or None."""

@@ -7,7 +7,9 @@ function of the step, so a run restored from a checkpoint continues bit for bit.
 What the loop leans on: optax for the LR (train/state.py), clu's metric writer (or JSON
 lines without TensorFlow, train/writers.py), and one Orbax CheckpointManager
 (train/checkpoints.py) that holds each step's state with its per-step history and keeps
-both the newest steps and the best one. Its own part is the progress line.
+both the newest steps and the best one. Its own parts are the progress line and the
+stops: a NaN/Inf loss or state (the last good checkpoint is kept), a signal (the step it
+reached is saved first: train/interrupts.py) and an out-of-memory error (one line).
 """
 
 import dataclasses
@@ -21,17 +23,15 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
-from mstkd_jax import files
+from mstkd_jax import errors, files
 from mstkd_jax.errors import UserError
-from mstkd_jax.train import checkpoints as checkpoints_lib, writers
+from mstkd_jax.train import (checkpoints as checkpoints_lib, history as history_lib,
+                             interrupts, writers)
 from mstkd_jax.train.checkpoints import Checkpoints
+# Re-exported: the stages read a finished loop's history and best state from here.
+from mstkd_jax.train.history import (  # pylint: disable=unused-import
+    HISTORY_METRICS, best_variables, load_best, load_history)
 from mstkd_jax.train.parallel import DataParallel
-
-
-# The per-step metrics kept with every checkpoint (convergence.summarize reads them).
-HISTORY_METRICS = ("loss", "accuracy")
-# Where the history lived before it moved into the checkpoints (still read).
-_LEGACY_HISTORY = "loss_history.json"
 
 
 class TrainingDiverged(UserError):
@@ -138,47 +138,6 @@ def _history_record(history: dict, step: int, parallel: DataParallel) -> dict:
           "devices": parallel.device_count, "processes": jax.process_count()}
 
 
-def _read_history(record: dict | None, step: int | None, source: str) -> tuple[dict, dict]:
-  """(per-step metrics of steps 1..step (every step for None), {"devices", "processes"} of
-  the run that saved them) out of a history record ({}, {} where there is none)."""
-  if record is None:
-    return {}, {}
-  try:
-    metrics = record.get("metrics") or {"loss": record["losses"]}
-    history = {k: [float(x) for x in v[:step]] for k, v in metrics.items()}
-  except (ValueError, KeyError, TypeError, AttributeError) as e:
-    raise UserError(f"{source}: the loss history is unreadable ({e}); expected "
-                    '{"metrics": {"loss": [...]}, ...}') from e
-  layout = {k: record[k] for k in ("devices", "processes") if k in record}
-  return history, layout
-
-
-def _legacy_record(workdir: str) -> dict | None:
-  """The loss_history.json of a workdir written before the history moved into the
-  checkpoints (None where there is none)."""
-  return files.read_json(os.path.join(workdir, _LEGACY_HISTORY),
-                               "the loss history a stage writes; delete it to resume "
-                               "without it", missing=None)
-
-
-def load_history(workdir: str) -> dict:
-  """Every per-step metric the loop saved in `workdir` ({"loss": [...], "accuracy": [...]};
-  {} when it trained nothing): the history of its newest checkpoint, or of the
-  loss_history.json that workdirs of earlier versions hold."""
-  directory = os.path.join(workdir, "checkpoints")
-  record, source = None, directory
-  if files.isdir(directory):
-    checkpoints = Checkpoints(directory)
-    try:
-      step = checkpoints.latest_step()
-      record = checkpoints.history(step) if step is not None else None
-    finally:
-      checkpoints.close()
-  if record is None:
-    record, source = _legacy_record(workdir), os.path.join(workdir, _LEGACY_HISTORY)
-  return _read_history(record, None, source)[0]
-
-
 def _layout(devices: int, processes: int) -> str:
   return (f"{devices} device{'s' * (devices != 1)} in {processes} "
           f"process{'es' * (processes != 1)}")
@@ -195,57 +154,6 @@ def _resume_note(name: str, saved: dict, parallel: DataParallel) -> str | None:
              if getattr(parallel, "class_shards", None) else "")
           + " and the global batch is unchanged, so it carries over as it is (sums over "
           "the batch may differ in float rounding).")
-
-
-def best_variables(state) -> dict:
-  """What a select_best_epoch run keeps of a state: params (and batch_stats if any)."""
-  out = {"params": state.params}
-  if state.batch_stats:
-    out["batch_stats"] = state.batch_stats
-  return out
-
-
-def load_best(workdir: str, template) -> tuple[dict, dict]:
-  """(`best_variables` of the best state, its record), restored into `template`'s shapes.
-
-  The record is {"step", "score" (lower is better), "epoch", and "mean_loss" or
-  "mean_accuracy" and "accuracy"}. Workdirs of earlier versions kept the best state in
-  best/ and its record in best.json; those are read too.
-
-  Raises:
-    UserError: no best state was recorded, or it cannot be read.
-  """
-  directory = os.path.join(workdir, "checkpoints")
-  if files.isdir(directory):
-    checkpoints = Checkpoints(directory)
-    try:
-      best = checkpoints.best()
-      if best is not None:
-        step, info = best
-        return checkpoints.restore_variables(step, template), info
-    finally:
-      checkpoints.close()
-  if files.isfile(os.path.join(workdir, "best.json")):
-    step, info = _legacy_best(workdir)
-    checkpoints = Checkpoints(os.path.join(workdir, "best"), keep=1)
-    try:
-      return checkpoints.restore_tree(step, template), info
-    finally:
-      checkpoints.close()
-  raise UserError(f"no best state recorded in {directory}; rerun its stage")
-
-
-def _legacy_best(workdir: str) -> tuple[int, dict]:
-  """(step, record) of the best.json of a workdir written before the best state moved
-  into the checkpoints (its variables are in best/)."""
-  path = os.path.join(workdir, "best.json")
-  info = files.read_json(path, 'the best-state record {"step", "score", ...}; rerun '
-                               "its stage")
-  try:
-    return int(info["step"]), info | {"score": float(info["score"])}
-  except (KeyError, TypeError, ValueError) as e:
-    raise UserError(f'{path}: holds no "step" and "score" ({e}); expected the best-state '
-                    "record a stage writes; rerun its stage") from e
 
 
 def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable,
@@ -270,19 +178,23 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
   Returns:
     The final TrainState on the host.
   Raises:
-    TrainingDiverged: a loss became NaN or Inf (the last good checkpoint is kept).
-    UserError: the checkpoints hold another model, NaN/Inf, or only damaged steps; the
-      input pipeline ended early.
+    TrainingDiverged: a loss, or the state to be saved, became NaN or Inf (the last good
+      checkpoint is kept).
+    interrupts.Interrupted: a signal stopped the run (under interrupts.handled(): once the
+      step it reached is saved, see train/interrupts.py).
+    UserError: the checkpoints hold another model, NaN/Inf, only damaged steps or a
+      damaged history; the input pipeline ended early; a step ran out of memory.
   """
   if settings.select_best_epoch and evaluation is not None and evaluation.select:
     raise ValueError("select the best epoch by its loss or by evaluation, not both")
   checkpoints = Checkpoints(f"{workdir}/checkpoints", keep=settings.keep_checkpoints)
   writer = None
   completed = False
+  total = settings.total_steps
+  step = last_saved = None
   try:
-    total = settings.total_steps
     start, state, record = checkpoints.restore_latest(init_state, set_aside=True)
-    start = start or 0
+    step = last_saved = start = start or 0
     if start >= total:
       print(f"[{settings.name}] already finished: checkpoint at step {start} of {total} in "
             f"{checkpoints.directory}; nothing to do.", flush=True)
@@ -292,8 +204,9 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
       print(f"[{settings.name}] resuming from step {start} of {total} "
             f"({checkpoints.directory}).", flush=True)
       if record is None:  # a checkpoint written before the history moved into it
-        record = _legacy_record(workdir)
-    history, saved_layout = _read_history(record, start, checkpoints.directory)
+        record = history_lib.legacy_record(workdir)
+    history, saved_layout = history_lib.read(
+        record, start, os.path.join(checkpoints.directory, str(start)))
     note = _resume_note(settings.name, saved_layout, parallel) if start else None
     if note:
       print(note, flush=True)
@@ -307,11 +220,10 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
       if best is not None:
         best_score = best[1]["score"]
       elif files.isfile(os.path.join(workdir, "best.json")):  # a run of an earlier version
-        best_score = _legacy_best(workdir)[1]["score"]
+        best_score = history_lib.legacy_best(workdir)[1]["score"]
     p_step = parallel.wrap(step_fn)
     device_state = parallel.replicate(state)
     device_args = parallel.replicate((rng,) if frozen is None else (rng, frozen))
-    last_saved = start
 
     def hint():
       if last_saved:
@@ -319,11 +231,19 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
                 "(kept intact)")
       return "no checkpoint was written yet"
 
-    step = start
+    def save(host_state, candidate=None):
+      # Every loss up to here was finite (flush checked), and so is the state (checked
+      # here: parameters or BatchNorm statistics can overflow while the loss is finite).
+      _check_finite_state(settings.name, host_state, step, hint())
+      checkpoints.save(step, host_state, history=_history_record(history, step, parallel),
+                       candidate=candidate)
+
     for batch in _prefetch(batches(start), parallel):
       if step >= total:
         break
       device_state, metrics = p_step(device_state, batch, *device_args)
+      # From here until its checkpoint, a signal waits for the end of the step.
+      interrupts.unsaved(True)
       step += 1
       progress.add(step, metrics)
       is_checkpoint = step % settings.checkpoint_every == 0 or step == total
@@ -346,20 +266,36 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
       if candidate is not None and not candidate["score"] < best_score:
         candidate = None  # only a state better than every earlier one becomes a candidate
       if is_checkpoint or candidate is not None:
-        # Every loss up to here was finite (flush checked), so this state is good; the
-        # history that led to it is saved with it. Every process saves (Orbax synchronizes
-        # them); the scores, hence the candidates, are the same on every process.
-        if host_state is None:
-          host_state = parallel.unreplicate(device_state)
-        checkpoints.save(step, host_state, history=_history_record(history, step, parallel),
-                         candidate=candidate)
+        # Every process saves (Orbax synchronizes them); the scores, hence the
+        # candidates, are the same on every process.
+        save(parallel.unreplicate(device_state) if host_state is None else host_state,
+             candidate)
         last_saved = step
+        interrupts.unsaved(False)
         if candidate is not None:
           best_score = candidate["score"]
+      signum = interrupts.stop_requested()  # every process, every step (a sync point)
+      if signum is not None:
+        progress.flush(step, parallel, hint())
+        if last_saved < step:
+          save(parallel.unreplicate(device_state))
+          last_saved = step
+        _stop(settings, signum, step, checkpoints)
     if step < total:
       raise UserError(f"[{settings.name}] the input pipeline ended at step {step} of {total}")
     completed = True
+  except interrupts.Interrupted as e:
+    if e.located:
+      raise
+    raise interrupts.Interrupted(e.signum, _where_stopped(
+        settings, e.signum, step, last_saved, checkpoints.directory), located=True) from None
+  except Exception as e:  # pylint: disable=broad-except
+    memory = errors.out_of_memory(e)
+    if memory is None:
+      raise
+    raise UserError(_out_of_memory_message(settings, step, memory, frozen)) from e
   finally:
+    interrupts.unsaved(False)
     if completed:
       checkpoints.wait()
       checkpoints.close()
@@ -374,6 +310,61 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
           if str(e) != str(sys.exc_info()[1]):
             checkpoints_lib.warn(str(e))
   return parallel.unreplicate(device_state)
+
+
+def _check_finite_state(name: str, state, step: int, hint: str) -> None:
+  """Raises TrainingDiverged where the state after `step` holds NaN or Inf, naming the
+  first such tensor (checked before it is saved, so the last good checkpoint stays)."""
+  found = checkpoints_lib.first_non_finite(state)
+  if found is not None:
+    tensor, kind, bad, size = found
+    raise TrainingDiverged(
+        f"[{name}] the training state became {kind} in {tensor} ({bad} of {size} values) "
+        f"at step {step} while the loss was still finite; {hint}. Lower the learning rate "
+        "(optim.base_lr) or check the data.")
+
+
+def _stop(settings: LoopSettings, signum: int, step: int, checkpoints: Checkpoints) -> None:
+  """Raises Interrupted once the checkpoint of `step` is saved (a bounded wait)."""
+  where = (f"[{settings.name}] stopped by {interrupts.signal_name(signum)} at step {step} "
+           f"of {settings.total_steps}")
+  why = checkpoints.settle()
+  if why is None:
+    message = (f"{where}; its checkpoint is saved in {checkpoints.directory}: rerun the "
+               "same command to resume")
+  else:
+    message = (f"{where}; {why}: rerun the same command to resume from the newest "
+               "complete checkpoint")
+  raise interrupts.Interrupted(signum, message, located=True)
+
+
+def _where_stopped(settings: LoopSettings, signum: int, step: int | None,
+                   last_saved: int | None, directory: str) -> str:
+  """The line of a signal that stopped the loop where no step was left unsaved."""
+  where = f"[{settings.name}] stopped by {interrupts.signal_name(signum)}"
+  if step is None:
+    return f"{where} while restoring its checkpoint: rerun the same command to resume"
+  if not step and not last_saved:
+    return f"{where} before its first step: rerun the same command to start it again"
+  if last_saved == step:
+    return (f"{where} at step {step} of {settings.total_steps}, which its checkpoint in "
+            f"{directory} holds: rerun the same command to resume")
+  return (f"{where} at step {step} of {settings.total_steps} before its checkpoint was "
+          "saved (a second signal): rerun the same command to resume from its newest "
+          f"complete checkpoint in {directory}")
+
+
+def _out_of_memory_message(settings: LoopSettings, step: int | None, memory: str,
+                           frozen: dict | None) -> str:
+  """One line for an out-of-memory error in a step: what did not fit, how much, what to
+  lower."""
+  section = settings.epochs_field[:-len("epochs")]  # "teacher.train." or "train."
+  online = frozen is not None and "teachers" in frozen
+  return (f"[{settings.name}] out of memory in training step {(step or 0) + 1} ({memory}); "
+          f"lower {section}batch_size (now {settings.images_per_step}) or the image size "
+          "(data.synthetic.image_size, data.tfds.image_size)"
+          + (", or run the teachers ahead of time (student.targets='cached') instead of "
+             "in every step" if online else ""))
 
 
 def _evaluate(evaluation: Evaluation, settings: LoopSettings, step: int, state,

@@ -1,0 +1,147 @@
+"""What the training loop keeps besides the state: the per-step history saved in every
+checkpoint, and the best state a selecting run keeps among them (read back here).
+
+A history record is {"step": t, "metrics": {"loss": [t floats], "accuracy": [...]},
+"devices", "processes"}: value k - 1 of a metric is step k's. Workdirs of earlier versions
+kept it in loss_history.json ({"losses": [...]}) and the best state in best/ and best.json;
+those are read too. Every record read is checked: one finite value per step.
+"""
+
+import math
+import os
+
+from mstkd_jax import files
+from mstkd_jax.errors import UserError
+from mstkd_jax.train.checkpoints import Checkpoints
+
+# The per-step metrics kept with every checkpoint (convergence.summarize reads them).
+HISTORY_METRICS = ("loss", "accuracy")
+# Where the history lived before it moved into the checkpoints (still read).
+LEGACY_HISTORY = "loss_history.json"
+_EXPECTED = ('{"step": t, "metrics": {"loss": [one finite value per step], ...}}; delete '
+             "that checkpoint step to resume from an earlier one, or the stage folder to "
+             "train it again")
+
+
+def read(record: dict | None, step: int | None, source: str) -> tuple[dict, dict]:
+  """(per-step metrics of steps 1..step, {"devices", "processes"} of the run that saved
+  them) out of a history record ({}, {} where there is none). `step` None: the record's
+  own "step" (every value where it has none).
+
+  Raises:
+    UserError: naming `source`: the record is not a history, the loss holds fewer values
+      than `step`, or a metric holds NaN or Inf (a damaged record: the loop saves finite
+      losses only).
+  """
+  if record is None:
+    return {}, {}
+  if not isinstance(record, dict):
+    raise UserError(f"{source}: the loss history is a JSON {type(record).__name__}; "
+                    f"expected {_EXPECTED}")
+  metrics = record.get("metrics") or {"loss": record.get("losses")}
+  if step is None and isinstance(record.get("step"), int):
+    step = record["step"]
+  if not isinstance(metrics, dict):
+    raise UserError(f'{source}: the loss history holds "metrics" of type '
+                    f"{type(metrics).__name__}; expected {_EXPECTED}")
+  history = {}
+  for name, values in metrics.items():
+    if not isinstance(values, list) or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
+      raise UserError(f"{source}: the loss history's {name!r} is not a list of numbers; "
+                      f"expected {_EXPECTED}")
+    values = [float(x) for x in values[:step]]
+    # Every step has a loss; another metric may start later (a run resumed from a
+    # checkpoint of a version that kept the loss alone).
+    if name == "loss" and step is not None and len(values) < step:
+      raise UserError(f"{source}: the loss history holds {len(values)} {name!r} values for "
+                      f"{step} steps; expected {_EXPECTED}")
+    bad = next((k for k, x in enumerate(values) if not math.isfinite(x)), None)
+    if bad is not None:
+      raise UserError(f"{source}: the loss history's {name!r} of step {bad + 1} is "
+                      f"{values[bad]}; expected {_EXPECTED}")
+    history[name] = values
+  layout = {k: record[k] for k in ("devices", "processes") if k in record}
+  return history, layout
+
+
+def legacy_record(workdir: str) -> dict | None:
+  """The loss_history.json of a workdir written before the history moved into the
+  checkpoints (None where there is none)."""
+  return files.read_json(os.path.join(workdir, LEGACY_HISTORY),
+                         "the loss history a stage writes; delete it to resume without it",
+                         missing=None)
+
+
+def load_history(workdir: str) -> dict:
+  """Every per-step metric the loop saved in `workdir` ({"loss": [...], "accuracy": [...]};
+  {} when it trained nothing): the history of its newest checkpoint, or of the
+  loss_history.json that workdirs of earlier versions hold.
+
+  Raises:
+    UserError: the history is damaged (`read`).
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  record, source = None, directory
+  if files.isdir(directory):
+    checkpoints = Checkpoints(directory)
+    try:
+      step = checkpoints.latest_step()
+      if step is not None:
+        record, source = checkpoints.history(step), os.path.join(directory, str(step))
+    finally:
+      checkpoints.close()
+  if record is None:
+    record, source = legacy_record(workdir), os.path.join(workdir, LEGACY_HISTORY)
+  return read(record, None, source)[0]
+
+
+def best_variables(state) -> dict:
+  """What a select_best_epoch run keeps of a state: params (and batch_stats if any)."""
+  out = {"params": state.params}
+  if state.batch_stats:
+    out["batch_stats"] = state.batch_stats
+  return out
+
+
+def load_best(workdir: str, template) -> tuple[dict, dict]:
+  """(`best_variables` of the best state, its record), restored into `template`'s shapes.
+
+  The record is {"step", "score" (lower is better), "epoch", and "mean_loss" or
+  "mean_accuracy" and "accuracy"}. Workdirs of earlier versions kept the best state in
+  best/ and its record in best.json; those are read too.
+
+  Raises:
+    UserError: no best state was recorded, or it cannot be read.
+  """
+  directory = os.path.join(workdir, "checkpoints")
+  if files.isdir(directory):
+    checkpoints = Checkpoints(directory)
+    try:
+      best = checkpoints.best()
+      if best is not None:
+        step, info = best
+        return checkpoints.restore_variables(step, template), info
+    finally:
+      checkpoints.close()
+  if files.isfile(os.path.join(workdir, "best.json")):
+    step, info = legacy_best(workdir)
+    checkpoints = Checkpoints(os.path.join(workdir, "best"), keep=1)
+    try:
+      return checkpoints.restore_tree(step, template), info
+    finally:
+      checkpoints.close()
+  raise UserError(f"no best state recorded in {directory}; rerun its stage")
+
+
+def legacy_best(workdir: str) -> tuple[int, dict]:
+  """(step, record) of the best.json of a workdir written before the best state moved
+  into the checkpoints (its variables are in best/)."""
+  path = os.path.join(workdir, "best.json")
+  info = files.read_json(path, 'the best-state record {"step", "score", ...}; rerun '
+                               "its stage")
+  try:
+    return int(info["step"]), info | {"score": float(info["score"])}
+  except (KeyError, TypeError, ValueError) as e:
+    raise UserError(f'{path}: holds no "step" and "score" ({e}); expected the best-state '
+                    "record a stage writes; rerun its stage") from e
