@@ -29,10 +29,11 @@ from mstkd_jax.train.checkpoints import Checkpoints, flat_shapes, shape_mismatch
 RUN_CONTROL_FIELDS = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                       "train.eval_batch_size", "train.eval_every", "parallelism",
                       "num_devices", "data.data_dir", "cache_dir", "only", "force",
-                      # The layout of the class centres, saved whole either way (the
-                      # adaptor's head section sits under `adaptor` in the recipe's
-                      # config). head.sample_rate changes the numbers: not listed.
-                      "head.shard_classes", "adaptor.head.shard_classes")
+                      # The layout of the class centres, saved whole either way (each
+                      # role's head section sits under its name in the recipe's config).
+                      # head.sample_rate changes the numbers: not listed.
+                      "head.shard_classes", "teacher.head.shard_classes",
+                      "adaptor.head.shard_classes", "student.head.shard_classes")
 
 
 # ------------------------------------------------------------------------- config diffs
@@ -206,10 +207,14 @@ def _record_folder(stage_dir: str, root: str, dirs: list, names: list, record: d
   for name in sorted(names):
     if (rel_root == "." and name in UNRECORDED) or name.startswith(UNRECORDED_PREFIXES):
       continue
-    path = os.path.join(root, name)
-    size = files.size(path)
     rel = os.path.normpath(os.path.join(rel_root, name))
-    record[rel] = {"size": size, "sha256": _file_digest(path, size)}
+    record[rel] = file_record(os.path.join(root, name))
+
+
+def file_record(path: str) -> dict:
+  """{"size": bytes, "sha256": digest} of one file (`output_record`'s entry for it)."""
+  size = files.size(path)
+  return {"size": size, "sha256": _file_digest(path, size)}
 
 
 def damaged_output(stage_dir: str, record: dict, contents: bool = True) -> str | None:
