@@ -1,5 +1,6 @@
 """Each role its own network: the recipe's sections reach their stages whole, teachers of
 different networks, the KD distance registry, and the refusals of a bad KD section."""
+# pylint: disable=protected-access
 
 import functools
 import json
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from configs import distill
-from mstkd_jax import losses, models, workdir as workdir_lib
+from mstkd_jax import losses, models, pipeline, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.stages import adaptor as adaptor_stage, common, extract, recipe, student
@@ -73,20 +74,19 @@ def test_a_new_field_of_a_section_reaches_its_stages_and_their_fingerprint(tiny,
   config[role].made_up_field = 3
   after = {s.name: s for s in recipe.build(config, "/w", train_set)}
   assert after[stage].config[role].made_up_field == 3
-  fingerprints = lambda stages: {s.name: pipeline_fingerprint(s, stages) for s in stages}
-  old, new = fingerprints(before), fingerprints(list(after.values()))
+  old, new = _fingerprints(before), _fingerprints(list(after.values()))
   assert old[stage] != new[stage]
   other = {"teacher": "student/student_alone", "adaptor": "teacher/group_b",
            "student": "adaptor/specialized/SL"}[role]
   assert old[other] == new[other]     # another role's stage that does not read it
 
 
-def pipeline_fingerprint(stage, stages):
-  from mstkd_jax import pipeline  # pylint: disable=g-import-not-at-top
+def _fingerprints(stages) -> dict:
+  """{stage: the fingerprint the pipeline records for it}."""
   fingerprints = {}
   for s in stages:
-    fingerprints[s.name] = pipeline._fingerprint(s, fingerprints)["fingerprint"]  # pylint: disable=protected-access
-  return fingerprints[stage.name]
+    fingerprints[s.name] = pipeline._fingerprint(s, fingerprints)["fingerprint"]
+  return fingerprints
 
 
 def test_a_stage_is_fingerprinted_by_the_fields_it_reads(tiny):
@@ -285,11 +285,11 @@ def test_mixed_teachers_give_the_same_targets_cached_and_online(tiny, tmp_path, 
   assert cached_embeddings.shape == (train_set.num_examples, 2, TOTAL)
   adaptor_dir, adaptor, adaptor_vars = _adaptor_folder(str(tmp_path / "adaptor"), TOTAL)
   rows = np.arange(0, train_set.num_examples, 7)
-  cached = adaptor_stage._map(adaptor_stage._apply_fn(adaptor), adaptor_vars,  # pylint: disable=protected-access
+  cached = adaptor_stage._map(adaptor_stage._apply_fn(adaptor), adaptor_vars,
                               cached_embeddings[rows, 0], np.empty((len(rows), 16), np.float32))
 
   example = np.zeros((1, SIZE, SIZE, 3), np.float32)
-  target_fn, frozen = student._online_targets(  # pylint: disable=protected-access
+  target_fn, frozen = student._online_targets(
       common.Inputs(teacher_dirs=tuple(teacher_dirs), adaptor_dir=adaptor_dir), example)
   assert target_fn.keywords["positions"] == ((0, 3), (1,), (2,))
   images = input_pipeline.normalize_images(train_set.images_at(rows))

@@ -97,8 +97,8 @@ def load_backbone(path: str, template: dict, model: dict, image_shape: tuple, fi
 
   Args:
     path: an entry (see `entries`): an Orbax stage folder, or an IResNet .pth/.pt file.
-    template: the section network's variables (build.init_variables), whose shapes and
-      dtypes the loaded ones take.
+    template: the section network's variables (build.template_variables), whose shapes
+      and dtypes the loaded ones take.
     model: the section's model fields (for messages, and: a .pth holds an IResNet).
     image_shape: (H, W, 3) of the training images.
     field: the config field the entry came from, for messages.
@@ -115,8 +115,7 @@ def load_backbone(path: str, template: dict, model: dict, image_shape: tuple, fi
   if files.isdir(path):
     variables, info = orbax_checkpoint.load_backbone_variables(path)
     record = {"from": path, "format": "orbax", "step": info.step}
-    looks = lambda: resolve.describe(resolve.shape_settings(
-        orbax_checkpoint.describe_iresnet(variables)))
+    shapes = _iresnet_shapes(lambda: orbax_checkpoint.describe_iresnet(variables))
   else:
     if model.get("name") not in iresnet.DEPTHS:
       raise UserError(f"{path}: a .pth/.pt teacher is read as an insightface IResNet, but "
@@ -128,31 +127,36 @@ def load_backbone(path: str, template: dict, model: dict, image_shape: tuple, fi
       shapes = resolve.describe_state_dict(state_dict)
     except UserError as e:
       raise UserError(f"{path}: {e}") from e
-    looks = lambda: resolve.describe(resolve.shape_settings(shapes))
-    size = shapes["image_size"]
-    if size is not None and (size, size) != tuple(image_shape[:2]):
-      raise UserError(f"{path}: this teacher takes {size}x{size} images (its fc.weight), the "
-                      f"training images are {image_shape[0]}x{image_shape[1]}; teachers and "
-                      "student must see one image size: prepare the data at that size")
-    source = f"{path} ({note})" if note else path
+  size = shapes and shapes["image_size"]
+  if size and (size, size) != tuple(image_shape[:2]):
+    raise UserError(f"{path}: this teacher takes {size}x{size} images (the input of its fc "
+                    f"layer), the training images are {image_shape[0]}x{image_shape[1]}; "
+                    "teachers and student must see one image size: prepare the data at "
+                    "that size, or use teachers made for it")
+  looks = (f"it looks like: {resolve.describe(resolve.shape_settings(shapes))}" if shapes
+           else "")
+  if not files.isdir(path):
     try:
       variables = torch_checkpoint.import_iresnet(
-          state_dict, template, source=source,
+          state_dict, template, source=f"{path} ({note})" if note else path,
           feature_hw=(image_shape[0] // 16, image_shape[1] // 16))
     except UserError as e:
-      raise UserError(f"{path}: the checkpoint does not fit {section}; it looks like: "
-                      f"{looks()}") from e
+      raise UserError(f"{path}: the checkpoint does not fit {section}; {looks}") from e
   problems = checkpoints_lib.shape_mismatches(checkpoints_lib.flat_shapes(template),
                                               checkpoints_lib.flat_shapes(variables))
-  if problems:
-    try:
-      looks_like = looks()
-    except UserError:    # not an IResNet: its first differences instead
-      looks_like = "; ".join(problems[:3])
-    raise UserError(f"{path}: the checkpoint does not fit {section}; it looks like: "
-                    f"{looks_like}")
+  if problems:   # not an IResNet: its first differences instead of what it looks like
+    raise UserError(f"{path}: the checkpoint does not fit {section}; "
+                    + (looks or "; ".join(problems[:3])))
   variables = {part: _cast_like(template[part], variables[part]) for part in template}
   return variables, {**record, "sha256": digest(path)}
+
+
+def _iresnet_shapes(describe) -> dict | None:
+  """describe()'s IResNet description, or None for variables of another backbone."""
+  try:
+    return describe()
+  except UserError:
+    return None
 
 
 def _cast_like(template, tree):

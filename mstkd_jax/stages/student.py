@@ -186,6 +186,11 @@ def run(config, workdir: str, name: str = "student", epochs_field: str = "train.
     target_fn = None
     if mode == "cached":
       extra["target"] = load_targets(config, inputs.adaptor_dir, len(labels))
+      size = config.model.get("embedding_size", extra["target"].shape[-1])
+      if extra["target"].shape[-1] != size:
+        raise UserError(f"the targets in {inputs.adaptor_dir} are "
+                        f"{extra['target'].shape[-1]}-D, the student's model.embedding_size "
+                        f"is {size}: the adaptor's embedding_size must be the student's")
     else:
       target_fn, frozen = _online_targets(inputs, run.image_example())
     step_fn = functools.partial(steps.student_step, backbone=backbone, head=head,
