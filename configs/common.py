@@ -59,6 +59,22 @@ def margin_head(name: str = "elastic_arcface", **fields) -> ml_collections.Confi
   return head
 
 
+def backbone(name: str = "iresnet18", **fields) -> ml_collections.ConfigDict:
+  """A model section: the arguments of models.create(name, ...) for a backbone (an IResNet
+  by default; any registered backbone takes its own fields) and its compute dtype."""
+  model = ml_collections.ConfigDict(dict(
+      name=name, width=16, embedding_size=128, use_se=False, dtype="float32",
+      # Before the embedding layer; unset (None) = the architecture's standard: 0.4 for
+      # iresnet50 (the paper), 0 otherwise.
+      dropout=config_dict.placeholder(float)))
+  model.update(fields)
+  return model
+
+
+# The paper's backbone (the authors' released config): IResNet-34, 512-D embeddings.
+PAPER_BACKBONE = dict(name="iresnet34", width=64, embedding_size=512)
+
+
 def base() -> ml_collections.ConfigDict:
   """Fields every stage reads; stages add their own sections."""
   c = ml_collections.ConfigDict()
@@ -84,11 +100,7 @@ def base() -> ml_collections.ConfigDict:
       image_size=112,           # model input; stored images of another size are resized
   ))
 
-  c.model = ml_collections.ConfigDict(dict(
-      name="iresnet18", width=16, embedding_size=128, use_se=False, dtype="float32",
-      # Before the embedding layer; unset (None) = the architecture's standard: 0.4 for
-      # iresnet50 (the paper), 0 otherwise.
-      dropout=config_dict.placeholder(float)))
+  c.model = backbone()
   c.head = margin_head()
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=0.1,              # scaled by train.batch_size / 512
@@ -119,14 +131,14 @@ PAPER_BATCH = 128
 
 
 def bupt_iresnet34(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The paper's teacher/student recipe (METHOD.md, the authors' released config): IResNet-34
-  at 112x112, ElasticArcFace, batch 128, 52 epochs with the LR x0.1 at 16, 28, 40, 50."""
+  """The paper's teacher recipe (the paper and the authors' released config) for a
+  single-stage config: IResNet-34 at 112x112, ElasticArcFace, batch 128, 52 epochs with the
+  LR x0.1 at 16, 28, 40, 50."""
   c.data.source = "tfds"        # --config.data.tfds.train=... --config.data.data_dir=...
-  c.model.update(name="iresnet34", width=64, embedding_size=512)
+  c.model.update(PAPER_BACKBONE)
   c.head = margin_head("elastic_arcface")
-  if "optim" in c:               # a single-stage config (the recipe has one per stage)
-    c.optim.update(base_lr=0.1, lr_decay_epochs=(16, 28, 40, 50))
-    c.train.update(batch_size=PAPER_BATCH, epochs=52.0, log_every=100, checkpoint_every=2000)
+  c.optim.update(base_lr=0.1, lr_decay_epochs=(16, 28, 40, 50))
+  c.train.update(batch_size=PAPER_BATCH, epochs=52.0, log_every=100, checkpoint_every=2000)
   return c
 
 

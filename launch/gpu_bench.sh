@@ -60,10 +60,10 @@ do_run() {
   common+=(${BENCH_ARGS:-})
   local status=0
   # bfloat16: every step (the KD ratios, extraction, adaptor, MFU, PyTorch side by side).
-  "$PY" -m mstkd_jax.bench "${common[@]}" --config.model.dtype=bfloat16 \
+  "$PY" -m mstkd_jax.bench "${common[@]}" --config.student.model.dtype=bfloat16 \
     --out="$out/bench_bf16.json" 2>&1 | tee "$out/bench_bf16.log" || status=1
   # float32: the plain step and PyTorch's, for MFU and the ratio at full precision.
-  "$PY" -m mstkd_jax.bench "${common[@]}" --config.model.dtype=float32 --only=plain \
+  "$PY" -m mstkd_jax.bench "${common[@]}" --config.student.model.dtype=float32 --only=plain \
     --out="$out/bench_fp32.json" 2>&1 | tee "$out/bench_fp32.log" || status=1
   for f in "$out"/bench_bf16.json "$out"/bench_fp32.json; do
     [[ -f $f ]] && { echo "== $f"; cat "$f"; echo; }

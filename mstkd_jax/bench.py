@@ -2,7 +2,7 @@ r"""Throughput of the MST-KD steps: img/s, cost relative to the plain student st
 
   python -m mstkd_jax.bench --config=configs/distill.py:smoke --steps=10
   python -m mstkd_jax.bench --config=configs/distill.py:bupt_iresnet34 --batch=128 \
-      --config.model.dtype=bfloat16 --torch --out=/tmp/bench.json
+      --config.student.model.dtype=bfloat16 --torch --out=/tmp/bench.json
 
 Builds the config's student IResNet, G frozen teachers of the same architecture and the
 adaptor, compiles each step once (XLA's cost analysis of that executable gives its FLOPs),
@@ -123,6 +123,12 @@ def _field(config, path: str, default=None):
   return node
 
 
+def _student(config, key: str):
+  """The student's `key` section (model, head): the recipe's student.<key>, or a
+  single-stage config's <key>."""
+  return _field(config, f"student.{key}") or config[key]
+
+
 def setup_from_config(config, *, batch: int = 0, image_size: int = 0, num_classes: int = 0,
                       num_teachers: int = 0, stage_depths: tuple[int, ...] = ()) -> Setup:
   """Benchmark sizes: the student recipe's batch, the training set's classes and groups.
@@ -132,10 +138,11 @@ def setup_from_config(config, *, batch: int = 0, image_size: int = 0, num_classe
   """
   data = config.data.synthetic
   synthetic = config.data.source == "synthetic"
-  embedding_size = config.model.embedding_size
+  model = _student(config, "model")
+  embedding_size = model.embedding_size
   kinds = tuple(_field(config, "adaptors", ("SL",))) or ("SL",)
   setup = Setup(
-      dtype=config.model.dtype,
+      dtype=model.dtype,
       batch=batch or (_field(config, "student.train") or config.train).batch_size,
       image_size=image_size or (data.image_size if synthetic else DEFAULT_IMAGE_SIZE),
       num_classes=num_classes or (data.num_groups * data.identities_per_group if synthetic
@@ -143,13 +150,13 @@ def setup_from_config(config, *, batch: int = 0, image_size: int = 0, num_classe
       num_teachers=num_teachers or (data.num_groups if synthetic else DEFAULT_GROUPS),
       embedding_size=embedding_size,
       adaptor_kind=kinds[0],
-      adaptor_size=_field(config, "adaptor.embedding_size", embedding_size),
-      adaptor_dropout=_field(config, "adaptor.dropout", 0.2),
-      kd_weight=_field(config, "student.kd_weight", 10000.0),
-      stage_depths=tuple(stage_depths) or tuple(models.create(config.model.name).stage_depths))
+      adaptor_size=_field(config, "adaptor.model.embedding_size", embedding_size),
+      adaptor_dropout=_field(config, "adaptor.model.dropout", 0.2),
+      kd_weight=_field(config, "student.kd.weight", 10000.0),
+      stage_depths=tuple(stage_depths) or tuple(models.create(model.name).stage_depths))
   if setup.adaptor_size != embedding_size:
-    raise UserError(f"config field adaptor.embedding_size={setup.adaptor_size} differs from "
-                    f"model.embedding_size={embedding_size}; the student distils the "
+    raise UserError(f"config field adaptor.model.embedding_size={setup.adaptor_size} differs "
+                    f"from the student's model.embedding_size={embedding_size}; it distils the "
                     "adaptor's targets, so they must match")
   if setup.image_size % 16:
     raise UserError(f"--image_size={setup.image_size}: expected a multiple of 16")
@@ -169,12 +176,13 @@ class _Bench:
     input_pipeline.check_batch_split(setup.batch, self.parallel.device_count,
                                      jax.process_count())
     self.per_device = setup.batch // self.parallel.device_count
-    self.backbone = build.backbone(config.model, stage_depths=setup.stage_depths)
+    self.backbone = build.backbone(_student(config, "model"),
+                                   stage_depths=setup.stage_depths)
     self.head = models.create("margin_head", num_classes=setup.num_classes)
     self.adaptor = models.create("adaptor", kind=setup.adaptor_kind,
                                  embedding_size=setup.adaptor_size,
                                  dropout=setup.adaptor_dropout)
-    self.margin = build.margin_spec(config.head)
+    self.margin = build.margin_spec(_student(config, "head"))
     keys = jax.random.split(jax.random.PRNGKey(config.seed), 4)
     example = np.zeros((1, setup.image_size, setup.image_size, 3), np.float32)
     self.variables = build.init_variables(self.backbone, keys[0], example, train=False)
@@ -277,7 +285,7 @@ class _Bench:
     """The adaptor stage's step: its own margin head settings and optimiser, if configured."""
     tx, schedule = self._optimiser(("backbone", "head"),
                                    _field(self.config, "adaptor.optim"))
-    head_config = _field(self.config, "adaptor.head", self.config.head)
+    head_config = _field(self.config, "adaptor.head") or _student(self.config, "head")
     step = functools.partial(steps_lib.classification_step, backbone=self.adaptor,
                              head=self.head, margin=build.margin_spec(head_config), tx=tx,
                              schedule=schedule, input_key="teacher_embeddings")
@@ -349,9 +357,9 @@ def _torch_timer(setup: Setup, config, *, warmup: int):
     from mstkd_jax import bench_torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None, "PyTorch is not installed"
-  model = config.model
+  model = _student(config, "model")
   optim = _optim_config(config)
-  margin = build.margin_spec(config.head)
+  margin = build.margin_spec(_student(config, "head"))
   timed, info = bench_torch.prepare(
       stage_depths=setup.stage_depths, width=model.width, embedding_size=model.embedding_size,
       dropout=build.backbone(model).dropout, image_size=setup.image_size, batch_size=setup.batch,
@@ -386,7 +394,8 @@ def run(config, *, steps: int = 10, warmup: int = 2, rounds: int = 3, batch: int
   device = jax.devices()[0]
   chip, table_peak = peak_tflops(device.device_kind, setup.dtype)
   peak = peak or table_peak
-  _log(f"{config.model.name} width {config.model.width} {setup.image_size}x"
+  model = _student(config, "model")
+  _log(f"{model.name} width {model.width} {setup.image_size}x"
        f"{setup.image_size} {setup.dtype}, global batch {setup.batch} on "
        f"{jax.device_count()} x {device.device_kind}")
   bench = _Bench(config, setup, steps=steps, warmup=warmup)
@@ -433,7 +442,8 @@ def run(config, *, steps: int = 10, warmup: int = 2, rounds: int = 3, batch: int
   _add_ratios(results, peak, devices=setup.batch // bench.per_device)
   return {
       "setup": dataclasses.asdict(setup) | {
-          "model": config.model.name, "width": config.model.width,
+          "model": _student(config, "model").name,
+          "width": _student(config, "model").width,
           "per_device_batch": bench.per_device, "steps": steps, "warmup": warmup,
           "rounds": rounds},
       "device": {"kind": device.device_kind, "platform": device.platform,
@@ -519,7 +529,7 @@ def main(argv):
     from mstkd_jax import bench_heads
     report = bench_heads.run(
         _ints(f.head_scale, "head_scale"),
-        margin=build.margin_spec(f.config.head, shards_classes=True),
+        margin=build.margin_spec(_student(f.config, "head"), shards_classes=True),
         embedding_size=f.head_dim, batch=f.head_batch, sample_rate=f.head_sample_rate,
         steps=f.steps, run_limit_gib=f.head_run_limit_gib)
     print(bench_heads.format_table(report), flush=True)

@@ -160,10 +160,43 @@ def cross_entropy(logits, labels):
       logits.astype(jnp.float32), labels).mean()
 
 
-def kd_loss(targets, student_embeddings, kd_weight):
-  """MST-KD's distillation term: kd_weight * mean((target - normalize(student))**2)."""
+def mse_distance(targets, student):
+  """MST-KD's distance (the paper's a-KD / EAF-KD term): the mean squared difference over
+  every element, mean((target - student)**2) of [B, D] float32 arrays; a scalar."""
+  return jnp.mean((targets - student) ** 2)
+
+
+def cosine_distance(targets, student):
+  """1 - cos(target, student), averaged over the batch: [B, D] float32 arrays -> a scalar.
+
+  Targets are L2-normalized here too, so targets of any norm give the angle alone. For unit
+  vectors ||t - s||^2 = 2 - 2 cos, so this is D / 2 times `mse_distance`: the same direction
+  of pull, D / 2 times as strong at one weight (64x at D = 128).
+  """
+  return jnp.mean(1.0 - jnp.sum(l2_normalize(targets) * student, axis=-1))
+
+
+# The distances a student can be distilled with (config field student.kd.distance): a new
+# one is a function of (targets [B, D], unit student embeddings [B, D]) and a line here.
+KD_DISTANCES = {"mse": mse_distance, "cosine": cosine_distance}
+
+
+def kd_loss(targets, student_embeddings, kd_weight, distance: str = "mse"):
+  """The distillation term: kd_weight * KD_DISTANCES[distance](target, normalize(student)).
+
+  Args:
+    targets: [B, D] MST-KD targets (the adaptor's unit outputs), any float dtype.
+    student_embeddings: [B, D] raw student embeddings; L2-normalized here, in float32.
+    kd_weight: the term's weight (10,000 in the paper, with "mse").
+    distance: a KD_DISTANCES name.
+
+  Raises:
+    ValueError: an unknown distance.
+  """
+  if distance not in KD_DISTANCES:
+    raise ValueError(f"KD distance must be one of {sorted(KD_DISTANCES)}, got {distance!r}")
   student = l2_normalize(student_embeddings)
-  return kd_weight * jnp.mean((targets.astype(jnp.float32) - student) ** 2)
+  return kd_weight * KD_DISTANCES[distance](targets.astype(jnp.float32), student)
 
 
 # ------------------------------------------------------------- class-sharded margin head

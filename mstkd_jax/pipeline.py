@@ -1,4 +1,5 @@
-"""The MST-KD recipe as a small graph of named stages, each writing into <workdir>/<stage>/.
+"""Runs the MST-KD recipe (stages/recipe.py: its graph of named stages), each stage writing
+into <workdir>/<stage>/.
 
 A stage is finished when its stage.json says so (written last, after its outputs, with the
 size and a content hash of each), and a finished stage whose outputs are intact is skipped,
@@ -9,168 +10,23 @@ fingerprints): a finished stage whose fields changed is not reused silently — 
 naming the fields, and `--config.force=<stage>` reruns it and everything downstream.
 """
 
-import dataclasses
 import hashlib
 import json
 import os
 import sys
 import time
-from typing import Callable
 
 import jax
 import ml_collections
 import numpy as np
 
-from mstkd_jax import files, paths, workdir as workdir_lib
-from mstkd_jax.data import input_pipeline, sources
-from mstkd_jax import errors
+from mstkd_jax import errors, files, paths, workdir as workdir_lib
+from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import report as report_lib, seeds as seeds_lib
-from mstkd_jax.models import adaptor as adaptor_model
-from mstkd_jax.stages import adaptor, common, extract, report as report_stage, student, teacher
+from mstkd_jax.stages import common, report as report_stage
+from mstkd_jax.stages.recipe import Stage, build
 from mstkd_jax.train import parallel as parallel_lib
-
-SET_PREFIX = {"specialized": ("teacher", "mstkd", ""), "balanced": ("balanced_teacher",
-                                                                    "balanced_kd", "balanced_")}
-
-
-@dataclasses.dataclass
-class Stage:
-  """One node of the recipe: `run(config, workdir, inputs=...)` on its own derived config.
-
-  `config` holds what shapes the stage's numbers (fingerprinted); `inputs` the folders of
-  the stages it reads (never fingerprinted: the deps' own fingerprints stand for them).
-  """
-  name: str                          # also its folder under the workdir, e.g. teacher/group_a
-  config: ml_collections.ConfigDict  # what the stage runs with
-  run: Callable
-  deps: tuple[str, ...] = ()
-  model: str = ""                    # report row of the model it trains ("" = none)
-  section: str = ""                  # its recipe section in configs/distill.py ("" = none)
-  inputs: common.Inputs = common.Inputs()
-  # Writes its local caches again for a finished stage, from its saved outputs and inputs.
-  remake: Callable | None = None
-
-  def run_in(self, stage_dir: str):
-    kwargs = {"epochs_field": f"{self.section}.train.epochs"} if self.section else {}
-    return self.run(self.config, stage_dir, name=self.name, inputs=self.inputs, **kwargs)
-
-
-def _base(config) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  for key in ("seed", "parallelism", "num_devices", "cache_dir", "data", "model", "head"):
-    c[key] = config[key]
-  return ml_collections.ConfigDict(c.to_dict())
-
-
-def _with_recipe(config, recipe) -> ml_collections.ConfigDict:
-  c = _base(config)
-  c.train = ml_collections.ConfigDict(recipe.train.to_dict())
-  c.optim = ml_collections.ConfigDict(recipe.optim.to_dict())
-  return c
-
-
-def balanced_split(num_identities: int, parts: int, seed: int) -> list[np.ndarray]:
-  """All identities split at random (seeded) into `parts` disjoint parts of equal size; where
-  `parts` does not divide the count, the first parts take one identity more (BUPT's 27,997:
-  7,000 + 3 x 6,999, as the authors' baseline teachers)."""
-  if parts < 1 or num_identities < parts:
-    raise UserError(f"the balanced baseline cannot split {num_identities} training "
-                    f"identities into {parts} parts")
-  order = np.random.default_rng(seed).permutation(num_identities)
-  return [np.sort(p) for p in np.array_split(order, parts)]
-
-
-# The fields of configs/distill.py's `adaptor` section that are not the adaptor network's.
-ADAPTOR_TRAINING_FIELDS = ("train", "optim", "head")
-
-
-def adaptor_fields(config, kind: str) -> dict:
-  """The adaptor network's models.create("adaptor", ...) arguments: `kind` and every field
-  of the recipe's `adaptor` section but its training ones (so a new adaptor hyperparameter
-  is a config field and a module attribute, nothing in between)."""
-  fields = {k: v for k, v in config.adaptor.to_dict().items()
-            if k not in ADAPTOR_TRAINING_FIELDS}
-  return {"kind": kind, **fields}
-
-
-def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
-  """The recipe's stages in an order that respects their dependencies."""
-  kd_losses = tuple(k for k in student.KD_LOSSES if k != "none")
-  for field, allowed in (("teacher_sets", SET_PREFIX), ("kd_losses", kd_losses),
-                         ("adaptors", adaptor_model.KINDS)):
-    for value in config[field]:
-      if value not in allowed:
-        raise UserError(f"config field {field} holds {value!r}; expected some of "
-                        f"{list(allowed)}")
-  input_pipeline.check_orientation(config.target_orientation, "target_orientation")
-  for section in ("teacher", "student"):   # checked now, not when the stage starts
-    common.evaluation_fields(config[section].train, f"{section}.train")
-  for section in ("teacher", "adaptor", "student"):
-    input_pipeline.check_batch_split(config[section].train.batch_size, 1, 1,
-                                     f"{section}.train.batch_size")
-  if config.targets not in student.TARGETS:
-    raise UserError(f"config field targets={config.targets!r}: expected one of "
-                    f"{student.TARGETS}")
-  groups = train_set.group_names
-  if not groups:
-    raise UserError("the training set has no groups; MST-KD needs one teacher per group")
-  stages = []
-  path = lambda name: os.path.join(workdir, name)
-  for teacher_set in config.teacher_sets:
-    teacher_prefix, student_prefix, adaptor_prefix = SET_PREFIX[teacher_set]
-    if teacher_set == "specialized":
-      subsets = [(g, dict(group=g, identities="")) for g in groups]
-    else:
-      parts = balanced_split(train_set.num_identities, len(groups), config.balanced_seed)
-      subsets = [(str(k), dict(group="", identities=",".join(map(str, p))))
-                 for k, p in enumerate(parts)]
-    teacher_names = []
-    for label, section in subsets:
-      c = _with_recipe(config, config.teacher)
-      c.teacher = section
-      name = f"{teacher_prefix}/{label}"
-      stages.append(Stage(name, c, teacher.run, model=name, section="teacher"))
-      teacher_names.append(name)
-    c = _base(config)
-    c.train = ml_collections.ConfigDict(config.teacher.train.to_dict())
-    teacher_dirs = tuple(path(n) for n in teacher_names)
-    extract_name = f"extract/{teacher_set}"
-    stages.append(Stage(extract_name, c, extract.run, deps=tuple(teacher_names),
-                        inputs=common.Inputs(teacher_dirs=teacher_dirs),
-                        remake=extract.remake_caches))
-    for kind in config.adaptors:
-      c = _with_recipe(config, config.adaptor)
-      c.head = ml_collections.ConfigDict(config.adaptor.head.to_dict())
-      c.adaptor = dict(model=adaptor_fields(config, kind),
-                       orientation=config.target_orientation)
-      adaptor_name = f"adaptor/{teacher_set}/{kind}"
-      stages.append(Stage(adaptor_name, c, adaptor.run, deps=(extract_name,),
-                          model=f"{adaptor_prefix}adaptor/{kind}", section="adaptor",
-                          inputs=common.Inputs(extract_dir=path(extract_name)),
-                          remake=adaptor.remake_caches))
-      for kd in config.kd_losses:
-        c = _with_recipe(config, config.student)
-        c.student = dict(
-            kd=kd, targets=config.targets, orientation=config.target_orientation,
-            kd_weight=config.student.kd_weight,
-            adaptor_model=adaptor_fields(config, kind))
-        name = f"{student_prefix}/{kind}/{kd}"
-        online = config.targets == "online"
-        deps = (adaptor_name,) + (tuple(teacher_names) if online else ())
-        inputs = common.Inputs(adaptor_dir=path(adaptor_name),
-                               teacher_dirs=teacher_dirs if online else ())
-        stages.append(Stage(f"student/{name}", c, student.run, deps=deps, model=name,
-                            section="student", inputs=inputs))
-  if config.student_alone:
-    c = _with_recipe(config, config.student)
-    c.student = dict(kd="none", orientation="as_fed", adaptor_model=None)
-    stages.append(Stage("student/student_alone", c, student.run, model="student_alone",
-                        section="student"))
-  models = tuple(s.name for s in stages if s.model)
-  c = ml_collections.ConfigDict(dict(models=models))
-  stages.append(Stage("report", c, None, deps=models))
-  return stages
 
 
 def _fingerprint(stage: Stage, fingerprints: dict) -> dict:
@@ -178,8 +34,12 @@ def _fingerprint(stage: Stage, fingerprints: dict) -> dict:
   flat = {k: v for k, v in workdir_lib.flatten(fields).items()
           if not any(k == f or k.startswith(f + ".") for f in workdir_lib.RUN_CONTROL_FIELDS)}
   inputs = {d: fingerprints[d] for d in stage.deps}
-  digest = hashlib.sha256(json.dumps([flat, inputs], sort_keys=True).encode()).hexdigest()
-  return {"fingerprint": digest, "fields": flat, "inputs": inputs}
+  # A network made elsewhere counts by its content (a stage that imports none keeps the
+  # fingerprint it had before imports existed).
+  made = [flat, inputs] + ([stage.imported] if stage.imported else [])
+  digest = hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()
+  return {"fingerprint": digest, "fields": flat, "inputs": inputs,
+          **({"imported": stage.imported} if stage.imported else {})}
 
 
 def _read_record(stage_dir: str) -> dict | None:
@@ -190,6 +50,8 @@ def _stale_message(name: str, old: dict, new: dict) -> str:
   changed = workdir_lib.changed_fields(old["fields"], new["fields"])
   changed += [f"input {d} changed" for d, fp in new["inputs"].items()
               if old.get("inputs", {}).get(d) != fp]
+  if old.get("imported") != new.get("imported"):
+    changed.append("the network it imports changed")
   return (f"the finished stage {name!r} was made with another config ("
           + "; ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
           + f"). Rerun it and everything after it with --config.force={name}, or use "

@@ -74,10 +74,14 @@ def _record_folder(stage_dir: str, root: str, dirs: list, names: list, record: d
   for name in sorted(names):
     if (rel_root == "." and name in UNRECORDED) or name.startswith(UNRECORDED_PREFIXES):
       continue
-    path = os.path.join(root, name)
-    size = files.size(path)
     rel = os.path.normpath(os.path.join(rel_root, name))
-    record[rel] = {"size": size, "sha256": _file_digest(path, size)}
+    record[rel] = file_record(os.path.join(root, name))
+
+
+def file_record(path: str) -> dict:
+  """{"size": bytes, "sha256": digest} of one file (`output_record`'s entry for it)."""
+  size = files.size(path)
+  return {"size": size, "sha256": _file_digest(path, size)}
 
 
 def damaged_output(stage_dir: str, record: dict, contents: bool = True) -> str | None:

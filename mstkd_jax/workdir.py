@@ -22,8 +22,8 @@ from mstkd_jax import errors, files, paths
 from mstkd_jax.errors import UserError
 # Re-exported: the stages and the pipeline read and write these records through here.
 from mstkd_jax.records import (  # pylint: disable=unused-import
-    UNRECORDED, damaged_output, output_record, read_results, read_stage_record,
-    write_results)
+    UNRECORDED, damaged_output, file_record, output_record, read_results,
+    read_stage_record, write_results)
 from mstkd_jax.train import parallel as parallel_lib
 from mstkd_jax.train.checkpoints import Checkpoints, flat_shapes, shape_mismatches
 
@@ -33,10 +33,11 @@ from mstkd_jax.train.checkpoints import Checkpoints, flat_shapes, shape_mismatch
 RUN_CONTROL_FIELDS = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                       "train.eval_batch_size", "train.eval_every", "parallelism",
                       "num_devices", "data.data_dir", "cache_dir", "only", "force",
-                      # The layout of the class centres, saved whole either way (the
-                      # adaptor's head section sits under `adaptor` in the recipe's
-                      # config). head.sample_rate changes the numbers: not listed.
-                      "head.shard_classes", "adaptor.head.shard_classes")
+                      # The layout of the class centres, saved whole either way (each
+                      # role's head section sits under its name in the recipe's config).
+                      # head.sample_rate changes the numbers: not listed.
+                      "head.shard_classes", "teacher.head.shard_classes",
+                      "adaptor.head.shard_classes", "student.head.shard_classes")
 
 
 # ------------------------------------------------------------------------- config diffs

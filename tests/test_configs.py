@@ -11,27 +11,32 @@ from mstkd_jax.train import build
 @pytest.mark.parametrize("module,preset", [
     (teacher, "default"), (teacher, "smoke"), (teacher, "tiny"), (teacher, "bupt_iresnet34"),
     (distill, "default"), (distill, "smoke"), (distill, "tiny"), (distill, "full"),
-    (distill, "bupt_iresnet34")])
+    (distill, "wide_teachers"), (distill, "bupt_iresnet34")])
 def test_every_preset_builds_its_model_and_margin(module, preset):
   config = module.get_config(preset)
-  assert build.backbone(config.model).dropout == 0.0   # iresnet18 / 34: no dropout
-  spec = build.margin_spec(config.head)
-  assert (spec.name, spec.s, spec.m, spec.std) == ("elastic_arcface", 64.0, 0.5, 0.05)
+  # A single stage's config has one model and head; the recipe's, one per role.
+  sections = [config[role] for role in ("teacher", "student")] if "student" in config else [
+      config]
+  for section in sections:
+    assert build.backbone(section.model).dropout == 0.0   # iresnet18 / 34: no dropout
+    spec = build.margin_spec(section.head)
+    assert (spec.name, spec.s, spec.m, spec.std) == ("elastic_arcface", 64.0, 0.5, 0.05)
 
 
 def test_paper_preset_numbers():
   c = distill.get_config("bupt_iresnet34")
-  assert (c.model.name, c.model.width, c.model.embedding_size) == ("iresnet34", 64, 512)
   for section in (c.teacher, c.student):
+    assert (section.model.name, section.model.width, section.model.embedding_size) == (
+        "iresnet34", 64, 512)
     assert section.train.batch_size == 128 and section.train.epochs == 52.0
     assert tuple(section.optim.lr_decay_epochs) == (16, 28, 40, 50)
     assert state_lib.scaled_lr(section.optim.base_lr, section.train.batch_size) == 0.025
     assert section.optim.clip_norm == 5.0 and section.optim.weight_decay == 5e-4
-  assert c.student.kd_weight == 10000.0
+  assert c.student.kd.weight == 10000.0 and c.kd_distances == ("mse",)
   a = c.adaptor
   assert a.train.epochs == 26.0 and tuple(a.optim.lr_decay_epochs) == (8, 14, 20, 25)
   assert state_lib.scaled_lr(a.optim.base_lr, a.train.batch_size) == 0.25
-  assert a.optim.clip_norm == 5.0 and a.dropout == 0.2
+  assert a.optim.clip_norm == 5.0 and a.model.dropout == 0.2 and a.model.embedding_size == 512
   spec = build.margin_spec(a.head)
   assert (spec.name, spec.m, spec.std) == ("elastic_arcface", 0.5, 0.0125)
   assert c.target_orientation == "stored"   # the released scripts' targets
@@ -66,8 +71,9 @@ def test_iresnet50_takes_the_paper_s_dropout_unless_given():
 
 
 # Fields of configs/distill.py that the pipeline itself reads (the others reach a stage).
-PIPELINE_FIELDS = {"stage", "preset", "teacher_sets", "adaptors", "kd_losses", "student_alone",
-                   "seeds", "targets", "target_orientation", "balanced_seed", "only", "force"}
+PIPELINE_FIELDS = {"stage", "preset", "teacher_sets", "adaptors", "kd_losses", "kd_distances",
+                   "student_alone", "seeds", "targets", "target_orientation", "balanced_seed",
+                   "only", "force"}
 
 
 def _changed(value):
@@ -86,7 +92,7 @@ def _changed(value):
 @pytest.mark.parametrize("preset", ["tiny", "smoke"])
 def test_every_field_of_the_recipe_is_read(tmp_path, preset):
   """Changing any field of the recipe changes some stage's config (or is refused): no
-  field is silently ignored. The pipeline's own fields are read by pipeline.build/run."""
+  field is silently ignored. The pipeline's own fields are read by recipe.build/run."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from mstkd_jax import pipeline, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from mstkd_jax.data import sources  # pylint: disable=g-import-not-at-top

@@ -58,8 +58,7 @@ def tiny_student_config():
   c.train.update(epochs=1.0, checkpoint_every=100)
   c.parallelism = "shard_map"         # the teacher runs pmap: both kinds span processes
   c.student = ml_collections.ConfigDict(dict(
-      kd="a-KD", targets="cached", kd_weight=100.0,
-      adaptor_model=dict(kind="SL", embedding_size=EMBEDDING, dropout=0.0)))
+      kd=dict(distance="mse", weight=100.0, margin_loss=False), targets="cached"))
   return c
 
 

@@ -10,6 +10,7 @@ import pytest
 from configs import distill
 from mstkd_jax import pipeline
 from mstkd_jax.errors import UserError
+from mstkd_jax.stages import recipe
 
 
 @pytest.fixture
@@ -40,7 +41,7 @@ def test_every_stage_is_marked_finished_after_its_outputs(finished):
   assert targets.shape == (2 * 8 * 6, 2, 16)
   np.testing.assert_allclose(np.linalg.norm(targets, axis=-1), 1.0, rtol=1e-5)
   embeddings = np.load(os.path.join(workdir, "extract/specialized/teacher_embeddings.npy"))
-  assert embeddings.shape == (96, 2, 2, 16)
+  assert embeddings.shape == (96, 2, 2 * 16)     # both teachers' 16-D embeddings, concatenated
 
 
 def test_rerun_skips_finished_stages(finished, capsys):
@@ -54,9 +55,9 @@ def test_rerun_skips_finished_stages(finished, capsys):
 def test_changed_config_of_a_finished_stage_is_refused_naming_fields(finished):
   workdir, _ = finished
   config = distill.get_config("tiny")
-  config.student.kd_weight = 5.0
+  config.student.kd.weight = 5.0
   with pytest.raises(UserError, match=r"'student/mstkd/SL/a-KD' was made with another config "
-                                      r"\(student.kd_weight: 10000.0 -> 5.0\).*"
+                                      r"\(student.kd.weight: 10000.0 -> 5.0\).*"
                                       r"--config.force=student/mstkd/SL/a-KD"):
     pipeline.run(config, workdir)
 
@@ -76,16 +77,16 @@ def test_unknown_stage_name_lists_the_stages(tmp_path):
 
 
 def test_balanced_split_is_equal_disjoint_and_complete():
-  parts = pipeline.balanced_split(12, 3, seed=0)
+  parts = recipe.balanced_split(12, 3, seed=0)
   assert [len(p) for p in parts] == [4, 4, 4]
   assert sorted(np.concatenate(parts)) == list(range(12))
-  assert [list(p) for p in parts] == [list(p) for p in pipeline.balanced_split(12, 3, 0)]
+  assert [list(p) for p in parts] == [list(p) for p in recipe.balanced_split(12, 3, 0)]
   # BUPT-Balancedface's 27,997 identities: 7,000 + 3 x 6,999, as the authors' baseline.
-  parts = pipeline.balanced_split(27_997, 4, seed=0)
+  parts = recipe.balanced_split(27_997, 4, seed=0)
   assert [len(p) for p in parts] == [7000, 6999, 6999, 6999]
   assert len(np.unique(np.concatenate(parts))) == 27_997
   with pytest.raises(UserError, match="cannot split 3 training identities into 4 parts"):
-    pipeline.balanced_split(3, 4, seed=0)
+    recipe.balanced_split(3, 4, seed=0)
 
 
 def test_target_orientation_reaches_the_adaptor_and_kd_students(tmp_path):
@@ -97,7 +98,7 @@ def test_target_orientation_reaches_the_adaptor_and_kd_students(tmp_path):
   stages = {s.name: s.config for s in pipeline.build(config, str(tmp_path), train_set)}
   assert stages["adaptor/specialized/SL"].adaptor.orientation == "stored"
   assert stages["student/mstkd/SL/a-KD"].student.orientation == "stored"
-  assert stages["student/student_alone"].student.orientation == "as_fed"
+  assert "orientation" not in stages["student/student_alone"].student   # no targets to orient
   config.target_orientation = "mirror"
   with pytest.raises(UserError, match="target_orientation='mirror': expected one of"):
     pipeline.build(config, str(tmp_path), train_set)
@@ -170,9 +171,9 @@ def test_seeds_run_once_each_and_end_with_the_combined_report(finished, tmp_path
   assert again["models"] == combined["models"]
 
   changed = _two_seeds()
-  changed.student.kd_weight = 5.0
+  changed.student.kd.weight = 5.0
   with pytest.raises(UserError, match=r"the seed folder .*seed_0 holds a run of another "
-                                      r"config \(student.kd_weight: 10000.0 -> 5.0\)"):
+                                      r"config \(student.kd.weight: 10000.0 -> 5.0\)"):
     pipeline.run(changed, str(tmp_path))
 
 

@@ -381,7 +381,7 @@ def _adaptor_stage(tmp_path):
   c = ml_collections.ConfigDict(stage.config.to_dict())
   c.num_devices = DEVICES
   c.train.update(epochs=1.0, log_every=2)
-  teachers, size = len(train_set.group_names), config.model.embedding_size
+  teachers, size = len(train_set.group_names), config.teacher.model.embedding_size
   rng = np.random.default_rng(0)
 
   def unit(shape):
@@ -520,7 +520,8 @@ def test_shard_classes_may_change_in_a_workdir_and_sample_rate_may_not(tmp_path)
   # The recipe's config (a seed folder's record): the adaptor's head sits under `adaptor`.
   old = workdir_lib.config_dict(distill.get_config("tiny"))
   new = distill.get_config("tiny")
-  new.head.shard_classes = new.adaptor.head.shard_classes = True
+  for role in ("teacher", "adaptor", "student"):
+    new[role].head.shard_classes = True
   assert workdir_lib.changed_fields(old, workdir_lib.config_dict(new)) == []
   new.adaptor.head.sample_rate = 0.5
   assert workdir_lib.changed_fields(old, workdir_lib.config_dict(new)) == [
@@ -548,11 +549,15 @@ def test_student_stages_read_shard_classes_and_sample_rate(tmp_path, monkeypatch
   stage = {s.name: s for s in pipeline.build(config, str(tmp_path), train_set)}[name]
   c = ml_collections.ConfigDict(stage.config.to_dict())
   c.num_devices = DEVICES
-  c.head.update(shard_classes=True, sample_rate=0.5)
+  if kd == "a-KD":
+    assert "head" not in c        # a-KD trains no margin head: its config has none
+  else:
+    c.head.update(shard_classes=True, sample_rate=0.5)
   adaptor_dir = tmp_path / "adaptor"
   adaptor_dir.mkdir()
   np.save(adaptor_dir / "targets.npy", np.zeros((train_set.num_examples, 2,
-                                                 config.model.embedding_size), np.float32))
+                                                 config.student.model.embedding_size),
+                                                np.float32))
   seen = {}
 
   def stop(self, settings, init_state, step_fn, batches, **kwargs):

@@ -8,11 +8,14 @@ selected adaptor under model/, and the adaptor's space on every group's verifica
 The teacher embeddings are read memory-mapped and the targets written in chunks, so neither
 has to fit in memory.
 
-Config: seed, parallelism, num_devices, data, model.embedding_size, head (the adaptor's
-margin head; head.shard_classes and head.sample_rate as the teacher's), optim, train,
-adaptor.orientation and adaptor.model (the arguments of models.create("adaptor", ...):
-kind, embedding_size, dropout).
-Inputs: extract_dir (the extraction stage).
+Config: seed, parallelism, num_devices, data, model (the adaptor network: the arguments of
+models.create("adaptor", ...), kind, embedding_size, dropout), head (its margin head;
+head.shard_classes and head.sample_rate as the teacher's), optim, train and
+adaptor.orientation. Inputs: extract_dir (the extraction stage).
+
+`run_import` makes the same outputs from an adaptor trained elsewhere (config field
+adaptor.checkpoints: an adaptor stage folder, or the authors' .pth), with no training.
+Config: parallelism, num_devices, data, model. Inputs: extract_dir, checkpoint.
 """
 
 import dataclasses
@@ -25,7 +28,7 @@ from mstkd_jax import files, models, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import embed, target_space
-from mstkd_jax.stages import common, extract
+from mstkd_jax.stages import common, extract, imported
 from mstkd_jax.train import build, loop, steps
 
 
@@ -34,12 +37,13 @@ def _apply_fn(adaptor):
 
 
 def _map(apply, variables, embeddings, out, batch=4096):
-  """Writes the adaptor outputs for [..., G, D] teacher embeddings (possibly memory-mapped)
-  into out [..., D_out] (contiguous, e.g. a memory-mapped file), in chunks; returns out."""
+  """Writes the adaptor outputs for concatenated teacher embeddings [..., sum D_g] (or
+  [..., G, D]; possibly memory-mapped) into out [..., D_out] (contiguous, e.g. a
+  memory-mapped file; its leading axes are the embeddings'), in chunks; returns out."""
   if not out.flags.c_contiguous:
     raise ValueError("the adaptor outputs need a contiguous array to fill")
-  flat = embeddings.reshape((-1, embeddings.shape[-2] * embeddings.shape[-1]))
-  rows = out.reshape((len(flat), out.shape[-1]))       # a view of out
+  rows = out.reshape((-1, out.shape[-1]))               # a view of out
+  flat = embeddings.reshape((len(rows), -1))
   for i in range(0, len(flat), batch):
     rows[i:i + batch] = np.asarray(apply(variables, np.asarray(flat[i:i + batch])))
   return out
@@ -56,6 +60,23 @@ def _write_targets(config, workdir: str, apply, variables, train_embeddings, siz
   return path
 
 
+def _template(adaptor, input_size: int) -> dict:
+  """{"params"} of the adaptor network initialized for `input_size` teacher inputs."""
+  variables = build.template_variables(adaptor, np.zeros((1, input_size), np.float32))
+  return {"params": variables["params"]}
+
+
+def _teacher_embeddings(config, run: common.StageRun, extract_dir: str):
+  """(training [N, 2, sum D_g] memory-mapped, verification as extract.load, sum D_g)."""
+  train_embeddings, verification = extract.load(config, extract_dir)
+  num = len(train_embeddings)
+  if num != run.train_set.num_examples:
+    raise UserError(f"the teacher embeddings in {extract_dir} cover {num} images, the "
+                    f"training set has {run.train_set.num_examples}; rerun the extraction")
+  input_size = int(np.prod(train_embeddings.shape[2:]))
+  return train_embeddings.reshape(num, 2, input_size), verification, input_size
+
+
 def remake_caches(config, workdir: str, name: str = "adaptor",
                   inputs: common.Inputs = common.Inputs()) -> None:
   """Writes the cache targets.npy of the finished stage in `workdir` again, from its saved
@@ -67,15 +88,13 @@ def remake_caches(config, workdir: str, name: str = "adaptor",
     UserError: the saved adaptor or the teacher embeddings are missing or do not fit.
   """
   train_embeddings, _ = extract.load(config, inputs.extract_dir)
-  num, _, num_teachers, size = train_embeddings.shape
-  network = config.adaptor.model.to_dict()
-  adaptor = models.create("adaptor", **network)
-  template = build.init_variables(adaptor, jax.random.PRNGKey(0),
-                                  np.zeros((1, num_teachers * size), np.float32))
-  variables = workdir_lib.load_model(workdir, {"params": template["params"]}, name)
+  num = len(train_embeddings)
+  input_size = int(np.prod(train_embeddings.shape[2:]))
+  adaptor = models.create("adaptor", **config.model.to_dict())
+  variables = workdir_lib.load_model(workdir, _template(adaptor, input_size), name)
   print(f"[{name}] remaking the targets of {num} images from the saved adaptor", flush=True)
-  _write_targets(config, workdir, _apply_fn(adaptor), variables, train_embeddings,
-                 network["embedding_size"])
+  _write_targets(config, workdir, _apply_fn(adaptor), variables,
+                 train_embeddings.reshape(num, 2, input_size), config.model.embedding_size)
 
 
 def run(config, workdir: str, name: str = "adaptor", epochs_field: str = "train.epochs",
@@ -90,22 +109,19 @@ def run(config, workdir: str, name: str = "adaptor", epochs_field: str = "train.
   orientation = input_pipeline.check_orientation(
       config.adaptor.get("orientation", "as_fed"), "adaptor.orientation")
   run = common.StageRun.create(config, workdir, name, epochs_field)
-  train_embeddings, verification = extract.load(config, inputs.extract_dir)  # memory-mapped
+  train_embeddings, verification, input_size = _teacher_embeddings(config, run,
+                                                                   inputs.extract_dir)
   labels = run.train_set.identity
-  num, _, num_teachers, size = train_embeddings.shape
-  if num != len(labels):
-    raise UserError(f"the teacher embeddings in {inputs.extract_dir} cover {num} "
-                    f"images, the training set has {len(labels)}; rerun the extraction")
-  network = config.adaptor.model.to_dict()
-  print(f"[{name}] {network['kind']} adaptor over {num_teachers} teachers x {size}-D, "
-        f"{num} images of {run.train_set.num_identities} identities", flush=True)
+  num = len(labels)
+  network = config.model.to_dict()
+  print(f"[{name}] {network['kind']} adaptor over {input_size}-D concatenated teacher "
+        f"embeddings, {num} images of {run.train_set.num_identities} identities", flush=True)
   settings = run.settings(num, select_best_epoch=True)
 
   adaptor = models.create("adaptor", **network)
   head = models.create("margin_head", num_classes=run.train_set.num_identities)
   init_rng, head_rng = run.init_rngs()
-  variables = build.init_variables(adaptor, init_rng,
-                                   np.zeros((1, num_teachers * size), np.float32))
+  variables = build.init_variables(adaptor, init_rng, np.zeros((1, input_size), np.float32))
   head_vars = build.init_variables(
       head, head_rng, np.zeros((1, network["embedding_size"]), np.float32))
   init_state, tx, schedule = run.state(
@@ -122,7 +138,7 @@ def run(config, workdir: str, name: str = "adaptor", epochs_field: str = "train.
                               classes=classes)
   # Only labels go through tf.data; each batch reads its rows of the (memory-mapped)
   # embeddings in the orientation drawn for it, like an image flip.
-  oriented = {"teacher_embeddings": train_embeddings.reshape(num, 2, num_teachers * size)}
+  oriented = {"teacher_embeddings": train_embeddings}
 
   def batches(start):
     for batch in input_pipeline.train_batches({"label": labels}, start_step=start,
@@ -135,25 +151,58 @@ def run(config, workdir: str, name: str = "adaptor", epochs_field: str = "train.
   best = {"params": best["params"]["backbone"]}
   print(f"[{name}] selected epoch {info['epoch']} (mean training loss "
         f"{info['mean_loss']:.4f})", flush=True)
+  training = common.training_record(run.workdir, settings)
+  return _finish(run, adaptor, best, info["step"], train_embeddings, verification,
+                 {"training": training, "selected": info}) | {"best": info}
+
+
+def run_import(config, workdir: str, name: str = "adaptor",
+               inputs: common.Inputs = common.Inputs(),
+               field: str = "adaptor.checkpoints") -> dict:
+  """Imports the adaptor in `inputs.checkpoint` (imported.load_adaptor) into the network of
+  config.model instead of training one, then writes what `run` writes (model/,
+  targets.npy, its space's verification embeddings, results.json with "imported": where
+  it came from). Returns {"verification", "training": None, "diagnostics", "imported"}.
+
+  Raises:
+    UserError: the teacher embeddings are missing or cover another training set, or the
+      checkpoint cannot be read or does not fit (`field` names the config field).
+  """
+  run = common.StageRun.create(config, workdir, name)
+  train_embeddings, verification, input_size = _teacher_embeddings(config, run,
+                                                                   inputs.extract_dir)
+  adaptor = models.create("adaptor", **config.model.to_dict())
+  variables, record = imported.load_adaptor(inputs.checkpoint,
+                                            _template(adaptor, input_size),
+                                            config.model.kind, field)
+  print(f"[{name}] imported {inputs.checkpoint} ({record['format']}); no training",
+        flush=True)
+  return _finish(run, adaptor, variables, record["step"] or 0, train_embeddings,
+                 verification, {"imported": record}) | {"imported": record}
+
+
+def _finish(run: common.StageRun, adaptor, variables: dict, step: int, train_embeddings,
+            verification: dict, record: dict) -> dict:
+  """The end of a trained or imported adaptor: its space on every group's verification
+  pairs, model/, the targets cache, the target-space diagnostics and results.json (with
+  `record`'s entries). Returns {"verification", "training", "diagnostics"}."""
   apply = _apply_fn(adaptor)
-  size_out = network["embedding_size"]
-  space = {g: tuple(_map(apply, best, emb[:, k], np.empty((len(emb), size_out), np.float32))
-                    for k in (0, 1)) + (same,)
+  size_out = run.config.model.embedding_size
+  space = {g: tuple(_map(apply, variables, emb[:, k],
+                         np.empty((len(emb), size_out), np.float32)) for k in (0, 1)) + (same,)
            for g, (emb, same) in verification.items()}
   results = embed.evaluate_embeddings(space)
-  print(f"[{name}] adaptor space verification accuracy: {embed.accuracy_line(results)}",
+  print(f"[{run.name}] adaptor space verification accuracy: {embed.accuracy_line(results)}",
         flush=True)
-  training = common.training_record(run.workdir, settings)
-  workdir_lib.save_model(run.workdir, info["step"], best)  # every process takes part
+  workdir_lib.save_model(run.workdir, step, variables)  # every process takes part
   diagnostics = None
-  path = _write_targets(config, run.workdir, apply, best, train_embeddings, size_out)
+  path = _write_targets(run.config, run.workdir, apply, variables, train_embeddings, size_out)
   if jax.process_index() == 0:
     embed.save_embeddings(run.workdir, space)
     diagnostics = target_space.space_statistics(
-        np.load(path, mmap_mode="r")[:, 0], labels, run.train_set.group)
-    common.warn_collapse(name, diagnostics)
-  workdir_lib.write_results(run.workdir, name, info["step"], results,
-                            {"training": training, "selected": info,
-                             "diagnostics": {"targets": diagnostics}})
-  return {"verification": results, "best": info, "training": training,
+        np.load(path, mmap_mode="r")[:, 0], run.train_set.identity, run.train_set.group)
+    common.warn_collapse(run.name, diagnostics)
+  workdir_lib.write_results(run.workdir, run.name, step, results,
+                            {**record, "diagnostics": {"targets": diagnostics}})
+  return {"verification": results, "training": record.get("training"),
           "diagnostics": diagnostics}

@@ -8,6 +8,7 @@ and steps take plain values.
 """
 
 import dataclasses
+import json
 import os
 
 import jax
@@ -27,10 +28,14 @@ class Inputs:
   """The folders of earlier stages that a stage reads. They are not part of its config: a
   stage's fingerprint and config.json hold only the fields that shape its numbers, so a
   workdir moved elsewhere, or an input rerun at the same config, is still the same stage
-  (the pipeline chains the inputs' own fingerprints into a stage's record)."""
+  (the pipeline chains the inputs' own fingerprints into a stage's record, and a network
+  made elsewhere is fingerprinted by its content). An earlier stage's network is read with
+  the `model` section of the config.json it ran with (`frozen_backbone`), so a stage holds
+  no other role's fields."""
   teacher_dirs: tuple[str, ...] = ()    # frozen teachers, in teacher order
   extract_dir: str = ""                 # the extraction stage (teacher embeddings)
   adaptor_dir: str = ""                 # the adaptor stage (targets); "" = no adaptor
+  checkpoint: str = ""                  # a network made elsewhere, to import (imported.py)
 
 
 # The memory-mapped caches a stage writes for the next one (in its cache folder).
@@ -90,7 +95,8 @@ class StageRun:
   def create(cls, config, workdir: str, name: str,
              epochs_field: str = "train.epochs") -> "StageRun":
     """Prepares the workdir (refusing one of another config), opens the training set and
-    the devices, and checks that train.batch_size splits over them.
+    the devices, and checks that train.batch_size splits over them (a stage that does not
+    train has no train.batch_size: nothing to check).
 
     Raises:
       UserError: from the workdir, the data or the batch split, naming the field.
@@ -98,8 +104,9 @@ class StageRun:
     workdir = workdir_lib.prepare(config, workdir)
     train_set = sources.training_set(config.data, workdir)
     parallel = parallel_lib.get(config.parallelism, config.num_devices)
-    input_pipeline.check_batch_split(config.train.batch_size, parallel.device_count,
-                                     jax.process_count())
+    if "batch_size" in config.train:
+      input_pipeline.check_batch_split(config.train.batch_size, parallel.device_count,
+                                       jax.process_count())
     return cls(config, workdir, name, train_set, parallel, epochs_field)
 
   def settings(self, num_examples: int, **changes) -> loop.LoopSettings:
@@ -260,3 +267,48 @@ def warn_collapse(name: str, statistics: dict) -> str | None:
   if warning:
     errors.warn(warning)
   return warning
+
+
+def stage_network(stage_dir: str) -> dict:
+  """The `model` section of the config.json that the stage in `stage_dir` ran with (the
+  network it trained or imported).
+
+  Raises:
+    UserError: config.json is missing or holds no model section.
+  """
+  path = os.path.join(stage_dir, "config.json")
+  config = files.read_json(path, "the config.json of a finished stage; rerun that stage",
+                           missing=None)
+  if config is None:
+    raise UserError(f"{path} is missing: the stage in {stage_dir} has not run; run it first")
+  if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+    raise UserError(f"{path} holds no model section; rerun the stage in {stage_dir}")
+  return config["model"]
+
+
+def frozen_backbone(stage_dir: str, image_example: np.ndarray, built: dict | None = None):
+  """(module, variables) of the backbone trained or imported by the stage in `stage_dir`:
+  its network from the config.json it ran with, its variables from its model/ folder, their
+  shapes checked against that network for images shaped like `image_example` [1, H, W, 3].
+  `built` ({} shared by the calls of one stage) keeps each network's module and template,
+  so teachers of one network share one module and initialize once.
+
+  Raises:
+    UserError: config.json or the model is missing, or the model does not fit.
+  """
+  network = stage_network(stage_dir)
+  key = json.dumps(network, sort_keys=True)
+  built = {} if built is None else built
+  if key not in built:
+    module = build.backbone(ml_collections.ConfigDict(network))
+    built[key] = (module, build.template_variables(module, image_example, train=False))
+  module, template = built[key]
+  return module, workdir_lib.load_model(stage_dir, template, stage_dir)
+
+
+def embedding_size(module, variables, image_example) -> int:
+  """The size of the embeddings `module` gives for images like `image_example` (traced,
+  not computed)."""
+  shape = jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables,
+                         image_example).shape
+  return int(shape[-1])

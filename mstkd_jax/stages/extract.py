@@ -1,15 +1,17 @@
 """Extraction stage: every frozen teacher of a set embeds every training image and its mirror.
 
 Writes teacher_embeddings.npy (in the stage folder, or under cache_dir: see
-common.cache_file), float32 [N, 2, G, D]: image n as stored ([:, 0])
-and mirrored ([:, 1]), teacher g in the fixed teacher order, L2-normalized, so the
-adaptor and the cached-target student fetch exactly the orientation they feed. The file is
-filled in place a chunk at a time and read memory-mapped, so it may exceed memory. Also
+common.cache_file), float32 [N, 2, sum D_g]: image n as stored ([:, 0]) and mirrored
+([:, 1]), each teacher's L2-normalized embedding (D_g values: teachers may differ in
+backbone and embedding size) concatenated in the fixed teacher order, so the adaptor and
+the cached-target student fetch exactly the orientation they feed. The file is filled in
+place a chunk at a time and read memory-mapped, so it may exceed memory. Also
 verification_teacher_embeddings.npz: the same for every group's verification pair images
 (the adaptor's space is evaluated on them).
 
-Config: seed, parallelism, num_devices, data, model (of the teachers), train.eval_batch_size.
-Inputs: teacher_dirs (the teacher stages, in teacher order).
+Config: parallelism, num_devices, data, train.eval_batch_size. Each teacher's network is
+the one its stage ran with (common.frozen_backbone). Inputs: teacher_dirs (the teacher
+stages, in teacher order).
 """
 
 import os
@@ -22,7 +24,7 @@ from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import embed, target_space
 from mstkd_jax.stages import common
-from mstkd_jax.train import build, parallel as parallel_lib
+from mstkd_jax.train import parallel as parallel_lib
 
 
 def _normalized_pair(variables, module, images, parallel, batch_size):
@@ -32,14 +34,14 @@ def _normalized_pair(variables, module, images, parallel, batch_size):
                    np.asarray(losses.l2_normalize(emb_flip))], axis=1)
 
 
-def _embed_training_set(variables, module, train_set, parallel, batch_size, out, teacher):
-  """Writes teacher `teacher`'s pairs of every training image into out[:, :, teacher]
-  chunk by chunk (out is None on processes that write no cache: they only take part)."""
+def _embed_training_set(variables, module, train_set, parallel, batch_size, out, columns):
+  """Writes one teacher's pairs of every training image into out[:, :, columns] chunk by
+  chunk (out is None on processes that write no cache: they only take part)."""
   count = 0
   for images in train_set.image_chunks(max(batch_size, 4096)):
     pairs = _normalized_pair(variables, module, images, parallel, batch_size)
     if out is not None and count + len(pairs) <= len(out):
-      out[count:count + len(pairs), :, teacher] = pairs
+      out[count:count + len(pairs), :, columns] = pairs
     count += len(pairs)
   if count != train_set.num_examples:
     raise UserError(f"the training set gave {count} images while its labels count "
@@ -68,10 +70,11 @@ def run(config, workdir: str, name: str = "extract",
   if is_main:
     files.save_npz(
         os.path.join(workdir, "verification_teacher_embeddings.npz"),
-        {f"{g}/embeddings": np.stack(parts, axis=2) for g, parts in verification_parts.items()}
+        {f"{g}/embeddings": np.concatenate(parts, axis=-1)
+         for g, parts in verification_parts.items()}
         | {f"{g}/issame": verification[g].issame for g in verification})
     # The space the adaptor starts from: the plain concatenation of the teachers'
-    # embeddings of every training image as stored.
+    # embeddings of every training image as stored ([N, sum D_g]).
     embeddings = np.load(cache, mmap_mode="r")
     diagnostics = target_space.space_statistics(embeddings[:, 0], train_set.identity,
                                                 train_set.group)
@@ -84,25 +87,27 @@ def run(config, workdir: str, name: str = "extract",
 def _embed(config, workdir: str, name: str, teacher_dirs: list, train_set, verification: dict
            ) -> dict:
   """Writes every teacher's embeddings of the training set into the cache and returns
-  {group: [each teacher's [2P, 2, D] of the verification pair images]}."""
+  {group: [each teacher's [2P, 2, D_g] of the verification pair images]}."""
   parallel = parallel_lib.get(config.parallelism, config.num_devices)
-  module = build.backbone(config.model)
-  template = build.init_variables(
-      module, jax.random.PRNGKey(0), np.zeros((1,) + train_set.image_shape, np.float32),
-      train=False)
+  example = np.zeros((1,) + train_set.image_shape, np.float32)
+  built = {}
+  teachers = [common.frozen_backbone(d, example, built) for d in teacher_dirs]
+  sizes = [common.embedding_size(module, variables, example)
+           for module, variables in teachers]
+  offsets = np.cumsum([0] + sizes)
   batch = config.train.eval_batch_size
   verification_parts = {g: [] for g in verification}
-  # Every teacher is loaded against this template (shapes checked), so all share its size.
-  shape = (train_set.num_examples, 2, len(teacher_dirs), config.model.embedding_size)
-  # Written in place, a chunk at a time: [N, 2, G, D] float32 reaches ~20 GB at BUPT scale.
+  # Written in place, a chunk at a time: [N, 2, sum D_g] float32 reaches ~20 GB at BUPT
+  # scale (4 x 512-D).
+  shape = (train_set.num_examples, 2, int(offsets[-1]))
   cache = common.cache_file(config, workdir, common.TEACHER_EMBEDDINGS, make=True)
   with files.npy_writer(cache, shape, enabled=common.writes_caches(config, workdir)
                         ) as train_out:
-    for i, teacher_dir in enumerate(teacher_dirs):
-      variables = workdir_lib.load_model(teacher_dir, template, teacher_dir)
-      print(f"[{name}] teacher {i + 1}/{len(teacher_dirs)} ({teacher_dir}) embeds "
-            f"{train_set.num_examples} training images and their mirrors", flush=True)
-      _embed_training_set(variables, module, train_set, parallel, batch, train_out, i)
+    for i, (teacher_dir, (module, variables)) in enumerate(zip(teacher_dirs, teachers)):
+      print(f"[{name}] teacher {i + 1}/{len(teacher_dirs)} ({teacher_dir}, {sizes[i]}-D) "
+            f"embeds {train_set.num_examples} training images and their mirrors", flush=True)
+      _embed_training_set(variables, module, train_set, parallel, batch, train_out,
+                          slice(offsets[i], offsets[i + 1]))
       for group, vset in verification.items():
         verification_parts[group].append(
             _normalized_pair(variables, module, vset.pair_images(), parallel, batch))
@@ -123,8 +128,10 @@ def remake_caches(config, workdir: str, name: str = "extract",
 
 
 def load(config, extract_dir: str) -> tuple[np.ndarray, dict]:
-  """(training [N, 2, G, D], {group: ([2P, 2, G, D], issame [P])}) written by `run` in
-  `extract_dir` (and its cache folder, from config field cache_dir).
+  """(training [N, 2, sum D_g], {group: ([2P, 2, sum D_g], issame [P])}) written by `run`
+  in `extract_dir` (and its cache folder, from config field cache_dir). Caches written
+  before teachers could differ in size hold [..., G, D] instead: callers flatten the
+  trailing axes (the same concatenation).
 
   The training embeddings come memory-mapped (read-only): callers read the rows they need.
   """

@@ -1,53 +1,130 @@
-"""Student stage: an IResNet trained from scratch on every training identity.
+"""Student stage: a backbone trained from scratch on every training identity.
 
-`student.kd` picks the loss: "none" (the student alone: ElasticArcFace only, the paper's
-baseline), "a-KD" (kd_weight x MSE to the MST-KD target, no labels) or "EAF-KD"
-(ElasticArcFace + the same term). Targets come `cached` (the adaptor stage's
-<adaptor>/targets.npy, for the image and its mirror, looked up for the orientation fed) or
-`online` (the frozen teachers and adaptor run inside the step).
+`student.kd` picks the loss: None (the student alone: its margin head's loss only, the
+paper's baseline) or {distance, weight, margin_loss}: weight x the KD distance
+(losses.KD_DISTANCES) between the student's normalized embedding and its MST-KD target,
+with the margin head's loss too where margin_loss (the paper's a-KD: mse without, EAF-KD:
+mse with). Targets come `cached` (the adaptor stage's <adaptor>/targets.npy, for the image
+and its mirror, looked up for the orientation fed) or `online` (the frozen teachers and
+adaptor run inside the step).
 
-Config: seed, parallelism, num_devices, data, model, head (with head.shard_classes and
-head.sample_rate as the teacher's, for the students with a head), optim, train, student.kd,
-student.orientation and, for the KD students, student.{targets, kd_weight, adaptor_model}
-(the student alone has adaptor_model None). Inputs: adaptor_dir (KD students) and
-teacher_dirs (online targets).
+Config: seed, parallelism, num_devices, data, model, head (where the margin head trains:
+the student alone and margin_loss; head.shard_classes and head.sample_rate as the
+teacher's), optim, train, student.kd and, for the KD students, student.targets and
+student.orientation. The teachers' and the adaptor's networks are those their stages ran
+with. Inputs: adaptor_dir (KD students) and teacher_dirs (online targets).
 """
 
 import dataclasses
 import functools
+import json
 import os
 
 import jax
 import numpy as np
 
-from mstkd_jax import files, models, workdir as workdir_lib
+from mstkd_jax import files, losses, models, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import embed, target_space
 from mstkd_jax.stages import common
 from mstkd_jax.train import build, steps
 
-KD_LOSSES = ("none", "a-KD", "EAF-KD")
 TARGETS = ("cached", "online")
+# The paper's KD students by name (the report rows and presets), as student.kd.margin_loss:
+# a-KD is the KD term alone, EAF-KD adds the ElasticArcFace head's loss; both with "mse".
+KD_LOSSES = {"a-KD": False, "EAF-KD": True}
+PAPER_DISTANCE = "mse"
+KD_FIELDS = ("distance", "weight", "margin_loss")
 
 
-def frozen_teachers(config, teacher_dirs, image_example):
-  """(teacher module, teacher variables stacked along a leading axis) of `teacher_dirs`, in
-  teacher order; every model's shapes are checked against the config's backbone."""
-  teacher = build.backbone(config.model)
-  template = build.init_variables(teacher, jax.random.PRNGKey(0), image_example,
-                                  train=False)
-  variables = [workdir_lib.load_model(d, template, d) for d in teacher_dirs]
-  return teacher, jax.tree.map(lambda *xs: np.stack(xs), *variables)
+def kd_name(margin_loss: bool, distance: str) -> str:
+  """A KD student's name in the report: the paper's (a-KD, EAF-KD) with its distance, else
+  that name and the distance, e.g. "a-KD-cosine"."""
+  name = next(n for n, margin in KD_LOSSES.items() if margin == margin_loss)
+  return name if distance == PAPER_DISTANCE else f"{name}-{distance}"
 
 
-def frozen_adaptor(config, adaptor_dir: str, num_teachers: int):
-  """(adaptor module, adaptor variables) saved by the adaptor stage (its selected epoch)."""
-  adaptor = models.create("adaptor", **config.student.adaptor_model.to_dict())
-  template = build.init_variables(
-      adaptor, jax.random.PRNGKey(0),
-      np.zeros((1, num_teachers * config.model.embedding_size), np.float32))
-  return adaptor, workdir_lib.load_model(adaptor_dir, template, adaptor_dir)
+def kd_settings(config) -> dict | None:
+  """config.student.kd checked: None (the student alone) or {"distance", "weight",
+  "margin_loss"}.
+
+  Raises:
+    UserError: an unknown field or distance, a weight that is not a number >= 0, a
+      margin_loss that is not True or False, or a margin head to train without a head
+      section (one line naming the field).
+  """
+  kd = config.student.get("kd")
+  if kd is None:
+    if "head" not in config:
+      raise UserError("the student alone (student.kd None) trains with its margin head: "
+                      "config section head is missing")
+    return None
+  kd = kd.to_dict() if hasattr(kd, "to_dict") else dict(kd)
+  unknown = sorted(set(kd) - set(KD_FIELDS))
+  if unknown:
+    raise UserError(f"config section student.kd has unknown field(s) {unknown}; expected "
+                    f"{list(KD_FIELDS)}")
+  distance = kd.get("distance", PAPER_DISTANCE)
+  if distance not in losses.KD_DISTANCES:
+    raise UserError(f"config field student.kd.distance={distance!r}: expected one of "
+                    f"{sorted(losses.KD_DISTANCES)}")
+  weight = kd.get("weight")
+  if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+    raise UserError(f"config field student.kd.weight={weight!r}: expected a number >= 0")
+  margin_loss = kd.get("margin_loss", False)
+  if not isinstance(margin_loss, bool):
+    raise UserError(f"config field student.kd.margin_loss={margin_loss!r}: expected True "
+                    "or False")
+  if margin_loss and "head" not in config:
+    raise UserError("config field student.kd.margin_loss=True trains the student's margin "
+                    "head too, but its config has no head section (student.head)")
+  return {"distance": distance, "weight": float(weight), "margin_loss": margin_loss}
+
+
+def frozen_teachers(teacher_dirs, image_example):
+  """(modules, variables, positions) of the frozen teachers in `teacher_dirs` (teacher
+  order), as steps.online_targets takes them: the teachers that share a network stacked
+  along a leading axis (one stack per network, in order of first appearance; each
+  teacher's network is the one its stage ran with), `positions[k]` the places of stack k's
+  teachers in the teacher order. Convolution and dense kernels are cast once, here, to
+  each network's compute dtype (build.cast_kernels)."""
+  built, stacks = {}, {}
+  for place, teacher_dir in enumerate(teacher_dirs):
+    key = json.dumps(common.stage_network(teacher_dir), sort_keys=True)
+    module, variables = common.frozen_backbone(teacher_dir, image_example, built)
+    stacks.setdefault(key, (module, [], []))
+    stacks[key][1].append(variables)
+    stacks[key][2].append(place)
+  modules, variables, positions = [], [], []
+  for key, (module, members, places) in stacks.items():
+    dtype = build.compute_dtype(json.loads(key))
+    modules.append(module)
+    variables.append(build.cast_kernels(jax.tree.map(lambda *xs: np.stack(xs), *members),
+                                        dtype))
+    positions.append(tuple(places))
+  return tuple(modules), tuple(variables), tuple(positions)
+
+
+def frozen_adaptor(adaptor_dir: str, input_size: int):
+  """(adaptor module, adaptor variables) saved by the adaptor stage in `adaptor_dir` (its
+  selected epoch, or the adaptor it imported), with the network it ran with, over
+  `input_size` concatenated teacher embeddings."""
+  adaptor = models.create("adaptor", **common.stage_network(adaptor_dir))
+  template = build.template_variables(adaptor, np.zeros((1, input_size), np.float32))
+  return adaptor, workdir_lib.load_model(adaptor_dir, {"params": template["params"]},
+                                         adaptor_dir)
+
+
+def _online_targets(inputs: common.Inputs, image_example):
+  """(target_fn, frozen) of online targets: the frozen teachers, then the frozen adaptor."""
+  modules, teacher_vars, positions = frozen_teachers(inputs.teacher_dirs, image_example)
+  input_size = sum(common.embedding_size(m, jax.tree.map(lambda x: x[0], v), image_example)
+                   * len(p) for m, v, p in zip(modules, teacher_vars, positions))
+  adaptor, adaptor_vars = frozen_adaptor(inputs.adaptor_dir, input_size)
+  target_fn = functools.partial(steps.online_targets, teacher=modules, adaptor=adaptor,
+                                positions=positions)
+  return target_fn, {"teachers": teacher_vars, "adaptor": adaptor_vars}
 
 
 def run(config, workdir: str, name: str = "student", epochs_field: str = "train.epochs",
@@ -57,25 +134,26 @@ def run(config, workdir: str, name: str = "student", epochs_field: str = "train.
   (online). Returns {"state", "verification", "training", "diagnostics"}.
 
   Raises:
-    UserError: an unknown student.kd / student.targets / student.orientation, a KD student
-      without an adaptor, or inputs that are missing or of another shape.
+    UserError: a bad student.kd (kd_settings), an unknown student.targets /
+      student.orientation, a KD student without an adaptor, or inputs that are missing or
+      of another shape.
   """
-  kd = config.student.kd
-  mode = config.student.targets if kd != "none" else None
-  if kd not in KD_LOSSES:
-    raise UserError(f"config field student.kd={kd!r}: expected one of {KD_LOSSES}")
-  if kd != "none" and mode not in TARGETS:
+  kd = kd_settings(config)
+  mode = config.student.get("targets", "cached") if kd else None
+  if kd and mode not in TARGETS:
     raise UserError(f"config field student.targets={mode!r}: expected one of {TARGETS}")
   orientation = input_pipeline.check_orientation(
       config.student.get("orientation", "as_fed"), "student.orientation")
-  if kd != "none" and not inputs.adaptor_dir:
-    raise UserError(f"the student with student.kd={kd!r} needs the folder of an adaptor "
-                    "stage (its targets); run it through the pipeline (configs/distill.py)")
+  if kd and not inputs.adaptor_dir:
+    raise UserError("a KD student (student.kd set) needs the folder of an adaptor stage "
+                    "(its targets); run it through the pipeline (configs/distill.py)")
   run = common.StageRun.create(config, workdir, name, epochs_field)
   labels = run.train_set.identity
+  loss = ("ElasticArcFace" if kd is None else
+          f"KD ({kd['distance']}, weight {kd['weight']:g})"
+          f"{' + margin head' if kd['margin_loss'] else ''}, {mode} targets")
   print(f"[{name}] {len(labels)} images of {run.train_set.num_identities} identities, "
-        f"loss {'ElasticArcFace' if kd == 'none' else kd}"
-        f"{'' if kd == 'none' else f', {mode} targets'}", flush=True)
+        f"loss {loss}", flush=True)
   settings = run.settings(len(labels))
 
   backbone = build.backbone(config.model)
@@ -84,7 +162,7 @@ def run(config, workdir: str, name: str = "student", epochs_field: str = "train.
   params = {"backbone": variables["params"]}
   groups = build.backbone_and_head_groups(config.optim)
   head = None
-  if kd != "a-KD":
+  if kd is None or kd["margin_loss"]:
     head = models.create("margin_head", num_classes=run.train_set.num_identities)
     params["head"] = build.init_variables(
         head, head_rng, np.zeros((1, config.model.embedding_size), np.float32))["params"]
@@ -93,32 +171,31 @@ def run(config, workdir: str, name: str = "student", epochs_field: str = "train.
   init_state, tx, schedule = run.state(settings, params, variables.get("batch_stats", {}),
                                        groups)
 
-  extra, frozen = {}, None
-  margin = build.margin_spec(config.head, shards_classes=True)
-  classes = None
+  extra, frozen, margin, classes = {}, None, None, None
   if head is not None:
+    margin = build.margin_spec(config.head, shards_classes=True)
     # head.shard_classes / head.sample_rate split the centres of every training identity
-    # (train/sharded_head.py). a-KD has no head: its head section is checked, not used.
+    # (train/sharded_head.py).
     parallel, classes = build.class_shards(config.head, run.parallel,
                                            run.train_set.num_identities)
     run = dataclasses.replace(run, parallel=parallel)
-  if kd == "none":
+  if kd is None:
     step_fn = functools.partial(steps.classification_step, backbone=backbone, head=head,
                                 margin=margin, tx=tx, schedule=schedule, classes=classes)
   else:
     target_fn = None
     if mode == "cached":
       extra["target"] = load_targets(config, inputs.adaptor_dir, len(labels))
+      size = config.model.get("embedding_size", extra["target"].shape[-1])
+      if extra["target"].shape[-1] != size:
+        raise UserError(f"the targets in {inputs.adaptor_dir} are "
+                        f"{extra['target'].shape[-1]}-D, the student's model.embedding_size "
+                        f"is {size}: the adaptor's embedding_size must be the student's")
     else:
-      teacher, teacher_vars = frozen_teachers(config, inputs.teacher_dirs,
-                                              run.image_example())
-      adaptor, adaptor_vars = frozen_adaptor(config, inputs.adaptor_dir,
-                                             len(inputs.teacher_dirs))
-      target_fn = functools.partial(steps.online_targets, teacher=teacher, adaptor=adaptor)
-      frozen = {"teachers": teacher_vars, "adaptor": adaptor_vars}
+      target_fn, frozen = _online_targets(inputs, run.image_example())
     step_fn = functools.partial(steps.student_step, backbone=backbone, head=head,
-                                margin=margin if head is not None else None,
-                                kd_weight=config.student.kd_weight, tx=tx, schedule=schedule,
+                                margin=margin, kd_weight=kd["weight"],
+                                kd_distance=kd["distance"], tx=tx, schedule=schedule,
                                 target_fn=target_fn, orientation=orientation,
                                 classes=classes)
   batches = functools.partial(run.train_set.train_batches, np.arange(len(labels)), labels,
@@ -131,7 +208,7 @@ def run(config, workdir: str, name: str = "student", epochs_field: str = "train.
   training = common.training_record(run.workdir, settings)
   results = common.finish_model(run, step, variables, backbone)
   diagnostics = None
-  if kd != "none":
+  if kd is not None:
     diagnostics = target_fit(run, inputs.adaptor_dir, variables, backbone)
   workdir_lib.write_results(run.workdir, name, step, results,
                             {"training": training, "selected": selected,

@@ -8,6 +8,10 @@ teacher's verification accuracy on every group's pairs).
 Config (configs/teacher.py; the pipeline derives it from configs/distill.py's `teacher`
 section): seed, parallelism, num_devices, data, model, head, optim, train, and
 teacher.group or teacher.identities. Inputs: none.
+
+`run_import` makes the same outputs from a teacher trained elsewhere (config field
+teacher.checkpoints: an Orbax stage folder or an IResNet .pth/.pt), with no training.
+Config: parallelism, num_devices, data, model, train.eval_batch_size. Inputs: checkpoint.
 """
 
 import dataclasses
@@ -18,7 +22,7 @@ import numpy as np
 from mstkd_jax import models, workdir as workdir_lib
 from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
-from mstkd_jax.stages import common
+from mstkd_jax.stages import common, imported
 from mstkd_jax.train import build, steps
 
 
@@ -76,3 +80,30 @@ def run(config, workdir: str, name: str = "", epochs_field: str = "train.epochs"
   workdir_lib.write_results(run.workdir, name, step, results,
                             {"training": training, "selected": selected})
   return {"state": final, "verification": results, "training": training}
+
+
+def run_import(config, workdir: str, name: str = "teacher",
+               inputs: common.Inputs = common.Inputs(), field: str = "teacher.checkpoints"
+               ) -> dict:
+  """Imports the teacher in `inputs.checkpoint` into the network of config.model instead of
+  training one: saves it under model/, embeds and evaluates every group's verification
+  pairs and writes results.json (with "imported": where it came from, see
+  imported.load_backbone), as `run` does for a trained teacher. Returns {"verification",
+  "imported"}.
+
+  Raises:
+    UserError: the checkpoint cannot be read or does not fit config.model (`field` names
+      the config field it came from).
+  """
+  run = common.StageRun.create(config, workdir, name)
+  module = build.backbone(config.model)
+  template = build.template_variables(module, run.image_example(), train=False)
+  variables, record = imported.load_backbone(inputs.checkpoint, template,
+                                             config.model.to_dict(),
+                                             run.train_set.image_shape, field)
+  print(f"[{name}] imported {inputs.checkpoint} ({record['format']}); no training",
+        flush=True)
+  step = record["step"] or 0
+  results = common.finish_model(run, step, variables, module)
+  workdir_lib.write_results(run.workdir, name, step, results, {"imported": record})
+  return {"verification": results, "imported": record}

@@ -20,20 +20,53 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def backbone(model_config: ml_collections.ConfigDict, **overrides):
-  """The configured IResNet, its BatchNorm averaged over the data-parallel axis.
+  """The configured backbone (models.create(model.name, ...) with the section's other
+  fields), its BatchNorm averaged over the data-parallel axis.
 
   Raises:
-    UserError: model.dtype is not one of DTYPES, or the name is unknown.
+    UserError: model.dtype is not one of DTYPES, the name is unknown, or the model does
+      not take the section's fields.
   """
-  settings = model_config.to_dict()
+  # A section read back from a stage's config.json holds lists where the config had tuples
+  # (stage_depths): module attributes must be hashable.
+  settings = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in model_config.to_dict().items()}
   name = settings.pop("name")
-  dtype = settings.pop("dtype")
+  dtype = compute_dtype(settings)
+  settings.pop("dtype", None)
   if settings.get("dropout", 0.0) is None:
     settings["dropout"] = iresnet.STANDARD_DROPOUT.get(name, 0.0)
+  settings.update(dtype=dtype, axis_name=parallel_lib.AXIS, **overrides)
+  return models.create(name, **settings)
+
+
+def compute_dtype(model_config: ml_collections.ConfigDict | dict):
+  """The jnp dtype of a model section's `dtype` field (float32 where it has none).
+
+  Raises:
+    UserError: model.dtype is not one of DTYPES.
+  """
+  dtype = model_config.get("dtype", "float32")
   if dtype not in DTYPES:
     raise UserError(f"config field model.dtype={dtype!r}: expected one of {list(DTYPES)}")
-  settings.update(dtype=DTYPES[dtype], axis_name=parallel_lib.AXIS, **overrides)
-  return models.create(name, **settings)
+  return DTYPES[dtype]
+
+
+def cast_kernels(variables: dict, dtype) -> dict:
+  """Frozen network variables with every "kernel" parameter (convolutions and dense
+  layers) cast to the compute dtype `dtype` once, on the host, instead of in every step:
+  Flax's Conv and Dense cast their kernel to their compute dtype when they run (round to
+  nearest even, as this cast), so the outputs are the same, bit for bit. Everything else
+  (BatchNorm scales, biases and statistics, PReLU slopes) stays as it is: those layers
+  compute in float32. float32 leaves the variables as they are.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return variables
+
+  def cast(path, x):
+    return np.asarray(x).astype(dtype) if path[-1].key == "kernel" else x
+  return {k: jax.tree_util.tree_map_with_path(cast, v) if k == "params" else v
+          for k, v in variables.items()}
 
 
 # Fields of a head section that say how the head is laid out over devices (class_shards),
@@ -95,6 +128,14 @@ def init_variables(module, rng, example_input, **kwargs) -> dict:
   with jax.threefry_partitionable(False):
     variables = jax.jit(functools.partial(module.init, **kwargs))(rng, example_input)
   return jax.tree.map(np.asarray, dict(variables))
+
+
+def template_variables(module, example_input, **kwargs) -> dict:
+  """Zero host variables of `module`'s shapes and dtypes for inputs like `example_input`,
+  traced (jax.eval_shape), not compiled: the template a saved network is restored into."""
+  shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.PRNGKey(0),
+                          example_input)
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), dict(shapes))
 
 
 def optimizer(optim_config, *, global_batch: int, steps_per_epoch: int, groups: dict):

@@ -142,30 +142,45 @@ def _sharded_classification_step(state: TrainState, batch, rng, *, backbone: nn.
 TEACHER_MAPS = ("sequential", "vmap")
 
 
-def online_targets(images, frozen: dict, *, teacher: nn.Module, adaptor: nn.Module,
-                   teacher_map: str = "sequential"):
+def online_targets(images, frozen: dict, *, teacher, adaptor: nn.Module,
+                   teacher_map: str = "sequential",
+                   positions: tuple[tuple[int, ...], ...] | None = None):
   """MST-KD targets computed in the step: frozen teachers, then the frozen adaptor.
 
-  frozen: {"teachers": the G teachers' variables stacked on a leading axis (they share one
-  architecture), in the fixed teacher order; "adaptor": the adaptor's variables}. Each
-  teacher embeds the (already flipped) images [B, H, W, 3], embeddings are L2-normalized
-  and concatenated, and the adaptor (inference mode) maps them to unit targets [B, D].
-  Exactly what extraction + the adaptor stage cache.
+  The teachers come in stacks, each of one architecture: `teacher` is that architecture's
+  module, or a tuple of modules, one per stack; frozen["teachers"] is the stack's variables
+  (stacked on a leading axis), or a tuple of them in the same order; `positions[k]` lists
+  the places in the fixed teacher order of stack k's teachers (None: one stack, in order).
+  frozen["adaptor"] holds the adaptor's variables. Each teacher embeds the (already
+  flipped) images [B, H, W, 3]; its embeddings [B, D_g] are L2-normalized, concatenated in
+  teacher order into [B, sum D_g], and the adaptor (inference mode) maps them to unit
+  targets [B, D]. Exactly what extraction + the adaptor stage cache.
 
-  teacher_map: "sequential" runs the teachers one after another with lax.map (ordinary
-  convolutions, the teacher compiled once); "vmap" maps one forward over the stacked
-  parameters, which XLA lowers to G-group convolutions: the same numbers, but on CPU
-  2-3x slower than G ordinary forwards (`python -m mstkd_jax.bench` times both).
+  teacher_map: "sequential" runs a stack's teachers one after another with lax.map
+  (ordinary convolutions, the teacher compiled once); "vmap" maps one forward over the
+  stacked parameters, which XLA lowers to G-group convolutions: the same numbers, but on
+  CPU 2-3x slower than G ordinary forwards (`python -m mstkd_jax.bench` times both).
+  Different stacks run one after another.
   """
-  forward = lambda v: teacher.apply(v, images, train=False)
-  if teacher_map == "sequential":
-    embeddings = jax.lax.map(forward, frozen["teachers"])
-  elif teacher_map == "vmap":
-    embeddings = jax.vmap(forward)(frozen["teachers"])
-  else:
+  modules = tuple(teacher) if isinstance(teacher, (tuple, list)) else (teacher,)
+  stacks = frozen["teachers"] if isinstance(teacher, (tuple, list)) else (frozen["teachers"],)
+  if positions is None:
+    if len(modules) != 1:
+      raise ValueError("several teacher stacks need their `positions` in the teacher order")
+    positions = (tuple(range(jax.tree.leaves(stacks[0])[0].shape[0])),)
+  if teacher_map not in TEACHER_MAPS:
     raise ValueError(f"teacher_map must be one of {TEACHER_MAPS}, got {teacher_map!r}")
-  embeddings = losses.l2_normalize(embeddings)                       # [G, B, D_t]
-  concatenated = jnp.transpose(embeddings, (1, 0, 2)).reshape(images.shape[0], -1)
+  ordered = [None] * sum(len(p) for p in positions)
+  for module, variables, places in zip(modules, stacks, positions):
+    forward = lambda v, module=module: module.apply(v, images, train=False)
+    if teacher_map == "sequential":
+      embeddings = jax.lax.map(forward, variables)
+    else:
+      embeddings = jax.vmap(forward)(variables)
+    embeddings = losses.l2_normalize(embeddings)                     # [G_k, B, D_k]
+    for j, place in enumerate(places):
+      ordered[place] = embeddings[j]
+  concatenated = jnp.concatenate(ordered, axis=-1)                   # [B, sum D_g]
   targets = adaptor.apply(frozen["adaptor"], concatenated, train=False)
   return jax.lax.stop_gradient(targets)
 
@@ -174,9 +189,12 @@ def student_step(state: TrainState, batch, rng, frozen: dict | None = None, *,
                  backbone: nn.Module, head: nn.Module | None,
                  margin: losses.MarginSpec | None, kd_weight: float,
                  tx: optax.GradientTransformation, schedule, target_fn=None,
+                 kd_distance: str = "mse",
                  orientation: str = "as_fed", axis_name=AXIS,
                  classes: sharded_head.ClassShards | None = None):
-  """One SGD step of an MST-KD student: a-KD (head None) or EAF-KD (margin-head CE + KD).
+  """One SGD step of an MST-KD student: the KD term alone (head None: a-KD) or with the
+  margin head's CE (EAF-KD). The KD term is losses.kd_loss with `kd_weight` and
+  `kd_distance` (a losses.KD_DISTANCES name; "mse" is the paper's).
 
   Targets come from batch["target"] (cached: looked up on the host) or, when `target_fn` is
   given, from target_fn(images, frozen) inside the step (online: `frozen` is one named
@@ -206,7 +224,7 @@ def student_step(state: TrainState, batch, rng, frozen: dict | None = None, *,
   def loss_fn(params):
     embeddings, batch_stats = _forward(backbone, params["backbone"], state.batch_stats,
                                        batch["image"], dropout_rng)
-    kd = losses.kd_loss(targets, embeddings, kd_weight)
+    kd = losses.kd_loss(targets, embeddings, kd_weight, kd_distance)
     parts = {"kd": kd}
     loss = kd
     if head is not None and classes is not None:
