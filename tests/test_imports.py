@@ -16,6 +16,8 @@ from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import embed
 from mstkd_jax.stages import adaptor, common, student, teacher
+from test_mobilefacenet import _torch_mobilefacenet
+from test_torch_adaptor import _twins as _torch_adaptor_twins
 from test_torch_checkpoint import _randomize, _torch_iresnet
 
 SIZE, WIDTH, EMBEDDING = 16, 4, 16      # configs/distill.py:tiny's teachers and images
@@ -96,6 +98,57 @@ def test_pytorch_teachers_give_their_pytorch_embeddings_and_targets(tiny_recipe,
                                    for g in ("group_a", "group_b")], axis=-1)
     reference = normalize(concatenated @ fc1["kernel"] + fc1["bias"])
     targets = np.load(os.path.join(workdir, "adaptor", "specialized", "SL", "targets.npy"))
+    _close(targets[:, k], reference)
+
+
+def test_mobilefacenet_teachers_and_the_authors_sl_adaptor_give_their_pytorch_targets(
+    tiny_recipe, tmp_path):
+  """Teachers of another family (arcface_torch MobileFaceNets, .pth) and the authors' SL
+  adaptor (FC_mapping's state_dict, SL.pth), all imported: the teachers' verification
+  embeddings and the targets equal the PyTorch twins' chain (teachers, normalize,
+  concatenate, FC_mapping, normalize) within 1e-5 relative; the adaptor's record names the
+  file."""
+  torch = pytest.importorskip("torch")
+  finished, _ = tiny_recipe
+  mbf = dict(width=8, scale=2, blocks=(2, 1, 1, 1), embedding_size=EMBEDDING)
+  teachers, adaptors = tmp_path / "teachers", tmp_path / "adaptors"
+  os.makedirs(teachers)
+  os.makedirs(adaptors)
+  nets = {}
+  for seed, group in enumerate(("group_a", "group_b")):
+    torch.manual_seed(seed)
+    nets[group] = _randomize(torch, _torch_mobilefacenet(torch, **mbf, image_size=SIZE),
+                             seed=seed)
+    torch.save(nets[group].state_dict(), teachers / f"{group}.pth")
+  fc_mapping, _ = _torch_adaptor_twins(torch)
+  torch.manual_seed(7)
+  twin = fc_mapping(2 * EMBEDDING, EMBEDDING).eval()
+  torch.save(twin.state_dict(), adaptors / "SL.pth")
+  config = _half_recipe(finished, **{"teacher.checkpoints": str(teachers),
+                                     "adaptor.checkpoints": str(adaptors)})
+  config.teacher.model = ml_collections.ConfigDict(dict(
+      config.teacher.model.to_dict(), name="mbf", **mbf))
+  config.kd_losses = ()
+  workdir = str(tmp_path / "run")
+  report = pipeline.run(config, workdir)
+  assert sorted(report["models"]) == ["adaptor/SL", "teacher/group_a", "teacher/group_b"]
+  with open(os.path.join(workdir, "adaptor", "specialized", "SL", "results.json")) as f:
+    record = json.load(f)["imported"]
+  assert (record["from"], record["format"]) == (str(adaptors / "SL.pth"), "pytorch")
+
+  pairs = sources.verification_sets(config.data, workdir)["group_a"].pair_images()
+  ours = embed.load_embeddings(os.path.join(workdir, "teacher", "group_b"))["group_a"][0]
+  _close(ours, _torch_embed(torch, nets["group_b"], pairs))
+  data = sources.training_set(config.data, workdir)
+  images = data.images_at(np.arange(data.num_examples))
+  targets = np.load(os.path.join(workdir, "adaptor", "specialized", "SL", "targets.npy"))
+  normalize = torch.nn.functional.normalize
+  for k, mirrored in enumerate((images, images[:, :, ::-1])):
+    concatenated = torch.cat([normalize(torch.from_numpy(_torch_embed(torch, nets[g],
+                                                                       mirrored)))
+                              for g in ("group_a", "group_b")], dim=-1)
+    with torch.no_grad():
+      reference = normalize(twin(concatenated)).numpy()
     _close(targets[:, k], reference)
 
 

@@ -4,8 +4,9 @@ balanced_ twins), what fingerprints each, and loading one into a section's netwo
 
 An entry is named after what it stands for (a group, a balanced part, an adaptor kind): a
 folder (a stage folder of this project, e.g. an earlier run's teacher/group_a, read with
-Orbax) or a `<name>.pth` / `<name>.pt` PyTorch state_dict (an insightface or arcface_torch
-IResNet for a teacher; the authors' SL or dual-layer adaptor for an adaptor).
+Orbax) or a `<name>.pth` / `<name>.pt` PyTorch state_dict (for a teacher, an insightface or
+arcface_torch IResNet or an arcface_torch MobileFaceNet; for an adaptor, the authors' SL or
+dual-layer adaptor).
 """
 
 import hashlib
@@ -17,8 +18,7 @@ import numpy as np
 
 from mstkd_jax import files, paths, workdir as workdir_lib
 from mstkd_jax.errors import UserError
-from mstkd_jax.interop import orbax_checkpoint, resolve, torch_checkpoint
-from mstkd_jax.models import iresnet
+from mstkd_jax.interop import backbones, orbax_checkpoint, resolve, torch_checkpoint
 from mstkd_jax.train import checkpoints as checkpoints_lib
 
 PYTORCH_SUFFIXES = (".pth", ".pt")
@@ -96,10 +96,11 @@ def load_backbone(path: str, template: dict, model: dict, image_shape: tuple, fi
   """(variables, record) of the backbone in `path`, checked against its section's network.
 
   Args:
-    path: an entry (see `entries`): an Orbax stage folder, or an IResNet .pth/.pt file.
+    path: an entry (see `entries`): an Orbax stage folder, or a .pth/.pt state_dict of a
+      backbone family interop maps (IResNet, MobileFaceNet: interop/backbones.py).
     template: the section network's variables (build.template_variables), whose shapes
       and dtypes the loaded ones take.
-    model: the section's model fields (for messages, and: a .pth holds an IResNet).
+    model: the section's model fields (for messages, and: a .pth needs a mapped family).
     image_shape: (H, W, 3) of the training images.
     field: the config field the entry came from, for messages.
 
@@ -115,44 +116,44 @@ def load_backbone(path: str, template: dict, model: dict, image_shape: tuple, fi
   if files.isdir(path):
     variables, info = orbax_checkpoint.load_backbone_variables(path)
     record = {"from": path, "format": "orbax", "step": info.step}
-    shapes = _iresnet_shapes(lambda: orbax_checkpoint.describe_iresnet(variables))
+    shapes = _known_shapes(lambda: backbones.describe_variables(variables))
   else:
-    if model.get("name") not in iresnet.DEPTHS:
-      raise UserError(f"{path}: a .pth/.pt teacher is read as an insightface IResNet, but "
-                      f"its section builds {section}; expected model.name one of "
-                      f"{sorted(iresnet.DEPTHS)}, or an Orbax stage folder")
+    try:
+      backbones.of_arch(str(model.get("name")))
+    except UserError as e:
+      raise UserError(f"{path}: a .pth/.pt teacher needs a network with a PyTorch mapping, "
+                      f"but its section builds {section} ({e}); or give an Orbax stage "
+                      "folder") from e
     state_dict, note = torch_checkpoint.read_state_dict(path)
     record = {"from": path, "format": "pytorch", "step": None}
-    try:
-      shapes = resolve.describe_state_dict(state_dict)
-    except UserError as e:
-      raise UserError(f"{path}: {e}") from e
+    shapes = _known_shapes(lambda: backbones.describe_state_dict(state_dict))
   size = shapes and shapes["image_size"]
   if size and (size, size) != tuple(image_shape[:2]):
-    raise UserError(f"{path}: this teacher takes {size}x{size} images (the input of its fc "
-                    f"layer), the training images are {image_shape[0]}x{image_shape[1]}; "
-                    "teachers and student must see one image size: prepare the data at "
-                    "that size, or use teachers made for it")
+    raise UserError(f"{path}: this teacher takes {size}x{size} images (what its last layers' "
+                    f"shapes imply), the training images are {image_shape[0]}x"
+                    f"{image_shape[1]}; teachers and student must see one image size: "
+                    "prepare the data at that size, or use teachers made for it")
   looks = (f"it looks like: {resolve.describe(resolve.shape_settings(shapes))}" if shapes
            else "")
   if not files.isdir(path):
     try:
-      variables = torch_checkpoint.import_iresnet(
+      variables = torch_checkpoint.import_backbone(
           state_dict, template, source=f"{path} ({note})" if note else path,
           feature_hw=(image_shape[0] // 16, image_shape[1] // 16))
     except UserError as e:
-      raise UserError(f"{path}: the checkpoint does not fit {section}; {looks}") from e
+      raise UserError(f"{path}: the checkpoint does not fit {section}; "
+                      f"{looks or backbones.looks_like(state_dict)}") from e
   problems = checkpoints_lib.shape_mismatches(checkpoints_lib.flat_shapes(template),
                                               checkpoints_lib.flat_shapes(variables))
-  if problems:   # not an IResNet: its first differences instead of what it looks like
+  if problems:   # an unknown backbone: its first differences instead of what it looks like
     raise UserError(f"{path}: the checkpoint does not fit {section}; "
                     + (looks or "; ".join(problems[:3])))
   variables = {part: _cast_like(template[part], variables[part]) for part in template}
   return variables, {**record, "sha256": digest(path)}
 
 
-def _iresnet_shapes(describe) -> dict | None:
-  """describe()'s IResNet description, or None for variables of another backbone."""
+def _known_shapes(describe) -> dict | None:
+  """describe()'s description of a known backbone family, or None for another network."""
   try:
     return describe()
   except UserError:
