@@ -1,4 +1,5 @@
-"""Tests for the report builder, terminal table and file writer (evaluation/report.py)."""
+"""Tests for the report builder (evaluation/summary.py), its terminal table (tables.py), its
+markdown (markdown.py) and its file writer (report.py)."""
 
 import json
 import math
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 
 from mstkd_jax.errors import UserError
+from mstkd_jax.evaluation import markdown
 from mstkd_jax.evaluation import report as R
+from mstkd_jax.evaluation import summary
 from mstkd_jax.evaluation.verification import evaluate_verification
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -89,7 +92,7 @@ def test_teacher_matrix():
       "teacher/Asian": {"African": _fake(0.89), "Asian": _fake(0.96)},
   }
   report = R.build_report(models)
-  teachers, groups, matrix = R.teacher_matrix(report)
+  teachers, groups, matrix = summary.teacher_matrix(report)
   assert teachers == ["African", "Asian"] and groups == ["African", "Asian"]
   np.testing.assert_allclose(matrix, [[95.0, 90.0], [89.0, 96.0]])
   text = R.format_table(report)
@@ -97,7 +100,7 @@ def test_teacher_matrix():
   assert tail[0].split() == ["Teacher", "\\", "eval", "African", "Asian"]
   assert tail[2].split() == ["African", "95.00", "90.00"]
   assert tail[3].split() == ["Asian", "89.00", "96.00"]
-  assert R.teacher_matrix(R.build_report(_two_models())) is None
+  assert summary.teacher_matrix(R.build_report(_two_models())) is None
 
 
 def test_write_report_files(tmp_path):
@@ -213,4 +216,4 @@ def test_collapsed_and_chance_models_are_named_in_the_warnings():
   assert R.model_warnings("diverged", {"group_a": diverged}) == [
       "diverged: group group_a has non-finite pair distances (NaN or Inf embeddings: a "
       "diverged model); its accuracy is not a measurement"]
-  assert "## Warnings" in R._report_markdown(report, {})  # pylint: disable=protected-access
+  assert "## Warnings" in markdown.report_markdown(report, {})

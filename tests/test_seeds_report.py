@@ -1,5 +1,5 @@
-"""Tests for the combined report over training seeds (evaluation/seeds.py) and the
-distinct plot colours of evaluation/report.py."""
+"""Tests for the combined report over training seeds (evaluation/seeds.py, its statistics in
+intervals.py) and the plots of both reports (plots.py)."""
 
 import json
 import os
@@ -9,6 +9,8 @@ import pytest
 from scipy import stats
 
 from mstkd_jax.errors import UserError
+from mstkd_jax.evaluation import intervals
+from mstkd_jax.evaluation import plots as P
 from mstkd_jax.evaluation import report as R
 from mstkd_jax.evaluation import seeds as S
 
@@ -47,39 +49,39 @@ def _distinct(colours):
 
 def test_t_interval_matches_scipy_ttest_1samp():
   x = np.random.default_rng(0).normal(90.0, 2.0, size=5)
-  got = S.t_interval(x)
+  got = intervals.t_interval(x)
   low, high = stats.ttest_1samp(x, 0.0).confidence_interval(0.95)
   assert got["mean"] == pytest.approx(np.mean(x))
   assert (got["low"], got["high"]) == pytest.approx((low, high))
   assert got["half_width"] == pytest.approx((high - low) / 2)
   assert got["n"] == 5
   low90, high90 = stats.ttest_1samp(x, 0.0).confidence_interval(0.90)
-  assert (S.t_interval(x, 0.90)["low"], S.t_interval(x, 0.90)["high"]) == pytest.approx(
-      (low90, high90))
+  got90 = intervals.t_interval(x, 0.90)
+  assert (got90["low"], got90["high"]) == pytest.approx((low90, high90))
 
 
 def test_t_interval_one_seed_has_no_interval():
-  assert S.t_interval([86.5]) == {"mean": 86.5, "half_width": None, "low": None,
-                                  "high": None, "n": 1}
+  assert intervals.t_interval([86.5]) == {"mean": 86.5, "half_width": None, "low": None,
+                                          "high": None, "n": 1}
 
 
 def test_t_interval_non_finite_keeps_mean_and_drops_interval():
-  got = S.t_interval([1.5, float("inf"), 2.0])
+  got = intervals.t_interval([1.5, float("inf"), 2.0])
   assert got["mean"] == float("inf") and got["half_width"] is None and got["n"] == 3
 
 
 def test_t_interval_bad_input_raises_user_error():
   with pytest.raises(UserError, match="values"):
-    S.t_interval([])
+    intervals.t_interval([])
   for confidence in (0.0, 1.0, 1.5, True):
     with pytest.raises(UserError, match="confidence"):
-      S.t_interval([1.0, 2.0], confidence)
+      intervals.t_interval([1.0, 2.0], confidence)
 
 
 def test_paired_difference_matches_scipy_ttest_rel():
   rng = np.random.default_rng(1)
   a, b = rng.normal(94.0, 1.0, size=6), rng.normal(93.0, 1.0, size=6)
-  got = S.paired_difference(a, b)
+  got = intervals.paired_difference(a, b)
   low, high = stats.ttest_rel(a, b).confidence_interval(0.95)
   assert (got["low"], got["high"]) == pytest.approx((low, high))
   assert got["mean"] == pytest.approx(np.mean(a - b))
@@ -88,18 +90,18 @@ def test_paired_difference_matches_scipy_ttest_rel():
 
 def test_paired_difference_sign_counts():
   # d = (+1, +2, -0.5, 0): mean +0.625; two seeds agree, one disagrees, one ties.
-  got = S.paired_difference([91.0, 92.0, 89.5, 90.0], [90.0, 90.0, 90.0, 90.0])
+  got = intervals.paired_difference([91.0, 92.0, 89.5, 90.0], [90.0, 90.0, 90.0, 90.0])
   assert (got["positive"], got["negative"], got["agree"], got["n"]) == (2, 1, 2, 4)
   # d = (-1, -3, +0.5): mean -1.167; the two negative seeds agree.
-  got = S.paired_difference([1.0, 2.0, 3.5], [2.0, 5.0, 3.0])
+  got = intervals.paired_difference([1.0, 2.0, 3.5], [2.0, 5.0, 3.0])
   assert (got["positive"], got["negative"], got["agree"]) == (1, 2, 2)
   # A zero mean difference agrees with no seed.
-  assert S.paired_difference([1.0, 3.0], [2.0, 2.0])["agree"] == 0
+  assert intervals.paired_difference([1.0, 3.0], [2.0, 2.0])["agree"] == 0
 
 
 def test_paired_difference_length_mismatch_raises_user_error():
   with pytest.raises(UserError, match="3 values in a and 2 in b"):
-    S.paired_difference([1.0, 2.0, 3.0], [1.0, 2.0])
+    intervals.paired_difference([1.0, 2.0, 3.0], [1.0, 2.0])
 
 
 def test_combine_reports_keys_claims_and_missing_models():
@@ -127,7 +129,7 @@ def test_combine_reports_keys_claims_and_missing_models():
   assert claim["subtrahend"] == "balanced_kd/SL/a-KD"
   means = {m: [reports[s]["models"][m]["mean"] for s in range(3)]
            for m in ("mstkd/SL/a-KD", "balanced_kd/SL/a-KD")}
-  expected = S.paired_difference(means["mstkd/SL/a-KD"], means["balanced_kd/SL/a-KD"])
+  expected = intervals.paired_difference(means["mstkd/SL/a-KD"], means["balanced_kd/SL/a-KD"])
   assert claim["mean"] == pytest.approx(expected)
   assert set(claim["std"]) >= {"mean", "half_width", "positive", "negative", "agree", "n"}
 
@@ -202,31 +204,31 @@ def test_write_combined_files(tmp_path):
 
 def test_group_bars_default_models_and_distinct_colours():
   combined = S.combine_reports(_seed_reports())
-  assert S.key_models(combined) == ["student_alone", "mstkd/SL/a-KD", "balanced_kd/SL/a-KD",
+  assert P.key_models(combined) == ["student_alone", "mstkd/SL/a-KD", "balanced_kd/SL/a-KD",
                                     "adaptor/SL"]
-  ax = S._group_bars_figure(combined).axes[0]
+  ax = P._group_bars_figure(combined).axes[0]
   colours = [c.patches[0].get_facecolor() for c in ax.containers if hasattr(c, "patches")]
   assert len(colours) == 4 and _distinct(colours) == 4
   with pytest.raises(UserError, match="'nope'"):
-    S.plot_group_bars(combined, ["nope"])
+    P.plot_group_bars(combined, ["nope"])
 
 
 def test_accuracy_bias_plot_one_seed_renders():
-  png = S.plot_accuracy_bias(S.combine_reports({7: _seed_reports()[0]}))
+  png = P.plot_accuracy_bias(S.combine_reports({7: _seed_reports()[0]}))
   assert png[:8] == PNG_SIGNATURE
 
 
 @pytest.mark.parametrize("n", [3, 10, 15, 25])
 def test_distinct_colours_are_pairwise_distinct(n):
-  colours = R.distinct_colours(n)
+  colours = P.distinct_colours(n)
   assert len(colours) == n and _distinct(colours) == n
 
 
 def test_accuracy_by_group_15_models_use_15_colours():
   accs = {f"model_{i}": (0.90 + 0.002 * i, 0.91, 0.92) for i in range(15)}
-  fig = R._accuracy_by_group_figure(R.build_report(_models(accs)))
+  fig = P._accuracy_by_group_figure(R.build_report(_models(accs)))
   ax = fig.axes[0]
   per_model = [{tuple(p.get_facecolor()) for p in c.patches} for c in ax.containers]
   assert len(per_model) == 15 and all(len(colours) == 1 for colours in per_model)
   assert _distinct([next(iter(colours)) for colours in per_model]) == 15
-  assert R.plot_accuracy_by_group(R.build_report(_models(accs)))[:8] == PNG_SIGNATURE
+  assert P.plot_accuracy_by_group(R.build_report(_models(accs)))[:8] == PNG_SIGNATURE

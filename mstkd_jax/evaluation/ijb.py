@@ -279,11 +279,11 @@ def plot_roc(section: Mapping) -> bytes:
   """PNG: the ROC of every model (main variant solid, no-flip dashed) on a log FAR axis,
   the FAR grid marked by vertical lines."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  from mstkd_jax.evaluation import report  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.evaluation import plots  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(7, 5), dpi=100)
   ax = fig.add_subplot()
   models = list(section["models"])
-  colours = report.distinct_colours(len(models))
+  colours = plots.distinct_colours(len(models))
   for colour, model in zip(colours, models):
     for variant, style in ((section["main_variant"], "-"), ("score", "--")):
       entry = section["models"][model].get(variant)
@@ -306,7 +306,7 @@ def plot_roc(section: Mapping) -> bytes:
   if ax.get_lines():
     ax.legend(loc="lower right", fontsize="small")
   fig.tight_layout()
-  return report._png_bytes(fig)  # pylint: disable=protected-access
+  return plots.png_bytes(fig)
 
 
 def warnings_of(section: Mapping) -> list[str]:
