@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import data_fixtures as fx
-from mstkd_jax.data import image_tree
+from mstkd_jax.formats import image_tree
 from mstkd_jax.errors import UserError
 
 H, W = 5, 7

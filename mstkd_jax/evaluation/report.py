@@ -135,7 +135,7 @@ def build_report(models: Mapping[str, Mapping[str, Mapping]],
       out[model]["global_threshold_note"] = note
   report = {"models": out, "config": dict(config or {}), "warnings": warnings}
   if ijb:
-    from mstkd_jax.evaluation import ijb as ijb_lib  # pylint: disable=g-import-not-at-top
+    from mstkd_jax.evaluation import ijb_protocol as ijb_lib  # pylint: disable=g-import-not-at-top
     report["ijb"] = dict(ijb)
     report["warnings"] = warnings + ijb_lib.warnings_of(ijb)
   return _jsonable(report)
@@ -288,7 +288,7 @@ def format_table(report: Mapping) -> str:
   if tt is not None:
     parts += ["", "Teacher x evaluation group accuracy (%)", _plain(*tt)]
   if report.get("ijb"):
-    from mstkd_jax.evaluation import ijb as ijb_lib  # pylint: disable=g-import-not-at-top
+    from mstkd_jax.evaluation import ijb_protocol as ijb_lib  # pylint: disable=g-import-not-at-top
     parts += ["" if parts else None, f"{report['ijb']['name']} 1:1 verification: TAR (%) "
               "at FAR", _plain(*ijb_lib.table(report["ijb"]))]
   return "\n".join(p for p in parts if p is not None)
@@ -363,7 +363,7 @@ def _report_markdown(report: Mapping, images: Mapping[str, str]) -> str:
   if rows:
     parts += ["## Verification accuracy (%) per group", "", _markdown(header, rows)]
   if report.get("ijb"):
-    from mstkd_jax.evaluation import ijb as ijb_lib  # pylint: disable=g-import-not-at-top
+    from mstkd_jax.evaluation import ijb_protocol as ijb_lib  # pylint: disable=g-import-not-at-top
     parts += ijb_lib.markdown(report["ijb"], _markdown)[0 if rows else 1:]
   tt = _teacher_table(report)
   if tt is not None:
@@ -566,7 +566,7 @@ def write_report(report: Mapping, out_dir: Any, roc_data: Mapping | None = None)
 
   images: dict[str, str] = {}
   if report.get("ijb"):
-    from mstkd_jax.evaluation import ijb as ijb_lib  # pylint: disable=g-import-not-at-top
+    from mstkd_jax.evaluation import ijb_protocol as ijb_lib  # pylint: disable=g-import-not-at-top
     put("roc_ijb_json", "roc_ijb.json", (json.dumps(ijb_rocs, allow_nan=False) + "\n").encode())
     name = re.sub(r"[^A-Za-z0-9._+-]", "_", str(report["ijb"]["name"]))
     put("roc_ijb", f"roc_ijb_{name}.png", ijb_lib.plot_roc(report["ijb"]))

@@ -18,8 +18,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from mstkd_jax.data.image_tree import decode_image
-from mstkd_jax.data.rfw import VerificationPair
+from mstkd_jax.formats.image_tree import decode_image
+from mstkd_jax.formats.rfw import VerificationPair
 from mstkd_jax.errors import UserError
 
 _BYTE_ORDERS = ("|", "<", ">", "=")
