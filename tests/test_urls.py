@@ -305,7 +305,8 @@ def test_checkpoints_and_models_on_a_url(mapped_url, capsys):
 # workdir path must go through mstkd_jax.files (which takes URLs through etils.epath)
 # instead, or be added here with the reason it is local.
 OPEN_ALLOWED = {
-    "files.py": (6, "the local branches of the helpers themselves (URLs take epath)"),
+    "files.py": (3, "atomic_path's local temporary files and appends to a local file "
+                    "(URLs take epath)"),
     "main.py": (1, "os.devnull"),
     "bench.py": (2, "--out of the benchmark, a local file the user names"),
     "embed.py": (1, "reads the user's list of images"),
