@@ -13,6 +13,7 @@ import pytest
 
 import data_fixtures as fx
 from mstkd_jax.formats import image_tree
+from mstkd_jax.formats.images import decode_image
 from mstkd_jax.formats.recordio import codec, face_pack
 from mstkd_jax.formats.recordio.reader import RecordIOReader
 from mstkd_jax.formats.recordio.writer import RecordIOWriter
@@ -57,12 +58,12 @@ def test_tree_without_groups(tmp_path):
 
 
 def test_decode_image():
-  rgb = image_tree.decode_image(fx.jpeg_bytes(1, size=10), "x.jpg")
+  rgb = decode_image(fx.jpeg_bytes(1, size=10), "x.jpg")
   assert rgb.shape == (10, 10, 3) and rgb.dtype == np.uint8
-  gray = image_tree.decode_image(fx.png_bytes(2, size=7, mode="L"), "g.png")
+  gray = decode_image(fx.png_bytes(2, size=7, mode="L"), "g.png")
   assert gray.shape == (7, 7, 3)
   with pytest.raises(UserError, match=r"bad\.jpg: not a decodable"):
-    image_tree.decode_image(fx.jpeg_bytes(1)[:-40], "bad.jpg")
+    decode_image(fx.jpeg_bytes(1)[:-40], "bad.jpg")
 
 
 def _tree_error(root, match, **kw):
@@ -445,7 +446,7 @@ def test_recordio_reads_independent_fixture(tmp_path):
   assert [(r.identity, r.image) for r in records] == [
       (j, img) for j, imgs in enumerate(ids) for img in imgs]
   assert records[3].source == f"{rec}#4"
-  image_tree.decode_image(records[3].image, records[3].source)
+  decode_image(records[3].image, records[3].source)
   with RecordIOReader(rec) as raw:
     assert len(list(raw)) == 1 + 6 + 3
     assert raw.keys.tolist() == list(range(10))

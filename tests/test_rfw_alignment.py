@@ -18,7 +18,7 @@ import data_fixtures as fx
 from mstkd_jax import evaluate as evaluate_lib
 from mstkd_jax.data import pairs, prepared, synthetic, tfds_input
 from mstkd_jax.formats import align, prepare
-from mstkd_jax.formats.image_tree import decode_image
+from mstkd_jax.formats.images import decode_image
 from mstkd_jax.errors import UserError
 from mstkd_jax.interop import torch_checkpoint
 from test_evaluate import ARCH, BATCH, _random_variables

@@ -15,7 +15,7 @@ from mstkd_jax.formats import faces
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.formats import prepare
 from mstkd_jax.data import tfds_input
-from mstkd_jax.formats.image_tree import decode_image
+from mstkd_jax.formats.images import decode_image
 from mstkd_jax.errors import UserError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

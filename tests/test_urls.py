@@ -312,7 +312,8 @@ OPEN_ALLOWED = {
     "embed.py": (1, "reads the user's list of images"),
     "interop/pth_format.py": (2, "reads a user's .pth; writes into atomic_path's "
                                  "local temporary file"),
-    "formats/image_tree.py": (2, "reads a user's image; writes a user's tree (--dst)"),
+    "formats/images.py": (1, "reads a user's image"),
+    "formats/image_tree.py": (1, "writes a user's tree (--dst)"),
     "data/synthetic.py": (1, "the pairs .txt of the synthetic cache under data_dir, "
                              "which sources.data_dir keeps local (paths.local; a URL "
                              "workdir's local cache folder)"),

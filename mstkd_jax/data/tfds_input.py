@@ -184,7 +184,7 @@ def _image_decoder(features, size: tuple[int, int], resize: bool):
         serialized, decoders={"image": tfds.decode.SkipDecoding()})
     data = example["image"]
     # ISLOW DCT: bit-identical to PIL/libjpeg defaults (TF's default IFAST is off by a few
-    # levels), so these images equal what image_tree.decode_image gives.
+    # levels), so these images equal what images.decode_image gives.
     image = tf.cond(tf.io.is_jpeg(data),
                     lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
                     lambda: tf.io.decode_png(data, channels=3))

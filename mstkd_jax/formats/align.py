@@ -39,8 +39,8 @@ import numpy as np
 
 from mstkd_jax import files, paths
 from mstkd_jax.formats import cli
-from mstkd_jax.formats.image_tree import IMAGE_EXTENSIONS, decode_image, encode_png
-from mstkd_jax.formats.image_tree import read_image_file
+from mstkd_jax.formats.images import IMAGE_EXTENSIONS, decode_image, encode_png
+from mstkd_jax.formats.images import read_image_file
 # check_landmarks is used here and by the IJB reader as align.check_landmarks.
 from mstkd_jax.formats.landmarks import check_landmarks, match_landmarks, read_landmarks
 from mstkd_jax.errors import UserError

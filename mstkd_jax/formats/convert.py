@@ -20,7 +20,7 @@ from typing import Sequence
 from absl import flags
 
 from mstkd_jax.formats import cli
-from mstkd_jax.formats import image_tree
+from mstkd_jax.formats import image_tree, images
 from mstkd_jax.formats.recordio import face_pack, identities
 from mstkd_jax.formats import rfw
 from mstkd_jax.formats import verification_bin
@@ -122,7 +122,7 @@ def tree_to_rec(src: str, dst: str, grouped: bool | None = None, validate: bool 
 def _image_size(data: bytes) -> tuple[int, int] | None:
   """(height, width) from the image header only; None if unreadable."""
   try:
-    return image_tree.image_size(data, "")
+    return images.image_size(data, "")
   except UserError:  # Only decides whether to write `property`.
     return None
 

@@ -1,7 +1,7 @@
 """What a model sees of a face image: decoded, aligned, resized, in one place.
 
 `face_image` makes it from one image (of a verification plan, data/pairs.py): decoded to RGB
-(formats/image_tree.decode_image), aligned to ALIGNED_SIZE x ALIGNED_SIZE with its 5 landmarks
+(formats/images.decode_image), aligned to ALIGNED_SIZE x ALIGNED_SIZE with its 5 landmarks
 when the plan has them (RFW's loose crops and their <group>_lmk.txt; an image already
 ALIGNED_SIZE square is taken as aligned), then resized to the model's input with
 `resize_image`. That is the one resizer of the project: evaluate, embed, IJB, `prepare
@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from mstkd_jax.formats import align
-from mstkd_jax.formats.image_tree import decode_image, read_image_file
+from mstkd_jax.formats.images import decode_image, read_image_file
 
 RESAMPLING = ("Pillow bilinear (Image.resize BILINEAR: a triangle filter widened by the "
               "reduction factor, so antialiased; horizontal then vertical pass, each rounded "
@@ -49,7 +49,7 @@ class Face:
 
 def face_image(data: bytes | None, source: str, image_size: int | None = None,
                landmarks=None, landmarks_file: str | None = None) -> Face:
-  """One image as the model sees it: decoded (formats/image_tree.decode_image), aligned with
+  """One image as the model sees it: decoded (formats/images.decode_image), aligned with
   its landmarks to ALIGNED_SIZE (formats/align.py) unless already that size, resized to
   image_size x image_size (`resize_image`) when given and different.
 

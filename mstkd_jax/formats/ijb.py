@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from mstkd_jax.formats import align
-from mstkd_jax.formats.image_tree import decode_image, read_image_file
+from mstkd_jax.formats.images import decode_image, read_image_file
 from mstkd_jax.errors import UserError
 
 NAMES = ("IJBB", "IJBC")

@@ -15,8 +15,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from mstkd_jax.formats.image_tree import check_path_name
-from mstkd_jax.formats.image_tree import decode_image
-from mstkd_jax.formats.image_tree import read_image_file
+from mstkd_jax.formats.images import decode_image
+from mstkd_jax.formats.images import read_image_file
 from mstkd_jax.errors import UserError
 
 

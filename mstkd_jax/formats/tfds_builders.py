@@ -45,7 +45,7 @@ import tqdm
 from mstkd_jax import files
 from mstkd_jax.formats import faces
 from mstkd_jax.formats import groups
-from mstkd_jax.formats import image_tree
+from mstkd_jax.formats import image_tree, images
 from mstkd_jax.data import pairs
 from mstkd_jax.data import prepared
 from mstkd_jax.formats.recordio import face_pack
@@ -121,13 +121,13 @@ def _probe(item: tuple[Any, str], image_size: int = 0) -> tuple[bytes | None, An
   data, source = item
   try:
     if data is None:
-      data = image_tree.read_image_file(source)
-    image = image_tree.decode_image(data, source)
+      data = images.read_image_file(source)
+    image = images.decode_image(data, source)
   except UserError as e:
     return None, e
   if image_size and image.shape[:2] != (image_size, image_size):
     image = faces.resize_image(image, image_size)
-    data = image_tree.encode_png(image)
+    data = images.encode_png(image)
   return data, (int(image.shape[0]), int(image.shape[1]))
 
 
@@ -385,13 +385,13 @@ def _stored_face(plan: pairs.GroupPlan, image_size: int, row: int
   result as PNG where alignment or resizing changes it; its (height, width); the Face."""
   data, source = plan.images[row]
   if data is None:
-    data = image_tree.read_image_file(source)
+    data = images.read_image_file(source)
   landmarks = None if plan.landmarks is None else plan.landmarks[row]
   if landmarks is None and not image_size:
-    return data, image_tree.image_size(data, source), None
+    return data, images.image_size(data, source), None
   face = faces.face_image(data, source, image_size or None, landmarks, plan.landmarks_file)
   if face.aligned or face.resized_from:
-    data = image_tree.encode_png(face.image)
+    data = images.encode_png(face.image)
   return data, tuple(int(v) for v in face.image.shape[:2]), face
 
 

@@ -10,7 +10,8 @@ import numpy as np
 
 from mstkd_jax import errors
 from mstkd_jax.errors import UserError
-from mstkd_jax.formats.image_tree import DatasetIndex, FaceRecord, decode_image
+from mstkd_jax.formats.image_tree import DatasetIndex, FaceRecord
+from mstkd_jax.formats.images import decode_image
 from mstkd_jax.formats.recordio import identities
 from mstkd_jax.formats.recordio.codec import FLAG_LABEL, FLOAT32, IR_HEADER, MAX_FLOAT_INT
 from mstkd_jax.formats.recordio.codec import IRHeader, head_header, label_int
