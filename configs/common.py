@@ -91,7 +91,7 @@ def base() -> ml_collections.ConfigDict:
   c.data.data_dir = ""            # "" = <workdir>/data
   c.data.synthetic = synthetic_data()
   c.data.tfds = ml_collections.ConfigDict(dict(
-      train="",                 # a face set made by `python -m mstkd_jax.data.prepare`
+      train="",                 # a face set made by `python -m mstkd_jax.formats.prepare`
       verification="",          # a verification set made the same way (RFW, .bin files)
       # Held-out validation pairs for checkpoint selection: another verification set
       # prepared the same way (--format=rfw|bin), never the verification (test) set;

@@ -9,15 +9,15 @@ r"""Embeds a user's own aligned face images with any checkpoint, on every device
 
 --images is a folder or a text file:
   * a folder: every image under it at any depth (extensions in
-    data.image_tree.IMAGE_EXTENSIONS, any case), hidden files and folders (".name")
+    formats.images.IMAGE_EXTENSIONS, any case), hidden files and folders (".name")
     skipped, in sorted order of their paths relative to the folder;
   * a text file: one image path a line, relative paths taken from the list file's folder;
     blank lines and lines starting with "#" are skipped.
 The images must already be aligned face crops (the ArcFace 5-point template, as the models
-were trained on); unaligned photos are aligned first with mstkd_jax.data.align.
+were trained on); unaligned photos are aligned first with mstkd_jax.formats.align.
 
-Each image is decoded to RGB (data.image_tree.decode_image: every JPEG/PNG mode),
-resized to the model's input when its size differs (data.faces.RESAMPLING; one warning
+Each image is decoded to RGB (formats.images.decode_image: every JPEG/PNG mode),
+resized to the model's input when its size differs (formats.faces.RESAMPLING; one warning
 names the sizes found), normalized (x / 255 - 0.5) / 0.5 as evaluate does, and embedded
 on every device (evaluation.embed.embed_stream, with a progress bar on a terminal), a
 chunk of CHUNK_IMAGES images at a time, so memory does not grow with the number of images.
@@ -43,7 +43,7 @@ from absl import app, flags
 import numpy as np
 
 from mstkd_jax import paths
-from mstkd_jax.data import image_tree
+from mstkd_jax.formats.images import IMAGE_EXTENSIONS, decode_image, is_image_name, read_image_file
 from mstkd_jax.errors import UserError
 from mstkd_jax.interop import resolve
 from mstkd_jax.interop.resolve import FlagError
@@ -65,13 +65,13 @@ def _walk_folder(root: str) -> tuple[list[str], list[str]]:
   for folder, subfolders, file_names in os.walk(root, onerror=fail):
     subfolders[:] = [d for d in subfolders if not d.startswith(".")]
     for name in file_names:
-      if not name.startswith(".") and image_tree.is_image_name(name):
+      if not name.startswith(".") and is_image_name(name):
         relative = os.path.relpath(os.path.join(folder, name), root)
         found.append(relative.replace(os.sep, "/"))
   found.sort()
   if not found:
     raise UserError(f"{root}: the images folder holds no images (any of "
-                    f"{', '.join(image_tree.IMAGE_EXTENSIONS)} at any depth)")
+                    f"{', '.join(IMAGE_EXTENSIONS)} at any depth)")
   return [os.path.join(root, *name.split("/")) for name in found], found
 
 
@@ -124,7 +124,7 @@ def list_images(images: Any) -> tuple[list[str], list[str]]:
   if not os.path.exists(path):
     raise UserError(f"--images={os.fspath(images)}: {path} does not exist; expected a folder "
                     "of images or a text file listing image paths")
-  if image_tree.is_image_name(path):
+  if is_image_name(path):
     raise UserError(f"--images={os.fspath(images)}: is an image; expected a folder of images "
                     "or a text file listing image paths, one a line")
   return _read_list(path)
@@ -136,18 +136,18 @@ def list_images(images: Any) -> tuple[list[str], list[str]]:
 def decoded_chunks(image_paths: Sequence[str], size: int, chunk: int,
                    resized: dict) -> Iterator[np.ndarray]:
   """uint8 RGB [n <= chunk, size, size, 3] arrays of the images in order; an image of
-  another size is resized (data.faces.resize_image) and counted in `resized` as
+  another size is resized (formats.faces.resize_image) and counted in `resized` as
   {(height, width): images}.
 
   Raises:
     UserError: an image cannot be read or decoded (naming the file).
   """
-  from mstkd_jax.data import faces  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.formats import faces  # pylint: disable=g-import-not-at-top
   for start in range(0, len(image_paths), chunk):
     part = image_paths[start:start + chunk]
     out = np.empty((len(part), size, size, 3), np.uint8)
     for i, path in enumerate(part):
-      image = image_tree.decode_image(image_tree.read_image_file(path), path)
+      image = decode_image(read_image_file(path), path)
       if image.shape[:2] != (size, size):
         resized[image.shape[:2]] = resized.get(image.shape[:2], 0) + 1
         image = faces.resize_image(image, size)
@@ -157,7 +157,7 @@ def decoded_chunks(image_paths: Sequence[str], size: int, chunk: int,
 
 def resize_warning(source: str, resized: dict, total: int, size: int) -> str:
   """The one warning about resized images (as evaluate words it), naming the sizes."""
-  from mstkd_jax.data import faces  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.formats import faces  # pylint: disable=g-import-not-at-top
   sizes = sorted(resized, key=lambda s: -resized[s])
   shown = ", ".join(f"{h}x{w}" for h, w in sizes[:4]) + (" ..." if len(sizes) > 4 else "")
   return (f"{source}: {sum(resized.values())} of {total} images of {shown} pixels, the model "

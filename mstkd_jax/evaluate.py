@@ -15,18 +15,18 @@ the built-in synthetic set by name: `synthetic` (the workdir's configured synthe
 the checkpoint's config.json has one, else configs.common.synthetic_data("default")) or
 `synthetic:<scale>` (configs.common.synthetic_data(scale)), cached under <out>/data unless
 --data_dir. --ijb=PATH (with or without --data) adds IJB-B/C 1:1 template verification
-(mstkd_jax.data.ijb reads the release, evaluation/ijb.py the protocol): the loose crops are
+(formats/ijb.py reads the release, evaluation/ijb_protocol.py evaluates): the loose crops are
 aligned to 112x112 with their 5 landmarks, then resized to the model's input; TAR at FAR
 1e-6 ... 1e-1 for flip x detector-score weighting, a section of report.json/report.md,
 roc_ijb.json and roc_ijb_<IJBB|IJBC>.png. --skip_missing skips images absent from
 loose_crop (listed) instead of refusing them.
 
 Images are decoded as RGB; an RFW folder's loose crops are aligned to 112x112 with their
-five landmarks from test/txts/<group>/<group>_lmk.txt (data/align.py; images already
+five landmarks from test/txts/<group>/<group>_lmk.txt (formats/align.py; images already
 112x112 are taken as aligned, and a folder without that file is taken as aligned faces),
 one line per group saying so on stderr and the counts in the report's data record
 ("alignment"). Images are then resized to the model input when their size differs
-(data/faces.py, RESAMPLING; warned once per data source) and normalized (x / 255 - 0.5) /
+(formats/faces.py, RESAMPLING; warned once per data source) and normalized (x / 255 - 0.5) /
 0.5 as insightface does. Each distinct image is embedded once, with its horizontal mirror; the
 report holds flip-fused accuracy (embedding of image + embedding of mirror) and plain
 (no-flip) accuracy per group, TAR@FAR, mean, STD and SER, and the global-threshold
@@ -56,7 +56,8 @@ from absl import app, flags
 import numpy as np
 
 from mstkd_jax import paths
-from mstkd_jax.data import faces, pairs
+from mstkd_jax.data import pairs
+from mstkd_jax.formats import faces
 from mstkd_jax import errors
 from mstkd_jax.errors import UserError
 from mstkd_jax.interop import resolve
@@ -290,8 +291,8 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
     parallel: a mstkd_jax.train.parallel.DataParallel; default pmap over every local device.
     verbose: print warnings (stderr) and the result table (stdout).
     ijb: an IJBB/IJBC release folder (meta/, loose_crop/) to add 1:1 template
-      verification for (report["ijb"], evaluation.ijb.report_section), or None.
-    ijb_name: "IJBB" or "IJBC"; default from the folder (data.ijb.detect_name).
+      verification for (report["ijb"], evaluation.ijb_protocol.report_section), or None.
+    ijb_name: "IJBB" or "IJBC"; default from the folder (formats.ijb.detect_name).
     skip_missing: skip IJB images absent from loose_crop instead of refusing them.
 
   Returns:
@@ -359,8 +360,8 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
     _check_unique_groups(sources)
     release = None
     if ijb:
-      from mstkd_jax.data import ijb as ijb_data  # pylint: disable=g-import-not-at-top
-      from mstkd_jax.evaluation import ijb as ijb_eval  # pylint: disable=g-import-not-at-top
+      from mstkd_jax.formats import ijb as ijb_data  # pylint: disable=g-import-not-at-top
+      from mstkd_jax.evaluation import ijb_protocol  # pylint: disable=g-import-not-at-top
       release = ijb_data.read_release(ijb, ijb_name, skip_missing, warn)
     if parallel is None:
       from mstkd_jax.train import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
@@ -376,9 +377,9 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
       if results:
         group_results[model_name] = results
       if release is not None:
-        emb, emb_flip = ijb_eval.embed_release(model.variables, model.module, release, size,
-                                               parallel, batch_size, warn)
-        ijb_results[model_name] = ijb_eval.evaluate_ijb(
+        emb, emb_flip = ijb_protocol.embed_release(model.variables, model.module, release,
+                                                   size, parallel, batch_size, warn)
+        ijb_results[model_name] = ijb_protocol.evaluate_ijb(
             emb, emb_flip, release.scores, release.templates, release.medias,
             release.pairs, release.labels)
       model_records[model_name] = {
@@ -386,7 +387,7 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
           "model": dataclasses.asdict(model.settings), "model_settings_from": model.origins}
     ijb_section = None
     if release is not None:
-      ijb_section = ijb_eval.report_section(ijb_results, release.summary())
+      ijb_section = ijb_protocol.report_section(ijb_results, release.summary())
     first = model_records[model_names[0]]
     config = {
         **first, "dtype": "float32",

@@ -1,17 +1,15 @@
 """The one set of file helpers: atomic writes, JSON, .npz and memory-mapped .npy files.
 
 Every path may be a local path or a URL (gs://bucket/run/x.json; str or os.PathLike, an
-epath.Path included). Local paths: every writer goes through `atomic_path`: the data goes
-to a unique temporary name next to the target and is renamed over it only once complete,
-so a file with its final name is always whole (an interruption leaves the earlier file, or
-none), and two processes never share a temporary file. URLs go through `etils.epath` (for
-gs://: tf.io.gfile where TensorFlow is installed, else fsspec/gcsfs). An object store has
-no atomic rename, and needs none: an object is written in one upload that becomes visible
-whole when the file closes, so a URL is written directly (by `atomic_path` from a local
-temporary file once the block ends). An OS error while writing (disk full, no permission,
-a read-only file system) or the storage library's error on a URL (no credentials, no such
-bucket, no network) becomes one UserError naming the path and the error. Standard library,
-numpy and etils only: the data readers use it without pulling in JAX.
+epath.Path included). Reads and file-system calls take `etils.epath` for both (os for a
+local path; for gs:// tf.io.gfile where TensorFlow is installed, else fsspec/gcsfs). Writes
+differ as the storage does: a local file is written under a unique temporary name next to
+it and renamed over it once complete (`atomic_path`), so a file with its final name is
+always whole and two processes never share a temporary file; an object store has no rename
+and needs none, as an object appears whole when its one upload ends. An OS error (disk
+full, no permission, a read-only file system) or a storage library's error (no
+credentials, no such bucket, no network) becomes one UserError naming the path and the
+error. Standard library, numpy and etils only: the data readers use it without JAX.
 """
 
 import contextlib
@@ -178,17 +176,16 @@ def read_json(path: str, expected: str = "readable JSON", missing=UserError) -> 
     UserError: the file is missing (unless `missing` is given), unreadable, not JSON, or
       JSON of another shape than an object ("... holds a JSON list; expected ...").
   """
-  if paths.is_url(path):
-    return _read_json_url(path, expected, missing)
-  try:
-    with open(path, encoding="utf-8") as f:
-      return _object(json.load(f), path, expected)
+  try:  # a URL's storage errors are UserErrors from _call; a local path's pass to here
+    value = json.loads(_call(path, "read", lambda p: p.read_text(encoding="utf-8"),
+                             local_errors=False))
   except FileNotFoundError as e:
     if missing is UserError:
       raise UserError(f"{path} is missing; expected {expected}") from e
     return missing
   except (OSError, ValueError) as e:
     raise UserError(f"{path} is unreadable ({e}); expected {expected}") from e
+  return _object(value, path, expected)
 
 
 _JSON_NAMES = {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
@@ -203,23 +200,6 @@ def _object(value, path, expected: str) -> dict:
   return value
 
 
-def _read_json_url(path, expected: str, missing):
-  """`read_json` of a URL."""
-  try:
-    text = epath_of(path).read_text(encoding="utf-8")
-  except FileNotFoundError as e:
-    if missing is UserError:
-      raise UserError(f"{path} is missing; expected {expected}") from e
-    return missing
-  except Exception as e:  # pylint: disable=broad-except; the storage library's own errors
-    raise url_error(path, e, "read") from e
-  try:
-    value = json.loads(text)
-  except ValueError as e:
-    raise UserError(f"{path} is unreadable ({e}); expected {expected}") from e
-  return _object(value, path, expected)
-
-
 def read_bytes(path) -> bytes:
   """The bytes of `path` (str or os.PathLike; a URL included).
 
@@ -227,17 +207,7 @@ def read_bytes(path) -> bytes:
     FileNotFoundError: there is no such file (for the caller to word).
     UserError: any other OS or storage library error, naming `path`.
   """
-  try:
-    if paths.is_url(path):
-      return epath_of(path).read_bytes()
-    with open(path, "rb") as f:
-      return f.read()
-  except FileNotFoundError:
-    raise
-  except OSError as e:
-    raise UserError(f"cannot read {os.fspath(path)} ({os_error_reason(e)})") from e
-  except Exception as e:  # pylint: disable=broad-except; a URL's storage library
-    raise url_error(path, e, "read") from e
+  return _call(path, "read", lambda p: p.read_bytes())
 
 
 def append_text(path, text: str) -> None:
@@ -321,50 +291,53 @@ def load_npz(path) -> Iterator:
 
 
 # ------------------------------------------------------ file-system calls, local or URL
-# os / shutil for a local path, etils.epath for a URL (gs://...): the same call either way.
-# A URL's storage library errors (other than a missing file) become one UserError naming
-# the path and what was being done.
 
-def _on_url(path, action: str, call):
+def _failure(path, error: Exception, action: str) -> UserError:
+  """The one-line UserError of `error` while `action`-ing `path`: a URL's storage library
+  error by its type and first line (url_error), a local OS error by its errno name."""
+  if paths.is_url(path):
+    return url_error(path, error, action)
+  return UserError(f"cannot {action} {os.fspath(path)} ({os_error_reason(error)})")
+
+
+def _call(path, action: str, call, local_errors: bool = True):
+  """call(epath.Path(path)). FileNotFoundError passes; any other error of a URL, and a local
+  OSError where `local_errors`, becomes `_failure`; anything else passes."""
   try:
     return call(epath_of(path))
   except FileNotFoundError:
     raise
   except Exception as e:  # pylint: disable=broad-except; the storage library's own errors
-    raise url_error(path, e, action) from e
+    if paths.is_url(path) or (local_errors and isinstance(e, OSError)):
+      raise _failure(path, e, action) from e
+    raise
 
 
 def exists(path) -> bool:
   """Whether `path` (str or os.PathLike; a URL included) exists."""
-  if paths.is_url(path):
-    return _on_url(path, "read", lambda p: p.exists())
-  return os.path.exists(path)
+  return _call(path, "read", lambda p: p.exists())
 
 
 def isdir(path) -> bool:
   """Whether `path` (a local path or a URL) is a folder."""
-  if paths.is_url(path):
-    return _on_url(path, "read", lambda p: p.is_dir())
-  return os.path.isdir(path)
+  return _call(path, "read", lambda p: p.is_dir())
 
 
 def isfile(path) -> bool:
-  """Whether `path` (a local path or a URL) is a file."""
-  if paths.is_url(path):
-    return _on_url(path, "read", lambda p: p.is_file())
-  return os.path.isfile(path)
+  """Whether `path` (a local path or a URL) exists and is not a folder."""
+  return _call(path, "read", lambda p: p.is_file())
 
 
 def listdir(path) -> list[str]:
-  """The names in the folder `path` (a local path or a URL), sorted.
+  """The names in the folder `path` (a local path or a URL), sorted; names ending in "~"
+  (editors' backups) are left out, by epath on local folders as by gfile on URLs.
 
   Raises:
     FileNotFoundError: there is no such folder; OSError: another OS error (local paths).
     UserError: a URL's storage library failed, naming `path`.
   """
-  if paths.is_url(path):
-    return sorted(_on_url(path, "list", lambda p: [c.name for c in p.iterdir()]))
-  return sorted(os.listdir(path))
+  return sorted(_call(path, "list", lambda p: [c.name for c in p.iterdir()],
+                      local_errors=False))
 
 
 def makedirs(path) -> None:
@@ -373,13 +346,10 @@ def makedirs(path) -> None:
   Raises:
     UserError: it cannot be made (OS or storage library error), naming `path`.
   """
-  if paths.is_url(path):
-    _on_url(path, "write", lambda p: p.mkdir(parents=True, exist_ok=True))
-    return
   try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise write_error(os.fspath(path), e) from e
+    _call(path, "write", lambda p: p.mkdir(parents=True, exist_ok=True))
+  except FileNotFoundError as e:
+    raise _failure(path, e, "write") from e
 
 
 def remove(path) -> None:
@@ -388,7 +358,7 @@ def remove(path) -> None:
   Raises:
     UserError: it cannot be removed (OS or storage library error), naming `path`.
   """
-  _remove(path, lambda p: p.unlink(missing_ok=True), os.remove)
+  _call(path, "remove", lambda p: p.unlink(missing_ok=True))
 
 
 def rmtree(path) -> None:
@@ -398,21 +368,7 @@ def rmtree(path) -> None:
   Raises:
     UserError: it cannot be removed (OS or storage library error), naming `path`.
   """
-  _remove(path, lambda p: p.rmtree() if p.exists() else None, shutil.rmtree)
-
-
-def _remove(path, on_url, on_local) -> None:
-  """`on_url(epath.Path)` or `on_local(path)`; a missing path is no error, any other one
-  UserError naming `path`."""
-  try:
-    if paths.is_url(path):
-      _on_url(path, "remove", on_url)
-    else:
-      on_local(path)
-  except FileNotFoundError:
-    pass
-  except OSError as e:
-    raise UserError(f"cannot remove {os.fspath(path)} ({os_error_reason(e)})") from e
+  _call(path, "remove", lambda p: p.rmtree(missing_ok=True))
 
 
 def size(path) -> int:
@@ -422,9 +378,11 @@ def size(path) -> int:
     FileNotFoundError: there is no such file; OSError: another OS error (local paths).
     UserError: a URL's storage library failed, naming `path`.
   """
-  if paths.is_url(path):
-    return _on_url(path, "read", lambda p: p.stat().length)
-  return os.path.getsize(path)
+  if not paths.is_url(path):
+    # Not epath's stat(): on a local path it also looks up the owner's user and group
+    # names, which raises KeyError for a uid with no passwd entry (containers, clusters).
+    return os.path.getsize(path)
+  return _call(path, "read", lambda p: p.stat().length)
 
 
 def open_read(path):
@@ -434,6 +392,4 @@ def open_read(path):
     FileNotFoundError / OSError as open() raises them; UserError where a URL's storage
       library fails, naming `path`.
   """
-  if paths.is_url(path):
-    return _on_url(path, "read", lambda p: p.open("rb"))
-  return open(path, "rb")
+  return _call(path, "read", lambda p: p.open("rb"), local_errors=False)

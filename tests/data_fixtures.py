@@ -1,6 +1,6 @@
 """Tiny on-disk fixtures for the data reader tests: image trees, RFW, .bin, .rec/.idx.
 
-The RecordIO fixture writer here is deliberately separate from mstkd_jax.data.recordio.
+The RecordIO fixture writer here is deliberately separate from mstkd_jax.formats.recordio.
 """
 
 import io

@@ -1,4 +1,4 @@
-"""5-point alignment (data/align.py): the template, recovery of a known similarity transform,
+"""5-point alignment (formats/align.py): the template, recovery of a known similarity transform,
 the command line end to end, and the one-line errors of bad landmarks files."""
 
 import json
@@ -11,7 +11,8 @@ from PIL import Image
 import pytest
 from skimage.transform import SimilarityTransform, warp
 
-from mstkd_jax.data import align, synthetic
+from mstkd_jax.data import synthetic
+from mstkd_jax.formats import align
 from mstkd_jax.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,7 +132,7 @@ def test_command_line_aligns_a_folder(tmp_path, capsys):
   landmarks_json = tmp_path / "landmarks.json"
   landmarks_json.write_text(json.dumps(as_json))
   result = subprocess.run(
-      [sys.executable, "-m", "mstkd_jax.data.align", f"--src={src}",
+      [sys.executable, "-m", "mstkd_jax.formats.align", f"--src={src}",
        f"--landmarks={landmarks_json}", f"--dst={tmp_path / 'aligned64'}", "--size=64"],
       cwd=ROOT, capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr
@@ -199,7 +200,7 @@ def test_an_eleventh_number_is_a_score_last_or_a_label_first(tmp_path):
   """IJB's `name x1 .. y5 score` and RFW's `path label x1 .. y5` are both read (the form
   decided for the whole file); a file whose 11th numbers fit neither is refused, not read
   with the label as x1 and y5 dropped as a score."""
-  from mstkd_jax.data import landmarks  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.formats import landmarks  # pylint: disable=g-import-not-at-top
   points = [align.ARCFACE_TEMPLATE * 2 + 30, align.ARCFACE_TEMPLATE * 1.5 + 10]
   text = lambda p: " ".join(f"{v:.4f}" for v in p.ravel())
   scored = tmp_path / "scored.txt"

@@ -8,10 +8,10 @@ import sys
 import pytest
 
 import data_fixtures as fx
-from mstkd_jax.data import convert
-from mstkd_jax.data import image_tree
-from mstkd_jax.data import recordio
-from mstkd_jax.data import verification_bin
+from mstkd_jax.formats import convert
+from mstkd_jax.formats import image_tree
+from mstkd_jax.formats.recordio import face_pack, identities
+from mstkd_jax.formats import verification_bin
 from mstkd_jax.errors import UserError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +30,7 @@ def test_tree_rec_tree_round_trip(tmp_path):
   assert summary["images"] == 11 and summary["identities"] == 6 and summary["skipped"] == []
   assert (tmp_path / "rec" / "property").read_text() == "6,12,12\n"
 
-  with recordio.FaceRecordIOReader(str(tmp_path / "rec" / "train.rec")) as rec:
+  with face_pack.FaceRecordIOReader(str(tmp_path / "rec" / "train.rec")) as rec:
     assert rec.index == image_tree.DatasetIndex(
         src.index.group_names, src.index.identity_names, src.index.identity_groups,
         src.index.identity_image_counts, rec.rec_path)
@@ -70,7 +70,7 @@ def test_tree_to_rec_flat_tree_and_rec_path(tmp_path):
   assert summary["identities"] == 2 and summary["property"] is None
   assert sorted(os.listdir(tmp_path / "out")) == ["faces.identities.json", "faces.idx",
                                                   "faces.rec"]
-  with recordio.FaceRecordIOReader(str(tmp_path / "out" / "faces.rec")) as rec:
+  with face_pack.FaceRecordIOReader(str(tmp_path / "out" / "faces.rec")) as rec:
     assert rec.index.identity_names == ("a", "b") and rec.index.group_names == ()
     assert [r.identity for r in rec] == [0, 1, 1]
 
@@ -85,7 +85,7 @@ def test_tree_to_rec_corrupt_image(tmp_path):
   summary = convert.tree_to_rec(str(tmp_path / "bupt"), str(tmp_path / "rec"),
                                 skip_corrupt=True)
   assert summary["skipped"] == [str(bad)] and summary["images"] == 10
-  with recordio.FaceRecordIOReader(str(tmp_path / "rec" / "train.rec")) as rec:
+  with face_pack.FaceRecordIOReader(str(tmp_path / "rec" / "train.rec")) as rec:
     assert rec.index.identity_image_counts == (1, 2, 2, 0, 3, 2)
     assert rec.index.identity_key(3) == "Asian/x1"
   with pytest.raises(UserError, match=r"train\.rec: already exists"):
@@ -106,7 +106,7 @@ def test_rec_to_tree_refuses_nonempty_dst(tmp_path):
 def test_rec_to_tree_refuses_unsafe_names(tmp_path):
   fx.write_rec_fixture(str(tmp_path / "train.rec"), [[fx.jpeg_bytes(1)]])
   (tmp_path / "train.identities.json").write_text(json.dumps(
-      {"format": recordio.NAMES_FORMAT, "version": 1, "groups": [],
+      {"format": identities.NAMES_FORMAT, "version": 1, "groups": [],
        "identities": [["../escape", -1]]}))
   with pytest.raises(UserError, match=r"identity name .\.\./escape. cannot be a folder name"):
     convert.rec_to_tree(str(tmp_path / "train.rec"), str(tmp_path / "dst"))
@@ -147,7 +147,7 @@ def test_cli(tmp_path, capsys):
 def test_cli_module_entry_point(tmp_path):
   fx.make_rfw(str(tmp_path / "RFW"))
   result = subprocess.run(
-      [sys.executable, "-m", "mstkd_jax.data.convert", "rfw_to_bin", f'--src={tmp_path / "RFW"}',
+      [sys.executable, "-m", "mstkd_jax.formats.convert", "rfw_to_bin", f'--src={tmp_path / "RFW"}',
        f'--dst={tmp_path / "bins"}', "--groups=Asian"],
       cwd=_REPO, capture_output=True, text=True, timeout=60, check=False)
   assert result.returncode == 0, result.stderr

@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 
 import data_fixtures as fx
-from mstkd_jax.data import image_tree
-from mstkd_jax.data import recordio
-from mstkd_jax.data import rfw
-from mstkd_jax.data import verification_bin
+from mstkd_jax.formats import image_tree
+from mstkd_jax.formats.images import decode_image
+from mstkd_jax.formats.recordio import codec, face_pack
+from mstkd_jax.formats.recordio.reader import RecordIOReader
+from mstkd_jax.formats.recordio.writer import RecordIOWriter
+from mstkd_jax.formats import rfw
+from mstkd_jax.formats import verification_bin
 from mstkd_jax.errors import UserError
 
 
@@ -55,12 +58,12 @@ def test_tree_without_groups(tmp_path):
 
 
 def test_decode_image():
-  rgb = image_tree.decode_image(fx.jpeg_bytes(1, size=10), "x.jpg")
+  rgb = decode_image(fx.jpeg_bytes(1, size=10), "x.jpg")
   assert rgb.shape == (10, 10, 3) and rgb.dtype == np.uint8
-  gray = image_tree.decode_image(fx.png_bytes(2, size=7, mode="L"), "g.png")
+  gray = decode_image(fx.png_bytes(2, size=7, mode="L"), "g.png")
   assert gray.shape == (7, 7, 3)
   with pytest.raises(UserError, match=r"bad\.jpg: not a decodable"):
-    image_tree.decode_image(fx.jpeg_bytes(1)[:-40], "bad.jpg")
+    decode_image(fx.jpeg_bytes(1)[:-40], "bad.jpg")
 
 
 def _tree_error(root, match, **kw):
@@ -435,7 +438,7 @@ def test_recordio_reads_independent_fixture(tmp_path):
   with open(rec, "rb") as f:
     f.seek(fx.rec_offsets(rec)[4])
     assert struct.unpack("<II", f.read(8))[1] >> 29 == 1
-  with recordio.FaceRecordIOReader(rec) as reader:
+  with face_pack.FaceRecordIOReader(rec) as reader:
     assert reader.has_header
     assert reader.index.summary() == {"groups": {}, "images": 6, "identities": 3}
     assert reader.index.identity_image_counts == (2, 1, 3)
@@ -443,8 +446,8 @@ def test_recordio_reads_independent_fixture(tmp_path):
   assert [(r.identity, r.image) for r in records] == [
       (j, img) for j, imgs in enumerate(ids) for img in imgs]
   assert records[3].source == f"{rec}#4"
-  image_tree.decode_image(records[3].image, records[3].source)
-  with recordio.RecordIOReader(rec) as raw:
+  decode_image(records[3].image, records[3].source)
+  with RecordIOReader(rec) as raw:
     assert len(list(raw)) == 1 + 6 + 3
     assert raw.keys.tolist() == list(range(10))
 
@@ -453,7 +456,7 @@ def test_recordio_without_header(tmp_path):
   rec = str(tmp_path / "flat.rec")
   ids = [[fx.jpeg_bytes(1)], [fx.jpeg_bytes(2), fx.jpeg_bytes(3)]]
   fx.write_rec_fixture(rec, ids, header=False)
-  with recordio.FaceRecordIOReader(rec) as reader:
+  with face_pack.FaceRecordIOReader(rec) as reader:
     assert not reader.has_header
     assert reader.index.identity_image_counts == (1, 2)
     assert [(r.identity, r.image) for r in reader] == [(0, ids[0][0]), (1, ids[1][0]),
@@ -463,7 +466,7 @@ def test_recordio_without_header(tmp_path):
 def test_recordio_writer_matches_independent_bytes(tmp_path):
   ids = _identities()
   fx.write_rec_fixture(str(tmp_path / "a.rec"), ids)
-  writer = recordio.FaceRecordIOWriter(str(tmp_path / "b.rec"), str(tmp_path / "b.idx"))
+  writer = face_pack.FaceRecordIOWriter(str(tmp_path / "b.rec"), str(tmp_path / "b.idx"))
   for j, imgs in enumerate(ids):
     for img in imgs:
       writer.add(img, j)
@@ -473,19 +476,19 @@ def test_recordio_writer_matches_independent_bytes(tmp_path):
 
 
 def test_encode_record_multipart_round_trip(tmp_path):
-  magic = struct.pack("<I", recordio.MAGIC)
+  magic = struct.pack("<I", codec.MAGIC)
   payloads = [b"", b"abc", magic, b"abcd" + magic + magic + b"xy", b"a" + magic + b"bcd",
               magic + b"\x00" * 3]
   path = str(tmp_path / "raw.rec")
-  with recordio.RecordIOWriter(path, str(tmp_path / "raw.idx")) as w:
+  with RecordIOWriter(path, str(tmp_path / "raw.idx")) as w:
     for k, p in enumerate(payloads):
       w.write(p, key=k)
-  with recordio.RecordIOReader(path) as r:
+  with RecordIOReader(path) as r:
     assert [p for _, p in r] == payloads
     assert [r.read(k) for k in range(len(payloads))] == payloads
-  assert recordio.encode_record(b"abcd" + magic + b"x") == (
-      struct.pack("<II", recordio.MAGIC, (1 << 29) | 4) + b"abcd" +
-      struct.pack("<II", recordio.MAGIC, (3 << 29) | 1) + b"x\x00\x00\x00")
+  assert codec.encode_record(b"abcd" + magic + b"x") == (
+      struct.pack("<II", codec.MAGIC, (1 << 29) | 4) + b"abcd" +
+      struct.pack("<II", codec.MAGIC, (3 << 29) | 1) + b"x\x00\x00\x00")
 
 
 def _corrupt(path, offset, data):
@@ -496,7 +499,7 @@ def _corrupt(path, offset, data):
 
 def _rec_error(rec, match, **kw):
   with pytest.raises(UserError, match=match):
-    with recordio.FaceRecordIOReader(rec, **kw) as reader:
+    with face_pack.FaceRecordIOReader(rec, **kw) as reader:
       list(reader)
 
 
@@ -571,7 +574,7 @@ def _glint_like(tmp_path):
 def test_recordio_images_keep_their_own_labels_glint_like(tmp_path):
   rec, expected = _glint_like(tmp_path)
   said = []
-  reader = recordio.FaceRecordIOReader(rec, warn=said.append)
+  reader = face_pack.FaceRecordIOReader(rec, warn=said.append)
   with reader:
     records = list(reader)
     assert [(r.image, r.identity) for r in records] == expected
@@ -594,7 +597,7 @@ def test_recordio_merged_pack_with_scalar_identity_records(tmp_path):
   ids = [[fx.jpeg_bytes(20)], [fx.jpeg_bytes(21), fx.png_bytes(22)], [fx.jpeg_bytes(23)]]
   fx.write_rec_fixture(rec, ids, identity_records="scalar")
   said = []
-  reader = recordio.FaceRecordIOReader(rec, warn=said.append)
+  reader = face_pack.FaceRecordIOReader(rec, warn=said.append)
   assert len(said) == 1 and re.search(r"4 of 4 images .* and 3 of 3 identity records hold no "
                                       r"\(first key, end key\) range", said[0])
   with reader:
@@ -611,7 +614,7 @@ def test_recordio_consistent_pack_warns_nothing(tmp_path):
   fx.write_rec_fixture(rec, _identities())
   said = []
   for strict in (False, True):
-    with recordio.FaceRecordIOReader(rec, strict_identity_records=strict,
+    with face_pack.FaceRecordIOReader(rec, strict_identity_records=strict,
                                      warn=said.append) as reader:
       assert reader.identity_record_disagreements == 0
       assert reader.identity_record_warning is None
@@ -626,7 +629,7 @@ def test_recordio_bad_ranges_are_counted_or_refused(tmp_path):
   # key 4 in two; their own labels (1 and 2) are used.
   _corrupt(rec, fx.rec_offsets(rec)[8] + 8 + 24, struct.pack("<ff", 4, 5))
   said = []
-  reader = recordio.FaceRecordIOReader(rec, warn=said.append)
+  reader = face_pack.FaceRecordIOReader(rec, warn=said.append)
   assert len(said) == 1 and re.search(r"2 of 6 images .*first: key 3 has label 1, in no "
                                       r"single identity record's range", said[0])
   with reader:
@@ -647,14 +650,14 @@ def test_recordio_label_vectors_and_bad_labels(tmp_path):
       payloads.append(fx._ir_payload(2, 0.0, k + 1, labels=(label, 0.25), image=img))
     payloads += [fx._ir_payload(2, 0.0, 0, labels=(2, 3)),
                  fx._ir_payload(2, 0.0, 0, labels=(1, 2))]
-    with recordio.RecordIOWriter(rec, idx) as w:
+    with RecordIOWriter(rec, idx) as w:
       for key, payload in enumerate(payloads):
         w.write(payload, key=key)
 
   write()
   # Identity records (out of order) cover keys 2 and 1 only: key 3 is in no range.
   said = []
-  reader = recordio.FaceRecordIOReader(rec, warn=said.append)
+  reader = face_pack.FaceRecordIOReader(rec, warn=said.append)
   assert len(said) == 1 and re.search(r"1 of 3 images .*key 3 has label 1, in no single",
                                       said[0])
   with reader:
@@ -670,7 +673,7 @@ def test_recordio_label_vectors_and_bad_labels(tmp_path):
 def test_head_reads_match_full_reads(tmp_path):
   rec = str(tmp_path / "train.rec")
   fx.write_rec_fixture(rec, _identities())
-  with recordio.RecordIOReader(rec) as raw:
+  with RecordIOReader(rec) as raw:
     for key in raw.keys.tolist():
       full = raw.read(key)
       for size in (0, 5, 32, 10**6):
@@ -683,7 +686,7 @@ def test_recordio_corrupt_image_skipped_or_raised(tmp_path):
   ids[1] = [fx.jpeg_bytes(3)[:100]]
   fx.write_rec_fixture(rec, ids)
   _rec_error(rec, r"train\.rec#3: not a decodable JPEG/PNG")
-  with recordio.FaceRecordIOReader(rec, skip_corrupt=True) as reader:
+  with face_pack.FaceRecordIOReader(rec, skip_corrupt=True) as reader:
     assert [r.identity for r in reader] == [0, 0, 2, 2, 2]
     assert [s for s, _ in reader.skipped] == [f"{rec}#3"]
 

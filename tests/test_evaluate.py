@@ -21,7 +21,8 @@ import pytest
 from mstkd_jax import evaluate as evaluate_lib
 from mstkd_jax import models
 from mstkd_jax import workdir as workdir_lib
-from mstkd_jax.data import pairs, rfw, sources, synthetic, verification_bin
+from mstkd_jax.data import pairs, sources, synthetic
+from mstkd_jax.formats import rfw, verification_bin
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import embed
 from mstkd_jax.interop import orbax_checkpoint, resolve, torch_checkpoint
@@ -321,7 +322,7 @@ def test_evaluation_and_training_data_need_neither_stages_nor_builders():
       elif isinstance(node, ast.ImportFrom):
         imported |= {f"{node.module}.{a.name}" for a in node.names}
     assert not [m for m in imported if m.startswith("mstkd_jax.stages")
-                or m == "mstkd_jax.data.tfds_builders"], module
+                or m == "mstkd_jax.formats.tfds_builders"], module
 
 
 # --- Errors ----------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import data_fixtures as fx
-from mstkd_jax.data import groups, prepare, sources, tfds_input
+from mstkd_jax.data import sources, tfds_input
+from mstkd_jax.formats import groups, prepare
 from mstkd_jax.errors import UserError
 
 # Five identities (labels 0..4) with 2, 1, 3, 2, 1 images; their groups by label.

@@ -1,5 +1,5 @@
-"""IJB-B/C 1:1 template verification: the release reader (data/ijb.py), alignment of its
-loose crops, the protocol (evaluation/ijb.py) against an independent numpy computation,
+"""IJB-B/C 1:1 template verification: the release reader (formats/ijb.py), alignment of its
+loose crops, the protocol (evaluation/ijb_protocol.py) against an independent numpy computation,
 evaluate --ijb (alone and next to group data), and the one-line errors of bad releases.
 
 The miniature release: 8 subjects of the synthetic set (112x112, a dot on each template
@@ -21,9 +21,10 @@ import pytest
 
 from mstkd_jax import evaluate as evaluate_lib
 from mstkd_jax import models
-from mstkd_jax.data import align, ijb as ijb_data, pairs as pairs_lib, synthetic
+from mstkd_jax.data import pairs as pairs_lib, synthetic
+from mstkd_jax.formats import align, ijb as ijb_data
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import embed, ijb
+from mstkd_jax.evaluation import embed, ijb_protocol as protocol
 from mstkd_jax.interop import torch_checkpoint
 from mstkd_jax.train import build, parallel as parallel_lib
 
@@ -157,21 +158,23 @@ def test_protocol_matches_an_independent_computation():
   pairs = np.array([(a, b) for a, b, _ in pair_list])
   labels = np.array([l for _, _, l in pair_list])
   grid = (1e-3, 1e-2, 3e-2, 1e-1, 0.3)  # FARs the ~1,700 impostor pairs resolve
-  result = ijb.evaluate_ijb(embeddings, flipped, scores, templates, medias, pairs, labels)
+  result = protocol.evaluate_ijb(embeddings, flipped, scores, templates, medias, pairs, labels)
   assert set(result) == {"flip+score", "flip", "score", "plain"}
-  for variant, (flip, weighted) in ijb.VARIANTS.items():
+  for variant, (flip, weighted) in protocol.VARIANTS.items():
     reference = _reference_tar(_reference_features(embeddings, flipped, scores, flip,
                                                    weighted), templates, medias, pair_list,
-                               grid + ijb.FAR_GRID)
-    ids_, feats = ijb.template_features(
-        ijb.image_features(embeddings, flipped if flip else None, scores if weighted else None),
+                               grid + protocol.FAR_GRID)
+    ids_, feats = protocol.template_features(
+        protocol.image_features(embeddings, flipped if flip else None,
+                                scores if weighted else None),
         templates, medias)
-    got = ijb.verify(ijb.pair_scores(ids_, feats, pairs), labels, grid + ijb.FAR_GRID)
-    for far in grid + ijb.FAR_GRID:
-      assert got["tar_at_far"][ijb.far_key(far)]["tar"] == pytest.approx(reference[far]), (
+    got = protocol.verify(protocol.pair_scores(ids_, feats, pairs), labels,
+                          grid + protocol.FAR_GRID)
+    for far in grid + protocol.FAR_GRID:
+      assert got["tar_at_far"][protocol.far_key(far)]["tar"] == pytest.approx(reference[far]), (
           variant, far)
-    for far in ijb.FAR_GRID:
-      key = ijb.far_key(far)
+    for far in protocol.FAR_GRID:
+      key = protocol.far_key(far)
       assert result[variant]["tar_at_far"][key]["tar"] == pytest.approx(reference[far])
   # The variants differ (the flip and the scores enter).
   assert len({r["auc"] for r in result.values()}) == 4
@@ -204,12 +207,12 @@ def test_evaluate_ijb_alone_equals_the_independent_protocol(release, model, tmp_
   images = np.concatenate(list(ijb_data.aligned_chunks(data, 16)))
   emb, emb_flip = embed.embed_images(model["variables"], model["module"], images,
                                      parallel_lib.get("pmap", 0), BATCH)
-  for variant, (flip, weighted) in ijb.VARIANTS.items():
+  for variant, (flip, weighted) in protocol.VARIANTS.items():
     reference = _reference_tar(_reference_features(emb, emb_flip, data.scores, flip, weighted),
-                               data.templates, data.medias, release["pairs"], ijb.FAR_GRID)
+                               data.templates, data.medias, release["pairs"], protocol.FAR_GRID)
     got = section["models"]["tiny"][variant]["tar_at_far"]
-    for far in ijb.FAR_GRID:
-      assert got[ijb.far_key(far)] == pytest.approx(100 * reference[far], abs=1e-3), (
+    for far in protocol.FAR_GRID:
+      assert got[protocol.far_key(far)] == pytest.approx(100 * reference[far], abs=1e-3), (
           variant, far)
   # Files: the IJB table in report.md, the ROC PNG, the curves in roc_ijb.json.
   written = set(os.listdir(out))
@@ -221,7 +224,7 @@ def test_evaluate_ijb_alone_equals_the_independent_protocol(release, model, tmp_
   stored = json.loads((out / "report.json").read_text())
   assert "roc" not in stored["ijb"]["models"]["tiny"]["flip+score"]
   curves = json.loads((out / "roc_ijb.json").read_text())
-  assert set(curves["tiny"]) == set(ijb.VARIANTS)
+  assert set(curves["tiny"]) == set(protocol.VARIANTS)
 
 
 def test_evaluate_groups_and_ijb_side_by_side(release, model, tmp_path, capsys):
@@ -237,7 +240,7 @@ def test_evaluate_groups_and_ijb_side_by_side(release, model, tmp_path, capsys):
                                  batch_size=BATCH, verbose=True, ijb=str(release["root"]),
                                  ijb_name="ijbc")
   assert set(report["models"]["tiny"]["groups"]) == {"group_a", "group_b"}
-  assert set(report["ijb"]["models"]["tiny"]) == set(ijb.VARIANTS)
+  assert set(report["ijb"]["models"]["tiny"]) == set(protocol.VARIANTS)
   printed = capsys.readouterr().out
   assert "Verification accuracy (%) per group" in printed and "IJBC 1:1" in printed
   markdown = (out / "report.md").read_text()

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import data_fixtures as fx
-from mstkd_jax.data import image_tree
+from mstkd_jax.formats import images
 from mstkd_jax.errors import UserError
 
 H, W = 5, 7
@@ -37,7 +37,7 @@ def _samples16(seed=0, shape=(H, W)):
 
 
 def _convert(img, source="face.png"):
-  out = image_tree.image_to_rgb8(img, source)
+  out = images.image_to_rgb8(img, source)
   assert out.dtype == np.uint8 and out.shape == (img.height, img.width, 3)
   return out
 
@@ -193,15 +193,15 @@ _PNG_CASES = _png_cases()
 @pytest.mark.parametrize("kind", sorted(_PNG_CASES))
 def test_png_files_decode_to_the_reference(kind):
   data, expected = _PNG_CASES[kind]
-  got = image_tree.decode_image(data, f"{kind}.png")
+  got = images.decode_image(data, f"{kind}.png")
   assert got.dtype == np.uint8 and got.shape == (H, W, 3)
   np.testing.assert_array_equal(got, expected)
-  assert image_tree.image_size(data, f"{kind}.png") == (H, W)
+  assert images.image_size(data, f"{kind}.png") == (H, W)
 
 
 def test_16_bit_grayscale_png_is_not_white():
   data, expected = _PNG_CASES["gray16"]
-  got = image_tree.decode_image(data, "g16.png")
+  got = images.decode_image(data, "g16.png")
   assert (got < 255).mean() > 0.9  # Saturated decoding gave 255 everywhere.
   np.testing.assert_array_equal(got, expected)
 
@@ -215,7 +215,7 @@ def test_cmyk_jpeg_file():
     assert img.mode == "CMYK"
     stored = np.asarray(img).astype(np.float64)  # The CMYK samples the file holds.
   expected = (255 - stored[..., :3]) * (255 - stored[..., 3:]) / 255
-  got = image_tree.decode_image(data, "cmyk.jpg").astype(np.float64)
+  got = images.decode_image(data, "cmyk.jpg").astype(np.float64)
   np.testing.assert_allclose(got, expected, atol=1.0)
 
 

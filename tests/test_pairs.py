@@ -8,7 +8,7 @@ import pytest
 
 import data_fixtures as fx
 from mstkd_jax.data import pairs, prepared, synthetic
-from mstkd_jax.data.image_tree import decode_image
+from mstkd_jax.formats.images import decode_image
 from mstkd_jax.errors import UserError
 
 SPEC = synthetic.SyntheticSpec(num_groups=2, identities_per_group=2, images_per_identity=1,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import data_fixtures as fx
-from mstkd_jax.data import prepare
+from mstkd_jax.formats import prepare
 from mstkd_jax.data import prepared
 from mstkd_jax.errors import UserError
 

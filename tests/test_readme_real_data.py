@@ -10,7 +10,7 @@ import numpy as np
 from ml_collections import config_flags
 import pytest
 
-from mstkd_jax.data import prepare
+from mstkd_jax.formats import prepare
 from mstkd_jax.train import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def test_the_documented_real_data_commands_parse(after, preset, monkeypatch):
   monkeypatch.chdir(ROOT)  # the README's commands run from the repository root
   commands = _commands(after)
   mains = [c[3:] for c in commands if c[:3] == ["python", "-m", "mstkd_jax.main"]]
-  prepares = [c[3:] for c in commands if c[:3] == ["python", "-m", "mstkd_jax.data.prepare"]]
+  prepares = [c[3:] for c in commands if c[:3] == ["python", "-m", "mstkd_jax.formats.prepare"]]
   assert len(mains) == 1 and len(prepares) == 2
   names = {_check_prepare(argv).name for argv in prepares}
   config = _main_config(mains[0])

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mstkd_jax.data import prepare, synthetic
+from mstkd_jax.data import synthetic
+from mstkd_jax.formats import prepare
 from mstkd_jax.stages import teacher
 from test_teacher_stage import tiny_config
 

@@ -16,8 +16,9 @@ from skimage.transform import SimilarityTransform
 
 import data_fixtures as fx
 from mstkd_jax import evaluate as evaluate_lib
-from mstkd_jax.data import align, pairs, prepare, prepared, synthetic, tfds_input
-from mstkd_jax.data.image_tree import decode_image
+from mstkd_jax.data import pairs, prepared, synthetic, tfds_input
+from mstkd_jax.formats import align, prepare
+from mstkd_jax.formats.images import decode_image
 from mstkd_jax.errors import UserError
 from mstkd_jax.interop import torch_checkpoint
 from test_evaluate import ARCH, BATCH, _random_variables
@@ -171,7 +172,7 @@ def test_prepared_rfw_is_aligned_and_training_reads_evaluates_pixels(rfw, tmp_pa
 
 
 def test_align_reads_an_rfw_landmarks_file(rfw, tmp_path, capsys):
-  """data.align with RFW's own landmarks file, names /test/data/<group>/... against
+  """formats.align with RFW's own landmarks file, names /test/data/<group>/... against
   --src=test/data/<group>: the faces come back as evaluate aligns them."""
   group = SPEC.group_names[0]
   src = os.path.join(rfw["loose"], "test", "data", group)

@@ -1,4 +1,4 @@
-"""Prepared TFDS data: the builders, `python -m mstkd_jax.data.prepare`, and tfds_input."""
+"""Prepared TFDS data: the builders, `python -m mstkd_jax.formats.prepare`, and tfds_input."""
 
 import json
 import os
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 import data_fixtures as fx
-from mstkd_jax.data import convert
-from mstkd_jax.data import faces
+from mstkd_jax.formats import convert
+from mstkd_jax.formats import faces
 from mstkd_jax.data import input_pipeline
-from mstkd_jax.data import prepare
+from mstkd_jax.formats import prepare
 from mstkd_jax.data import tfds_input
-from mstkd_jax.data.image_tree import decode_image
+from mstkd_jax.formats.images import decode_image
 from mstkd_jax.errors import UserError
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +49,7 @@ def data(tmp_path_factory):
       "rfw": prepare.prepare("rfw", str(root / "RFW"), data_dir, log=logs.append),
   }
   cli = subprocess.run(
-      [sys.executable, "-m", "mstkd_jax.data.prepare", "--format=bin",
+      [sys.executable, "-m", "mstkd_jax.formats.prepare", "--format=bin",
        f'--src={root / "bins"}', f"--data_dir={data_dir}"],
       cwd=_REPO, capture_output=True, text=True, timeout=120, check=False)
   return {"root": root, "tree": tree, "rfw_pairs": rfw_pairs, "data_dir": data_dir,
@@ -182,7 +182,7 @@ def test_other_image_size_is_resized_with_a_warning(tree_set, capsys):
   assert batch["image"].shape == (2, 2, 8, 8, 3)
   assert -1 <= batch["image"].min() and batch["image"].max() <= 1
   # Training sees exactly the resized pixels extraction embeds (so cached targets match),
-  # and they are the one resizer's (data/faces.py), as evaluate's and prepare's.
+  # and they are the one resizer's (formats/faces.py), as evaluate's and prepare's.
   stored = np.concatenate(list(tfds_input.ordered_images(face_set, 8, chunk=4)))
   np.testing.assert_array_equal(stored, np.stack([faces.resize_image(i, 8) for i in images]))
   fed = batch["image"].reshape(-1, 8, 8, 3)
@@ -214,7 +214,7 @@ def test_missing_sources_and_data_sets_are_named(data, tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
     prepare.main(["--format=zip", "--src=x", "--data_dir=y"])
   assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: ")
-  with pytest.raises(UserError, match="no prepared data set .nope.*mstkd_jax.data.prepare"):
+  with pytest.raises(UserError, match="no prepared data set .nope.*mstkd_jax.formats.prepare"):
     tfds_input.load_face_dataset("nope", data["data_dir"])
   with pytest.raises(UserError, match="prepared as a mstkd_verification"):
     tfds_input.load_face_dataset("rfw", data["data_dir"])
@@ -296,6 +296,6 @@ def test_a_damaged_prepared_set_is_one_line_naming_the_file_and_prepare(
   assert message.startswith(f"{os.path.join(folder, file)}: the prepared data set {name!r} is "
                             f"damaged ({reason}")
   assert message.endswith(f"; remove {folder} and prepare it again: python -m "
-                          f"mstkd_jax.data.prepare --format={fmt} "
+                          f"mstkd_jax.formats.prepare --format={fmt} "
                           f"--src={source} --data_dir={data_dir} --name={name}")
   assert "\n" not in message

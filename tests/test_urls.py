@@ -305,23 +305,28 @@ def test_checkpoints_and_models_on_a_url(mapped_url, capsys):
 # workdir path must go through mstkd_jax.files (which takes URLs through etils.epath)
 # instead, or be added here with the reason it is local.
 OPEN_ALLOWED = {
-    "files.py": (6, "the local branches of the helpers themselves (URLs take epath)"),
+    "files.py": (3, "atomic_path's local temporary files and appends to a local file "
+                    "(URLs take epath)"),
     "main.py": (1, "os.devnull"),
     "bench.py": (2, "--out of the benchmark, a local file the user names"),
     "embed.py": (1, "reads the user's list of images"),
     "interop/pth_format.py": (2, "reads a user's .pth; writes into atomic_path's "
                                  "local temporary file"),
-    "data/image_tree.py": (2, "reads a user's image; writes a user's tree (--dst)"),
+    "formats/images.py": (1, "reads a user's image"),
+    "formats/image_tree.py": (1, "writes a user's tree (--dst)"),
     "data/synthetic.py": (1, "the pairs .txt of the synthetic cache under data_dir, "
                              "which sources.data_dir keeps local (paths.local; a URL "
                              "workdir's local cache folder)"),
-    "data/landmarks.py": (1, "reads the user's landmarks file"),
-    "data/groups.py": (1, "reads the user's --groups file of prepare"),
-    "data/verification_bin.py": (1, "reads a user's .bin"),
-    "data/ijb.py": (1, "reads the IJB release's metadata"),
-    "data/recordio.py": (6, "reads and writes the user's RecordIO files (local paths)"),
-    "data/rfw.py": (1, "reads the RFW release's pair lists"),
-    "data/convert.py": (1, "the converter's output (--dst, paths.local)"),
+    "formats/landmarks.py": (1, "reads the user's landmarks file"),
+    "formats/groups.py": (1, "reads the user's --groups file of prepare"),
+    "formats/verification_bin.py": (1, "reads a user's .bin"),
+    "formats/ijb.py": (1, "reads the IJB release's metadata"),
+    "formats/recordio/reader.py": (2, "reads the user's .rec and .idx (local paths)"),
+    "formats/recordio/writer.py": (2, "writes the user's .rec and .idx (local paths)"),
+    "formats/recordio/identities.py": (2, "reads and writes the .identities.json beside a "
+                                          "user's .rec"),
+    "formats/rfw.py": (1, "reads the RFW release's pair lists"),
+    "formats/convert.py": (1, "the converter's output (--dst, paths.local)"),
 }
 
 

@@ -263,7 +263,7 @@ def prepared(tmp_path_factory):
   """RFW fixtures prepared as 'rfw' (the test set), 'rfw_again' (the same source under
   another name) and 'rfw_val' (a copy elsewhere: another source)."""
   pytest.importorskip("tensorflow_datasets")
-  from mstkd_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.formats import prepare  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("validation_tfds")
   pairs = fx.make_rfw(str(root / "RFW"))
   shutil.copytree(root / "RFW", root / "RFW_val")

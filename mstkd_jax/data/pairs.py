@@ -2,11 +2,11 @@
 
 A planner turns a source (an RFW folder, insightface .bin files, the synthetic set, arrays
 in memory) into per-group `GroupPlan`s: each group's distinct images, not yet decoded, and
-its pairs as rows of them. The TFDS builder stores plans (tfds_builders), evaluation and
+its pairs as rows of them. The TFDS builder stores plans (formats/tfds_builders.py), evaluation and
 the stages decode them into `VerificationSet`s (`decode`, `load`). A new verification
 format is one planner function plus one line in PLANNERS.
 
-What the model sees of each image is made by data/faces.py (`face_image`: decoded, aligned
+What the model sees of each image is made by formats/faces.py (`face_image`: decoded, aligned
 with its landmarks where the plan has them, resized by the one resizer).
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from mstkd_jax.data import faces
+from mstkd_jax.formats import faces
 from mstkd_jax.errors import UserError
 
 
@@ -118,14 +118,14 @@ def _plan(name: str, images: list, rows: list, issame: Sequence, identities=None
 
 
 def _rfw_groups(path: str) -> tuple[str, ...]:
-  from mstkd_jax.data import rfw  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.formats import rfw  # pylint: disable=g-import-not-at-top
   return tuple(rfw.RFWReader(path).groups)
 
 
 def _rfw_plan(path: str) -> list[GroupPlan]:
   """Every group of an RFW folder; an image is (None, its file), named by (person, number),
   with its landmarks where the group has txts/<group>/<group>_lmk.txt."""
-  from mstkd_jax.data import rfw  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.formats import rfw  # pylint: disable=g-import-not-at-top
   reader = rfw.RFWReader(path)
   plans = []
   for group in reader.groups:
@@ -194,7 +194,7 @@ def _bin_groups(source: str) -> tuple[str, ...]:
 
 def _bin_plan(source: str) -> list[GroupPlan]:
   """One group per .bin; identical bytes are one image (a .bin repeats them per pair)."""
-  from mstkd_jax.data import verification_bin  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.formats import verification_bin  # pylint: disable=g-import-not-at-top
   plans = []
   for group, file in _bin_files(source):
     encoded, issame = verification_bin.load_verification_bin(file)

@@ -1,7 +1,7 @@
 """Prepared (TFDS) data sets on disk, read side: where they are and what their files say.
 
-`python -m mstkd_jax.data.prepare` writes a data set of one kind (training or verification)
-into <data_dir>/<builder>/<name>/<version> (see tfds_builders for what the files hold).
+`python -m mstkd_jax.formats.prepare` writes a data set of one kind (training or verification)
+into <data_dir>/<builder>/<name>/<version> (see formats/tfds_builders.py for what the files hold).
 This module finds those folders, reads metadata.json and labels.npz, and checks a folder's
 files (dataset_info.json, features.json, every array_record shard opening with the records
 dataset_info.json counts) without TensorFlow; tfds_input streams the records (through
@@ -80,7 +80,7 @@ def find_prepared(data_dir: str, name: str, kind: Kind) -> str:
       raise UserError(f"{prepared_dir(data_dir, other, name)}: {name!r} was prepared as a "
                       f"{other.builder} data set; expected a {kind.builder} one here")
   raise UserError(f"{path}: no prepared data set {name!r}; expected it prepared first with "
-                  f'`python -m mstkd_jax.data.prepare --format={"|".join(kind.formats)} '
+                  f'`python -m mstkd_jax.formats.prepare --format={"|".join(kind.formats)} '
                   f"--src=PATH --data_dir={data_dir} --name={name}`")
 
 
@@ -98,7 +98,7 @@ def damaged(path: str, file: str, reason: str) -> UserError:
   src = meta.get("source") or "PATH"
   return UserError(
       f"{os.path.join(path, file)}: the prepared data set {name!r} is damaged ({reason}); "
-      f"remove {path} and prepare it again: python -m mstkd_jax.data.prepare --format={fmt} "
+      f"remove {path} and prepare it again: python -m mstkd_jax.formats.prepare --format={fmt} "
       f"--src={src} --data_dir={data_dir} --name={name}")
 
 
@@ -175,7 +175,7 @@ def shard_of(path: str, split: str, row: int) -> str:
 def read_metadata(path: str) -> dict:
   """Reads metadata.json of a prepared folder and checks it is ours."""
   file = os.path.join(path, METADATA_FILE)
-  data = files.read_json(file, "the data set metadata written by mstkd_jax.data.prepare")
+  data = files.read_json(file, "the data set metadata written by mstkd_jax.formats.prepare")
   if not isinstance(data, dict) or data.get("format") != METADATA_FORMAT:
     raise UserError(f'{file}: not mstkd_jax metadata; expected "format": "{METADATA_FORMAT}"')
   return data

@@ -3,7 +3,7 @@
 
 Every stage asks this module, so adding a source is one class here and none in the stages.
 Sources: "synthetic" (the built-in set, in memory) and "tfds" (a data set made by
-`python -m mstkd_jax.data.prepare`, streamed from its array_record files).
+`python -m mstkd_jax.formats.prepare`, streamed from its array_record files).
 
 Verification sets are the test pairs: results are reported on them and nothing is selected
 on them. Checkpoint selection on data uses the validation sets only (`validation_sets`;
@@ -197,7 +197,7 @@ def _check_source(data_config) -> str:
     if not data_config.tfds.train or not (data_config.data_dir or
                                           os.environ.get("TFDS_DATA_DIR")):
       raise UserError("data.source='tfds' needs config fields data.tfds.train (the name "
-                      "given to `python -m mstkd_jax.data.prepare`) and data.data_dir (its "
+                      "given to `python -m mstkd_jax.formats.prepare`) and data.data_dir (its "
                       "--data_dir; or the environment variable TFDS_DATA_DIR)")
   return data_config.source
 
@@ -237,7 +237,7 @@ def select(train: TrainingSet, *, group: str = "", identities=()) -> tuple[np.nd
     if not train.group_names:
       raise UserError(f"group {group!r}: this data set has no demographic groups (a stock "
                       "insightface train.rec or a flat image tree has none); prepare it again "
-                      "with `python -m mstkd_jax.data.prepare ... --groups=FILE`, FILE naming "
+                      "with `python -m mstkd_jax.formats.prepare ... --groups=FILE`, FILE naming "
                       "each identity's group (CSV identity,group or JSON)")
     if group not in train.group_names:
       raise UserError(f"unknown group {group!r}; this data set has groups "

@@ -1,6 +1,6 @@
 """Prepared (TFDS) face data for the stages: labels, the training stream, verification sets.
 
-Data sets come from `python -m mstkd_jax.data.prepare` (see tfds_builders for the layout);
+Data sets come from `python -m mstkd_jax.formats.prepare` (formats/tfds_builders.py: the layout);
 data.prepared finds their folders and reads their metadata and labels.
 
 * load_face_dataset: identity/group label arrays (from labels.npz, no image is read) and
@@ -13,7 +13,7 @@ data.prepared finds their folders and reads their metadata and labels.
   at any step sees what an uninterrupted run sees.
 * load_verification_sets: each group's distinct images decoded once, with its pairs.
 
-Stored images of another size than the model's are resized with data/faces.py's resizer
+Stored images of another size than the model's are resized with formats/faces.py's resizer
 (Pillow's antialiased bilinear), the one evaluate, embed and prepare use, with one warning.
 
 TensorFlow is kept off the GPUs (set_visible_devices) the first time it is used here, so
@@ -28,7 +28,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from mstkd_jax import errors, paths
-from mstkd_jax.data import faces, input_pipeline, prepared
+from mstkd_jax.data import input_pipeline, prepared
+from mstkd_jax.formats import faces
 from mstkd_jax.data.pairs import VerificationSet
 from mstkd_jax.errors import UserError
 
@@ -167,7 +168,7 @@ def _needs_resize(sizes: Sequence[tuple[int, int]], target: tuple[int, int],
     errors.warn(f"{where}: stored images of size(s) {other} (height, width) differ from the "
                 f"requested {target}; they are resized with {faces.RESAMPLING} while "
                 "loading. Prepare the data at the model's size (python -m "
-                f"mstkd_jax.data.prepare ... --image_size={target[0]}) to avoid this.")
+                f"mstkd_jax.formats.prepare ... --image_size={target[0]}) to avoid this.")
   return True
 
 
@@ -183,7 +184,7 @@ def _image_decoder(features, size: tuple[int, int], resize: bool):
         serialized, decoders={"image": tfds.decode.SkipDecoding()})
     data = example["image"]
     # ISLOW DCT: bit-identical to PIL/libjpeg defaults (TF's default IFAST is off by a few
-    # levels), so these images equal what image_tree.decode_image gives.
+    # levels), so these images equal what images.decode_image gives.
     image = tf.cond(tf.io.is_jpeg(data),
                     lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
                     lambda: tf.io.decode_png(data, channels=3))

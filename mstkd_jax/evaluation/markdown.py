@@ -115,7 +115,8 @@ def report_markdown(report: Mapping, images: Mapping[str, str]) -> str:
   if rows:
     parts += ["## Verification accuracy (%) per group", "", tables.markdown(header, rows)]
   if report.get("ijb"):
-    from mstkd_jax.evaluation import ijb as ijb_lib  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from mstkd_jax.evaluation import ijb_protocol as ijb_lib
     parts += ijb_lib.markdown(report["ijb"], tables.markdown)[0 if rows else 1:]
   tt = tables.teacher_table(report)
   if tt is not None:

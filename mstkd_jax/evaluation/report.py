@@ -87,7 +87,8 @@ def write_report(report: Mapping, out_dir: Any, roc_data: Mapping | None = None)
 
   images: dict[str, str] = {}
   if report.get("ijb"):
-    from mstkd_jax.evaluation import ijb as ijb_lib  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from mstkd_jax.evaluation import ijb_protocol as ijb_lib
     put("roc_ijb_json", "roc_ijb.json", (json.dumps(ijb_rocs, allow_nan=False) + "\n").encode())
     name = re.sub(r"[^A-Za-z0-9._+-]", "_", str(report["ijb"]["name"]))
     put("roc_ijb", f"roc_ijb_{name}.png", ijb_lib.plot_roc(report["ijb"]))

@@ -97,7 +97,7 @@ def build_report(models: Mapping[str, Mapping[str, Mapping]],
     "global_threshold" holds `fairness.global_threshold_metrics` (rates as fractions)
     when every group carries distances/issame and there are >= 2 groups, else None (with
     "global_threshold_note" saying why, when the metrics failed). Non-finite numbers are
-    the strings "inf"/"nan". With `ijb` (evaluation.ijb.report_section) also "ijb": it,
+    the strings "inf"/"nan". With `ijb` (evaluation.ijb_protocol.report_section) also "ijb": it,
     and `models` may then be empty.
   """
   if not isinstance(models, Mapping) or not (models or ijb):
@@ -133,7 +133,8 @@ def build_report(models: Mapping[str, Mapping[str, Mapping]],
       out[model]["global_threshold_note"] = note
   report = {"models": out, "config": dict(config or {}), "warnings": warnings}
   if ijb:
-    from mstkd_jax.evaluation import ijb as ijb_lib  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from mstkd_jax.evaluation import ijb_protocol as ijb_lib
     report["ijb"] = dict(ijb)
     report["warnings"] = warnings + ijb_lib.warnings_of(ijb)
   return jsonable(report)

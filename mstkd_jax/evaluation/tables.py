@@ -94,7 +94,8 @@ def format_table(report: Mapping) -> str:
   if tt is not None:
     parts += ["", "Teacher x evaluation group accuracy (%)", plain(*tt)]
   if report.get("ijb"):
-    from mstkd_jax.evaluation import ijb as ijb_lib  # pylint: disable=g-import-not-at-top
+    # pylint: disable-next=g-import-not-at-top
+    from mstkd_jax.evaluation import ijb_protocol as ijb_lib
     parts += ["" if parts else None, f"{report['ijb']['name']} 1:1 verification: TAR (%) "
               "at FAR", plain(*ijb_lib.table(report["ijb"]))]
   return "\n".join(p for p in parts if p is not None)

@@ -1,6 +1,6 @@
 """5-point face alignment to the ArcFace template, and its command line.
 
-  python -m mstkd_jax.data.align --src=FOLDER --landmarks=FILE --dst=FOLDER [--size=112]
+  python -m mstkd_jax.formats.align --src=FOLDER --landmarks=FILE --dst=FOLDER [--size=112]
 
 Each photo under --src (.jpg, .jpeg, .png, any depth) is warped with the similarity
 transform (rotation, uniform scale, translation; no reflection or shear) that maps its 5
@@ -16,7 +16,7 @@ multiples of 128 (not of 112) scale it by size / 128 and shift x by 8 * size / 1
 112 template centred in a 128-wide crop). insightface refuses every other size (an
 assertion); here they scale it by size / 112, with no shift.
 
---landmarks is a landmarks file (data/landmarks.py): one line per photo, its name and 10
+--landmarks is a landmarks file (formats/landmarks.py): one line per photo, its name and 10
 numbers x1 y1 ... x5 y5 (pixels; IJB's trailing detector score and RFW's
 `<path> <label> x1 y1 ... x5 y5` lines are read too), or a JSON object {name: [[x, y] x
 5]}. The points are the left eye, right eye, nose tip, left and right mouth corners as they
@@ -38,11 +38,11 @@ from absl import flags
 import numpy as np
 
 from mstkd_jax import files, paths
-from mstkd_jax.data import cli
-from mstkd_jax.data.image_tree import IMAGE_EXTENSIONS, decode_image, encode_png
-from mstkd_jax.data.image_tree import read_image_file
+from mstkd_jax.formats import cli
+from mstkd_jax.formats.images import IMAGE_EXTENSIONS, decode_image, encode_png
+from mstkd_jax.formats.images import read_image_file
 # check_landmarks is used here and by the IJB reader as align.check_landmarks.
-from mstkd_jax.data.landmarks import check_landmarks, match_landmarks, read_landmarks
+from mstkd_jax.formats.landmarks import check_landmarks, match_landmarks, read_landmarks
 from mstkd_jax.errors import UserError
 
 # insightface face_align.py `arcface_dst`: (x, y) pixels in a 112 x 112 crop; left eye,
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   flags.DEFINE_integer("size", TEMPLATE_SIZE, "Output side in pixels.", flag_values=fv)
   for name in ("src", "landmarks", "dst"):
     flags.mark_flag_as_required(name, flag_values=fv)
-  rest = cli.parse(fv, argv, prog="python -m mstkd_jax.data.align", doc=__doc__)
+  rest = cli.parse(fv, argv, prog="python -m mstkd_jax.formats.align", doc=__doc__)
   if rest:
     cli.usage_error(f"unexpected arguments {rest}; give every setting as a --flag")
   try:

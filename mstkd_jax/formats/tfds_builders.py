@@ -18,9 +18,9 @@ name inside it for a .rec or a single .bin):
 Images are a `tfds.features.Image(shape=(None, None, 3))` fed with the source bytes, stored
 unchanged (JPEG and PNG may mix; `tfds.load` users get decoded uint8 images, mstkd_jax
 decodes them in tf.data) and fully decoded once while preparing, to find corrupt files.
-Images that preparing changes are stored as PNG: resized to `image_size` (data/faces.py),
+Images that preparing changes are stored as PNG: resized to `image_size` (formats/faces.py),
 or aligned with their landmarks (RFW's <group>_lmk.txt); metadata "image_size" and
-"alignment" say so. A `groups_file` (data/groups.py) gives a training set's groups.
+"alignment" say so. A `groups_file` (formats/groups.py) gives a training set's groups.
 
 Examples are written in source order (`disable_shuffling`), so a group's rows are
 contiguous and record r of the array_record shards is the r-th image read. Besides TFDS's
@@ -43,12 +43,12 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from mstkd_jax import files
-from mstkd_jax.data import faces
-from mstkd_jax.data import groups
-from mstkd_jax.data import image_tree
+from mstkd_jax.formats import faces
+from mstkd_jax.formats import groups
+from mstkd_jax.formats import image_tree, images
 from mstkd_jax.data import pairs
 from mstkd_jax.data import prepared
-from mstkd_jax.data import recordio
+from mstkd_jax.formats.recordio import face_pack
 from mstkd_jax.errors import UserError
 
 TRAINING_FORMATS = prepared.TRAINING.formats
@@ -89,7 +89,7 @@ class SourceConfig(tfds.core.BuilderConfig):
     workers: threads that decode images to check them.
     image_size: store images resized to image_size x image_size (faces.resize_image, as
       PNG); 0 keeps their size.
-    groups_file: (training) the identity -> group file of data/groups.py; "" = the
+    groups_file: (training) the identity -> group file of formats/groups.py; "" = the
       source's own groups.
   """
   source_format: str = ""
@@ -121,13 +121,13 @@ def _probe(item: tuple[Any, str], image_size: int = 0) -> tuple[bytes | None, An
   data, source = item
   try:
     if data is None:
-      data = image_tree.read_image_file(source)
-    image = image_tree.decode_image(data, source)
+      data = images.read_image_file(source)
+    image = images.decode_image(data, source)
   except UserError as e:
     return None, e
   if image_size and image.shape[:2] != (image_size, image_size):
     image = faces.resize_image(image, image_size)
-    data = image_tree.encode_png(image)
+    data = images.encode_png(image)
   return data, (int(image.shape[0]), int(image.shape[1]))
 
 
@@ -188,7 +188,7 @@ class MstkdFaces(_SourceBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Pass the image tree (<root>/<group>/<identity>/<image> or <root>/<identity>/<image>) "
       "or the folder of an insightface train.rec/.idx as the manual dir; see "
-      "`python -m mstkd_jax.data.prepare --help`.")
+      "`python -m mstkd_jax.formats.prepare --help`.")
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -215,7 +215,7 @@ class MstkdFaces(_SourceBuilder):
                                           skip_corrupt=config.skip_corrupt)
     else:
       notes: list[str] = []  # prepare logs them after building
-      reader = recordio.FaceRecordIOReader(source, validate=False, warn=notes.append)
+      reader = face_pack.FaceRecordIOReader(source, validate=False, warn=notes.append)
       self.info.metadata.update(
           warnings=notes, identity_record_disagreements=reader.identity_record_disagreements)
     index = reader.index
@@ -282,7 +282,7 @@ class MstkdVerification(_SourceBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       "Pass the RFW folder (test/data, test/txts) or a folder of insightface .bin files "
       "(one group each, e.g. African_test.bin) as the manual dir; see "
-      "`python -m mstkd_jax.data.prepare --help`.")
+      "`python -m mstkd_jax.formats.prepare --help`.")
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
@@ -385,13 +385,13 @@ def _stored_face(plan: pairs.GroupPlan, image_size: int, row: int
   result as PNG where alignment or resizing changes it; its (height, width); the Face."""
   data, source = plan.images[row]
   if data is None:
-    data = image_tree.read_image_file(source)
+    data = images.read_image_file(source)
   landmarks = None if plan.landmarks is None else plan.landmarks[row]
   if landmarks is None and not image_size:
-    return data, image_tree.image_size(data, source), None
+    return data, images.image_size(data, source), None
   face = faces.face_image(data, source, image_size or None, landmarks, plan.landmarks_file)
   if face.aligned or face.resized_from:
-    data = image_tree.encode_png(face.image)
+    data = images.encode_png(face.image)
   return data, tuple(int(v) for v in face.image.shape[:2]), face
 
 

@@ -1,7 +1,7 @@
 """The demographic group of each identity, from a file: for training sets that carry none.
 
 A stock insightface train.rec (or a flat image tree) has no groups, so a teacher of one
-group cannot be trained from it. `python -m mstkd_jax.data.prepare --groups=FILE` names
+group cannot be trained from it. `python -m mstkd_jax.formats.prepare --groups=FILE` names
 each identity's group with one of:
 
 * a CSV or TSV file, one identity a line, `identity,group` (or tab- or space-separated);

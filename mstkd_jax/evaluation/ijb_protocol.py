@@ -176,19 +176,19 @@ def embed_release(variables, module, release, image_size: int, parallel, batch_s
                   warn=None, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Raw embeddings of every image of an IJB release and of its mirror, streamed.
 
-  The loose crops are decoded and aligned a chunk at a time (data.ijb.aligned_chunks),
+  The loose crops are decoded and aligned a chunk at a time (formats.ijb.aligned_chunks),
   resized to the model's `image_size` when it is not 112 (one warning), and embedded on
   every device (evaluation.embed.embed_stream, with a progress bar); only the embeddings
   are kept.
 
   Args:
-    release: a data.ijb.IJBRelease.
+    release: a formats.ijb.IJBRelease.
     warn: called with the resize warning.
 
   Returns:
     float32 [N, D] embeddings and float32 [N, D] embeddings of the mirrors, meta order.
   """
-  from mstkd_jax.data import faces, ijb as ijb_data  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.formats import faces, ijb as ijb_data  # pylint: disable=g-import-not-at-top
   from mstkd_jax.evaluation import embed  # pylint: disable=g-import-not-at-top
   if image_size != ijb_data.ALIGNED_SIZE and warn is not None:
     warn(f"{release.name}: faces are aligned to {ijb_data.ALIGNED_SIZE}x"
@@ -217,7 +217,7 @@ def report_section(results: Mapping[str, Mapping], summary: Mapping) -> dict:
 
   Args:
     results: model name -> `evaluate_ijb` result.
-    summary: the release's counts (data.ijb.IJBRelease.summary()).
+    summary: the release's counts (formats.ijb.IJBRelease.summary()).
 
   Returns:
     {"name", "data": summary, "far_grid", "main_variant", "variants": {name: {flip,

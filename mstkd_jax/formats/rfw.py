@@ -4,8 +4,8 @@ Pairs lines: `name i j` (same identity) or `name1 i name2 j` (different); i, j a
 
 RFW's release ships its images as loose crops, not aligned: their five landmarks are in
 test/txts/<group>/<group>_lmk.txt, one line per image, `<path> <label> x1 y1 ... x5 y5`
-(data/landmarks.py reads it, the path ending in <id>/<id>_NNNN.jpg). `landmarks` gives
-them; data/pairs.py aligns with them (data/align.py).
+(formats/landmarks.py reads it, the path ending in <id>/<id>_NNNN.jpg). `landmarks` gives
+them; data/pairs.py aligns with them (formats/align.py).
 """
 
 import dataclasses
@@ -14,9 +14,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from mstkd_jax.data.image_tree import check_path_name
-from mstkd_jax.data.image_tree import decode_image
-from mstkd_jax.data.image_tree import read_image_file
+from mstkd_jax.formats.image_tree import check_path_name
+from mstkd_jax.formats.images import decode_image
+from mstkd_jax.formats.images import read_image_file
 from mstkd_jax.errors import UserError
 
 
@@ -147,9 +147,9 @@ class RFWReader:
 
     Raises:
       UserError: naming the file: a line that does not parse or degenerate points
-        (data/landmarks.py), two lines for one image, or an image without a line.
+        (formats/landmarks.py), two lines for one image, or an image without a line.
     """
-    from mstkd_jax.data import landmarks as landmarks_lib  # pylint: disable=g-import-not-at-top
+    from mstkd_jax.formats import landmarks as landmarks_lib  # pylint: disable=g-import-not-at-top
     path = self.landmarks_path(group)
     if not os.path.isfile(path):
       return None

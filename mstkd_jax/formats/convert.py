@@ -1,6 +1,6 @@
 """Converters between face data formats, and their command line.
 
-python -m mstkd_jax.data.convert COMMAND --src=PATH --dst=PATH [flags]
+python -m mstkd_jax.formats.convert COMMAND --src=PATH --dst=PATH [flags]
 
   rfw_to_bin   RFW folder -> <dst>/<group>_test.bin   [--groups=A,B] [--overwrite]
   tree_to_rec  image tree -> train.rec/.idx   [--layout=auto|grouped|flat] [--skip_corrupt]
@@ -19,11 +19,11 @@ from typing import Sequence
 
 from absl import flags
 
-from mstkd_jax.data import cli
-from mstkd_jax.data import image_tree
-from mstkd_jax.data import recordio
-from mstkd_jax.data import rfw
-from mstkd_jax.data import verification_bin
+from mstkd_jax.formats import cli
+from mstkd_jax.formats import image_tree, images
+from mstkd_jax.formats.recordio import face_pack, identities
+from mstkd_jax.formats import rfw
+from mstkd_jax.formats import verification_bin
 from mstkd_jax.errors import UserError
 
 
@@ -68,7 +68,7 @@ def _rec_paths(dst: str) -> tuple[str, str, str, str | None]:
     os.makedirs(dst, exist_ok=True)
     rec, prop = os.path.join(dst, "train.rec"), os.path.join(dst, "property")
   stem = os.path.splitext(rec)[0]
-  return rec, stem + ".idx", recordio.names_path_for(rec), prop
+  return rec, stem + ".idx", identities.names_path_for(rec), prop
 
 
 def tree_to_rec(src: str, dst: str, grouped: bool | None = None, validate: bool = True,
@@ -88,7 +88,7 @@ def tree_to_rec(src: str, dst: str, grouped: bool | None = None, validate: bool 
                     "Python) to replace it")
   # Write beside the targets and rename at the end, so a failure leaves no half .rec.
   tmp = {p: p + ".partial" for p in finals}
-  writer = recordio.FaceRecordIOWriter(tmp[rec], tmp[idx], tmp[names])
+  writer = face_pack.FaceRecordIOWriter(tmp[rec], tmp[idx], tmp[names])
   sizes = set()
   try:
     for record in reader:
@@ -122,7 +122,7 @@ def tree_to_rec(src: str, dst: str, grouped: bool | None = None, validate: bool 
 def _image_size(data: bytes) -> tuple[int, int] | None:
   """(height, width) from the image header only; None if unreadable."""
   try:
-    return image_tree.image_size(data, "")
+    return images.image_size(data, "")
   except UserError:  # Only decides whether to write `property`.
     return None
 
@@ -150,7 +150,7 @@ def rec_to_tree(src: str, dst: str, validate: bool = True, skip_corrupt: bool = 
     UserError: naming the file: an unreadable or (strict) disagreeing RecordIO, a corrupt
       image (unless skip_corrupt), or a dst that exists and is not an empty folder.
   """
-  reader = recordio.FaceRecordIOReader(_find_rec(src), validate=validate,
+  reader = face_pack.FaceRecordIOReader(_find_rec(src), validate=validate,
                                        skip_corrupt=skip_corrupt,
                                        strict_identity_records=strict_identity_records)
   with reader:
@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     SystemExit: 2 after one `error: ...` line for a usage mistake; 0 after --help.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
-  prog = "python -m mstkd_jax.data.convert"
+  prog = "python -m mstkd_jax.formats.convert"
   if argv and argv[0] in cli.HELP_FLAGS:
     print(__doc__)
     sys.exit(0)

@@ -10,7 +10,7 @@ case name, ijbb or ijbc):
   <root>/loose_crop/<image>                  the loose face crops (JPEG)
 
 Fields are separated by spaces; landmarks are (x, y) pixels of the loose crop in the order
-of data/align.py (eyes, nose, mouth corners), the score is the detector's face score.
+of formats/align.py (eyes, nose, mouth corners), the score is the detector's face score.
 insightface pairs line i of the two image files with each other; here they must name the
 same image on every line.
 
@@ -29,8 +29,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from mstkd_jax.data import align
-from mstkd_jax.data.image_tree import decode_image, read_image_file
+from mstkd_jax.formats import align
+from mstkd_jax.formats.images import decode_image, read_image_file
 from mstkd_jax.errors import UserError
 
 NAMES = ("IJBB", "IJBC")
@@ -292,14 +292,14 @@ def _aligned(release: IJBRelease, i: int, size: int) -> np.ndarray:
   image = decode_image(read_image_file(path), path)
   face = align.align_face(image, release.landmarks[i], ALIGNED_SIZE, path)
   if size != ALIGNED_SIZE:
-    from mstkd_jax.data import faces  # pylint: disable=g-import-not-at-top
+    from mstkd_jax.formats import faces  # pylint: disable=g-import-not-at-top
     face = faces.resize_image(face, size)
   return face
 
 
 def aligned_chunks(release: IJBRelease, size: int = ALIGNED_SIZE, chunk: int = CHUNK,
                    workers: int | None = None) -> Iterator[np.ndarray]:
-  """The loose crops decoded and aligned to 112x112 (data/align.py), then resized to
+  """The loose crops decoded and aligned to 112x112 (formats/align.py), then resized to
   `size` (faces.resize_image) when it differs, in meta order.
 
   Decoding and alignment run on `workers` threads (default: the CPU count, at most 8), one

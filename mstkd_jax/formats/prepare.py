@@ -1,6 +1,6 @@
 """Prepares a face data set once as a TFDS (array_record) data set, and prints its summary.
 
-python -m mstkd_jax.data.prepare --format=image_tree|rfw|bin|recordio --src=PATH
+python -m mstkd_jax.formats.prepare --format=image_tree|rfw|bin|recordio --src=PATH
     --data_dir=DIR [--name=NAME] [--image_size=N] [--groups=FILE] [--skip_corrupt]
     [--layout=auto|grouped|flat] [--strict_identity_records]
 
@@ -9,12 +9,12 @@ sets (rfw, bin) <DIR>/mstkd_verification/<NAME>/1.0.0 (see tfds_builders). A dat
 is already prepared is not built again.
 
 --image_size=N stores every image at N x N (those of another size resized by the one
-resizer, data/faces.py, and stored as PNG), so that training and evaluation at that size
+resizer, formats/faces.py, and stored as PNG), so that training and evaluation at that size
 resize nothing. An RFW folder's loose crops are stored aligned to 112x112 with their
 landmarks (test/txts/<group>/<group>_lmk.txt; images already 112x112 are taken as aligned),
 then resized to --image_size if given: what `evaluate` does with the same folder.
 --groups=FILE (training sets) names each identity's demographic group, for a RecordIO or
-flat tree that has none (data/groups.py: CSV `identity,group`, JSON {identity: group} or
+flat tree that has none (formats/groups.py: CSV `identity,group`, JSON {identity: group} or
 {group: [identities]}, or a folder of <group>.txt lists).
 
 stdout gets one line, a JSON object: {"name", "num_images", "num_identities", "groups":
@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 from absl import flags
 
 from mstkd_jax import paths
-from mstkd_jax.data import cli
+from mstkd_jax.formats import cli
 from mstkd_jax.data import pairs, prepared
 from mstkd_jax.errors import UserError
 
@@ -108,13 +108,13 @@ def prepare(fmt: str, src: str, data_dir: str, name: str | None = None,
       with the image labels; by default the images' own labels are used, and the summary
       counts the disagreements under "identity_record_disagreements".
     image_size: store images at image_size x image_size (module docstring); 0 keeps them.
-    groups: (training sets) a file or folder naming each identity's group (data/groups.py).
+    groups: (training sets) a file or folder naming each identity's group (formats/groups.py).
 
   Raises:
     UserError: a bad format, name or source (naming it), or a source the readers refuse.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from mstkd_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.formats import tfds_builders  # pylint: disable=g-import-not-at-top
 
   if fmt not in FORMATS:
     raise UserError(f'--format={fmt!r}; expected one of {", ".join(FORMATS)}')
@@ -155,8 +155,8 @@ def prepare(fmt: str, src: str, data_dir: str, name: str | None = None,
       skip_corrupt=skip_corrupt, workers=workers, image_size=image_size,
       groups_file=groups or "")
   if fmt == "recordio" and strict_identity_records:
-    from mstkd_jax.data import recordio  # pylint: disable=g-import-not-at-top
-    with recordio.FaceRecordIOReader(source, validate=False, strict_identity_records=True):
+    from mstkd_jax.formats.recordio import face_pack  # pylint: disable=g-import-not-at-top
+    with face_pack.FaceRecordIOReader(source, validate=False, strict_identity_records=True):
       pass  # Refuses before anything is built.
   log(f"preparing {name!r} from {source} ({fmt}) into {path}")
   builder = builder_cls(config=config, data_dir=data_dir)
@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   fv = flags.FlagValues()
   _define_flags(fv)
   rest = cli.parse(fv, sys.argv[1:] if argv is None else argv,
-                   prog="python -m mstkd_jax.data.prepare", doc=__doc__)
+                   prog="python -m mstkd_jax.formats.prepare", doc=__doc__)
   if rest:
     cli.usage_error(f"unexpected arguments {rest}; give every setting as a --flag")
   from absl import logging  # pylint: disable=g-import-not-at-top

@@ -1,7 +1,7 @@
 """What a model sees of a face image: decoded, aligned, resized, in one place.
 
 `face_image` makes it from one image (of a verification plan, data/pairs.py): decoded to RGB
-(data/image_tree.decode_image), aligned to ALIGNED_SIZE x ALIGNED_SIZE with its 5 landmarks
+(formats/images.decode_image), aligned to ALIGNED_SIZE x ALIGNED_SIZE with its 5 landmarks
 when the plan has them (RFW's loose crops and their <group>_lmk.txt; an image already
 ALIGNED_SIZE square is taken as aligned), then resized to the model's input with
 `resize_image`. That is the one resizer of the project: evaluate, embed, IJB, `prepare
@@ -13,13 +13,13 @@ import dataclasses
 
 import numpy as np
 
-from mstkd_jax.data import align
-from mstkd_jax.data.image_tree import decode_image, read_image_file
+from mstkd_jax.formats import align
+from mstkd_jax.formats.images import decode_image, read_image_file
 
 RESAMPLING = ("Pillow bilinear (Image.resize BILINEAR: a triangle filter widened by the "
               "reduction factor, so antialiased; horizontal then vertical pass, each rounded "
               "to uint8)")
-# The side of an aligned face: data/align.py's template.
+# The side of an aligned face: formats/align.py's template.
 ALIGNED_SIZE = align.TEMPLATE_SIZE
 
 
@@ -49,8 +49,8 @@ class Face:
 
 def face_image(data: bytes | None, source: str, image_size: int | None = None,
                landmarks=None, landmarks_file: str | None = None) -> Face:
-  """One image as the model sees it: decoded (data/image_tree.decode_image), aligned with
-  its landmarks to ALIGNED_SIZE (data/align.py) unless already that size, resized to
+  """One image as the model sees it: decoded (formats/images.decode_image), aligned with
+  its landmarks to ALIGNED_SIZE (formats/align.py) unless already that size, resized to
   image_size x image_size (`resize_image`) when given and different.
 
   Args:
