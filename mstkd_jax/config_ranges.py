@@ -45,7 +45,7 @@ _POSITIVE = Number(1, integer=True)
 _SEED = Number(0, 2**31 - 1, integer=True)
 _BATCH = Number(1, integer=True,
                 text="a positive integer (the global batch, over all hosts and devices)")
-_IMAGE = "every backbone (IResNet, MobileFaceNet) halves the image 4 times"
+_IMAGE = "IResNets and MobileFaceNets halve the image 4 times"
 
 # "<role>." stands for each training section: the top of a single-stage config
 # (configs/teacher.py) and the recipe's teacher., adaptor. and student. (configs/distill.py).

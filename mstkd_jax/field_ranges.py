@@ -8,6 +8,7 @@ value) (the one line that refuses `value` for the config field `name`). A bool i
 number, nor NaN or inf a finite one.
 """
 
+import abc
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
@@ -22,11 +23,16 @@ def _number_text(value) -> str:
   return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-class Range:
-  """What every kind shares: the line that refuses a value."""
+class Range(abc.ABC):
+  """What every kind has: its test, its words, and the line that refuses a value."""
 
+  @abc.abstractmethod
+  def accepts(self, value) -> bool:
+    """Whether `value` is in the range."""
+
+  @abc.abstractmethod
   def expected(self) -> str:
-    raise NotImplementedError
+    """The range in words, e.g. "a finite number > 0"."""
 
   def refusal(self, name: str, value) -> str:
     return f"config field {name}={value!r}: expected {self.expected()}"

@@ -87,8 +87,7 @@ ISSUE = [
     ("student.train.epochs", math.inf, "config field student.train.epochs=inf: expected a "
      "finite number > 0"),
     ("data.synthetic.image_size", 31, "config field data.synthetic.image_size=31: expected a "
-     "multiple of 16 in [16, 112] (every backbone (IResNet, MobileFaceNet) halves the image "
-     "4 times)"),
+     "multiple of 16 in [16, 112] (IResNets and MobileFaceNets halve the image 4 times)"),
     ("teacher.optim.lr_decay_factor", -1.0, "config field teacher.optim.lr_decay_factor=-1.0: "
      "expected a number in (0, 1]"),
     ("student.train.batch_size", True, "config field student.train.batch_size=True: expected "
