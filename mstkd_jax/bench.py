@@ -37,7 +37,7 @@ import time
 import jax
 import numpy as np
 
-from mstkd_jax import models
+from mstkd_jax import config_ranges, models
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
 from mstkd_jax.train import build
@@ -524,6 +524,7 @@ def main(argv):
   from absl import flags
   del argv
   f = flags.FLAGS
+  config_ranges.check(f.config, stage_vocabulary=False)
   if f.head_scale:
     # pylint: disable-next=g-import-not-at-top
     from mstkd_jax import bench_heads

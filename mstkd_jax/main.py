@@ -202,6 +202,8 @@ def run(config, workdir: str, multihost: str | Multihost = "false"):
 
   `multihost` is a mode ("auto", "true", "false") or a full Multihost setting.
   """
+  from mstkd_jax import config_ranges  # pylint: disable=g-import-not-at-top
+  config_ranges.check(config)  # every field in its range, before anything starts
   import jax  # pylint: disable=g-import-not-at-top
   workdir = paths.resolve(workdir, "--workdir")
   setup = multihost if isinstance(multihost, Multihost) else Multihost(mode=multihost)

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mstkd_jax import errors, files, paths, workdir as workdir_lib
+from mstkd_jax import config_ranges, errors, files, paths, workdir as workdir_lib
 from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import report as report_lib, seeds as seeds_lib
@@ -66,14 +66,6 @@ def _downstream(stages: list[Stage], roots: set) -> set:
   return out
 
 
-def _check_seeds(config) -> int:
-  seeds = config.get("seeds", 1)
-  if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-    raise UserError(f"config field seeds={seeds!r}: expected an integer >= 1 (the number "
-                    "of training seeds to run the recipe with)")
-  return seeds
-
-
 def run(config, workdir: str) -> dict:
   """Runs every stage that is not finished; returns the report.
 
@@ -82,8 +74,9 @@ def run(config, workdir: str) -> dict:
   balanced identity split; finished seeds are skipped. It ends with the combined report
   over seeds in <workdir>/report/ (evaluation/seeds.py) and returns it.
   """
+  config_ranges.check(config)  # every field in its range before the data is read
   workdir = paths.resolve(workdir, "workdir")
-  seeds = _check_seeds(config)
+  seeds = config.get("seeds", 1)
   # One data folder for every stage and seed (for the synthetic set, its cache).
   config = sources.with_data_dir(config, workdir)
   if seeds == 1:

@@ -16,8 +16,8 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
-from mstkd_jax import losses
-from mstkd_jax.data import input_pipeline, sources
+from mstkd_jax import config_ranges
+from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.models import adaptor as adaptor_model
 from mstkd_jax.stages import adaptor, common, extract, imported, student, teacher
@@ -122,28 +122,14 @@ def _imports(config, role: str, teacher_set: str, needed, what: str, allowed=Non
 
 
 def _check(config) -> None:
-  """The recipe's own fields, checked before any stage runs."""
-  for field, allowed in (("teacher_sets", SET_PREFIX), ("kd_losses", student.KD_LOSSES),
-                         ("kd_distances", losses.KD_DISTANCES),
-                         ("adaptors", adaptor_model.KINDS)):
-    for value in config[field]:
-      if value not in allowed:
-        raise UserError(f"config field {field} holds {value!r}; expected some of "
-                        f"{list(allowed)}")
-  input_pipeline.check_orientation(config.target_orientation, "target_orientation")
-  for section in ("teacher", "student"):   # checked now, not when the stage starts
-    common.evaluation_fields(config[section].train, f"{section}.train")
-  for section in ("teacher", "adaptor", "student"):
-    input_pipeline.check_batch_split(config[section].train.batch_size, 1, 1,
-                                     f"{section}.train.batch_size")
+  """The recipe's fields, checked before any stage runs: each in its range
+  (config_ranges), and the adaptor's output the students' embedding size."""
+  config_ranges.check(config)
   size, student_size = (config[s].model.get("embedding_size") for s in ("adaptor", "student"))
   if config.kd_losses and size != student_size:
     raise UserError(f"config field adaptor.model.embedding_size={size} differs from "
                     f"student.model.embedding_size={student_size}; the students distil the "
                     "adaptor's targets, so they must match")
-  if config.targets not in student.TARGETS:
-    raise UserError(f"config field targets={config.targets!r}: expected one of "
-                    f"{student.TARGETS}")
 
 
 def _teacher_stages(config, teacher_set: str, train_set) -> list[Stage]:
