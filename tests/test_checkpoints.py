@@ -5,7 +5,6 @@ import glob
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -135,31 +134,6 @@ def test_a_history_shorter_than_its_step_or_holding_nan_is_refused_naming_the_st
       call()
     assert str(info.value).startswith(f"{source}: {message}; expected ")
     assert "delete that checkpoint step to resume from an earlier one" in str(info.value)
-
-
-def test_workdir_of_an_earlier_version_reads_its_history_and_best_state(uninterrupted,
-                                                                       tmp_path):
-  """Earlier versions kept loss_history.json, best/ and best.json beside checkpoints/."""
-  workdir, _ = uninterrupted
-  old = str(tmp_path / "old")
-  shutil.copytree(workdir, old)
-  history = loop.load_history(workdir)
-  for folder in glob.glob(os.path.join(old, "checkpoints", "*", "history")):
-    shutil.rmtree(folder)
-  shutil.rmtree(os.path.join(old, "checkpoints", "4"))  # the best candidate
-  with open(os.path.join(old, "loss_history.json"), "w") as f:
-    json.dump({"step": 12, "metrics": history, "devices": 1, "processes": 1}, f)
-  assert loop.load_history(old) == history
-  best_state = {"params": {"noise": _init().params["noise"], "w": np.full(3, 6.0, np.float32)}}
-  legacy_best = checkpoints_lib.Checkpoints(os.path.join(old, "best"), keep=1)
-  legacy_best.save(4, best_state)
-  legacy_best.wait()
-  legacy_best.close()
-  with open(os.path.join(old, "best.json"), "w") as f:
-    json.dump({"step": 4, "score": 1.0, "epoch": 2, "mean_loss": 1.0}, f)
-  best, info = loop.load_best(old, loop.best_variables(_init()))
-  assert info["step"] == 4
-  np.testing.assert_array_equal(best["params"]["w"], best_state["params"]["w"])
 
 
 # --- Damaged steps -------------------------------------------------------------------------

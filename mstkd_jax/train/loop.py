@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
-from mstkd_jax import errors, files
+from mstkd_jax import errors
 from mstkd_jax.errors import UserError
 from mstkd_jax.train import (checkpoints as checkpoints_lib, history as history_lib,
                              interrupts, writers)
@@ -83,13 +83,9 @@ def _format_eta(seconds: float) -> str:
 
 
 class _Progress:
-  """Fetches per-step metrics, checks them, writes them and prints one line per window.
-
-  The loop's one progress reporter. clu's ReportProgress (steps/s to the writer, ETA in
-  absl's log) needs TensorFlow and shows neither loss nor LR; this line shows loss, the
-  step's other metrics (accuracy, kd, ce), LR, steps/s, img/s and ETA on every machine,
-  and steps/s also goes to the writer as "steps_per_sec" (ReportProgress's scalar).
-  """
+  """Fetches per-step metrics, checks them, writes them and prints one line per window:
+  loss, the step's other metrics (accuracy, kd, ce), LR, steps/s, img/s and ETA; steps/s
+  also goes to the writer as "steps_per_sec"."""
 
   def __init__(self, settings: LoopSettings, writer, start_step: int, history: dict):
     self.settings = settings
@@ -203,8 +199,6 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
     if start:
       print(f"[{settings.name}] resuming from step {start} of {total} "
             f"({checkpoints.directory}).", flush=True)
-      if record is None:  # a checkpoint written before the history moved into it
-        record = history_lib.legacy_record(workdir)
     history, saved_layout = history_lib.read(
         record, start, os.path.join(checkpoints.directory, str(start)))
     note = _resume_note(settings.name, saved_layout, parallel) if start else None
@@ -219,8 +213,6 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
       best = checkpoints.best()
       if best is not None:
         best_score = best[1]["score"]
-      elif files.isfile(os.path.join(workdir, "best.json")):  # a run of an earlier version
-        best_score = history_lib.legacy_best(workdir)[1]["score"]
     p_step = parallel.wrap(step_fn)
     device_state = parallel.replicate(state)
     device_args = parallel.replicate((rng,) if frozen is None else (rng, frozen))
