@@ -34,8 +34,7 @@ def _fingerprint(stage: Stage, fingerprints: dict) -> dict:
   flat = {k: v for k, v in workdir_lib.flatten(fields).items()
           if not any(k == f or k.startswith(f + ".") for f in workdir_lib.RUN_CONTROL_FIELDS)}
   inputs = {d: fingerprints[d] for d in stage.deps}
-  # A network made elsewhere counts by its content (a stage that imports none keeps the
-  # fingerprint it had before imports existed).
+  # A network made elsewhere counts by its content (only a stage that imports one).
   made = [flat, inputs] + ([stage.imported] if stage.imported else [])
   digest = hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()
   return {"fingerprint": digest, "fields": flat, "inputs": inputs,

@@ -129,9 +129,8 @@ def remake_caches(config, workdir: str, name: str = "extract",
 
 def load(config, extract_dir: str) -> tuple[np.ndarray, dict]:
   """(training [N, 2, sum D_g], {group: ([2P, 2, sum D_g], issame [P])}) written by `run`
-  in `extract_dir` (and its cache folder, from config field cache_dir). Caches written
-  before teachers could differ in size hold [..., G, D] instead: callers flatten the
-  trailing axes (the same concatenation).
+  in `extract_dir` (and its cache folder, from config field cache_dir). Callers flatten
+  the trailing axes, so a cache of equal-size teachers as [..., G, D] reads the same.
 
   The training embeddings come memory-mapped (read-only): callers read the rows they need.
   """
