@@ -25,7 +25,8 @@ from mstkd_jax.records import (  # pylint: disable=unused-import
     UNRECORDED, damaged_output, file_record, output_record, read_results,
     read_stage_record, write_results)
 from mstkd_jax.train import parallel as parallel_lib
-from mstkd_jax.train.checkpoints import Checkpoints, flat_shapes, shape_mismatches
+from mstkd_jax.train.checkpoints import Checkpoints
+from mstkd_jax.train.tree_checks import flat_shapes, shape_mismatches
 
 # Fields that steer how a run is carried out but not what it computes: they may change
 # between a run and its resumption. (A stage's input folders are not config fields at all:

@@ -16,7 +16,8 @@ import pytest
 from mstkd_jax import workdir as workdir_lib
 from mstkd_jax.errors import UserError
 from mstkd_jax.interop import orbax_checkpoint
-from mstkd_jax.train import checkpoints as checkpoints_lib, loop, parallel, state as state_lib
+from mstkd_jax.train import (checkpoints as checkpoints_lib, loop, parallel, state as state_lib,
+                             step_folders)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Per-step training losses of the toy run: epoch (2 steps) means 5, 1, 3, 2, 1, 4. The best
@@ -142,7 +143,7 @@ def test_a_history_shorter_than_its_step_or_holding_nan_is_refused_naming_the_st
 def _remove_commit_marker(step_dir):
   """An uncommitted step: no commit marker, or (Orbax versions that write none on local
   disks, e.g. 0.11.36) no commit time in its _CHECKPOINT_METADATA."""
-  marker = os.path.join(step_dir, checkpoints_lib.COMMIT_MARKER)
+  marker = os.path.join(step_dir, step_folders.COMMIT_MARKER)
   if os.path.exists(marker):
     os.remove(marker)
     return
@@ -162,7 +163,7 @@ def _remove_array_data(step_dir):
 
 
 def _remove_item_metadata(step_dir):
-  os.remove(os.path.join(step_dir, checkpoints_lib.STATE, checkpoints_lib.ITEM_METADATA))
+  os.remove(os.path.join(step_dir, checkpoints_lib.STATE, step_folders.ITEM_METADATA))
 
 
 DAMAGES = [_remove_commit_marker, _remove_array_data, _remove_item_metadata]

@@ -26,7 +26,7 @@ import numpy as np
 from mstkd_jax import errors
 from mstkd_jax.errors import UserError
 from mstkd_jax.train import (checkpoints as checkpoints_lib, history as history_lib,
-                             interrupts, writers)
+                             interrupts, tree_checks, writers)
 from mstkd_jax.train.checkpoints import Checkpoints
 # Re-exported: the stages read a finished loop's history and best state from here.
 from mstkd_jax.train.history import (  # pylint: disable=unused-import
@@ -307,7 +307,7 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
 def _check_finite_state(name: str, state, step: int, hint: str) -> None:
   """Raises TrainingDiverged where the state after `step` holds NaN or Inf, naming the
   first such tensor (checked before it is saved, so the last good checkpoint stays)."""
-  found = checkpoints_lib.first_non_finite(state)
+  found = tree_checks.first_non_finite(state)
   if found is not None:
     tensor, kind, bad, size = found
     raise TrainingDiverged(
