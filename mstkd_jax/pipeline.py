@@ -25,7 +25,7 @@ from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import report as report_lib, seeds as seeds_lib
 from mstkd_jax.stages import common, report as report_stage
-from mstkd_jax.stages.recipe import Stage, build
+from mstkd_jax.stages.recipe import Stage, make_stages
 from mstkd_jax.train import parallel as parallel_lib
 
 
@@ -190,7 +190,7 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
   """One run of the recipe (one training seed) in `workdir`; returns its report ({} with
   --config.only)."""
   train_set = sources.training_set(config.data, workdir)
-  stages = build(config, workdir, train_set)
+  stages = make_stages(config, workdir, train_set)
   names = [s.name for s in stages]
   for field in ("only", "force"):
     if config[field] and config[field] not in names:

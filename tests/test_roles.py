@@ -33,7 +33,7 @@ def tiny(tmp_path):
 
 
 def _stages(config, train_set, workdir="/nonexistent") -> dict:
-  return {s.name: s for s in recipe.build(config, workdir, train_set)}
+  return {s.name: s for s in recipe.make_stages(config, workdir, train_set)}
 
 
 # ------------------------------------------------------------------------ the sections
@@ -70,9 +70,9 @@ def test_a_new_field_of_a_section_reaches_its_stages_and_their_fingerprint(tiny,
   """A field nothing knows about, added to a section, is in its stages' configs (under
   the role's name) and so in their fingerprints, with no edit to the pipeline."""
   config, train_set = tiny
-  before = recipe.build(config, "/w", train_set)
+  before = recipe.make_stages(config, "/w", train_set)
   config[role].made_up_field = 3
-  after = {s.name: s for s in recipe.build(config, "/w", train_set)}
+  after = {s.name: s for s in recipe.make_stages(config, "/w", train_set)}
   assert after[stage].config[role].made_up_field == 3
   old, new = _fingerprints(before), _fingerprints(list(after.values()))
   assert old[stage] != new[stage]

@@ -376,7 +376,7 @@ def _adaptor_stage(tmp_path):
   config = distill.get_config("tiny")
   config.data.data_dir = str(tmp_path / "data")
   train_set = sources.training_set(config.data, str(tmp_path))
-  stage = {s.name: s for s in pipeline.build(config, str(tmp_path), train_set)}[
+  stage = {s.name: s for s in pipeline.make_stages(config, str(tmp_path), train_set)}[
       "adaptor/specialized/SL"]
   c = ml_collections.ConfigDict(stage.config.to_dict())
   c.num_devices = DEVICES
@@ -546,7 +546,7 @@ def test_student_stages_read_shard_classes_and_sample_rate(tmp_path, monkeypatch
   config.kd_losses = ("a-KD", "EAF-KD")
   train_set = sources.training_set(config.data, str(tmp_path))
   name = "student/student_alone" if kd == "none" else f"student/mstkd/SL/{kd}"
-  stage = {s.name: s for s in pipeline.build(config, str(tmp_path), train_set)}[name]
+  stage = {s.name: s for s in pipeline.make_stages(config, str(tmp_path), train_set)}[name]
   c = ml_collections.ConfigDict(stage.config.to_dict())
   c.num_devices = DEVICES
   if kd == "a-KD":

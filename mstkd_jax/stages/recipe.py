@@ -39,15 +39,13 @@ class Stage:
   run: Callable
   deps: tuple[str, ...] = ()
   model: str = ""                    # report row of the model it makes ("" = none)
-  section: str = ""                  # its training section in configs/distill.py ("" = none)
   inputs: common.Inputs = common.Inputs()
   # Writes its local caches again for a finished stage, from its saved outputs and inputs.
   remake: Callable | None = None
   imported: dict = dataclasses.field(default_factory=dict)
 
   def run_in(self, stage_dir: str):
-    kwargs = {"epochs_field": f"{self.section}.train.epochs"} if self.section else {}
-    return self.run(self.config, stage_dir, name=self.name, inputs=self.inputs, **kwargs)
+    return self.run(self.config, stage_dir, name=self.name, inputs=self.inputs)
 
 
 def balanced_split(num_identities: int, parts: int, seed: int) -> list[np.ndarray]:
@@ -173,7 +171,7 @@ def _teacher_stages(config, teacher_set: str, train_set) -> list[Stage]:
     else:
       c = stage_config(config, "teacher", **subset)
       c.model = _teacher_network(config, name)
-      stages.append(Stage(name, c, teacher.run, model=name, section="teacher"))
+      stages.append(Stage(name, c, teacher.run, model=name))
   return stages
 
 
@@ -185,7 +183,7 @@ def _check_teacher_networks(config, stages: list[Stage]) -> None:
                     f"this recipe; expected some of {sorted(names)}")
 
 
-def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
+def make_stages(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
   """The recipe's stages in an order that respects their dependencies."""
   _check(config)
   if not train_set.group_names:
@@ -220,7 +218,7 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
       else:
         c = stage_config(config, "adaptor", orientation=config.target_orientation)
         stage = Stage(adaptor_name, c, adaptor.run, deps=(extract_name,), model=row,
-                      section="adaptor", inputs=inputs, remake=adaptor.remake_caches)
+                      inputs=inputs, remake=adaptor.remake_caches)
       stage.config.model = {"kind": kind, **stage.config.model.to_dict()}
       stages.append(stage)
       online = config.targets == "online"
@@ -234,13 +232,13 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
             del c["head"]             # a-KD trains no margin head
           name = f"{student_prefix}/{kind}/{student.kd_name(margin_loss, distance)}"
           stages.append(Stage(
-              f"student/{name}", c, student.run, model=name, section="student",
+              f"student/{name}", c, student.run, model=name,
               deps=(adaptor_name,) + (teacher_names if online else ()),
               inputs=common.Inputs(adaptor_dir=path(adaptor_name),
                                    teacher_dirs=teacher_dirs if online else ())))
   if config.student_alone:
     stages.append(Stage("student/student_alone", stage_config(config, "student", kd=None),
-                        student.run, model="student_alone", section="student"))
+                        student.run, model="student_alone"))
   _check_teacher_networks(config, stages)
   models = tuple(s.name for s in stages if s.model)
   c = ml_collections.ConfigDict(dict(models=models))

@@ -50,8 +50,9 @@ class LoopSettings:
   # Keep the state of the epoch with the lowest mean training loss among the checkpoints
   # (the adaptor's model selection); read its variables back with `load_best`.
   select_best_epoch: bool = False
-  # The config field that sets this stage's length, named by the convergence warning.
-  epochs_field: str = "train.epochs"
+  # The stage's train section as the user's config file names it ("student.train" in the
+  # recipe), for the messages that name a field of it.
+  train_section: str = "train"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,11 +351,10 @@ def _out_of_memory_message(settings: LoopSettings, step: int | None, memory: str
                            frozen: dict | None) -> str:
   """One line for an out-of-memory error in a step: what did not fit, how much, what to
   lower."""
-  section = settings.epochs_field[:-len("epochs")]  # "teacher.train." or "train."
   online = frozen is not None and "teachers" in frozen
   return (f"[{settings.name}] out of memory in training step {(step or 0) + 1} ({memory}); "
-          f"lower {section}batch_size (now {settings.images_per_step}) or the image size "
-          "(data.synthetic.image_size, data.tfds.image_size)"
+          f"lower {settings.train_section}.batch_size (now {settings.images_per_step}) or the "
+          "image size (data.synthetic.image_size, data.tfds.image_size)"
           + (", or run the teachers ahead of time (student.targets='cached') instead of "
              "in every step" if online else ""))
 
