@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mstkd_jax.stages import common, teacher
+from mstkd_jax.stages import shared, teacher
 from mstkd_jax.train import convergence
 from tests.test_teacher_stage import tiny_config
 
@@ -94,7 +94,7 @@ def _recipe_teacher_config(**train):
 
 def test_messages_name_the_train_section_as_the_config_file_does():
   for config, section in ((tiny_config(), "train"), (_recipe_teacher_config(), "teacher.train")):
-    stage = common.StageRun(config, "", "teacher/group_a", None, None, "teacher")
+    stage = shared.StageRun(config, "", "teacher/group_a", None, None, "teacher")
     assert stage.settings(96).train_section == section
 
 

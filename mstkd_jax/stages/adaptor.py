@@ -28,7 +28,7 @@ from mstkd_jax import files, models, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import embed, target_space
-from mstkd_jax.stages import common, extract, imported
+from mstkd_jax.stages import extract, imported, shared
 from mstkd_jax.train import build, loop, steps
 
 
@@ -53,8 +53,8 @@ def _write_targets(config, workdir: str, apply, variables, train_embeddings, siz
                    ) -> str:
   """Writes the cache targets.npy [N, 2, size_out] (the adaptor's outputs for every
   training image and its mirror) where this process writes caches; returns its path."""
-  path = common.cache_file(config, workdir, common.TARGETS, make=True)
-  if common.writes_caches(config, workdir):
+  path = shared.cache_file(config, workdir, shared.TARGETS, make=True)
+  if shared.writes_caches(config, workdir):
     with files.npy_writer(path, (len(train_embeddings), 2, size_out)) as targets:
       _map(apply, variables, train_embeddings, targets)             # [N, 2, D]
   return path
@@ -66,7 +66,7 @@ def _template(adaptor, input_size: int) -> dict:
   return {"params": variables["params"]}
 
 
-def _teacher_embeddings(config, stage: common.StageRun, extract_dir: str):
+def _teacher_embeddings(config, stage: shared.StageRun, extract_dir: str):
   """(training [N, 2, sum D_g] memory-mapped, verification as extract.load, sum D_g)."""
   train_embeddings, verification = extract.load(config, extract_dir)
   num = len(train_embeddings)
@@ -78,7 +78,7 @@ def _teacher_embeddings(config, stage: common.StageRun, extract_dir: str):
 
 
 def remake_caches(config, workdir: str, name: str = "adaptor",
-                  inputs: common.Inputs = common.Inputs()) -> None:
+                  inputs: shared.Inputs = shared.Inputs()) -> None:
   """Writes the cache targets.npy of the finished stage in `workdir` again, from its saved
   adaptor and the extraction's teacher embeddings (`inputs.extract_dir`), e.g. on another
   machine than the one that trained it, where the local cache is missing. Nothing in
@@ -97,7 +97,7 @@ def remake_caches(config, workdir: str, name: str = "adaptor",
                  train_embeddings.reshape(num, 2, input_size), config.model.embedding_size)
 
 
-def run(config, workdir: str, name: str = "adaptor", inputs: common.Inputs = common.Inputs()
+def run(config, workdir: str, name: str = "adaptor", inputs: shared.Inputs = shared.Inputs()
         ) -> dict:
   """Trains the adaptor on the teacher embeddings in `inputs.extract_dir`, keeps its epoch
   of lowest mean training loss, and writes targets.npy and its space's verification
@@ -108,7 +108,7 @@ def run(config, workdir: str, name: str = "adaptor", inputs: common.Inputs = com
   """
   orientation = input_pipeline.check_orientation(
       config.adaptor.get("orientation", "as_fed"), "adaptor.orientation")
-  stage = common.StageRun.create(config, workdir, name, "adaptor")
+  stage = shared.StageRun.create(config, workdir, name, "adaptor")
   train_embeddings, verification, input_size = _teacher_embeddings(config, stage,
                                                                    inputs.extract_dir)
   labels = stage.train_set.identity
@@ -151,13 +151,13 @@ def run(config, workdir: str, name: str = "adaptor", inputs: common.Inputs = com
   best = {"params": best["params"]["backbone"]}
   print(f"[{name}] selected epoch {info['epoch']} (mean training loss "
         f"{info['mean_loss']:.4f})", flush=True)
-  training = common.training_record(stage.workdir, settings)
+  training = shared.training_record(stage.workdir, settings)
   return _finish(stage, adaptor, best, info["step"], train_embeddings, verification,
                  {"training": training, "selected": info}) | {"best": info}
 
 
 def run_import(config, workdir: str, name: str = "adaptor",
-               inputs: common.Inputs = common.Inputs(),
+               inputs: shared.Inputs = shared.Inputs(),
                field: str = "adaptor.checkpoints") -> dict:
   """Imports the adaptor in `inputs.checkpoint` (imported.load_adaptor) into the network of
   config.model instead of training one, then writes what `run` writes (model/,
@@ -168,7 +168,7 @@ def run_import(config, workdir: str, name: str = "adaptor",
     UserError: the teacher embeddings are missing or cover another training set, or the
       checkpoint cannot be read or does not fit (`field` names the config field).
   """
-  stage = common.StageRun.create(config, workdir, name, "adaptor")
+  stage = shared.StageRun.create(config, workdir, name, "adaptor")
   train_embeddings, verification, input_size = _teacher_embeddings(config, stage,
                                                                    inputs.extract_dir)
   adaptor = models.create("adaptor", **config.model.to_dict())
@@ -181,7 +181,7 @@ def run_import(config, workdir: str, name: str = "adaptor",
                  verification, {"imported": record}) | {"imported": record}
 
 
-def _finish(stage: common.StageRun, adaptor, variables: dict, step: int, train_embeddings,
+def _finish(stage: shared.StageRun, adaptor, variables: dict, step: int, train_embeddings,
             verification: dict, record: dict) -> dict:
   """The end of a trained or imported adaptor: its space on every group's verification
   pairs, model/, the targets cache, the target-space diagnostics and results.json (with
@@ -201,7 +201,7 @@ def _finish(stage: common.StageRun, adaptor, variables: dict, step: int, train_e
     embed.save_embeddings(stage.workdir, space)
     diagnostics = target_space.space_statistics(
         np.load(path, mmap_mode="r")[:, 0], stage.train_set.identity, stage.train_set.group)
-    common.warn_collapse(stage.name, diagnostics)
+    shared.warn_collapse(stage.name, diagnostics)
   workdir_lib.write_results(stage.workdir, stage.name, step, results,
                             {**record, "diagnostics": {"targets": diagnostics}})
   return {"verification": results, "training": record.get("training"),

@@ -5,7 +5,7 @@ Each role's section (teacher, adaptor, student) holds its own model, head, train
 a stage's config is the recipe's shared fields (seed, devices, data) and its role's section,
 whole (`stage_config`), with what makes this stage one of a grid (a teacher's group, an
 adaptor's kind, a student's KD variant). A stage never holds another role's fields: it
-reads an earlier stage's network from that stage's folder (common.frozen_backbone).
+reads an earlier stage's network from that stage's folder (shared.frozen_backbone).
 """
 
 import dataclasses
@@ -20,7 +20,7 @@ from mstkd_jax import losses
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.models import adaptor as adaptor_model
-from mstkd_jax.stages import adaptor, common, extract, imported, student, teacher
+from mstkd_jax.stages import adaptor, extract, imported, shared, student, teacher
 
 SET_PREFIX = {"specialized": ("teacher", "mstkd", ""), "balanced": ("balanced_teacher",
                                                                     "balanced_kd", "balanced_")}
@@ -39,7 +39,7 @@ class Stage:
   run: Callable
   deps: tuple[str, ...] = ()
   model: str = ""                    # report row of the model it makes ("" = none)
-  inputs: common.Inputs = common.Inputs()
+  inputs: shared.Inputs = shared.Inputs()
   # Writes its local caches again for a finished stage, from its saved outputs and inputs.
   remake: Callable | None = None
   imported: dict = dataclasses.field(default_factory=dict)
@@ -130,7 +130,7 @@ def _check(config) -> None:
                         f"{list(allowed)}")
   input_pipeline.check_orientation(config.target_orientation, "target_orientation")
   for section in ("teacher", "student"):   # checked now, not when the stage starts
-    common.evaluation_fields(config[section].train, f"{section}.train")
+    shared.evaluation_fields(config[section].train, f"{section}.train")
   for section in ("teacher", "adaptor", "student"):
     input_pipeline.check_batch_split(config[section].train.batch_size, 1, 1,
                                      f"{section}.train.batch_size")
@@ -166,7 +166,7 @@ def _teacher_stages(config, teacher_set: str, train_set) -> list[Stage]:
       run = functools.partial(teacher.run_import,
                               field=f"teacher.{CHECKPOINTS_FIELD[teacher_set]}")
       stages.append(Stage(name, c, run, model=name,
-                          inputs=common.Inputs(checkpoint=imports[label]),
+                          inputs=shared.Inputs(checkpoint=imports[label]),
                           imported={"sha256": imported.digest(imports[label])}))
     else:
       c = stage_config(config, "teacher", **subset)
@@ -199,13 +199,13 @@ def make_stages(config, workdir: str, train_set: sources.TrainingSet) -> list[St
     extract_name = f"extract/{teacher_set}"
     c = inference_config(config, "teacher")
     stages.append(Stage(extract_name, c, extract.run, deps=teacher_names,
-                        inputs=common.Inputs(teacher_dirs=teacher_dirs),
+                        inputs=shared.Inputs(teacher_dirs=teacher_dirs),
                         remake=extract.remake_caches))
     adaptor_imports = _imports(config, "adaptor", teacher_set, config.adaptors,
                                "adaptor kind", adaptor_model.KINDS)
     for kind in config.adaptors:
       adaptor_name = f"adaptor/{teacher_set}/{kind}"
-      inputs = common.Inputs(extract_dir=path(extract_name),
+      inputs = shared.Inputs(extract_dir=path(extract_name),
                              checkpoint=adaptor_imports.get(kind, ""))
       row = f"{adaptor_prefix}adaptor/{kind}"
       if kind in adaptor_imports:
@@ -234,7 +234,7 @@ def make_stages(config, workdir: str, train_set: sources.TrainingSet) -> list[St
           stages.append(Stage(
               f"student/{name}", c, student.run, model=name,
               deps=(adaptor_name,) + (teacher_names if online else ()),
-              inputs=common.Inputs(adaptor_dir=path(adaptor_name),
+              inputs=shared.Inputs(adaptor_dir=path(adaptor_name),
                                    teacher_dirs=teacher_dirs if online else ())))
   if config.student_alone:
     stages.append(Stage("student/student_alone", stage_config(config, "student", kd=None),

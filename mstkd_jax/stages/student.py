@@ -27,7 +27,7 @@ from mstkd_jax import files, losses, models, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import embed, target_space
-from mstkd_jax.stages import common
+from mstkd_jax.stages import shared
 from mstkd_jax.train import build, steps
 
 TARGETS = ("cached", "online")
@@ -91,8 +91,8 @@ def frozen_teachers(teacher_dirs, image_example):
   each network's compute dtype (build.cast_kernels)."""
   built, stacks = {}, {}
   for place, teacher_dir in enumerate(teacher_dirs):
-    key = json.dumps(common.stage_network(teacher_dir), sort_keys=True)
-    module, variables = common.frozen_backbone(teacher_dir, image_example, built)
+    key = json.dumps(shared.stage_network(teacher_dir), sort_keys=True)
+    module, variables = shared.frozen_backbone(teacher_dir, image_example, built)
     stacks.setdefault(key, (module, [], []))
     stacks[key][1].append(variables)
     stacks[key][2].append(place)
@@ -110,16 +110,16 @@ def frozen_adaptor(adaptor_dir: str, input_size: int):
   """(adaptor module, adaptor variables) saved by the adaptor stage in `adaptor_dir` (its
   selected epoch, or the adaptor it imported), with the network it ran with, over
   `input_size` concatenated teacher embeddings."""
-  adaptor = models.create("adaptor", **common.stage_network(adaptor_dir))
+  adaptor = models.create("adaptor", **shared.stage_network(adaptor_dir))
   template = build.template_variables(adaptor, np.zeros((1, input_size), np.float32))
   return adaptor, workdir_lib.load_model(adaptor_dir, {"params": template["params"]},
                                          adaptor_dir)
 
 
-def _online_targets(inputs: common.Inputs, image_example):
+def _online_targets(inputs: shared.Inputs, image_example):
   """(target_fn, frozen) of online targets: the frozen teachers, then the frozen adaptor."""
   modules, teacher_vars, positions = frozen_teachers(inputs.teacher_dirs, image_example)
-  input_size = sum(common.embedding_size(m, jax.tree.map(lambda x: x[0], v), image_example)
+  input_size = sum(shared.embedding_size(m, jax.tree.map(lambda x: x[0], v), image_example)
                    * len(p) for m, v, p in zip(modules, teacher_vars, positions))
   adaptor, adaptor_vars = frozen_adaptor(inputs.adaptor_dir, input_size)
   target_fn = functools.partial(steps.online_targets, teacher=modules, adaptor=adaptor,
@@ -127,7 +127,7 @@ def _online_targets(inputs: common.Inputs, image_example):
   return target_fn, {"teachers": teacher_vars, "adaptor": adaptor_vars}
 
 
-def run(config, workdir: str, name: str = "student", inputs: common.Inputs = common.Inputs()
+def run(config, workdir: str, name: str = "student", inputs: shared.Inputs = shared.Inputs()
         ) -> dict:
   """Trains the student with config.student.kd; the KD students read their targets from
   `inputs.adaptor_dir` (cached) or from the frozen `inputs.teacher_dirs` and adaptor
@@ -147,7 +147,7 @@ def run(config, workdir: str, name: str = "student", inputs: common.Inputs = com
   if kd and not inputs.adaptor_dir:
     raise UserError("a KD student (student.kd set) needs the folder of an adaptor stage "
                     "(its targets); run it through the pipeline (configs/distill.py)")
-  stage = common.StageRun.create(config, workdir, name, "student")
+  stage = shared.StageRun.create(config, workdir, name, "student")
   labels = stage.train_set.identity
   loss = ("ElasticArcFace" if kd is None else
           f"KD ({kd['distance']}, weight {kd['weight']:g})"
@@ -200,13 +200,13 @@ def run(config, workdir: str, name: str = "student", inputs: common.Inputs = com
                                 classes=classes)
   batches = functools.partial(stage.train_set.train_batches, np.arange(len(labels)), labels,
                               extra=extra, orientation=orientation, **stage.batch_plan(settings))
-  evaluation = common.training_evaluation(stage, backbone)
+  evaluation = shared.training_evaluation(stage, backbone)
   final = stage.train(settings, init_state, step_fn, lambda start: batches(start_step=start),
                     frozen=frozen, evaluation=evaluation)
 
-  variables, step, selected = common.backbone_result(final, stage.workdir, evaluation)
-  training = common.training_record(stage.workdir, settings)
-  results = common.finish_model(stage, step, variables, backbone)
+  variables, step, selected = shared.backbone_result(final, stage.workdir, evaluation)
+  training = shared.training_record(stage.workdir, settings)
+  results = shared.finish_model(stage, step, variables, backbone)
   diagnostics = None
   if kd is not None:
     diagnostics = target_fit(stage, inputs.adaptor_dir, variables, backbone)
@@ -221,7 +221,7 @@ def run(config, workdir: str, name: str = "student", inputs: common.Inputs = com
 TARGET_FIT_SAMPLE = 2048
 
 
-def target_fit(stage: common.StageRun, adaptor_dir: str, variables: dict, backbone) -> dict:
+def target_fit(stage: shared.StageRun, adaptor_dir: str, variables: dict, backbone) -> dict:
   """How close a distilled student came to its targets: the mean cosine between its
   embedding and the adaptor's target of the same image, over a fixed sample of training
   images (at most TARGET_FIT_SAMPLE, the same rows for every student of a data set; images
@@ -255,8 +255,8 @@ def target_fit(stage: common.StageRun, adaptor_dir: str, variables: dict, backbo
 
 def load_targets(config, adaptor_dir: str, num_examples: int) -> np.ndarray:
   """The adaptor stage's cached targets [N, 2, D] (image, mirror), memory-mapped from its
-  cache folder (common.cache_file; config field cache_dir)."""
-  path = common.cache_file(config, adaptor_dir, common.TARGETS)
+  cache folder (shared.cache_file; config field cache_dir)."""
+  path = shared.cache_file(config, adaptor_dir, shared.TARGETS)
   try:
     targets = np.load(path, mmap_mode="r")  # each batch reads its own rows
   except (OSError, ValueError) as e:

@@ -22,7 +22,7 @@ import numpy as np
 from mstkd_jax import models, workdir as workdir_lib
 from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
-from mstkd_jax.stages import common, imported
+from mstkd_jax.stages import imported, shared
 from mstkd_jax.train import build, steps
 
 
@@ -37,13 +37,13 @@ def _identities(config) -> tuple:
                     "integer identity labels") from e
 
 
-def run(config, workdir: str, name: str = "", inputs: common.Inputs = common.Inputs()
+def run(config, workdir: str, name: str = "", inputs: shared.Inputs = shared.Inputs()
         ) -> dict:
   """Trains the teacher and evaluates it on every group; returns {"state", "verification",
   "training"}. A teacher reads no earlier stage (`inputs` is unused)."""
   del inputs
   identities = _identities(config)
-  stage = common.StageRun.create(config, workdir, name, "teacher")
+  stage = shared.StageRun.create(config, workdir, name, "teacher")
   rows, labels = sources.select(stage.train_set,
                                 group="" if identities else config.teacher.group,
                                 identities=identities)
@@ -70,20 +70,20 @@ def run(config, workdir: str, name: str = "", inputs: common.Inputs = common.Inp
                               tx=tx, schedule=schedule, classes=classes)
   batches = functools.partial(stage.train_set.train_batches, rows, labels,
                               **stage.batch_plan(settings))
-  evaluation = common.training_evaluation(stage, backbone)
+  evaluation = shared.training_evaluation(stage, backbone)
   final = stage.train(settings, init_state, step_fn,
                     lambda start: batches(start_step=start), evaluation=evaluation)
 
-  variables, step, selected = common.backbone_result(final, stage.workdir, evaluation)
-  training = common.training_record(stage.workdir, settings)
-  results = common.finish_model(stage, step, variables, backbone)
+  variables, step, selected = shared.backbone_result(final, stage.workdir, evaluation)
+  training = shared.training_record(stage.workdir, settings)
+  results = shared.finish_model(stage, step, variables, backbone)
   workdir_lib.write_results(stage.workdir, name, step, results,
                             {"training": training, "selected": selected})
   return {"state": final, "verification": results, "training": training}
 
 
 def run_import(config, workdir: str, name: str = "teacher",
-               inputs: common.Inputs = common.Inputs(), field: str = "teacher.checkpoints"
+               inputs: shared.Inputs = shared.Inputs(), field: str = "teacher.checkpoints"
                ) -> dict:
   """Imports the teacher in `inputs.checkpoint` into the network of config.model instead of
   training one: saves it under model/, embeds and evaluates every group's verification
@@ -95,7 +95,7 @@ def run_import(config, workdir: str, name: str = "teacher",
     UserError: the checkpoint cannot be read or does not fit config.model (`field` names
       the config field it came from).
   """
-  stage = common.StageRun.create(config, workdir, name, "teacher")
+  stage = shared.StageRun.create(config, workdir, name, "teacher")
   module = build.backbone(config.model)
   template = build.template_variables(module, stage.image_example(), train=False)
   variables, record = imported.load_backbone(inputs.checkpoint, template,
@@ -104,6 +104,6 @@ def run_import(config, workdir: str, name: str = "teacher",
   print(f"[{name}] imported {inputs.checkpoint} ({record['format']}); no training",
         flush=True)
   step = record["step"] or 0
-  results = common.finish_model(stage, step, variables, module)
+  results = shared.finish_model(stage, step, variables, module)
   workdir_lib.write_results(stage.workdir, name, step, results, {"imported": record})
   return {"verification": results, "imported": record}
