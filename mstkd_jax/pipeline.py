@@ -24,7 +24,7 @@ from mstkd_jax import errors, files, paths, workdir as workdir_lib
 from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import report as report_lib, seeds as seeds_lib
-from mstkd_jax.stages import report as report_stage, shared
+from mstkd_jax.stages import report_stage, shared
 from mstkd_jax.stages.recipe import Stage, make_stages
 from mstkd_jax.train import parallel as parallel_lib
 

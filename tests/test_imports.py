@@ -14,7 +14,7 @@ from configs import distill
 from mstkd_jax import pipeline
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import embed
+from mstkd_jax.evaluation import embedding
 from mstkd_jax.stages import adaptor, shared, student, teacher
 from test_mobilefacenet import _torch_mobilefacenet
 from test_torch_adaptor import _twins as _torch_adaptor_twins
@@ -86,7 +86,7 @@ def test_pytorch_teachers_give_their_pytorch_embeddings_and_targets(tiny_recipe,
 
   data = sources.training_set(config.data, workdir)
   pairs = sources.verification_sets(config.data, workdir)["group_b"].pair_images()
-  ours = embed.load_embeddings(os.path.join(workdir, "teacher", "group_a"))["group_b"][0]
+  ours = embedding.load_embeddings(os.path.join(workdir, "teacher", "group_a"))["group_b"][0]
   _close(ours, _torch_embed(torch, nets["group_a"], pairs))
 
   images = data.images_at(np.arange(data.num_examples))
@@ -137,7 +137,7 @@ def test_mobilefacenet_teachers_and_the_authors_sl_adaptor_give_their_pytorch_ta
   assert (record["from"], record["format"]) == (str(adaptors / "SL.pth"), "pytorch")
 
   pairs = sources.verification_sets(config.data, workdir)["group_a"].pair_images()
-  ours = embed.load_embeddings(os.path.join(workdir, "teacher", "group_b"))["group_a"][0]
+  ours = embedding.load_embeddings(os.path.join(workdir, "teacher", "group_b"))["group_a"][0]
   _close(ours, _torch_embed(torch, nets["group_b"], pairs))
   data = sources.training_set(config.data, workdir)
   images = data.images_at(np.arange(data.num_examples))

@@ -27,7 +27,7 @@ import numpy as np
 from mstkd_jax import files, models, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import embed, target_space
+from mstkd_jax.evaluation import embedding, target_space
 from mstkd_jax.stages import extract, imported, shared
 from mstkd_jax.train import build, loop, steps
 
@@ -191,14 +191,14 @@ def _finish(stage: shared.StageRun, adaptor, variables: dict, step: int, train_e
   space = {g: tuple(_map(apply, variables, emb[:, k],
                          np.empty((len(emb), size_out), np.float32)) for k in (0, 1)) + (same,)
            for g, (emb, same) in verification.items()}
-  results = embed.evaluate_embeddings(space)
-  print(f"[{stage.name}] adaptor space verification accuracy: {embed.accuracy_line(results)}",
+  results = embedding.evaluate_embeddings(space)
+  print(f"[{stage.name}] adaptor space verification accuracy: {embedding.accuracy_line(results)}",
         flush=True)
   workdir_lib.save_model(stage.workdir, step, variables)  # every process takes part
   diagnostics = None
   path = _write_targets(stage.config, stage.workdir, apply, variables, train_embeddings, size_out)
   if jax.process_index() == 0:
-    embed.save_embeddings(stage.workdir, space)
+    embedding.save_embeddings(stage.workdir, space)
     diagnostics = target_space.space_statistics(
         np.load(path, mmap_mode="r")[:, 0], stage.train_set.identity, stage.train_set.group)
     shared.warn_collapse(stage.name, diagnostics)

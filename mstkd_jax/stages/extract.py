@@ -22,14 +22,14 @@ import numpy as np
 from mstkd_jax import files, losses, workdir as workdir_lib
 from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import embed, target_space
+from mstkd_jax.evaluation import embedding, target_space
 from mstkd_jax.stages import shared
 from mstkd_jax.train import parallel as parallel_lib
 
 
 def _normalized_pair(variables, module, images, parallel, batch_size):
   """L2-normalized embeddings of uint8 images and their mirrors: [N, 2, D]."""
-  emb, emb_flip = embed.embed_images(variables, module, images, parallel, batch_size)
+  emb, emb_flip = embedding.embed_images(variables, module, images, parallel, batch_size)
   return np.stack([np.asarray(losses.l2_normalize(emb)),
                    np.asarray(losses.l2_normalize(emb_flip))], axis=1)
 

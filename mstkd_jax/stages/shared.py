@@ -19,7 +19,7 @@ from mstkd_jax import files, paths, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax import errors
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import embed, report as report_lib, target_space
+from mstkd_jax.evaluation import embedding, report as report_lib, target_space
 from mstkd_jax.train import build, convergence, loop, parallel as parallel_lib, state as state_lib
 
 
@@ -202,8 +202,8 @@ def training_evaluation(stage: StageRun, module) -> loop.Evaluation | None:
 
   def accuracy(state):
     variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
-    results = embed.evaluate_embeddings(
-        embed.verification_embeddings(variables, module, pairs, stage.parallel, batch))
+    results = embedding.evaluate_embeddings(
+        embedding.verification_embeddings(variables, module, pairs, stage.parallel, batch))
     return {g: r["accuracy"] for g, r in results.items()}
 
   label = "validation" if has_validation else "verification"
@@ -232,18 +232,18 @@ def finish_model(stage: StageRun, step: int, variables: dict, module) -> dict:
   results = _evaluated(stage.workdir, step)
   if results is not None:  # a rerun of a finished run: its model and embeddings are saved
     print(f"[{stage.name}] verification accuracy (saved at step {step}): "
-          f"{embed.accuracy_line(results)}", flush=True)
+          f"{embedding.accuracy_line(results)}", flush=True)
     return results
   workdir_lib.save_model(stage.workdir, step, variables)  # every process takes part
-  embeddings = embed.verification_embeddings(
+  embeddings = embedding.verification_embeddings(
       variables, module, sources.verification_sets(stage.config.data, stage.workdir),
       stage.parallel, stage.config.train.eval_batch_size)
-  results = embed.evaluate_embeddings(embeddings)
-  print(f"[{stage.name}] verification accuracy: {embed.accuracy_line(results)}", flush=True)
+  results = embedding.evaluate_embeddings(embeddings)
+  print(f"[{stage.name}] verification accuracy: {embedding.accuracy_line(results)}", flush=True)
   for warning in report_lib.model_warnings(stage.name, results):
     errors.warn(warning)
   if jax.process_index() == 0:
-    embed.save_embeddings(stage.workdir, embeddings)
+    embedding.save_embeddings(stage.workdir, embeddings)
   return results
 
 
@@ -259,7 +259,7 @@ def _evaluated(workdir: str, step: int) -> dict | None:
   if workdir_lib.model_step(workdir) != int(step):
     return None
   try:
-    return embed.evaluate_embeddings(embed.load_embeddings(workdir))
+    return embedding.evaluate_embeddings(embedding.load_embeddings(workdir))
   except UserError:
     return None
 

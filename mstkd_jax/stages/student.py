@@ -26,7 +26,7 @@ import numpy as np
 from mstkd_jax import files, losses, models, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import embed, target_space
+from mstkd_jax.evaluation import embedding, target_space
 from mstkd_jax.stages import shared
 from mstkd_jax.train import build, steps
 
@@ -236,15 +236,15 @@ def target_fit(stage: shared.StageRun, adaptor_dir: str, variables: dict, backbo
   rows = target_space.fixed_sample(train_set.num_examples, TARGET_FIT_SAMPLE)
   # Every process embeds (one program over all devices); process 0, which wrote the
   # verification embeddings, compares.
-  embeddings, _ = embed.embed_images(variables, backbone, train_set.images_at(rows),
-                                     stage.parallel, stage.config.train.eval_batch_size)
+  embeddings, _ = embedding.embed_images(variables, backbone, train_set.images_at(rows),
+                                         stage.parallel, stage.config.train.eval_batch_size)
   if jax.process_index() != 0:
     return None
   targets = load_targets(stage.config, adaptor_dir, train_set.num_examples)
-  own = embed.load_embeddings(stage.workdir)
+  own = embedding.load_embeddings(stage.workdir)
   # An adaptor stage saves its space on the verification pairs; hand-made targets need not.
-  has_space = files.exists(os.path.join(adaptor_dir, embed.EMBEDDINGS_FILE))
-  space = embed.load_embeddings(adaptor_dir) if has_space else {}
+  has_space = files.exists(os.path.join(adaptor_dir, embedding.EMBEDDINGS_FILE))
+  space = embedding.load_embeddings(adaptor_dir) if has_space else {}
   return {
       "train_target_cosine": target_space.mean_cosine(embeddings, targets[rows, 0]),
       "num_train_images": len(rows),
