@@ -36,8 +36,8 @@ def _teacher_sets():
 
 
 def _selections():
-  from mstkd_jax.stages import common  # pylint: disable=g-import-not-at-top
-  return common.EVAL_SELECTION
+  from mstkd_jax.stages import shared  # pylint: disable=g-import-not-at-top
+  return shared.EVAL_SELECTION
 
 
 _POSITIVE = Number(1, integer=True)

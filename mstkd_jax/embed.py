@@ -19,7 +19,7 @@ were trained on); unaligned photos are aligned first with mstkd_jax.formats.alig
 Each image is decoded to RGB (formats.images.decode_image: every JPEG/PNG mode),
 resized to the model's input when its size differs (formats.faces.RESAMPLING; one warning
 names the sizes found), normalized (x / 255 - 0.5) / 0.5 as evaluate does, and embedded
-on every device (evaluation.embed.embed_stream, with a progress bar on a terminal), a
+on every device (evaluation.embedding.embed_stream, with a progress bar on a terminal), a
 chunk of CHUNK_IMAGES images at a time, so memory does not grow with the number of images.
 
 --out gets an .npz (written atomically, by process 0) with
@@ -201,7 +201,7 @@ def embed(checkpoint: Any, arch_settings: Any, images: Any, out: Any, *, flip: b
 
   import jax  # pylint: disable=g-import-not-at-top
   from mstkd_jax import files  # pylint: disable=g-import-not-at-top
-  from mstkd_jax.evaluation import embed as embed_lib  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.evaluation import embedding  # pylint: disable=g-import-not-at-top
   from mstkd_jax.evaluation import verification  # pylint: disable=g-import-not-at-top
   if parallel is None:
     from mstkd_jax.train import parallel as parallel_lib  # pylint: disable=g-import-not-at-top
@@ -210,7 +210,7 @@ def embed(checkpoint: Any, arch_settings: Any, images: Any, out: Any, *, flip: b
   chunk = batch_size * max(1, CHUNK_IMAGES // batch_size)
   resized: dict = {}
   rows = []
-  for emb, emb_flip in embed_lib.embed_stream(
+  for emb, emb_flip in embedding.embed_stream(
       model.variables, model.module, decoded_chunks(image_paths, size, chunk, resized),
       parallel, batch_size, total=len(image_paths)):
     rows.append(verification.fuse_flip(emb, emb_flip) if flip

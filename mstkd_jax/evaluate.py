@@ -218,11 +218,11 @@ def _load_source(source: _Source, size: int, warn, note) -> tuple[dict, list, di
 def _evaluate_groups(model: resolve.LoadedModel, sets: Mapping[str, pairs.VerificationSet],
                      parallel, batch_size: int) -> dict:
   """Embeds each distinct image once (with its mirror), then verifies the pairs."""
-  from mstkd_jax.evaluation import embed, verification  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.evaluation import embedding, verification  # pylint: disable=g-import-not-at-top
   results = {}
   for group, vset in sets.items():
-    emb, emb_flip = embed.embed_images(model.variables, model.module, vset.images, parallel,
-                                       batch_size)
+    emb, emb_flip = embedding.embed_images(model.variables, model.module, vset.images, parallel,
+                                           batch_size)
     rows = vset.pairs.reshape(-1)
     try:
       results[group] = verification.evaluate_verification(emb[rows], emb_flip[rows],

@@ -254,7 +254,7 @@ def npy_writer(path: str, shape: tuple, dtype=np.float32, enabled: bool = True):
   """Yields a memory-mapped array [shape] of `dtype` to fill in chunks; it becomes the
   .npy `path` only when the block ends without an error (an earlier file there stays until
   then), so arrays larger than memory are written whole or not at all. Yields None where
-  not `enabled` (processes that write no copy: stages.common.writes_caches).
+  not `enabled` (processes that write no copy: stages.shared.writes_caches).
 
   Raises:
     UserError: `path` is a URL (a memory map needs a local disk: such caches go under the

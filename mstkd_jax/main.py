@@ -3,7 +3,8 @@ r"""Command-line entry point: runs the stage (or the whole recipe) a config name
   python -m mstkd_jax.main --config=configs/teacher.py:smoke --workdir=/tmp/w
   python -m mstkd_jax.main --config=configs/teacher.py --config.teacher.group=group_b
 
-Multi-host (TPU VM pods, SLURM, or a manual launch) is set up here and only here:
+Multi-host (TPU VM pods, SLURM, or a manual launch) is set up here and only here
+(mstkd_jax/multihost.py):
 
   python -m mstkd_jax.main --config=... --workdir=<shared folder> \
       --coordinator_address=10.0.0.1:8476 --num_processes=2 --process_id=<0 or 1>
@@ -17,22 +18,39 @@ status 143 (SIGTERM) or 130 (SIGINT); the same command resumes (train/interrupts
 """
 
 import contextlib
-import dataclasses
 import os
 import re
-import socket
 import sys
 import threading
-import time
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
-from mstkd_jax import paths
+from mstkd_jax import multihost, paths
 from mstkd_jax.errors import UserError
+from mstkd_jax.multihost import Multihost
+
+
+class _KeepsConfig(flags.ArgumentParser):
+  """The config flag's parser (ml_collections' `parser`), keeping the config it loaded: an
+  override of a field that config lacks is worded from it (`_unknown_field`)."""
+
+  def __init__(self, parser: flags.ArgumentParser):
+    self.parser, self.path, self.config = parser, None, None
+
+  def parse(self, argument):
+    self.path, self.config = argument, None
+    self.config = self.parser.parse(argument)
+    return self.config
+
+  def flag_type(self):
+    return self.parser.flag_type()
+
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:preset]).",
                                           lock_config=True)
+flags.FLAGS["config"].parser = _KeepsConfig(flags.FLAGS["config"].parser)
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Where the run writes: a folder or a gs:// URL; default "
                                "./workdir/<config>_<preset>.")
@@ -44,12 +62,15 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
     "host:port of process 0 for a manual multi-host launch (env JAX_COORDINATOR_ADDRESS).")
 _NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Processes of a manual multi-host launch (env JAX_NUM_PROCESSES).")
+    "num_processes", None, "Processes of a manual multi-host launch (env JAX_NUM_PROCESSES).",
+    lower_bound=1)
 _PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's id, 0..num_processes-1 (env JAX_PROCESS_ID).")
+    "process_id", None, "This process's id, 0..num_processes-1 (env JAX_PROCESS_ID).",
+    lower_bound=0)
 _MULTIHOST_TIMEOUT = flags.DEFINE_integer(
     "multihost_timeout", 300,
-    "Seconds to wait for the coordinator and every process before stopping with an error.")
+    "Seconds to wait for the coordinator and every process before stopping with an error.",
+    lower_bound=1)
 
 
 def _stages():
@@ -60,154 +81,22 @@ def _stages():
   return {"teacher": teacher.run, "pipeline": pipeline.run}
 
 
-@dataclasses.dataclass(frozen=True)
-class Multihost:
-  """How to set up several JAX processes; None fields come from the environment."""
-  mode: str = "auto"                   # auto | true | false
-  coordinator_address: str | None = None
-  num_processes: int | None = None
-  process_id: int | None = None
-  timeout_s: int = 300
-
-  def manual(self) -> dict:
-    """{coordinator_address, num_processes, process_id} from the flags, else JAX_* env."""
-    return {"coordinator_address": self.coordinator_address
-                                   or os.environ.get("JAX_COORDINATOR_ADDRESS") or None,
-            "num_processes": _pick_int(self.num_processes, "JAX_NUM_PROCESSES"),
-            "process_id": _pick_int(self.process_id, "JAX_PROCESS_ID")}
-
-
-def _pick_int(value, env: str):
-  if value is not None:
-    return value
-  text = os.environ.get(env, "").strip()
-  if not text:
-    return None
-  try:
-    return int(text)
-  except ValueError:
-    raise UserError(f"environment variable {env}={text!r}: expected an integer") from None
-
-
-def _on_cluster() -> bool:
-  """Under SLURM or Open MPI with several tasks, or on a TPU VM pod (JAX finds the cluster
-  itself)."""
-  several = lambda env: os.environ.get(env, "1").strip() not in ("", "0", "1")
-  on_tpu_pod = os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0
-  return several("SLURM_NTASKS") or several("OMPI_COMM_WORLD_SIZE") or on_tpu_pod
-
-
-def _wants_multihost(mode: str, manual: dict | None = None) -> bool:
-  if mode not in ("auto", "true", "false"):
-    raise UserError(f"--multihost={mode!r}: expected auto, true or false")
-  if mode != "auto":
-    return mode == "true"
-  manual = manual or {}
-  return (_on_cluster() or manual.get("coordinator_address") is not None
-          or (manual.get("num_processes") or 1) > 1)
-
-
-def _check_manual(manual: dict, timeout_s: int) -> None:
-  """Refuses impossible settings before JAX sees them (JAX fills in those left None)."""
-  if timeout_s < 1:
-    raise UserError(f"--multihost_timeout={timeout_s}: expected at least 1 second")
-  address, num, pid = (manual[k] for k in ("coordinator_address", "num_processes",
-                                           "process_id"))
-  if num is not None and num < 1:
-    raise UserError(f"--num_processes={num}: expected at least 1")
-  if pid is not None and not 0 <= pid < (num or pid + 1):
-    raise UserError(f"--process_id={pid}: expected 0..{num - 1} for --num_processes={num}")
-  if address is not None:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-      raise UserError(f"--coordinator_address={address!r}: expected host:port of process 0")
-
-
-def _wait_for_coordinator(address: str, deadline: float, timeout_s: int) -> None:
-  """Returns once process 0's coordinator accepts connections, or raises UserError."""
-  host, _, port = address.rpartition(":")
-  host = host.strip("[]")
-  while True:
-    try:
-      with socket.create_connection((host, int(port)), timeout=1.0):
-        return
-    except OSError as e:
-      reason = e.strerror or str(e)
-    if time.monotonic() >= deadline:
-      raise UserError(
-          f"cannot reach the multi-host coordinator at {address} within {timeout_s} s "
-          f"({reason}): start process 0 (--process_id=0) with the same "
-          "--coordinator_address, and check the host, the port and the firewall")
-    time.sleep(0.25)
-
-
-def initialize_multihost(setup: Multihost) -> bool:
-  """Calls jax.distributed.initialize() if `setup` asks for several processes.
-
-  Waits at most `setup.timeout_s` for the coordinator and every process; then stops with
-  one clear message (a UserError, or, when JAX's connection wait itself runs out of time
-  and cannot be interrupted, the same message on stderr and exit status 1). Returns
-  whether JAX runs distributed.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  manual = setup.manual()
-  if not _wants_multihost(setup.mode, manual):
-    return False
-  if jax.distributed.is_initialized():
-    return True
-  _check_manual(manual, setup.timeout_s)
-  deadline = time.monotonic() + setup.timeout_s
-  address, num = manual["coordinator_address"], manual["num_processes"]
-  if address and manual["process_id"] not in (None, 0):
-    _wait_for_coordinator(address, deadline, setup.timeout_s)
-  who = f"the {num} processes" if num else "the processes of this cluster job"
-  fix = ("start every process with the same --coordinator_address and --num_processes and "
-         "a distinct --process_id (0 .. num_processes - 1)" if address else
-         "check that every task of the job started and reaches the others")
-  message = (f"error: {who} did not all connect to the multi-host coordinator"
-             f"{' at ' + address if address else ''} within {setup.timeout_s} s: {fix}")
-
-  def give_up():
-    # JAX's connect blocks in C++ and aborts with a cryptic log when its own (later)
-    # timeout passes; say what went wrong and leave first.
-    print(message, file=sys.stderr, flush=True)
-    os._exit(1)  # pylint: disable=protected-access
-
-  watchdog = threading.Timer(max(deadline - time.monotonic(), 0.0), give_up)
-  watchdog.daemon = True
-  watchdog.start()
-  try:
-    jax.distributed.initialize(**manual,
-                               initialization_timeout=int(setup.timeout_s) + 60)
-  except (RuntimeError, ValueError, TypeError) as e:
-    missing = [f"--{k} (or JAX_{k.upper()})" for k, v in manual.items() if v is None]
-    if missing and isinstance(e, ValueError):
-      raise UserError(
-          "cannot set up the multi-host run: JAX found no cluster (TPU VM pod, SLURM, Open "
-          f"MPI) to take the settings from ({e}); give {', '.join(missing)}") from e
-    raise UserError(f"cannot set up the multi-host run: {e}") from e
-  finally:
-    watchdog.cancel()
-  return True
-
-
 def default_workdir(config_arg: str) -> str:
   path, _, preset = config_arg.partition(":")
   name = os.path.splitext(os.path.basename(path))[0]
   return os.path.join("workdir", f"{name}_{preset or 'default'}")
 
 
-def run(config, workdir: str, multihost: str | Multihost = "false"):
+def run(config, workdir: str, hosts: str | Multihost = "false"):
   """Runs `config.stage` in `workdir` (importable: notebooks and tests call this).
 
-  `multihost` is a mode ("auto", "true", "false") or a full Multihost setting.
+  `hosts` is a --multihost mode ("auto", "true", "false") or a full Multihost setting.
   """
   from mstkd_jax import config_ranges  # pylint: disable=g-import-not-at-top
   config_ranges.check(config)  # every field in its range, before anything starts
   import jax  # pylint: disable=g-import-not-at-top
   workdir = paths.resolve(workdir, "--workdir")
-  setup = multihost if isinstance(multihost, Multihost) else Multihost(mode=multihost)
-  initialize_multihost(setup)
+  multihost.initialize(hosts if isinstance(hosts, Multihost) else Multihost(mode=hosts))
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     # Reruns and resumptions (and stages of the same shapes) skip XLA compilation. Kept on
     # a local disk: the workdir's own folder, or its local cache folder for a URL workdir.
@@ -240,11 +129,7 @@ def main(argv):
     config = _CONFIG.value
     config.stage  # pylint: disable=pointless-statement
   except OSError as e:  # ml_collections reports an unloadable config file only on use.
-    path = config_arg.partition(":")[0]
-    reason = (f"no such file (from {os.getcwd()})" if not os.path.exists(path)
-              else str(e).strip().splitlines()[-1].strip())
-    print(f"error: --config={config_arg}: cannot load the config file: {reason}",
-          file=sys.stderr)
+    print(f"error: {_unloadable(config_arg, e)}", file=sys.stderr)
     sys.exit(2)
   # pylint: disable=g-import-not-at-top; neither imports JAX (a fast --help)
   from mstkd_jax import errors
@@ -304,10 +189,14 @@ def parse_flags(argv):
   as one line instead of a traceback."""
   try:
     return flags.FLAGS(argv)
-  except (UserError, KeyError, ValueError, TypeError, AttributeError, flags.Error) as e:
+  except (UserError, KeyError, ValueError, TypeError, AttributeError, OSError,
+          flags.Error) as e:
     message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    config_arg = flags.FLAGS["config"].parser.path
+    if isinstance(e, OSError) and config_arg:  # an override of a config that did not load
+      message = _unloadable(config_arg, e)
     if isinstance(e, (KeyError, AttributeError)):
-      known = unknown_field_message(argv)
+      known = _unknown_field(argv)
       if known:
         hint = re.search(r"Did you mean [^\n']*\?", str(message))
         message = known + (f" ({hint.group(0)})" if hint else "")
@@ -315,32 +204,30 @@ def parse_flags(argv):
     sys.exit(2)
 
 
-def unknown_field_message(argv) -> str | None:
-  """"unknown config field X; <section> has: ..." for the first --config.X override of
-  `argv` that the config (file and preset as given) does not have; None if all exist or
-  the config cannot be loaded."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if not config_arg:
-    return None
-  path, _, preset = config_arg.partition(":")
-  try:
-    spec = importlib.util.spec_from_file_location("_config_for_message", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(preset or None)
-  except Exception:  # pylint: disable=broad-except
+def _unloadable(config_arg: str, error: OSError) -> str:
+  path = config_arg.partition(":")[0]
+  reason = (f"no such file (from {os.getcwd()})" if not os.path.exists(path)
+            else str(error).strip().splitlines()[-1].strip())
+  return f"--config={config_arg}: cannot load the config file: {reason}"
+
+
+def _unknown_field(argv) -> str | None:
+  """"unknown config field X (in <config>); <section> has: ..." for the first --config.X
+  override of `argv` that the loaded config lacks; None where it has them all or none was
+  loaded."""
+  parser = flags.FLAGS["config"].parser
+  if not isinstance(parser.config, ml_collections.ConfigDict):
     return None
   for arg in argv:
-    if not arg.startswith("--config.") or arg.startswith("--config_"):
+    if not arg.startswith("--config."):
       continue
     field = arg[len("--config."):].split("=", 1)[0]
-    section = config
+    section = parser.config
     for i, key in enumerate(field.split(".")):
-      children = section.keys() if hasattr(section, "keys") else ()
+      children = section.keys() if isinstance(section, ml_collections.ConfigDict) else ()
       if key not in children:
         where = ".".join(field.split(".")[:i]) or "the config"
-        return (f"unknown config field {field!r} (in {config_arg}); {where} has: "
+        return (f"unknown config field {field!r} (in {parser.path}); {where} has: "
                 f"{', '.join(sorted(children))}")
       section = section[key]
   return None

@@ -24,8 +24,8 @@ from mstkd_jax import config_ranges, errors, files, paths, workdir as workdir_li
 from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import report as report_lib, seeds as seeds_lib
-from mstkd_jax.stages import common, report as report_stage
-from mstkd_jax.stages.recipe import Stage, build
+from mstkd_jax.stages import report_stage, shared
+from mstkd_jax.stages.recipe import Stage, make_stages
 from mstkd_jax.train import parallel as parallel_lib
 
 
@@ -34,8 +34,7 @@ def _fingerprint(stage: Stage, fingerprints: dict) -> dict:
   flat = {k: v for k, v in workdir_lib.flatten(fields).items()
           if not any(k == f or k.startswith(f + ".") for f in workdir_lib.RUN_CONTROL_FIELDS)}
   inputs = {d: fingerprints[d] for d in stage.deps}
-  # A network made elsewhere counts by its content (a stage that imports none keeps the
-  # fingerprint it had before imports existed).
+  # A network made elsewhere counts by its content (only a stage that imports one).
   made = [flat, inputs] + ([stage.imported] if stage.imported else [])
   digest = hashlib.sha256(json.dumps(made, sort_keys=True).encode()).hexdigest()
   return {"fingerprint": digest, "fields": flat, "inputs": inputs,
@@ -108,7 +107,7 @@ def run(config, workdir: str) -> dict:
 def _cache_record(config, stage_dir: str) -> dict:
   """{"caches": output record} of the stage's caches where they are not in its folder
   (cache_dir, or a URL workdir), {} otherwise."""
-  cache = common.cache_folder(config, stage_dir)
+  cache = shared.cache_folder(config, stage_dir)
   if cache is None or not files.isdir(cache):
     return {}
   return {"caches": workdir_lib.output_record(cache)}
@@ -116,7 +115,7 @@ def _cache_record(config, stage_dir: str) -> dict:
 
 def _damaged_caches(config, stage_dir: str, record: dict) -> str | None:
   """Why the caches of a finished stage are not as it left them (None where intact). In a
-  multi-host run each process checks its own machine's copy (common.writes_caches; the
+  multi-host run each process checks its own machine's copy (shared.writes_caches; the
   other processes check sizes only: their copies were computed apart from the recorded
   one) and all agree: the caches are remade where any process lacks them."""
   if not record.get("caches"):
@@ -184,7 +183,7 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
   """One run of the recipe (one training seed) in `workdir`; returns its report ({} with
   --config.only)."""
   train_set = sources.training_set(config.data, workdir)
-  stages = build(config, workdir, train_set)
+  stages = make_stages(config, workdir, train_set)
   names = [s.name for s in stages]
   for field in ("only", "force"):
     if config[field] and config[field] not in names:
@@ -262,8 +261,8 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
         files.rmtree(stage_dir)
         files.makedirs(stage_dir)  # a resumption of this rerun keeps its progress
         files.write_json(os.path.join(stage_dir, "stage.json"), {"cleared": True})
-      cache = common.cache_folder(config, stage_dir)
-      if cache and common.writes_caches(config, stage_dir):
+      cache = shared.cache_folder(config, stage_dir)
+      if cache and shared.writes_caches(config, stage_dir):
         files.rmtree(cache)  # each machine's own copy
       parallel_lib.sync_hosts(f"cleared {stage.name}")
     print(f"[pipeline] stage {stage.name} ({time.perf_counter() - started:.0f} s so far)",

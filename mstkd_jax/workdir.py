@@ -25,11 +25,12 @@ from mstkd_jax.records import (  # pylint: disable=unused-import
     UNRECORDED, damaged_output, file_record, output_record, read_results,
     read_stage_record, write_results)
 from mstkd_jax.train import parallel as parallel_lib
-from mstkd_jax.train.checkpoints import Checkpoints, flat_shapes, shape_mismatches
+from mstkd_jax.train.checkpoints import Checkpoints
+from mstkd_jax.train.tree_checks import flat_shapes, shape_mismatches
 
 # Fields that steer how a run is carried out but not what it computes: they may change
 # between a run and its resumption. (A stage's input folders are not config fields at all:
-# see stages.common.Inputs.)
+# see stages.shared.Inputs.)
 RUN_CONTROL_FIELDS = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                       "train.eval_batch_size", "train.eval_every", "parallelism",
                       "num_devices", "data.data_dir", "cache_dir", "only", "force",

@@ -5,7 +5,6 @@ import glob
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -17,7 +16,8 @@ import pytest
 from mstkd_jax import workdir as workdir_lib
 from mstkd_jax.errors import UserError
 from mstkd_jax.interop import orbax_checkpoint
-from mstkd_jax.train import checkpoints as checkpoints_lib, loop, parallel, state as state_lib
+from mstkd_jax.train import (checkpoints as checkpoints_lib, loop, parallel, state as state_lib,
+                             step_folders)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Per-step training losses of the toy run: epoch (2 steps) means 5, 1, 3, 2, 1, 4. The best
@@ -137,38 +137,13 @@ def test_a_history_shorter_than_its_step_or_holding_nan_is_refused_naming_the_st
     assert "delete that checkpoint step to resume from an earlier one" in str(info.value)
 
 
-def test_workdir_of_an_earlier_version_reads_its_history_and_best_state(uninterrupted,
-                                                                       tmp_path):
-  """Earlier versions kept loss_history.json, best/ and best.json beside checkpoints/."""
-  workdir, _ = uninterrupted
-  old = str(tmp_path / "old")
-  shutil.copytree(workdir, old)
-  history = loop.load_history(workdir)
-  for folder in glob.glob(os.path.join(old, "checkpoints", "*", "history")):
-    shutil.rmtree(folder)
-  shutil.rmtree(os.path.join(old, "checkpoints", "4"))  # the best candidate
-  with open(os.path.join(old, "loss_history.json"), "w") as f:
-    json.dump({"step": 12, "metrics": history, "devices": 1, "processes": 1}, f)
-  assert loop.load_history(old) == history
-  best_state = {"params": {"noise": _init().params["noise"], "w": np.full(3, 6.0, np.float32)}}
-  legacy_best = checkpoints_lib.Checkpoints(os.path.join(old, "best"), keep=1)
-  legacy_best.save(4, best_state)
-  legacy_best.wait()
-  legacy_best.close()
-  with open(os.path.join(old, "best.json"), "w") as f:
-    json.dump({"step": 4, "score": 1.0, "epoch": 2, "mean_loss": 1.0}, f)
-  best, info = loop.load_best(old, loop.best_variables(_init()))
-  assert info["step"] == 4
-  np.testing.assert_array_equal(best["params"]["w"], best_state["params"]["w"])
-
-
 # --- Damaged steps -------------------------------------------------------------------------
 
 
 def _remove_commit_marker(step_dir):
   """An uncommitted step: no commit marker, or (Orbax versions that write none on local
   disks, e.g. 0.11.36) no commit time in its _CHECKPOINT_METADATA."""
-  marker = os.path.join(step_dir, checkpoints_lib.COMMIT_MARKER)
+  marker = os.path.join(step_dir, step_folders.COMMIT_MARKER)
   if os.path.exists(marker):
     os.remove(marker)
     return
@@ -188,7 +163,7 @@ def _remove_array_data(step_dir):
 
 
 def _remove_item_metadata(step_dir):
-  os.remove(os.path.join(step_dir, checkpoints_lib.STATE, checkpoints_lib.ITEM_METADATA))
+  os.remove(os.path.join(step_dir, checkpoints_lib.STATE, step_folders.ITEM_METADATA))
 
 
 DAMAGES = [_remove_commit_marker, _remove_array_data, _remove_item_metadata]

@@ -92,7 +92,7 @@ def _changed(value):
 @pytest.mark.parametrize("preset", ["tiny", "smoke"])
 def test_every_field_of_the_recipe_is_read(tmp_path, preset):
   """Changing any field of the recipe changes some stage's config (or is refused): no
-  field is silently ignored. The pipeline's own fields are read by recipe.build/run."""
+  field is silently ignored. The pipeline's own fields are read by recipe.make_stages/run."""
   import ml_collections  # pylint: disable=g-import-not-at-top
   from mstkd_jax import pipeline, workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   from mstkd_jax.data import sources  # pylint: disable=g-import-not-at-top
@@ -102,7 +102,7 @@ def test_every_field_of_the_recipe_is_read(tmp_path, preset):
   train_set = sources.training_set(config.data, str(tmp_path))
 
   def stage_configs(c):
-    return [workdir_lib.config_dict(s.config) for s in pipeline.build(c, str(tmp_path),
+    return [workdir_lib.config_dict(s.config) for s in pipeline.make_stages(c, str(tmp_path),
                                                                      train_set)]
 
   reference = stage_configs(config)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mstkd_jax.stages import teacher
+from mstkd_jax.stages import shared, teacher
 from mstkd_jax.train import convergence
 from tests.test_teacher_stage import tiny_config
 
@@ -84,9 +84,23 @@ def test_a_loss_still_falling_warns_and_a_rising_one_too():
   assert convergence.problems(gentle) == []
 
 
+def _recipe_teacher_config(**train):
+  """configs/teacher.py:tiny as the recipe hands a teacher its config: without `stage`, its
+  train section being the recipe's teacher.train."""
+  config = tiny_config(**train)
+  del config["stage"]
+  return config
+
+
+def test_messages_name_the_train_section_as_the_config_file_does():
+  for config, section in ((tiny_config(), "train"), (_recipe_teacher_config(), "teacher.train")):
+    stage = shared.StageRun(config, "", "teacher/group_a", None, None, "teacher")
+    assert stage.settings(96).train_section == section
+
+
 def test_a_starved_teacher_warns_and_records_it(tmp_path, capsys):
   workdir = str(tmp_path / "starved")
-  result = teacher.run(tiny_config(epochs=1.0), workdir, epochs_field="teacher.train.epochs")
+  result = teacher.run(_recipe_teacher_config(epochs=1.0), workdir)
   out = capsys.readouterr().out
   assert "warning: teacher/group_a has not converged" in out
   assert "Raise teacher.train.epochs" in out
@@ -100,7 +114,7 @@ def test_a_starved_teacher_warns_and_records_it(tmp_path, capsys):
 def test_the_same_teacher_trained_to_convergence_does_not_warn(tmp_path, capsys):
   config = tiny_config(epochs=40.0, log_every=40, checkpoint_every=1000)
   config.optim.lr_decay_epochs = (30, 38)
-  result = teacher.run(config, str(tmp_path), epochs_field="teacher.train.epochs")
+  result = teacher.run(config, str(tmp_path))
   assert "warning:" not in capsys.readouterr().out
   assert result["training"]["warnings"] == []
   assert result["training"]["final_epoch_accuracy"] >= convergence.MIN_TRAIN_ACCURACY

@@ -133,15 +133,15 @@ def test_adaptor_targets_are_written_in_bounded_memory(tmp_path):
 
 def test_streamed_embedding_equals_embedding_all_images_at_once():
   """embed_stream over uneven chunks gives the rows embed_images gives for the whole array."""
-  from mstkd_jax.evaluation import embed  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.evaluation import embedding  # pylint: disable=g-import-not-at-top
   module = models.create("iresnet18", width=4, embedding_size=8)
   variables = build.init_variables(module, jax.random.PRNGKey(1),
                                    np.zeros((1, 16, 16, 3), np.float32), train=False)
   images = np.random.default_rng(0).integers(0, 256, (23, 16, 16, 3), dtype=np.uint8)
   parallel = parallel_lib.get("pmap", 0)
-  whole, whole_flip = embed.embed_images(variables, module, images, parallel, 8)
+  whole, whole_flip = embedding.embed_images(variables, module, images, parallel, 8)
   chunks = [images[:5], images[5:6], images[6:23]]
-  streamed = list(embed.embed_stream(variables, module, iter(chunks), parallel, 8, total=23))
+  streamed = list(embedding.embed_stream(variables, module, iter(chunks), parallel, 8, total=23))
   assert [len(e) for e, _ in streamed] == [5, 1, 17]
   np.testing.assert_allclose(np.concatenate([e for e, _ in streamed]), whole, rtol=1e-5,
                              atol=1e-6)

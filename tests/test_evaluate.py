@@ -24,7 +24,7 @@ from mstkd_jax import workdir as workdir_lib
 from mstkd_jax.data import pairs, sources, synthetic
 from mstkd_jax.formats import rfw, verification_bin
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import embed
+from mstkd_jax.evaluation import embedding
 from mstkd_jax.interop import orbax_checkpoint, resolve, torch_checkpoint
 from mstkd_jax.train import build, checkpoints, parallel as parallel_lib, state as state_lib
 
@@ -57,7 +57,7 @@ def _random_variables():
   # also compiles the embedding function that every evaluation below reuses.
   faces = synthetic.generate(SPEC)
   images = np.concatenate([faces.eval_images[g] for g in SPEC.group_names])
-  out, _ = embed.embed_images(variables, module, images, parallel_lib.get("pmap", 0), BATCH)
+  out, _ = embedding.embed_images(variables, module, images, parallel_lib.get("pmap", 0), BATCH)
   stats, bias = variables["batch_stats"]["features"], variables["params"]["features"]["bias"]
   raw = (out - bias) * np.sqrt(stats["var"] + 1e-5) + stats["mean"]
   stats["mean"], stats["var"] = raw.mean(0), raw.var(0)

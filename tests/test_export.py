@@ -1,7 +1,7 @@
 """ONNX export, checked by real clients: onnxruntime gives our JAX embeddings, insightface's
 own loader (model_zoo.get_model, get_feat on BGR uint8 images) gives the same directions.
 
-The JAX side is the evaluation path (`evaluation.embed.embed_images` on uint8 RGB images:
+The JAX side is the evaluation path (`evaluation.embedding.embed_images` on uint8 RGB images:
 its own normalization), so the graph's input convention is checked too. One tiny IResNet
 (iresnet18, width 4, embedding 16) at 112x112, the smallest input insightface routes to its
 recognition model, exported once for the file; a 16x16 one with squeeze-excite blocks for
@@ -21,7 +21,7 @@ from mstkd_jax import export as export_lib
 from mstkd_jax import models
 from mstkd_jax import workdir as workdir_lib
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import embed
+from mstkd_jax.evaluation import embedding
 from mstkd_jax.interop import torch_checkpoint
 from mstkd_jax.train import build, parallel as parallel_lib
 
@@ -61,7 +61,7 @@ def _faces(count, size, seed=0):
 
 def _ours(module, variables, images):
   """Our JAX embeddings (raw), through the evaluation path."""
-  emb, _ = embed.embed_images(variables, module, images, parallel_lib.get("pmap", 0), 16)
+  emb, _ = embedding.embed_images(variables, module, images, parallel_lib.get("pmap", 0), 16)
   return emb
 
 

@@ -24,7 +24,7 @@ from mstkd_jax import models
 from mstkd_jax.data import pairs as pairs_lib, synthetic
 from mstkd_jax.formats import align, ijb as ijb_data
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import embed, ijb_protocol as protocol
+from mstkd_jax.evaluation import embedding, ijb_protocol as protocol
 from mstkd_jax.interop import torch_checkpoint
 from mstkd_jax.train import build, parallel as parallel_lib
 
@@ -91,7 +91,7 @@ def model(tmp_path_factory, release):
                                    np.zeros((1, 16, 16, 3), np.float32), train=False)
   data = ijb_data.read_release(str(release["root"]))
   images = np.concatenate(list(ijb_data.aligned_chunks(data, 16)))
-  out, _ = embed.embed_images(variables, module, images, parallel_lib.get("pmap", 0), BATCH)
+  out, _ = embedding.embed_images(variables, module, images, parallel_lib.get("pmap", 0), BATCH)
   stats, bias = variables["batch_stats"]["features"], variables["params"]["features"]["bias"]
   raw = (out - bias) * np.sqrt(stats["var"] + 1e-5) + stats["mean"]
   stats["mean"], stats["var"] = raw.mean(0), raw.var(0)
@@ -205,8 +205,8 @@ def test_evaluate_ijb_alone_equals_the_independent_protocol(release, model, tmp_
   # The same embeddings, the protocol computed independently.
   data = ijb_data.read_release(str(release["root"]))
   images = np.concatenate(list(ijb_data.aligned_chunks(data, 16)))
-  emb, emb_flip = embed.embed_images(model["variables"], model["module"], images,
-                                     parallel_lib.get("pmap", 0), BATCH)
+  emb, emb_flip = embedding.embed_images(model["variables"], model["module"], images,
+                                         parallel_lib.get("pmap", 0), BATCH)
   for variant, (flip, weighted) in protocol.VARIANTS.items():
     reference = _reference_tar(_reference_features(emb, emb_flip, data.scores, flip, weighted),
                                data.templates, data.medias, release["pairs"], protocol.FAR_GRID)

@@ -14,8 +14,8 @@ from configs import distill
 from mstkd_jax import pipeline
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import embed
-from mstkd_jax.stages import adaptor, common, student, teacher
+from mstkd_jax.evaluation import embedding
+from mstkd_jax.stages import adaptor, shared, student, teacher
 from test_mobilefacenet import _torch_mobilefacenet
 from test_torch_adaptor import _twins as _torch_adaptor_twins
 from test_torch_checkpoint import _randomize, _torch_iresnet
@@ -86,7 +86,7 @@ def test_pytorch_teachers_give_their_pytorch_embeddings_and_targets(tiny_recipe,
 
   data = sources.training_set(config.data, workdir)
   pairs = sources.verification_sets(config.data, workdir)["group_b"].pair_images()
-  ours = embed.load_embeddings(os.path.join(workdir, "teacher", "group_a"))["group_b"][0]
+  ours = embedding.load_embeddings(os.path.join(workdir, "teacher", "group_a"))["group_b"][0]
   _close(ours, _torch_embed(torch, nets["group_a"], pairs))
 
   images = data.images_at(np.arange(data.num_examples))
@@ -157,7 +157,7 @@ def test_mobilefacenet_teachers_and_the_authors_sl_adaptor_give_their_pytorch_ta
   assert (record["from"], record["format"]) == (str(adaptors / "SL.pth"), "pytorch")
 
   pairs = sources.verification_sets(config.data, workdir)["group_a"].pair_images()
-  ours = embed.load_embeddings(os.path.join(workdir, "teacher", "group_b"))["group_a"][0]
+  ours = embedding.load_embeddings(os.path.join(workdir, "teacher", "group_b"))["group_a"][0]
   _close(ours, _torch_embed(torch, nets["group_b"], pairs))
   targets = np.load(os.path.join(workdir, "adaptor", "specialized", "SL", "targets.npy"))
   normalize = torch.nn.functional.normalize
@@ -241,7 +241,7 @@ def test_a_pytorch_teacher_that_does_not_fit_is_refused_saying_what_it_is(
   _torch_teachers(torch, str(tmp_path / "teachers"), groups=("group_a",), **shape)
   with pytest.raises(UserError, match=message) as error:
     teacher.run_import(_import_config(finished), str(tmp_path / "stage"),
-                       inputs=common.Inputs(checkpoint=str(tmp_path / "teachers/group_a.pth")))
+                       inputs=shared.Inputs(checkpoint=str(tmp_path / "teachers/group_a.pth")))
   assert "\n" not in str(error.value)
 
 
@@ -253,7 +253,7 @@ def test_an_orbax_teacher_that_does_not_fit_is_refused_saying_what_it_is(tiny_re
                                       r".*it looks like: iresnet18 width=4 embedding_size=16 "
                                       r"use_se=False image_size=16") as error:
     teacher.run_import(_import_config(finished, name="iresnet34"), str(tmp_path / "stage"),
-                       inputs=common.Inputs(checkpoint=entry))
+                       inputs=shared.Inputs(checkpoint=entry))
   assert "\n" not in str(error.value)
 
 
@@ -271,7 +271,7 @@ def test_an_adaptor_over_another_number_of_teacher_inputs_is_refused(tiny_recipe
   with pytest.raises(UserError, match=r"SL: the adaptor does not fit a SL adaptor from 64 "
                                       r"teacher inputs to 16 .*: fc1/kernel: "
                                       r"checkpoint \(32, 16\) vs model \(64, 16\)") as error:
-    adaptor.run_import(config, str(tmp_path / "stage"), inputs=common.Inputs(
+    adaptor.run_import(config, str(tmp_path / "stage"), inputs=shared.Inputs(
         extract_dir=str(extract_dir),
         checkpoint=os.path.join(finished, "adaptor", "specialized", "SL")))
   assert "\n" not in str(error.value)

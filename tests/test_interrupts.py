@@ -220,9 +220,9 @@ def worker(args):
   "step N" per step and ends as the command line does on a signal."""
   workdir, process_id, port = args[0], int(args[1]), args[2]
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  from mstkd_jax import main  # pylint: disable=g-import-not-at-top
+  from mstkd_jax import multihost  # pylint: disable=g-import-not-at-top
   with interrupts.handled():  # before JAX's own SIGTERM notifier, as main.main does
-    main.initialize_multihost(main.Multihost(
+    multihost.initialize(multihost.Multihost(
         mode="true", coordinator_address=f"127.0.0.1:{port}", num_processes=2,
         process_id=process_id, timeout_s=60))
 

@@ -157,7 +157,7 @@ def test_out_of_memory_in_a_step_is_one_line_saying_what_to_lower(tmp_path, monk
   init = state_lib.TrainState(step=np.zeros((), np.int32), params={"w": np.zeros(3, np.float32)},
                               batch_stats={}, opt_state=optax.EmptyState())
   settings = loop.LoopSettings(name="student/mstkd/SL/a-KD", total_steps=4, steps_per_epoch=2,
-                               images_per_step=512, epochs_field="student.train.epochs")
+                               images_per_step=512, train_section="student.train")
   with pytest.raises(UserError) as info:
     loop.train(workdir=str(tmp_path), settings=settings, init_state=init, step_fn=_step,
                batches=_batches, parallel=parallel.get("pmap", 1), rng=np.zeros(2, np.uint32),

@@ -28,7 +28,7 @@ import numerics
 from configs import teacher as teacher_config
 from mstkd_jax import main
 from mstkd_jax.errors import UserError
-from mstkd_jax.stages import common, student
+from mstkd_jax.stages import shared, student
 from mstkd_jax.train import checkpoints, loop, parallel, state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,7 +77,7 @@ def worker(args):
   quiet = open(os.devnull, "w") if jax.process_index() else None
   with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
     student.run(tiny_student_config(), os.path.join(workdir, "student"),
-                inputs=common.Inputs(adaptor_dir=os.path.join(workdir, "adaptor")))
+                inputs=shared.Inputs(adaptor_dir=os.path.join(workdir, "adaptor")))
   print(f"worker: {time.perf_counter() - started:.1f} s in the stages, "
         f"{time.process_time():.1f} s of CPU in all", flush=True)
 

@@ -30,8 +30,8 @@ def test_no_decay_epochs_keeps_the_lr():
   assert float(schedule(0)) == float(schedule(10_000)) == 0.5
 
 
-def _hand_written_schedule(peak_lr, steps_per_epoch, decay_epochs, factor):
-  """The schedule this project used before optax's: peak x float32(factor) ** decays passed."""
+def _formula_schedule(peak_lr, steps_per_epoch, decay_epochs, factor):
+  """The schedule's formula in jnp: peak x float32(factor) ** decays passed."""
   boundaries = jnp.asarray([(e - 1) * steps_per_epoch for e in sorted(decay_epochs)] or [-1],
                            jnp.int32)
 
@@ -67,27 +67,27 @@ def _config_schedules():
 
 
 @pytest.mark.parametrize("steps_per_epoch", [1, 7, 10])
-def test_optax_schedule_is_bit_equal_to_the_hand_written_one_at_every_config_boundary(
+def test_optax_schedule_is_bit_equal_to_the_formula_at_every_config_boundary(
     steps_per_epoch):
   schedules = _config_schedules()
   assert len({s[2] for s in schedules}) >= 4  # several decay settings are covered
   for where, peak, decay_epochs, factor in schedules:
-    new = state_lib.step_decay_schedule(peak, steps_per_epoch, decay_epochs, factor)
-    old = _hand_written_schedule(peak, steps_per_epoch, decay_epochs, factor)
+    schedule = state_lib.step_decay_schedule(peak, steps_per_epoch, decay_epochs, factor)
+    formula = _formula_schedule(peak, steps_per_epoch, decay_epochs, factor)
     steps = {0, 1, 10**6} | {max((e - 1) * steps_per_epoch + d, 0)
                              for e in decay_epochs for d in (-1, 0, 1)}
-    # Jitted with a traced int32 step, as the train step calls it (eagerly, XLA's pow gave
-    # the hand-written schedule other last bits than under jit: 0.1**4 -> 1.0000001e-4).
-    new, old = jax.jit(new), jax.jit(old)
+    # Jitted with a traced int32 step, as the train step calls it (eagerly, XLA's pow gives
+    # the formula other last bits than under jit: 0.1**4 -> 1.0000001e-4).
+    schedule, formula = jax.jit(schedule), jax.jit(formula)
     for step in sorted(steps):
-      got, want = np.asarray(new(jnp.int32(step))), np.asarray(old(jnp.int32(step)))
+      got, want = np.asarray(schedule(jnp.int32(step))), np.asarray(formula(jnp.int32(step)))
       assert got.dtype == want.dtype == np.float32, where
       assert got.tobytes() == want.tobytes(), (where, step, got, want)
 
 
 def test_schedule_with_several_decays_at_one_epoch_passes_them_all():
   schedule = jax.jit(state_lib.step_decay_schedule(1.0, 4, (3, 3, 5)))
-  reference = jax.jit(_hand_written_schedule(1.0, 4, (3, 3, 5), 0.1))
+  reference = jax.jit(_formula_schedule(1.0, 4, (3, 3, 5), 0.1))
   got = [float(schedule(jnp.int32(s))) for s in (7, 8, 15, 16)]
   assert got == [float(reference(jnp.int32(s))) for s in (7, 8, 15, 16)]
   np.testing.assert_allclose(got, [1.0, 0.01, 0.01, 0.001], rtol=1e-6)

@@ -95,13 +95,13 @@ def test_target_orientation_reaches_the_adaptor_and_kd_students(tmp_path):
   config.data.data_dir = str(tmp_path / "data")
   train_set = sources.training_set(config.data, str(tmp_path))
   config.target_orientation = "stored"
-  stages = {s.name: s.config for s in pipeline.build(config, str(tmp_path), train_set)}
+  stages = {s.name: s.config for s in pipeline.make_stages(config, str(tmp_path), train_set)}
   assert stages["adaptor/specialized/SL"].adaptor.orientation == "stored"
   assert stages["student/mstkd/SL/a-KD"].student.orientation == "stored"
   assert "orientation" not in stages["student/student_alone"].student   # no targets to orient
   config.target_orientation = "mirror"
   with pytest.raises(UserError, match="target_orientation='mirror': expected one of"):
-    pipeline.build(config, str(tmp_path), train_set)
+    pipeline.make_stages(config, str(tmp_path), train_set)
 
 
 def test_report_carries_convergence_diagnostics_and_warnings_first(finished):

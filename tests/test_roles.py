@@ -20,7 +20,7 @@ from configs import distill
 from mstkd_jax import losses, models, pipeline, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
-from mstkd_jax.stages import adaptor as adaptor_stage, common, extract, recipe, student
+from mstkd_jax.stages import adaptor as adaptor_stage, extract, recipe, shared, student
 from mstkd_jax.train import build, steps
 
 
@@ -33,7 +33,7 @@ def tiny(tmp_path):
 
 
 def _stages(config, train_set, workdir="/nonexistent") -> dict:
-  return {s.name: s for s in recipe.build(config, workdir, train_set)}
+  return {s.name: s for s in recipe.make_stages(config, workdir, train_set)}
 
 
 # ------------------------------------------------------------------------ the sections
@@ -70,9 +70,9 @@ def test_a_new_field_of_a_section_reaches_its_stages_and_their_fingerprint(tiny,
   """A field nothing knows about, added to a section, is in its stages' configs (under
   the role's name) and so in their fingerprints, with no edit to the pipeline."""
   config, train_set = tiny
-  before = recipe.build(config, "/w", train_set)
+  before = recipe.make_stages(config, "/w", train_set)
   config[role].made_up_field = 3
-  after = {s.name: s for s in recipe.build(config, "/w", train_set)}
+  after = {s.name: s for s in recipe.make_stages(config, "/w", train_set)}
   assert after[stage].config[role].made_up_field == 3
   old, new = _fingerprints(before), _fingerprints(list(after.values()))
   assert old[stage] != new[stage]
@@ -280,8 +280,8 @@ def test_mixed_teachers_give_the_same_targets_cached_and_online(tiny, tmp_path, 
                                      train=dict(eval_batch_size=64)))
   extract_dir = str(tmp_path / "extract")
   # The extraction stage's training-set cache (remake_caches writes only that).
-  extract.remake_caches(c, extract_dir, inputs=common.Inputs(teacher_dirs=tuple(teacher_dirs)))
-  cached_embeddings = np.load(common.cache_file(c, extract_dir, common.TEACHER_EMBEDDINGS))
+  extract.remake_caches(c, extract_dir, inputs=shared.Inputs(teacher_dirs=tuple(teacher_dirs)))
+  cached_embeddings = np.load(shared.cache_file(c, extract_dir, shared.TEACHER_EMBEDDINGS))
   assert cached_embeddings.shape == (train_set.num_examples, 2, TOTAL)
   adaptor_dir, adaptor, adaptor_vars = _adaptor_folder(str(tmp_path / "adaptor"), TOTAL)
   rows = np.arange(0, train_set.num_examples, 7)
@@ -290,7 +290,7 @@ def test_mixed_teachers_give_the_same_targets_cached_and_online(tiny, tmp_path, 
 
   example = np.zeros((1, SIZE, SIZE, 3), np.float32)
   target_fn, frozen = student._online_targets(
-      common.Inputs(teacher_dirs=tuple(teacher_dirs), adaptor_dir=adaptor_dir), example)
+      shared.Inputs(teacher_dirs=tuple(teacher_dirs), adaptor_dir=adaptor_dir), example)
   assert target_fn.keywords["positions"] == ((0, 3), (1,), (2,))
   images = input_pipeline.normalize_images(train_set.images_at(rows))
   online = jax.jit(target_fn)(images, frozen)
@@ -319,7 +319,7 @@ def test_frozen_bfloat16_teachers_are_cast_once_and_give_the_same_targets(tmp_pa
   assert {x.dtype for p, x in leaves if p[-1].key == "kernel"} == {np.dtype("bfloat16")}
   assert {x.dtype for p, x in leaves if p[-1].key != "kernel"} == {np.dtype("float32")}
   uncast = tuple(jax.tree.map(lambda *xs: np.stack(xs),
-                              *[common.frozen_backbone(dirs[i], example)[1] for i in places])
+                              *[shared.frozen_backbone(dirs[i], example)[1] for i in places])
                  for places in positions)
   adaptor = models.create("adaptor", kind="SL", embedding_size=16)
   adaptor_vars = _random(build.template_variables(adaptor, np.zeros((1, TOTAL), np.float32)),
@@ -335,11 +335,11 @@ def test_frozen_bfloat16_teachers_are_cast_once_and_give_the_same_targets(tmp_pa
 def test_a_student_reads_its_teachers_networks_from_their_folders(tmp_path, teacher_dirs):
   folder = str(tmp_path / "t")
   shutil.copytree(teacher_dirs[1], folder)
-  assert common.stage_network(folder)["width"] == 8
+  assert shared.stage_network(folder)["width"] == 8
   os.remove(os.path.join(folder, "config.json"))
   with pytest.raises(UserError, match=r"config.json is missing: the stage in .* has not run"):
-    common.stage_network(folder)
+    shared.stage_network(folder)
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump({"seed": 0}, f)
   with pytest.raises(UserError, match=r"config.json holds no model section"):
-    common.stage_network(folder)
+    shared.stage_network(folder)

@@ -376,7 +376,7 @@ def _adaptor_stage(tmp_path):
   config = distill.get_config("tiny")
   config.data.data_dir = str(tmp_path / "data")
   train_set = sources.training_set(config.data, str(tmp_path))
-  stage = {s.name: s for s in pipeline.build(config, str(tmp_path), train_set)}[
+  stage = {s.name: s for s in pipeline.make_stages(config, str(tmp_path), train_set)}[
       "adaptor/specialized/SL"]
   c = ml_collections.ConfigDict(stage.config.to_dict())
   c.num_devices = DEVICES
@@ -400,27 +400,27 @@ def _adaptor_stage(tmp_path):
 
 def _final_state(monkeypatch):
   """Records the final host state of every StageRun.train (a list, in call order)."""
-  from mstkd_jax.stages import common  # pylint: disable=g-import-not-at-top
-  finals, train = [], common.StageRun.train
+  from mstkd_jax.stages import shared  # pylint: disable=g-import-not-at-top
+  finals, train = [], shared.StageRun.train
 
   def recording(self, *args, **kwargs):
     finals.append(train(self, *args, **kwargs))
     return finals[-1]
-  monkeypatch.setattr(common.StageRun, "train", recording)
+  monkeypatch.setattr(shared.StageRun, "train", recording)
   return finals
 
 
 def test_adaptor_stage_with_sharded_head_trains_as_the_replicated_head(tmp_path, monkeypatch):
   """The adaptor stage (ElasticArcFace over every training identity: 16 here, 2 a device)
   with head.shard_classes=true, sample_rate 1, ends where the replicated head does."""
-  from mstkd_jax.stages import adaptor, common  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.stages import adaptor, shared  # pylint: disable=g-import-not-at-top
   config, extract_dir, num_classes = _adaptor_stage(tmp_path)
   finals = _final_state(monkeypatch)
   results = []
   for shard in (False, True):
     config.head.shard_classes = shard
     results.append(adaptor.run(config, str(tmp_path / f"shard_{shard}"), "adaptor",
-                               inputs=common.Inputs(extract_dir=extract_dir)))
+                               inputs=shared.Inputs(extract_dir=extract_dir)))
   replicated, sharded = finals
   assert sharded.params["head"]["kernel"].shape == (EMBEDDING, num_classes)
   assert int(sharded.step) == int(replicated.step) == 6
@@ -540,13 +540,13 @@ def test_student_stages_read_shard_classes_and_sample_rate(tmp_path, monkeypatch
   from configs import distill  # pylint: disable=g-import-not-at-top
   from mstkd_jax import pipeline  # pylint: disable=g-import-not-at-top
   from mstkd_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from mstkd_jax.stages import common, student  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.stages import shared, student  # pylint: disable=g-import-not-at-top
   config = distill.get_config("tiny")
   config.data.data_dir = str(tmp_path / "data")
   config.kd_losses = ("a-KD", "EAF-KD")
   train_set = sources.training_set(config.data, str(tmp_path))
   name = "student/student_alone" if kd == "none" else f"student/mstkd/SL/{kd}"
-  stage = {s.name: s for s in pipeline.build(config, str(tmp_path), train_set)}[name]
+  stage = {s.name: s for s in pipeline.make_stages(config, str(tmp_path), train_set)}[name]
   c = ml_collections.ConfigDict(stage.config.to_dict())
   c.num_devices = DEVICES
   if kd == "a-KD":
@@ -564,10 +564,10 @@ def test_student_stages_read_shard_classes_and_sample_rate(tmp_path, monkeypatch
     seen.update(shards=self.parallel.class_shards, classes=step_fn.keywords["classes"],
                 head="head" in init_state.params)
     raise _Stop
-  monkeypatch.setattr(common.StageRun, "train", stop)
+  monkeypatch.setattr(shared.StageRun, "train", stop)
   with pytest.raises(_Stop):
     student.run(c, str(tmp_path / "student"), name,
-                inputs=common.Inputs(adaptor_dir=str(adaptor_dir)))
+                inputs=shared.Inputs(adaptor_dir=str(adaptor_dir)))
   if kd == "a-KD":
     assert seen == {"shards": None, "classes": None, "head": False}
   else:

@@ -10,7 +10,7 @@ import pytest
 from configs import teacher as teacher_config
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import embed
+from mstkd_jax.evaluation import embedding
 from mstkd_jax.stages import teacher
 from mstkd_jax.train import checkpoints as checkpoints_lib
 
@@ -54,7 +54,7 @@ def test_rerun_of_a_finished_run_does_nothing_but_say_so(uninterrupted, capsys, 
   def no_embedding(*args, **kwargs):
     raise AssertionError("a finished run's verification pairs were embedded again")
 
-  monkeypatch.setattr(embed, "verification_embeddings", no_embedding)
+  monkeypatch.setattr(embedding, "verification_embeddings", no_embedding)
   again = teacher.run(tiny_config(), workdir)
   out = capsys.readouterr().out
   assert "already finished" in out and "(saved at step 12)" in out

@@ -448,15 +448,15 @@ def test_every_host_writes_its_own_caches_where_they_are_not_in_the_stage_folder
   """Process 0 alone writes caches in a (shared) local stage folder; every process writes
   its own copy in a local cache folder (cache_dir, or a URL workdir's), which the other
   hosts cannot see."""
-  from mstkd_jax.stages import common  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.stages import shared  # pylint: disable=g-import-not-at-top
   stage = str(tmp_path / "run" / "extract")
   for process, cache, folder, writes in (
       (0, "", stage, True), (1, "", stage, False),
       (1, str(tmp_path / "c"), stage, True), (1, "", "gs://b/run/extract", True)):
     monkeypatch.setattr(jax, "process_index", lambda p=process: p)
     config = {"cache_dir": cache}
-    assert common.writes_caches(config, folder) is writes, (process, cache, folder)
-  assert common.cache_file({"cache_dir": ""}, "gs://b/run/extract", "x.npy") == os.path.join(
+    assert shared.writes_caches(config, folder) is writes, (process, cache, folder)
+  assert shared.cache_file({"cache_dir": ""}, "gs://b/run/extract", "x.npy") == os.path.join(
       paths.cache_dir("", "gs://b/run/extract"), "x.npy")
 
 

@@ -191,9 +191,9 @@ def test_a_record_of_another_shape_is_refused_in_one_line_naming_the_file(
 def test_a_results_json_of_another_shape_is_rebuilt_by_a_rerun_of_its_stage(tmp_path):
   """A finished stage's saved results count only where results.json reads (a damaged one
   makes the stage evaluate again and write it anew)."""
-  from mstkd_jax.stages import common  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.stages import shared  # pylint: disable=g-import-not-at-top
   (tmp_path / "results.json").write_text("[]")
-  assert common._evaluated(str(tmp_path), 3) is None  # pylint: disable=protected-access
+  assert shared._evaluated(str(tmp_path), 3) is None  # pylint: disable=protected-access
 
 
 def test_a_damaged_lock_holder_record_still_says_the_workdir_is_in_use(tmp_path,

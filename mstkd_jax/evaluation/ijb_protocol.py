@@ -178,7 +178,7 @@ def embed_release(variables, module, release, image_size: int, parallel, batch_s
 
   The loose crops are decoded and aligned a chunk at a time (formats.ijb.aligned_chunks),
   resized to the model's `image_size` when it is not 112 (one warning), and embedded on
-  every device (evaluation.embed.embed_stream, with a progress bar); only the embeddings
+  every device (evaluation.embedding.embed_stream, with a progress bar); only the embeddings
   are kept.
 
   Args:
@@ -189,7 +189,7 @@ def embed_release(variables, module, release, image_size: int, parallel, batch_s
     float32 [N, D] embeddings and float32 [N, D] embeddings of the mirrors, meta order.
   """
   from mstkd_jax.formats import faces, ijb as ijb_data  # pylint: disable=g-import-not-at-top
-  from mstkd_jax.evaluation import embed  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.evaluation import embedding  # pylint: disable=g-import-not-at-top
   if image_size != ijb_data.ALIGNED_SIZE and warn is not None:
     warn(f"{release.name}: faces are aligned to {ijb_data.ALIGNED_SIZE}x"
          f"{ijb_data.ALIGNED_SIZE}, the model takes {image_size}x{image_size}; resizing "
@@ -198,8 +198,8 @@ def embed_release(variables, module, release, image_size: int, parallel, batch_s
   chunks = ijb_data.aligned_chunks(release, image_size, chunk or ijb_data.CHUNK)
   embeddings = flipped = None
   row = 0
-  for emb, emb_flip in embed.embed_stream(variables, module, chunks, parallel, batch_size,
-                                          total=count, desc=release.name):
+  for emb, emb_flip in embedding.embed_stream(variables, module, chunks, parallel, batch_size,
+                                              total=count, desc=release.name):
     if embeddings is None:
       embeddings = np.empty((count, emb.shape[1]), np.float32)
       flipped = np.empty((count, emb.shape[1]), np.float32)

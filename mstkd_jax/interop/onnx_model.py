@@ -14,7 +14,7 @@ arcface_onnx.py and model_zoo.py):
 
 insightface feeds BGR images through cv2.dnn.blobFromImages(swapRB=True), i.e. RGB: images
 here are RGB already and go in as they are. The image's and its mirror's embeddings are
-computed as for a JAX backbone (evaluation.embed.embed_images calls `OnnxBackbone.embed`),
+computed as for a JAX backbone (evaluation.embedding.embed_images calls `OnnxBackbone.embed`),
 on the CPU, in float32.
 """
 

@@ -26,12 +26,12 @@ from mstkd_jax import paths
 from mstkd_jax import files
 from mstkd_jax.errors import UserError
 from mstkd_jax.models import iresnet
-from mstkd_jax.train import checkpoints
+from mstkd_jax.train import checkpoints, step_folders, tree_checks
 
 # The item folder of the training state (or of the network alone, in model/).
-ITEM_NAME = checkpoints.STATE
+ITEM_NAME = step_folders.STATE
 # Orbax writes this file into every item folder it finishes.
-_ITEM_METADATA = checkpoints.ITEM_METADATA
+_ITEM_METADATA = step_folders.ITEM_METADATA
 # Folders of a stage workdir that hold Orbax steps, the preferred (the trained model) first.
 STEP_FOLDERS = ("model", "checkpoints")
 _EXPECTED = ("expected an Orbax checkpoint of this project: a stage workdir, its model/ or "
@@ -103,7 +103,7 @@ def _candidates(path: Any) -> tuple[list[tuple[str, str | None]], str | None, bo
   elif _is_item(os.path.join(path, ITEM_NAME)):
     candidates, explicit = [(path, None)], True
   elif files.isdir(os.path.join(path, ITEM_NAME)):  # A step folder whose item is damaged.
-    raise UserError(f"{path}: a damaged checkpoint step ({checkpoints.damage(path)}, as after "
+    raise UserError(f"{path}: a damaged checkpoint step ({step_folders.damage(path)}, as after "
                     f"an interrupted copy or save); {_EXPECTED}")
   else:
     folders = [os.path.join(path, name) for name in STEP_FOLDERS] + [path]
@@ -114,7 +114,7 @@ def _candidates(path: Any) -> tuple[list[tuple[str, str | None]], str | None, bo
                       f"<step>/{ITEM_NAME}/{_ITEM_METADATA}); {_EXPECTED}")
     folder, steps = found[0]
     step_dirs = [os.path.join(folder, str(step)) for step in reversed(steps)]
-    candidates = [(step_dir, checkpoints.damage(step_dir)) for step_dir in step_dirs]
+    candidates = [(step_dir, step_folders.damage(step_dir)) for step_dir in step_dirs]
     explicit = False
   parent = os.path.dirname(candidates[0][0])
   workdir = os.path.dirname(parent) if os.path.basename(parent) in STEP_FOLDERS else None
@@ -206,7 +206,7 @@ def load_backbone_variables(path: Any) -> tuple[dict, CheckpointInfo]:
       try:
         variables = _restore_backbone(step_dir)
         break
-      except checkpoints.DamagedCheckpoint as e:
+      except step_folders.DamagedCheckpoint as e:
         if explicit:
           raise
         candidates[i] = (step_dir, e.reason)
@@ -235,15 +235,15 @@ def _restore_backbone(step_dir: str) -> dict:
   try:
     tree = handler.metadata(epath.Path(item_dir)).tree
   except Exception as e:  # pylint: disable=broad-except
-    raise checkpoints.DamagedCheckpoint(
+    raise step_folders.DamagedCheckpoint(
         step_dir, "cannot read the Orbax checkpoint metadata", e) from e
   finally:
     handler.close()
   params_path, stats_path = _backbone_subtrees(tree, step_dir)
   item = _merge(_nest(params_path, _abstract(_get(tree, params_path))),
                 _nest(stats_path, _abstract(_get(tree, stats_path))))
-  restored = checkpoints.restore_partial(item_dir, item, step_dir)
-  checkpoints.check_finite(restored, step_dir)
+  restored = step_folders.restore_partial(item_dir, item, step_dir)
+  tree_checks.check_finite(restored, step_dir)
   return {"params": _get(restored, params_path), "batch_stats": _get(restored, stats_path)}
 
 

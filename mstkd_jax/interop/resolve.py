@@ -259,7 +259,7 @@ def _input_size_hint(path: str, settings: ArchSettings) -> str:
 
 def _load_orbax(path: str, explicit: ArchSettings) -> LoadedModel:
   from mstkd_jax.interop import backbones, orbax_checkpoint  # pylint: disable=g-import-not-at-top
-  from mstkd_jax.train import checkpoints  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.train import tree_checks  # pylint: disable=g-import-not-at-top
   variables, info = orbax_checkpoint.load_backbone_variables(path)
   shapes = backbones.describe_variables(variables)
   configured = config_settings(info.config)
@@ -269,10 +269,10 @@ def _load_orbax(path: str, explicit: ArchSettings) -> LoadedModel:
                                ("checkpoint shapes", shape_settings(shapes)),
                                ("default", DEFAULTS)])
   module = build_module(settings)
-  expected = checkpoints.flat_shapes(template(module, settings.image_size))
-  found = checkpoints.flat_shapes(variables)
+  expected = tree_checks.flat_shapes(template(module, settings.image_size))
+  found = tree_checks.flat_shapes(variables)
   if expected != found:
-    problems = checkpoints.shape_mismatches(expected, found)
+    problems = tree_checks.shape_mismatches(expected, found)
     given = ", ".join(f"{k} from {v}" for k, v in origins.items() if v != "checkpoint shapes")
     raise UserError(
         f"{info.path}: the checkpoint does not fit the model {describe(settings)} "

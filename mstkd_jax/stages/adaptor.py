@@ -27,8 +27,8 @@ import numpy as np
 from mstkd_jax import files, models, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import embed, target_space
-from mstkd_jax.stages import common, extract, imported
+from mstkd_jax.evaluation import embedding, target_space
+from mstkd_jax.stages import extract, imported, shared
 from mstkd_jax.train import build, loop, steps
 
 
@@ -53,8 +53,8 @@ def _write_targets(config, workdir: str, apply, variables, train_embeddings, siz
                    ) -> str:
   """Writes the cache targets.npy [N, 2, size_out] (the adaptor's outputs for every
   training image and its mirror) where this process writes caches; returns its path."""
-  path = common.cache_file(config, workdir, common.TARGETS, make=True)
-  if common.writes_caches(config, workdir):
+  path = shared.cache_file(config, workdir, shared.TARGETS, make=True)
+  if shared.writes_caches(config, workdir):
     with files.npy_writer(path, (len(train_embeddings), 2, size_out)) as targets:
       _map(apply, variables, train_embeddings, targets)             # [N, 2, D]
   return path
@@ -66,19 +66,19 @@ def _template(adaptor, input_size: int) -> dict:
   return {"params": variables["params"]}
 
 
-def _teacher_embeddings(config, run: common.StageRun, extract_dir: str):
+def _teacher_embeddings(config, stage: shared.StageRun, extract_dir: str):
   """(training [N, 2, sum D_g] memory-mapped, verification as extract.load, sum D_g)."""
   train_embeddings, verification = extract.load(config, extract_dir)
   num = len(train_embeddings)
-  if num != run.train_set.num_examples:
+  if num != stage.train_set.num_examples:
     raise UserError(f"the teacher embeddings in {extract_dir} cover {num} images, the "
-                    f"training set has {run.train_set.num_examples}; rerun the extraction")
+                    f"training set has {stage.train_set.num_examples}; rerun the extraction")
   input_size = int(np.prod(train_embeddings.shape[2:]))
   return train_embeddings.reshape(num, 2, input_size), verification, input_size
 
 
 def remake_caches(config, workdir: str, name: str = "adaptor",
-                  inputs: common.Inputs = common.Inputs()) -> None:
+                  inputs: shared.Inputs = shared.Inputs()) -> None:
   """Writes the cache targets.npy of the finished stage in `workdir` again, from its saved
   adaptor and the extraction's teacher embeddings (`inputs.extract_dir`), e.g. on another
   machine than the one that trained it, where the local cache is missing. Nothing in
@@ -97,8 +97,8 @@ def remake_caches(config, workdir: str, name: str = "adaptor",
                  train_embeddings.reshape(num, 2, input_size), config.model.embedding_size)
 
 
-def run(config, workdir: str, name: str = "adaptor", epochs_field: str = "train.epochs",
-        inputs: common.Inputs = common.Inputs()) -> dict:
+def run(config, workdir: str, name: str = "adaptor", inputs: shared.Inputs = shared.Inputs()
+        ) -> dict:
   """Trains the adaptor on the teacher embeddings in `inputs.extract_dir`, keeps its epoch
   of lowest mean training loss, and writes targets.npy and its space's verification
   embeddings. Returns {"verification", "best", "training", "diagnostics"}.
@@ -108,30 +108,30 @@ def run(config, workdir: str, name: str = "adaptor", epochs_field: str = "train.
   """
   orientation = input_pipeline.check_orientation(
       config.adaptor.get("orientation", "as_fed"), "adaptor.orientation")
-  run = common.StageRun.create(config, workdir, name, epochs_field)
-  train_embeddings, verification, input_size = _teacher_embeddings(config, run,
+  stage = shared.StageRun.create(config, workdir, name, "adaptor")
+  train_embeddings, verification, input_size = _teacher_embeddings(config, stage,
                                                                    inputs.extract_dir)
-  labels = run.train_set.identity
+  labels = stage.train_set.identity
   num = len(labels)
   network = config.model.to_dict()
   print(f"[{name}] {network['kind']} adaptor over {input_size}-D concatenated teacher "
-        f"embeddings, {num} images of {run.train_set.num_identities} identities", flush=True)
-  settings = run.settings(num, select_best_epoch=True)
+        f"embeddings, {num} images of {stage.train_set.num_identities} identities", flush=True)
+  settings = stage.settings(num, select_best_epoch=True)
 
   adaptor = models.create("adaptor", **network)
-  head = models.create("margin_head", num_classes=run.train_set.num_identities)
-  init_rng, head_rng = run.init_rngs()
+  head = models.create("margin_head", num_classes=stage.train_set.num_identities)
+  init_rng, head_rng = stage.init_rngs()
   variables = build.init_variables(adaptor, init_rng, np.zeros((1, input_size), np.float32))
   head_vars = build.init_variables(
       head, head_rng, np.zeros((1, network["embedding_size"]), np.float32))
-  init_state, tx, schedule = run.state(
+  init_state, tx, schedule = stage.state(
       settings, {"backbone": variables["params"], "head": head_vars["params"]}, {},
       build.backbone_and_head_groups(config.optim))
   # head.shard_classes / head.sample_rate: the adaptor's head covers every training
   # identity, so it gains most from splitting its centres (train/sharded_head.py).
-  parallel, classes = build.class_shards(config.head, run.parallel,
-                                         run.train_set.num_identities)
-  run = dataclasses.replace(run, parallel=parallel)
+  parallel, classes = build.class_shards(config.head, stage.parallel,
+                                         stage.train_set.num_identities)
+  stage = dataclasses.replace(stage, parallel=parallel)
   step_fn = functools.partial(steps.classification_step, backbone=adaptor, head=head,
                               margin=build.margin_spec(config.head, shards_classes=True),
                               tx=tx, schedule=schedule, input_key="teacher_embeddings",
@@ -142,22 +142,22 @@ def run(config, workdir: str, name: str = "adaptor", epochs_field: str = "train.
 
   def batches(start):
     for batch in input_pipeline.train_batches({"label": labels}, start_step=start,
-                                              **run.batch_plan(settings)):
+                                              **stage.batch_plan(settings)):
       yield input_pipeline.add_oriented(batch, oriented, orientation)
 
-  run.train(settings, init_state, step_fn, batches)
+  stage.train(settings, init_state, step_fn, batches)
 
-  best, info = loop.load_best(run.workdir, loop.best_variables(init_state))
+  best, info = loop.load_best(stage.workdir, loop.best_variables(init_state))
   best = {"params": best["params"]["backbone"]}
   print(f"[{name}] selected epoch {info['epoch']} (mean training loss "
         f"{info['mean_loss']:.4f})", flush=True)
-  training = common.training_record(run.workdir, settings)
-  return _finish(run, adaptor, best, info["step"], train_embeddings, verification,
+  training = shared.training_record(stage.workdir, settings)
+  return _finish(stage, adaptor, best, info["step"], train_embeddings, verification,
                  {"training": training, "selected": info}) | {"best": info}
 
 
 def run_import(config, workdir: str, name: str = "adaptor",
-               inputs: common.Inputs = common.Inputs(),
+               inputs: shared.Inputs = shared.Inputs(),
                field: str = "adaptor.checkpoints") -> dict:
   """Imports the adaptor in `inputs.checkpoint` (imported.load_adaptor) into the network of
   config.model instead of training one, then writes what `run` writes (model/,
@@ -168,8 +168,8 @@ def run_import(config, workdir: str, name: str = "adaptor",
     UserError: the teacher embeddings are missing or cover another training set, or the
       checkpoint cannot be read or does not fit (`field` names the config field).
   """
-  run = common.StageRun.create(config, workdir, name)
-  train_embeddings, verification, input_size = _teacher_embeddings(config, run,
+  stage = shared.StageRun.create(config, workdir, name, "adaptor")
+  train_embeddings, verification, input_size = _teacher_embeddings(config, stage,
                                                                    inputs.extract_dir)
   adaptor = models.create("adaptor", **config.model.to_dict())
   variables, record = imported.load_adaptor(inputs.checkpoint,
@@ -177,32 +177,32 @@ def run_import(config, workdir: str, name: str = "adaptor",
                                             config.model.kind, field)
   print(f"[{name}] imported {inputs.checkpoint} ({record['format']}); no training",
         flush=True)
-  return _finish(run, adaptor, variables, record["step"] or 0, train_embeddings,
+  return _finish(stage, adaptor, variables, record["step"] or 0, train_embeddings,
                  verification, {"imported": record}) | {"imported": record}
 
 
-def _finish(run: common.StageRun, adaptor, variables: dict, step: int, train_embeddings,
+def _finish(stage: shared.StageRun, adaptor, variables: dict, step: int, train_embeddings,
             verification: dict, record: dict) -> dict:
   """The end of a trained or imported adaptor: its space on every group's verification
   pairs, model/, the targets cache, the target-space diagnostics and results.json (with
   `record`'s entries). Returns {"verification", "training", "diagnostics"}."""
   apply = _apply_fn(adaptor)
-  size_out = run.config.model.embedding_size
+  size_out = stage.config.model.embedding_size
   space = {g: tuple(_map(apply, variables, emb[:, k],
                          np.empty((len(emb), size_out), np.float32)) for k in (0, 1)) + (same,)
            for g, (emb, same) in verification.items()}
-  results = embed.evaluate_embeddings(space)
-  print(f"[{run.name}] adaptor space verification accuracy: {embed.accuracy_line(results)}",
+  results = embedding.evaluate_embeddings(space)
+  print(f"[{stage.name}] adaptor space verification accuracy: {embedding.accuracy_line(results)}",
         flush=True)
-  workdir_lib.save_model(run.workdir, step, variables)  # every process takes part
+  workdir_lib.save_model(stage.workdir, step, variables)  # every process takes part
   diagnostics = None
-  path = _write_targets(run.config, run.workdir, apply, variables, train_embeddings, size_out)
+  path = _write_targets(stage.config, stage.workdir, apply, variables, train_embeddings, size_out)
   if jax.process_index() == 0:
-    embed.save_embeddings(run.workdir, space)
+    embedding.save_embeddings(stage.workdir, space)
     diagnostics = target_space.space_statistics(
-        np.load(path, mmap_mode="r")[:, 0], run.train_set.identity, run.train_set.group)
-    common.warn_collapse(run.name, diagnostics)
-  workdir_lib.write_results(run.workdir, run.name, step, results,
+        np.load(path, mmap_mode="r")[:, 0], stage.train_set.identity, stage.train_set.group)
+    shared.warn_collapse(stage.name, diagnostics)
+  workdir_lib.write_results(stage.workdir, stage.name, step, results,
                             {**record, "diagnostics": {"targets": diagnostics}})
   return {"verification": results, "training": record.get("training"),
           "diagnostics": diagnostics}

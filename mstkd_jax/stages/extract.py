@@ -1,7 +1,7 @@
 """Extraction stage: every frozen teacher of a set embeds every training image and its mirror.
 
 Writes teacher_embeddings.npy (in the stage folder, or under cache_dir: see
-common.cache_file), float32 [N, 2, sum D_g]: image n as stored ([:, 0]) and mirrored
+shared.cache_file), float32 [N, 2, sum D_g]: image n as stored ([:, 0]) and mirrored
 ([:, 1]), each teacher's L2-normalized embedding (D_g values: teachers may differ in
 backbone and embedding size) concatenated in the fixed teacher order, so the adaptor and
 the cached-target student fetch exactly the orientation they feed. The file is filled in
@@ -10,7 +10,7 @@ verification_teacher_embeddings.npz: the same for every group's verification pai
 (the adaptor's space is evaluated on them).
 
 Config: parallelism, num_devices, data, train.eval_batch_size. Each teacher's network is
-the one its stage ran with (common.frozen_backbone). Inputs: teacher_dirs (the teacher
+the one its stage ran with (shared.frozen_backbone). Inputs: teacher_dirs (the teacher
 stages, in teacher order).
 """
 
@@ -22,14 +22,14 @@ import numpy as np
 from mstkd_jax import files, losses, workdir as workdir_lib
 from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import embed, target_space
-from mstkd_jax.stages import common
+from mstkd_jax.evaluation import embedding, target_space
+from mstkd_jax.stages import shared
 from mstkd_jax.train import parallel as parallel_lib
 
 
 def _normalized_pair(variables, module, images, parallel, batch_size):
   """L2-normalized embeddings of uint8 images and their mirrors: [N, 2, D]."""
-  emb, emb_flip = embed.embed_images(variables, module, images, parallel, batch_size)
+  emb, emb_flip = embedding.embed_images(variables, module, images, parallel, batch_size)
   return np.stack([np.asarray(losses.l2_normalize(emb)),
                    np.asarray(losses.l2_normalize(emb_flip))], axis=1)
 
@@ -49,7 +49,7 @@ def _embed_training_set(variables, module, train_set, parallel, batch_size, out,
 
 
 def run(config, workdir: str, name: str = "extract",
-        inputs: common.Inputs = common.Inputs()) -> dict:
+        inputs: shared.Inputs = shared.Inputs()) -> dict:
   """Embeds the training and verification images with every teacher of
   `inputs.teacher_dirs`; returns {"diagnostics": concatenation statistics (process 0)}.
 
@@ -65,7 +65,7 @@ def run(config, workdir: str, name: str = "extract",
   verification = sources.verification_sets(config.data, workdir)
   verification_parts = _embed(config, workdir, name, teacher_dirs, train_set, verification)
   is_main = jax.process_index() == 0
-  cache = common.cache_file(config, workdir, common.TEACHER_EMBEDDINGS)
+  cache = shared.cache_file(config, workdir, shared.TEACHER_EMBEDDINGS)
   diagnostics = None
   if is_main:
     files.save_npz(
@@ -78,7 +78,7 @@ def run(config, workdir: str, name: str = "extract",
     embeddings = np.load(cache, mmap_mode="r")
     diagnostics = target_space.space_statistics(embeddings[:, 0], train_set.identity,
                                                 train_set.group)
-    common.warn_collapse(f"{name} (concatenated teacher embeddings)", diagnostics)
+    shared.warn_collapse(f"{name} (concatenated teacher embeddings)", diagnostics)
     files.write_json(os.path.join(workdir, "results.json"),
                        {"stage": name, "diagnostics": {"concatenation": diagnostics}})
   return {"diagnostics": diagnostics}
@@ -91,8 +91,8 @@ def _embed(config, workdir: str, name: str, teacher_dirs: list, train_set, verif
   parallel = parallel_lib.get(config.parallelism, config.num_devices)
   example = np.zeros((1,) + train_set.image_shape, np.float32)
   built = {}
-  teachers = [common.frozen_backbone(d, example, built) for d in teacher_dirs]
-  sizes = [common.embedding_size(module, variables, example)
+  teachers = [shared.frozen_backbone(d, example, built) for d in teacher_dirs]
+  sizes = [shared.embedding_size(module, variables, example)
            for module, variables in teachers]
   offsets = np.cumsum([0] + sizes)
   batch = config.train.eval_batch_size
@@ -100,8 +100,8 @@ def _embed(config, workdir: str, name: str, teacher_dirs: list, train_set, verif
   # Written in place, a chunk at a time: [N, 2, sum D_g] float32 reaches ~20 GB at BUPT
   # scale (4 x 512-D).
   shape = (train_set.num_examples, 2, int(offsets[-1]))
-  cache = common.cache_file(config, workdir, common.TEACHER_EMBEDDINGS, make=True)
-  with files.npy_writer(cache, shape, enabled=common.writes_caches(config, workdir)
+  cache = shared.cache_file(config, workdir, shared.TEACHER_EMBEDDINGS, make=True)
+  with files.npy_writer(cache, shape, enabled=shared.writes_caches(config, workdir)
                         ) as train_out:
     for i, (teacher_dir, (module, variables)) in enumerate(zip(teacher_dirs, teachers)):
       print(f"[{name}] teacher {i + 1}/{len(teacher_dirs)} ({teacher_dir}, {sizes[i]}-D) "
@@ -115,7 +115,7 @@ def _embed(config, workdir: str, name: str, teacher_dirs: list, train_set, verif
 
 
 def remake_caches(config, workdir: str, name: str = "extract",
-                  inputs: common.Inputs = common.Inputs()) -> None:
+                  inputs: shared.Inputs = shared.Inputs()) -> None:
   """Writes the cache teacher_embeddings.npy of the finished stage in `workdir` again,
   from its teachers (`inputs.teacher_dirs`), e.g. on another machine than the one that
   ran it, where the local cache is missing. Nothing in `workdir` changes.
@@ -129,14 +129,13 @@ def remake_caches(config, workdir: str, name: str = "extract",
 
 def load(config, extract_dir: str) -> tuple[np.ndarray, dict]:
   """(training [N, 2, sum D_g], {group: ([2P, 2, sum D_g], issame [P])}) written by `run`
-  in `extract_dir` (and its cache folder, from config field cache_dir). Caches written
-  before teachers could differ in size hold [..., G, D] instead: callers flatten the
-  trailing axes (the same concatenation).
+  in `extract_dir` (and its cache folder, from config field cache_dir). Callers flatten
+  the trailing axes, so a cache of equal-size teachers as [..., G, D] reads the same.
 
   The training embeddings come memory-mapped (read-only): callers read the rows they need.
   """
   try:
-    train = np.load(common.cache_file(config, extract_dir, common.TEACHER_EMBEDDINGS),
+    train = np.load(shared.cache_file(config, extract_dir, shared.TEACHER_EMBEDDINGS),
                     mmap_mode="r")
     with files.load_npz(os.path.join(extract_dir,
                                      "verification_teacher_embeddings.npz")) as data:

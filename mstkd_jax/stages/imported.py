@@ -19,7 +19,7 @@ import numpy as np
 from mstkd_jax import files, paths, workdir as workdir_lib
 from mstkd_jax.errors import UserError
 from mstkd_jax.interop import backbones, orbax_checkpoint, resolve, torch_checkpoint
-from mstkd_jax.train import checkpoints as checkpoints_lib
+from mstkd_jax.train import checkpoints as checkpoints_lib, tree_checks
 
 PYTORCH_SUFFIXES = (".pth", ".pt")
 
@@ -143,8 +143,8 @@ def load_backbone(path: str, template: dict, model: dict, image_shape: tuple, fi
     except UserError as e:
       raise UserError(f"{path}: the checkpoint does not fit {section}; "
                       f"{looks or backbones.looks_like(state_dict)}") from e
-  problems = checkpoints_lib.shape_mismatches(checkpoints_lib.flat_shapes(template),
-                                              checkpoints_lib.flat_shapes(variables))
+  problems = tree_checks.shape_mismatches(tree_checks.flat_shapes(template),
+                                              tree_checks.flat_shapes(variables))
   if problems:   # an unknown backbone: its first differences instead of what it looks like
     raise UserError(f"{path}: the checkpoint does not fit {section}; "
                     + (looks or "; ".join(problems[:3])))
@@ -189,7 +189,7 @@ def load_adaptor(path: str, template: dict, kind: str, field: str) -> tuple[dict
       if step is None:
         raise UserError(f"{path}: no adaptor under {path}/model; expected an adaptor stage "
                         "folder of this project")
-      found = checkpoints_lib.flat_shapes(store.stored_tree(step).get("params") or {})
+      found = tree_checks.flat_shapes(store.stored_tree(step).get("params") or {})
     finally:
       store.close()
     record = {"from": path, "format": "orbax", "step": step}
@@ -199,11 +199,11 @@ def load_adaptor(path: str, template: dict, kind: str, field: str) -> tuple[dict
     if found_kind != kind and not (found_kind == "DuL" and kind == "DLDPO"):
       raise UserError(f"{path} holds a {found_kind} adaptor; this stage imports {kind}: name "
                       f"the file {found_kind}.pth, or run the adaptor kind {found_kind}")
-    found = checkpoints_lib.flat_shapes(variables["params"])
+    found = tree_checks.flat_shapes(variables["params"])
     record = {"from": path, "format": "pytorch", "step": None, "ignored_keys": ignored}
     load = lambda: {"params": _cast_like(template["params"], variables["params"])}
-  problems = checkpoints_lib.shape_mismatches(
-      checkpoints_lib.flat_shapes(template["params"]), found)
+  problems = tree_checks.shape_mismatches(
+      tree_checks.flat_shapes(template["params"]), found)
   if problems:
     raise UserError(f"{path}: the adaptor does not fit {section}: " + "; ".join(problems[:3]))
   return load(), {**record, "sha256": digest(path)}

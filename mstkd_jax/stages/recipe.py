@@ -5,7 +5,7 @@ Each role's section (teacher, adaptor, student) holds its own model, head, train
 a stage's config is the recipe's shared fields (seed, devices, data) and its role's section,
 whole (`stage_config`), with what makes this stage one of a grid (a teacher's group, an
 adaptor's kind, a student's KD variant). A stage never holds another role's fields: it
-reads an earlier stage's network from that stage's folder (common.frozen_backbone).
+reads an earlier stage's network from that stage's folder (shared.frozen_backbone).
 """
 
 import dataclasses
@@ -20,7 +20,7 @@ from mstkd_jax import config_ranges
 from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.models import adaptor as adaptor_model
-from mstkd_jax.stages import adaptor, common, extract, imported, student, teacher
+from mstkd_jax.stages import adaptor, extract, imported, shared, student, teacher
 
 SET_PREFIX = {"specialized": ("teacher", "mstkd", ""), "balanced": ("balanced_teacher",
                                                                     "balanced_kd", "balanced_")}
@@ -39,15 +39,13 @@ class Stage:
   run: Callable
   deps: tuple[str, ...] = ()
   model: str = ""                    # report row of the model it makes ("" = none)
-  section: str = ""                  # its training section in configs/distill.py ("" = none)
-  inputs: common.Inputs = common.Inputs()
+  inputs: shared.Inputs = shared.Inputs()
   # Writes its local caches again for a finished stage, from its saved outputs and inputs.
   remake: Callable | None = None
   imported: dict = dataclasses.field(default_factory=dict)
 
   def run_in(self, stage_dir: str):
-    kwargs = {"epochs_field": f"{self.section}.train.epochs"} if self.section else {}
-    return self.run(self.config, stage_dir, name=self.name, inputs=self.inputs, **kwargs)
+    return self.run(self.config, stage_dir, name=self.name, inputs=self.inputs)
 
 
 def balanced_split(num_identities: int, parts: int, seed: int) -> list[np.ndarray]:
@@ -154,12 +152,12 @@ def _teacher_stages(config, teacher_set: str, train_set) -> list[Stage]:
       run = functools.partial(teacher.run_import,
                               field=f"teacher.{CHECKPOINTS_FIELD[teacher_set]}")
       stages.append(Stage(name, c, run, model=name,
-                          inputs=common.Inputs(checkpoint=imports[label]),
+                          inputs=shared.Inputs(checkpoint=imports[label]),
                           imported={"sha256": imported.digest(imports[label])}))
     else:
       c = stage_config(config, "teacher", **subset)
       c.model = _teacher_network(config, name)
-      stages.append(Stage(name, c, teacher.run, model=name, section="teacher"))
+      stages.append(Stage(name, c, teacher.run, model=name))
   return stages
 
 
@@ -171,7 +169,7 @@ def _check_teacher_networks(config, stages: list[Stage]) -> None:
                     f"this recipe; expected some of {sorted(names)}")
 
 
-def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
+def make_stages(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
   """The recipe's stages in an order that respects their dependencies."""
   _check(config)
   if not train_set.group_names:
@@ -187,13 +185,13 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
     extract_name = f"extract/{teacher_set}"
     c = inference_config(config, "teacher")
     stages.append(Stage(extract_name, c, extract.run, deps=teacher_names,
-                        inputs=common.Inputs(teacher_dirs=teacher_dirs),
+                        inputs=shared.Inputs(teacher_dirs=teacher_dirs),
                         remake=extract.remake_caches))
     adaptor_imports = _imports(config, "adaptor", teacher_set, config.adaptors,
                                "adaptor kind", adaptor_model.KINDS)
     for kind in config.adaptors:
       adaptor_name = f"adaptor/{teacher_set}/{kind}"
-      inputs = common.Inputs(extract_dir=path(extract_name),
+      inputs = shared.Inputs(extract_dir=path(extract_name),
                              checkpoint=adaptor_imports.get(kind, ""))
       row = f"{adaptor_prefix}adaptor/{kind}"
       if kind in adaptor_imports:
@@ -206,7 +204,7 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
       else:
         c = stage_config(config, "adaptor", orientation=config.target_orientation)
         stage = Stage(adaptor_name, c, adaptor.run, deps=(extract_name,), model=row,
-                      section="adaptor", inputs=inputs, remake=adaptor.remake_caches)
+                      inputs=inputs, remake=adaptor.remake_caches)
       stage.config.model = {"kind": kind, **stage.config.model.to_dict()}
       stages.append(stage)
       online = config.targets == "online"
@@ -220,13 +218,13 @@ def build(config, workdir: str, train_set: sources.TrainingSet) -> list[Stage]:
             del c["head"]             # a-KD trains no margin head
           name = f"{student_prefix}/{kind}/{student.kd_name(margin_loss, distance)}"
           stages.append(Stage(
-              f"student/{name}", c, student.run, model=name, section="student",
+              f"student/{name}", c, student.run, model=name,
               deps=(adaptor_name,) + (teacher_names if online else ()),
-              inputs=common.Inputs(adaptor_dir=path(adaptor_name),
+              inputs=shared.Inputs(adaptor_dir=path(adaptor_name),
                                    teacher_dirs=teacher_dirs if online else ())))
   if config.student_alone:
     stages.append(Stage("student/student_alone", stage_config(config, "student", kd=None),
-                        student.run, model="student_alone", section="student"))
+                        student.run, model="student_alone"))
   _check_teacher_networks(config, stages)
   models = tuple(s.name for s in stages if s.model)
   c = ml_collections.ConfigDict(dict(models=models))

@@ -26,8 +26,8 @@ import numpy as np
 from mstkd_jax import files, losses, models, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import embed, target_space
-from mstkd_jax.stages import common
+from mstkd_jax.evaluation import embedding, target_space
+from mstkd_jax.stages import shared
 from mstkd_jax.train import build, steps
 
 TARGETS = ("cached", "online")
@@ -91,8 +91,8 @@ def frozen_teachers(teacher_dirs, image_example):
   each network's compute dtype (build.cast_kernels)."""
   built, stacks = {}, {}
   for place, teacher_dir in enumerate(teacher_dirs):
-    key = json.dumps(common.stage_network(teacher_dir), sort_keys=True)
-    module, variables = common.frozen_backbone(teacher_dir, image_example, built)
+    key = json.dumps(shared.stage_network(teacher_dir), sort_keys=True)
+    module, variables = shared.frozen_backbone(teacher_dir, image_example, built)
     stacks.setdefault(key, (module, [], []))
     stacks[key][1].append(variables)
     stacks[key][2].append(place)
@@ -110,16 +110,16 @@ def frozen_adaptor(adaptor_dir: str, input_size: int):
   """(adaptor module, adaptor variables) saved by the adaptor stage in `adaptor_dir` (its
   selected epoch, or the adaptor it imported), with the network it ran with, over
   `input_size` concatenated teacher embeddings."""
-  adaptor = models.create("adaptor", **common.stage_network(adaptor_dir))
+  adaptor = models.create("adaptor", **shared.stage_network(adaptor_dir))
   template = build.template_variables(adaptor, np.zeros((1, input_size), np.float32))
   return adaptor, workdir_lib.load_model(adaptor_dir, {"params": template["params"]},
                                          adaptor_dir)
 
 
-def _online_targets(inputs: common.Inputs, image_example):
+def _online_targets(inputs: shared.Inputs, image_example):
   """(target_fn, frozen) of online targets: the frozen teachers, then the frozen adaptor."""
   modules, teacher_vars, positions = frozen_teachers(inputs.teacher_dirs, image_example)
-  input_size = sum(common.embedding_size(m, jax.tree.map(lambda x: x[0], v), image_example)
+  input_size = sum(shared.embedding_size(m, jax.tree.map(lambda x: x[0], v), image_example)
                    * len(p) for m, v, p in zip(modules, teacher_vars, positions))
   adaptor, adaptor_vars = frozen_adaptor(inputs.adaptor_dir, input_size)
   target_fn = functools.partial(steps.online_targets, teacher=modules, adaptor=adaptor,
@@ -127,8 +127,8 @@ def _online_targets(inputs: common.Inputs, image_example):
   return target_fn, {"teachers": teacher_vars, "adaptor": adaptor_vars}
 
 
-def run(config, workdir: str, name: str = "student", epochs_field: str = "train.epochs",
-        inputs: common.Inputs = common.Inputs()) -> dict:
+def run(config, workdir: str, name: str = "student", inputs: shared.Inputs = shared.Inputs()
+        ) -> dict:
   """Trains the student with config.student.kd; the KD students read their targets from
   `inputs.adaptor_dir` (cached) or from the frozen `inputs.teacher_dirs` and adaptor
   (online). Returns {"state", "verification", "training", "diagnostics"}.
@@ -147,28 +147,28 @@ def run(config, workdir: str, name: str = "student", epochs_field: str = "train.
   if kd and not inputs.adaptor_dir:
     raise UserError("a KD student (student.kd set) needs the folder of an adaptor stage "
                     "(its targets); run it through the pipeline (configs/distill.py)")
-  run = common.StageRun.create(config, workdir, name, epochs_field)
-  labels = run.train_set.identity
+  stage = shared.StageRun.create(config, workdir, name, "student")
+  labels = stage.train_set.identity
   loss = ("ElasticArcFace" if kd is None else
           f"KD ({kd['distance']}, weight {kd['weight']:g})"
           f"{' + margin head' if kd['margin_loss'] else ''}, {mode} targets")
-  print(f"[{name}] {len(labels)} images of {run.train_set.num_identities} identities, "
+  print(f"[{name}] {len(labels)} images of {stage.train_set.num_identities} identities, "
         f"loss {loss}", flush=True)
-  settings = run.settings(len(labels))
+  settings = stage.settings(len(labels))
 
   backbone = build.backbone(config.model)
-  init_rng, head_rng = run.init_rngs()
-  variables = build.init_variables(backbone, init_rng, run.image_example(), train=False)
+  init_rng, head_rng = stage.init_rngs()
+  variables = build.init_variables(backbone, init_rng, stage.image_example(), train=False)
   params = {"backbone": variables["params"]}
   groups = build.backbone_and_head_groups(config.optim)
   head = None
   if kd is None or kd["margin_loss"]:
-    head = models.create("margin_head", num_classes=run.train_set.num_identities)
+    head = models.create("margin_head", num_classes=stage.train_set.num_identities)
     params["head"] = build.init_variables(
         head, head_rng, np.zeros((1, config.model.embedding_size), np.float32))["params"]
   else:
     del groups["head"]
-  init_state, tx, schedule = run.state(settings, params, variables.get("batch_stats", {}),
+  init_state, tx, schedule = stage.state(settings, params, variables.get("batch_stats", {}),
                                        groups)
 
   extra, frozen, margin, classes = {}, None, None, None
@@ -176,9 +176,9 @@ def run(config, workdir: str, name: str = "student", epochs_field: str = "train.
     margin = build.margin_spec(config.head, shards_classes=True)
     # head.shard_classes / head.sample_rate split the centres of every training identity
     # (train/sharded_head.py).
-    parallel, classes = build.class_shards(config.head, run.parallel,
-                                           run.train_set.num_identities)
-    run = dataclasses.replace(run, parallel=parallel)
+    parallel, classes = build.class_shards(config.head, stage.parallel,
+                                           stage.train_set.num_identities)
+    stage = dataclasses.replace(stage, parallel=parallel)
   if kd is None:
     step_fn = functools.partial(steps.classification_step, backbone=backbone, head=head,
                                 margin=margin, tx=tx, schedule=schedule, classes=classes)
@@ -192,25 +192,25 @@ def run(config, workdir: str, name: str = "student", epochs_field: str = "train.
                         f"{extra['target'].shape[-1]}-D, the student's model.embedding_size "
                         f"is {size}: the adaptor's embedding_size must be the student's")
     else:
-      target_fn, frozen = _online_targets(inputs, run.image_example())
+      target_fn, frozen = _online_targets(inputs, stage.image_example())
     step_fn = functools.partial(steps.student_step, backbone=backbone, head=head,
                                 margin=margin, kd_weight=kd["weight"],
                                 kd_distance=kd["distance"], tx=tx, schedule=schedule,
                                 target_fn=target_fn, orientation=orientation,
                                 classes=classes)
-  batches = functools.partial(run.train_set.train_batches, np.arange(len(labels)), labels,
-                              extra=extra, orientation=orientation, **run.batch_plan(settings))
-  evaluation = common.training_evaluation(run, backbone)
-  final = run.train(settings, init_state, step_fn, lambda start: batches(start_step=start),
+  batches = functools.partial(stage.train_set.train_batches, np.arange(len(labels)), labels,
+                              extra=extra, orientation=orientation, **stage.batch_plan(settings))
+  evaluation = shared.training_evaluation(stage, backbone)
+  final = stage.train(settings, init_state, step_fn, lambda start: batches(start_step=start),
                     frozen=frozen, evaluation=evaluation)
 
-  variables, step, selected = common.backbone_result(final, run.workdir, evaluation)
-  training = common.training_record(run.workdir, settings)
-  results = common.finish_model(run, step, variables, backbone)
+  variables, step, selected = shared.backbone_result(final, stage.workdir, evaluation)
+  training = shared.training_record(stage.workdir, settings)
+  results = shared.finish_model(stage, step, variables, backbone)
   diagnostics = None
   if kd is not None:
-    diagnostics = target_fit(run, inputs.adaptor_dir, variables, backbone)
-  workdir_lib.write_results(run.workdir, name, step, results,
+    diagnostics = target_fit(stage, inputs.adaptor_dir, variables, backbone)
+  workdir_lib.write_results(stage.workdir, name, step, results,
                             {"training": training, "selected": selected,
                              "diagnostics": diagnostics})
   return {"state": final, "verification": results, "training": training,
@@ -221,7 +221,7 @@ def run(config, workdir: str, name: str = "student", epochs_field: str = "train.
 TARGET_FIT_SAMPLE = 2048
 
 
-def target_fit(run: common.StageRun, adaptor_dir: str, variables: dict, backbone) -> dict:
+def target_fit(stage: shared.StageRun, adaptor_dir: str, variables: dict, backbone) -> dict:
   """How close a distilled student came to its targets: the mean cosine between its
   embedding and the adaptor's target of the same image, over a fixed sample of training
   images (at most TARGET_FIT_SAMPLE, the same rows for every student of a data set; images
@@ -232,19 +232,19 @@ def target_fit(run: common.StageRun, adaptor_dir: str, variables: dict, backbone
   Returns {"train_target_cosine": float, "num_train_images": int,
   "verification_target_cosine": {group: float}} on process 0, None on the others.
   """
-  train_set = run.train_set
+  train_set = stage.train_set
   rows = target_space.fixed_sample(train_set.num_examples, TARGET_FIT_SAMPLE)
   # Every process embeds (one program over all devices); process 0, which wrote the
   # verification embeddings, compares.
-  embeddings, _ = embed.embed_images(variables, backbone, train_set.images_at(rows),
-                                     run.parallel, run.config.train.eval_batch_size)
+  embeddings, _ = embedding.embed_images(variables, backbone, train_set.images_at(rows),
+                                         stage.parallel, stage.config.train.eval_batch_size)
   if jax.process_index() != 0:
     return None
-  targets = load_targets(run.config, adaptor_dir, train_set.num_examples)
-  own = embed.load_embeddings(run.workdir)
+  targets = load_targets(stage.config, adaptor_dir, train_set.num_examples)
+  own = embedding.load_embeddings(stage.workdir)
   # An adaptor stage saves its space on the verification pairs; hand-made targets need not.
-  has_space = files.exists(os.path.join(adaptor_dir, embed.EMBEDDINGS_FILE))
-  space = embed.load_embeddings(adaptor_dir) if has_space else {}
+  has_space = files.exists(os.path.join(adaptor_dir, embedding.EMBEDDINGS_FILE))
+  space = embedding.load_embeddings(adaptor_dir) if has_space else {}
   return {
       "train_target_cosine": target_space.mean_cosine(embeddings, targets[rows, 0]),
       "num_train_images": len(rows),
@@ -255,8 +255,8 @@ def target_fit(run: common.StageRun, adaptor_dir: str, variables: dict, backbone
 
 def load_targets(config, adaptor_dir: str, num_examples: int) -> np.ndarray:
   """The adaptor stage's cached targets [N, 2, D] (image, mirror), memory-mapped from its
-  cache folder (common.cache_file; config field cache_dir)."""
-  path = common.cache_file(config, adaptor_dir, common.TARGETS)
+  cache folder (shared.cache_file; config field cache_dir)."""
+  path = shared.cache_file(config, adaptor_dir, shared.TARGETS)
   try:
     targets = np.load(path, mmap_mode="r")  # each batch reads its own rows
   except (OSError, ValueError) as e:

@@ -22,7 +22,7 @@ import numpy as np
 from mstkd_jax import models, workdir as workdir_lib
 from mstkd_jax.data import sources
 from mstkd_jax.errors import UserError
-from mstkd_jax.stages import common, imported
+from mstkd_jax.stages import imported, shared
 from mstkd_jax.train import build, steps
 
 
@@ -37,53 +37,53 @@ def _identities(config) -> tuple:
                     "integer identity labels") from e
 
 
-def run(config, workdir: str, name: str = "", epochs_field: str = "train.epochs",
-        inputs: common.Inputs = common.Inputs()) -> dict:
+def run(config, workdir: str, name: str = "", inputs: shared.Inputs = shared.Inputs()
+        ) -> dict:
   """Trains the teacher and evaluates it on every group; returns {"state", "verification",
   "training"}. A teacher reads no earlier stage (`inputs` is unused)."""
   del inputs
   identities = _identities(config)
-  run = common.StageRun.create(config, workdir, name, epochs_field)
-  rows, labels = sources.select(run.train_set,
+  stage = shared.StageRun.create(config, workdir, name, "teacher")
+  rows, labels = sources.select(stage.train_set,
                                 group="" if identities else config.teacher.group,
                                 identities=identities)
   num_classes = int(labels.max()) + 1
   name = name or (f"teacher/{num_classes} identities" if identities
                   else f"teacher/{config.teacher.group}")
-  run = dataclasses.replace(run, name=name)
+  stage = dataclasses.replace(stage, name=name)
   print(f"[{name}] {len(rows)} images of {num_classes} identities", flush=True)
-  settings = run.settings(len(rows))
+  settings = stage.settings(len(rows))
 
   backbone = build.backbone(config.model)
   head = models.create("margin_head", num_classes=num_classes)
-  init_rng, head_rng = run.init_rngs()
-  variables = build.init_variables(backbone, init_rng, run.image_example(), train=False)
+  init_rng, head_rng = stage.init_rngs()
+  variables = build.init_variables(backbone, init_rng, stage.image_example(), train=False)
   head_vars = build.init_variables(
       head, head_rng, np.zeros((1, config.model.embedding_size), np.float32))
-  init_state, tx, schedule = run.state(
+  init_state, tx, schedule = stage.state(
       settings, {"backbone": variables["params"], "head": head_vars["params"]},
       variables.get("batch_stats", {}), build.backbone_and_head_groups(config.optim))
-  parallel, classes = build.class_shards(config.head, run.parallel, num_classes)
-  run = dataclasses.replace(run, parallel=parallel)
+  parallel, classes = build.class_shards(config.head, stage.parallel, num_classes)
+  stage = dataclasses.replace(stage, parallel=parallel)
   step_fn = functools.partial(steps.classification_step, backbone=backbone, head=head,
                               margin=build.margin_spec(config.head, shards_classes=True),
                               tx=tx, schedule=schedule, classes=classes)
-  batches = functools.partial(run.train_set.train_batches, rows, labels,
-                              **run.batch_plan(settings))
-  evaluation = common.training_evaluation(run, backbone)
-  final = run.train(settings, init_state, step_fn,
+  batches = functools.partial(stage.train_set.train_batches, rows, labels,
+                              **stage.batch_plan(settings))
+  evaluation = shared.training_evaluation(stage, backbone)
+  final = stage.train(settings, init_state, step_fn,
                     lambda start: batches(start_step=start), evaluation=evaluation)
 
-  variables, step, selected = common.backbone_result(final, run.workdir, evaluation)
-  training = common.training_record(run.workdir, settings)
-  results = common.finish_model(run, step, variables, backbone)
-  workdir_lib.write_results(run.workdir, name, step, results,
+  variables, step, selected = shared.backbone_result(final, stage.workdir, evaluation)
+  training = shared.training_record(stage.workdir, settings)
+  results = shared.finish_model(stage, step, variables, backbone)
+  workdir_lib.write_results(stage.workdir, name, step, results,
                             {"training": training, "selected": selected})
   return {"state": final, "verification": results, "training": training}
 
 
 def run_import(config, workdir: str, name: str = "teacher",
-               inputs: common.Inputs = common.Inputs(), field: str = "teacher.checkpoints"
+               inputs: shared.Inputs = shared.Inputs(), field: str = "teacher.checkpoints"
                ) -> dict:
   """Imports the teacher in `inputs.checkpoint` into the network of config.model instead of
   training one: saves it under model/, embeds and evaluates every group's verification
@@ -95,15 +95,15 @@ def run_import(config, workdir: str, name: str = "teacher",
     UserError: the checkpoint cannot be read or does not fit config.model (`field` names
       the config field it came from).
   """
-  run = common.StageRun.create(config, workdir, name)
+  stage = shared.StageRun.create(config, workdir, name, "teacher")
   module = build.backbone(config.model)
-  template = build.template_variables(module, run.image_example(), train=False)
+  template = build.template_variables(module, stage.image_example(), train=False)
   variables, record = imported.load_backbone(inputs.checkpoint, template,
                                              config.model.to_dict(),
-                                             run.train_set.image_shape, field)
+                                             stage.train_set.image_shape, field)
   print(f"[{name}] imported {inputs.checkpoint} ({record['format']}); no training",
         flush=True)
   step = record["step"] or 0
-  results = common.finish_model(run, step, variables, module)
-  workdir_lib.write_results(run.workdir, name, step, results, {"imported": record})
+  results = shared.finish_model(stage, step, variables, module)
+  workdir_lib.write_results(stage.workdir, name, step, results, {"imported": record})
   return {"verification": results, "imported": record}

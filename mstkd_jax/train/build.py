@@ -161,8 +161,7 @@ def backbone_and_head_groups(optim_config) -> dict:
   return {"backbone": (optim_config.base_lr, optim_config.clip_norm), "head": (head_lr, None)}
 
 
-def loop_settings(config, name: str, num_examples: int,
-                  epochs_field: str = "train.epochs") -> loop.LoopSettings:
+def loop_settings(config, name: str, num_examples: int) -> loop.LoopSettings:
   """The loop's settings from a stage config's `train` section and the examples per epoch."""
   steps_per_epoch, total = loop.steps_for(num_examples, config.train.batch_size,
                                           config.train.epochs)
@@ -170,4 +169,4 @@ def loop_settings(config, name: str, num_examples: int,
       name=name, total_steps=total, steps_per_epoch=steps_per_epoch,
       images_per_step=config.train.batch_size, log_every=config.train.log_every,
       checkpoint_every=config.train.checkpoint_every,
-      keep_checkpoints=config.train.keep_checkpoints, epochs_field=epochs_field)
+      keep_checkpoints=config.train.keep_checkpoints)

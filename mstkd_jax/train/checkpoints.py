@@ -1,10 +1,9 @@
 """Orbax checkpoints of the full training state, with the loss history and the best state.
 
 A step folder holds the TrainState (params, batch_stats, opt_state, step) in the item
-"default" (the folder Orbax gives a single item, so a model/ folder and a checkpoint
-written before the other items read alike) and, as the loop saves them, the per-step
-history in the JSON item "history" and Orbax's "metrics" item. `step` is also the data
-position, so restoring it resumes the input pipeline exactly.
+"default" (train/step_folders.py: what a step folder is on disk) and, as the loop saves
+them, the per-step history in the JSON item "history" and Orbax's "metrics" item. `step` is
+also the data position, so restoring it resumes the input pipeline exactly.
 
 One CheckpointManager keeps what a run needs: the newest `keep` steps (resume) and the one
 best candidate (Orbax's BestN preservation over the metric "score", lower is better; the
@@ -22,165 +21,24 @@ import math
 import os
 import sys
 import threading
-from typing import Any, Mapping
+from typing import Mapping
 
 from etils import epath
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mstkd_jax import files, paths
-from mstkd_jax import errors
+from mstkd_jax import errors, files, paths
 from mstkd_jax.errors import UserError
 from mstkd_jax.train import parallel as parallel_lib
+from mstkd_jax.train.step_folders import (STATE, DamagedCheckpoint, ERROR_CHARS, damage,
+                                          quiet_closed_loop_callbacks, restore_partial,
+                                          save_error)
+from mstkd_jax.train.tree_checks import check_finite, flat_shapes, shape_mismatches
 
-STATE = "default"           # the item folder of the TrainState (Orbax's single-item name)
 HISTORY = "history"         # the item folder of the per-step history (JSON)
-COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, into a finished step
-ITEM_METADATA = "_METADATA"           # Orbax writes it into every finished PyTree item
-_STEP_METADATA = "_CHECKPOINT_METADATA"
-# Orbax's and tensorstore's messages run to kilobytes: the first line, cut to this length.
-ERROR_CHARS = 200
 # How long a failing run waits for its pending background saves before leaving them behind.
 PENDING_SAVE_TIMEOUT_S = 20.0
-
-
-class DamagedCheckpoint(UserError):
-  """A step folder that cannot be read: interrupted copy or save, missing files."""
-
-  def __init__(self, path: str, what: str, error: BaseException):
-    self.reason = files.error_line(error, ERROR_CHARS)
-    super().__init__(f"{path}: {what} ({self.reason})")
-
-
-def flat_shapes(tree, prefix=""):
-  """Nested dict of arrays or Orbax ArrayMetadata -> {"a/b/c": shape}."""
-  out = {}
-  if isinstance(tree, Mapping):
-    for key, value in tree.items():
-      out.update(flat_shapes(value, f"{prefix}{key}/"))
-  elif tree is not None:
-    out[prefix.rstrip("/")] = tuple(tree.shape)
-  return out
-
-
-def shape_mismatches(expected: dict, found: dict, limit: int = 8) -> list[str]:
-  """Readable differences between two {path: shape} maps (missing, unexpected, mis-shaped)."""
-  lines = [f"missing {k} {expected[k]}" for k in sorted(set(expected) - set(found))]
-  lines += [f"unexpected {k} {found[k]}" for k in sorted(set(found) - set(expected))]
-  lines += [f"{k}: checkpoint {found[k]} vs model {expected[k]}"
-            for k in sorted(set(expected) & set(found)) if expected[k] != found[k]]
-  if len(lines) > limit:
-    lines = lines[:limit] + [f"... and {len(lines) - limit} more"]
-  return lines
-
-
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def first_non_finite(tree) -> tuple[str, str, int, int] | None:
-  """(tensor path "params/backbone/conv1/kernel", "NaN" or "Inf", how many values, of how
-  many) of the first floating-point leaf of `tree` (numpy or JAX arrays) holding NaN or
-  Inf, in pytree order; None where every value is finite."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    array = np.asarray(leaf)
-    if not jnp.issubdtype(array.dtype, jnp.inexact):
-      continue
-    finite = np.isfinite(array)
-    if not finite.all():
-      bad = array[~finite]
-      kind = "NaN" if np.isnan(bad).any() else "Inf"
-      return "/".join(_key_name(k) for k in path), kind, int(bad.size), int(array.size)
-  return None
-
-
-def check_finite(tree, source: str) -> None:
-  """Refuses a restored tree holding NaN or Inf (a diverged run), naming the first tensor.
-
-  Args:
-    tree: the restored pytree (numpy or JAX arrays; integer leaves are skipped).
-    source: the checkpoint folder, for the message.
-
-  Raises:
-    UserError: "<source>: the checkpoint holds NaN in params/backbone/conv1/kernel ...".
-  """
-  found = first_non_finite(tree)
-  if found is not None:
-    name, kind, bad, size = found
-    raise UserError(
-        f"{source}: the checkpoint holds {kind} in {name} ({bad} of {size} "
-        "values; a diverged run?); use an earlier step or retrain with a lower LR")
-
-
-def _save_error(path: str, error: BaseException) -> UserError:
-  """One line for a failed save: the OS error (ENOSPC, EACCES, EROFS, ...) where one is in
-  the exception's chain, else the first line of Orbax's or tensorstore's message."""
-  cause = error
-  while cause is not None and not isinstance(cause, OSError):
-    cause = cause.__cause__ or cause.__context__
-  reason = (files.os_error_reason(cause) if isinstance(cause, OSError) and cause.errno
-            else files.error_line(error, ERROR_CHARS))
-  return UserError(f"cannot write the checkpoint {path} ({reason})")
-
-
-def quiet_closed_loop_callbacks() -> None:
-  """Drops Python's "Exception ignored ... RuntimeError: Event loop is closed" reports.
-
-  When an Orbax read fails (a damaged step), tensorstore still completes the reads in
-  flight and calls back into the asyncio loop Orbax has already closed; Python prints each
-  such callback as an unraisable exception with a traceback (0-10 of them), after the
-  failure was caught and reported in one line. This wraps sys.unraisablehook (once per
-  process, before the first read) to drop exactly those; every other report goes through.
-  """
-  previous = sys.unraisablehook
-  if getattr(previous, "drops_closed_loop_callbacks", False):
-    return
-
-  def hook(unraisable):
-    error = unraisable.exc_value
-    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-      return
-    previous(unraisable)
-  hook.drops_closed_loop_callbacks = True
-  sys.unraisablehook = hook
-
-
-def _commit_timestamp(step_dir: str) -> bool:
-  try:
-    record = files.read_json(os.path.join(step_dir, _STEP_METADATA), missing=None)
-    return bool(record.get("commit_timestamp_nsecs"))
-  except (UserError, AttributeError):
-    return False
-
-
-def damage(step_dir: str, item: str = STATE) -> str | None:
-  """Why `step_dir` is not a complete Orbax step (None where it looks complete).
-
-  Complete: `item` holds its _METADATA, and the step is committed: it holds Orbax's commit
-  marker, or (Orbax versions that left none on local disks: no marker in any item either)
-  its _CHECKPOINT_METADATA records a commit time. Missing array files show only when the
-  arrays are read (`Checkpoints.restore_latest` tries the step).
-  """
-  if not files.isfile(os.path.join(step_dir, item, ITEM_METADATA)):
-    return f"no {item}/{ITEM_METADATA}"
-  if files.isfile(os.path.join(step_dir, COMMIT_MARKER)):
-    return None
-  try:
-    names = files.listdir(step_dir)
-  except OSError as e:
-    return f"unreadable folder: {e.strerror or e}"
-  except UserError as e:
-    return f"unreadable folder: {e}"
-  items_marked = any(files.isfile(os.path.join(step_dir, name, COMMIT_MARKER))
-                     for name in names)
-  if items_marked or not _commit_timestamp(step_dir):
-    return f"no commit marker {COMMIT_MARKER}"
-  return None
 
 
 def warn(message: str) -> None:
@@ -276,7 +134,7 @@ class Checkpoints:
       self.manager.save(step, args=ocp.args.Composite(**items),
                         metrics={"step": int(step), **(candidate or {})})
     except Exception as e:  # pylint: disable=broad-except
-      raise _save_error(self._step_dir(step), e) from e
+      raise save_error(self._step_dir(step), e) from e
     self._pending = step
 
   def wait(self) -> None:
@@ -286,7 +144,7 @@ class Checkpoints:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       where = self.directory if pending is None else self._step_dir(pending)
-      raise _save_error(where, e) from e
+      raise save_error(where, e) from e
 
   def close(self) -> None:
     self.manager.close()
@@ -489,23 +347,3 @@ class Checkpoints:
     restored = restore_partial(os.path.join(path, STATE), _abstract(template), path)
     check_finite(restored, path)
     return restored
-
-
-def restore_partial(item_dir: str, abstract: Any, source: str):
-  """Restores the subtrees `abstract` names (jax.ShapeDtypeStruct leaves) out of the PyTree
-  item `item_dir`, as numpy arrays, leaving the rest of it unread.
-
-  Raises:
-    DamagedCheckpoint: the item cannot be read, lacks a subtree or holds other shapes.
-  """
-  quiet_closed_loop_callbacks()
-  handler = ocp.PyTreeCheckpointHandler()
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-  try:
-    restored = handler.restore(epath.Path(item_dir), args=ocp.args.PyTreeRestore(
-        item=abstract, restore_args=restore_args, partial_restore=True))
-  except Exception as e:  # pylint: disable=broad-except
-    raise DamagedCheckpoint(source, "cannot restore from the Orbax checkpoint", e) from e
-  finally:
-    handler.close()
-  return jax.tree.map(np.asarray, restored)

@@ -119,7 +119,7 @@ def problems(summary: Mapping) -> list[str]:
   return out
 
 
-def warning(name: str, summary: Mapping, epochs_field: str) -> str | None:
+def warning(name: str, summary: Mapping, field: str) -> str | None:
   """One line naming the stage, what is wrong and the config field to raise; None if the
   stage converged by the tests above."""
   found = problems(summary)
@@ -128,5 +128,5 @@ def warning(name: str, summary: Mapping, epochs_field: str) -> str | None:
   loss = summary.get("final_epoch_loss")
   loss_text = f"final-epoch loss {loss:.4g}; " if loss is not None else ""
   return (f"{name} has not converged: {'; '.join(found)} ({loss_text}first epoch "
-          f"{summary.get('first_epoch_loss', float('nan')):.4g}). Raise {epochs_field} "
+          f"{summary.get('first_epoch_loss', float('nan')):.4g}). Raise {field} "
           "(and move its LR decay epochs with it).")

@@ -2,9 +2,8 @@
 checkpoint, and the best state a selecting run keeps among them (read back here).
 
 A history record is {"step": t, "metrics": {"loss": [t floats], "accuracy": [...]},
-"devices", "processes"}: value k - 1 of a metric is step k's. Workdirs of earlier versions
-kept it in loss_history.json ({"losses": [...]}) and the best state in best/ and best.json;
-those are read too. Every record read is checked: one finite value per step.
+"devices", "processes"}: value k - 1 of a metric is step k's. Every record read is checked:
+one finite value per step.
 """
 
 import math
@@ -16,8 +15,6 @@ from mstkd_jax.train.checkpoints import Checkpoints
 
 # The per-step metrics kept with every checkpoint (convergence.summarize reads them).
 HISTORY_METRICS = ("loss", "accuracy")
-# Where the history lived before it moved into the checkpoints (still read).
-LEGACY_HISTORY = "loss_history.json"
 _EXPECTED = ('{"step": t, "metrics": {"loss": [one finite value per step], ...}}; delete '
              "that checkpoint step to resume from an earlier one, or the stage folder to "
              "train it again")
@@ -38,7 +35,7 @@ def read(record: dict | None, step: int | None, source: str) -> tuple[dict, dict
   if not isinstance(record, dict):
     raise UserError(f"{source}: the loss history is a JSON {type(record).__name__}; "
                     f"expected {_EXPECTED}")
-  metrics = record.get("metrics") or {"loss": record.get("losses")}
+  metrics = record.get("metrics")
   if step is None and isinstance(record.get("step"), int):
     step = record["step"]
   if not isinstance(metrics, dict):
@@ -51,9 +48,7 @@ def read(record: dict | None, step: int | None, source: str) -> tuple[dict, dict
       raise UserError(f"{source}: the loss history's {name!r} is not a list of numbers; "
                       f"expected {_EXPECTED}")
     values = [float(x) for x in values[:step]]
-    # Every step has a loss; another metric may start later (a run resumed from a
-    # checkpoint of a version that kept the loss alone).
-    if name == "loss" and step is not None and len(values) < step:
+    if step is not None and len(values) < step:
       raise UserError(f"{source}: the loss history holds {len(values)} {name!r} values for "
                       f"{step} steps; expected {_EXPECTED}")
     bad = next((k for k, x in enumerate(values) if not math.isfinite(x)), None)
@@ -65,18 +60,9 @@ def read(record: dict | None, step: int | None, source: str) -> tuple[dict, dict
   return history, layout
 
 
-def legacy_record(workdir: str) -> dict | None:
-  """The loss_history.json of a workdir written before the history moved into the
-  checkpoints (None where there is none)."""
-  return files.read_json(os.path.join(workdir, LEGACY_HISTORY),
-                         "the loss history a stage writes; delete it to resume without it",
-                         missing=None)
-
-
 def load_history(workdir: str) -> dict:
   """Every per-step metric the loop saved in `workdir` ({"loss": [...], "accuracy": [...]};
-  {} when it trained nothing): the history of its newest checkpoint, or of the
-  loss_history.json that workdirs of earlier versions hold.
+  {} when it trained nothing): the history of its newest checkpoint.
 
   Raises:
     UserError: the history is damaged (`read`).
@@ -91,8 +77,6 @@ def load_history(workdir: str) -> dict:
         record, source = checkpoints.history(step), os.path.join(directory, str(step))
     finally:
       checkpoints.close()
-  if record is None:
-    record, source = legacy_record(workdir), os.path.join(workdir, LEGACY_HISTORY)
   return read(record, None, source)[0]
 
 
@@ -108,8 +92,7 @@ def load_best(workdir: str, template) -> tuple[dict, dict]:
   """(`best_variables` of the best state, its record), restored into `template`'s shapes.
 
   The record is {"step", "score" (lower is better), "epoch", and "mean_loss" or
-  "mean_accuracy" and "accuracy"}. Workdirs of earlier versions kept the best state in
-  best/ and its record in best.json; those are read too.
+  "mean_accuracy" and "accuracy"}.
 
   Raises:
     UserError: no best state was recorded, or it cannot be read.
@@ -124,24 +107,5 @@ def load_best(workdir: str, template) -> tuple[dict, dict]:
         return checkpoints.restore_variables(step, template), info
     finally:
       checkpoints.close()
-  if files.isfile(os.path.join(workdir, "best.json")):
-    step, info = legacy_best(workdir)
-    checkpoints = Checkpoints(os.path.join(workdir, "best"), keep=1)
-    try:
-      return checkpoints.restore_tree(step, template), info
-    finally:
-      checkpoints.close()
   raise UserError(f"no best state recorded in {directory}; rerun its stage")
 
-
-def legacy_best(workdir: str) -> tuple[int, dict]:
-  """(step, record) of the best.json of a workdir written before the best state moved
-  into the checkpoints (its variables are in best/)."""
-  path = os.path.join(workdir, "best.json")
-  info = files.read_json(path, 'the best-state record {"step", "score", ...}; rerun '
-                               "its stage")
-  try:
-    return int(info["step"]), info | {"score": float(info["score"])}
-  except (KeyError, TypeError, ValueError) as e:
-    raise UserError(f'{path}: holds no "step" and "score" ({e}); expected the best-state '
-                    "record a stage writes; rerun its stage") from e

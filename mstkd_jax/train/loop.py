@@ -23,10 +23,10 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
-from mstkd_jax import errors, files
+from mstkd_jax import errors
 from mstkd_jax.errors import UserError
 from mstkd_jax.train import (checkpoints as checkpoints_lib, history as history_lib,
-                             interrupts, writers)
+                             interrupts, tree_checks, writers)
 from mstkd_jax.train.checkpoints import Checkpoints
 # Re-exported: the stages read a finished loop's history and best state from here.
 from mstkd_jax.train.history import (  # pylint: disable=unused-import
@@ -50,8 +50,9 @@ class LoopSettings:
   # Keep the state of the epoch with the lowest mean training loss among the checkpoints
   # (the adaptor's model selection); read its variables back with `load_best`.
   select_best_epoch: bool = False
-  # The config field that sets this stage's length, named by the convergence warning.
-  epochs_field: str = "train.epochs"
+  # The stage's train section as the user's config file names it ("student.train" in the
+  # recipe), for the messages that name a field of it.
+  train_section: str = "train"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,13 +84,9 @@ def _format_eta(seconds: float) -> str:
 
 
 class _Progress:
-  """Fetches per-step metrics, checks them, writes them and prints one line per window.
-
-  The loop's one progress reporter. clu's ReportProgress (steps/s to the writer, ETA in
-  absl's log) needs TensorFlow and shows neither loss nor LR; this line shows loss, the
-  step's other metrics (accuracy, kd, ce), LR, steps/s, img/s and ETA on every machine,
-  and steps/s also goes to the writer as "steps_per_sec" (ReportProgress's scalar).
-  """
+  """Fetches per-step metrics, checks them, writes them and prints one line per window:
+  loss, the step's other metrics (accuracy, kd, ce), LR, steps/s, img/s and ETA; steps/s
+  also goes to the writer as "steps_per_sec"."""
 
   def __init__(self, settings: LoopSettings, writer, start_step: int, history: dict):
     self.settings = settings
@@ -203,8 +200,6 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
     if start:
       print(f"[{settings.name}] resuming from step {start} of {total} "
             f"({checkpoints.directory}).", flush=True)
-      if record is None:  # a checkpoint written before the history moved into it
-        record = history_lib.legacy_record(workdir)
     history, saved_layout = history_lib.read(
         record, start, os.path.join(checkpoints.directory, str(start)))
     note = _resume_note(settings.name, saved_layout, parallel) if start else None
@@ -219,8 +214,6 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
       best = checkpoints.best()
       if best is not None:
         best_score = best[1]["score"]
-      elif files.isfile(os.path.join(workdir, "best.json")):  # a run of an earlier version
-        best_score = history_lib.legacy_best(workdir)[1]["score"]
     p_step = parallel.wrap(step_fn)
     device_state = parallel.replicate(state)
     device_args = parallel.replicate((rng,) if frozen is None else (rng, frozen))
@@ -315,7 +308,7 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
 def _check_finite_state(name: str, state, step: int, hint: str) -> None:
   """Raises TrainingDiverged where the state after `step` holds NaN or Inf, naming the
   first such tensor (checked before it is saved, so the last good checkpoint stays)."""
-  found = checkpoints_lib.first_non_finite(state)
+  found = tree_checks.first_non_finite(state)
   if found is not None:
     tensor, kind, bad, size = found
     raise TrainingDiverged(
@@ -358,11 +351,10 @@ def _out_of_memory_message(settings: LoopSettings, step: int | None, memory: str
                            frozen: dict | None) -> str:
   """One line for an out-of-memory error in a step: what did not fit, how much, what to
   lower."""
-  section = settings.epochs_field[:-len("epochs")]  # "teacher.train." or "train."
   online = frozen is not None and "teachers" in frozen
   return (f"[{settings.name}] out of memory in training step {(step or 0) + 1} ({memory}); "
-          f"lower {section}batch_size (now {settings.images_per_step}) or the image size "
-          "(data.synthetic.image_size, data.tfds.image_size)"
+          f"lower {settings.train_section}.batch_size (now {settings.images_per_step}) or the "
+          "image size (data.synthetic.image_size, data.tfds.image_size)"
           + (", or run the teachers ahead of time (student.targets='cached') instead of "
              "in every step" if online else ""))
 

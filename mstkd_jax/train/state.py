@@ -33,14 +33,11 @@ def step_decay_schedule(peak_lr: float, steps_per_epoch: int, decay_epochs: Sequ
   stepped once per epoch): with decay_epochs (8, 14, 20, 25) the 8th epoch already runs at
   0.1 x peak, i.e. the LR drops at step (8 - 1) x steps_per_epoch.
 
-  The steps are `optax.piecewise_constant_schedule` over the unit LR, times peak_lr (a
-  float32 scalar). Optax multiplies its scales one after another in float32: with peak_lr
-  inside, 0.25 x 0.1 x 0.1 x 0.1 x 0.1 lands one bit away from what the hand-written
-  schedule this replaces gave in the jitted step, float32(peak_lr) x float32(factor)^k
-  (XLA's pow, correctly rounded there). So optax runs over the unit LR, with scales chosen
-  (`_unit_scales`) to make its running product exactly the correctly rounded
-  float32(factor)^k at every boundary, and peak_lr multiplies that once: the LR is bit for
-  bit the one before (tests/test_optim.py checks every boundary of every config).
+  The LR after k decays is float32(peak_lr) x round_f32(factor^k) to the last bit, at every
+  boundary of every config (tests/test_optim.py). Optax multiplies its scales one after
+  another in float32, which can land a bit away from that, so it runs over the unit LR
+  with scales (`_unit_scales`) chosen to make its running product exactly
+  round_f32(factor^k), and peak_lr multiplies that once.
   """
   boundaries: dict[int, int] = {}  # step -> how many decays start there
   for epoch in decay_epochs:

@@ -250,7 +250,7 @@ def student_step(state: TrainState, batch, rng, frozen: dict | None = None, *,
   return new_state, metrics
 
 
-def embed(variables: Any, batch, *, backbone: nn.Module):
+def embed_step(variables: Any, batch, *, backbone: nn.Module):
   """Inference embeddings [B, D] (raw backbone output) of batch["image"] and of its flip."""
   images = batch["image"]
   both = jnp.concatenate([images, images[:, :, ::-1]], axis=0)

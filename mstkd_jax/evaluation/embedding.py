@@ -92,7 +92,7 @@ def _pad_rows(rows: np.ndarray, count: int) -> np.ndarray:
 @functools.lru_cache(maxsize=16)
 def _embed_fn(module, parallel):
   # Cached so stages embedding with the same module reuse one compiled function.
-  return parallel.wrap_apply(functools.partial(steps.embed, backbone=module))
+  return parallel.wrap_apply(functools.partial(steps.embed_step, backbone=module))
 
 
 def verification_embeddings(variables, module, verification_sets: dict, parallel,

@@ -10,7 +10,7 @@ import os
 import jax
 
 from mstkd_jax import workdir as workdir_lib
-from mstkd_jax.evaluation import embed, report as report_lib, target_space
+from mstkd_jax.evaluation import embedding, report as report_lib, target_space
 
 
 def run(config, workdir: str, stages: list[tuple[str, str]], out_dir: str) -> dict:
@@ -19,8 +19,8 @@ def run(config, workdir: str, stages: list[tuple[str, str]], out_dir: str) -> di
   models = {}
   for name, model in stages:
     if model:
-      embeddings = embed.load_embeddings(os.path.join(workdir, name))
-      models[model] = embed.evaluate_embeddings(embeddings)
+      embeddings = embedding.load_embeddings(os.path.join(workdir, name))
+      models[model] = embedding.evaluate_embeddings(embeddings)
   report = report_lib.build_report(models, config=workdir_lib.config_dict(config))
   health = stage_health(workdir, stages)
   # A model verifying at chance first: its numbers are not measurements at all.

@@ -19,7 +19,7 @@ from mstkd_jax import files, paths, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax import errors
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import embed, report as report_lib, target_space
+from mstkd_jax.evaluation import embedding, report as report_lib, target_space
 from mstkd_jax.train import build, convergence, loop, parallel as parallel_lib, state as state_lib
 
 
@@ -89,11 +89,10 @@ class StageRun:
   name: str
   train_set: sources.TrainingSet
   parallel: parallel_lib.DataParallel
-  epochs_field: str = "train.epochs"
+  role: str                      # teacher, adaptor or student: its section in the recipe
 
   @classmethod
-  def create(cls, config, workdir: str, name: str,
-             epochs_field: str = "train.epochs") -> "StageRun":
+  def create(cls, config, workdir: str, name: str, role: str) -> "StageRun":
     """Prepares the workdir (refusing one of another config), opens the training set and
     the devices, and checks that train.batch_size splits over them (a stage that does not
     train has no train.batch_size: nothing to check).
@@ -107,12 +106,16 @@ class StageRun:
     if "batch_size" in config.train:
       input_pipeline.check_batch_split(config.train.batch_size, parallel.device_count,
                                        jax.process_count())
-    return cls(config, workdir, name, train_set, parallel, epochs_field)
+    return cls(config, workdir, name, train_set, parallel, role)
 
   def settings(self, num_examples: int, **changes) -> loop.LoopSettings:
-    """The loop's settings for `num_examples` per epoch, with `changes` applied."""
-    settings = build.loop_settings(self.config, self.name, num_examples, self.epochs_field)
-    return dataclasses.replace(settings, **changes)
+    """The loop's settings for `num_examples` per epoch, with `changes` applied. Its
+    messages name the train section as the user's config file does: `train` in a stage's
+    own file (one that names its `stage`, as configs/teacher.py), `<role>.train` in the
+    recipe's."""
+    section = "train" if "stage" in self.config else f"{self.role}.train"
+    settings = build.loop_settings(self.config, self.name, num_examples)
+    return dataclasses.replace(settings, train_section=section, **changes)
 
   def batch_plan(self, settings: loop.LoopSettings) -> dict:
     """The keyword arguments every training batch iterator takes (global batch, steps per
@@ -152,7 +155,7 @@ def training_record(workdir: str, settings: loop.LoopSettings) -> dict:
   """How far the stage trained (convergence.summarize over the loop's saved history) and
   its "warnings" ([] or the one not-converged line, also printed here)."""
   summary = convergence.summarize(loop.load_history(workdir), settings.steps_per_epoch)
-  warning = convergence.warning(settings.name, summary, settings.epochs_field)
+  warning = convergence.warning(settings.name, summary, f"{settings.train_section}.epochs")
   if warning:
     errors.warn(warning)
   return {**summary, "warnings": [warning] if warning else []}
@@ -174,12 +177,12 @@ def evaluation_fields(train_config, section: str = "train") -> tuple[int, str]:
   return every, select
 
 
-def training_evaluation(run: StageRun, module) -> loop.Evaluation | None:
+def training_evaluation(stage: StageRun, module) -> loop.Evaluation | None:
   """The loop's verification during training from train.eval_every (steps, 0 = off) and
   train.select ("last": the final state is the model; "validation": the state of the best
   mean validation accuracy, which needs a held-out validation split). Evaluates on the
   validation pairs where the data has them, else on the test pairs, for watching only."""
-  config = run.config
+  config = stage.config
   every, select = evaluation_fields(config.train)
   has_validation = sources.has_validation(config.data)
   if select == "validation":
@@ -193,14 +196,14 @@ def training_evaluation(run: StageRun, module) -> loop.Evaluation | None:
                       "(how often to evaluate)")
   if not every:
     return None
-  pairs = (sources.validation_sets(config.data, run.workdir) if has_validation
-           else sources.verification_sets(config.data, run.workdir))
+  pairs = (sources.validation_sets(config.data, stage.workdir) if has_validation
+           else sources.verification_sets(config.data, stage.workdir))
   batch = config.train.eval_batch_size
 
   def accuracy(state):
     variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats}
-    results = embed.evaluate_embeddings(
-        embed.verification_embeddings(variables, module, pairs, run.parallel, batch))
+    results = embedding.evaluate_embeddings(
+        embedding.verification_embeddings(variables, module, pairs, stage.parallel, batch))
     return {g: r["accuracy"] for g, r in results.items()}
 
   label = "validation" if has_validation else "verification"
@@ -221,26 +224,26 @@ def backbone_result(final, workdir: str, evaluation: loop.Evaluation | None):
   return variables, int(info["step"]), info
 
 
-def finish_model(run: StageRun, step: int, variables: dict, module) -> dict:
+def finish_model(stage: StageRun, step: int, variables: dict, module) -> dict:
   """What every trained backbone stage ends with: save the network under <workdir>/model,
   embed every group's verification pairs (kept for the report) and print the per-group
   accuracy. The stage then writes results.json (`workdir.write_results`). Returns {group:
   evaluate_verification result}."""
-  results = _evaluated(run.workdir, step)
+  results = _evaluated(stage.workdir, step)
   if results is not None:  # a rerun of a finished run: its model and embeddings are saved
-    print(f"[{run.name}] verification accuracy (saved at step {step}): "
-          f"{embed.accuracy_line(results)}", flush=True)
+    print(f"[{stage.name}] verification accuracy (saved at step {step}): "
+          f"{embedding.accuracy_line(results)}", flush=True)
     return results
-  workdir_lib.save_model(run.workdir, step, variables)  # every process takes part
-  embeddings = embed.verification_embeddings(
-      variables, module, sources.verification_sets(run.config.data, run.workdir),
-      run.parallel, run.config.train.eval_batch_size)
-  results = embed.evaluate_embeddings(embeddings)
-  print(f"[{run.name}] verification accuracy: {embed.accuracy_line(results)}", flush=True)
-  for warning in report_lib.model_warnings(run.name, results):
+  workdir_lib.save_model(stage.workdir, step, variables)  # every process takes part
+  embeddings = embedding.verification_embeddings(
+      variables, module, sources.verification_sets(stage.config.data, stage.workdir),
+      stage.parallel, stage.config.train.eval_batch_size)
+  results = embedding.evaluate_embeddings(embeddings)
+  print(f"[{stage.name}] verification accuracy: {embedding.accuracy_line(results)}", flush=True)
+  for warning in report_lib.model_warnings(stage.name, results):
     errors.warn(warning)
   if jax.process_index() == 0:
-    embed.save_embeddings(run.workdir, embeddings)
+    embedding.save_embeddings(stage.workdir, embeddings)
   return results
 
 
@@ -256,7 +259,7 @@ def _evaluated(workdir: str, step: int) -> dict | None:
   if workdir_lib.model_step(workdir) != int(step):
     return None
   try:
-    return embed.evaluate_embeddings(embed.load_embeddings(workdir))
+    return embedding.evaluate_embeddings(embedding.load_embeddings(workdir))
   except UserError:
     return None
 

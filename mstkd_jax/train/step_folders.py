@@ -1,0 +1,119 @@
+"""An Orbax step folder on disk: whether it is complete (`damage`), one item of it read
+without a CheckpointManager (`restore_partial`), and Orbax's failures in one line.
+
+A step folder holds the TrainState in the item "default" (the folder Orbax gives a single
+item, so a model/ folder saved as one item reads like a training checkpoint's state).
+"""
+
+import os
+import sys
+from typing import Any
+
+from etils import epath
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mstkd_jax import files
+from mstkd_jax.errors import UserError
+
+STATE = "default"           # the item folder of the TrainState (Orbax's single-item name)
+COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, into a finished step
+ITEM_METADATA = "_METADATA"           # Orbax writes it into every finished PyTree item
+_STEP_METADATA = "_CHECKPOINT_METADATA"
+# Orbax's and tensorstore's messages run to kilobytes: the first line, cut to this length.
+ERROR_CHARS = 200
+
+
+class DamagedCheckpoint(UserError):
+  """A step folder that cannot be read: interrupted copy or save, missing files."""
+
+  def __init__(self, path: str, what: str, error: BaseException):
+    self.reason = files.error_line(error, ERROR_CHARS)
+    super().__init__(f"{path}: {what} ({self.reason})")
+
+
+def save_error(path: str, error: BaseException) -> UserError:
+  """One line for a failed save: the OS error (ENOSPC, EACCES, EROFS, ...) where one is in
+  the exception's chain, else the first line of Orbax's or tensorstore's message."""
+  cause = error
+  while cause is not None and not isinstance(cause, OSError):
+    cause = cause.__cause__ or cause.__context__
+  reason = (files.os_error_reason(cause) if isinstance(cause, OSError) and cause.errno
+            else files.error_line(error, ERROR_CHARS))
+  return UserError(f"cannot write the checkpoint {path} ({reason})")
+
+
+def quiet_closed_loop_callbacks() -> None:
+  """Drops Python's "Exception ignored ... RuntimeError: Event loop is closed" reports.
+
+  When an Orbax read fails (a damaged step), tensorstore still completes the reads in
+  flight and calls back into the asyncio loop Orbax has already closed; Python prints each
+  such callback as an unraisable exception with a traceback (0-10 of them), after the
+  failure was caught and reported in one line. This wraps sys.unraisablehook (once per
+  process, before the first read) to drop exactly those; every other report goes through.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    previous(unraisable)
+  hook.drops_closed_loop_callbacks = True
+  sys.unraisablehook = hook
+
+
+def _commit_timestamp(step_dir: str) -> bool:
+  try:
+    record = files.read_json(os.path.join(step_dir, _STEP_METADATA), missing=None)
+    return bool(record.get("commit_timestamp_nsecs"))
+  except (UserError, AttributeError):
+    return False
+
+
+def damage(step_dir: str, item: str = STATE) -> str | None:
+  """Why `step_dir` is not a complete Orbax step (None where it looks complete).
+
+  Complete: `item` holds its _METADATA, and the step is committed: it holds Orbax's commit
+  marker, or (Orbax versions that left none on local disks: no marker in any item either)
+  its _CHECKPOINT_METADATA records a commit time. Missing array files show only when the
+  arrays are read (`Checkpoints.restore_latest` tries the step).
+  """
+  if not files.isfile(os.path.join(step_dir, item, ITEM_METADATA)):
+    return f"no {item}/{ITEM_METADATA}"
+  if files.isfile(os.path.join(step_dir, COMMIT_MARKER)):
+    return None
+  try:
+    names = files.listdir(step_dir)
+  except OSError as e:
+    return f"unreadable folder: {e.strerror or e}"
+  except UserError as e:
+    return f"unreadable folder: {e}"
+  items_marked = any(files.isfile(os.path.join(step_dir, name, COMMIT_MARKER))
+                     for name in names)
+  if items_marked or not _commit_timestamp(step_dir):
+    return f"no commit marker {COMMIT_MARKER}"
+  return None
+
+
+def restore_partial(item_dir: str, abstract: Any, source: str):
+  """Restores the subtrees `abstract` names (jax.ShapeDtypeStruct leaves) out of the PyTree
+  item `item_dir`, as numpy arrays, leaving the rest of it unread.
+
+  Raises:
+    DamagedCheckpoint: the item cannot be read, lacks a subtree or holds other shapes.
+  """
+  quiet_closed_loop_callbacks()
+  handler = ocp.PyTreeCheckpointHandler()
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+  try:
+    restored = handler.restore(epath.Path(item_dir), args=ocp.args.PyTreeRestore(
+        item=abstract, restore_args=restore_args, partial_restore=True))
+  except Exception as e:  # pylint: disable=broad-except
+    raise DamagedCheckpoint(source, "cannot restore from the Orbax checkpoint", e) from e
+  finally:
+    handler.close()
+  return jax.tree.map(np.asarray, restored)
