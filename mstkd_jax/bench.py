@@ -295,7 +295,7 @@ class _Bench:
 
   def extraction(self) -> "_Timer":
     """One teacher embedding a batch of images and their mirrors (2 forwards per image)."""
-    apply = self.parallel.wrap_apply(functools.partial(steps_lib.embed,
+    apply = self.parallel.wrap_apply(functools.partial(steps_lib.embed_step,
                                                        backbone=self.backbone))
     variables = self.parallel.replicate(self.variables)
     batch = self._inputs("image")
