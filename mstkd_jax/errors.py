@@ -26,6 +26,21 @@ def warn(message: str, file: TextIO | None = None) -> None:
   print(f"warning: {message}", file=file or sys.stdout, flush=True)
 
 
+INTERRUPTED = 130  # 128 + SIGINT: the exit code a shell gives a command ended by Ctrl-C
+
+
+def interrupted() -> int:
+  """Prints the one line for a Ctrl-C (KeyboardInterrupt) that reached a command's top
+  level, flushes stdout and stderr, and returns the exit code to end with, INTERRUPTED.
+  The commands write each output file whole (a temporary file renamed into place), so what
+  they wrote before stays and no file is half written."""
+  print("error: interrupted; the files written before stay, rerun the same command for "
+        "the rest", file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  return INTERRUPTED
+
+
 class _DropLoggedTracebacks(logging.Filter):
   """Drops ERROR records with a traceback that a library (`package`) logs from its own
   threads for a failure that also reaches our code, which reports it in one line."""

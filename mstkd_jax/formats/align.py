@@ -37,7 +37,7 @@ from typing import Any, Sequence
 from absl import flags
 import numpy as np
 
-from mstkd_jax import files, paths
+from mstkd_jax import errors, files, paths
 from mstkd_jax.formats import cli
 from mstkd_jax.formats.images import IMAGE_EXTENSIONS, decode_image, encode_png
 from mstkd_jax.formats.images import read_image_file
@@ -201,7 +201,8 @@ def align_folder(src: str, landmarks_path: str, dst: str, size: int = TEMPLATE_S
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """The command line; prints a JSON summary. Returns 0, or 1 after one `error:` line."""
+  """The command line; prints a JSON summary. Returns 0, 1 after one `error:` line, or 130
+  after one line for Ctrl-C (the PNGs written before stay)."""
   argv = list(sys.argv[1:] if argv is None else argv)
   fv = flags.FlagValues()
   flags.DEFINE_string("src", None, "Folder of photos (.jpg, .jpeg, .png; any depth).",
@@ -220,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    return errors.interrupted()
   print(json.dumps(summary))
   return 0
 

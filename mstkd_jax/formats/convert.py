@@ -19,6 +19,7 @@ from typing import Sequence
 
 from absl import flags
 
+from mstkd_jax import errors
 from mstkd_jax.formats import cli
 from mstkd_jax.formats import image_tree, images
 from mstkd_jax.formats.recordio import face_pack, identities
@@ -217,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv: COMMAND then its flags, without the program name; None reads sys.argv[1:].
 
   Returns:
-    0 on success; 1 after printing one `error: ...` line for a UserError.
+    0 on success; 1 after printing one `error: ...` line for a UserError; 130 after one
+    line for Ctrl-C (the partial files removed).
 
   Raises:
     SystemExit: 2 after one `error: ...` line for a usage mistake; 0 after --help.
@@ -250,6 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    return errors.interrupted()
   print(json.dumps(summary, indent=2))
   return 0
 

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 
 from absl import flags
 
-from mstkd_jax import paths
+from mstkd_jax import errors, paths
 from mstkd_jax.formats import cli
 from mstkd_jax.data import pairs, prepared
 from mstkd_jax.errors import UserError
@@ -216,7 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv: the arguments without the program name; None reads sys.argv[1:].
 
   Returns:
-    0 on success, 1 after printing one `error: ...` line for a UserError or OSError.
+    0 on success, 1 after printing one `error: ...` line for a UserError or OSError, 130
+    after one line for Ctrl-C (TFDS builds in a temporary folder, renamed when complete).
 
   Raises:
     SystemExit: 2 after one `error: ...` line for a usage mistake; 0 after --help.
@@ -240,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    return errors.interrupted()
   except OSError as e:  # Unwritable data dir, full disk: fixable, not a bug.
     print(f"error: {e}", file=sys.stderr)
     return 1

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mstkd_jax import files, paths
+from mstkd_jax import errors, files, paths
 from mstkd_jax.errors import UserError
 
 
@@ -389,7 +389,8 @@ def output_file(out: Any, example: str) -> str:
 
 def run_command(argv: Sequence[str], body) -> None:
   """Runs a command's `body()` as absl's main: unexpected positional arguments and FlagError
-  print one `error: ...` line and exit 2, any other UserError one line and exit 1."""
+  print one `error: ...` line and exit 2, any other UserError one line and exit 1, Ctrl-C
+  (KeyboardInterrupt) one line and exit 130 at once (`errors.interrupted`)."""
   import sys  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
@@ -405,3 +406,7 @@ def run_command(argv: Sequence[str], body) -> None:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt:
+    # Without interpreter shutdown: XLA may still be compiling on its own threads, and a
+    # shutdown beside them can crash the process.
+    os._exit(errors.interrupted())  # pylint: disable=protected-access
