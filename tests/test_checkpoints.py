@@ -356,7 +356,11 @@ def test_a_fault_in_a_background_save_ends_the_run_promptly_in_one_line(tmp_path
   ended = time.time()
   assert result.returncode == 1, result.stderr[-2000:]
   failed_at = float(re.search(r"failed at ([0-9.]+)", result.stdout).group(1))
-  assert ended - failed_at < 2.0 + 5.0  # the shutdown grace (2 s here) and interpreter exit
+  # The shutdown grace (2 s here), the pending-save wait (2 s) and the interpreter's exit,
+  # JAX's and Orbax's teardown: 9 s once on Python 3.12 with the suite sharing 2 cores with
+  # three training runs, hence 20 s of margin. What this guards against holds the process
+  # for the injected commit's hour ("hangs") or until a scheduler kills it.
+  assert ended - failed_at < 2.0 + 2.0 + 20.0
   assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
   ours = [line for line in result.stderr.splitlines()
           if line.startswith(("error:", "warning:"))]
