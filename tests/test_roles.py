@@ -22,6 +22,7 @@ from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.stages import adaptor as adaptor_stage, extract, recipe, shared, student
 from mstkd_jax.train import build, steps
+from test_torch_checkpoint import _random_variables  # random weights and BN statistics
 
 
 @pytest.fixture
@@ -223,24 +224,6 @@ NETWORKS = [  # teacher order: three networks, interleaved, so stacking must reo
 TOTAL = 16 + 8 + 12 + 16
 
 
-def _random(template: dict, seed: int) -> dict:
-  """Variables shaped like `template`: random weights, BatchNorm scales and statistics."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == "kernel":
-      value = rng.normal(0.0, np.sqrt(2.0 / np.prod(leaf.shape[:-1])), leaf.shape)
-    elif name in ("scale", "var"):
-      value = rng.uniform(0.5, 1.5, leaf.shape)
-    elif name == "alpha":
-      value = rng.uniform(0.0, 0.5, leaf.shape)
-    else:  # bias, mean
-      value = rng.normal(0.0, 0.1, leaf.shape)
-    return value.astype(leaf.dtype)
-  return jax.tree_util.tree_map_with_path(draw, template)
-
-
 def _teacher_folder(folder, network: dict, seed: int):
   """A finished-looking teacher stage folder: config.json with its model, model/ with
   random variables."""
@@ -248,7 +231,7 @@ def _teacher_folder(folder, network: dict, seed: int):
   module = build.backbone(ml_collections.ConfigDict(network))
   template = build.template_variables(module, np.zeros((1, SIZE, SIZE, 3), np.float32),
                                       train=False)
-  workdir_lib.save_model(folder, 0, _random(template, seed))
+  workdir_lib.save_model(folder, 0, _random_variables(template, seed))
   return folder
 
 
@@ -263,7 +246,7 @@ def _adaptor_folder(folder, input_size: int):
   network = dict(kind="DuL", embedding_size=16, dropout=0.2)
   workdir_lib.prepare(ml_collections.ConfigDict(dict(model=network)), folder)
   adaptor = models.create("adaptor", **network)
-  variables = {"params": _random(build.template_variables(
+  variables = {"params": _random_variables(build.template_variables(
       adaptor, np.zeros((1, input_size), np.float32))["params"], 7)}
   workdir_lib.save_model(folder, 0, variables)
   return folder, adaptor, variables
@@ -322,8 +305,8 @@ def test_frozen_bfloat16_teachers_are_cast_once_and_give_the_same_targets(tmp_pa
                               *[shared.frozen_backbone(dirs[i], example)[1] for i in places])
                  for places in positions)
   adaptor = models.create("adaptor", kind="SL", embedding_size=16)
-  adaptor_vars = _random(build.template_variables(adaptor, np.zeros((1, TOTAL), np.float32)),
-                         3)
+  adaptor_vars = _random_variables(
+      build.template_variables(adaptor, np.zeros((1, TOTAL), np.float32)), 3)
   images = np.random.default_rng(0).uniform(-1, 1, (4, SIZE, SIZE, 3)).astype(np.float32)
   fn = jax.jit(functools.partial(steps.online_targets, teacher=modules, adaptor=adaptor,
                                  positions=positions))
