@@ -65,6 +65,14 @@ def _ours(module, variables, images):
   return emb
 
 
+def _onnx_and_ours(path, model, images):
+  """(onnxruntime's embeddings of `images` from the ONNX file at `path`, ours from
+  `model`'s "module" and "variables"), both raw float32 [N, D]."""
+  onnx_out = export_lib.onnx_session(str(path)).run(
+      None, {"input": export_lib.normalized_nchw(images)})[0]
+  return onnx_out, _ours(model["module"], model["variables"], images)
+
+
 def _cosines(a, b):
   return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
@@ -114,14 +122,12 @@ def test_the_graph_follows_the_insightface_convention(exported):
 
 def test_onnxruntime_gives_our_embeddings(exported):
   images = _faces(6, 112)
-  session = export_lib.onnx_session(exported["path"])
-  onnx_out = session.run(None, {"input": export_lib.normalized_nchw(images)})[0]
-  ours = _ours(exported["module"], exported["variables"], images)
+  onnx_out, ours = _onnx_and_ours(exported["path"], exported, images)
   error = export_lib.max_relative_error(onnx_out, ours)
   print(f"onnxruntime vs JAX: max relative error {error:.3g}")
   assert error <= 1e-4
   # Any batch size: N is dynamic.
-  single = session.run(None, {"input": export_lib.normalized_nchw(images[:1])})[0]
+  single, _ = _onnx_and_ours(exported["path"], exported, images[:1])
   assert export_lib.max_relative_error(single, ours[:1]) <= 1e-4
 
 
@@ -195,9 +201,7 @@ def test_command_line_exports_a_pth_and_warns_where_insightface_will_not_route_i
   warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
   assert len(warnings) == 1 and "will not load this 16x16 model" in warnings[0]
   images = _faces(4, 16)
-  onnx_out = export_lib.onnx_session(str(out)).run(
-      None, {"input": export_lib.normalized_nchw(images)})[0]
-  ours = _ours(small_pth["module"], small_pth["variables"], images)
+  onnx_out, ours = _onnx_and_ours(out, small_pth, images)
   assert export_lib.max_relative_error(onnx_out, ours) <= 1e-4
   arcface = pytest.importorskip("insightface.model_zoo.arcface_onnx",
                                 reason="insightface (requirements-dev.txt) is not installed")
@@ -258,9 +262,7 @@ def test_an_mbf_pth_exports_with_its_architecture_inferred(mbf_exported):
   assert set(json.loads(props["model_settings_from"]).values()) == {"checkpoint shapes"}
   assert summary["max_relative_error"] <= export_lib.MAX_RELATIVE_ERROR
   images = _faces(6, 112, seed=2)
-  session = export_lib.onnx_session(summary["path"])
-  onnx_out = session.run(None, {"input": export_lib.normalized_nchw(images)})[0]
-  ours = _ours(mbf_exported["module"], mbf_exported["variables"], images)
+  onnx_out, ours = _onnx_and_ours(summary["path"], mbf_exported, images)
   error = export_lib.max_relative_error(onnx_out, ours)
   print(f"mbf: onnxruntime vs JAX: max relative error {error:.3g}")
   assert error <= 1e-4
