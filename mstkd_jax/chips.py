@@ -97,13 +97,13 @@ def topology(name: str):
     UserError: libtpu is not installed, the name is not a topology of a known chip, libtpu
       refuses it, or another process holds libtpu's lock.
   """
-  if importlib.util.find_spec("libtpu") is None:
-    raise UserError(f"libtpu (the TPU compiler) is not installed; {INSTALL}")
   known = {c.topology_prefix: c for c in TPU_CHIPS}
   match = _TOPOLOGY.match(name)
   if not match or match.group(1) not in known:
     raise UserError(f"--topology={name!r}: expected <chip>:<X>x<Y>[x<Z>] with a chip of "
                     f"{sorted(known)}, e.g. v5e:2x4 or v4:2x2x1")
+  if importlib.util.find_spec("libtpu") is None:
+    raise UserError(f"libtpu (the TPU compiler) is not installed; {INSTALL}")
   dims = [int(d) for d in match.groups()[1:] if d is not None]
   kwargs = {"chips_per_host_bounds": tuple(min(d, h) for d, h in zip(dims + [1] * (3 - len(
       dims)), (2, 2, 1)))}
