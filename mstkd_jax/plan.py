@@ -210,6 +210,8 @@ def run(config, topology_name: str, *, num_images: int = 0, only: tuple[str, ...
     if log:
       log(f"compiling {step.name} for {topology_name}")
     results.append(compile_step(step, parallel, chip))
+    if log:
+      log(_summary(results[-1]))
   seconds = {r["step"]: r["est_step_s"] for r in results}
   if "student_alone" not in [p.name for p in planned]:
     seconds["student_alone"] = seconds.get("teacher")  # the same step (see _planned)
@@ -221,6 +223,18 @@ def run(config, topology_name: str, *, num_images: int = 0, only: tuple[str, ...
       "steps": results,
       "recipe": recipe_size.projection(config, seconds, num_images),
   }
+
+
+def _summary(entry: dict) -> str:
+  """One step's figures in a line, logged as soon as it is compiled (a full-size step can
+  take 10-15 minutes on 2 cores)."""
+  figures = {"GFLOP": entry["flops"] and entry["flops"] / 1e9,
+             "peak GiB": entry["peak_bytes"] and entry["peak_bytes"] / (1 << 30),
+             "est. ms": entry["est_step_s"] and entry["est_step_s"] * 1e3,
+             "est. MFU %": entry["est_mfu"] and entry["est_mfu"] * 100}
+  return (f"{entry['step']}: compiled in {entry['compile_s']:.0f} s; fits "
+          f"{entry['fits']}; " + ", ".join(f"{k} {v:.2f}" if v else f"{k} n/a"
+                                          for k, v in figures.items()))
 
 
 def _version(package: str) -> str | None:
