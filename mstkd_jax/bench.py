@@ -38,7 +38,7 @@ import time
 import jax
 import numpy as np
 
-from mstkd_jax import config_ranges, recipe_steps
+from mstkd_jax import config_ranges, errors, recipe_steps
 from mstkd_jax.chips import peak_tflops  # the peak table lives in chips.py
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
@@ -384,14 +384,7 @@ def cli():
   _define_flags()
   # The PyTorch step shares the accelerator: do not let XLA reserve most of its memory.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
-  def guarded(argv):
-    try:
-      main(argv)
-    except UserError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
-  app.run(guarded)
+  app.run(errors.guarded(main))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,23 @@ import logging
 import os
 import re
 import sys
-from typing import TextIO
+from typing import Callable, TextIO
 
 
 class UserError(Exception):
   """A problem in the user's input; the message names the file or field and what was expected."""
+
+
+def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """`main(argv)` for absl's app.run, a UserError ending it as one `error: <message>` line
+  on stderr and exit status 1 instead of a traceback (bench, plan)."""
+  def run(argv):
+    try:
+      main(argv)
+    except UserError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+  return run
 
 
 def warn(message: str, file: TextIO | None = None) -> None:

@@ -345,14 +345,7 @@ def cli():
   if not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")
   _define_flags()
-
-  def guarded(argv):
-    try:
-      main(argv)
-    except UserError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
-  app.run(guarded)
+  app.run(errors.guarded(main))
 
 
 if __name__ == "__main__":
