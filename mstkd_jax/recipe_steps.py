@@ -203,17 +203,22 @@ class Builder:
                 self._inputs("image", "label", "target"), examples_per_device=self.per_device)
 
   def online_kd(self, teacher_map: str = "sequential") -> Step:
-    """student_step (EAF-KD) with G frozen teachers (the student's architecture, stacked)
-    and the adaptor run inside the step."""
+    """student_step (EAF-KD) with G frozen teachers (the student's architecture, stacked,
+    kernels in its compute dtype) and the adaptor run inside the step."""
     tx, schedule = self.optimiser(("backbone", "head"))
     target_fn = functools.partial(steps_lib.online_targets, teacher=self.backbone,
                                   adaptor=self.adaptor, teacher_map=teacher_map)
     count = self.setup.num_teachers
+    # As the student stage loads them: kernels cast to the compute dtype once (cast_kernels).
+    dtype = build.compute_dtype(student(self.config, "model"))
     if self.abstract:
-      teachers = jax.tree.map(lambda x: jax.ShapeDtypeStruct((count,) + x.shape, x.dtype),
-                              self.variables)
+      def stacked(path, x):
+        kernel = path[0].key == "params" and path[-1].key == "kernel"
+        return jax.ShapeDtypeStruct((count,) + x.shape, dtype if kernel else x.dtype)
+      teachers = jax.tree_util.tree_map_with_path(stacked, self.variables)
     else:
-      teachers = jax.tree.map(lambda x: np.stack([x] * count), self.variables)
+      teachers = build.cast_kernels(
+          jax.tree.map(lambda x: np.stack([x] * count), self.variables), dtype)
     return Step("online_kd" if teacher_map == "sequential" else f"online_kd_{teacher_map}",
                 self._kd_step(tx, schedule, target_fn), True, self._student_state(tx),
                 self._inputs("image", "label"),
