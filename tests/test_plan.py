@@ -5,6 +5,7 @@ one-chip topology, with a step that does not fit."""
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -135,6 +136,18 @@ def test_without_libtpu_it_says_how_to_install_it_in_one_line():
                           hide_libtpu=True)
   assert code == 1
   assert "requirements-tpu.txt" in _error_line(stderr)
+
+
+def test_the_readmes_plan_command_is_accepted_as_written():
+  with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+    text = f.read()
+  start = text.index("```bash", text.index("## Before renting a TPU")) + len("```bash")
+  block = text[start:text.index("```", start)].replace("\\\n", " ")
+  (command,) = [shlex.split(line) for line in block.splitlines() if "mstkd_jax.plan" in line]
+  args = command[command.index("mstkd_jax.plan") + 1:]
+  # Every flag, the config and the topology read; then the missing libtpu stops it.
+  code, _, stderr = _plan(*args, hide_libtpu=True)
+  assert code == 1 and "requirements-tpu.txt" in _error_line(stderr)
 
 
 def test_an_unknown_topology_is_one_error_line():
