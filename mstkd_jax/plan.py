@@ -251,9 +251,12 @@ def _gib(value) -> str:
 def _duration(seconds: float | None) -> str:
   if seconds is None:
     return "no estimate"
-  days, rest = divmod(seconds, 86400)
-  return (f"{int(days)} d {rest / 3600:.1f} h" if days else f"{seconds / 3600:.2f} h"
-          if seconds >= 3600 else f"{seconds:.1f} s")
+  if seconds >= 86400:
+    return f"{int(seconds // 86400)} d {seconds % 86400 / 3600:.1f} h"
+  for unit, size in (("h", 3600), ("min", 60)):
+    if seconds >= size:
+      return f"{seconds / size:.1f} {unit}"
+  return f"{seconds:.1f} s"
 
 
 def format_plan(plan: dict) -> str:
