@@ -242,8 +242,8 @@ def run(config, *, steps: int = 10, warmup: int = 2, rounds: int = 3, batch: int
   _add_ratios(results, peak, devices=setup.batch // bench.per_device)
   return {
       "setup": dataclasses.asdict(setup) | {
-          "model": model.name, "width": model.width, "per_device_batch": bench.per_device, "steps": steps, "warmup": warmup,
-          "rounds": rounds},
+          "model": model.name, "width": model.width, "per_device_batch": bench.per_device,
+          "steps": steps, "warmup": warmup, "rounds": rounds},
       "device": {"kind": device.device_kind, "platform": device.platform,
                  "count": jax.device_count(), "chip": chip, "peak_tflops": peak,
                  "jax_version": jax.__version__},

@@ -308,7 +308,8 @@ def main(argv):
   if not f.topology:
     raise UserError("--topology: expected a TPU topology, e.g. v5e:2x4")
   plan = run(f.config, f.topology, num_images=f.num_images,
-             only=tuple(x for x in f.only.split(",") if x), log=lambda m: print(f"[plan] {m}", file=sys.stderr, flush=True))
+             only=tuple(x for x in f.only.split(",") if x),
+             log=lambda m: print(f"[plan] {m}", file=sys.stderr, flush=True))
   print(format_plan(plan), flush=True)
   for step in plan["steps"]:
     if step["fits"] is False:
