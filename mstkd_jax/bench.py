@@ -5,8 +5,9 @@ r"""Throughput of the MST-KD steps: img/s, cost relative to the plain student st
       --config.student.model.dtype=bfloat16 --torch --out=/tmp/bench.json
 
 Builds the config's student IResNet, G frozen teachers of the same architecture and the
-adaptor, compiles each step once (XLA's cost analysis of that executable gives its FLOPs),
-and times it after warm-up with block_until_ready:
+adaptor (mstkd_jax/recipe_steps.py), compiles each step once (XLA's cost analysis of the
+executable, cross-checked against the lowered module's, gives its FLOPs), and times it
+after warm-up with block_until_ready:
   plain        classification_step of the student + margin head (EAF, the student alone)
   cached_kd    student_step (EAF-KD) with the targets in the batch
   online_kd    student_step (EAF-KD) with the G teachers and the adaptor in the step
@@ -37,29 +38,13 @@ import time
 import jax
 import numpy as np
 
-from mstkd_jax import config_ranges, models
+from mstkd_jax import config_ranges, errors, recipe_steps
+from mstkd_jax.chips import peak_tflops  # the peak table lives in chips.py
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
+from mstkd_jax.recipe_steps import Setup, setup_from_config
 from mstkd_jax.train import build
-from mstkd_jax.train import parallel as parallel_lib, state as state_lib, steps as steps_lib
-
-# Dense peak TFLOP/s per chip (no structured sparsity), by substrings of jax's device_kind,
-# first match wins. "float32" is the rate XLA's default precision reaches with float32
-# inputs: TF32 tensor cores on Ampere and later NVIDIA chips, bfloat16 passes on TPUs; a
-# V100 has neither TF32 nor bfloat16 units, so both entries are its FP32 rate.
-PEAK_TFLOPS = (
-    (("h100 pcie",), "NVIDIA H100 PCIe", 756.0, 378.0),
-    (("h100 nvl",), "NVIDIA H100 NVL", 835.0, 418.0),
-    (("h100",), "NVIDIA H100 SXM", 989.0, 494.0),
-    (("h200",), "NVIDIA H200", 989.0, 494.0),
-    (("a100",), "NVIDIA A100", 312.0, 156.0),
-    (("v100",), "NVIDIA V100", 15.7, 15.7),
-    (("l4",), "NVIDIA L4", 121.0, 60.0),
-    (("tpu v4",), "TPU v4", 275.0, 275.0),
-    (("tpu v5 lite", "tpu v5e"), "TPU v5e", 197.0, 197.0),
-    (("tpu v5p", "tpu v5"), "TPU v5p", 459.0, 459.0),
-    (("tpu v6 lite", "tpu v6e"), "TPU v6e", 918.0, 918.0),
-)
+from mstkd_jax.train import parallel as parallel_lib, state as state_lib
 
 # Performance targets on each step's cost ratio (its time per image over the plain student
 # step's), checked by _add_ratios and shown in the table's goal column.
@@ -71,239 +56,60 @@ GOALS = {
 }
 STEP_NAMES = ("plain", "cached_kd", "online_kd", "online_kd_vmap", "extraction", "adaptor")
 
-# Training-set sizes assumed when the config's data source is not the synthetic set:
-# BUPT-Balancedface's identities, its four groups, 112x112 aligned faces.
-DEFAULT_CLASSES, DEFAULT_GROUPS, DEFAULT_IMAGE_SIZE = 28000, 4, 112
-
-
-def peak_tflops(device_kind: str, dtype: str) -> tuple[str | None, float | None]:
-  """(chip name, dense peak TFLOP/s for `dtype`) of a jax device_kind; (None, None) if unknown."""
-  kind = device_kind.lower()
-  for patterns, name, bf16, fp32 in PEAK_TFLOPS:
-    if any(p in kind for p in patterns):
-      return name, bf16 if dtype == "bfloat16" else fp32
-  return None, None
-
-
-def compiled_flops(compiled) -> float | None:
-  """FLOPs of one call of a compiled executable per device, from XLA's cost analysis."""
-  try:
-    analysis = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else None
-  flops = (analysis or {}).get("flops")
-  return float(flops) if flops and flops > 0 else None
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """What the benchmark builds from a config: sizes, dtype and the optimiser settings."""
-  dtype: str
-  batch: int                 # global images per step
-  image_size: int
-  num_classes: int
-  num_teachers: int
-  embedding_size: int
-  adaptor_kind: str
-  adaptor_size: int
-  adaptor_dropout: float
-  kd_weight: float
-  stage_depths: tuple[int, ...]   # blocks per stage of student, teachers and PyTorch net
-
-
-def _field(config, path: str, default=None):
-  """config.<path> ("student.train"), or `default` where the config has no such field."""
-  node = config
-  for key in path.split("."):
-    if not hasattr(node, "keys") or key not in node:
-      return default
-    node = node[key]
-  return node
-
-
-def _student(config, key: str):
-  """The student's `key` section (model, head): the recipe's student.<key>, or a
-  single-stage config's <key>."""
-  return _field(config, f"student.{key}") or config[key]
-
-
-def setup_from_config(config, *, batch: int = 0, image_size: int = 0, num_classes: int = 0,
-                      num_teachers: int = 0, stage_depths: tuple[int, ...] = ()) -> Setup:
-  """Benchmark sizes: the student recipe's batch, the training set's classes and groups.
-
-  Works for the recipe's config (configs/distill.py: the student section, the first
-  adaptor kind) and for a single-stage config (its train section, an SL adaptor).
-  """
-  data = config.data.synthetic
-  synthetic = config.data.source == "synthetic"
-  model = _student(config, "model")
-  embedding_size = model.embedding_size
-  kinds = tuple(_field(config, "adaptors", ("SL",))) or ("SL",)
-  setup = Setup(
-      dtype=model.dtype,
-      batch=batch or (_field(config, "student.train") or config.train).batch_size,
-      image_size=image_size or (data.image_size if synthetic else DEFAULT_IMAGE_SIZE),
-      num_classes=num_classes or (data.num_groups * data.identities_per_group if synthetic
-                                  else DEFAULT_CLASSES),
-      num_teachers=num_teachers or (data.num_groups if synthetic else DEFAULT_GROUPS),
-      embedding_size=embedding_size,
-      adaptor_kind=kinds[0],
-      adaptor_size=_field(config, "adaptor.model.embedding_size", embedding_size),
-      adaptor_dropout=_field(config, "adaptor.model.dropout", 0.2),
-      kd_weight=_field(config, "student.kd.weight", 10000.0),
-      stage_depths=tuple(stage_depths) or tuple(models.create(model.name).stage_depths))
-  if setup.adaptor_size != embedding_size:
-    raise UserError(f"config field adaptor.model.embedding_size={setup.adaptor_size} differs "
-                    f"from the student's model.embedding_size={embedding_size}; it distils the "
-                    "adaptor's targets, so they must match")
-  if setup.image_size % 16:
-    raise UserError(f"--image_size={setup.image_size}: expected a multiple of 16")
-  return setup
-
-
-def _optim_config(config):
-  return _field(config, "student.optim") or config.optim
-
 
 class _Bench:
-  """Builds modules, host variables and device batches once; times each step."""
+  """Fills the steps that recipe_steps.Builder makes with device arrays; times each one."""
 
-  def __init__(self, config, setup: Setup, *, steps: int, warmup: int):
-    self.config, self.setup, self.steps, self.warmup = config, setup, steps, warmup
+  def __init__(self, config, setup: Setup, *, warmup: int):
+    self.setup, self.warmup = setup, warmup
     self.parallel = parallel_lib.get(config.parallelism, config.num_devices)
     input_pipeline.check_batch_split(setup.batch, self.parallel.device_count,
                                      jax.process_count())
     self.per_device = setup.batch // self.parallel.device_count
-    self.backbone = build.backbone(_student(config, "model"),
-                                   stage_depths=setup.stage_depths)
-    self.head = models.create("margin_head", num_classes=setup.num_classes)
-    self.adaptor = models.create("adaptor", kind=setup.adaptor_kind,
-                                 embedding_size=setup.adaptor_size,
-                                 dropout=setup.adaptor_dropout)
-    self.margin = build.margin_spec(_student(config, "head"))
-    keys = jax.random.split(jax.random.PRNGKey(config.seed), 4)
-    example = np.zeros((1, setup.image_size, setup.image_size, 3), np.float32)
-    self.variables = build.init_variables(self.backbone, keys[0], example, train=False)
-    self.head_params = build.init_variables(
-        self.head, keys[1], np.zeros((1, setup.embedding_size), np.float32))["params"]
-    concatenated = setup.num_teachers * setup.embedding_size
-    self.adaptor_vars = build.init_variables(
-        self.adaptor, keys[2], np.zeros((1, concatenated), np.float32))
-    self.adaptor_head_params = build.init_variables(
-        self.head, keys[3], np.zeros((1, setup.adaptor_size), np.float32))["params"]
+    self.builder = recipe_steps.Builder(config, setup,
+                                        local_devices=self.parallel.local_device_count,
+                                        per_device=self.per_device)
     self.rng = self.parallel.replicate(jax.random.PRNGKey(config.seed + 1))
-    self.batch = self._device_batch(concatenated)
+    self.batch = self.parallel.shard(self._host_batch())
 
-  def _device_batch(self, concatenated: int) -> dict:
-    rng = np.random.default_rng(0)
-    shape = (self.parallel.local_device_count, self.per_device)
-    size, dim = self.setup.image_size, self.setup.embedding_size
+  def _host_batch(self) -> dict:
+    """Random values for builder.batch_shapes(): images in [-1, 1], labels, unit targets
+    and G unit teacher embeddings per image."""
+    rng, shapes = np.random.default_rng(0), self.builder.batch_shapes()
+    lead, dim = shapes["label"].shape, self.setup.embedding_size
 
     def unit(*s):
       x = rng.normal(size=s).astype(np.float32)
       return x / np.linalg.norm(x, axis=-1, keepdims=True)
-    teacher = unit(*shape, self.setup.num_teachers, dim).reshape(shape + (concatenated,))
-    return self.parallel.shard({
-        "image": rng.uniform(-1, 1, shape + (size, size, 3)).astype(np.float32),
-        "label": rng.integers(0, self.setup.num_classes, shape).astype(np.int32),
-        "target": unit(*shape, dim),
-        "teacher_embeddings": teacher,
-    })
+    teacher = unit(*lead, self.setup.num_teachers, dim)  # G unit vectors per image
+    return {"image": rng.uniform(-1, 1, shapes["image"].shape).astype(np.float32),
+            "label": rng.integers(0, self.setup.num_classes, lead).astype(np.int32),
+            "target": unit(*lead, dim),
+            "teacher_embeddings": teacher.reshape(shapes["teacher_embeddings"].shape)}
 
-  def _inputs(self, *keys) -> dict:
-    return {k: self.batch[k] for k in keys}
-
-  def _optimiser(self, groups, optim=None):
-    optim = optim or _optim_config(self.config)
-    head_lr = optim.head_base_lr if optim.head_base_lr >= 0 else optim.base_lr
-    spec = {"backbone": (optim.base_lr, optim.clip_norm), "head": (head_lr, None)}
-    return build.optimizer(optim, global_batch=self.setup.batch, steps_per_epoch=1000,
-                             groups={g: spec[g] for g in groups})
-
-  def _student_state(self, tx):
-    params = {"backbone": self.variables["params"], "head": self.head_params}
-    return jax.tree.map(np.asarray, state_lib.create_state(
-        params, self.variables.get("batch_stats", {}), tx))
-
-  def _step_timer(self, step_fn, host_state, batch, *extra) -> "_Timer":
-    """Compiles the wrapped step once (its cost analysis gives the FLOPs), runs warm-up."""
-    wrapped = self.parallel.wrap(step_fn)
-    carry = {"state": self.parallel.replicate(host_state), "metrics": None}
-    extra = tuple(self.parallel.replicate(e) for e in extra)
+  def timer(self, step: recipe_steps.Step) -> "_Timer":
+    """Compiles the wrapped step once (its cost analysis, cross-checked against the lowered
+    module's, gives the FLOPs), runs warm-up."""
+    batch = {k: self.batch[k] for k in step.batch}
+    carry = {"state": self.parallel.replicate(step.state), "metrics": None}
+    extra = tuple(self.parallel.replicate(e) for e in step.extra)
+    args = (batch, self.rng) + extra if step.train else (batch,)
+    wrapped = (self.parallel.wrap if step.train else self.parallel.wrap_apply)(step.fn)
     start = time.perf_counter()
-    compiled = wrapped.lower(carry["state"], batch, self.rng, *extra).compile()
+    lowered = wrapped.lower(carry["state"], *args)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    flops = self.builder.step_flops(step, compiled, lowered)
+    if not step.train:
+      return _Timer(lambda: compiled(carry["state"], batch), self.warmup, flops, compile_s)
 
     def call():
-      carry["state"], carry["metrics"] = compiled(carry["state"], batch, self.rng, *extra)
+      carry["state"], carry["metrics"] = compiled(carry["state"], *args)
       return carry["metrics"]
 
     def check():
       return bool(np.isfinite(float(self.parallel.unreplicate(carry["metrics"])["loss"])))
-    return _Timer(call, self.warmup, compiled_flops(compiled), compile_s, check)
-
-  def plain(self) -> "_Timer":
-    tx, schedule = self._optimiser(("backbone", "head"))
-    step = functools.partial(steps_lib.classification_step, backbone=self.backbone,
-                             head=self.head, margin=self.margin, tx=tx, schedule=schedule)
-    return self._step_timer(step, self._student_state(tx), self._inputs("image", "label"))
-
-  def _kd_step(self, tx, schedule, target_fn=None):
-    return functools.partial(steps_lib.student_step, backbone=self.backbone, head=self.head,
-                             margin=self.margin, kd_weight=self.setup.kd_weight, tx=tx,
-                             schedule=schedule, target_fn=target_fn)
-
-  def cached_kd(self) -> "_Timer":
-    tx, schedule = self._optimiser(("backbone", "head"))
-    return self._step_timer(self._kd_step(tx, schedule), self._student_state(tx),
-                            self._inputs("image", "label", "target"))
-
-  def online_kd(self, teacher_map: str = "sequential") -> "_Timer":
-    tx, schedule = self._optimiser(("backbone", "head"))
-    target_fn = functools.partial(steps_lib.online_targets, teacher=self.backbone,
-                                  adaptor=self.adaptor, teacher_map=teacher_map)
-    teachers = jax.tree.map(lambda x: np.stack([x] * self.setup.num_teachers),
-                            self.variables)
-    timer = self._step_timer(self._kd_step(tx, schedule, target_fn),
-                             self._student_state(tx), self._inputs("image", "label"),
-                             {"teachers": teachers, "adaptor": self.adaptor_vars})
-    if teacher_map == "sequential" and timer.flops:
-      # XLA's cost analysis counts a loop's body once: lax.map's G teacher forwards
-      # read as one, so the other G - 1 are added.
-      timer.flops += (self.setup.num_teachers - 1) * self._teacher_forward_flops()
-    return timer
-
-  def _teacher_forward_flops(self) -> float:
-    """FLOPs of one teacher's inference forward of one device's batch."""
-    forward = jax.jit(lambda v, x: self.backbone.apply(v, x, train=False))
-    images = np.zeros((self.per_device,) + self.batch["image"].shape[2:], np.float32)
-    return compiled_flops(forward.lower(self.variables, images).compile()) or 0.0
-
-  def adaptor_step(self) -> "_Timer":
-    """The adaptor stage's step: its own margin head settings and optimiser, if configured."""
-    tx, schedule = self._optimiser(("backbone", "head"),
-                                   _field(self.config, "adaptor.optim"))
-    head_config = _field(self.config, "adaptor.head") or _student(self.config, "head")
-    step = functools.partial(steps_lib.classification_step, backbone=self.adaptor,
-                             head=self.head, margin=build.margin_spec(head_config), tx=tx,
-                             schedule=schedule, input_key="teacher_embeddings")
-    params = {"backbone": self.adaptor_vars["params"], "head": self.adaptor_head_params}
-    host_state = jax.tree.map(np.asarray, state_lib.create_state(params, {}, tx))
-    return self._step_timer(step, host_state, self._inputs("teacher_embeddings", "label"))
-
-  def extraction(self) -> "_Timer":
-    """One teacher embedding a batch of images and their mirrors (2 forwards per image)."""
-    apply = self.parallel.wrap_apply(functools.partial(steps_lib.embed_step,
-                                                       backbone=self.backbone))
-    variables = self.parallel.replicate(self.variables)
-    batch = self._inputs("image")
-    start = time.perf_counter()
-    compiled = apply.lower(variables, batch).compile()
-    compile_s = time.perf_counter() - start
-    return _Timer(lambda: compiled(variables, batch), self.warmup, compiled_flops(compiled),
-                  compile_s)
+    return _Timer(call, self.warmup, flops, compile_s, check)
 
   def pipeline(self) -> "_Timer | dict":
     """input_pipeline.train_batches on in-memory uint8 images; skipped without TensorFlow."""
@@ -311,13 +117,10 @@ class _Bench:
       import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
     except ImportError:
       return {"skipped": "TensorFlow is not installed"}
-    size, batch = self.setup.image_size, self.setup.batch
-    steps_per_epoch = 4
-    rng = np.random.default_rng(0)
-    arrays = {"image": rng.integers(0, 256, (steps_per_epoch * batch, size, size, 3),
-                                    dtype=np.uint8),
-              "label": rng.integers(0, self.setup.num_classes,
-                                    steps_per_epoch * batch).astype(np.int32)}
+    size, batch, steps_per_epoch = self.setup.image_size, self.setup.batch, 4
+    rng, count = np.random.default_rng(0), steps_per_epoch * self.setup.batch
+    arrays = {"image": rng.integers(0, 256, (count, size, size, 3), dtype=np.uint8),
+              "label": rng.integers(0, self.setup.num_classes, count).astype(np.int32)}
     batches = input_pipeline.train_batches(
         arrays, global_batch=batch, steps_per_epoch=steps_per_epoch, seed=0, start_step=0,
         total_steps=2 ** 40, local_device_count=self.parallel.local_device_count,
@@ -334,8 +137,8 @@ class _Timer:
 
   def __init__(self, call, warmup: int, flops=None, compile_s=None, check=None,
                timed=None):
-    self.call, self.flops, self.compile_s, self.check = call, flops, compile_s, check
-    self._timed = timed
+    self.call, self.flops, self.compile_s, self.check, self._timed = (call, flops, compile_s,
+                                                                      check, timed)
     for _ in range(warmup):
       out = call()
     if warmup:
@@ -357,9 +160,9 @@ def _torch_timer(setup: Setup, config, *, warmup: int):
     from mstkd_jax import bench_torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     return None, "PyTorch is not installed"
-  model = _student(config, "model")
-  optim = _optim_config(config)
-  margin = build.margin_spec(_student(config, "head"))
+  model = recipe_steps.student(config, "model")
+  optim = recipe_steps.optim_config(config)
+  margin = build.margin_spec(recipe_steps.student(config, "head"))
   timed, info = bench_torch.prepare(
       stage_depths=setup.stage_depths, width=model.width, embedding_size=model.embedding_size,
       dropout=build.backbone(model).dropout, image_size=setup.image_size, batch_size=setup.batch,
@@ -394,22 +197,21 @@ def run(config, *, steps: int = 10, warmup: int = 2, rounds: int = 3, batch: int
   device = jax.devices()[0]
   chip, table_peak = peak_tflops(device.device_kind, setup.dtype)
   peak = peak or table_peak
-  model = _student(config, "model")
+  model = recipe_steps.student(config, "model")
   _log(f"{model.name} width {model.width} {setup.image_size}x"
        f"{setup.image_size} {setup.dtype}, global batch {setup.batch} on "
        f"{jax.device_count()} x {device.device_kind}")
-  bench = _Bench(config, setup, steps=steps, warmup=warmup)
-  builders = {"plain": bench.plain, "cached_kd": bench.cached_kd,
-              "online_kd": bench.online_kd,
-              "online_kd_vmap": functools.partial(bench.online_kd, teacher_map="vmap"),
-              "extraction": bench.extraction,
-              "adaptor": bench.adaptor_step, "pipeline": bench.pipeline}
+  bench = _Bench(config, setup, warmup=warmup)
+  make = bench.builder
+  builders = {"plain": make.plain, "cached_kd": make.cached_kd, "online_kd": make.online_kd,
+              "online_kd_vmap": functools.partial(make.online_kd, teacher_map="vmap"),
+              "extraction": make.extraction, "adaptor": make.adaptor_step}
   timers, results = {}, {}
   for name in names:
     if only and name not in only and name != "plain":
       continue
     _log(f"compiling and warming up {name}")
-    timer = builders[name]()
+    timer = bench.pipeline() if name == "pipeline" else bench.timer(builders[name]())
     if isinstance(timer, dict):
       results[name] = timer
     else:
@@ -417,11 +219,9 @@ def run(config, *, steps: int = 10, warmup: int = 2, rounds: int = 3, batch: int
   if torch_step:
     _log("building the PyTorch step")
     timer, info = _torch_timer(setup, config, warmup=warmup)
-    if timer is None:
-      results["torch"] = {"skipped": info}
-    else:
+    results["torch"] = {"skipped": info} if timer is None else info
+    if timer is not None:
       timers["torch"] = timer
-      results["torch"] = info
   seconds = {name: [] for name in timers}
   for r in range(rounds):
     for name, timer in timers.items():
@@ -442,10 +242,8 @@ def run(config, *, steps: int = 10, warmup: int = 2, rounds: int = 3, batch: int
   _add_ratios(results, peak, devices=setup.batch // bench.per_device)
   return {
       "setup": dataclasses.asdict(setup) | {
-          "model": _student(config, "model").name,
-          "width": _student(config, "model").width,
-          "per_device_batch": bench.per_device, "steps": steps, "warmup": warmup,
-          "rounds": rounds},
+          "model": model.name, "width": model.width, "per_device_batch": bench.per_device,
+          "steps": steps, "warmup": warmup, "rounds": rounds},
       "device": {"kind": device.device_kind, "platform": device.platform,
                  "count": jax.device_count(), "chip": chip, "peak_tflops": peak,
                  "jax_version": jax.__version__},
@@ -530,21 +328,18 @@ def main(argv):
     from mstkd_jax import bench_heads
     report = bench_heads.run(
         _ints(f.head_scale, "head_scale"),
-        margin=build.margin_spec(_student(f.config, "head"), shards_classes=True),
+        margin=build.margin_spec(recipe_steps.student(f.config, "head"), shards_classes=True),
         embedding_size=f.head_dim, batch=f.head_batch, sample_rate=f.head_sample_rate,
         steps=f.steps, run_limit_gib=f.head_run_limit_gib)
-    print(bench_heads.format_table(report), flush=True)
-    if f.out:
-      with open(f.out, "w") as out:
-        json.dump(report, out, indent=2)
-      _log(f"wrote {f.out}")
-    return
-  report = run(f.config, steps=f.steps, warmup=f.warmup, rounds=f.rounds, batch=f.batch,
-               image_size=f.image_size, num_classes=f.num_classes,
-               num_teachers=f.num_teachers, stage_depths=_ints(f.stage_depths, "stage_depths"),
-               peak=f.peak_tflops, torch_step=f.torch,
-               only=tuple(x for x in f.only.split(",") if x))
-  print(format_table(report), flush=True)
+    table = bench_heads.format_table(report)
+  else:
+    report = run(f.config, steps=f.steps, warmup=f.warmup, rounds=f.rounds, batch=f.batch,
+                 image_size=f.image_size, num_classes=f.num_classes,
+                 num_teachers=f.num_teachers,
+                 stage_depths=_ints(f.stage_depths, "stage_depths"), peak=f.peak_tflops,
+                 torch_step=f.torch, only=tuple(x for x in f.only.split(",") if x))
+    table = format_table(report)
+  print(table, flush=True)
   if f.out:
     with open(f.out, "w") as out:
       json.dump(report, out, indent=2)
@@ -589,14 +384,7 @@ def cli():
   _define_flags()
   # The PyTorch step shares the accelerator: do not let XLA reserve most of its memory.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
-  def guarded(argv):
-    try:
-      main(argv)
-    except UserError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
-  app.run(guarded)
+  app.run(errors.guarded(main))
 
 
 if __name__ == "__main__":

@@ -13,11 +13,23 @@ import logging
 import os
 import re
 import sys
-from typing import TextIO
+from typing import Callable, TextIO
 
 
 class UserError(Exception):
   """A problem in the user's input; the message names the file or field and what was expected."""
+
+
+def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """`main(argv)` for absl's app.run, a UserError ending it as one `error: <message>` line
+  on stderr and exit status 1 instead of a traceback (bench, plan)."""
+  def run(argv):
+    try:
+      main(argv)
+    except UserError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+  return run
 
 
 def warn(message: str, file: TextIO | None = None) -> None:
@@ -83,7 +95,8 @@ def out_of_memory(error: BaseException) -> str | None:
   Recognized: XLA's RESOURCE_EXHAUSTED errors (jax.errors.JaxRuntimeError) as its
   allocators and compilers word them ("Out of memory allocating N bytes" on the CPU, "Out
   of memory while trying to allocate N bytes" on a GPU, "Ran out of memory in memory space
-  hbm. Used 20.29G of 15.48G hbm" at a TPU compilation, "Attempting to allocate 8.00G.
+  hbm. Used 20.29G of 15.48G hbm" or "the total memory required for HLO temporaries
+  (93.50G) exceeds available HBM (15.75G)" at a TPU compilation, "Attempting to allocate 8.00G.
   That was not possible. There are 2.75G free" on a TPU), and Python's MemoryError (host
   memory).
   """
@@ -97,6 +110,11 @@ def out_of_memory(error: BaseException) -> str | None:
   if used:
     return (f"it needs {_size(used.group(1))} of {used.group(3)} where the device has "
             f"{_size(used.group(2))}")
+  required = re.search(rf"required for [^(]*\({size}\) exceeds available (\w+) \({size}\)",
+                       text)
+  if required:
+    return (f"it needs {_size(required.group(1))} of {required.group(2)} where the device has "
+            f"{_size(required.group(3))}")
   attempt = re.search(rf"Attempting to allocate {size}\..*?There are {size} free", text,
                       re.DOTALL)
   if attempt:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import conftest
-from mstkd_jax import bench
+from mstkd_jax import bench, recipe_steps
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,7 +17,7 @@ _NO_TENSORFLOW = """
 import sys
 for name in ("tensorflow", "tensorflow_datasets", "clu"):
   sys.modules[name] = None
-from mstkd_jax import bench
+from mstkd_jax import bench, recipe_steps
 sys.argv = ["bench"] + sys.argv[1:]
 bench.cli()
 """
@@ -126,3 +126,33 @@ def test_head_scale_skips_running_what_would_not_fit():
   (case,) = report["cases"]
   assert case["skipped"].startswith("not run") and case["total_bytes"] > 0
   assert "seconds_per_step" not in case
+
+
+class _Analysed:
+  """A lowered or compiled stand-in whose cost analysis counts `flops`."""
+
+  def __init__(self, flops):
+    self.flops = flops
+
+  def cost_analysis(self):
+    return {"flops": self.flops} if self.flops is not None else None
+
+
+def test_flops_cross_check_prefers_the_lowered_count_when_the_compiled_one_undercounts(
+    capsys):
+  # As XLA:GPU's analysis does where convolutions become library calls.
+  flops = recipe_steps.checked_flops(_Analysed(2e9), _Analysed(7e9), "plain")
+  assert flops == 7e9
+  (line,) = capsys.readouterr().out.splitlines()
+  assert line.startswith("warning: plain:") and "2e+09" in line and "7e+09" in line
+
+
+def test_flops_cross_check_keeps_the_compiled_count_within_10_percent(capsys):
+  assert recipe_steps.checked_flops(_Analysed(1.05e9), _Analysed(1e9), "plain") == 1.05e9
+  assert recipe_steps.checked_flops(_Analysed(3e9), _Analysed(None), "plain") == 3e9
+  assert capsys.readouterr().out == ""
+
+
+def test_flops_cross_check_falls_back_to_the_lowered_count(capsys):
+  assert recipe_steps.checked_flops(_Analysed(-1.0), _Analysed(5e9), "plain") == 5e9
+  assert "gives no FLOP count" in capsys.readouterr().out

@@ -37,13 +37,18 @@ KINDS = ("pmap", "shard_map")
 class DataParallel:
   """Places arrays and wraps per-device functions for the chosen parallelism."""
 
-  def __init__(self, kind: str = "pmap", num_devices: int = 0):
-    """`num_devices` > 0 uses only the first local devices (single-host runs only)."""
+  def __init__(self, kind: str = "pmap", num_devices: int = 0, devices=None):
+    """`num_devices` > 0 uses only the first local devices (single-host runs only).
+
+    `devices`: instead of this process's devices, these (compile-only devices of a TPU
+    topology, `mstkd_jax.plan`): functions are wrapped, lowered and compiled over them,
+    never run, and no array is placed.
+    """
     if kind not in KINDS:
       raise UserError(f"config field parallelism={kind!r}: expected one of {KINDS}")
     self.kind = kind
-    self.local_devices = jax.local_devices()
-    devices = jax.devices()
+    self.local_devices = list(devices) if devices is not None else jax.local_devices()
+    devices = self.local_devices if devices is not None else jax.devices()
     if num_devices:
       if jax.process_count() > 1 or not 0 < num_devices <= len(self.local_devices):
         raise UserError(f"config field num_devices={num_devices}: expected 0 (all) or 1.."
