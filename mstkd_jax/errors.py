@@ -17,19 +17,31 @@ from typing import Callable, TextIO
 
 
 class UserError(Exception):
-  """A problem in the user's input; the message names the file or field and what was expected."""
+  """A problem in the user's input; the message names the file or field and what was expected.
+
+  `exit_code`: the status a command ends with for it (1; a subclass for command-line
+  settings says 2).
+  """
+  exit_code = 1
+
+
+def run_reported(body: Callable[[], None]) -> None:
+  """Runs a command's `body()`: a UserError ends the process as one `error: <message>` line
+  on stderr and its `exit_code`, Ctrl-C (KeyboardInterrupt) as `interrupted()`'s line and
+  INTERRUPTED without interpreter shutdown (XLA may still be compiling on its own threads,
+  and a shutdown beside them can crash the process). Anything else keeps its traceback."""
+  try:
+    body()
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
+  except KeyboardInterrupt:
+    os._exit(interrupted())  # pylint: disable=protected-access
 
 
 def guarded(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
-  """`main(argv)` for absl's app.run, a UserError ending it as one `error: <message>` line
-  on stderr and exit status 1 instead of a traceback (bench, plan)."""
-  def run(argv):
-    try:
-      main(argv)
-    except UserError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
-  return run
+  """`main(argv)` for absl's app.run, run by `run_reported` (bench, plan)."""
+  return lambda argv: run_reported(lambda: main(argv))
 
 
 def warn(message: str, file: TextIO | None = None) -> None:
@@ -79,10 +91,21 @@ def drop_logged_tracebacks(package: str) -> None:
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
+_SIZE = r"([\d.]+[KMGT]?i?B?)"
+# A TPU compilation's two wordings of a program that does not fit: (needed, space, limit).
+_USED = re.compile(rf"Used {_SIZE} of {_SIZE} (\w+)")
+_REQUIRED = re.compile(rf"required for [^(]*\({_SIZE}\) exceeds available (\w+) \({_SIZE}\)")
+
+
+def _bytes(text: str) -> float:
+  """"17179869184" or "20.29G" (XLA's binary units) -> bytes."""
+  number, unit = re.fullmatch(r"([\d.]+)([KMGT]?)i?B?", text).groups()
+  return float(number) * _UNITS[unit]
+
+
 def _size(text: str) -> str:
   """"17179869184" (bytes) or "20.29G" -> "16.0 GiB" / "20.3 GiB"."""
-  number, unit = re.fullmatch(r"([\d.]+)([KMGT]?)i?B?", text).groups()
-  value = float(number) * _UNITS[unit]
+  value = _bytes(text)
   for name, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20)):
     if value >= scale:
       return f"{value / scale:.1f} {name}"
@@ -105,17 +128,15 @@ def out_of_memory(error: BaseException) -> str | None:
   text = str(error)
   if "RESOURCE_EXHAUSTED" not in text or not re.search(r"memory|allocat", text, re.I):
     return None
-  size = r"([\d.]+[KMGT]?i?B?)"
-  used = re.search(rf"Used {size} of {size} (\w+)", text)
+  used = _USED.search(text)
   if used:
     return (f"it needs {_size(used.group(1))} of {used.group(3)} where the device has "
             f"{_size(used.group(2))}")
-  required = re.search(rf"required for [^(]*\({size}\) exceeds available (\w+) \({size}\)",
-                       text)
+  required = _REQUIRED.search(text)
   if required:
     return (f"it needs {_size(required.group(1))} of {required.group(2)} where the device has "
             f"{_size(required.group(3))}")
-  attempt = re.search(rf"Attempting to allocate {size}\..*?There are {size} free", text,
+  attempt = re.search(rf"Attempting to allocate {_SIZE}\..*?There are {_SIZE} free", text,
                       re.DOTALL)
   if attempt:
     return (f"an allocation of {_size(attempt.group(1))} did not fit in the "
@@ -126,3 +147,12 @@ def out_of_memory(error: BaseException) -> str | None:
     return f"an allocation of {_size(allocation.group(1))} did not fit"
   first = text.strip().splitlines()[0]
   return first[:200]
+
+
+def needed_bytes(error: BaseException) -> int | None:
+  """The bytes a TPU compilation that ran out of memory says the program needs ("Used
+  20.29G of 15.48G hbm", "required for HLO temporaries (93.50G) exceeds available HBM"), or
+  None where the error says no such figure."""
+  text = str(error)
+  found = _USED.search(text) or _REQUIRED.search(text)
+  return int(_bytes(found.group(1))) if found else None

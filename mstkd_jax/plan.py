@@ -33,7 +33,6 @@ import dataclasses
 import importlib.metadata
 import json
 import os
-import re
 import sys
 import time
 
@@ -104,17 +103,6 @@ def _abstract(tree, sharding):
                       tree)
 
 
-def _hbm_needed(text: str) -> int | None:
-  """Bytes a TPU compilation that ran out of memory says it needed ("Used 20.29G of
-  15.48G hbm", "required for HLO temporaries (93.50G) exceeds"); None if it does not say."""
-  needed = (re.search(r"Used ([\d.]+)([KMGT]?)i?B? of", text)
-            or re.search(r"required for [^(]*\(([\d.]+)([KMGT]?)i?B?\) exceeds", text))
-  if not needed:
-    return None
-  return int(float(needed.group(1)) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
-                                       "T": 1 << 40}[needed.group(2)])
-
-
 def compile_step(planned: _Planned, parallel, chip: chips.TpuChip) -> dict:
   """Compiles one step over `parallel`'s compile-only mesh; its per-chip figures (bytes,
   seconds, img/s, MFU as a fraction; None where not known)."""
@@ -145,7 +133,7 @@ def compile_step(planned: _Planned, parallel, chip: chips.TpuChip) -> dict:
     needed = errors.out_of_memory(e)
     if needed is None:
       raise
-    entry.update(fits=False, peak_bytes=_hbm_needed(str(e)), not_fitting=needed,
+    entry.update(fits=False, peak_bytes=errors.needed_bytes(e), not_fitting=needed,
                  compile_s=time.perf_counter() - start)
     return entry
   entry["compile_s"] = time.perf_counter() - start

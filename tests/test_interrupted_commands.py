@@ -1,5 +1,6 @@
-"""Ctrl-C in a command other than main (evaluate, export, embed, prepare, convert, align)
-ends with one `error:` line and exit code 130, as main does, not with a traceback."""
+"""Ctrl-C in a command other than main (evaluate, export, embed, bench, plan, prepare,
+convert, align) ends with one `error:` line and exit code 130, as main does, not with a
+traceback; a UserError with one line and its exit code."""
 
 import os
 
@@ -26,6 +27,31 @@ def test_the_model_commands_end_with_one_line_and_130(monkeypatch, capsys):
   out, err = capsys.readouterr()
   assert out == ""
   assert err.splitlines() == [err.strip()] and err.startswith("error: interrupted")
+
+
+def test_bench_and_plans_entry_point_ends_each_error_in_one_line_and_its_code(monkeypatch,
+                                                                             capsys):
+  def exit_now(code):
+    raise SystemExit(code)
+  monkeypatch.setattr(os, "_exit", exit_now)
+
+  def raising(error):
+    def main(argv):
+      assert argv == ["plan"]
+      raise error
+    return errors.guarded(main)
+
+  for error, code, line in [
+      (KeyboardInterrupt(), 130, "error: interrupted"),
+      (errors.UserError("--topology: expected a TPU topology"), 1,
+       "error: --topology: expected a TPU topology"),
+      (resolve.FlagError("--arch='x': unknown architecture"), 2,
+       "error: --arch='x': unknown architecture")]:
+    with pytest.raises(SystemExit) as ended:
+      raising(error)(["plan"])
+    assert ended.value.code == code
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == [err.strip()] and err.startswith(line)
 
 
 @pytest.mark.parametrize("module,function,argv", [

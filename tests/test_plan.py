@@ -240,3 +240,10 @@ def test_a_tpu_compilers_out_of_memory_error_reads_in_a_few_words():
                        "required for HLO temporaries (93.50G) exceeds available HBM (15.75G).")
   assert errors.out_of_memory(error) == ("it needs 93.5 GiB of HBM where the device has "
                                          "15.8 GiB")
+  # The plan's peak for a step that does not fit: the needed figure, in bytes.
+  assert errors.needed_bytes(error) == int(93.50 * 2**30)
+  assert errors.needed_bytes(RuntimeError(
+      "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.29G of 15.48G "
+      "hbm.")) == int(20.29 * 2**30)
+  assert errors.needed_bytes(RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating "
+                                          "1099511627776 bytes.")) is None

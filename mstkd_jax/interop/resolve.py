@@ -289,6 +289,7 @@ def _load_orbax(path: str, explicit: ArchSettings) -> LoadedModel:
 
 class FlagError(UserError):
   """A bad command-line setting (exit code 2); other UserErrors are data/checkpoint (1)."""
+  exit_code = 2
 
 
 CHECKPOINT_EXPECTED = ("expected a stage workdir, its model/ or checkpoints/ folder or a step "
@@ -390,7 +391,7 @@ def output_file(out: Any, example: str) -> str:
 def run_command(argv: Sequence[str], body) -> None:
   """Runs a command's `body()` as absl's main: unexpected positional arguments and FlagError
   print one `error: ...` line and exit 2, any other UserError one line and exit 1, Ctrl-C
-  (KeyboardInterrupt) one line and exit 130 at once (`errors.interrupted`)."""
+  (KeyboardInterrupt) one line and exit 130 at once (`errors.run_reported`)."""
   import sys  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
@@ -398,15 +399,4 @@ def run_command(argv: Sequence[str], body) -> None:
           file=sys.stderr)
     sys.exit(2)
   logging.set_verbosity(logging.WARNING)
-  try:
-    body()
-  except FlagError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  except KeyboardInterrupt:
-    # Without interpreter shutdown: XLA may still be compiling on its own threads, and a
-    # shutdown beside them can crash the process.
-    os._exit(errors.interrupted())  # pylint: disable=protected-access
+  errors.run_reported(body)
