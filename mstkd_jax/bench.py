@@ -38,7 +38,7 @@ import time
 import jax
 import numpy as np
 
-from mstkd_jax import config_ranges, errors, recipe_steps
+from mstkd_jax import config_ranges, errors, files, recipe_steps
 from mstkd_jax.chips import peak_tflops  # the peak table lives in chips.py
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
@@ -341,8 +341,7 @@ def main(argv):
     table = format_table(report)
   print(table, flush=True)
   if f.out:
-    with open(f.out, "w") as out:
-      json.dump(report, out, indent=2)
+    files.write_bytes(f.out, (json.dumps(report, indent=2) + "\n").encode())
     _log(f"wrote {f.out}")
 
 

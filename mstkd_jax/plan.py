@@ -36,7 +36,8 @@ import os
 import sys
 import time
 
-from mstkd_jax import chips, config_ranges, errors, hlo_cycles, recipe_size, recipe_steps
+from mstkd_jax import (chips, config_ranges, errors, files, hlo_cycles, recipe_size,
+                       recipe_steps)
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.errors import UserError
 
@@ -306,8 +307,7 @@ def main(argv):
       errors.warn(f"{step['step']} does not fit on one {plan['chip']}: {needed}; lower "
                   f"{step['batch_field']}={step['global_batch']} or use more chips")
   if f.json:
-    with open(f.json, "w") as out:
-      json.dump(plan, out, indent=2)
+    files.write_bytes(f.json, (json.dumps(plan, indent=2) + "\n").encode())
     print(f"[plan] wrote {f.json}", file=sys.stderr, flush=True)
 
 

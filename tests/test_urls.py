@@ -308,8 +308,6 @@ OPEN_ALLOWED = {
     "files.py": (3, "atomic_path's local temporary files and appends to a local file "
                     "(URLs take epath)"),
     "main.py": (1, "os.devnull"),
-    "bench.py": (1, "--out of the benchmark, a local file the user names"),
-    "plan.py": (1, "--json of the plan, a local file the user names"),
     "embed.py": (1, "reads the user's list of images"),
     "interop/pth_format.py": (2, "reads a user's .pth; writes into atomic_path's "
                                  "local temporary file"),
