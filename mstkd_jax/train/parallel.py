@@ -47,8 +47,10 @@ class DataParallel:
     if kind not in KINDS:
       raise UserError(f"config field parallelism={kind!r}: expected one of {KINDS}")
     self.kind = kind
-    self.local_devices = list(devices) if devices is not None else jax.local_devices()
-    devices = self.local_devices if devices is not None else jax.devices()
+    if devices is None:
+      self.local_devices, devices = jax.local_devices(), jax.devices()
+    else:
+      self.local_devices = devices = list(devices)
     if num_devices:
       if jax.process_count() > 1 or not 0 < num_devices <= len(self.local_devices):
         raise UserError(f"config field num_devices={num_devices}: expected 0 (all) or 1.."
