@@ -71,8 +71,10 @@ def backbone(name: str = "iresnet18", **fields) -> ml_collections.ConfigDict:
   return model
 
 
-# The paper's backbone (the authors' released config): IResNet-34, 512-D embeddings.
-PAPER_BACKBONE = dict(name="iresnet34", width=64, embedding_size=512)
+# The paper's backbone (the authors' released config): IResNet-34, 512-D embeddings, in
+# bfloat16 on TPUs and GPUs and float32 on CPUs (dtype "auto": resolved once per run and
+# recorded in each stage's config.json; the paper trained in mixed precision, fp16).
+PAPER_BACKBONE = dict(name="iresnet34", width=64, embedding_size=512, dtype="auto")
 
 
 def base() -> ml_collections.ConfigDict:

@@ -76,7 +76,7 @@ RANGES: dict[str, Range] = {
     "<role>.model.width": _POSITIVE,
     "<role>.model.embedding_size": _POSITIVE,
     "<role>.model.use_se": Flag(),
-    "<role>.model.dtype": Choice(lambda: list(build.DTYPES)),
+    "<role>.model.dtype": Choice(lambda: list(build.DTYPES) + [build.AUTO]),
     "<role>.model.dropout": Number(0, 1, high_open=True,
                                    special=((None, "the architecture's standard"),)),
     "<role>.model.stage_depths": Numbers(_POSITIVE, length=4, meaning="IResNet blocks per "

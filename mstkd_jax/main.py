@@ -95,6 +95,8 @@ def run(config, workdir: str, hosts: str | Multihost = "false"):
   from mstkd_jax import config_ranges  # pylint: disable=g-import-not-at-top
   config_ranges.check(config)  # every field in its range, before anything starts
   import jax  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.train import build  # pylint: disable=g-import-not-at-top
+  config = build.resolve_dtypes(config)  # "auto" -> this platform's dtype, recorded
   workdir = paths.resolve(workdir, "--workdir")
   multihost.initialize(hosts if isinstance(hosts, Multihost) else Multihost(mode=hosts))
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):

@@ -26,7 +26,7 @@ from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import report as report_lib, seeds as seeds_lib
 from mstkd_jax.stages import report_stage, shared
 from mstkd_jax.stages.recipe import Stage, make_stages
-from mstkd_jax.train import parallel as parallel_lib
+from mstkd_jax.train import build, parallel as parallel_lib
 
 
 def _fingerprint(stage: Stage, fingerprints: dict) -> dict:
@@ -51,10 +51,13 @@ def _stale_message(name: str, old: dict, new: dict) -> str:
               if old.get("inputs", {}).get(d) != fp]
   if old.get("imported") != new.get("imported"):
     changed.append("the network it imports changed")
+  dtype = any(c.split(":")[0].endswith("model.dtype") for c in changed)
   return (f"the finished stage {name!r} was made with another config ("
           + "; ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
           + f"). Rerun it and everything after it with --config.force={name}, or use "
-          "another --workdir.")
+          "another --workdir" + ('; model.dtype "auto" is bfloat16 on TPUs and GPUs and '
+                                 "float32 on CPUs: to go on here as it ran, set that field "
+                                 "to the recorded dtype" if dtype else "") + ".")
 
 
 def _downstream(stages: list[Stage], roots: set) -> set:
@@ -74,6 +77,7 @@ def run(config, workdir: str) -> dict:
   over seeds in <workdir>/report/ (evaluation/seeds.py) and returns it.
   """
   config_ranges.check(config)  # every field in its range before the data is read
+  config = build.resolve_dtypes(config)  # "auto" -> this platform's, in every fingerprint
   workdir = paths.resolve(workdir, "workdir")
   seeds = config.get("seeds", 1)
   # One data folder for every stage and seed (for the synthetic set, its cache).

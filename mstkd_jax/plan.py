@@ -183,6 +183,8 @@ def run(config, topology_name: str, *, num_images: int = 0, only: tuple[str, ...
     raise UserError("plan reads a recipe config (configs/distill.py[:preset]), with teacher, "
                     "adaptor and student sections")
   config_ranges.check(config)
+  from mstkd_jax.train import build  # pylint: disable=g-import-not-at-top
+  config = build.resolve_dtypes(config, "tpu")  # the dtype a run on the chip would use
   unknown = sorted(set(only) - set(STEPS))
   if unknown:
     raise UserError(f"--only={','.join(only)}: unknown {unknown}; expected some of "

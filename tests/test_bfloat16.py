@@ -147,3 +147,30 @@ def test_bfloat16_embeddings_stay_close_to_float32_for_the_same_weights(bfloat16
   cosine = np.sum(np.asarray(losses.l2_normalize(low)) * np.asarray(losses.l2_normalize(full)),
                   axis=-1)
   assert cosine.min() > 0.99, cosine
+
+
+def test_auto_dtype_is_float32_on_cpus_and_bfloat16_on_accelerators():
+  assert [build.platform_dtype(p) for p in ("cpu", "gpu", "tpu")] == [
+      "float32", "bfloat16", "bfloat16"]
+  assert jax.default_backend() == "cpu"
+  assert build.compute_dtype({"dtype": "auto"}) == jnp.float32
+  with pytest.raises(build.UserError, match=r"model.dtype='float16': expected one of "
+                                            r"\['float32', 'bfloat16', 'auto'\]"):
+    build.compute_dtype({"dtype": "float16"})
+
+
+def test_resolve_dtypes_replaces_every_auto_and_leaves_the_rest():
+  from configs import distill  # pylint: disable=g-import-not-at-top
+  config = distill.get_config("bupt_iresnet34")
+  assert config.teacher.model.dtype == config.student.model.dtype == "auto"
+  with config.unlocked():
+    config.teacher.models = {"group_a": {"name": "iresnet50", "dtype": "auto"},
+                             "group_b": {"name": "iresnet18", "dtype": "float32"}}
+  tpu = build.resolve_dtypes(config, "tpu")
+  assert tpu.teacher.model.dtype == tpu.student.model.dtype == "bfloat16"
+  assert tpu.teacher.models.group_a.dtype == "bfloat16"
+  assert tpu.teacher.models.group_b.dtype == "float32"
+  assert build.resolve_dtypes(config).student.model.dtype == "float32"   # this CPU
+  assert config.student.model.dtype == "auto"                            # a copy
+  default = distill.get_config("default")
+  assert build.resolve_dtypes(default) is default                        # nothing to do

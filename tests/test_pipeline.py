@@ -11,6 +11,7 @@ from configs import distill
 from mstkd_jax import pipeline
 from mstkd_jax.errors import UserError
 from mstkd_jax.stages import recipe
+from mstkd_jax.train import build
 
 
 @pytest.fixture
@@ -60,6 +61,30 @@ def test_changed_config_of_a_finished_stage_is_refused_naming_fields(finished):
                                       r"\(student.kd.weight: 10000.0 -> 5.0\).*"
                                       r"--config.force=student/mstkd/SL/a-KD"):
     pipeline.run(config, workdir)
+
+
+def _auto_dtypes(config):
+  for section in (config.teacher, config.student):
+    section.model.dtype = "auto"
+  return config
+
+
+def test_auto_dtype_is_recorded_resolved_so_on_a_cpu_it_is_the_float32_run(finished, capsys):
+  workdir, report = finished          # trained with model.dtype="float32"
+  again = pipeline.run(_auto_dtypes(distill.get_config("tiny")), workdir)
+  assert "[pipeline] stage" not in capsys.readouterr().out
+  assert again["models"]["student_alone"] == report["models"]["student_alone"]
+
+
+def test_auto_dtype_on_another_platform_is_refused_saying_how_to_go_on(finished,
+                                                                       monkeypatch):
+  workdir, _ = finished
+  monkeypatch.setattr(build.jax, "default_backend", lambda: "gpu")
+  with pytest.raises(UserError, match=r"'teacher/group_a' was made with another config "
+                                      r"\(model.dtype: 'float32' -> 'bfloat16'\).*"
+                                      r'model.dtype "auto" is bfloat16 on TPUs and GPUs and '
+                                      r"float32 on CPUs"):
+    pipeline.run(_auto_dtypes(distill.get_config("tiny")), workdir)
 
 
 def test_only_a_stage_whose_inputs_are_missing_names_them(tmp_path):

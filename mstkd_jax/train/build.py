@@ -17,6 +17,43 @@ from mstkd_jax.models import iresnet
 from mstkd_jax.train import loop, parallel as parallel_lib, sharded_head, state as state_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# model.dtype="auto": the platform's fast type, resolved once per run (resolve_dtypes).
+AUTO = "auto"
+
+
+def platform_dtype(platform: str) -> str:
+  """What model.dtype="auto" means on a JAX platform ("cpu", "gpu", "tpu", ...): "float32"
+  on CPUs (no bfloat16 speed-up there; every CPU number in the README is float32),
+  "bfloat16" on accelerators (their matrix units' fast input type)."""
+  return "float32" if platform == "cpu" else "bfloat16"
+
+
+def resolve_dtypes(config, platform: str | None = None):
+  """`config` with every model section's dtype "auto" replaced by platform_dtype(platform;
+  default jax.default_backend()): a copy where there is one, `config` itself otherwise.
+
+  Done once, before the stages are made, so each stage's fingerprint and config.json hold
+  the dtype it ran with: a stage resumed on another platform, where "auto" means another
+  dtype, is refused as changed instead of going on in another precision.
+  """
+  def autos(node, path=()):
+    for key in node.keys():
+      value = node[key]
+      if isinstance(value, ml_collections.ConfigDict):
+        yield from autos(value, path + (key,))
+      elif key == "dtype" and value == AUTO:
+        yield path
+  found = list(autos(config))
+  if not found:
+    return config
+  dtype = platform_dtype(platform or jax.default_backend())
+  config = ml_collections.ConfigDict(config.to_dict())
+  for path in found:
+    node = config
+    for key in path:
+      node = node[key]
+    node.dtype = dtype
+  return config
 
 
 def backbone(model_config: ml_collections.ConfigDict, **overrides):
@@ -41,14 +78,18 @@ def backbone(model_config: ml_collections.ConfigDict, **overrides):
 
 
 def compute_dtype(model_config: ml_collections.ConfigDict | dict):
-  """The jnp dtype of a model section's `dtype` field (float32 where it has none).
+  """The jnp dtype of a model section's `dtype` field (float32 where it has none; "auto":
+  platform_dtype of jax.default_backend()).
 
   Raises:
-    UserError: model.dtype is not one of DTYPES.
+    UserError: model.dtype is not one of DTYPES or "auto".
   """
   dtype = model_config.get("dtype", "float32")
+  if dtype == AUTO:
+    dtype = platform_dtype(jax.default_backend())
   if dtype not in DTYPES:
-    raise UserError(f"config field model.dtype={dtype!r}: expected one of {list(DTYPES)}")
+    raise UserError(f"config field model.dtype={dtype!r}: expected one of "
+                    f"{list(DTYPES) + [AUTO]}")
   return DTYPES[dtype]
 
 
