@@ -73,8 +73,9 @@ class _Bench:
     self.batch = self.parallel.shard(self._host_batch())
 
   def _host_batch(self) -> dict:
-    """Random values for builder.batch_shapes(): images in [-1, 1], labels, unit targets
-    and G unit teacher embeddings per image."""
+    """Random values for builder.batch_shapes(): uint8 pixels (and, for the steps fed
+    normalized images, "normalized": the same in [-1, 1]), labels, unit targets and G unit
+    teacher embeddings per image."""
     rng, shapes = np.random.default_rng(0), self.builder.batch_shapes()
     lead, dim = shapes["label"].shape, self.setup.embedding_size
 
@@ -82,7 +83,8 @@ class _Bench:
       x = rng.normal(size=s).astype(np.float32)
       return x / np.linalg.norm(x, axis=-1, keepdims=True)
     teacher = unit(*lead, self.setup.num_teachers, dim)  # G unit vectors per image
-    return {"image": rng.uniform(-1, 1, shapes["image"].shape).astype(np.float32),
+    pixels = rng.integers(0, 256, shapes["image"].shape, dtype=np.uint8)
+    return {"image": pixels, "normalized": input_pipeline.normalize_images(pixels),
             "label": rng.integers(0, self.setup.num_classes, lead).astype(np.int32),
             "target": unit(*lead, dim),
             "teacher_embeddings": teacher.reshape(shapes["teacher_embeddings"].shape)}
@@ -91,6 +93,8 @@ class _Bench:
     """Compiles the wrapped step once (its cost analysis, cross-checked against the lowered
     module's, gives the FLOPs), runs warm-up."""
     batch = {k: self.batch[k] for k in step.batch}
+    if "image" in batch and step.batch["image"].dtype != np.uint8:
+      batch["image"] = self.batch["normalized"]
     carry = {"state": self.parallel.replicate(step.state), "metrics": None}
     extra = tuple(self.parallel.replicate(e) for e in step.extra)
     args = (batch, self.rng) + extra if step.train else (batch,)

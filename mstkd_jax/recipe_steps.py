@@ -151,12 +151,13 @@ class Builder:
 
   def batch_shapes(self) -> dict:
     """Every input any step reads, as jax.ShapeDtypeStruct [local_devices, per_device, ...]:
-    image float32 [.., S, S, 3] in [-1, 1], label int32, target float32 [.., D] (unit),
-    teacher_embeddings float32 [.., G x D] (G unit vectors, concatenated)."""
+    image uint8 [.., S, S, 3] (training batches' pixels; extraction is fed float32 in
+    [-1, 1], as evaluation normalizes on the host), label int32, target float32 [.., D]
+    (unit), teacher_embeddings float32 [.., G x D] (G unit vectors, concatenated)."""
     lead = (self.local_devices, self.per_device)
     size, dim = self.setup.image_size, self.setup.embedding_size
     spec = jax.ShapeDtypeStruct
-    return {"image": spec(lead + (size, size, 3), np.float32),
+    return {"image": spec(lead + (size, size, 3), np.uint8),
             "label": spec(lead, np.int32),
             "target": spec(lead + (dim,), np.float32),
             "teacher_embeddings": spec(lead + (self.concatenated,), np.float32)}
@@ -241,7 +242,9 @@ class Builder:
   def extraction(self) -> Step:
     """One teacher embedding a batch of images and their mirrors (2 forwards per image)."""
     fn = functools.partial(steps_lib.embed_step, backbone=self.backbone)
-    return Step("extraction", fn, False, self.variables, self._inputs("image"),
+    image = self.batch_shapes()["image"]
+    return Step("extraction", fn, False, self.variables,
+                {"image": jax.ShapeDtypeStruct(image.shape, np.float32)},
                 examples_per_device=self.per_device)
 
   def step_flops(self, step: Step, compiled, lowered) -> float | None:

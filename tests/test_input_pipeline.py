@@ -1,9 +1,11 @@
 """The tf.data training input: deterministic, resumable, epoch permutations, host shards."""
 
+import jax
 import numpy as np
 import pytest
 
 from mstkd_jax.data import input_pipeline
+from mstkd_jax.train import steps
 from mstkd_jax.errors import UserError
 
 N, SIZE = 40, 16
@@ -23,16 +25,26 @@ def _batches(arrays, start=0, total=8, **kwargs):
   return list(input_pipeline.train_batches(arrays, **settings))
 
 
-def test_shapes_and_normalization(arrays):
+def test_shapes_and_flipped_pixels(arrays):
   batch = _batches(arrays, total=1)[0]
-  assert batch["image"].shape == (2, 4, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
+  assert batch["image"].shape == (2, 4, SIZE, SIZE, 3) and batch["image"].dtype == np.uint8
   assert batch["label"].shape == (2, 4) and batch["index"].shape == (2, 4)
   index, flips = batch["index"].reshape(-1), batch["flip"].reshape(-1)
-  expected = arrays["image"][index].astype(np.float32)
+  expected = arrays["image"][index].copy()
   expected[flips] = expected[flips][:, :, ::-1]
-  np.testing.assert_allclose(batch["image"].reshape(-1, SIZE, SIZE, 3),
-                             (expected / 255 - 0.5) / 0.5, rtol=1e-6)
+  np.testing.assert_array_equal(batch["image"].reshape(-1, SIZE, SIZE, 3), expected)
   np.testing.assert_array_equal(batch["label"].reshape(-1), arrays["label"][index])
+
+
+def test_the_steps_normalize_pixels_on_the_device_as_the_host_does():
+  pixels = np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1).repeat(3, axis=-1)
+  want = (pixels.astype(np.float32) / 255 - 0.5) / 0.5     # insightface's normalization
+  on_device = np.asarray(jax.jit(steps.network_input)(pixels))
+  assert on_device.dtype == np.float32
+  np.testing.assert_array_equal(on_device, want)           # to the bit
+  np.testing.assert_array_equal(on_device, input_pipeline.normalize_images(pixels))
+  floats = np.linspace(-1, 1, 12, dtype=np.float32).reshape(1, 2, 2, 3)
+  assert steps.network_input(floats) is floats             # already normalized: as it is
 
 
 def test_each_epoch_is_a_permutation_and_epochs_differ(arrays):

@@ -25,6 +25,13 @@ def normalize_images(images):
   return (np.asarray(images, np.float32) / 255.0 - 0.5) / 0.5
 
 
+# What normalize_images makes of each pixel value, float32 [256]: training batches carry
+# uint8 pixels (a quarter of float32's bytes from host to device) and the steps look them
+# up here (train/steps.network_input), the same numbers to the bit on every platform (XLA
+# turns x / 255 into x * (1 / 255), which rounds differently).
+PIXEL_VALUES = normalize_images(np.arange(256, dtype=np.uint8))
+
+
 def check_batch_split(global_batch: int, device_count: int, process_count: int,
                       field: str = "train.batch_size") -> None:
   """Refuses a global batch that is not a positive integer or does not split evenly over
@@ -67,7 +74,7 @@ def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
 
   Args:
     arrays: per-example arrays with a common first axis; "image" (uint8 [N, H, W, 3]), if
-      present, is flipped and normalized, the others (labels, ...) are gathered as they are.
+      present, is flipped, the others (labels, ...) are gathered as they are.
     global_batch: examples per step over all hosts and devices.
     steps_per_epoch: steps in one pass; must satisfy steps_per_epoch * global_batch <= N.
     seed: data seed.
@@ -76,8 +83,9 @@ def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
     flip: random horizontal flips with probability 0.5 (drawn also when no "image" is fed,
       for `add_oriented`).
   Yields:
-    {"image": float32 [D, B, H, W, 3], <other arrays> [D, B, ...], "index": int32 [D, B],
-     "flip": bool [D, B]} with D local devices and B per-device examples.
+    {"image": uint8 [D, B, H, W, 3] (flipped; the steps normalize it on the device with
+     PIXEL_VALUES), <other arrays> [D, B, ...], "index": int32 [D, B], "flip": bool [D, B]}
+     with D local devices and B per-device examples.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
@@ -99,8 +107,7 @@ def train_batches(arrays: Mapping[str, np.ndarray], *, global_batch: int,
     out = {k: tf.gather(v, index) for k, v in tensors.items()}
     if "image" in out:
       images = out["image"]
-      images = tf.where(flips[:, None, None, None], tf.reverse(images, axis=[2]), images)
-      out["image"] = (tf.cast(images, tf.float32) / 255.0 - 0.5) / 0.5
+      out["image"] = tf.where(flips[:, None, None, None], tf.reverse(images, axis=[2]), images)
     out["index"] = tf.cast(index, tf.int32)
     out["flip"] = flips
     return {k: tf.reshape(v, [local_device_count, per_device] + v.shape[1:].as_list())

@@ -242,7 +242,8 @@ def train_batches(face_set: TfdsFaceSet, rows: np.ndarray, labels: np.ndarray, *
     local_device_count, process_index, process_count: default to this JAX process's.
     flip: random horizontal flips with probability 0.5.
   Yields:
-    {"image": float32 [D, B, H, W, 3] in [-1, 1], "label": int32 [D, B], "index": int32
+    {"image": uint8 [D, B, H, W, 3] (normalized on the device by the steps), "label":
+     int32 [D, B], "index": int32
      [D, B] the record (dataset row) fed, "flip": bool [D, B]}: D local devices, B per
     device. "index" is rows[j] for the position j that input_pipeline.train_batches over
     {"image": images[rows], "label": labels} would report as its "index".
@@ -288,7 +289,7 @@ def train_batches(face_set: TfdsFaceSet, rows: np.ndarray, labels: np.ndarray, *
     # The pixels extraction sees too (ordered_images), so cached targets match.
     image, _ = decode(example.pop("raw"))
     image = tf.where(example["flip"], tf.reverse(image, axis=[1]), image)
-    example["image"] = (tf.cast(image, tf.float32) / 255.0 - 0.5) / 0.5
+    example["image"] = image        # uint8: the steps normalize it (PIXEL_VALUES)
     return example
 
   def to_devices(batch):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from mstkd_jax import losses
+from mstkd_jax.data.input_pipeline import PIXEL_VALUES
 from mstkd_jax.train import sharded_head
 from mstkd_jax.train.parallel import AXIS
 from mstkd_jax.train.state import TrainState
@@ -47,8 +48,19 @@ def apply_updates(state: TrainState, grads, batch_stats, tx: optax.GradientTrans
                        batch_stats=batch_stats, opt_state=opt_state)
 
 
+def network_input(inputs):
+  """What a network is fed: uint8 pixels (training batches) become float32 in [-1, 1] by
+  data.input_pipeline.PIXEL_VALUES (a lookup: the host's normalize_images to the bit);
+  anything else (normalized images, embeddings) is returned as it is."""
+  if inputs.dtype != jnp.uint8:
+    return inputs
+  return jnp.asarray(PIXEL_VALUES)[inputs]
+
+
 def _forward(backbone: nn.Module, params, batch_stats, inputs, dropout_rng):
-  """Training-mode forward; returns (embeddings, updated batch_stats)."""
+  """Training-mode forward of network_input(inputs); returns (embeddings, updated
+  batch_stats)."""
+  inputs = network_input(inputs)
   variables = {"params": params}
   mutable = []
   if batch_stats:
@@ -214,7 +226,7 @@ def student_step(state: TrainState, batch, rng, frozen: dict | None = None, *,
   if target_fn is None:
     targets = batch["target"]
   else:
-    images = batch["image"]
+    images = network_input(batch["image"])
     if orientation == "stored":
       images = jnp.where(batch["flip"][:, None, None, None], images[:, :, ::-1], images)
     elif orientation != "as_fed":
@@ -251,8 +263,9 @@ def student_step(state: TrainState, batch, rng, frozen: dict | None = None, *,
 
 
 def embed_step(variables: Any, batch, *, backbone: nn.Module):
-  """Inference embeddings [B, D] (raw backbone output) of batch["image"] and of its flip."""
-  images = batch["image"]
+  """Inference embeddings [B, D] (raw backbone output) of batch["image"] (normalized
+  float32 or uint8 pixels, see network_input) and of its flip."""
+  images = network_input(batch["image"])
   both = jnp.concatenate([images, images[:, :, ::-1]], axis=0)
   out = backbone.apply(variables, both, train=False)
   return {"embedding": out[:images.shape[0]], "embedding_flip": out[images.shape[0]:]}
