@@ -108,6 +108,16 @@ def _max_relative_error(ours, reference):
   return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
 
 
+def _exported_in_twin(torch, net, state_dict, path):
+  """Saves `state_dict` (our export) to `path` and loads it into the PyTorch twin `net`,
+  every key, strictly; returns (NCHW images, the net's embeddings of them in eval mode)."""
+  tc.save_state_dict(path, state_dict)
+  net.load_state_dict(torch.load(path, weights_only=True), strict=True)
+  images = _images(seed=1)
+  with torch.no_grad():
+    return images, net.eval()(torch.from_numpy(images)).numpy()
+
+
 def _saved_twin(torch, net, folder):
   """Randomizes `net`, saves its state_dict to folder/twin.pth; returns (path, NCHW images,
   the net's embeddings of them in eval mode)."""
@@ -136,13 +146,8 @@ def test_exported_checkpoint_gives_same_embeddings_in_pytorch(tmp_path):
   flax = _flax()
   variables = _random_variables(flax.template)
   path = tmp_path / "exported.pth"
-  tc.save_state_dict(path, tc.export_iresnet(variables))
-
-  net = _torch_iresnet()
-  net.load_state_dict(torch.load(path, weights_only=True), strict=True)
-  images = _images(seed=1)
-  with torch.no_grad():
-    reference = net.eval()(torch.from_numpy(images)).numpy()
+  images, reference = _exported_in_twin(torch, _torch_iresnet(), tc.export_iresnet(variables),
+                                        path)
   assert _max_relative_error(flax.embed(variables, images), reference) < 1e-4
   assert not os.path.exists(f"{path}.tmp") and os.listdir(tmp_path) == ["exported.pth"]
 
