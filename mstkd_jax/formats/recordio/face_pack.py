@@ -2,6 +2,7 @@
 header and identity records checked against each image's own label, and written."""
 
 import array
+import contextlib
 import os
 import sys
 from typing import Callable, Iterator
@@ -19,7 +20,7 @@ from mstkd_jax.formats.recordio.reader import RecordIOReader
 from mstkd_jax.formats.recordio.writer import RecordIOWriter
 
 
-class FaceRecordIOReader:
+class FaceRecordIOReader(contextlib.AbstractContextManager):
   """Streams FaceRecords from an insightface training RecordIO (train.rec + train.idx).
 
   With a header record (key 0, flag > 0, label = (first identity key, end key)), images are
@@ -242,9 +243,6 @@ class FaceRecordIOReader:
 
   def close(self):
     self._raw.close()
-
-  def __enter__(self):
-    return self
 
   def __exit__(self, *exc):
     self.close()
