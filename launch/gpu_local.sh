@@ -7,7 +7,6 @@ set -euo pipefail
 SCRIPT_DIR=.; [[ ${BASH_SOURCE[0]} == */* ]] && SCRIPT_DIR=${BASH_SOURCE[0]%/*}
 # shellcheck source=lib.sh source-path=SCRIPTDIR
 source "$SCRIPT_DIR/lib.sh"  # PROG, REPO and the helpers shared by the launch scripts
-JAX_EXTRA='cuda12'  # pip's jax[cuda12]: the CUDA 12 plugin of the locked JAX version
 
 usage() {
   cat <<EOF
@@ -17,7 +16,7 @@ Run mstkd_jax on one host with one or more NVIDIA GPUs.
 
 Commands:
   setup    make the venv (default: <repo>/.venv) and install requirements.txt (the
-           lock) and then "jax[$JAX_EXTRA]" of the JAX version it locked into it
+           lock) and then "jax[$CUDA_JAX_EXTRA]" of the JAX version it locked into it
            (needs Python >= 3.11)
   run      run "python -m mstkd_jax.main --multihost=false" from the repo root, as
            one process that uses every GPU it can see. CUDA_VISIBLE_DEVICES from the
@@ -64,22 +63,12 @@ gpus=${CUDA_VISIBLE_DEVICES-}
 gpus_set=${CUDA_VISIBLE_DEVICES+1}
 extra=()
 scoped=()
+main_cmd=run
 
 while (($#)); do
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) dry_run=1; shift ;;
-    --venv | --venv=*) optval "$@"; venv=$OPTVAL; shift "$OPTSHIFT" ;;
-    --python | --python=*) optval "$@"; python=$OPTVAL; scoped+=("--python|setup"); shift "$OPTSHIFT" ;;
-    --config | --config=*) optval "$@"; config=$OPTVAL; scoped+=("--config|run"); shift "$OPTSHIFT" ;;
-    --config.*) extra+=("$1"); scoped+=("--config.*|run"); shift ;;
-    --run-name | --run-name=*) optval "$@"; run_name=$OPTVAL; scoped+=("--run-name|run"); shift "$OPTSHIFT" ;;
-    --workdir | --workdir=*) optval "$@"; workdir=$OPTVAL; scoped+=("--workdir|run"); shift "$OPTSHIFT" ;;
-    --tfds-data-dir | --tfds-data-dir=*) optval "$@"; tfds_dir=$OPTVAL; scoped+=("--tfds-data-dir|run"); shift "$OPTSHIFT" ;;
     --gpus | --gpus=*) optval "$@"; gpus=$OPTVAL; gpus_set=1; scoped+=("--gpus|run"); shift "$OPTSHIFT" ;;
-    --) shift; extra+=("$@"); scoped+=("-- ARGS|run"); break ;;
-    -*) die "unknown option: $1 (see '$PROG --help')" ;;
-    *) take_command "$1"; shift ;;
+    *) gpu_option "$@"; shift "$OPTSHIFT" ;;
   esac
 done
 
@@ -89,11 +78,7 @@ case $cmd in
   *) die "unknown command: $cmd (expected setup or run)" ;;
 esac
 
-check_scoped
-
-if [[ -z $venv ]]; then
-  die "--venv must not be empty"
-fi
+check_gpu_options
 
 # ---------------------------------------------------------------- commands
 do_setup() {
@@ -106,18 +91,7 @@ do_setup() {
 }
 
 do_run() {
-  if [[ -z $run_name ]]; then
-    run_name=mstkd-$(date +%Y%m%d-%H%M%S)
-  fi
-  if ! [[ $run_name =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then
-    die "--run-name may only use letters, digits, '.', '_' and '-' (got: $run_name)"
-  fi
-  # main runs from the repo root: make local paths absolute first.
-  workdir=$(abspath "${workdir:-$REPO/workdir/$run_name}")
-  venv=$(abspath "$venv")
-  if [[ -n $tfds_dir ]]; then
-    tfds_dir=$(abspath "$tfds_dir")
-  fi
+  gpu_run_paths
   if ((!dry_run)) && [[ ! -x $venv/bin/python ]]; then
     die "no venv at $venv; run 'launch/$PROG setup' first (or pass --venv=DIR)"
   fi

@@ -7,7 +7,6 @@ set -euo pipefail
 SCRIPT_DIR=.; [[ ${BASH_SOURCE[0]} == */* ]] && SCRIPT_DIR=${BASH_SOURCE[0]%/*}
 # shellcheck source=lib.sh source-path=SCRIPTDIR
 source "$SCRIPT_DIR/lib.sh"  # PROG, REPO and the helpers shared by the launch scripts
-JAX_EXTRA='cuda12'  # pip's jax[cuda12]: the CUDA 12 plugin of the locked JAX version
 
 usage() {
   cat <<EOF
@@ -25,7 +24,7 @@ Commands:
            Every task sees all GPUs of its node and JAX gives it the one with
            index SLURM_LOCALID, so do not add per-task GPU binding (--gpus-per-task).
   setup    make the venv (default: <repo>/.venv) and install requirements.txt (the
-           lock) and then "jax[$JAX_EXTRA]" of the JAX version it locked into it;
+           lock) and then "jax[$CUDA_JAX_EXTRA]" of the JAX version it locked into it;
            run it once, on a login node (Python >= 3.11)
 
 Options for submit:
@@ -97,13 +96,10 @@ tfds_dir=${TFDS_DATA_DIR:-}
 log_dir=''
 extra=()
 scoped=()
+main_cmd=submit
 
 while (($#)); do
   case $1 in
-    -h | --help) usage; exit 0 ;;
-    --dry-run) dry_run=1; shift ;;
-    --venv | --venv=*) optval "$@"; venv=$OPTVAL; shift "$OPTSHIFT" ;;
-    --python | --python=*) optval "$@"; python=$OPTVAL; scoped+=("--python|setup"); shift "$OPTSHIFT" ;;
     --nodes | --nodes=*) optval "$@"; nodes=$OPTVAL; scoped+=("--nodes|submit"); shift "$OPTSHIFT" ;;
     --gpus-per-node | --gpus-per-node=*) optval "$@"; gpus=$OPTVAL; scoped+=("--gpus-per-node|submit"); shift "$OPTSHIFT" ;;
     --gpu-type | --gpu-type=*) optval "$@"; gpu_type=$OPTVAL; scoped+=("--gpu-type|submit"); shift "$OPTSHIFT" ;;
@@ -117,15 +113,8 @@ while (($#)); do
     --sbatch-arg=*) sbatch_args+=("${1#*=}"); scoped+=("--sbatch-arg|submit"); shift ;;
     --sbatch-arg) die "write --sbatch-arg=ARG (with '=')" ;;
     --prolog | --prolog=*) optval "$@"; prologs+=("$OPTVAL"); scoped+=("--prolog|submit"); shift "$OPTSHIFT" ;;
-    --config | --config=*) optval "$@"; config=$OPTVAL; scoped+=("--config|submit"); shift "$OPTSHIFT" ;;
-    --config.*) extra+=("$1"); scoped+=("--config.*|submit"); shift ;;
-    --run-name | --run-name=*) optval "$@"; run_name=$OPTVAL; scoped+=("--run-name|submit"); shift "$OPTSHIFT" ;;
-    --workdir | --workdir=*) optval "$@"; workdir=$OPTVAL; scoped+=("--workdir|submit"); shift "$OPTSHIFT" ;;
-    --tfds-data-dir | --tfds-data-dir=*) optval "$@"; tfds_dir=$OPTVAL; scoped+=("--tfds-data-dir|submit"); shift "$OPTSHIFT" ;;
     --log-dir | --log-dir=*) optval "$@"; log_dir=$OPTVAL; scoped+=("--log-dir|submit"); shift "$OPTSHIFT" ;;
-    --) shift; extra+=("$@"); scoped+=("-- ARGS|submit"); break ;;
-    -*) die "unknown option: $1 (see '$PROG --help')" ;;
-    *) take_command "$1"; shift ;;
+    *) gpu_option "$@"; shift "$OPTSHIFT" ;;
   esac
 done
 
@@ -135,11 +124,7 @@ case $cmd in
   *) die "unknown command: $cmd (expected submit or setup)" ;;
 esac
 
-check_scoped
-
-if [[ -z $venv ]]; then
-  die "--venv must not be empty"
-fi
+check_gpu_options
 
 # ---------------------------------------------------------------- commands
 do_setup() {
@@ -212,18 +197,8 @@ do_submit() {
   if [[ -n $cpus ]] && ! [[ $cpus =~ ^[1-9][0-9]*$ ]]; then
     die "--cpus-per-task must be a positive integer (got: $cpus)"
   fi
-  if [[ -z $run_name ]]; then
-    run_name=mstkd-$(date +%Y%m%d-%H%M%S)
-  fi
-  if ! [[ $run_name =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then
-    die "--run-name may only use letters, digits, '.', '_' and '-' (got: $run_name)"
-  fi
+  gpu_run_paths
   log_dir=$(abspath "${log_dir:-$REPO/workdir/slurm_logs}")
-  workdir=$(abspath "${workdir:-$REPO/workdir/$run_name}")
-  venv=$(abspath "$venv")
-  if [[ -n $tfds_dir ]]; then
-    tfds_dir=$(abspath "$tfds_dir")
-  fi
   # #SBATCH lines are not parsed by a shell: their values cannot be quoted.
   local v
   for v in "job-name:$job_name" "log-dir:$log_dir" "mem:$mem" "time:$time_limit" \

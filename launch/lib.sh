@@ -1,6 +1,7 @@
 # Helpers shared by the launch scripts, sourced first thing (the caller sets SCRIPT_DIR, its
-# own folder, and later dry_run, and for the command and setup helpers cmd, scoped, python,
-# venv and JAX_EXTRA).
+# own folder, and later dry_run, and for the command and setup helpers cmd, scoped, python
+# and venv; for the GPU launchers' also main_cmd, config, extra, run_name, workdir and
+# tfds_dir, and a usage function).
 # shellcheck shell=bash disable=SC2034,SC2154
 
 PROG=${0##*/}
@@ -99,10 +100,66 @@ check_scoped() {
   done
 }
 
+# The run name: mstkd-YYYYmmdd-HHMMSS when none was given. It names folders and files, so
+# it may only hold letters, digits, '.', '_' and '-'.
+check_run_name() {
+  if [[ -z $run_name ]]; then
+    run_name=mstkd-$(date +%Y%m%d-%H%M%S)
+  fi
+  if ! [[ $run_name =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then
+    die "--run-name may only use letters, digits, '.', '_' and '-' (got: $run_name)"
+  fi
+}
+
+# The arguments both GPU launchers take, one at a time: handles $1 (and its value; pass
+# every argument left) and sets OPTSHIFT to the words it took. --python is setup's; the
+# options of the run belong to $main_cmd, the command that runs mstkd_jax.main. A bare
+# word is the COMMAND; "--" takes all the rest as arguments for mstkd_jax.main.
+gpu_option() {
+  OPTSHIFT=1
+  case $1 in
+    -h | --help) usage; exit 0 ;;
+    --dry-run) dry_run=1 ;;
+    --venv | --venv=*) optval "$@"; venv=$OPTVAL ;;
+    --python | --python=*) optval "$@"; python=$OPTVAL; scoped+=("--python|setup") ;;
+    --config | --config=*) optval "$@"; config=$OPTVAL; scoped+=("--config|$main_cmd") ;;
+    --config.*) extra+=("$1"); scoped+=("--config.*|$main_cmd") ;;
+    --run-name | --run-name=*) optval "$@"; run_name=$OPTVAL; scoped+=("--run-name|$main_cmd") ;;
+    --workdir | --workdir=*) optval "$@"; workdir=$OPTVAL; scoped+=("--workdir|$main_cmd") ;;
+    --tfds-data-dir | --tfds-data-dir=*) optval "$@"; tfds_dir=$OPTVAL; scoped+=("--tfds-data-dir|$main_cmd") ;;
+    --) extra+=("${@:2}"); scoped+=("-- ARGS|$main_cmd"); OPTSHIFT=$# ;;
+    -*) die "unknown option: $1 (see '$PROG --help')" ;;
+    *) take_command "$1" ;;
+  esac
+}
+
+# After a GPU launcher's arguments: each option belongs to the command given, and the venv
+# is named.
+check_gpu_options() {
+  check_scoped
+  if [[ -z $venv ]]; then
+    die "--venv must not be empty"
+  fi
+}
+
+# The paths a GPU launcher's run gives mstkd_jax.main, which runs from the repo root: the
+# run name checked (check_run_name), the workdir (default <repo>/workdir/RUN_NAME), the venv
+# and the TFDS data folder made absolute.
+gpu_run_paths() {
+  check_run_name
+  workdir=$(abspath "${workdir:-$REPO/workdir/$run_name}")
+  venv=$(abspath "$venv")
+  if [[ -n $tfds_dir ]]; then
+    tfds_dir=$(abspath "$tfds_dir")
+  fi
+}
+
+CUDA_JAX_EXTRA='cuda12'  # pip's jax[cuda12]: the CUDA 12 plugin of the locked JAX version
+
 # setup of the GPU launchers: checks $python (>= 3.11), makes $venv and installs
-# requirements.txt (the lock: CPU JAX among exact versions), then jax[$JAX_EXTRA] of the
-# same JAX version (the CUDA plugin; a plugin must match its jaxlib). $1: what else to try
-# where $python is missing.
+# requirements.txt (the lock: CPU JAX among exact versions), then jax[$CUDA_JAX_EXTRA] of
+# the same JAX version (the CUDA plugin; a plugin must match its jaxlib). $1: what else to
+# try where $python is missing.
 make_cuda_venv() {
   if ((!dry_run)); then
     if ! command -v "$python" >/dev/null 2>&1; then
@@ -119,5 +176,5 @@ make_cuda_venv() {
   if ((!dry_run)); then
     version=$("$venv/bin/python" -c 'import jax; print(jax.__version__)')
   fi
-  run_cmd "$venv/bin/python" -m pip install "jax[$JAX_EXTRA]==$version"
+  run_cmd "$venv/bin/python" -m pip install "jax[$CUDA_JAX_EXTRA]==$version"
 }

@@ -271,12 +271,7 @@ do_run() {
   if [[ -z $bucket ]]; then
     die "run needs a GCS bucket for the workdir and the datasets: --bucket=NAME or GCS_BUCKET=NAME"
   fi
-  if [[ -z $run_name ]]; then
-    run_name=mstkd-$(date +%Y%m%d-%H%M%S)
-  fi
-  if ! [[ $run_name =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; then
-    die "--run-name may only use letters, digits, '.', '_' and '-' (got: $run_name)"
-  fi
+  check_run_name
   local mount=$REMOTE_MOUNTS/$bucket root=gs://$bucket
   if ((gcsfuse)); then
     root=$mount

@@ -5,7 +5,8 @@ and flatten size as `models.iresnet.IResNet`, an ElasticArcFace margin cross-ent
 SGD with momentum, weight decay and gradient-norm clipping of the backbone, as the
 authors' PyTorch recipe trains. Its state_dict names are insightface's, so it loads our
 IResNet as interop/torch_checkpoint.py exports it (tests/test_bench_torch.py checks that
-both give the same embeddings). On CUDA it runs channels_last, with bfloat16 autocast when
+both give the same embeddings; tests/test_torch_checkpoint.py uses it as the PyTorch
+reference of the checkpoint import and export). On CUDA it runs channels_last, with bfloat16 autocast when
 the benchmark's dtype is bfloat16 (float32 keeps TF32 on, as XLA does for float32
 convolutions by default). Imported only when PyTorch is installed.
 """
@@ -22,10 +23,23 @@ def _conv3x3(in_channels, out_channels, stride=1):
   return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
 
 
-class _IBasicBlock(nn.Module):
-  """BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN, plus the shortcut."""
+class _SEModule(nn.Module):
+  """The authors' SE gate: bias-free 1x1 convs, reduction 16."""
 
-  def __init__(self, in_channels, channels, stride):
+  def __init__(self, channels):
+    super().__init__()
+    self.fc1 = nn.Conv2d(channels, channels // 16, 1, bias=False)
+    self.fc2 = nn.Conv2d(channels // 16, channels, 1, bias=False)
+
+  def forward(self, x):
+    s = torch.relu(self.fc1(x.mean(dim=(2, 3), keepdim=True)))
+    return x * torch.sigmoid(self.fc2(s))
+
+
+class _IBasicBlock(nn.Module):
+  """BN -> conv3x3 -> BN -> PReLU -> conv3x3(stride) -> BN (-> SE gate), plus the shortcut."""
+
+  def __init__(self, in_channels, channels, stride, use_se=False):
     super().__init__()
     self.bn1 = nn.BatchNorm2d(in_channels, eps=1e-5)
     self.conv1 = _conv3x3(in_channels, channels)
@@ -38,9 +52,12 @@ class _IBasicBlock(nn.Module):
       self.downsample = nn.Sequential(
           nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
           nn.BatchNorm2d(channels, eps=1e-5))
+    self.se_block = _SEModule(channels) if use_se else None
 
   def forward(self, x):
     y = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
+    if self.se_block is not None:
+      y = self.se_block(y)
     return y + (x if self.downsample is None else self.downsample(x))
 
 
@@ -50,7 +67,7 @@ class IResNet(nn.Module):
   Modules are named as insightface's (conv1, bn1, prelu, layer<stage>.<block>.conv1, ...,
   bn2, fc, features), so `load_state_dict(torch.load(path, weights_only=True))` reads a
   `.pth` written by interop/torch_checkpoint.py's `export_iresnet` + `save_state_dict` for
-  a Flax IResNet of the same depths, width and embedding (no SE gates).
+  a Flax IResNet of the same depths, width, embedding and SE gates.
 
   Args:
     stage_depths: IBasicBlocks per stage, e.g. (3, 4, 6, 3) for IResNet-34.
@@ -58,10 +75,11 @@ class IResNet(nn.Module):
     embedding_size: size of the embedding.
     dropout: dropout rate before the embedding layer.
     image_size: input height and width, a multiple of 16 (fixes fc's input size).
+    use_se: an SE gate (`se_block`) at the end of every block's residual branch.
   """
 
   def __init__(self, stage_depths, width=64, embedding_size=512, dropout=0.0,
-               image_size=112):
+               image_size=112, use_se=False):
     super().__init__()
     self.conv1 = _conv3x3(3, width)
     self.bn1 = nn.BatchNorm2d(width, eps=1e-5)
@@ -71,7 +89,7 @@ class IResNet(nn.Module):
     for stage, depth in enumerate(stage_depths):
       out_channels = width * 2 ** stage
       blocks = [_IBasicBlock(channels if i == 0 else out_channels, out_channels,
-                             2 if i == 0 else 1) for i in range(depth)]
+                             2 if i == 0 else 1, use_se) for i in range(depth)]
       self.add_module(self.stage_names[stage], nn.Sequential(*blocks))
       channels = out_channels
     self.bn2 = nn.BatchNorm2d(channels, eps=1e-5)

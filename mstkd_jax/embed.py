@@ -42,7 +42,7 @@ from typing import Any, Iterator, Sequence
 from absl import app, flags
 import numpy as np
 
-from mstkd_jax import paths
+from mstkd_jax import errors, paths
 from mstkd_jax.formats.images import IMAGE_EXTENSIONS, decode_image, is_image_name, read_image_file
 from mstkd_jax.errors import UserError
 from mstkd_jax.interop import resolve
@@ -226,8 +226,7 @@ def embed(checkpoint: Any, arch_settings: Any, images: Any, out: Any, *, flip: b
              "resized": {f"{h}x{w}": n for (h, w), n in resized.items()},
              "warnings": warnings}
   if verbose:
-    for warning in warnings:
-      print(f"warning: {warning}", file=sys.stderr, flush=True)
+    errors.warn_all(warnings, sys.stderr)
     print(f"Wrote {path}: {len(names)} L2-normalized embeddings of "
           f"{embeddings.shape[1]} dimensions ({resolve.describe(model.settings)}"
           f"{', image + mirror' if flip else ''}) and their names", flush=True)

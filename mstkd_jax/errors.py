@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import sys
-from typing import Callable, TextIO
+from typing import Callable, Iterable, TextIO
 
 
 class UserError(Exception):
@@ -48,6 +48,12 @@ def warn(message: str, file: TextIO | None = None) -> None:
   """Prints `warning: <message>` as one line to `file` (default: stdout, next to the
   progress lines it is about) and flushes it."""
   print(f"warning: {message}", file=file or sys.stdout, flush=True)
+
+
+def warn_all(messages: Iterable[str], file: TextIO | None = None) -> None:
+  """`warn` for each of `messages`, in order."""
+  for message in messages:
+    warn(message, file)
 
 
 INTERRUPTED = 130  # 128 + SIGINT: the exit code a shell gives a command ended by Ctrl-C

@@ -66,6 +66,7 @@ from typing import Any, Callable
 
 from absl import app, flags
 
+from mstkd_jax import errors
 from mstkd_jax.errors import UserError
 from mstkd_jax.interop import resolve
 # How insightface's model_zoo reads a graph; shared with evaluate's ONNX checkpoints.
@@ -302,8 +303,7 @@ def export(checkpoint: Any, arch_settings: Any, out: Any, *, opset: int = DEFAUL
              "max_relative_error": error, "insightface": reading, "metadata": props,
              "warnings": warnings}
   if verbose:
-    for warning in warnings:
-      print(f"warning: {warning}", file=sys.stderr, flush=True)
+    errors.warn_all(warnings, sys.stderr)
     print(f"Wrote {path} ({resolve.describe(model.settings)}, opset {opset}, "
           f"{os.path.getsize(path) / 2**20:.1f} MiB): input {INPUT_NAME} float32 "
           f"[N, 3, {size}, {size}], output {OUTPUT_NAME} float32 "

@@ -18,8 +18,8 @@ from mstkd_jax.errors import UserError
 from mstkd_jax.interop import torch_checkpoint as tc
 from mstkd_jax.train import build, parallel as parallel_lib, state as state_lib, steps
 
-from test_torch_checkpoint import (IMAGE, _Flax, _flax, _images, _max_relative_error,
-                                   _random_variables, _saved_twin)
+from test_torch_checkpoint import (IMAGE, _Flax, _exported_in_twin, _flax,
+                                   _max_relative_error, _random_variables, _saved_twin)
 
 TINY = dict(width=4, scale=1, blocks=(1, 1, 1, 1), embedding_size=8)
 
@@ -295,12 +295,8 @@ def test_exported_mbf_gives_same_embeddings_in_pytorch(tmp_path):
   flax = _mbf_flax()
   variables = _random_variables(flax.template, seed=3)
   path = tmp_path / "mbf_exported.pth"
-  tc.save_state_dict(path, tc.export_backbone(variables))
-  net = _torch_mobilefacenet(torch)
-  net.load_state_dict(torch.load(path, weights_only=True), strict=True)
-  images = _images(seed=1)
-  with torch.no_grad():
-    reference = net.eval()(torch.from_numpy(images)).numpy()
+  images, reference = _exported_in_twin(torch, _torch_mobilefacenet(torch),
+                                        tc.export_backbone(variables), path)
   assert _max_relative_error(flax.embed(variables, images), reference) < 1e-4
   imported = tc.import_backbone(tc.load_state_dict(path), flax.template)
   jax.tree.map(np.testing.assert_array_equal, imported, variables)

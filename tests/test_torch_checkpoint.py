@@ -2,8 +2,8 @@
 mapping it rests on: torch_names, torch_iresnet, torch_mbf, backbones); the file format's
 own tests are test_pth_format.py's, the MobileFaceNet twin's test_mobilefacenet.py's.
 
-The PyTorch reference below follows insightface's IResNet as its architecture is
-described; tests that need it skip when torch is not installed.
+The PyTorch reference is bench_torch's IResNet, written after insightface's as its
+architecture is described; tests that need it skip when torch is not installed.
 """
 
 import collections
@@ -32,78 +32,11 @@ IMAGE = 32  # Last feature map 2x2.
 DEPTHS = (2, 2, 2, 2)  # iresnet18
 
 
-def _torch_iresnet(torch, depths=DEPTHS, width=WIDTH, embedding_size=EMBEDDING,
-                   image_size=IMAGE, use_se=False):
-  """A PyTorch IResNet with insightface's layout and state_dict names."""
-  nn = torch.nn
-
-  def conv3x3(cin, cout, stride=1):
-    return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-
-  class SEModule(nn.Module):
-    """The authors' SE gate: bias-free 1x1 convs, reduction 16."""
-
-    def __init__(self, channels):
-      super().__init__()
-      self.fc1 = nn.Conv2d(channels, channels // 16, 1, bias=False)
-      self.fc2 = nn.Conv2d(channels // 16, channels, 1, bias=False)
-
-    def forward(self, x):
-      s = torch.relu(self.fc1(x.mean(dim=(2, 3), keepdim=True)))
-      return x * torch.sigmoid(self.fc2(s))
-
-  class IBasicBlock(nn.Module):
-
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.bn1 = nn.BatchNorm2d(cin, eps=1e-5)
-      self.conv1 = conv3x3(cin, cout)
-      self.bn2 = nn.BatchNorm2d(cout, eps=1e-5)
-      self.prelu = nn.PReLU(cout)
-      self.conv2 = conv3x3(cout, cout, stride)
-      self.bn3 = nn.BatchNorm2d(cout, eps=1e-5)
-      self.downsample = None
-      if stride != 1 or cin != cout:
-        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
-                                        nn.BatchNorm2d(cout, eps=1e-5))
-      if use_se:
-        self.se_block = SEModule(cout)
-
-    def forward(self, x):
-      out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
-      if use_se:
-        out = self.se_block(out)
-      return out + (x if self.downsample is None else self.downsample(x))
-
-  class IResNet(nn.Module):
-
-    def __init__(self):
-      super().__init__()
-      self.conv1 = conv3x3(3, width)
-      self.bn1 = nn.BatchNorm2d(width, eps=1e-5)
-      self.prelu = nn.PReLU(width)
-      cin = width
-      for stage, depth in enumerate(depths):
-        cout = width * 2**stage
-        blocks = [IBasicBlock(cin if i == 0 else cout, cout, 2 if i == 0 else 1)
-                  for i in range(depth)]
-        setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
-        cin = cout
-      self.bn2 = nn.BatchNorm2d(cin, eps=1e-5)
-      self.dropout = nn.Dropout(0.0)
-      self.fc = nn.Linear(cin * (image_size // 16)**2, embedding_size)
-      self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
-      nn.init.constant_(self.features.weight, 1.0)
-      self.features.weight.requires_grad = False
-
-    def forward(self, x):
-      x = self.prelu(self.bn1(self.conv1(x)))
-      for stage in range(len(depths)):
-        x = getattr(self, f"layer{stage + 1}")(x)
-      x = self.dropout(torch.flatten(self.bn2(x), 1))
-      return self.features(self.fc(x))
-
-  return IResNet()
+def _torch_iresnet(use_se=False):
+  """bench_torch's PyTorch IResNet (insightface's layout and state_dict names) of the sizes
+  here; import it only after torch is found to be installed."""
+  from mstkd_jax import bench_torch  # pylint: disable=g-import-not-at-top  (needs torch)
+  return bench_torch.IResNet(DEPTHS, WIDTH, EMBEDDING, image_size=IMAGE, use_se=use_se)
 
 
 def _randomize(torch, net, seed=0):
@@ -175,6 +108,16 @@ def _max_relative_error(ours, reference):
   return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
 
 
+def _exported_in_twin(torch, net, state_dict, path):
+  """Saves `state_dict` (our export) to `path` and loads it into the PyTorch twin `net`,
+  every key, strictly; returns (NCHW images, the net's embeddings of them in eval mode)."""
+  tc.save_state_dict(path, state_dict)
+  net.load_state_dict(torch.load(path, weights_only=True), strict=True)
+  images = _images(seed=1)
+  with torch.no_grad():
+    return images, net.eval()(torch.from_numpy(images)).numpy()
+
+
 def _saved_twin(torch, net, folder):
   """Randomizes `net`, saves its state_dict to folder/twin.pth; returns (path, NCHW images,
   the net's embeddings of them in eval mode)."""
@@ -192,7 +135,7 @@ def _saved_twin(torch, net, folder):
 @pytest.mark.parametrize("use_se", [False, True])
 def test_imported_checkpoint_gives_pytorch_embeddings(tmp_path, use_se):
   torch = pytest.importorskip("torch")
-  path, images, reference = _saved_twin(torch, _torch_iresnet(torch, use_se=use_se), tmp_path)
+  path, images, reference = _saved_twin(torch, _torch_iresnet(use_se=use_se), tmp_path)
   flax = _flax(use_se=use_se)
   ours = flax.embed(tc.load_iresnet(path, flax.template), images)
   assert _max_relative_error(ours, reference) < 1e-4
@@ -203,13 +146,8 @@ def test_exported_checkpoint_gives_same_embeddings_in_pytorch(tmp_path):
   flax = _flax()
   variables = _random_variables(flax.template)
   path = tmp_path / "exported.pth"
-  tc.save_state_dict(path, tc.export_iresnet(variables))
-
-  net = _torch_iresnet(torch)
-  net.load_state_dict(torch.load(path, weights_only=True), strict=True)
-  images = _images(seed=1)
-  with torch.no_grad():
-    reference = net.eval()(torch.from_numpy(images)).numpy()
+  images, reference = _exported_in_twin(torch, _torch_iresnet(), tc.export_iresnet(variables),
+                                        path)
   assert _max_relative_error(flax.embed(variables, images), reference) < 1e-4
   assert not os.path.exists(f"{path}.tmp") and os.listdir(tmp_path) == ["exported.pth"]
 
@@ -290,7 +228,7 @@ def _arcface_torch_resume_checkpoint(torch, net, data_parallel: bool, optimizer:
 def test_arcface_torch_resume_checkpoint_gives_pytorch_embeddings(tmp_path, data_parallel,
                                                                   optimizer):
   torch = pytest.importorskip("torch")
-  net = _randomize(torch, _torch_iresnet(torch))
+  net = _randomize(torch, _torch_iresnet())
   path = tmp_path / "checkpoint_gpu_0.pt"
   torch.save(_arcface_torch_resume_checkpoint(torch, net, data_parallel, optimizer), path)
   images = _images()

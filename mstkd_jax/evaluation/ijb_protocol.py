@@ -295,18 +295,9 @@ def plot_roc(section: Mapping) -> bytes:
               label=f"{model} ({variant}, AUC {100 * entry['auc']:.2f}%)")
   for far in FAR_GRID:
     ax.axvline(far, color="grey", lw=0.6, ls=":")
-  ax.set_xscale("log")
-  ax.set_xlim(FAR_GRID[0], 1.0)
-  ax.set_xticks(list(FAR_GRID) + [1.0])
-  ax.set_ylim(0.0, 1.01)
-  ax.set_xlabel("False acceptance rate")
-  ax.set_ylabel("True acceptance rate")
-  ax.set_title(f"ROC on {section['name']} (1:1 template verification)")
-  ax.grid(True, which="major", alpha=0.3)
-  if ax.get_lines():
-    ax.legend(loc="lower right", fontsize="small")
-  fig.tight_layout()
-  return plots.png_bytes(fig)
+  return plots.roc_png(fig, ax, f"ROC on {section['name']} (1:1 template verification)",
+                       FAR_GRID[0], rate_names=("False acceptance rate", "True acceptance rate"),
+                       rate_ticks=list(FAR_GRID) + [1.0], grid="major", legend_size="small")
 
 
 def warnings_of(section: Mapping) -> list[str]:

@@ -42,15 +42,37 @@ def plot_roc(model: str, rocs: Mapping[str, Mapping]) -> bytes:
       order = np.argsort(fpr[keep], kind="stable")
       ax.plot(fpr[keep][order], tpr[keep][order], label=group)
       lowest = min(lowest, float(fpr[keep].min()))
+  return roc_png(fig, ax, f"ROC: {model}", min(1e-4, lowest))
+
+
+def roc_png(fig, ax, title: str, lowest_rate: float, *,
+            rate_names: tuple[str, str] = ("False positive rate", "True positive rate"),
+            rate_ticks: Sequence[float] | None = None, grid: str = "both",
+            legend_size: str | None = None) -> bytes:
+  """The PNG of `fig` once its `ax`, where ROC curves are drawn, gets the axes of a ROC.
+
+  Args:
+    fig: the matplotlib Figure of `ax`.
+    ax: its Axes, the curves drawn (TPR vs FPR, FPR > 0).
+    title: the Axes' title.
+    lowest_rate: where the log-scale FPR axis starts (it ends at 1).
+    rate_names: the x and y axis labels.
+    rate_ticks: FPR values to tick instead of matplotlib's choice.
+    grid: the ticks the grid follows ("major" or "both").
+    legend_size: legend font size; None is matplotlib's default. The legend, at the
+      lower right, is there only when a line was drawn.
+  """
   ax.set_xscale("log")
-  ax.set_xlim(min(1e-4, lowest), 1.0)
+  ax.set_xlim(lowest_rate, 1.0)
+  if rate_ticks is not None:
+    ax.set_xticks(rate_ticks)
   ax.set_ylim(0.0, 1.01)
-  ax.set_xlabel("False positive rate")
-  ax.set_ylabel("True positive rate")
-  ax.set_title(f"ROC: {model}")
-  ax.grid(True, which="both", alpha=0.3)
+  ax.set_xlabel(rate_names[0])
+  ax.set_ylabel(rate_names[1])
+  ax.set_title(title)
+  ax.grid(True, which=grid, alpha=0.3)
   if ax.get_lines():
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=legend_size)
   fig.tight_layout()
   return png_bytes(fig)
 

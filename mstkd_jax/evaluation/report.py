@@ -45,6 +45,43 @@ def _check_rocs(rocs: Any) -> None:
                         "equal length")
 
 
+class ReportFolder:
+  """The folder a report (or the report over seeds) is written into, made on creation.
+
+  Every file is written whole (a temporary file, then a rename; a URL through epath).
+
+  Attributes:
+    out: the folder, a local path or a URL.
+    written: label -> path of every file written.
+    images: caption -> file name of every plot `put_image` wrote, in order, for report.md.
+
+  Raises:
+    UserError: the folder or a file cannot be written.
+  """
+
+  def __init__(self, out_dir: Any):
+    self.out = paths.resolve(out_dir, "the report folder")  # a URL stays one (pathlib would not)
+    files.makedirs(self.out)
+    self.written: dict[str, str] = {}
+    self.images: dict[str, str] = {}
+
+  def put(self, label: str, name: str, data: bytes) -> None:
+    """Writes `data` as file `name` of the folder, recorded as `label`."""
+    path = os.path.join(self.out, name)
+    files.write_bytes(path, data)
+    self.written[label] = str(path)
+
+  def put_json(self, label: str, name: str, value: Any, indent: int | None = None) -> None:
+    """Writes `value` as JSON and a newline; NaN and infinity raise ValueError (JSON has
+    neither)."""
+    self.put(label, name, (json.dumps(value, indent=indent, allow_nan=False) + "\n").encode())
+
+  def put_image(self, label: str, name: str, png: bytes, caption: str) -> None:
+    """Writes the plot `png` as `name`, shown in report.md under `caption`."""
+    self.put(label, name, png)
+    self.images[caption] = name
+
+
 def write_report(report: Mapping, out_dir: Any, roc_data: Mapping | None = None) -> dict:
   """Writes report.json, roc.json, report.md and the PNG plots into `out_dir`.
 
@@ -61,8 +98,7 @@ def write_report(report: Mapping, out_dir: Any, roc_data: Mapping | None = None)
     "roc/<model>" per model, "metrics" (fairness_metrics.png, when a fairness metric is
     plotted: `fairness.Metric.plot`), "roc_ijb_json" and "roc_ijb" (with an IJB section).
   """
-  out = paths.resolve(out_dir, "the report folder")  # a URL stays one (pathlib would not)
-  files.makedirs(out)
+  folder = ReportFolder(out_dir)
   rocs = summary.jsonable(roc_data) if roc_data is not None else _collect_roc(report)
   _check_rocs(rocs)
 
@@ -74,32 +110,24 @@ def write_report(report: Mapping, out_dir: Any, roc_data: Mapping | None = None)
   for model, variants in (slim.get("ijb") or {}).get("models", {}).items():
     ijb_rocs[model] = {v: e.pop("roc") for v, e in variants.items() if "roc" in e}
 
-  written: dict[str, str] = {}
-
-  def put(label: str, name: str, data: bytes) -> None:
-    path = os.path.join(out, name)
-    files.write_bytes(path, data)
-    written[label] = str(path)
-
-  put("json", "report.json", (json.dumps(slim, indent=2, allow_nan=False) + "\n").encode())
+  folder.put_json("json", "report.json", slim, indent=2)
   if rocs:
-    put("roc_json", "roc.json", (json.dumps(rocs, allow_nan=False) + "\n").encode())
+    folder.put_json("roc_json", "roc.json", rocs)
 
-  images: dict[str, str] = {}
   if report.get("ijb"):
     # pylint: disable-next=g-import-not-at-top
     from mstkd_jax.evaluation import ijb_protocol as ijb_lib
-    put("roc_ijb_json", "roc_ijb.json", (json.dumps(ijb_rocs, allow_nan=False) + "\n").encode())
+    folder.put_json("roc_ijb_json", "roc_ijb.json", ijb_rocs)
     name = re.sub(r"[^A-Za-z0-9._+-]", "_", str(report["ijb"]["name"]))
-    put("roc_ijb", f"roc_ijb_{name}.png", ijb_lib.plot_roc(report["ijb"]))
-    images[f"ROC {report['ijb']['name']}"] = f"roc_ijb_{name}.png"
+    folder.put_image("roc_ijb", f"roc_ijb_{name}.png", ijb_lib.plot_roc(report["ijb"]),
+                     f"ROC {report['ijb']['name']}")
   if report["models"]:
-    put("accuracy_by_group", "accuracy_by_group.png", plots.plot_accuracy_by_group(report))
-    images["Accuracy by group"] = "accuracy_by_group.png"
+    folder.put_image("accuracy_by_group", "accuracy_by_group.png",
+                     plots.plot_accuracy_by_group(report), "Accuracy by group")
   heatmap = plots.plot_teacher_heatmap(report)
   if heatmap is not None:
-    put("teacher_group_heatmap", "teacher_group_heatmap.png", heatmap)
-    images["Teacher x group accuracy"] = "teacher_group_heatmap.png"
+    folder.put_image("teacher_group_heatmap", "teacher_group_heatmap.png", heatmap,
+                     "Teacher x group accuracy")
   used: set[str] = set()
   for model, per_group in rocs.items():
     name = roc_file_name(model)
@@ -107,12 +135,10 @@ def write_report(report: Mapping, out_dir: Any, roc_data: Mapping | None = None)
     while name in used:  # two model names may sanitize to one file name
       name, n = f"{stem}_{n}.png", n + 1
     used.add(name)
-    put(f"roc/{model}", name, plots.plot_roc(model, per_group))
-    images[f"ROC {model}"] = name
+    folder.put_image(f"roc/{model}", name, plots.plot_roc(model, per_group), f"ROC {model}")
   metrics_png = plots.plot_metrics(report) if report["models"] else None
   if metrics_png is not None:
-    put("metrics", "fairness_metrics.png", metrics_png)
-    images["Fairness metrics"] = "fairness_metrics.png"
+    folder.put_image("metrics", "fairness_metrics.png", metrics_png, "Fairness metrics")
 
-  put("markdown", "report.md", markdown.report_markdown(slim, images).encode())
-  return written
+  folder.put("markdown", "report.md", markdown.report_markdown(slim, folder.images).encode())
+  return folder.written

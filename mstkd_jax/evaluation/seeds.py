@@ -9,16 +9,13 @@ differences. `write_combined` writes report.json, report.md and the PNG plots.
 
 from __future__ import annotations
 
-import json
 import numbers
-import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mstkd_jax import files, paths
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import fairness, intervals, markdown, plots, summary
+from mstkd_jax.evaluation import fairness, intervals, markdown, plots, report, summary
 # The entry point that prints the combined report, for its caller (pipeline).
 from mstkd_jax.evaluation.tables import format_combined_table  # pylint: disable=unused-import
 
@@ -162,23 +159,15 @@ def write_combined(combined: Mapping, out_dir: Any) -> dict:
   Raises:
     UserError: the folder or a file cannot be written.
   """
-  out = paths.resolve(out_dir, "the report folder")  # a URL stays one (pathlib would not)
-  files.makedirs(out)
+  folder = report.ReportFolder(out_dir)
   data = summary.jsonable(combined)
-  written: dict[str, str] = {}
-
-  def put(label: str, name: str, content: bytes) -> None:
-    path = os.path.join(out, name)
-    files.write_bytes(path, content)
-    written[label] = str(path)
-
-  put("json", "report.json", (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
-  images = {"Accuracy vs bias": "accuracy_bias.png", "Accuracy by group": "group_accuracy.png"}
-  put("accuracy_bias", "accuracy_bias.png", plots.plot_accuracy_bias(data))
-  put("group_accuracy", "group_accuracy.png", plots.plot_group_bars(data))
+  folder.put_json("json", "report.json", data, indent=2)
+  folder.put_image("accuracy_bias", "accuracy_bias.png", plots.plot_accuracy_bias(data),
+                   "Accuracy vs bias")
+  folder.put_image("group_accuracy", "group_accuracy.png", plots.plot_group_bars(data),
+                   "Accuracy by group")
   metrics_png = plots.plot_combined_metrics(data)
   if metrics_png is not None:
-    put("metrics", "fairness_metrics.png", metrics_png)
-    images["Fairness metrics"] = "fairness_metrics.png"
-  put("markdown", "report.md", markdown.combined_markdown(data, images).encode())
-  return written
+    folder.put_image("metrics", "fairness_metrics.png", metrics_png, "Fairness metrics")
+  folder.put("markdown", "report.md", markdown.combined_markdown(data, folder.images).encode())
+  return folder.written

@@ -1,5 +1,5 @@
-"""Streaming reader/writer for face image trees, plus the record types all readers share
-(images are decoded by images.py).
+"""Streaming reader/writer for face image trees, plus the record types and the image check
+(`decodes`) all readers share (images are decoded by images.py).
 
 Layouts: <root>/<group>/<identity>/<image> (BUPT-Balancedface/Globalface) or
 <root>/<identity>/<image>.
@@ -28,6 +28,25 @@ class FaceRecord:
   identity: int
   group: int
   source: str
+
+
+def decodes(data: bytes, source: str, skip_corrupt: bool, skipped: list) -> bool:
+  """Whether the encoded image `data` decodes, as a reader that validates checks each image.
+
+  With `skip_corrupt` an undecodable image is appended to `skipped` as (source, reason) and
+  gives False.
+
+  Raises:
+    UserError: the image does not decode and skip_corrupt is False.
+  """
+  try:
+    decode_image(data, source)
+  except UserError as e:
+    if not skip_corrupt:
+      raise
+    skipped.append((source, str(e)))
+    return False
+  return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,14 +246,8 @@ class ImageTreeReader:
       for name in files:
         source = os.path.join(path, name)
         data = read_image_file(source)
-        if self.validate:
-          try:
-            decode_image(data, source)
-          except UserError as e:
-            if not self.skip_corrupt:
-              raise
-            self.skipped.append((source, str(e)))
-            continue
+        if self.validate and not decodes(data, source, self.skip_corrupt, self.skipped):
+          continue
         yield FaceRecord(data, identity, self.index.identity_groups[identity], source)
 
 

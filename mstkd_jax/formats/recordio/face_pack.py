@@ -2,6 +2,7 @@
 header and identity records checked against each image's own label, and written."""
 
 import array
+import contextlib
 import os
 import sys
 from typing import Callable, Iterator
@@ -10,8 +11,7 @@ import numpy as np
 
 from mstkd_jax import errors
 from mstkd_jax.errors import UserError
-from mstkd_jax.formats.image_tree import DatasetIndex, FaceRecord
-from mstkd_jax.formats.images import decode_image
+from mstkd_jax.formats.image_tree import DatasetIndex, FaceRecord, decodes
 from mstkd_jax.formats.recordio import identities
 from mstkd_jax.formats.recordio.codec import FLAG_LABEL, FLOAT32, IR_HEADER, MAX_FLOAT_INT
 from mstkd_jax.formats.recordio.codec import IRHeader, head_header, label_int
@@ -20,7 +20,7 @@ from mstkd_jax.formats.recordio.reader import RecordIOReader
 from mstkd_jax.formats.recordio.writer import RecordIOWriter
 
 
-class FaceRecordIOReader:
+class FaceRecordIOReader(contextlib.AbstractContextManager):
   """Streams FaceRecords from an insightface training RecordIO (train.rec + train.idx).
 
   With a header record (key 0, flag > 0, label = (first identity key, end key)), images are
@@ -237,21 +237,12 @@ class FaceRecordIOReader:
       if label != expected:
         raise UserError(f"{source}: image label {label} now but {expected} when the index "
                         "was read; expected the .rec not to change while it is read")
-      if self.validate:
-        try:
-          decode_image(image, source)
-        except UserError as e:
-          if not self.skip_corrupt:
-            raise
-          self.skipped.append((source, str(e)))
-          continue
+      if self.validate and not decodes(image, source, self.skip_corrupt, self.skipped):
+        continue
       yield FaceRecord(image, label, self.index.identity_groups[label], source)
 
   def close(self):
     self._raw.close()
-
-  def __enter__(self):
-    return self
 
   def __exit__(self, *exc):
     self.close()

@@ -2,6 +2,7 @@
 every header, length and index line checked."""
 
 import array
+import contextlib
 import os
 from typing import Iterator
 
@@ -11,7 +12,7 @@ from mstkd_jax.errors import UserError
 from mstkd_jax.formats.recordio.codec import HEAD, LENGTH_BITS, LENGTH_MASK, MAGIC, MAGIC_BYTES
 
 
-class RecordIOReader:
+class RecordIOReader(contextlib.AbstractContextManager):
   """Reads raw RecordIO records, sequentially or by key through the .idx.
 
   Attributes:
@@ -205,9 +206,6 @@ class RecordIOReader:
 
   def close(self):
     self._f.close()
-
-  def __enter__(self):
-    return self
 
   def __exit__(self, *exc):
     self.close()

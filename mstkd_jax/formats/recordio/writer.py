@@ -1,11 +1,12 @@
 """Raw RecordIO records written, with the .idx ("<key>\\t<offset>") when asked."""
 
 import os
+import contextlib
 
 from mstkd_jax.formats.recordio.codec import HEAD, LENGTH_BITS, LENGTH_MASK, encode_record
 
 
-class RecordIOWriter:
+class RecordIOWriter(contextlib.AbstractContextManager):
   """Writes raw RecordIO records and, when given an idx path, the "<key>\\t<offset>" index."""
 
   def __init__(self, rec_path: str, idx_path: str | None = None):
@@ -46,9 +47,6 @@ class RecordIOWriter:
     self._f.close()
     if self._idx is not None:
       self._idx.close()
-
-  def __enter__(self):
-    return self
 
   def __exit__(self, *exc):
     self.close()
