@@ -60,15 +60,13 @@ from mstkd_jax.data import pairs
 from mstkd_jax.formats import faces
 from mstkd_jax import errors
 from mstkd_jax.errors import UserError
-from mstkd_jax.interop import resolve
+from mstkd_jax.interop import command_line, resolve
+from mstkd_jax.interop.command_line import FlagError
 
 RESAMPLING = faces.RESAMPLING
 NORMALIZATION = "(x / 255 - 0.5) / 0.5 on RGB uint8, as insightface"
 SYNTHETIC = "synthetic"
 NUM_FOLDS = 10
-
-
-FlagError = resolve.FlagError  # Shared with export and embed.
 
 
 @dataclasses.dataclass
@@ -322,7 +320,7 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
   checkpoints = ([checkpoint] if checkpoint is None or isinstance(checkpoint, (str, os.PathLike))
                  else list(checkpoint))
   if not checkpoints:
-    checkpoints = [None]  # resolve.checkpoint_path names the missing flag
+    checkpoints = [None]  # command_line.checkpoint_path names the missing flag
   names = [name] if name is None or isinstance(name, str) else list(name)
   if len(names) == 1 and names[0] is None:
     names = [None] * len(checkpoints)
@@ -335,7 +333,7 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
   out_dir = paths.local(out_dir, "--out")
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FlagError(f"--out={out_dir}: is a file; expected a folder")
-  checkpoint_paths = [resolve.checkpoint_path(c) for c in checkpoints]
+  checkpoint_paths = [command_line.checkpoint_path(c) for c in checkpoints]
   for i, entry in enumerate(data_sources):
     _precheck(entry, i)
   data_dir = paths.local(data_dir, "--data_dir") if data_dir else (
@@ -426,7 +424,7 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
 # --- Command line ----------------------------------------------------------------------
 
 # --checkpoint, --arch, --width, --embedding_size, --use_se, --image_size (shared).
-_MODEL = resolve.define_model_flags(repeatable=True)
+_MODEL = command_line.define_model_flags(repeatable=True)
 _DATA = flags.DEFINE_multi_string(
     "data", [], "Verification data, repeatable: an insightface .bin (group = file stem "
     "without _test), an RFW folder, or synthetic[:scale].")
@@ -444,16 +442,13 @@ _SKIP_MISSING = flags.DEFINE_boolean("skip_missing", False, "Skip IJB images abs
 
 
 def main(argv):
-  resolve.run_command(argv, lambda: evaluate(
+  command_line.run_command(argv, lambda: evaluate(
       _MODEL.checkpoint.value, _MODEL.settings(), _DATA.value, _OUT.value,
       name=_NAME.value or None,
       batch_size=_BATCH_SIZE.value, data_dir=_DATA_DIR.value, ijb=_IJB.value,
       ijb_name=_IJB_NAME.value, skip_missing=_SKIP_MISSING.value))
 
 
-parse_flags = resolve.parse_flags
-
-
 if __name__ == "__main__":
   flags.mark_flags_as_required(["out"])
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=command_line.parse_flags)
