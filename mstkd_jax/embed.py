@@ -45,8 +45,8 @@ import numpy as np
 from mstkd_jax import errors, paths
 from mstkd_jax.formats.images import IMAGE_EXTENSIONS, decode_image, is_image_name, read_image_file
 from mstkd_jax.errors import UserError
-from mstkd_jax.interop import resolve
-from mstkd_jax.interop.resolve import FlagError
+from mstkd_jax.interop import command_line, resolve
+from mstkd_jax.interop.command_line import FlagError
 
 # Decoded images held in memory at a time (a multiple of the batch is used).
 CHUNK_IMAGES = 2048
@@ -195,9 +195,9 @@ def embed(checkpoint: Any, arch_settings: Any, images: Any, out: Any, *, flip: b
   explicit = resolve.as_settings(arch_settings, FlagError)
   resolve.check_settings(explicit, "--", FlagError)
   batch_size = resolve.check_positive(batch_size, "--batch_size", FlagError)
-  path = resolve.output_file(out, "embeddings.npz")
+  path = command_line.output_file(out, "embeddings.npz")
   image_paths, names = list_images(images)
-  model = resolve.load_model(resolve.checkpoint_path(checkpoint), explicit)
+  model = resolve.load_model(command_line.checkpoint_path(checkpoint), explicit)
 
   import jax  # pylint: disable=g-import-not-at-top
   from mstkd_jax import files  # pylint: disable=g-import-not-at-top
@@ -240,7 +240,7 @@ def define_flags() -> dict:
   """Defines the command's absl flags (only when run as a command); returns the holders."""
   return {
       # --checkpoint, --arch, --width, --embedding_size, --use_se, --image_size (as evaluate).
-      "model": resolve.define_model_flags(),
+      "model": command_line.define_model_flags(),
       "images": flags.DEFINE_string("images", None, "A folder of aligned face images (any "
                                     "depth) or a text file of image paths, one a line."),
       "out": flags.DEFINE_string("out", None, "The .npz to write (embeddings, names)."),
@@ -259,5 +259,5 @@ def run(holders: dict) -> None:
 if __name__ == "__main__":
   _HOLDERS = define_flags()
   flags.mark_flags_as_required(["checkpoint", "images", "out"])
-  app.run(lambda argv: resolve.run_command(argv, lambda: run(_HOLDERS)),
-          flags_parser=resolve.parse_flags)
+  app.run(lambda argv: command_line.run_command(argv, lambda: run(_HOLDERS)),
+          flags_parser=command_line.parse_flags)

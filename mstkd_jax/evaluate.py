@@ -41,8 +41,8 @@ from fc's weight). Evaluation always computes in float32. Errors a user can fix 
 
 In Python: `evaluate(checkpoint, arch_settings, data_sources, out_dir)` returns the
 report dict (see mstkd_jax.evaluation.report.build_report). The checkpoint and its model
-settings are resolved by mstkd_jax.interop.resolve; the data formats are the planners of
-mstkd_jax.data.pairs.
+settings are resolved by mstkd_jax.interop.resolve; the --data entries are read by
+mstkd_jax.evaluate_data, through the planners of mstkd_jax.data.pairs.
 """
 
 import dataclasses
@@ -53,163 +53,18 @@ import tempfile
 from typing import Any, Mapping, Sequence
 
 from absl import app, flags
-import numpy as np
 
-from mstkd_jax import paths
+from mstkd_jax import evaluate_data, paths
 from mstkd_jax.data import pairs
+from mstkd_jax.evaluate_data import NUM_FOLDS, SYNTHETIC
 from mstkd_jax.formats import faces
 from mstkd_jax import errors
 from mstkd_jax.errors import UserError
-from mstkd_jax.interop import resolve
+from mstkd_jax.interop import command_line, resolve
+from mstkd_jax.interop.command_line import FlagError
 
 RESAMPLING = faces.RESAMPLING
 NORMALIZATION = "(x / 255 - 0.5) / 0.5 on RGB uint8, as insightface"
-SYNTHETIC = "synthetic"
-NUM_FOLDS = 10
-
-
-FlagError = resolve.FlagError  # Shared with export and embed.
-
-
-@dataclasses.dataclass
-class _Source:
-  """A --data entry, classified before anything is loaded."""
-  label: str            # how messages and the report name it
-  kind: str             # a key of pairs.PLANNERS
-  groups: tuple[str, ...]
-  source: Any           # what the planner reads
-  path: str | None = None
-
-
-# --- Data ------------------------------------------------------------------------------
-
-
-def _synthetic_spec(scale: str | None, config: Mapping | None, label: str):
-  from mstkd_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-  data = (config or {}).get("data") if isinstance((config or {}).get("data"), Mapping) else {}
-  if scale is None and data.get("source") == SYNTHETIC and isinstance(
-      data.get("synthetic"), Mapping):
-    settings = dict(data["synthetic"])
-  else:
-    try:
-      from configs import common  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise FlagError(f"--data={label}: the synthetic presets live in configs/common.py of "
-                      "the repository; run from the repository root") from e
-    try:
-      settings = common.synthetic_data(scale or "default").to_dict()
-    except KeyError:
-      raise FlagError(f"--data={label}: unknown synthetic scale {scale!r}; expected "
-                      f"{SYNTHETIC} or {SYNTHETIC}:<scale> with a scale of "
-                      "configs.common.synthetic_data, e.g. smoke or default") from None
-  try:
-    return synthetic.SyntheticSpec(**settings)
-  except TypeError as e:
-    raise UserError(f"--data={label}: the synthetic settings {settings} do not fit "
-                    f"SyntheticSpec: {e}") from e
-
-
-def _is_synthetic(text: str) -> bool:
-  return text == SYNTHETIC or text.startswith(SYNTHETIC + ":")
-
-
-def _precheck(entry: Any, index: int) -> None:
-  """Refuses an entry of the wrong type or a path that does not exist (before any loading)."""
-  if isinstance(entry, Mapping):
-    if not entry:
-      raise UserError(f"data_sources[{index}]: expected a dict of group -> VerificationSet, "
-                      "got an empty dict")
-    return
-  if not isinstance(entry, (str, os.PathLike)):
-    raise FlagError(f"data_sources[{index}]: expected a path, {SYNTHETIC}[:scale] or a dict "
-                    f"of group -> VerificationSet, got {type(entry).__name__}")
-  text = os.fspath(entry)
-  if _is_synthetic(text):
-    return
-  path = paths.local(text, "--data")
-  if not os.path.exists(path):
-    raise UserError(f"--data={text}: {path} does not exist; expected a verification .bin "
-                    f"file, an RFW folder, or {SYNTHETIC}[:scale]")
-
-
-def _classify(entry: Any, index: int, config: Mapping | None, data_dir: str) -> _Source:
-  """What a data entry (already prechecked) is and which groups it holds; loads no images."""
-  if isinstance(entry, Mapping):
-    label = f"data_sources[{index}]"
-    kind, source, path = "arrays", pairs.ArraySource(entry, label), None
-  elif _is_synthetic(os.fspath(entry)):
-    label = os.fspath(entry)
-    spec = _synthetic_spec(label.partition(":")[2] or None, config, label)
-    kind, source, path = "synthetic", pairs.SyntheticSource(spec, data_dir), None
-  else:
-    label = os.fspath(entry)
-    path = paths.local(label, "--data")
-    kind, source = pairs.format_of(path), path
-  return _Source(label=label, kind=kind, groups=pairs.PLANNERS[kind].groups(source),
-                 source=source, path=path)
-
-
-def _check_unique_groups(sources: Sequence[_Source]) -> None:
-  seen: dict[str, str] = {}
-  for source in sources:
-    for group in source.groups:
-      if group in seen:
-        where = ("twice in " + source.label if seen[group] == source.label
-                 else f"in both {seen[group]} and {source.label}")
-        raise UserError(f"group {group!r} appears {where}; expected every group once "
-                        "(rename a .bin file or drop one --data)")
-      seen[group] = source.label
-
-
-def _load_sources(sources: Sequence[_Source], size: int, warn, note) -> tuple[dict, list]:
-  """({group: VerificationSet} of every source at the model's size, the data records of
-  the report's config)."""
-  pair_sets, records = {}, []
-  for source in sources:
-    loaded, resized, alignment = _load_source(source, size, warn, note)
-    pair_sets.update(loaded)
-    records.append({
-        "source": source.path or source.label,
-        "format": source.kind, "groups": list(loaded),
-        "pairs": {g: int(p.pairs.shape[0]) for g, p in loaded.items()},
-        "images": {g: int(p.images.shape[0]) for g, p in loaded.items()},
-        "alignment": alignment, "resized_from": resized or None})
-  return pair_sets, records
-
-
-def _load_source(source: _Source, size: int, warn, note) -> tuple[dict, list, dict | str]:
-  """{group: VerificationSet} of one source at the model's size, the sizes resized, and
-  what was aligned ({group: counts and landmarks file}, or a sentence when nothing was)."""
-  plans = pairs.PLANNERS[source.kind].plan(source.source)
-  out, resized, alignment = {}, [], {}
-  for plan in plans:
-    pairs.check_pairs(plan.pairs, plan.issame, len(plan.images),
-                      f"{source.label} group {plan.name!r}", min_pairs=NUM_FOLDS)
-    decoded = pairs.decode(plan, size)
-    resized.extend(s for s in decoded.resized if s not in resized)
-    vset = decoded.vset
-    out[plan.name] = pairs.VerificationSet(vset.images, np.asarray(vset.pairs, np.int64),
-                                           vset.issame)
-    if plan.landmarks is not None:
-      alignment[plan.name] = {"landmarks": plan.landmarks_file, "aligned": decoded.aligned,
-                              "taken_as_aligned": decoded.taken_as_aligned}
-      note(f"{source.label} group {plan.name}: {decoded.aligned} images aligned to "
-           f"{faces.ALIGNED_SIZE}x{faces.ALIGNED_SIZE} with their 5 landmarks "
-           f"({plan.landmarks_file})" + (
-               f", {decoded.taken_as_aligned} already {faces.ALIGNED_SIZE}x"
-               f"{faces.ALIGNED_SIZE} taken as aligned" if decoded.taken_as_aligned else ""))
-  unaligned = source.kind == "rfw" and not alignment
-  if resized:
-    shown = ", ".join(f"{h}x{w}" for h, w in resized[:4]) + (" ..." if len(resized) > 4 else "")
-    warn(f"{source.label}: images of {shown} pixels, the model takes {size}x{size}; "
-         f"resizing them with {RESAMPLING}" + (
-             "; they are taken as aligned faces (no txts/<group>/<group>_lmk.txt): RFW's "
-             "loose crops need their landmarks file, unaligned they verify at chance"
-             if unaligned else ""))
-  if not alignment:
-    alignment = ("none: the images are taken as aligned" + (
-        " (no txts/<group>/<group>_lmk.txt)" if source.kind == "rfw" else ""))
-  return out, resized, alignment
 
 
 # --- Evaluation ------------------------------------------------------------------------
@@ -322,7 +177,7 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
   checkpoints = ([checkpoint] if checkpoint is None or isinstance(checkpoint, (str, os.PathLike))
                  else list(checkpoint))
   if not checkpoints:
-    checkpoints = [None]  # resolve.checkpoint_path names the missing flag
+    checkpoints = [None]  # command_line.checkpoint_path names the missing flag
   names = [name] if name is None or isinstance(name, str) else list(name)
   if len(names) == 1 and names[0] is None:
     names = [None] * len(checkpoints)
@@ -335,9 +190,9 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
   out_dir = paths.local(out_dir, "--out")
   if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise FlagError(f"--out={out_dir}: is a file; expected a folder")
-  checkpoint_paths = [resolve.checkpoint_path(c) for c in checkpoints]
+  checkpoint_paths = [command_line.checkpoint_path(c) for c in checkpoints]
   for i, entry in enumerate(data_sources):
-    _precheck(entry, i)
+    evaluate_data.precheck(entry, i)
   data_dir = paths.local(data_dir, "--data_dir") if data_dir else (
       os.path.join(out_dir, "data"))
 
@@ -355,9 +210,9 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
       raise FlagError(f"--name: several checkpoints are named {repeated[0]!r}; give one "
                       "--name per --checkpoint")
     # Data sets described by a workdir config (synthetic) follow the first checkpoint's.
-    sources = [_classify(entry, i, models[0].config, data_dir)
+    sources = [evaluate_data.classify(entry, i, models[0].config, data_dir)
                for i, entry in enumerate(data_sources)]
-    _check_unique_groups(sources)
+    evaluate_data.check_unique_groups(sources)
     release = None
     if ijb:
       from mstkd_jax.formats import ijb as ijb_data  # pylint: disable=g-import-not-at-top
@@ -371,7 +226,7 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
     for model, model_name in zip(models, model_names):
       size = int(model.settings.image_size)
       if size not in loaded_at:
-        loaded_at[size] = _load_sources(sources, size, warn, note)
+        loaded_at[size] = evaluate_data.load_sources(sources, size, warn, note)
       pair_sets = loaded_at[size][0]
       results = _evaluate_groups(model, pair_sets, parallel, batch_size)
       if results:
@@ -426,7 +281,7 @@ def evaluate(checkpoint: Any, arch_settings: Any, data_sources: Sequence[Any], o
 # --- Command line ----------------------------------------------------------------------
 
 # --checkpoint, --arch, --width, --embedding_size, --use_se, --image_size (shared).
-_MODEL = resolve.define_model_flags(repeatable=True)
+_MODEL = command_line.define_model_flags(repeatable=True)
 _DATA = flags.DEFINE_multi_string(
     "data", [], "Verification data, repeatable: an insightface .bin (group = file stem "
     "without _test), an RFW folder, or synthetic[:scale].")
@@ -444,16 +299,13 @@ _SKIP_MISSING = flags.DEFINE_boolean("skip_missing", False, "Skip IJB images abs
 
 
 def main(argv):
-  resolve.run_command(argv, lambda: evaluate(
+  command_line.run_command(argv, lambda: evaluate(
       _MODEL.checkpoint.value, _MODEL.settings(), _DATA.value, _OUT.value,
       name=_NAME.value or None,
       batch_size=_BATCH_SIZE.value, data_dir=_DATA_DIR.value, ijb=_IJB.value,
       ijb_name=_IJB_NAME.value, skip_missing=_SKIP_MISSING.value))
 
 
-parse_flags = resolve.parse_flags
-
-
 if __name__ == "__main__":
   flags.mark_flags_as_required(["out"])
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=command_line.parse_flags)

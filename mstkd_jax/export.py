@@ -68,11 +68,11 @@ from absl import app, flags
 
 from mstkd_jax import errors
 from mstkd_jax.errors import UserError
-from mstkd_jax.interop import resolve
+from mstkd_jax.interop import command_line, resolve
 # How insightface's model_zoo reads a graph; shared with evaluate's ONNX checkpoints.
 from mstkd_jax.interop.onnx_model import INSIGHTFACE_MIN_SIZE, INSIGHTFACE_OTHER_SIZES
 from mstkd_jax.interop.onnx_model import insightface_reading
-from mstkd_jax.interop.resolve import FlagError
+from mstkd_jax.interop.command_line import FlagError
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 13
@@ -261,8 +261,8 @@ def export(checkpoint: Any, arch_settings: Any, out: Any, *, opset: int = DEFAUL
   resolve.check_settings(explicit, "--", FlagError)
   if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
     raise FlagError(f"--opset={opset!r}: expected an ONNX opset of {MIN_OPSET} or newer")
-  path = resolve.output_file(out, "model.onnx")
-  checkpoint_path = resolve.checkpoint_path(checkpoint)
+  path = command_line.output_file(out, "model.onnx")
+  checkpoint_path = command_line.checkpoint_path(checkpoint)
   model = resolve.load_model(checkpoint_path, explicit)
   if model.format == "onnx":
     raise FlagError(f"--checkpoint={checkpoint_path}: is an ONNX model already; export "
@@ -361,7 +361,7 @@ def define_flags() -> dict:
   module next to mstkd_jax.evaluate defines no flag twice); returns their holders."""
   return {
       # --checkpoint, --arch, --width, --embedding_size, --use_se, --image_size (as evaluate).
-      "model": resolve.define_model_flags(),
+      "model": command_line.define_model_flags(),
       "out": flags.DEFINE_string("out", None, "The .onnx file to write."),
       "opset": flags.DEFINE_integer("opset", DEFAULT_OPSET,
                                     f"ONNX opset ({MIN_OPSET} or newer)."),
@@ -381,7 +381,7 @@ def run(holders: dict) -> None:
   summary = export(model_flags.checkpoint.value, model_flags.settings(),
                    holders["out"].value, opset=holders["opset"].value)
   if benchmark_on:
-    model = resolve.load_model(resolve.checkpoint_path(model_flags.checkpoint.value),
+    model = resolve.load_model(command_line.checkpoint_path(model_flags.checkpoint.value),
                                model_flags.settings())
     rates = benchmark(summary["path"], model.module, model.variables,
                       int(model.settings.image_size), holders["benchmark_batch"].value)
@@ -395,5 +395,5 @@ def run(holders: dict) -> None:
 if __name__ == "__main__":
   _HOLDERS = define_flags()
   flags.mark_flags_as_required(["checkpoint", "out"])
-  app.run(lambda argv: resolve.run_command(argv, lambda: run(_HOLDERS)),
-          flags_parser=resolve.parse_flags)
+  app.run(lambda argv: command_line.run_command(argv, lambda: run(_HOLDERS)),
+          flags_parser=command_line.parse_flags)

@@ -8,7 +8,7 @@ import pytest
 
 from mstkd_jax import errors
 from mstkd_jax.formats import align, convert, prepare
-from mstkd_jax.interop import resolve
+from mstkd_jax.interop import command_line
 
 
 def _interrupt(*args, **kwargs):
@@ -16,13 +16,13 @@ def _interrupt(*args, **kwargs):
 
 
 def test_the_model_commands_end_with_one_line_and_130(monkeypatch, capsys):
-  # evaluate, export and embed run their body through resolve.run_command, which ends the
+  # evaluate, export and embed run their body through command_line.run_command, which ends the
   # process with os._exit (no interpreter shutdown beside XLA's threads).
   def exit_now(code):
     raise SystemExit(code)
   monkeypatch.setattr(os, "_exit", exit_now)
   with pytest.raises(SystemExit) as ended:
-    resolve.run_command(["evaluate"], _interrupt)
+    command_line.run_command(["evaluate"], _interrupt)
   assert ended.value.code == errors.INTERRUPTED == 130
   out, err = capsys.readouterr()
   assert out == ""
@@ -45,7 +45,7 @@ def test_bench_and_plans_entry_point_ends_each_error_in_one_line_and_its_code(mo
       (KeyboardInterrupt(), 130, "error: interrupted"),
       (errors.UserError("--topology: expected a TPU topology"), 1,
        "error: --topology: expected a TPU topology"),
-      (resolve.FlagError("--arch='x': unknown architecture"), 2,
+      (command_line.FlagError("--arch='x': unknown architecture"), 2,
        "error: --arch='x': unknown architecture")]:
     with pytest.raises(SystemExit) as ended:
       raising(error)(["plan"])

@@ -20,7 +20,7 @@ from mstkd_jax import evaluate as evaluate_lib
 from mstkd_jax import export as export_lib
 from mstkd_jax.data import synthetic
 from mstkd_jax.errors import UserError
-from mstkd_jax.interop import onnx_model, resolve, torch_checkpoint
+from mstkd_jax.interop import command_line, onnx_model, resolve, torch_checkpoint
 from test_evaluate import ARCH, BATCH, SPEC, _random_variables
 
 # Export's own check: onnxruntime against JAX within this max relative error (float32
@@ -121,11 +121,13 @@ def test_embed_takes_an_onnx_checkpoint(models, tmp_path):
 
 
 def test_model_flags_that_do_not_apply_to_a_graph_are_refused(models, tmp_path):
-  with pytest.raises(resolve.FlagError, match="--arch, --width: an ONNX model's architecture"):
+  with pytest.raises(command_line.FlagError,
+                     match="--arch, --width: an ONNX model's architecture"):
     resolve.load_model(models["ours"], resolve.ArchSettings(arch="iresnet34", width=64))
-  with pytest.raises(resolve.FlagError, match="--image_size=32: the ONNX graph .* takes 16x16"):
+  with pytest.raises(command_line.FlagError,
+                     match="--image_size=32: the ONNX graph .* takes 16x16"):
     resolve.load_model(models["ours"], resolve.ArchSettings(image_size=32))
-  with pytest.raises(resolve.FlagError, match="is an ONNX model already"):
+  with pytest.raises(command_line.FlagError, match="is an ONNX model already"):
     export_lib.export(models["ours"], None, str(tmp_path / "again.onnx"), verbose=False)
   text = tmp_path / "notes.onnx"
   text.write_text("not a graph")

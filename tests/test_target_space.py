@@ -1,4 +1,5 @@
-"""Tests for the target-space diagnostics (evaluation/target_space.py) against brute force."""
+"""Tests for the target-space diagnostics (evaluation/target_space.py) against brute force,
+and the collapse warning and table of their results (evaluation/space_report.py)."""
 
 import itertools
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from mstkd_jax.errors import UserError
+from mstkd_jax.evaluation import space_report as R
 from mstkd_jax.evaluation import target_space as T
 
 
@@ -176,8 +178,8 @@ def test_collapse_warning_fires_on_collapsed_targets():
   # Every identity near one direction, images with tiny noise.
   emb, identity, group = _space(7, 2, 6, 64, spread=0.05, noise=0.05)
   s = T.space_statistics(emb, identity, group)
-  assert s["separation"] < T.COLLAPSE_MARGIN
-  line = T.collapse_warning("adaptor/DuL", s)
+  assert s["separation"] < R.COLLAPSE_MARGIN
+  line = R.collapse_warning("adaptor/DuL", s)
   assert line is not None and "\n" not in line
   assert line.startswith("adaptor/DuL: identities barely separated in the target space")
   assert f"separation {s['separation']:.2f} < 0.10" in line
@@ -189,7 +191,7 @@ def test_collapse_warning_silent_on_well_spread_targets():
   emb, identity, group = _space(8, 2, 6, 64, spread=3.0, noise=0.8)
   s = T.space_statistics(emb, identity, group)
   assert s["separation"] > 0.2
-  assert T.collapse_warning("adaptor/DuL", s) is None
+  assert R.collapse_warning("adaptor/DuL", s) is None
 
 
 def test_collapse_warning_names_a_single_collapsed_group():
@@ -199,8 +201,8 @@ def test_collapse_warning_names_a_single_collapsed_group():
   identity = np.concatenate([spread_id, tight_id + 6])
   group = np.repeat([0, 1], [len(spread_emb), len(tight_emb)])
   s = T.space_statistics(emb, identity, group)
-  assert s["separation"] >= T.COLLAPSE_MARGIN
-  line = T.collapse_warning("x", s)
+  assert s["separation"] >= R.COLLAPSE_MARGIN
+  line = R.collapse_warning("x", s)
   assert line is not None and "group 1 (" in line and "group 0" not in line
 
 
@@ -246,6 +248,6 @@ def test_format_table():
   stats = {"within_identity": 0.81, "between_identities_same_group": 0.54,
            "between_images_same_group": 0.45, "between_groups": None, "separation": 0.36,
            "nearest_centroid_accuracy": 0.9}
-  header, rows = T.format_table({"adaptor/DuL": stats})
-  assert header == T.TABLE_HEADER and len(header) == 7
+  header, rows = R.format_table({"adaptor/DuL": stats})
+  assert header == R.TABLE_HEADER and len(header) == 7
   assert rows == [["adaptor/DuL", "0.810", "0.540", "0.450", "-", "0.360", "0.900"]]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Mapping
 
-from mstkd_jax.evaluation import fairness, tables, target_space
+from mstkd_jax.evaluation import fairness, space_report, tables
 
 _ACCURACY = """\
 Accuracy: insightface 10-fold verification accuracy in percent (flip-fused embeddings when
@@ -67,13 +67,13 @@ def _diagnostics_markdown(report: Mapping) -> list[str]:
   parts = []
   spaces = (report.get("diagnostics") or {}).get("target_space") or {}
   if spaces:
-    header, rows = target_space.format_table(spaces)
+    header, rows = space_report.format_table(spaces)
     parts += ["", "## Target-space diagnostics", "",
               "Cosines over the training images (as stored): of two images of one identity; "
               "of the centroids of two identities of one group; of two images of different "
               "identities of one group; of the centroids of identities of different groups. "
               "Separation = within identity - between images (group); below "
-              f"{target_space.COLLAPSE_MARGIN} the space has collapsed. Nearest-centroid "
+              f"{space_report.COLLAPSE_MARGIN} the space has collapsed. Nearest-centroid "
               "identity accuracy with leave-one-out centroids.", "",
               tables.markdown(header, rows)]
   students = (report.get("diagnostics") or {}).get("students") or {}

@@ -179,25 +179,26 @@ def load_model(path: str, explicit):
       the graph leaves its input size symbolic (else it must equal the graph's).
 
   Raises:
-    resolve.FlagError: --arch, --width, --embedding_size or --use_se given, or an
+    command_line.FlagError: --arch, --width, --embedding_size or --use_se given, or an
       --image_size other than the graph's.
     UserError: not a readable recognition graph (`read_graph`), or a non-square input.
   """
-  from mstkd_jax.interop import resolve  # pylint: disable=g-import-not-at-top
+  from mstkd_jax.interop import command_line, resolve  # pylint: disable=g-import-not-at-top
   proto, graph = read_graph(path)
   given = [f"--{f}" for f in ("arch", "width", "embedding_size", "use_se")
            if getattr(explicit, f) is not None]
   if given:
-    raise resolve.FlagError(f"{', '.join(given)}: an ONNX model's architecture is its graph; "
-                            f"drop them for --checkpoint={path} (only --image_size applies, "
-                            "where the graph leaves its input size open)")
+    raise command_line.FlagError(
+        f"{', '.join(given)}: an ONNX model's architecture is its graph; drop them for "
+        f"--checkpoint={path} (only --image_size applies, where the graph leaves its input "
+        "size open)")
   if graph.height != graph.width and None not in (graph.height, graph.width):
     raise UserError(f"--checkpoint={path}: input {graph.height}x{graph.width}; expected a "
                     "square face input")
   side = graph.height or graph.width
   if side is not None and explicit.image_size not in (None, side):
-    raise resolve.FlagError(f"--image_size={explicit.image_size}: the ONNX graph {path} "
-                            f"takes {side}x{side} images; drop --image_size")
+    raise command_line.FlagError(f"--image_size={explicit.image_size}: the ONNX graph "
+                                 f"{path} takes {side}x{side} images; drop --image_size")
   image_size = side or explicit.image_size or resolve.DEFAULTS.image_size
   meta = graph.metadata
   use_se = {"True": True, "False": False}.get(meta.get("use_se", ""))

@@ -10,7 +10,7 @@ import os
 import jax
 
 from mstkd_jax import workdir as workdir_lib
-from mstkd_jax.evaluation import embedding, report as report_lib, target_space
+from mstkd_jax.evaluation import embedding, report as report_lib, space_report
 
 
 def run(config, workdir: str, stages: list[tuple[str, str]], out_dir: str) -> dict:
@@ -50,7 +50,7 @@ def stage_health(workdir: str, stages: list[tuple[str, str]]) -> dict:
       if statistics:
         space = f"{name} ({label})"
         spaces[space] = statistics
-        warning = target_space.collapse_warning(space, statistics)
+        warning = space_report.collapse_warning(space, statistics)
         if warning:
           warnings.append(warning)
     if model and "train_target_cosine" in diagnostics:

@@ -19,7 +19,7 @@ from mstkd_jax import files, paths, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax import errors
 from mstkd_jax.errors import UserError
-from mstkd_jax.evaluation import embedding, report as report_lib, target_space
+from mstkd_jax.evaluation import embedding, report as report_lib, space_report
 from mstkd_jax.train import build, convergence, loop, parallel as parallel_lib, state as state_lib
 
 
@@ -265,8 +265,8 @@ def _evaluated(workdir: str, step: int) -> dict | None:
 
 
 def warn_collapse(name: str, statistics: dict) -> str | None:
-  """Prints the collapse warning of a target space's statistics (target_space); returns it."""
-  warning = target_space.collapse_warning(name, statistics)
+  """Prints the collapse warning of a target space's statistics (space_report); returns it."""
+  warning = space_report.collapse_warning(name, statistics)
   if warning:
     errors.warn(warning)
   return warning
