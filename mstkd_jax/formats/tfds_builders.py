@@ -68,19 +68,6 @@ class _SourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """
   code_path = None
 
-  def _prepared_info(self, description: str, labels: dict, **kwargs) -> tfds.core.DatasetInfo:
-    """The DatasetInfo of a builder here: the encoded source image beside the `labels`
-    features, examples in source order, metadata.json (and labels.npz) as metadata; kwargs
-    go to tfds.core.DatasetInfo."""
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=description,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3)), **labels}),
-        disable_shuffling=True,
-        metadata=_PreparedMetadata(),
-        **kwargs)
-
 
 def _ordered_key(i: int, total: int) -> int:
   """A key that sorts like `i` and spreads i in [0, total) evenly over the key space."""
@@ -204,12 +191,18 @@ class MstkdFaces(_SourceBuilder):
       "`python -m mstkd_jax.formats.prepare --help`.")
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self._prepared_info(
-        "Aligned face images with identity and demographic-group labels.",
-        {"identity": tfds.features.Scalar(np.int32, doc="identity label"),
-         "group": tfds.features.Scalar(
-             np.int32, doc="index into metadata group_names, -1 without groups")},
-        supervised_keys=("image", "identity"))
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Aligned face images with identity and demographic-group labels.",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "identity": tfds.features.Scalar(np.int32, doc="identity label"),
+            "group": tfds.features.Scalar(
+                np.int32, doc="index into metadata group_names, -1 without groups"),
+        }),
+        supervised_keys=("image", "identity"),
+        disable_shuffling=True,
+        metadata=_PreparedMetadata())
 
   def _split_generators(self, dl_manager):
     config = self.builder_config
@@ -292,10 +285,16 @@ class MstkdVerification(_SourceBuilder):
       "`python -m mstkd_jax.formats.prepare --help`.")
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self._prepared_info(
-        "Face verification pairs, one group (e.g. an RFW race) at a time.",
-        {"group": tfds.features.Scalar(np.int32, doc="index into metadata group_names"),
-         "index": tfds.features.Scalar(np.int32, doc="row of the image in its group")})
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Face verification pairs, one group (e.g. an RFW race) at a time.",
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "group": tfds.features.Scalar(np.int32, doc="index into metadata group_names"),
+            "index": tfds.features.Scalar(np.int32, doc="row of the image in its group"),
+        }),
+        disable_shuffling=True,
+        metadata=_PreparedMetadata())
 
   def _split_generators(self, dl_manager):
     config = self.builder_config
