@@ -163,8 +163,10 @@ def test_a_config_that_is_not_a_recipe_is_one_error_line():
 @pytest.fixture(scope="module")
 def tiny_plan(tmp_path_factory):
   out = tmp_path_factory.mktemp("plan") / "plan.json"
+  # dtype "auto": what a run on the chip would use (bfloat16), not this CPU's float32.
   code, stdout, stderr = _plan("--config=configs/distill.py:smoke", "--topology=v5e:1x1",
-                               f"--json={out}")
+                               "--config.teacher.model.dtype=auto",
+                               "--config.student.model.dtype=auto", f"--json={out}")
   assert code == 0, stderr[-3000:]
   with open(out) as f:
     return json.load(f), stdout, stderr
@@ -178,6 +180,7 @@ def test_plan_compiles_every_step_of_a_tiny_recipe_for_one_chip(tiny_plan):
   assert list(steps) == ["teacher", "extraction", "adaptor", "student_cached",
                          "student_online"]
   for name, step in steps.items():
+    assert step["dtype"] == "bfloat16", name
     assert step["flops"] > 0 and step["peak_bytes"] > 0 and step["fits"] is True, name
     assert step["hbm_bytes"] == 16 << 30 and step["est_step_s"] > 0, name
     assert 0 < step["est_mfu"] <= 1 and step["est_img_per_s"] > 0, name
