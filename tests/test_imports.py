@@ -18,20 +18,21 @@ from mstkd_jax.evaluation import embedding
 from mstkd_jax.stages import adaptor, shared, student, teacher
 from test_mobilefacenet import _torch_mobilefacenet
 from test_torch_adaptor import _twins as _torch_adaptor_twins
-from test_torch_checkpoint import _randomize, _torch_iresnet
+from test_torch_checkpoint import _randomize
 
 SIZE, WIDTH, EMBEDDING = 16, 4, 16      # configs/distill.py:tiny's teachers and images
 
 
 def _torch_teachers(torch, folder, groups=("group_a", "group_b"), **shape):
   """{group: a random insightface IResNet-18 (eval mode)}, each saved as <group>.pth."""
+  from mstkd_jax import bench_torch  # pylint: disable=g-import-not-at-top  (needs torch)
   os.makedirs(folder, exist_ok=True)
   nets = {}
   for seed, group in enumerate(groups):
-    settings = dict(depths=(2, 2, 2, 2), width=WIDTH, embedding_size=EMBEDDING,
+    settings = dict(stage_depths=(2, 2, 2, 2), width=WIDTH, embedding_size=EMBEDDING,
                     image_size=SIZE) | shape
     torch.manual_seed(seed)
-    nets[group] = _randomize(torch, _torch_iresnet(torch, **settings), seed=seed)
+    nets[group] = _randomize(torch, bench_torch.IResNet(**settings), seed=seed)
     torch.save(nets[group].state_dict(), os.path.join(folder, f"{group}.pth"))
   return nets
 
