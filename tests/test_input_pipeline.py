@@ -6,6 +6,7 @@ import pytest
 
 from mstkd_jax.data import input_pipeline
 from mstkd_jax.train import steps
+import numerics
 from mstkd_jax.errors import UserError
 
 N, SIZE = 40, 16
@@ -43,6 +44,11 @@ def test_the_steps_normalize_pixels_on_the_device_as_the_host_does():
   assert on_device.dtype == np.float32
   np.testing.assert_array_equal(on_device, want)           # to the bit
   np.testing.assert_array_equal(on_device, input_pipeline.normalize_images(pixels))
+  # Off CPUs it is computed, not looked up: x / 255 in [0, 1] may come out as x * (1/255),
+  # two roundings (of 1/255, of the product) of at most an ulp of 1.0 each; - 0.5 adds at
+  # most half an ulp, and / 0.5 doubles it all.
+  computed = np.asarray(jax.jit(steps.computed_pixels)(pixels))
+  np.testing.assert_allclose(computed, want, rtol=0, atol=2 * 2.5 * numerics.EPS32)
   floats = np.linspace(-1, 1, 12, dtype=np.float32).reshape(1, 2, 2, 3)
   assert steps.network_input(floats) is floats             # already normalized: as it is
 
