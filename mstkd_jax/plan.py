@@ -4,10 +4,11 @@ memory, and the compiler's estimate of its time and of the whole recipe's.
 
   pip install -r requirements.txt -r requirements-tpu.txt     # libtpu: the TPU compiler
   python -m mstkd_jax.plan --config=configs/distill.py:bupt_iresnet34 --topology=v5e:2x4 \
-      [--json=plan.json] [--config.student.model.dtype=bfloat16 ...]
+      [--json=plan.json] [--config.student.model.dtype=float32 ...]
 
 The steps, built as `bench` builds them (recipe_steps.Builder), each with its role's
-network, global batch (split over the chips) and dtype from the config:
+network, global batch (split over the chips) and dtype from the config ("auto": what a run
+on a TPU resolves it to, bfloat16):
   teacher         a teacher's training step (the teacher section's network, head, optimiser)
   extraction      one frozen teacher embedding a batch and its mirror (teacher eval batch)
   adaptor         the adaptor's training step over concatenated teacher embeddings
