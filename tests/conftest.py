@@ -35,8 +35,23 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_recipe(tmp_path_factory):
   """(workdir, report) of the whole recipe run once on configs/distill.py:tiny, shared by the
-  tests that read a finished run (copy it before changing anything in it)."""
+  tests that read a finished run (copy it before changing anything in it). With several
+  pytest-xdist workers the first to need it trains it, in a folder they all share, and the
+  others, waiting on its lock, read the finished run (nothing reruns)."""
+  import filelock  # pylint: disable=g-import-not-at-top
   from configs import distill  # pylint: disable=g-import-not-at-top
   from mstkd_jax import pipeline  # pylint: disable=g-import-not-at-top
-  workdir = str(tmp_path_factory.mktemp("tiny_recipe"))
-  return workdir, pipeline.run(distill.get_config("tiny"), workdir)
+  if not os.environ.get("PYTEST_XDIST_WORKER"):
+    workdir = str(tmp_path_factory.mktemp("tiny_recipe"))
+    return workdir, pipeline.run(distill.get_config("tiny"), workdir)
+  shared_root = tmp_path_factory.getbasetemp().parent
+  workdir = str(shared_root / "tiny_recipe")
+  with filelock.FileLock(str(shared_root / "tiny_recipe.lock")):
+    return workdir, pipeline.run(distill.get_config("tiny"), workdir)
+
+
+def pytest_xdist_auto_num_workers(config):
+  """Workers for `-n auto` (pyproject.toml's addopts): one per core, at most 4 (each holds
+  JAX, TensorFlow and 8 simulated devices: about 2 GB)."""
+  del config
+  return min(4, os.cpu_count() or 1)
