@@ -337,9 +337,9 @@ def main(argv):
         steps=f.steps, run_limit_gib=f.head_run_limit_gib)
     table = bench_heads.format_table(report)
   else:
-    report = run(build.resolve_dtypes(f.config), steps=f.steps, warmup=f.warmup, rounds=f.rounds, batch=f.batch,
-                 image_size=f.image_size, num_classes=f.num_classes,
-                 num_teachers=f.num_teachers,
+    report = run(build.resolve_dtypes(f.config), steps=f.steps, warmup=f.warmup,
+                 rounds=f.rounds, batch=f.batch, image_size=f.image_size,
+                 num_classes=f.num_classes, num_teachers=f.num_teachers,
                  stage_depths=_ints(f.stage_depths, "stage_depths"), peak=f.peak_tflops,
                  torch_step=f.torch, only=tuple(x for x in f.only.split(",") if x))
     table = format_table(report)

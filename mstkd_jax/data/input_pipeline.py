@@ -26,9 +26,9 @@ def normalize_images(images):
 
 
 # What normalize_images makes of each pixel value, float32 [256]: training batches carry
-# uint8 pixels (a quarter of float32's bytes from host to device) and the steps look them
-# up here (train/steps.network_input), the same numbers to the bit on every platform (XLA
-# turns x / 255 into x * (1 / 255), which rounds differently).
+# uint8 pixels (a quarter of float32's bytes from host to device), and a step compiled for
+# a CPU looks them up here (train/steps.network_input): the host's numbers to the bit
+# (XLA:CPU turns x / 255 into x * (1 / 255), which rounds differently).
 PIXEL_VALUES = normalize_images(np.arange(256, dtype=np.uint8))
 
 

@@ -243,8 +243,8 @@ def train_batches(face_set: TfdsFaceSet, rows: np.ndarray, labels: np.ndarray, *
     flip: random horizontal flips with probability 0.5.
   Yields:
     {"image": uint8 [D, B, H, W, 3] (normalized on the device by the steps), "label":
-     int32 [D, B], "index": int32
-     [D, B] the record (dataset row) fed, "flip": bool [D, B]}: D local devices, B per
+     int32 [D, B], "index": int32 [D, B] the record (dataset row) fed, "flip": bool
+     [D, B]}: D local devices, B per
     device. "index" is rows[j] for the position j that input_pipeline.train_batches over
     {"image": images[rows], "label": labels} would report as its "index".
   """
