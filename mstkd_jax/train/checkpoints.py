@@ -1,20 +1,17 @@
 """Orbax checkpoints of the full training state, with the loss history and the best state.
 
 A step folder holds the TrainState (params, batch_stats, opt_state, step) in the item
-"default" (train/step_folders.py: what a step folder is on disk) and, as the loop saves
-them, the per-step history in the JSON item "history" and Orbax's "metrics" item. `step` is
-also the data position, so restoring it resumes the input pipeline exactly.
+"default" and, as the loop saves them, the per-step history in the JSON item "history" and
+Orbax's "metrics". `step` is also the data position, so restoring it resumes the input
+pipeline exactly.
 
-One CheckpointManager keeps what a run needs: the newest `keep` steps (resume) and the one
-best candidate (Orbax's BestN preservation over the metric "score", lower is better; the
-loop saves a candidate only when it beats every earlier one). Damaged steps (no commit
-marker, an unreadable item, missing array data) are skipped with a warning; restored
-states are checked for NaN and Inf.
+One CheckpointManager keeps the newest `keep` steps and the one best candidate (BestN over
+the metric "score", lower is better). Damaged steps (no commit marker, an unreadable item,
+missing array data) are skipped with a warning; restored states are checked for NaN/Inf.
 
-The states are host (numpy) arrays, the same on every device, so a checkpoint restores
-onto any number of devices or processes. In a multi-host run every process creates the
-manager, saves and restores (Orbax synchronizes them; process 0 writes the arrays, every
-process reads them), so the workdir must be a folder every host sees.
+The states are host (numpy) arrays, so a checkpoint restores onto any number of devices or
+processes. In a multi-host run every process saves and restores (Orbax synchronizes them;
+process 0 writes the arrays), so the workdir must be a folder every host sees.
 """
 
 import math
@@ -36,7 +33,7 @@ from mstkd_jax.train.step_folders import (STATE, DamagedCheckpoint, ERROR_CHARS,
                                           save_error)
 from mstkd_jax.train.tree_checks import check_finite, flat_shapes, shape_mismatches
 
-HISTORY = "history"         # the item folder of the per-step history (JSON)
+HISTORY = "history"         # the item of the per-step history (JSON)
 # How long a failing run waits for its pending background saves before leaving them behind.
 PENDING_SAVE_TIMEOUT_S = 20.0
 
@@ -63,9 +60,7 @@ class Checkpoints:
   """Saves and restores TrainStates under `directory` (one Orbax CheckpointManager)."""
 
   def __init__(self, directory: str, keep: int = 3):
-    """Keeps the newest `keep` steps and the best candidate (see the module docstring).
-    `directory` is a local folder or a URL (gs://bucket/run/checkpoints; Orbax reads and
-    writes it through etils.epath and tensorstore).
+    """`directory`: a local folder or a URL (gs://bucket/run/checkpoints).
 
     Raises:
       UserError: the folder cannot be made or listed (an OS error, or a URL's storage
@@ -94,38 +89,33 @@ class Checkpoints:
     self._pending = None  # the step of the save in flight, if any
     self._stuck = None    # why `settle` gave up on a save (it then waits no more)
     self._failure = None  # the UserError of the last failed save `settle` saw
-    # Orbax logs a failed background save with a traceback per thread; `wait` (or the
-    # next save) reports the same exception in one line.
+    # Orbax logs a failed background save with a traceback per thread; `wait` reports it
+    # in one line.
     errors.drop_logged_tracebacks("orbax")
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
   def latest_step(self) -> int | None:
-    """The newest complete step (None where there is none); newer damaged steps are
-    skipped with one warning line each (once per step and instance)."""
-    damaged = []
-    latest = None
+    """The newest complete step, or None; warns once of each newer damaged step."""
+    damaged, latest = [], None
     for step in reversed(self.manager.all_steps()):
       reason = damage(self._step_dir(step))
       if reason is None:
         latest = step
         break
       damaged.append((step, reason))
+    using = "no complete step" if latest is None else f"using step {latest}"
     for step, reason in damaged:
       if step not in self._warned:
         self._warned.add(step)
-        warn(f"skipping the damaged checkpoint {self._step_dir(step)} ({reason}); "
-             + (f"using step {latest}" if latest is not None else "no complete step"))
+        warn(f"skipping the damaged checkpoint {self._step_dir(step)} ({reason}); {using}")
     return latest
 
   def save(self, step: int, state, *, history: dict | None = None,
            candidate: dict | None = None) -> None:
-    """Saves `state` (and `history`, JSON) as `step`, asynchronously.
-
-    `candidate` ({"score": lower is better, ...}) makes the step a best-state candidate: it
-    is kept while no later candidate scores lower; `best()` returns it with its record.
-    """
+    """Saves `state` (and `history`, JSON) as `step`, asynchronously. `candidate`
+    ({"score": lower is better, ...}) makes it a best-state candidate (`best()`)."""
     self.wait()  # as Orbax would inside save, but a failure names the step it belongs to
     items = {STATE: ocp.args.StandardSave(state)}
     if history is not None:
@@ -149,14 +139,12 @@ class Checkpoints:
   def close(self) -> None:
     self.manager.close()
 
-  def settle(self, timeout_s: float | None = None) -> str | None:
-    """Waits at most `timeout_s` seconds (default PENDING_SAVE_TIMEOUT_S) for the pending
-    save; returns None where it finished, else why not, in one line (its failure, or that
-    it did not finish in time: it is then left behind, its step uncommitted, and later
-    calls return at once). Never raises."""
+  def settle(self) -> str | None:
+    """Waits at most PENDING_SAVE_TIMEOUT_S for the pending save; returns None where it
+    finished, else why not in one line (its failure, or that it was left behind, its step
+    uncommitted: later calls then return at once). Never raises."""
     if self._stuck is not None:
       return self._stuck
-    timeout_s = PENDING_SAVE_TIMEOUT_S if timeout_s is None else timeout_s
     outcome = {}
 
     def finish():
@@ -168,28 +156,21 @@ class Checkpoints:
         outcome["error"] = UserError(files.error_line(e, ERROR_CHARS))
     thread = threading.Thread(target=finish, name="settle-checkpoints", daemon=True)
     thread.start()
-    thread.join(timeout_s)
+    thread.join(PENDING_SAVE_TIMEOUT_S)
     if thread.is_alive():
       self._stuck = (f"a checkpoint save in {self.directory} did not finish within "
-                     f"{timeout_s:g} s and was left behind (a later run skips its "
+                     f"{PENDING_SAVE_TIMEOUT_S:g} s and was left behind (a later run skips its "
                      "uncommitted step)")
       return self._stuck
     self._failure = outcome.get("error")
     return None if self._failure is None else str(self._failure)
 
-  def abandon(self, error: BaseException | None = None, timeout_s: float | None = None
-              ) -> None:
-    """Ends pending saves when the run is failing anyway (`error` is its failure): waits
-    for them at most `timeout_s` seconds (`settle`), then closes. Never raises, so the
-    run's own error is the one reported.
-
-    A save that fails is reported as one warning line, unless its failure is `error` seen
-    again. A save that does not finish in time (a commit waiting on something that will not
-    come) is left behind with a warning: its step stays uncommitted, and the next run
-    skips it as damaged.
-    """
+  def abandon(self, error: BaseException | None = None) -> None:
+    """Ends pending saves when the run is failing anyway with `error`: `settle`, then close.
+    Never raises, so the run's own error is the one reported; a failed or stuck save is a
+    warning line (unless its failure is `error` again), a stuck step stays uncommitted."""
     stuck = self._stuck is not None
-    why = self.settle(timeout_s)
+    why = self.settle()
     if why is None:
       try:
         self.close()
@@ -197,18 +178,14 @@ class Checkpoints:
         warn(files.error_line(e, ERROR_CHARS))
       return
     failure = self._failure
-    seen = stuck or (error is not None and failure is not None and (
-        failure.__cause__ is error.__cause__ or str(failure) == str(error)))
-    if not seen:
+    if not stuck and not (error is not None and failure is not None and (
+        failure.__cause__ is error.__cause__ or str(failure) == str(error))):
       warn(why)
 
   def best(self) -> tuple[int, dict] | None:
     """(step, record) of the best candidate saved ({"step", "score", ...}), or None."""
     step = self.manager.best_step()
-    if step is None:
-      return None
-    record = self.manager.metrics(step)
-    if _rank(record) == -math.inf:
+    if step is None or _rank(record := self.manager.metrics(step)) == -math.inf:
       return None
     return step, dict(record)
 
@@ -220,25 +197,15 @@ class Checkpoints:
       raise DamagedCheckpoint(self._step_dir(step), "cannot read the checkpoint", e) from e
 
   def restore_tree(self, step: int, template):
-    """Restores `step` into the structure of `template` without the TrainState shape check.
-
-    Raises:
-      DamagedCheckpoint: the step cannot be read.
-      UserError: it holds NaN or Inf.
-    """
-    path = self._step_dir(step)
-    quiet_closed_loop_callbacks()
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          **{STATE: ocp.args.StandardRestore(_abstract(template))}))[STATE]
-    except Exception as e:  # pylint: disable=broad-except
-      raise DamagedCheckpoint(path, "cannot restore the checkpoint", e) from e
-    check_finite(restored, path)
-    return restored
+    """Restores `step` into `template`'s structure without `restore`'s shape check;
+    DamagedCheckpoint where it cannot be read, UserError where it holds NaN or Inf."""
+    return check_finite(self._restore_item(
+        step, STATE, ocp.args.StandardRestore(_abstract(template)),
+        "cannot restore the checkpoint"), self._step_dir(step))
 
   def restore(self, step: int, template):
-    """Restores `step` into the structure of `template` (host arrays), checking the shapes
-    of its params and batch_stats (attributes of a TrainState, or keys) first.
+    """Restores `step` into `template`'s structure (host arrays), checking the shapes of
+    its params and batch_stats (TrainState attributes, or keys) first.
 
     Raises:
       DamagedCheckpoint: the step cannot be read.
@@ -259,26 +226,25 @@ class Checkpoints:
     return self.restore_tree(step, template)
 
   def history(self, step: int) -> dict | None:
-    """The history item of `step` (None where the step has none).
-
-    Raises:
-      DamagedCheckpoint: the item is there but unreadable.
-    """
+    """The history item of `step`, or None; DamagedCheckpoint where it is unreadable."""
     if not files.isdir(os.path.join(self._step_dir(step), HISTORY)):
       return None
+    return self._restore_item(step, HISTORY, ocp.args.JsonRestore(),
+                              "cannot read the checkpoint's history")
+
+  def _restore_item(self, step: int, item: str, args, what: str):
+    """Restores one item of `step`; DamagedCheckpoint ("<step folder>: <what> (...)")."""
     quiet_closed_loop_callbacks()
     try:
-      return self.manager.restore(step, args=ocp.args.Composite(
-          **{HISTORY: ocp.args.JsonRestore()}))[HISTORY]
+      return self.manager.restore(step, args=ocp.args.Composite(**{item: args}))[item]
     except Exception as e:  # pylint: disable=broad-except
-      raise DamagedCheckpoint(self._step_dir(step), "cannot read the checkpoint's history",
-                              e) from e
+      raise DamagedCheckpoint(self._step_dir(step), what, e) from e
 
   def restore_latest(self, template, *, set_aside: bool = False):
     """(step, state, history) of the newest step that restores, or (None, template, None).
 
-    Damaged newer steps are skipped with one warning line each; with `set_aside` (the
-    training loop, which will write those steps again) they are renamed <step>.damaged.
+    Newer damaged steps are skipped with a warning; with `set_aside` (the training loop,
+    which writes those steps again) they are renamed <step>.damaged.
 
     Raises:
       UserError: every step is damaged (one line naming them), a step of another model,
@@ -308,14 +274,12 @@ class Checkpoints:
     return None, template, None
 
   def _set_aside(self, steps: list[int]) -> dict[int, str]:
-    """Renames damaged step folders to <step>.damaged (process 0), so the run can write
-    those steps again (Orbax then lists the others only); returns {step: new folder}. In a
-    URL folder (an object store cannot rename a folder: it would copy every object) they
-    are removed instead: {step: "removed it"}."""
+    """Renames damaged step folders to <step>.damaged (process 0) so they can be written
+    again; returns {step: what was done}. In a URL folder they are removed instead (an
+    object store would copy every object to rename a folder)."""
     if not steps:
       return {}
-    # Every process has looked at the steps (the same ones: the folder is shared) before
-    # process 0 moves any.
+    # Every process has looked at the (shared) steps before process 0 moves any.
     parallel_lib.sync_hosts(f"damaged checkpoints found in {self.directory}")
     moved = {}
     for step in steps:
@@ -336,14 +300,9 @@ class Checkpoints:
     return moved
 
   def restore_variables(self, step: int, template: dict) -> dict:
-    """Restores the entries of `template` ({"params", "batch_stats"}, as nested dicts) out
-    of the TrainState of `step` (Orbax partial restore: the optimiser state is not read).
-
-    Raises:
-      DamagedCheckpoint: the step cannot be read or does not hold `template`'s shapes.
-      UserError: it holds NaN or Inf.
-    """
+    """Restores `template`'s entries ({"params", "batch_stats"}, nested dicts) out of the
+    TrainState of `step`, leaving the optimiser state unread; DamagedCheckpoint where it
+    cannot be read or holds other shapes, UserError where it holds NaN or Inf."""
     path = self._step_dir(step)
-    restored = restore_partial(os.path.join(path, STATE), _abstract(template), path)
-    check_finite(restored, path)
-    return restored
+    return check_finite(restore_partial(os.path.join(path, STATE), _abstract(template), path),
+                        path)

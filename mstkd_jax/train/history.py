@@ -1,9 +1,7 @@
-"""What the training loop keeps besides the state: the per-step history saved in every
-checkpoint, and the best state a selecting run keeps among them (read back here).
+"""The per-step history saved in every checkpoint, and the best state a selecting run keeps.
 
 A history record is {"step": t, "metrics": {"loss": [t floats], "accuracy": [...]},
-"devices", "processes"}: value k - 1 of a metric is step k's. Every record read is checked:
-one finite value per step.
+"devices", "processes"}: value k - 1 of a metric is step k's.
 """
 
 import math
@@ -21,14 +19,12 @@ _EXPECTED = ('{"step": t, "metrics": {"loss": [one finite value per step], ...}}
 
 
 def read(record: dict | None, step: int | None, source: str) -> tuple[dict, dict]:
-  """(per-step metrics of steps 1..step, {"devices", "processes"} of the run that saved
-  them) out of a history record ({}, {} where there is none). `step` None: the record's
-  own "step" (every value where it has none).
+  """(metrics of steps 1..step, {"devices", "processes"} of the run that saved them) out of
+  a history record ({}, {} where there is none); `step` None: the record's own "step".
 
   Raises:
-    UserError: naming `source`: the record is not a history, the loss holds fewer values
-      than `step`, or a metric holds NaN or Inf (a damaged record: the loop saves finite
-      losses only).
+    UserError: naming `source`: the record is not a history, a metric holds fewer values
+      than `step`, or NaN or Inf (the loop saves finite losses only).
   """
   if record is None:
     return {}, {}
@@ -61,12 +57,8 @@ def read(record: dict | None, step: int | None, source: str) -> tuple[dict, dict
 
 
 def load_history(workdir: str) -> dict:
-  """Every per-step metric the loop saved in `workdir` ({"loss": [...], "accuracy": [...]};
-  {} when it trained nothing): the history of its newest checkpoint.
-
-  Raises:
-    UserError: the history is damaged (`read`).
-  """
+  """The per-step metrics of `workdir`'s newest checkpoint ({} when it trained nothing);
+  UserError where the history is damaged (`read`)."""
   directory = os.path.join(workdir, "checkpoints")
   record, source = None, directory
   if files.isdir(directory):
@@ -81,18 +73,14 @@ def load_history(workdir: str) -> dict:
 
 
 def best_variables(state) -> dict:
-  """What a select_best_epoch run keeps of a state: params (and batch_stats if any)."""
-  out = {"params": state.params}
-  if state.batch_stats:
-    out["batch_stats"] = state.batch_stats
-  return out
+  """What a selecting run keeps of a state: params (and batch_stats if any)."""
+  return {"params": state.params} | (
+      {"batch_stats": state.batch_stats} if state.batch_stats else {})
 
 
 def load_best(workdir: str, template) -> tuple[dict, dict]:
-  """(`best_variables` of the best state, its record), restored into `template`'s shapes.
-
-  The record is {"step", "score" (lower is better), "epoch", and "mean_loss" or
-  "mean_accuracy" and "accuracy"}.
+  """(`best_variables` of the best state, its record {"step", "score" (lower is better),
+  "epoch", and "mean_loss" or "mean_accuracy" and "accuracy"}), in `template`'s shapes.
 
   Raises:
     UserError: no best state was recorded, or it cannot be read.

@@ -2,13 +2,8 @@
 
 Stages differ only in the step function, the initial state and the batches they hand in.
 The RNG of step t is fold_in(rng, t) inside the step and the input pipeline is a pure
-function of the step, so a run restored from a checkpoint continues bit for bit.
-
-What the loop leans on: optax for the LR (train/state.py), clu's metric writer (or JSON
-lines without TensorFlow, train/writers.py), and one Orbax CheckpointManager
-(train/checkpoints.py) that holds each step's state with its per-step history and keeps
-both the newest steps and the best one. Its own parts are the progress line and the
-stops: a NaN/Inf loss or state (the last good checkpoint is kept), a signal (the step it
+function of the step, so a run restored from a checkpoint continues bit for bit. The loop
+stops on a NaN/Inf loss or state (the last good checkpoint is kept), a signal (the step it
 reached is saved first: train/interrupts.py) and an out-of-memory error (one line).
 """
 
@@ -28,10 +23,11 @@ from mstkd_jax.errors import UserError
 from mstkd_jax.train import (checkpoints as checkpoints_lib, history as history_lib,
                              interrupts, tree_checks, writers)
 from mstkd_jax.train.checkpoints import Checkpoints
-# Re-exported: the stages read a finished loop's history and best state from here.
-from mstkd_jax.train.history import (  # pylint: disable=unused-import
-    HISTORY_METRICS, best_variables, load_best, load_history)
 from mstkd_jax.train.parallel import DataParallel
+
+# The stages read a finished loop's history and best state from here.
+best_variables, load_best, load_history = (
+    history_lib.best_variables, history_lib.load_best, history_lib.load_history)
 
 
 class TrainingDiverged(UserError):
@@ -47,22 +43,17 @@ class LoopSettings:
   log_every: int = 50
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
-  # Keep the state of the epoch with the lowest mean training loss among the checkpoints
-  # (the adaptor's model selection); read its variables back with `load_best`.
+  # Keep the state of the epoch with the lowest mean training loss (read it with `load_best`).
   select_best_epoch: bool = False
-  # The stage's train section as the user's config file names it ("student.train" in the
-  # recipe), for the messages that name a field of it.
-  train_section: str = "train"
+  train_section: str = "train"  # the config's name for it ("student.train"), for messages
 
 
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
-  """Verification during training (`train.eval_every`): `fn(host TrainState)` returns
-  {group: accuracy in [0, 1]}; it runs after every `every`-th step, its accuracies go to
-  the writer as "<label>/<group>" (and "<label>/mean") and to the progress output. With
-  `select` the state of the best mean accuracy so far is kept among the checkpoints (read
-  it back with `load_best`); otherwise the evaluation only watches: training reads nothing
-  it computes, so the parameters are the same, bit for bit, with it or without it."""
+  """Verification after every `every`-th step: `fn(host TrainState)` returns {group:
+  accuracy in [0, 1]}, written as "<label>/<group>" and "<label>/mean". With `select` the
+  state of the best mean accuracy is kept (`load_best`); otherwise training reads nothing
+  it computes, so the parameters are bit for bit those of a run without it."""
   fn: Callable
   every: int
   label: str = "verification"
@@ -79,23 +70,15 @@ def _prefetch(iterator, parallel: DataParallel, size: int = 2):
   yield from queue
 
 
-def _format_eta(seconds: float) -> str:
-  return str(datetime.timedelta(seconds=int(max(seconds, 0))))
-
-
 class _Progress:
-  """Fetches per-step metrics, checks them, writes them and prints one line per window:
-  loss, the step's other metrics (accuracy, kd, ce), LR, steps/s, img/s and ETA; steps/s
-  also goes to the writer as "steps_per_sec"."""
+  """Fetches per-step metrics, checks them, writes them and prints one line per window."""
 
   def __init__(self, settings: LoopSettings, writer, start_step: int, history: dict):
     self.settings = settings
     self.writer = writer
     self.pending = []           # [(step, device metrics)] not yet fetched
     self.window_start = (time.perf_counter(), start_step)
-    # Per-step "loss" (and "accuracy" where the step reports it): history[k][t - 1] is
-    # step t's value.
-    self.history = history
+    self.history = history     # {metric: per-step values}, [t - 1] being step t's
 
   def add(self, step: int, metrics) -> None:
     self.pending.append((step, metrics))
@@ -111,7 +94,7 @@ class _Progress:
         raise TrainingDiverged(
             f"[{self.settings.name}] the loss became {m['loss']} at step {s}; "
             f"{checkpoint_hint}. Lower the learning rate (optim.base_lr) or check the data.")
-      for key in HISTORY_METRICS:
+      for key in history_lib.HISTORY_METRICS:
         if key in m:
           self.history.setdefault(key, []).append(float(m[key]))
     means = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]}
@@ -121,11 +104,12 @@ class _Progress:
     self.writer.write_scalars(step, means | {"steps_per_sec": steps_per_s})
     total = self.settings.total_steps
     epoch = min(step / self.settings.steps_per_epoch, total / self.settings.steps_per_epoch)
+    eta = datetime.timedelta(seconds=int(max((total - step) / max(steps_per_s, 1e-9), 0)))
     extra = " ".join(f"{k} {v:.4g}" for k, v in means.items() if k not in ("loss", "lr"))
     print(f"[{self.settings.name}] step {step}/{total} (epoch {epoch:.2f}) "
           f"loss {means['loss']:.4f} {extra} lr {means.get('lr', float('nan')):.4g} | "
           f"{steps_per_s:.2f} steps/s {steps_per_s * self.settings.images_per_step:.0f} img/s"
-          f" | ETA {_format_eta((total - step) / max(steps_per_s, 1e-9))}", flush=True)
+          f" | ETA {eta}", flush=True)
 
 
 def _history_record(history: dict, step: int, parallel: DataParallel) -> dict:
@@ -140,17 +124,16 @@ def _layout(devices: int, processes: int) -> str:
           f"process{'es' * (processes != 1)}")
 
 
-def _resume_note(name: str, saved: dict, parallel: DataParallel) -> str | None:
-  """The log line of a resumption on another device layout than the checkpoint's."""
+def _print_layout_change(name: str, saved: dict, parallel: DataParallel) -> None:
+  """Prints a line where the run resumes on another device layout than the checkpoint's."""
   now = {"devices": parallel.device_count, "processes": jax.process_count()}
-  if not saved or saved == now:
-    return None
-  return (f"[{name}] the checkpoint was written on {_layout(**saved)}; resuming on "
+  if saved and saved != now:
+    print(f"[{name}] the checkpoint was written on {_layout(**saved)}; resuming on "
           f"{_layout(**now)}: the training state is replicated"
           + (" (the class centres, saved whole, are split anew over the devices)"
              if getattr(parallel, "class_shards", None) else "")
           + " and the global batch is unchanged, so it carries over as it is (sums over "
-          "the batch may differ in float rounding).")
+          "the batch may differ in float rounding).", flush=True)
 
 
 def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable,
@@ -168,17 +151,14 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
       for steps start_step, start_step + 1, ... (a pure function of the step).
     parallel: how steps are mapped over devices.
     rng: base key; the step folds in its step number.
-    frozen: networks the step reads but never trains, as one named host pytree (e.g.
-      {"teachers": stacked teacher variables, "adaptor": adaptor variables}), replicated
-      to every device; None for steps that take none.
-    evaluation: verification during training (see `Evaluation`), or None.
+    frozen: networks the step reads but never trains, as one host pytree (e.g.
+      {"teachers": ..., "adaptor": ...}), replicated to every device; or None.
+    evaluation: verification during training, or None.
   Returns:
     The final TrainState on the host.
   Raises:
-    TrainingDiverged: a loss, or the state to be saved, became NaN or Inf (the last good
-      checkpoint is kept).
-    interrupts.Interrupted: a signal stopped the run (under interrupts.handled(): once the
-      step it reached is saved, see train/interrupts.py).
+    TrainingDiverged: a loss, or the state to be saved, became NaN or Inf.
+    interrupts.Interrupted: a signal stopped the run (once the step it reached is saved).
     UserError: the checkpoints hold another model, NaN/Inf, only damaged steps or a
       damaged history; the input pipeline ended early; a step ran out of memory.
   """
@@ -202,18 +182,14 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
             f"({checkpoints.directory}).", flush=True)
     history, saved_layout = history_lib.read(
         record, start, os.path.join(checkpoints.directory, str(start)))
-    note = _resume_note(settings.name, saved_layout, parallel) if start else None
-    if note:
-      print(note, flush=True)
+    if start:
+      _print_layout_change(settings.name, saved_layout, parallel)
 
     writer = writers.create_writer(workdir, just_logging=jax.process_index() > 0)
     progress = _Progress(settings, writer, start, history)
     selects = settings.select_best_epoch or (evaluation is not None and evaluation.select)
-    best_score = math.inf  # the candidates' score to beat (lower is better)
-    if selects:
-      best = checkpoints.best()
-      if best is not None:
-        best_score = best[1]["score"]
+    best = checkpoints.best() if selects else None
+    best_score = math.inf if best is None else best[1]["score"]  # to beat; lower is better
     p_step = parallel.wrap(step_fn)
     device_state = parallel.replicate(state)
     device_args = parallel.replicate((rng,) if frozen is None else (rng, frozen))
@@ -225,9 +201,15 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
       return "no checkpoint was written yet"
 
     def save(host_state, candidate=None):
-      # Every loss up to here was finite (flush checked), and so is the state (checked
-      # here: parameters or BatchNorm statistics can overflow while the loss is finite).
-      _check_finite_state(settings.name, host_state, step, hint())
+      # Every loss up to here was finite (flush checked); parameters or BatchNorm
+      # statistics can still overflow while the loss is finite.
+      found = tree_checks.first_non_finite(host_state)
+      if found is not None:
+        tensor, kind, bad, size = found
+        raise TrainingDiverged(
+            f"[{settings.name}] the training state became {kind} in {tensor} ({bad} of "
+            f"{size} values) at step {step} while the loss was still finite; {hint()}. "
+            "Lower the learning rate (optim.base_lr) or check the data.")
       checkpoints.save(step, host_state, history=_history_record(history, step, parallel),
                        candidate=candidate)
 
@@ -244,8 +226,7 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
       is_eval = evaluation is not None and evaluation.every and step % evaluation.every == 0
       if step % settings.log_every == 0 or is_checkpoint or is_epoch_end or is_eval:
         progress.flush(step, parallel, hint())
-      host_state = None
-      candidate = None
+      host_state = candidate = None
       if is_epoch_end:
         mean = float(np.mean(history["loss"][-settings.steps_per_epoch:]))
         candidate = {"score": mean, "epoch": step // settings.steps_per_epoch,
@@ -305,18 +286,6 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
   return parallel.unreplicate(device_state)
 
 
-def _check_finite_state(name: str, state, step: int, hint: str) -> None:
-  """Raises TrainingDiverged where the state after `step` holds NaN or Inf, naming the
-  first such tensor (checked before it is saved, so the last good checkpoint stays)."""
-  found = tree_checks.first_non_finite(state)
-  if found is not None:
-    tensor, kind, bad, size = found
-    raise TrainingDiverged(
-        f"[{name}] the training state became {kind} in {tensor} ({bad} of {size} values) "
-        f"at step {step} while the loss was still finite; {hint}. Lower the learning rate "
-        "(optim.base_lr) or check the data.")
-
-
 def _stop(settings: LoopSettings, signum: int, step: int, checkpoints: Checkpoints) -> None:
   """Raises Interrupted once the checkpoint of `step` is saved (a bounded wait)."""
   where = (f"[{settings.name}] stopped by {interrupts.signal_name(signum)} at step {step} "
@@ -333,7 +302,7 @@ def _stop(settings: LoopSettings, signum: int, step: int, checkpoints: Checkpoin
 
 def _where_stopped(settings: LoopSettings, signum: int, step: int | None,
                    last_saved: int | None, directory: str) -> str:
-  """The line of a signal that stopped the loop where no step was left unsaved."""
+  """The line of a signal that stopped the loop with no step left unsaved."""
   where = f"[{settings.name}] stopped by {interrupts.signal_name(signum)}"
   if step is None:
     return f"{where} while restoring its checkpoint: rerun the same command to resume"
@@ -349,8 +318,7 @@ def _where_stopped(settings: LoopSettings, signum: int, step: int | None,
 
 def _out_of_memory_message(settings: LoopSettings, step: int | None, memory: str,
                            frozen: dict | None) -> str:
-  """One line for an out-of-memory error in a step: what did not fit, how much, what to
-  lower."""
+  """One line for an out-of-memory error in a step: what did not fit, what to lower."""
   online = frozen is not None and "teachers" in frozen
   return (f"[{settings.name}] out of memory in training step {(step or 0) + 1} ({memory}); "
           f"lower {settings.train_section}.batch_size (now {settings.images_per_step}) or the "
@@ -361,8 +329,7 @@ def _out_of_memory_message(settings: LoopSettings, step: int | None, memory: str
 
 def _evaluate(evaluation: Evaluation, settings: LoopSettings, step: int, state,
               writer) -> tuple[float, dict]:
-  """Runs `evaluation` on the state after `step` (writer, progress line); returns (mean
-  accuracy, {group: accuracy})."""
+  """Runs, writes and prints `evaluation`; returns (mean accuracy, {group: accuracy})."""
   accuracy = {g: float(a) for g, a in evaluation.fn(state).items()}
   mean = float(np.mean(list(accuracy.values())))
   writer.write_scalars(step, {f"{evaluation.label}/{g}": a for g, a in accuracy.items()}

@@ -1,9 +1,5 @@
 """An Orbax step folder on disk: whether it is complete (`damage`), one item of it read
-without a CheckpointManager (`restore_partial`), and Orbax's failures in one line.
-
-A step folder holds the TrainState in the item "default" (the folder Orbax gives a single
-item, so a model/ folder saved as one item reads like a training checkpoint's state).
-"""
+without a CheckpointManager (`restore_partial`), and Orbax's failures in one line."""
 
 import os
 import sys
@@ -17,7 +13,9 @@ import orbax.checkpoint as ocp
 from mstkd_jax import files
 from mstkd_jax.errors import UserError
 
-STATE = "default"           # the item folder of the TrainState (Orbax's single-item name)
+# The TrainState's item: Orbax's single-item name, so a model/ folder saved as one item
+# reads like a training checkpoint's state.
+STATE = "default"
 COMMIT_MARKER = "commit_success.txt"  # Orbax writes it last, into a finished step
 ITEM_METADATA = "_METADATA"           # Orbax writes it into every finished PyTree item
 _STEP_METADATA = "_CHECKPOINT_METADATA"
@@ -26,7 +24,7 @@ ERROR_CHARS = 200
 
 
 class DamagedCheckpoint(UserError):
-  """A step folder that cannot be read: interrupted copy or save, missing files."""
+  """A step folder that cannot be read (interrupted copy or save, missing files)."""
 
   def __init__(self, path: str, what: str, error: BaseException):
     self.reason = files.error_line(error, ERROR_CHARS)
@@ -34,8 +32,8 @@ class DamagedCheckpoint(UserError):
 
 
 def save_error(path: str, error: BaseException) -> UserError:
-  """One line for a failed save: the OS error (ENOSPC, EACCES, EROFS, ...) where one is in
-  the exception's chain, else the first line of Orbax's or tensorstore's message."""
+  """One line for a failed save: the OS error (ENOSPC, EACCES, ...) in the exception's
+  chain, else the first line of Orbax's or tensorstore's message."""
   cause = error
   while cause is not None and not isinstance(cause, OSError):
     cause = cause.__cause__ or cause.__context__
@@ -48,10 +46,9 @@ def quiet_closed_loop_callbacks() -> None:
   """Drops Python's "Exception ignored ... RuntimeError: Event loop is closed" reports.
 
   When an Orbax read fails (a damaged step), tensorstore still completes the reads in
-  flight and calls back into the asyncio loop Orbax has already closed; Python prints each
-  such callback as an unraisable exception with a traceback (0-10 of them), after the
-  failure was caught and reported in one line. This wraps sys.unraisablehook (once per
-  process, before the first read) to drop exactly those; every other report goes through.
+  flight and calls back into the asyncio loop Orbax has closed; Python prints each as an
+  unraisable exception with a traceback, after the failure was reported in one line.
+  Wraps sys.unraisablehook once per process; every other report goes through.
   """
   previous = sys.unraisablehook
   if getattr(previous, "drops_closed_loop_callbacks", False):
@@ -77,10 +74,9 @@ def _commit_timestamp(step_dir: str) -> bool:
 def damage(step_dir: str, item: str = STATE) -> str | None:
   """Why `step_dir` is not a complete Orbax step (None where it looks complete).
 
-  Complete: `item` holds its _METADATA, and the step is committed: it holds Orbax's commit
-  marker, or (Orbax versions that left none on local disks: no marker in any item either)
-  its _CHECKPOINT_METADATA records a commit time. Missing array files show only when the
-  arrays are read (`Checkpoints.restore_latest` tries the step).
+  Complete: `item` holds its _METADATA, and the step holds Orbax's commit marker or (Orbax
+  versions that left none on local disks, in no item either) its _CHECKPOINT_METADATA
+  records a commit time. Missing array files show only when the arrays are read.
   """
   if not files.isfile(os.path.join(step_dir, item, ITEM_METADATA)):
     return f"no {item}/{ITEM_METADATA}"
@@ -88,10 +84,8 @@ def damage(step_dir: str, item: str = STATE) -> str | None:
     return None
   try:
     names = files.listdir(step_dir)
-  except OSError as e:
-    return f"unreadable folder: {e.strerror or e}"
-  except UserError as e:
-    return f"unreadable folder: {e}"
+  except (OSError, UserError) as e:
+    return f"unreadable folder: {getattr(e, 'strerror', None) or e}"
   items_marked = any(files.isfile(os.path.join(step_dir, name, COMMIT_MARKER))
                      for name in names)
   if items_marked or not _commit_timestamp(step_dir):
@@ -101,11 +95,8 @@ def damage(step_dir: str, item: str = STATE) -> str | None:
 
 def restore_partial(item_dir: str, abstract: Any, source: str):
   """Restores the subtrees `abstract` names (jax.ShapeDtypeStruct leaves) out of the PyTree
-  item `item_dir`, as numpy arrays, leaving the rest of it unread.
-
-  Raises:
-    DamagedCheckpoint: the item cannot be read, lacks a subtree or holds other shapes.
-  """
+  item `item_dir` as numpy arrays, leaving the rest unread; DamagedCheckpoint naming
+  `source` where it cannot be read, lacks a subtree or holds other shapes."""
   quiet_closed_loop_callbacks()
   handler = ocp.PyTreeCheckpointHandler()
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)

@@ -1,5 +1,4 @@
-"""Checks of a restored pytree: its shapes against the model's, and NaN or Inf (a diverged
-run), each reported in one line naming the tensor."""
+"""Checks of a pytree: its shapes against the model's, and NaN or Inf (a diverged run)."""
 
 from typing import Mapping
 
@@ -40,9 +39,8 @@ def _key_name(key) -> str:
 
 
 def first_non_finite(tree) -> tuple[str, str, int, int] | None:
-  """(tensor path "params/backbone/conv1/kernel", "NaN" or "Inf", how many values, of how
-  many) of the first floating-point leaf of `tree` (numpy or JAX arrays) holding NaN or
-  Inf, in pytree order; None where every value is finite."""
+  """(path "params/backbone/conv1/kernel", "NaN" or "Inf", bad values, all values) of the
+  first floating-point leaf holding NaN or Inf, in pytree order; None if all are finite."""
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     array = np.asarray(leaf)
     if not jnp.issubdtype(array.dtype, jnp.inexact):
@@ -55,19 +53,12 @@ def first_non_finite(tree) -> tuple[str, str, int, int] | None:
   return None
 
 
-def check_finite(tree, source: str) -> None:
-  """Refuses a restored tree holding NaN or Inf (a diverged run), naming the first tensor.
-
-  Args:
-    tree: the restored pytree (numpy or JAX arrays; integer leaves are skipped).
-    source: the checkpoint folder, for the message.
-
-  Raises:
-    UserError: "<source>: the checkpoint holds NaN in params/backbone/conv1/kernel ...".
-  """
+def check_finite(tree, source: str):
+  """Returns `tree`; UserError naming `source` (the checkpoint) and its first NaN/Inf tensor."""
   found = first_non_finite(tree)
   if found is not None:
     name, kind, bad, size = found
     raise UserError(
         f"{source}: the checkpoint holds {kind} in {name} ({bad} of {size} "
         "values; a diverged run?); use an earlier step or retrain with a lower LR")
+  return tree

@@ -1,10 +1,7 @@
 """Metric writers: clu's TensorBoard + log writer when TensorFlow is installed, else JSON lines.
 
-clu's writers import TensorFlow; a JAX-only machine (a bare GPU box, a colab without TF)
-still trains and keeps its metrics in <logdir>/metrics.jsonl. Progress (steps/s, ETA) is
-the loop's own line (train/loop.py), the same with either writer. Either way a write that
-fails (disk full, no permission, a read-only file system) is one UserError naming the
-folder and the OS error.
+clu's writers import TensorFlow; without it the metrics go to <logdir>/metrics.jsonl. Either
+way a failed write is one UserError naming the folder and the OS error.
 """
 
 import json
@@ -21,31 +18,23 @@ _OS_ERRORS = (("No space left on device", "ENOSPC"), ("Permission denied", "EACC
 
 
 class JsonLinesWriter:
-  """The subset of clu's MetricWriter the loop uses, writing one JSON object per call."""
+  """The part of clu's MetricWriter the loop uses, writing one JSON object per call."""
 
   def __init__(self, logdir: str, just_logging: bool = False):
     self._path = None if just_logging else os.path.join(logdir, "metrics.jsonl")
 
-  def _write(self, record):
-    if self._path:
-      files.append_text(self._path, json.dumps(record) + "\n")
-
   def write_scalars(self, step, scalars):
-    self._write({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
-
-  def write_hparams(self, hparams):
-    self._write({"hparams": {k: str(v) for k, v in hparams.items()}})
+    if self._path:
+      record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+      files.append_text(self._path, json.dumps(record) + "\n")
 
   def flush(self):
     pass
 
-  def close(self):
-    pass
-
 
 def write_error(logdir: str, error: BaseException) -> UserError:
-  """The one-line UserError of a failed metrics write to `logdir`: the OS error's name and
-  text where the error (an OSError, or TensorFlow's or clu's wrapping of one) has one."""
+  """The one-line UserError of a failed write to `logdir`, naming the OS error where the
+  error (an OSError, or TensorFlow's or clu's wrapping of one) carries one."""
   if isinstance(error, OSError) and error.errno:
     return UserError(f"cannot write the metrics in {logdir} ({files.os_error_reason(error)})")
   text = str(error)
@@ -73,23 +62,13 @@ class CheckedWriter:
   def write_scalars(self, step, scalars):
     self._call("write_scalars", step, scalars)
 
-  def write_hparams(self, hparams):
-    self._call("write_hparams", hparams)
-
   def flush(self):
     self._call("flush")
-
-  def close(self):
-    self._call("close")
 
 
 def create_writer(logdir: str, *, just_logging: bool) -> CheckedWriter:
   """clu's default writer (TensorBoard events + logging), or JsonLinesWriter without TF,
-  as a CheckedWriter.
-
-  Raises:
-    UserError: the events file cannot be created in `logdir` (naming it and the OS error).
-  """
+  as a CheckedWriter; UserError (`write_error`) where it cannot be created."""
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
   except ImportError:
