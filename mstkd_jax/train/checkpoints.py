@@ -1,13 +1,9 @@
 """Orbax checkpoints of the full training state, with the loss history and the best state.
 
-A step folder holds the TrainState (params, batch_stats, opt_state, step) in the item
-"default" and, as the loop saves them, the per-step history in the JSON item "history" and
-Orbax's "metrics". `step` is also the data position, so restoring it resumes the input
-pipeline exactly.
-
-One CheckpointManager keeps the newest `keep` steps and the one best candidate (BestN over
-the metric "score", lower is better). Damaged steps (no commit marker, an unreadable item,
-missing array data) are skipped with a warning; restored states are checked for NaN/Inf.
+A step folder holds the TrainState in the item "default", the per-step history in the JSON
+item "history" and Orbax's "metrics"; `step` is also the data position. One
+CheckpointManager keeps the newest `keep` steps and the best candidate (BestN over the
+metric "score", lower is better). Damaged steps are skipped with a warning.
 
 The states are host (numpy) arrays, so a checkpoint restores onto any number of devices or
 processes. In a multi-host run every process saves and restores (Orbax synchronizes them;
@@ -60,12 +56,8 @@ class Checkpoints:
   """Saves and restores TrainStates under `directory` (one Orbax CheckpointManager)."""
 
   def __init__(self, directory: str, keep: int = 3):
-    """`directory`: a local folder or a URL (gs://bucket/run/checkpoints).
-
-    Raises:
-      UserError: the folder cannot be made or listed (an OS error, or a URL's storage
-        error such as missing credentials), naming it.
-    """
+    """`directory`: a local folder or a URL (gs://bucket/run/checkpoints); UserError naming
+    it where it cannot be made or listed (an OS error, or a URL's storage error)."""
     self.directory = paths.resolve(directory, "the checkpoint folder")
     policies = ocp.checkpoint_managers
     preservation = policies.AnyPreservationPolicy([
@@ -204,13 +196,8 @@ class Checkpoints:
         "cannot restore the checkpoint"), self._step_dir(step))
 
   def restore(self, step: int, template):
-    """Restores `step` into `template`'s structure (host arrays), checking the shapes of
-    its params and batch_stats (TrainState attributes, or keys) first.
-
-    Raises:
-      DamagedCheckpoint: the step cannot be read.
-      UserError: its shapes differ from `template`'s, or it holds NaN or Inf.
-    """
+    """`restore_tree` after checking the shapes of params and batch_stats (TrainState
+    attributes, or keys) against `template`'s: UserError naming the differences."""
     stored = self.stored_tree(step)
     problems = []
     for part in ("params", "batch_stats"):
@@ -244,11 +231,8 @@ class Checkpoints:
     """(step, state, history) of the newest step that restores, or (None, template, None).
 
     Newer damaged steps are skipped with a warning; with `set_aside` (the training loop,
-    which writes those steps again) they are renamed <step>.damaged.
-
-    Raises:
-      UserError: every step is damaged (one line naming them), a step of another model,
-        or NaN/Inf in the newest readable step.
+    which writes those steps again) they are renamed <step>.damaged. UserError where every
+    step is damaged, or as `restore` raises it.
     """
     damaged = []
     for step in reversed(self.manager.all_steps()):

@@ -55,15 +55,10 @@ def _mean(values: Sequence[float]) -> float | None:
 def summarize(history: Mapping[str, Sequence[float]], steps_per_epoch: int) -> dict:
   """The convergence record of a finished stage.
 
-  Args:
-    history: per-step metric lists ("loss" required; "accuracy" for a margin head),
-      history[name][t - 1] being step t's value.
-    steps_per_epoch: steps in one epoch (>= 1).
-  Returns:
-    {"steps", "first_epoch_loss", "lowest_epoch_loss" (of a complete epoch),
-    "final_epoch_loss" (the last steps_per_epoch steps), "final_epoch_accuracy" (None
-    without an accuracy), "tail_loss_change" and "tail_loss_change_se" (`tail_change`;
-    None when too short)}.
+  `history` holds per-step lists ("loss"; "accuracy" for a margin head), [t - 1] being step
+  t's. Returns {"steps", "first_epoch_loss", "lowest_epoch_loss" (of a complete epoch),
+  "final_epoch_loss" (the last steps_per_epoch steps), "final_epoch_accuracy" (None without
+  an accuracy), "tail_loss_change" and "tail_loss_change_se" (`tail_change`, or None)}.
   """
   losses = list(history.get("loss", ()))
   per_epoch = max(int(steps_per_epoch), 1)

@@ -13,9 +13,12 @@ from mstkd_jax.train.checkpoints import Checkpoints
 
 # The per-step metrics kept with every checkpoint (convergence.summarize reads them).
 HISTORY_METRICS = ("loss", "accuracy")
-_EXPECTED = ('{"step": t, "metrics": {"loss": [one finite value per step], ...}}; delete '
-             "that checkpoint step to resume from an earlier one, or the stage folder to "
-             "train it again")
+
+
+def _damaged(source: str, what: str) -> UserError:
+  return UserError(f'{source}: the loss history{what}; expected {{"step": t, "metrics": '
+                   '{"loss": [one finite value per step], ...}}; delete that checkpoint step '
+                   "to resume from an earlier one, or the stage folder to train it again")
 
 
 def read(record: dict | None, step: int | None, source: str) -> tuple[dict, dict]:
@@ -29,28 +32,23 @@ def read(record: dict | None, step: int | None, source: str) -> tuple[dict, dict
   if record is None:
     return {}, {}
   if not isinstance(record, dict):
-    raise UserError(f"{source}: the loss history is a JSON {type(record).__name__}; "
-                    f"expected {_EXPECTED}")
+    raise _damaged(source, f" is a JSON {type(record).__name__}")
   metrics = record.get("metrics")
   if step is None and isinstance(record.get("step"), int):
     step = record["step"]
   if not isinstance(metrics, dict):
-    raise UserError(f'{source}: the loss history holds "metrics" of type '
-                    f"{type(metrics).__name__}; expected {_EXPECTED}")
+    raise _damaged(source, f' holds "metrics" of type {type(metrics).__name__}')
   history = {}
   for name, values in metrics.items():
     if not isinstance(values, list) or not all(
         isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
-      raise UserError(f"{source}: the loss history's {name!r} is not a list of numbers; "
-                      f"expected {_EXPECTED}")
+      raise _damaged(source, f"'s {name!r} is not a list of numbers")
     values = [float(x) for x in values[:step]]
     if step is not None and len(values) < step:
-      raise UserError(f"{source}: the loss history holds {len(values)} {name!r} values for "
-                      f"{step} steps; expected {_EXPECTED}")
+      raise _damaged(source, f" holds {len(values)} {name!r} values for {step} steps")
     bad = next((k for k, x in enumerate(values) if not math.isfinite(x)), None)
     if bad is not None:
-      raise UserError(f"{source}: the loss history's {name!r} of step {bad + 1} is "
-                      f"{values[bad]}; expected {_EXPECTED}")
+      raise _damaged(source, f"'s {name!r} of step {bad + 1} is {values[bad]}")
     history[name] = values
   layout = {k: record[k] for k in ("devices", "processes") if k in record}
   return history, layout

@@ -1,24 +1,19 @@
 """Stopping a run on SIGTERM or SIGINT without losing its work.
 
 Preemption (Cloud TPU/GCE, SLURM, Kubernetes) sends SIGTERM, then SIGKILL after a grace
-period (30 s by default on GCE and Kubernetes); Ctrl-C sends SIGINT. Under `handled()`:
-
-* While a training loop holds steps no checkpoint holds (`unsaved(True)`), a signal is only
-  noted: the loop saves the step it is in, waits a bounded time for its saves and raises
-  `Interrupted` (`stop_requested`).
-* Anywhere else `Interrupted` is raised at once: a training stage goes on from its newest
-  checkpoint when the command is run again, any other stage starts again.
-* A second signal raises `Interrupted` at once, wherever the run is.
+period (30 s by default on GCE and Kubernetes); Ctrl-C sends SIGINT. Under `handled()`, a
+signal while a training loop holds unsaved steps (`unsaved(True)`) is only noted: the loop
+saves the step it is in and raises `Interrupted` (`stop_requested`). Anywhere else, and on
+a second signal, `Interrupted` is raised at once.
 
 The entry point ends the process with `Interrupted.code` through `exit_now`, which skips
 interpreter shutdown: XLA keeps compiling on its own threads after a signal interrupts the
 wait for it, and tearing the runtime down under that compilation crashes (SIGSEGV).
 
-Several processes (jax.distributed): JAX's preemption notifier takes SIGTERM on each host
-and tells every process; `stop_requested` is JAX's sync point, true at the same step on
-every process, so all of them save that step and stop. SIGINT on one host is passed on to
-that notifier as SIGTERM. Outside a training loop such a run does not stop on SIGTERM (JAX
-holds it) until the scheduler kills it.
+Several processes (jax.distributed): JAX's preemption notifier takes SIGTERM (SIGINT is
+passed on to it as SIGTERM) and `stop_requested` is JAX's sync point, true at the same step
+on every process. Outside a training loop such a run does not stop on SIGTERM (JAX holds
+it) until the scheduler kills it.
 """
 
 import contextlib

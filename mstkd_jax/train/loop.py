@@ -145,8 +145,7 @@ def train(*, workdir: str, settings: LoopSettings, init_state, step_fn: Callable
     workdir: the stage's folder (checkpoints/ and TensorBoard events go there).
     settings: steps, logging and checkpoint cadence.
     init_state: host TrainState of a fresh run (also the template checkpoints restore into).
-    step_fn: per-device `(state, batch, rng) -> (state, metrics)`, or with `frozen`
-      `(state, batch, rng, frozen) -> (state, metrics)`.
+    step_fn: per-device `(state, batch, rng[, frozen]) -> (state, metrics)`.
     batches: `batches(start_step)` yields host batches [local_devices, per_device, ...]
       for steps start_step, start_step + 1, ... (a pure function of the step).
     parallel: how steps are mapped over devices.

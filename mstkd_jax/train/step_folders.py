@@ -43,13 +43,9 @@ def save_error(path: str, error: BaseException) -> UserError:
 
 
 def quiet_closed_loop_callbacks() -> None:
-  """Drops Python's "Exception ignored ... RuntimeError: Event loop is closed" reports.
-
-  When an Orbax read fails (a damaged step), tensorstore still completes the reads in
-  flight and calls back into the asyncio loop Orbax has closed; Python prints each as an
-  unraisable exception with a traceback, after the failure was reported in one line.
-  Wraps sys.unraisablehook once per process; every other report goes through.
-  """
+  """Drops Python's "Exception ignored ... Event loop is closed" reports (once per process):
+  after a failed Orbax read, tensorstore's reads in flight call back into the asyncio loop
+  Orbax has closed, and Python would print a traceback for each."""
   previous = sys.unraisablehook
   if getattr(previous, "drops_closed_loop_callbacks", False):
     return
@@ -76,8 +72,7 @@ def damage(step_dir: str, item: str = STATE) -> str | None:
 
   Complete: `item` holds its _METADATA, and the step holds Orbax's commit marker or (Orbax
   versions that left none on local disks, in no item either) its _CHECKPOINT_METADATA
-  records a commit time. Missing array files show only when the arrays are read.
-  """
+  records a commit time. Missing array files show only when the arrays are read."""
   if not files.isfile(os.path.join(step_dir, item, ITEM_METADATA)):
     return f"no {item}/{ITEM_METADATA}"
   if files.isfile(os.path.join(step_dir, COMMIT_MARKER)):

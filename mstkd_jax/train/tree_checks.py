@@ -31,13 +31,6 @@ def shape_mismatches(expected: dict, found: dict, limit: int = 8) -> list[str]:
   return lines
 
 
-def _key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def first_non_finite(tree) -> tuple[str, str, int, int] | None:
   """(path "params/backbone/conv1/kernel", "NaN" or "Inf", bad values, all values) of the
   first floating-point leaf holding NaN or Inf, in pytree order; None if all are finite."""
@@ -49,7 +42,8 @@ def first_non_finite(tree) -> tuple[str, str, int, int] | None:
     if not finite.all():
       bad = array[~finite]
       kind = "NaN" if np.isnan(bad).any() else "Inf"
-      return "/".join(_key_name(k) for k in path), kind, int(bad.size), int(array.size)
+      name = jax.tree_util.keystr(path, simple=True, separator="/")
+      return name, kind, int(bad.size), int(array.size)
   return None
 
 
