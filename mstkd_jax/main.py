@@ -150,24 +150,22 @@ def main(argv):
             "the stage's train.eval_batch_size (in the recipe: teacher.train."
             "eval_batch_size, student.train.eval_batch_size) or the image size",
             file=sys.stderr)
-      exit_promptly(1)
-    # A bug: its traceback, then the same prompt exit.
-    import traceback  # pylint: disable=g-import-not-at-top
-    traceback.print_exc()
+    else:  # a bug
+      import traceback  # pylint: disable=g-import-not-at-top
+      traceback.print_exc()
     exit_promptly(1)
 
 
 EXIT_GRACE_S = 10.0  # how long interpreter shutdown may take once the run has failed
 
 
-def exit_promptly(code: int, grace_s: float | None = None) -> None:
-  """sys.exit(code), then os._exit(code) after `grace_s` (default EXIT_GRACE_S) seconds of
-  shutdown: a thread that cannot finish (an Orbax save waiting for a commit that will not
-  come) would otherwise hold the process for minutes. The workdir lock goes with it."""
+def exit_promptly(code: int) -> None:
+  """sys.exit(code), then os._exit(code) after EXIT_GRACE_S seconds of shutdown: a thread
+  that cannot finish (an Orbax save waiting for a commit that will not come) would otherwise
+  hold the process for minutes. The workdir lock goes with it."""
   sys.stdout.flush()
   sys.stderr.flush()
-  grace_s = EXIT_GRACE_S if grace_s is None else grace_s
-  timer = threading.Timer(grace_s, os._exit, args=(code,))  # pylint: disable=protected-access
+  timer = threading.Timer(EXIT_GRACE_S, os._exit, args=(code,))  # pylint: disable=protected-access
   timer.daemon = True
   timer.start()
   sys.exit(code)
@@ -205,10 +203,8 @@ def _unknown_field(argv) -> str | None:
   parser = flags.FLAGS["config"].parser
   if not isinstance(parser.config, ml_collections.ConfigDict):
     return None
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    field = arg[len("--config."):].split("=", 1)[0]
+  for field in [a[len("--config."):].split("=", 1)[0] for a in argv
+                if a.startswith("--config.")]:
     section = parser.config
     for i, key in enumerate(field.split(".")):
       children = section.keys() if isinstance(section, ml_collections.ConfigDict) else ()

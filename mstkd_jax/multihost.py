@@ -42,11 +42,9 @@ class Multihost:
 
 
 def _int_or_env(value, env: str) -> int | None:
-  if value is not None:
-    return value
   text = os.environ.get(env, "").strip()
-  if not text:
-    return None
+  if value is not None or not text:
+    return value
   try:
     return int(text)
   except ValueError:
@@ -91,8 +89,7 @@ def initialize(setup: Multihost) -> bool:
 def _give_up(manual: dict, timeout_s: int) -> None:
   """Ends the process with one line: the coordinator is unreachable, or not every process
   connected to it."""
-  address, num, pid = (manual[k] for k in ("coordinator_address", "num_processes",
-                                           "process_id"))
+  address, num, pid = manual.values()  # in Multihost.manual's order
   unreachable = _unreachable(address) if address and pid not in (None, 0) else None
   if unreachable:
     message = (f"cannot reach the multi-host coordinator at {address} within {timeout_s} s "

@@ -50,28 +50,22 @@ def output_record(stage_dir: str) -> dict:
           else os.walk(stage_dir))
   try:
     for root, dirs, names in walk:
-      _record_folder(stage_dir, root, dirs, names, record)
-  except UserError:
-    raise
+      rel_root = os.path.relpath(root, stage_dir)
+      # Pruned in place. On GCS, tf.io.gfile lists sub-folders with a trailing "/"
+      # (tensorflow issue 39167).
+      dirs[:] = sorted(d.rstrip("/") for d in dirs
+                       if not (rel_root == "." and d.rstrip("/") in UNRECORDED)
+                       and not d.startswith("."))
+      for name in sorted(names):
+        if (rel_root == "." and name in UNRECORDED) or name.startswith(UNRECORDED_PREFIXES):
+          continue
+        record[os.path.normpath(os.path.join(rel_root, name))] = file_record(
+            os.path.join(root, name))
   except Exception as e:  # pylint: disable=broad-except; a URL's storage library errors
-    if not url:
+    if not url or isinstance(e, UserError):
       raise
     raise files.url_error(stage_dir, e, "list") from e
   return record
-
-
-def _record_folder(stage_dir: str, root: str, dirs: list, names: list, record: dict) -> None:
-  """Adds the output files of one folder of a walk to `record` and prunes `dirs` in place.
-  On GCS, tf.io.gfile lists sub-folders with a trailing "/" (tensorflow issue 39167)."""
-  rel_root = os.path.relpath(root, stage_dir)
-  dirs[:] = sorted(d.rstrip("/") for d in dirs
-                   if not (rel_root == "." and d.rstrip("/") in UNRECORDED)
-                   and not d.startswith("."))
-  for name in sorted(names):
-    if (rel_root == "." and name in UNRECORDED) or name.startswith(UNRECORDED_PREFIXES):
-      continue
-    rel = os.path.normpath(os.path.join(rel_root, name))
-    record[rel] = file_record(os.path.join(root, name))
 
 
 def file_record(path: str) -> dict:

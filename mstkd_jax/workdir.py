@@ -85,16 +85,13 @@ def changed_fields(old: dict, new: dict, ignore=RUN_CONTROL_FIELDS) -> list[str]
 # ------------------------------------------------------------------------------ workdir
 
 def prepare(config, workdir: str, refuse_changes: bool = True) -> str:
-  """Creates `workdir`, refuses one holding a run of another config, writes config.json.
-
-  With refuse_changes=False (the pipeline's root, whose stages check their own configs)
-  config.json just records the latest run, and config_history.jsonl gets a line for it.
-  Returns the absolute workdir (a URL as given); only process 0 writes.
+  """Creates `workdir`, refuses one holding a run of another config, writes config.json
+  (process 0); returns the absolute workdir. With refuse_changes=False (the pipeline's root,
+  whose stages check their own configs) config_history.jsonl also gets a line for the run.
 
   Raises:
-    UserError: the workdir cannot be written (for a URL: the storage library's error in
-      one line, e.g. no credentials), is not shared by every host of a multi-host run, or
-      (refuse_changes) holds a config.json of another config.
+    UserError: the workdir cannot be written, is not shared by every host of a multi-host
+      run, or (refuse_changes) holds a config.json of another config.
   """
   workdir = paths.resolve(workdir, "workdir")
   refuse_a_file(workdir)
@@ -160,20 +157,15 @@ def _json_object(line: str) -> bool:
 
 
 def refuse_a_file(workdir: str) -> None:
-  """UserError where the local `workdir` is an existing file (a URL is left to the write
-  check)."""
+  """UserError where the local `workdir` is an existing file."""
   if not paths.is_url(workdir) and os.path.isfile(workdir):
     raise UserError(f"the workdir {workdir} is a file; expected a folder (give another "
                     "--workdir, or move that file away)")
 
 
 def check_shared(folder: str, what: str = "the workdir") -> None:
-  """Refuses, in a multi-host run, a local `folder` that not every process sees (NFS, a
-  mounted bucket): process 0 writes a probe file, every process looks for it.
-
-  Raises:
-    UserError: some processes do not see the probe (naming them and `what`).
-  """
+  """UserError (naming `what` and the processes) where, in a multi-host run, not every
+  process sees a probe file that process 0 writes in the local `folder`."""
   nonce = int(parallel_lib.broadcast_from_main(np.int32(time.time_ns() % 2**31)))
   probe = os.path.join(folder, f".shared_probe_{nonce}")
   if jax.process_index() == 0:
@@ -275,8 +267,8 @@ def _alive(pid: int) -> bool:
 # ------------------------------------------------------------------------------ models
 
 def save_model(workdir: str, step: int, variables: dict) -> None:
-  """The trained network's variables ({"params", "batch_stats"}) under <workdir>/model.
-  Every process calls it (Orbax synchronizes them); process 0 writes."""
+  """Saves the network's variables ({"params", "batch_stats"}) under <workdir>/model; every
+  process calls it."""
   checkpoints = Checkpoints(os.path.join(workdir, "model"), keep=1)
   checkpoints.save(step, variables)
   checkpoints.wait()
