@@ -3,8 +3,7 @@ r"""Command-line entry point: runs the stage (or the whole recipe) a config name
   python -m mstkd_jax.main --config=configs/teacher.py:smoke --workdir=/tmp/w
   python -m mstkd_jax.main --config=configs/teacher.py --config.teacher.group=group_b
 
-Multi-host (TPU VM pods, SLURM, or a manual launch) is set up here and only here
-(mstkd_jax/multihost.py):
+Multi-host (TPU VM pods, SLURM, or a manual launch):
 
   python -m mstkd_jax.main --config=... --workdir=<shared folder> \
       --coordinator_address=10.0.0.1:8476 --num_processes=2 --process_id=<0 or 1>
@@ -14,7 +13,7 @@ process runs the same command on the same workdir; only process 0 prints and wri
 
 SIGTERM (a preemption, a scheduler's time limit) or Ctrl-C: a training stage saves the step
 it reached (every process the same step), and the run ends with one `error:` line and exit
-status 143 (SIGTERM) or 130 (SIGINT); the same command resumes (train/interrupts.py).
+status 143 (SIGTERM) or 130 (SIGINT); the same command resumes.
 """
 
 import contextlib
@@ -33,8 +32,7 @@ from mstkd_jax.multihost import Multihost
 
 
 class _KeepsConfig(flags.ArgumentParser):
-  """The config flag's parser (ml_collections' `parser`), keeping the config it loaded: an
-  override of a field that config lacks is worded from it (`_unknown_field`)."""
+  """The config flag's parser, keeping the config it loaded for `_unknown_field`."""
 
   def __init__(self, parser: flags.ArgumentParser):
     self.parser, self.path, self.config = parser, None, None
@@ -88,10 +86,7 @@ def default_workdir(config_arg: str) -> str:
 
 
 def run(config, workdir: str, hosts: str | Multihost = "false"):
-  """Runs `config.stage` in `workdir` (importable: notebooks and tests call this).
-
-  `hosts` is a --multihost mode ("auto", "true", "false") or a full Multihost setting.
-  """
+  """Runs `config.stage` in `workdir`; `hosts` is a --multihost mode or a Multihost."""
   from mstkd_jax import config_ranges  # pylint: disable=g-import-not-at-top
   config_ranges.check(config)  # every field in its range, before anything starts
   import jax  # pylint: disable=g-import-not-at-top
@@ -100,24 +95,20 @@ def run(config, workdir: str, hosts: str | Multihost = "false"):
   workdir = paths.resolve(workdir, "--workdir")
   multihost.initialize(hosts if isinstance(hosts, Multihost) else Multihost(mode=hosts))
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    # Reruns and resumptions (and stages of the same shapes) skip XLA compilation. Kept on
-    # a local disk: the workdir's own folder, or its local cache folder for a URL workdir.
+    # Reruns and resumptions skip XLA compilation; on a local disk (paths.cache_dir).
     cache = paths.cache_dir(config.get("cache_dir", ""), workdir)
     jax.config.update("jax_compilation_cache_dir", os.path.join(cache, "compilation_cache"))
   stages = _stages()
   if config.stage not in stages:
     raise UserError(f"config field stage={config.stage!r}: expected one of {sorted(stages)}")
   if paths.is_url(workdir) and "data" in config:
-    # The synthetic set's cache goes to the local cache folder (the pipeline does this for
-    # its stages itself).
+    # The synthetic set's cache goes to the local cache folder.
     from mstkd_jax.data import sources  # pylint: disable=g-import-not-at-top
     config = sources.with_data_dir(config, workdir)
   from mstkd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  with workdir_lib.locked(workdir, enabled=jax.process_index() == 0):
-    if jax.process_index() == 0:
-      return stages[config.stage](config, workdir)
-    # The other processes compute alike but stay quiet: process 0 reports for all.
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+  quiet = jax.process_index() != 0  # the others compute alike; process 0 reports for all
+  with workdir_lib.locked(workdir, enabled=not quiet), open(os.devnull, "w") as devnull:
+    with contextlib.redirect_stdout(devnull) if quiet else contextlib.nullcontext():
       return stages[config.stage](config, workdir)
 
 
@@ -159,36 +150,29 @@ def main(argv):
             "the stage's train.eval_batch_size (in the recipe: teacher.train."
             "eval_batch_size, student.train.eval_batch_size) or the image size",
             file=sys.stderr)
-      exit_promptly(1)
-    # A bug: its traceback, then the same prompt exit.
-    import traceback  # pylint: disable=g-import-not-at-top
-    traceback.print_exc()
+    else:  # a bug
+      import traceback  # pylint: disable=g-import-not-at-top
+      traceback.print_exc()
     exit_promptly(1)
 
 
 EXIT_GRACE_S = 10.0  # how long interpreter shutdown may take once the run has failed
 
 
-def exit_promptly(code: int, grace_s: float | None = None) -> None:
-  """sys.exit(code), bounded in time.
-
-  A background thread that cannot finish (an Orbax save waiting for a commit that will not
-  come) would otherwise hold the process at shutdown for minutes. After `grace_s` seconds
-  (default EXIT_GRACE_S) of shutdown the process ends with `code` anyway (os._exit);
-  everything already written stays, and the workdir lock goes with the process.
-  """
+def exit_promptly(code: int) -> None:
+  """sys.exit(code), then os._exit(code) after EXIT_GRACE_S seconds of shutdown: a thread
+  that cannot finish (an Orbax save waiting for a commit that will not come) would otherwise
+  hold the process for minutes. The workdir lock goes with it."""
   sys.stdout.flush()
   sys.stderr.flush()
-  grace_s = EXIT_GRACE_S if grace_s is None else grace_s
-  timer = threading.Timer(grace_s, os._exit, args=(code,))  # pylint: disable=protected-access
+  timer = threading.Timer(EXIT_GRACE_S, os._exit, args=(code,))  # pylint: disable=protected-access
   timer.daemon = True
   timer.start()
   sys.exit(code)
 
 
 def parse_flags(argv):
-  """absl's flag parsing, with config mistakes (unknown preset or field, bad value) reported
-  as one line instead of a traceback."""
+  """absl's flag parsing, config mistakes (unknown preset or field, bad value) in one line."""
   try:
     return flags.FLAGS(argv)
   except (UserError, KeyError, ValueError, TypeError, AttributeError, OSError,
@@ -215,15 +199,12 @@ def _unloadable(config_arg: str, error: OSError) -> str:
 
 def _unknown_field(argv) -> str | None:
   """"unknown config field X (in <config>); <section> has: ..." for the first --config.X
-  override of `argv` that the loaded config lacks; None where it has them all or none was
-  loaded."""
+  override in `argv` that the loaded config lacks; else None."""
   parser = flags.FLAGS["config"].parser
   if not isinstance(parser.config, ml_collections.ConfigDict):
     return None
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    field = arg[len("--config."):].split("=", 1)[0]
+  for field in [a[len("--config."):].split("=", 1)[0] for a in argv
+                if a.startswith("--config.")]:
     section = parser.config
     for i, key in enumerate(field.split(".")):
       children = section.keys() if isinstance(section, ml_collections.ConfigDict) else ()

@@ -29,8 +29,8 @@ class Multihost:
             "process_id": _int_or_env(self.process_id, "JAX_PROCESS_ID")}
 
   def wanted(self, manual: dict) -> bool:
-    """Whether to initialize: mode "true", or "auto" on a cluster JAX detects (SLURM or Open
-    MPI with several tasks, a TPU VM pod) or with a coordinator or several processes given."""
+    """Mode "true", or "auto" on a cluster (SLURM or Open MPI with several tasks, a TPU VM
+    pod) or with a coordinator or several processes given."""
     if self.mode not in ("auto", "true", "false"):
       raise UserError(f"--multihost={self.mode!r}: expected auto, true or false")
     if self.mode != "auto":
@@ -42,11 +42,9 @@ class Multihost:
 
 
 def _int_or_env(value, env: str) -> int | None:
-  if value is not None:
-    return value
   text = os.environ.get(env, "").strip()
-  if not text:
-    return None
+  if value is not None or not text:
+    return value
   try:
     return int(text)
   except ValueError:
@@ -55,9 +53,8 @@ def _int_or_env(value, env: str) -> int | None:
 
 def initialize(setup: Multihost) -> bool:
   """Calls jax.distributed.initialize() if `setup` asks for several processes; returns
-  whether JAX runs distributed. JAX retries connecting until its own time-out, then aborts
-  the process with a C++ stack trace: a timer ends it first, after `setup.timeout_s`, with
-  one `error:` line and exit status 1 (`_give_up`).
+  whether JAX runs distributed. JAX's own time-out aborts with a C++ stack trace: a timer
+  ends the process first, after `setup.timeout_s`, with one `error:` line and status 1.
 
   Raises:
     UserError: a coordinator address that is not host:port, or settings JAX refuses (a
@@ -90,10 +87,9 @@ def initialize(setup: Multihost) -> bool:
 
 
 def _give_up(manual: dict, timeout_s: int) -> None:
-  """Ends the process with one line: the coordinator cannot be reached (asked by a process
-  other than 0), or not every process connected to it."""
-  address, num, pid = (manual[k] for k in ("coordinator_address", "num_processes",
-                                           "process_id"))
+  """Ends the process with one line: the coordinator is unreachable, or not every process
+  connected to it."""
+  address, num, pid = manual.values()  # in Multihost.manual's order
   unreachable = _unreachable(address) if address and pid not in (None, 0) else None
   if unreachable:
     message = (f"cannot reach the multi-host coordinator at {address} within {timeout_s} s "

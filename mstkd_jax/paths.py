@@ -1,13 +1,8 @@
 """Paths that users give (flags, config fields, environment): local ones made absolute,
-URLs (gs://bucket/dir) either kept as they are or refused, and the local cache folder.
-
-Workdirs and checkpoints may be URLs (`resolve`): the run reads and writes them through
-`mstkd_jax.files` and `etils.epath` (whose gs:// backend is tf.io.gfile where TensorFlow is
-installed, else fsspec/gcsfs), and Orbax through epath and tensorstore. What must be a
-local file refuses a URL with one line (`local`): the memory-mapped caches (they go under
-`cache_dir`), TFDS data folders (array_record reads local files only), the user's own
-input files (image folders, RecordIO, .bin, RFW, IJB releases) and the commands' --out;
-otherwise gs://bucket/dir would turn into a local folder named "gs:" without a word.
+URLs (gs://bucket/dir) either kept as they are (`resolve`: workdirs, checkpoints) or refused
+in one line (`local`), and the local cache folder. What must be a local file refuses a URL:
+memory-mapped caches, TFDS data folders, the user's own input files and the commands'
+--out; otherwise gs://bucket/dir would turn into a local folder named "gs:" without a word.
 """
 
 import os
@@ -20,16 +15,15 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def is_url(path) -> bool:
-  """Whether `path` (str or os.PathLike, an epath.Path of a bucket included) is a URL
-  (scheme://...)."""
+  """Whether `path` (str or os.PathLike) is a URL (scheme://...)."""
   return bool(_URL.match(os.fspath(path)))
 
 
 def local(path, what: str) -> str:
-  """`path` (str or os.PathLike) with ~ expanded, made absolute.
+  """`path` with ~ expanded, made absolute.
 
   Raises:
-    UserError: `path` is a URL (scheme://...); `what` names the flag or field it came from.
+    UserError: `path` is a URL; `what` names the flag or field it came from.
   """
   text = os.fspath(path)
   if _URL.match(text):
@@ -41,9 +35,7 @@ def local(path, what: str) -> str:
 
 
 def resolve(path, what: str) -> str:
-  """A path for code that reads and writes through `mstkd_jax.files` / `etils.epath`: a
-  local `path` (str or os.PathLike) as `local` makes it (absolute, ~ expanded); a URL
-  (gs://bucket/run) kept as given, less trailing slashes. Returns str either way.
+  """A local `path` as `local` makes it, or a URL as given less trailing slashes.
 
   Raises:
     UserError: `path` is empty or a URL with nothing after the scheme (gs://); `what`
@@ -63,15 +55,12 @@ CACHE_ROOT = "mstkd_cache"   # under tempfile.gettempdir(), for URL folders with
 
 
 def cache_dir(cache: str, folder: str) -> str:
-  """The local folder of the memory-mapped caches (teacher_embeddings.npy, targets.npy) of
-  the stage folder `folder`, since a memory map needs a local disk:
+  """The local folder of the memory-mapped caches of the stage folder `folder`:
   - `cache` (the config field `cache_dir`) empty and `folder` local: `folder` itself;
   - `cache` empty and `folder` a URL: <tempfile.gettempdir()>/mstkd_cache/<mirror>;
   - `cache` given: <cache, made absolute>/<mirror>;
-  where <mirror> is `folder` without its scheme's "://" and leading "/"
-  (gs://bucket/run/extract/specialized -> gs/bucket/run/extract/specialized), so every
-  stage and seed has its own. A cache in a local folder is not in the bucket: a run
-  resumed on another machine computes it again where a stage still needs it.
+  where <mirror> is `folder` without "://" and leading "/" (gs://bucket/run/x ->
+  gs/bucket/run/x). A run resumed on another machine computes such caches again.
 
   Raises:
     UserError: `cache` is a URL (a memory map needs a local file).

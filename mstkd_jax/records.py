@@ -1,8 +1,6 @@
 """The records a run reads back: a stage's results.json, the pipeline's stage.json and the
 record of a finished stage's output files (sizes and digests) it holds. Each is checked for
 its shape when read: a record of another shape is refused in one line naming the file.
-
-Written and read through mstkd_jax.files (atomic, local paths or URLs).
 """
 
 import hashlib
@@ -18,7 +16,7 @@ from mstkd_jax.errors import UserError
 # ------------------------------------------------------------------------ stage outputs
 
 # Not outputs a later stage or the report reads: training checkpoints (kept for resume),
-# TensorBoard events, the loop's logs, and the pipeline's own record.
+# TensorBoard events, hidden files, and the pipeline's own record.
 UNRECORDED = ("checkpoints", "stage.json")
 UNRECORDED_PREFIXES = ("events.out.tfevents", ".")
 FULL_HASH_BYTES = 16 << 20     # files up to this size are hashed whole
@@ -44,42 +42,34 @@ def _file_digest(path: str, size: int) -> str:
 
 
 def output_record(stage_dir: str) -> dict:
-  """{relative path: {"size": bytes, "sha256": digest}} of every output file of a finished
-  stage (its model, caches, embeddings, results and config; not its training checkpoints,
-  TensorBoard events or hidden files). `stage_dir` may be a URL (etils.epath)."""
+  """{relative path: `file_record`} of every output file of a finished stage (not
+  UNRECORDED ones). `stage_dir` may be a URL."""
   url = paths.is_url(stage_dir)
   record = {}
   walk = (((str(r), d, n) for r, d, n in files.epath_of(stage_dir).walk()) if url
           else os.walk(stage_dir))
   try:
     for root, dirs, names in walk:
-      _record_folder(stage_dir, root, dirs, names, record)
-  except UserError:
-    raise
+      rel_root = os.path.relpath(root, stage_dir)
+      # Pruned in place. On GCS, tf.io.gfile lists sub-folders with a trailing "/"
+      # (tensorflow issue 39167).
+      dirs[:] = sorted(d.rstrip("/") for d in dirs
+                       if not (rel_root == "." and d.rstrip("/") in UNRECORDED)
+                       and not d.startswith("."))
+      for name in sorted(names):
+        if (rel_root == "." and name in UNRECORDED) or name.startswith(UNRECORDED_PREFIXES):
+          continue
+        record[os.path.normpath(os.path.join(rel_root, name))] = file_record(
+            os.path.join(root, name))
   except Exception as e:  # pylint: disable=broad-except; a URL's storage library errors
-    if not url:
+    if not url or isinstance(e, UserError):
       raise
     raise files.url_error(stage_dir, e, "list") from e
   return record
 
 
-def _record_folder(stage_dir: str, root: str, dirs: list, names: list, record: dict) -> None:
-  """Adds the output files of one folder of a walk to `record`, and prunes `dirs` (in
-  place: the walk descends into what is left). On GCS, tf.io.gfile lists sub-folders with
-  a trailing "/" (tensorflow issue 39167): names are compared without it."""
-  rel_root = os.path.relpath(root, stage_dir)
-  dirs[:] = sorted(d.rstrip("/") for d in dirs
-                   if not (rel_root == "." and d.rstrip("/") in UNRECORDED)
-                   and not d.startswith("."))
-  for name in sorted(names):
-    if (rel_root == "." and name in UNRECORDED) or name.startswith(UNRECORDED_PREFIXES):
-      continue
-    rel = os.path.normpath(os.path.join(rel_root, name))
-    record[rel] = file_record(os.path.join(root, name))
-
-
 def file_record(path: str) -> dict:
-  """{"size": bytes, "sha256": digest} of one file (`output_record`'s entry for it)."""
+  """{"size": bytes, "sha256": digest} of one file."""
   size = files.size(path)
   return {"size": size, "sha256": _file_digest(path, size)}
 
@@ -106,6 +96,17 @@ def damaged_output(stage_dir: str, record: dict, contents: bool = True) -> str |
   return None
 
 
+def _check_shapes(path: str, record: dict, shapes: dict, expected: str, required=()) -> None:
+  """UserError naming `path` and the entry where one of `shapes` ({key: kind}; True is not
+  an int) is of another kind, or one of `required` (those of a finished stage) is absent."""
+  for key, kind in shapes.items():
+    if key not in record:
+      if key in required:
+        raise UserError(f'{path}: a finished stage without "{key}"; expected {expected}')
+    elif not isinstance(record[key], kind) or (type(record[key]) is bool and kind is not bool):
+      raise UserError(f'{path}: "{key}" holds {json.dumps(record[key])[:60]}; expected {expected}')
+
+
 # ----------------------------------------------------------------------------- results
 
 def write_results(workdir: str, name: str, step: int, results: dict,
@@ -117,26 +118,22 @@ def write_results(workdir: str, name: str, step: int, results: dict,
   summary = {g: {k: r[k] for k in ("accuracy", "accuracy_std", "accuracy_noflip")}
              for g, r in results.items()}
   files.write_json(os.path.join(workdir, "results.json"),
-             {"model": name, "step": int(step), "verification": summary, **(record or {})})
+                   {"model": name, "step": int(step), "verification": summary,
+                    **(record or {})})
 
 
 def read_results(workdir: str) -> dict:
   """The results.json a stage wrote ({} where it wrote none).
 
   Raises:
-    UserError: it is unreadable or of another shape (naming it): a JSON object whose
-      "step" is an integer and whose "model", "verification", "training", "diagnostics"
-      and "selected" are what a stage writes, where present.
+    UserError: it is unreadable or of another shape than a stage writes, naming it.
   """
   path = os.path.join(workdir, "results.json")
   expected = "the results.json of a stage; rerun its stage"
   results = files.read_json(path, expected, missing={})
-  shapes = {"step": int, "model": str, "verification": dict, "training": dict,
-            "diagnostics": (dict, type(None)), "selected": (dict, type(None)), "stage": str}
-  for key, kind in shapes.items():
-    value = results.get(key)
-    if key in results and (not isinstance(value, kind) or isinstance(value, bool)):
-      raise UserError(f'{path}: "{key}" holds {json.dumps(value)[:60]}; expected {expected}')
+  _check_shapes(path, results, {"step": int, "model": str, "verification": dict,
+                                "training": dict, "diagnostics": (dict, type(None)),
+                                "selected": (dict, type(None)), "stage": str}, expected)
   return results
 
 
@@ -158,24 +155,17 @@ def read_stage_record(stage_dir: str) -> dict | None:
   record = files.read_json(path, _STAGE_RECORD_EXPECTED, missing=None)
   if record is None:
     return None
-  shapes = {"finished": bool, "invalidated": str, "cleared": bool, "fingerprint": str,
-            "fields": dict, "inputs": dict, "outputs": dict, "caches": dict}
   required = ("fingerprint", "fields", "inputs", "outputs") if record.get("finished") else ()
-  for key, kind in shapes.items():
-    if key not in record:
-      if key in required:
-        raise UserError(f'{path}: a finished stage without "{key}"; expected '
-                        f"{_STAGE_RECORD_EXPECTED}")
-      continue
-    if not isinstance(record[key], kind):
-      raise UserError(f'{path}: "{key}" holds {json.dumps(record[key])[:60]}; expected '
-                      f"{_STAGE_RECORD_EXPECTED}")
+  _check_shapes(path, record, {"finished": bool, "invalidated": str, "cleared": bool,
+                               "fingerprint": str, "fields": dict, "inputs": dict,
+                               "outputs": dict, "caches": dict}, _STAGE_RECORD_EXPECTED, required)
   for key in ("outputs", "caches"):
     for rel, entry in record.get(key, {}).items():
       if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
               and isinstance(entry.get("sha256"), str)):
         raise UserError(f'{path}: "{key}" entry {rel!r} holds {json.dumps(entry)[:60]}; '
-                        f'expected {{"size": bytes, "sha256": digest}} ({_STAGE_RECORD_EXPECTED})')
+                        'expected {"size": bytes, "sha256": digest} '
+                        f"({_STAGE_RECORD_EXPECTED})")
   if not all(isinstance(v, str) for v in record.get("inputs", {}).values()):
     raise UserError(f'{path}: "inputs" holds other than fingerprints; expected '
                     f"{_STAGE_RECORD_EXPECTED}")

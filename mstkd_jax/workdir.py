@@ -1,11 +1,9 @@
 """The files of a run: the workdir check, config diffs and history, the lock and trained
 models (results.json, stage.json and output records: mstkd_jax/records.py).
 
-Its files are written with mstkd_jax.files (atomic, one-line errors). A workdir may be a
-URL (gs://bucket/run): the write check, config.json, config_history.jsonl, results.json,
-the stage output records and the trained models (Orbax, which reads and writes buckets
-itself) go through etils.epath; such a workdir is not locked (an object store has no file
-lock: one run per bucket workdir is the user's job).
+A workdir may be a URL (gs://bucket/run): its files go through mstkd_jax.files and Orbax,
+and it is not locked (an object store has no file lock: one run per bucket workdir is the
+user's job).
 """
 
 import contextlib
@@ -18,46 +16,40 @@ import time
 import jax
 import numpy as np
 
-from mstkd_jax import errors, files, paths
+from mstkd_jax import errors, files, paths, records
 from mstkd_jax.errors import UserError
-# Re-exported: the stages and the pipeline read and write these records through here.
-from mstkd_jax.records import (  # pylint: disable=unused-import
-    UNRECORDED, damaged_output, file_record, output_record, read_results,
-    read_stage_record, write_results)
 from mstkd_jax.train import parallel as parallel_lib
 from mstkd_jax.train.checkpoints import Checkpoints
 from mstkd_jax.train.tree_checks import flat_shapes, shape_mismatches
 
+# Re-exported: the stages and the pipeline read and write these records through here.
+damaged_output, file_record, output_record = (
+    records.damaged_output, records.file_record, records.output_record)
+read_results, read_stage_record, write_results = (
+    records.read_results, records.read_stage_record, records.write_results)
+
 # Fields that steer how a run is carried out but not what it computes: they may change
-# between a run and its resumption. (A stage's input folders are not config fields at all:
-# see stages.shared.Inputs.)
+# between a run and its resumption. head.shard_classes (each role's, in the recipe) is the
+# layout of the class centres, saved whole either way; head.sample_rate changes the numbers.
 RUN_CONTROL_FIELDS = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                       "train.eval_batch_size", "train.eval_every", "parallelism",
                       "num_devices", "data.data_dir", "cache_dir", "only", "force",
-                      # The layout of the class centres, saved whole either way (each
-                      # role's head section sits under its name in the recipe's config).
-                      # head.sample_rate changes the numbers: not listed.
                       "head.shard_classes", "teacher.head.shard_classes",
                       "adaptor.head.shard_classes", "student.head.shard_classes")
 
 
 # ------------------------------------------------------------------------- config diffs
 
-# Config fields added after runs were recorded without them, each with the value that
-# computes what those runs computed. At that value a field is left out of what is compared
-# and fingerprinted (`flatten`), so a stage recorded before the field existed is still the
-# same stage; at any other value it shows as "field: '<absent>' -> value". Register a field
-# here in the change that adds it to configs/ (a field already in recorded stages must stay
-# out: leaving it out now would change their fingerprints). Keys are flattened paths as a
-# stage's config has them (e.g. "train.label_smoothing"), and as the recipe's root config
-# has them where it holds the field too ("student.train.label_smoothing").
+# Config fields added after runs were recorded without them ({flattened path: the value
+# that computes what those runs computed}, e.g. "train.label_smoothing", and
+# "student.train.label_smoothing" in the recipe's root config). At that value a field is
+# left out of what is compared and fingerprinted, so old records still match. Register a
+# field here in the change that adds it to configs/, never one already recorded.
 NEW_FIELD_DEFAULTS: dict[str, object] = {}
 
 
 def flatten(tree, prefix: str = "") -> dict:
-  """{"a.b.c": leaf} of a nested dict, as configs are compared and fingerprinted: a field
-  of NEW_FIELD_DEFAULTS holding its value there is left out (a record written before the
-  field existed lacks it alike)."""
+  """{"a.b.c": leaf} of a nested dict, less NEW_FIELD_DEFAULTS fields at their value."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, dict):
@@ -93,25 +85,18 @@ def changed_fields(old: dict, new: dict, ignore=RUN_CONTROL_FIELDS) -> list[str]
 # ------------------------------------------------------------------------------ workdir
 
 def prepare(config, workdir: str, refuse_changes: bool = True) -> str:
-  """Creates `workdir`, refuses one holding a run of another config, writes config.json.
-
-  With refuse_changes=False (the pipeline's root, whose stages check their own configs)
-  config.json just records the latest run, and config_history.jsonl gets a line for it.
-  Returns the absolute workdir; only process 0 writes.
-
-  `workdir` (str or os.PathLike) may be a URL (gs://bucket/run): it is probed by writing
-  and removing an object, and is shared by every host by construction.
+  """Creates `workdir`, refuses one holding a run of another config, writes config.json
+  (process 0); returns the absolute workdir. With refuse_changes=False (the pipeline's root,
+  whose stages check their own configs) config_history.jsonl also gets a line for the run.
 
   Raises:
-    UserError: the workdir cannot be written (for a URL: the storage library's error in
-      one line, e.g. no credentials), is not shared by every host of a multi-host run, or
-      (refuse_changes) holds a config.json of another config.
+    UserError: the workdir cannot be written, is not shared by every host of a multi-host
+      run, or (refuse_changes) holds a config.json of another config.
   """
   workdir = paths.resolve(workdir, "workdir")
   refuse_a_file(workdir)
-  # A unique probe per process (host, PID, time): written and removed.
   probe = os.path.join(workdir, f".write_probe.{socket.gethostname()}.{os.getpid()}."
-                                f"{time.time_ns()}")
+                                f"{time.time_ns()}")  # unique per process
   try:
     files.makedirs(workdir)
     files.write_bytes(probe, b"ok")
@@ -144,11 +129,9 @@ HISTORY_FILE = "config_history.jsonl"
 
 
 def _append_history(workdir: str, config: dict) -> None:
-  """Appends what this accepted run ran with to <workdir>/config_history.jsonl (one JSON
-  line per run: time, host, PID, config), since config.json holds only the latest. The file
-  is written again whole (atomically); a line that is not a JSON object (a run killed while
-  writing it: cut short, with no newline) is dropped with a warning, so that no record runs
-  into the next."""
+  """Appends a JSON line (time, host, PID, config) to <workdir>/config_history.jsonl,
+  writing the file again whole (atomically). A line that is not a JSON object (a run killed
+  while writing it) is dropped with a warning, so that no record runs into the next."""
   path = os.path.join(workdir, HISTORY_FILE)
   try:
     lines = files.read_bytes(path).decode("utf-8", errors="replace").splitlines()
@@ -174,21 +157,15 @@ def _json_object(line: str) -> bool:
 
 
 def refuse_a_file(workdir: str) -> None:
-  """UserError where the local workdir path is an existing file, not a folder (a URL's
-  storage errors are left to the write check that follows)."""
+  """UserError where the local `workdir` is an existing file."""
   if not paths.is_url(workdir) and os.path.isfile(workdir):
     raise UserError(f"the workdir {workdir} is a file; expected a folder (give another "
                     "--workdir, or move that file away)")
 
 
 def check_shared(folder: str, what: str = "the workdir") -> None:
-  """Refuses, in a multi-host run, a local `folder` that is not one folder every process
-  sees (NFS, a mounted bucket): Orbax checkpoints, caches and process 0's outputs would be
-  missing elsewhere. Process 0 writes a probe file, every process looks for it.
-
-  Raises:
-    UserError: some processes do not see the probe (naming them and `what`).
-  """
+  """UserError (naming `what` and the processes) where, in a multi-host run, not every
+  process sees a probe file that process 0 writes in the local `folder`."""
   nonce = int(parallel_lib.broadcast_from_main(np.int32(time.time_ns() % 2**31)))
   probe = os.path.join(folder, f".shared_probe_{nonce}")
   if jax.process_index() == 0:
@@ -214,15 +191,10 @@ HOLDER_FILE = ".lock.holder"
 def locked(workdir: str, enabled: bool = True):
   """Holds <workdir>/.lock for the block: one run per workdir at a time.
 
-  The lock is an OS file lock (filelock: flock on POSIX), so it is released on any exit,
-  a kill -9 included: the lock of a dead process is never stale. The holder's PID, host
-  and start time are written next to it for the message a second run stops with.
-  Multi-host runs: call it with enabled=True on process 0 only.
-
-  A read-only workdir is not locked (nothing can change it): the block runs, so a finished
-  run can print its report again. Nor is a URL workdir (gs://...: an object store has no
-  file lock): the block runs after a printed note; one run at a time there is the user's
-  job.
+  An OS file lock (filelock), released on any exit, kill -9 included: never stale. The
+  holder's PID, host and start time go next to it for the message a second run stops with.
+  Multi-host runs: enabled on process 0 only. A read-only workdir (a finished run may still
+  print its report) and a URL workdir (an object store has no file lock) run unlocked.
 
   Raises:
     UserError: another process holds the lock (naming its PID and host), or the lock
@@ -247,8 +219,7 @@ def locked(workdir: str, enabled: bool = True):
                     "to finish, or use another --workdir") from None
   except OSError as e:
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-      # Nothing can be written there, so nothing to guard: a finished run may still print
-      # its report; anything that writes stops with its own one-line error.
+      # Nothing to guard; anything that writes stops with its own one-line error.
       print(f"[workdir] {workdir} is read-only ({e.strerror}): not locked", flush=True)
       yield
       return
@@ -256,7 +227,7 @@ def locked(workdir: str, enabled: bool = True):
   holder = os.path.join(workdir, HOLDER_FILE)
   try:
     files.write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
-                        "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     yield
   finally:
     with contextlib.suppress(OSError):
@@ -265,10 +236,9 @@ def locked(workdir: str, enabled: bool = True):
 
 
 def _holder(workdir: str, wait_s: float = 3.0) -> str:
-  """"process PID on HOST, started ..." of the run holding the workdir's lock. The holder
-  writes that just after taking the lock, so a run that lost a race waits for it a moment;
-  a record of a process that no longer runs on this host is not the holder, nor is a
-  damaged record (then: "another process")."""
+  """"process PID on HOST, started ..." of the lock's holder, which writes that just after
+  taking the lock: a run that lost a race waits `wait_s` for it. A record that is damaged or
+  of a process no longer running on this host gives "another process"."""
   deadline = time.monotonic() + wait_s
   while True:
     try:
@@ -290,17 +260,15 @@ def _alive(pid: int) -> bool:
   except ProcessLookupError:
     return False
   except OSError:
-    return True  # exists, owned by another user
+    pass  # exists, owned by another user
   return True
 
 
 # ------------------------------------------------------------------------------ models
 
 def save_model(workdir: str, step: int, variables: dict) -> None:
-  """The trained network's variables ({"params", "batch_stats"}) under <workdir>/model.
-
-  Every process calls it (Orbax synchronizes them); process 0 writes the host arrays.
-  """
+  """Saves the network's variables ({"params", "batch_stats"}) under <workdir>/model; every
+  process calls it."""
   checkpoints = Checkpoints(os.path.join(workdir, "model"), keep=1)
   checkpoints.save(step, variables)
   checkpoints.wait()
@@ -309,11 +277,8 @@ def save_model(workdir: str, step: int, variables: dict) -> None:
 
 def model_step(workdir: str) -> int | None:
   """The step of the model saved under <workdir>/model (None where there is none)."""
-  checkpoints = Checkpoints(os.path.join(workdir, "model"), keep=1)
-  try:
+  with contextlib.closing(Checkpoints(os.path.join(workdir, "model"), keep=1)) as checkpoints:
     return checkpoints.latest_step()
-  finally:
-    checkpoints.close()
 
 
 def load_model(workdir: str, template: dict, stage: str) -> dict:
@@ -323,19 +288,15 @@ def load_model(workdir: str, template: dict, stage: str) -> dict:
     UserError: there is no model (naming `stage` to run first) or its shapes differ from
       `template`'s (each difference listed).
   """
-  checkpoints = Checkpoints(os.path.join(workdir, "model"), keep=1)
-  try:
+  with contextlib.closing(Checkpoints(os.path.join(workdir, "model"), keep=1)) as checkpoints:
     step = checkpoints.latest_step()
     if step is None:
       raise UserError(f"no trained model in {workdir}/model: run the stage {stage!r} first")
-    problems = []
     stored = checkpoints.stored_tree(step)
-    for part in template:
-      problems += shape_mismatches(flat_shapes(template[part], f"{part}/"),
-                                   flat_shapes(stored.get(part) or {}, f"{part}/"))
+    problems = [p for part in template
+                for p in shape_mismatches(flat_shapes(template[part], f"{part}/"),
+                                          flat_shapes(stored.get(part) or {}, f"{part}/"))]
     if problems:
       raise UserError(f"the model in {workdir}/model does not match this config:\n  "
                       + "\n  ".join(problems))
     return checkpoints.restore_tree(step, template)
-  finally:
-    checkpoints.close()
