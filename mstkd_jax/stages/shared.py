@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mstkd_jax import errors, files, paths, workdir as workdir_lib
+from mstkd_jax import errors, files, models, paths, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline, sources
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import embedding, report as report_lib, space_report
@@ -129,12 +129,37 @@ class StageRun:
     init_state = jax.tree.map(np.asarray, state_lib.create_state(params, batch_stats, tx))
     return init_state, tx, schedule
 
+  def with_class_shards(self, num_classes: int) -> tuple:
+    """(this stage on devices that split the margin head's centres as head.shard_classes
+    and head.sample_rate say, sharded_head.ClassShards or None, the head's MarginSpec)."""
+    parallel, classes = build.class_shards(self.config.head, self.parallel, num_classes)
+    margin = build.margin_spec(self.config.head, shards_classes=True)
+    return dataclasses.replace(self, parallel=parallel), classes, margin
+
   def train(self, settings: loop.LoopSettings, init_state, step_fn, batches, **kwargs):
     """loop.train here (step RNG from config.seed + 1); `batches(start_step)` yields the
     batches from a step on. Returns the final state."""
     return loop.train(workdir=self.workdir, settings=settings, init_state=init_state,
                       step_fn=step_fn, batches=batches, parallel=self.parallel,
                       rng=jax.random.PRNGKey(self.config.seed + 1), **kwargs)
+
+  def train_backbone(self, settings: loop.LoopSettings, init_state, step_fn, batches, module,
+                     **kwargs) -> tuple:
+    """`train` with `training_evaluation`, then `finish_model` of the state it keeps:
+    (final state, variables, step, verification results, {"training", "selected"})."""
+    evaluation = training_evaluation(self, module)
+    final = self.train(settings, init_state, step_fn, batches, evaluation=evaluation,
+                       **kwargs)
+    variables, step, selected = backbone_result(final, self.workdir, evaluation)
+    record = {"training": training_record(self.workdir, settings), "selected": selected}
+    return final, variables, step, finish_model(self, step, variables, module), record
+
+
+def margin_head(num_classes: int, rng, embedding_size: int) -> tuple:
+  """(margin head module over `num_classes`, its params for `embedding_size`-D inputs)."""
+  head = models.create("margin_head", num_classes=num_classes)
+  example = np.zeros((1, embedding_size), np.float32)
+  return head, build.init_variables(head, rng, example)["params"]
 
 
 def training_record(workdir: str, settings: loop.LoopSettings) -> dict:
@@ -288,6 +313,12 @@ def frozen_backbone(stage_dir: str, image_example: np.ndarray, built: dict | Non
     built[key] = (module, build.template_variables(module, image_example, train=False))
   module, template = built[key]
   return module, workdir_lib.load_model(stage_dir, template, stage_dir)
+
+
+def adaptor_template(adaptor, input_size: int) -> dict:
+  """Zero {"params"} of the adaptor network for `input_size` teacher inputs."""
+  variables = build.template_variables(adaptor, np.zeros((1, input_size), np.float32))
+  return {"params": variables["params"]}
 
 
 def embedding_size(module, variables, image_example) -> int:
