@@ -1,12 +1,10 @@
 """Adaptor stage: learns the projection of the concatenated teacher embeddings into one space.
 
-Trained with a margin head over all training identities on the extraction stage's
-embeddings (each example's orientation drawn like an image flip), keeping the epoch of
-lowest mean training loss. It writes the targets of every training image and its mirror
-(targets.npy, [N, 2, D]), model/, and the adaptor's space on every group's verification
-pairs. The teacher embeddings are read memory-mapped and the targets written in chunks, so
-neither has to fit in memory. `run_import` makes the same outputs from an adaptor trained
-elsewhere, with no training.
+Trained with a margin head over all training identities on the extraction's embeddings
+(each example's orientation drawn like an image flip), keeping the epoch of lowest mean
+training loss. Writes the cache targets.npy [N, 2, D] (every training image and its
+mirror, in chunks: it need not fit in memory), model/ and the adaptor's space on every
+group's verification pairs. `run_import` makes the same from an adaptor made elsewhere.
 """
 
 import functools
@@ -81,8 +79,8 @@ def remake_caches(config, workdir: str, name: str = "adaptor",
 
 def run(config, workdir: str, name: str = "adaptor", inputs: shared.Inputs = shared.Inputs()
         ) -> dict:
-  """Trains the adaptor on the teacher embeddings in `inputs.extract_dir` and writes what
-  the module says. Returns {"verification", "best", "training", "diagnostics"}.
+  """Trains the adaptor on the teacher embeddings in `inputs.extract_dir`; returns
+  {"verification", "best", "training", "diagnostics"}.
 
   Raises:
     UserError: the teacher embeddings are missing or cover another training set.
@@ -156,9 +154,8 @@ def run_import(config, workdir: str, name: str = "adaptor",
 
 def _finish(stage: shared.StageRun, adaptor, variables: dict, step: int, train_embeddings,
             verification: dict, record: dict) -> dict:
-  """Writes the adaptor's verification embeddings, model/, targets.npy, the target-space
-  diagnostics and results.json (with `record`); returns {"verification", "training",
-  "diagnostics"}."""
+  """Writes the adaptor's outputs and results.json (with `record`); returns
+  {"verification", "training", "diagnostics"}."""
   apply = _apply_fn(adaptor)
   size_out = stage.config.model.embedding_size
   space = {g: tuple(_map(apply, variables, emb[:, k],

@@ -34,7 +34,7 @@ class Inputs:
 
 
 # The memory-mapped caches a stage writes for the next one (in its cache folder).
-TEACHER_EMBEDDINGS = "teacher_embeddings.npy"   # extraction: [N, 2, G, D]
+TEACHER_EMBEDDINGS = "teacher_embeddings.npy"   # extraction: [N, 2, sum D_g]
 TARGETS = "targets.npy"                         # adaptor: [N, 2, D]
 
 
@@ -145,12 +145,19 @@ class StageRun:
 
   def train_backbone(self, settings: loop.LoopSettings, init_state, step_fn, batches, module,
                      **kwargs) -> tuple:
-    """`train` with `training_evaluation`, then `finish_model` of the state it keeps:
-    (final state, variables, step, verification results, {"training", "selected"})."""
+    """`train` with `training_evaluation`, then `finish_model` of the backbone it keeps (the
+    final one, or with train.select='validation' the best): (final state, kept variables,
+    their step, verification results, {"training", "selected": None or the record})."""
     evaluation = training_evaluation(self, module)
     final = self.train(settings, init_state, step_fn, batches, evaluation=evaluation,
                        **kwargs)
-    variables, step, selected = backbone_result(final, self.workdir, evaluation)
+    kept, selected = {"params": final.params, "batch_stats": final.batch_stats}, None
+    if evaluation is not None and evaluation.select:
+      kept, selected = loop.load_best(self.workdir, loop.best_variables(final))
+      print(f"[{os.path.basename(self.workdir)}] selected step {selected['step']} (mean "
+            f"validation accuracy {100 * selected['mean_accuracy']:.2f}%)", flush=True)
+    step = int(final.step if selected is None else selected["step"])
+    variables = {"params": kept["params"]["backbone"], "batch_stats": kept["batch_stats"]}
     record = {"training": training_record(self.workdir, settings), "selected": selected}
     return final, variables, step, finish_model(self, step, variables, module), record
 
@@ -175,19 +182,6 @@ def training_record(workdir: str, settings: loop.LoopSettings) -> dict:
 EVAL_SELECTION = ("last", "validation")
 
 
-def evaluation_fields(train_config, section: str = "train") -> tuple[int, str]:
-  """(eval_every, select) of a `train` config section; UserError naming a bad field."""
-  every = train_config.get("eval_every", 0)
-  select = train_config.get("select", "last")
-  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-    raise UserError(f"config field {section}.eval_every={every!r}: expected an integer >= 0 "
-                    "(steps between evaluations; 0 = off)")
-  if select not in EVAL_SELECTION:
-    raise UserError(f"config field {section}.select={select!r}: expected one of "
-                    f"{EVAL_SELECTION}")
-  return every, select
-
-
 def training_evaluation(stage: StageRun, module) -> loop.Evaluation | None:
   """The loop's verification during training (train.eval_every steps, 0 = off).
 
@@ -195,7 +189,14 @@ def training_evaluation(stage: StageRun, module) -> loop.Evaluation | None:
   a held-out split); without one the test pairs are evaluated, for watching only.
   """
   config = stage.config
-  every, select = evaluation_fields(config.train)
+  every = config.train.get("eval_every", 0)
+  select = config.train.get("select", "last")
+  if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+    raise UserError(f"config field train.eval_every={every!r}: expected an integer >= 0 "
+                    "(steps between evaluations; 0 = off)")
+  if select not in EVAL_SELECTION:
+    raise UserError(f"config field train.select={select!r}: expected one of "
+                    f"{EVAL_SELECTION}")
   has_validation = sources.has_validation(config.data)
   if select == "validation":
     if not has_validation:
@@ -221,19 +222,6 @@ def training_evaluation(stage: StageRun, module) -> loop.Evaluation | None:
   label = "validation" if has_validation else "verification"
   return loop.Evaluation(fn=accuracy, every=every, label=label,
                          select=select == "validation")
-
-
-def backbone_result(final, workdir: str, evaluation: loop.Evaluation | None):
-  """(backbone variables, step, selection record or None): the final state, or with
-  train.select='validation' the best one the loop kept."""
-  if evaluation is None or not evaluation.select:
-    variables = {"params": final.params["backbone"], "batch_stats": final.batch_stats}
-    return variables, int(final.step), None
-  best, info = loop.load_best(workdir, loop.best_variables(final))
-  print(f"[{os.path.basename(workdir)}] selected step {info['step']} (mean validation "
-        f"accuracy {100 * info['mean_accuracy']:.2f}%)", flush=True)
-  variables = {"params": best["params"]["backbone"], "batch_stats": best["batch_stats"]}
-  return variables, int(info["step"]), info
 
 
 def finish_model(stage: StageRun, step: int, variables: dict, module) -> dict:

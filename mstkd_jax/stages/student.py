@@ -38,13 +38,7 @@ def kd_name(margin_loss: bool, distance: str) -> str:
 
 def kd_settings(config) -> dict | None:
   """config.student.kd checked: None (the student alone) or {"distance", "weight",
-  "margin_loss"}.
-
-  Raises:
-    UserError: an unknown field or distance, a weight that is not a number >= 0, a
-      margin_loss that is not True or False, or a margin head to train without a head
-      section (one line naming the field).
-  """
+  "margin_loss"}; UserError naming a bad field, or a margin head to train without `head`."""
   kd = config.student.get("kd")
   if kd is None:
     if "head" not in config:
@@ -195,14 +189,10 @@ TARGET_FIT_SAMPLE = 2048
 
 
 def target_fit(stage: shared.StageRun, adaptor_dir: str, variables: dict, backbone) -> dict:
-  """How close a distilled student came to its targets (call after `finish_model`).
-
-  Returns, on process 0 (None on the others), {"train_target_cosine": the mean cosine of
-  its embedding and target (targets.npy[:, 0]) over a fixed sample of at most
-  TARGET_FIT_SAMPLE training images, "num_train_images", "verification_target_cosine":
-  {group: the same over the verification pair images, against the adaptor's space there
-  ({} for targets made elsewhere)}}.
-  """
+  """How close a distilled student came to its targets (call after `finish_model`): on
+  process 0 (None elsewhere) {"train_target_cosine": mean cosine to targets.npy[:, 0] over
+  a fixed sample of training images, "num_train_images", "verification_target_cosine":
+  {group: the same against the adaptor's space on the pair images ({} if not saved)}}."""
   train_set = stage.train_set
   rows = target_space.fixed_sample(train_set.num_examples, TARGET_FIT_SAMPLE)
   # Every process embeds (one program over all devices); process 0 compares.
