@@ -110,12 +110,9 @@ def _cache_record(config, stage_dir: str) -> dict:
 
 
 def _damaged_caches(config, stage_dir: str, record: dict) -> str | None:
-  """Why the caches of a finished stage are not as it left them (None where intact).
-
-  Each process checks its own machine's copy (only process 0 by content: the others'
-  copies were computed apart from the recorded one) and all agree: the caches are remade
-  where any process lacks them.
-  """
+  """Why the caches of a finished stage are not as it left them (None where intact). Each
+  process checks its machine's copy (only process 0 by content: the others' were computed
+  apart from the recorded one), and all agree: any process lacking them remakes them."""
   if not record.get("caches"):
     return None
   cache = paths.cache_dir(config.cache_dir, stage_dir)
@@ -131,12 +128,9 @@ def _damaged_caches(config, stage_dir: str, record: dict) -> str | None:
 
 
 def _remake(config, stage: Stage, stage_dir: str, record: dict, why: str) -> None:
-  """Writes the caches of a finished stage again (`Stage.remake`, no training).
-
-  Finished stages after it keep what they made; where the new caches differ from the
-  recorded ones (another machine's float rounding), a warning says so and the record takes
-  the new ones, which the stages still to run read.
-  """
+  """Writes the caches of a finished stage again (`Stage.remake`, no training). Where they
+  differ from the recorded ones (another machine's rounding), a warning says so and the
+  record takes the new ones; finished stages after it keep what they made."""
   print(f"[pipeline] {stage.name}: remaking its caches, which a stage to run reads ({why})",
         flush=True)
   stage.remake(stage.config, stage_dir, name=stage.name, inputs=stage.inputs)

@@ -22,11 +22,8 @@ from mstkd_jax.train import build, convergence, loop, parallel as parallel_lib, 
 
 @dataclasses.dataclass(frozen=True)
 class Inputs:
-  """The folders of earlier stages that a stage reads.
-
-  Not part of its config: a moved workdir is still the same stage (the pipeline
-  fingerprints the inputs' own fingerprints, and an imported network by its content).
-  """
+  """The folders of earlier stages that a stage reads: not in its config, so a moved workdir
+  is still the same stage (the pipeline fingerprints the inputs' own fingerprints)."""
   teacher_dirs: tuple[str, ...] = ()    # frozen teachers, in teacher order
   extract_dir: str = ""                 # the extraction stage (teacher embeddings)
   adaptor_dir: str = ""                 # the adaptor stage (targets); "" = no adaptor
@@ -39,12 +36,9 @@ TARGETS = "targets.npy"                         # adaptor: [N, 2, D]
 
 
 def cache_file(config, stage_dir: str, name: str, make: bool = False) -> str:
-  """The local path of the cache `name` of the stage in `stage_dir` (paths.cache_dir: a
-  memory map needs a local disk).
-
-  `make` (the writer): its folder is made. Readers take a cache missing there from the
-  stage's own local folder (written before cache_dir was set).
-  """
+  """The local path (paths.cache_dir: a memory map needs a local disk) of the cache `name`
+  of the stage in `stage_dir`. `make` (the writer) makes its folder; readers take a cache
+  missing there from the stage's own local folder (written before cache_dir was set)."""
   folder = paths.cache_dir(config.get("cache_dir", ""), stage_dir)
   path = os.path.join(folder, name)
   if make:
