@@ -1,13 +1,11 @@
-"""Runs the MST-KD recipe (stages/recipe.py: its graph of named stages), each stage writing
-into <workdir>/<stage>/.
+"""Runs the MST-KD recipe (stages/recipe.py), each stage writing into <workdir>/<stage>/.
 
-A stage is finished when its stage.json says so (written last, after its outputs, with the
-size and a content hash of each), and a finished stage whose outputs are intact is skipped,
-so rerunning after an interruption continues where it stopped; one whose outputs are
-missing or damaged reruns, with everything after it.
-stage.json also records the config fields that shaped the stage (and its inputs'
-fingerprints): a finished stage whose fields changed is not reused silently — the run stops
-naming the fields, and `--config.force=<stage>` reruns it and everything downstream.
+A stage is finished when its stage.json says so (written last, with the size and content
+hash of each output); a finished stage with intact outputs is skipped, so a rerun continues
+where it stopped, and one with missing or damaged outputs reruns with everything after it.
+stage.json also records the config fields that shaped the stage and its inputs'
+fingerprints: a finished stage whose fields changed stops the run naming them, and
+`--config.force=<stage>` reruns it and everything downstream.
 """
 
 import hashlib
@@ -41,10 +39,6 @@ def _fingerprint(stage: Stage, fingerprints: dict) -> dict:
           **({"imported": stage.imported} if stage.imported else {})}
 
 
-def _read_record(stage_dir: str) -> dict | None:
-  return workdir_lib.read_stage_record(stage_dir)
-
-
 def _stale_message(name: str, old: dict, new: dict) -> str:
   changed = workdir_lib.changed_fields(old["fields"], new["fields"])
   changed += [f"input {d} changed" for d, fp in new["inputs"].items()
@@ -71,10 +65,9 @@ def _downstream(stages: list[Stage], roots: set) -> set:
 def run(config, workdir: str) -> dict:
   """Runs every stage that is not finished; returns the report.
 
-  With config.seeds = N > 1 the recipe runs once per training seed (config.seed + k for k
-  < N) into <workdir>/seed_<seed>/, sharing the data (and so the synthetic cache) and the
-  balanced identity split; finished seeds are skipped. It ends with the combined report
-  over seeds in <workdir>/report/ (evaluation/seeds.py) and returns it.
+  With config.seeds = N > 1 the recipe runs once per seed config.seed + k (k < N) into
+  <workdir>/seed_<seed>/, sharing the data and the balanced identity split, and returns the
+  combined report it writes to <workdir>/report/ (evaluation/seeds.py).
   """
   config_ranges.check(config)  # every field in its range before the data is read
   config = build.resolve_dtypes(config)  # "auto" -> this platform's, in every fingerprint
@@ -109,8 +102,7 @@ def run(config, workdir: str) -> dict:
 
 
 def _cache_record(config, stage_dir: str) -> dict:
-  """{"caches": output record} of the stage's caches where they are not in its folder
-  (cache_dir, or a URL workdir), {} otherwise."""
+  """{"caches": output record} of the stage's caches kept outside its folder, else {}."""
   cache = shared.cache_folder(config, stage_dir)
   if cache is None or not files.isdir(cache):
     return {}
@@ -118,10 +110,9 @@ def _cache_record(config, stage_dir: str) -> dict:
 
 
 def _damaged_caches(config, stage_dir: str, record: dict) -> str | None:
-  """Why the caches of a finished stage are not as it left them (None where intact). In a
-  multi-host run each process checks its own machine's copy (shared.writes_caches; the
-  other processes check sizes only: their copies were computed apart from the recorded
-  one) and all agree: the caches are remade where any process lacks them."""
+  """Why the caches of a finished stage are not as it left them (None where intact). Each
+  process checks its machine's copy (only process 0 by content: the others' were computed
+  apart from the recorded one), and all agree: any process lacking them remakes them."""
   if not record.get("caches"):
     return None
   cache = paths.cache_dir(config.cache_dir, stage_dir)
@@ -137,11 +128,9 @@ def _damaged_caches(config, stage_dir: str, record: dict) -> str | None:
 
 
 def _remake(config, stage: Stage, stage_dir: str, record: dict, why: str) -> None:
-  """Writes the caches of a finished stage again (`Stage.remake`: no training, nothing in
-  the workdir changes but its record). Stages after it that finished keep what they made;
-  where the new caches differ from the recorded ones (another machine's float rounding),
-  a warning says so and the record takes the new ones, which the stages still to run read.
-  """
+  """Writes the caches of a finished stage again (`Stage.remake`, no training). Where they
+  differ from the recorded ones (another machine's rounding), a warning says so and the
+  record takes the new ones; finished stages after it keep what they made."""
   print(f"[pipeline] {stage.name}: remaking its caches, which a stage to run reads ({why})",
         flush=True)
   stage.remake(stage.config, stage_dir, name=stage.name, inputs=stage.inputs)
@@ -164,8 +153,7 @@ def _remake(config, stage: Stage, stage_dir: str, record: dict, why: str) -> Non
 def _check_seed_folder(seed_dir: str, seed_config) -> None:
   """Refuses a seed folder whose recorded config differs from this run's for that seed."""
   old = files.read_json(os.path.join(seed_dir, "config.json"),
-                             f"a run's config.json; move the folder {seed_dir} away",
-                             missing=None)
+                        f"a run's config.json; move the folder {seed_dir} away", missing=None)
   if old is None:
     return
   changes = workdir_lib.changed_fields(old, workdir_lib.config_dict(seed_config),
@@ -184,8 +172,7 @@ def _warnings_text(warnings) -> str:
 
 
 def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
-  """One run of the recipe (one training seed) in `workdir`; returns its report ({} with
-  --config.only)."""
+  """One run of the recipe (one seed) in `workdir`; returns its report ({} with only)."""
   train_set = sources.training_set(config.data, workdir)
   stages = make_stages(config, workdir, train_set)
   names = [s.name for s in stages]
@@ -194,14 +181,14 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
       raise UserError(f"config field {field}={config[field]!r}: no such stage; the stages "
                       f"are {names}")
   forced = _downstream(stages, {config.force}) if config.force else set()
-  # Every finished stage is checked against this config before anything runs or is
-  # written (config.json included): a refused run leaves the workdir as it was. The report
-  # is only rebuilt when it is stale (a new variant adds stages and report rows).
+  # Every finished stage is checked before anything is written (config.json included): a
+  # refused run leaves the workdir as it was. A stale report is rebuilt, not refused.
   fingerprints, records, rerun, unfinished, caches = {}, {}, {}, [], {}
   for stage in stages:
+    stage_dir = os.path.join(workdir, stage.name)
     records[stage.name] = _fingerprint(stage, fingerprints)
     fingerprints[stage.name] = records[stage.name]["fingerprint"]
-    old = _read_record(os.path.join(workdir, stage.name))
+    old = workdir_lib.read_stage_record(stage_dir)
     if not (old and old.get("finished")):
       unfinished.append(stage.name)
     if stage.name in forced or stage.name in unfinished:
@@ -210,17 +197,15 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
       if stage.name != "report":
         raise UserError(_stale_message(stage.name, old, records[stage.name]))
       rerun[stage.name] = "the models it reports changed"
-    elif (why := workdir_lib.damaged_output(os.path.join(workdir, stage.name),
-                                            old.get("outputs", {}))):
+    elif why := workdir_lib.damaged_output(stage_dir, old.get("outputs", {})):
       rerun[stage.name] = f"its outputs are damaged ({why})"
-    elif (why := _damaged_caches(config, os.path.join(workdir, stage.name), old)):
+    elif why := _damaged_caches(config, stage_dir, old):
       caches[stage.name] = why
   for name in _downstream(stages, set(rerun)) - set(rerun):
     rerun[name] = "an earlier stage it reads reruns"
   rerun.update({name: "--config.force" for name in forced})
-  # A finished stage's cache (in cache_dir: e.g. a URL workdir resumed on another machine)
-  # is remade only where a stage that reads it will run (the report reads none); a remade
-  # adaptor reads the extraction's cache in turn: repeated until nothing is added.
+  # A finished stage's missing cache is remade only where a stage that reads it will run;
+  # a remade adaptor reads the extraction's cache in turn: repeated until none is added.
   will_run = set(rerun) | set(unfinished)
   if config.only:
     will_run &= {config.only}
@@ -232,8 +217,7 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
     remake.update({name: caches[name] for name in added})
   if rerun or unfinished:  # a finished run writes nothing: it prints from a read-only workdir
     workdir_lib.prepare(config, workdir, refuse_changes=False)
-  # Recorded before anything runs: an interrupted forced (or repaired) run, resumed without
-  # --config.force, still reruns every stage it invalidated.
+  # Recorded first: a forced or repaired run, interrupted and resumed, still reruns these.
   for name, why in rerun.items():
     stage_dir = os.path.join(workdir, name)
     if not files.isdir(stage_dir):
@@ -246,7 +230,7 @@ def run_recipe(config, workdir: str, show_table: bool = True) -> dict:
   started = time.perf_counter()
   for stage in stages:
     stage_dir = os.path.join(workdir, stage.name)
-    old = _read_record(stage_dir)
+    old = workdir_lib.read_stage_record(stage_dir)
     if old and old.get("finished"):
       finished[stage.name] = True
       if stage.name in remake:

@@ -1,24 +1,12 @@
 """Adaptor stage: learns the projection of the concatenated teacher embeddings into one space.
 
-Trained with a margin head (ElasticArcFace in the paper) over all training identities on
-the extraction stage's embeddings (the orientation of each example drawn like an image
-flip); model selection keeps the epoch with the lowest mean training loss. Then it maps
-every training image and its mirror to its target (targets.npy, [N, 2, D]), saves the
-selected adaptor under model/, and the adaptor's space on every group's verification pairs.
-The teacher embeddings are read memory-mapped and the targets written in chunks, so neither
-has to fit in memory.
-
-Config: seed, parallelism, num_devices, data, model (the adaptor network: the arguments of
-models.create("adaptor", ...), kind, embedding_size, dropout), head (its margin head;
-head.shard_classes and head.sample_rate as the teacher's), optim, train and
-adaptor.orientation. Inputs: extract_dir (the extraction stage).
-
-`run_import` makes the same outputs from an adaptor trained elsewhere (config field
-adaptor.checkpoints: an adaptor stage folder, or the authors' .pth), with no training.
-Config: parallelism, num_devices, data, model. Inputs: extract_dir, checkpoint.
+Trained with a margin head over all training identities on the extraction's embeddings
+(each example's orientation drawn like an image flip), keeping the epoch of lowest mean
+training loss. Writes the cache targets.npy [N, 2, D] (every training image and its
+mirror, in chunks: it need not fit in memory), model/ and the adaptor's space on every
+group's verification pairs. `run_import` makes the same from an adaptor made elsewhere.
 """
 
-import dataclasses
 import functools
 
 import jax
@@ -37,9 +25,8 @@ def _apply_fn(adaptor):
 
 
 def _map(apply, variables, embeddings, out, batch=4096):
-  """Writes the adaptor outputs for concatenated teacher embeddings [..., sum D_g] (or
-  [..., G, D]; possibly memory-mapped) into out [..., D_out] (contiguous, e.g. a
-  memory-mapped file; its leading axes are the embeddings'), in chunks; returns out."""
+  """Writes the adaptor outputs of teacher embeddings [..., sum D_g] (or [..., G, D]) into
+  the contiguous out [..., D_out] (same leading axes) in chunks; returns out."""
   if not out.flags.c_contiguous:
     raise ValueError("the adaptor outputs need a contiguous array to fill")
   rows = out.reshape((-1, out.shape[-1]))               # a view of out
@@ -51,8 +38,8 @@ def _map(apply, variables, embeddings, out, batch=4096):
 
 def _write_targets(config, workdir: str, apply, variables, train_embeddings, size_out: int
                    ) -> str:
-  """Writes the cache targets.npy [N, 2, size_out] (the adaptor's outputs for every
-  training image and its mirror) where this process writes caches; returns its path."""
+  """Writes the cache targets.npy [N, 2, size_out] where this process writes caches;
+  returns its path."""
   path = shared.cache_file(config, workdir, shared.TARGETS, make=True)
   if shared.writes_caches(config, workdir):
     with files.npy_writer(path, (len(train_embeddings), 2, size_out)) as targets:
@@ -60,48 +47,40 @@ def _write_targets(config, workdir: str, apply, variables, train_embeddings, siz
   return path
 
 
-def _template(adaptor, input_size: int) -> dict:
-  """{"params"} of the adaptor network initialized for `input_size` teacher inputs."""
-  variables = build.template_variables(adaptor, np.zeros((1, input_size), np.float32))
-  return {"params": variables["params"]}
-
-
-def _teacher_embeddings(config, stage: shared.StageRun, extract_dir: str):
-  """(training [N, 2, sum D_g] memory-mapped, verification as extract.load, sum D_g)."""
+def _teacher_embeddings(config, extract_dir: str, num_examples: int | None = None):
+  """(training [N, 2, sum D_g] memory-mapped, verification as extract.load, sum D_g);
+  UserError where N is not `num_examples`."""
   train_embeddings, verification = extract.load(config, extract_dir)
   num = len(train_embeddings)
-  if num != stage.train_set.num_examples:
+  if num_examples is not None and num != num_examples:
     raise UserError(f"the teacher embeddings in {extract_dir} cover {num} images, the "
-                    f"training set has {stage.train_set.num_examples}; rerun the extraction")
+                    f"training set has {num_examples}; rerun the extraction")
   input_size = int(np.prod(train_embeddings.shape[2:]))
   return train_embeddings.reshape(num, 2, input_size), verification, input_size
 
 
 def remake_caches(config, workdir: str, name: str = "adaptor",
                   inputs: shared.Inputs = shared.Inputs()) -> None:
-  """Writes the cache targets.npy of the finished stage in `workdir` again, from its saved
-  adaptor and the extraction's teacher embeddings (`inputs.extract_dir`), e.g. on another
-  machine than the one that trained it, where the local cache is missing. Nothing in
-  `workdir` changes; no training.
+  """Writes targets.npy of the finished stage in `workdir` again from its saved adaptor
+  (e.g. on another machine, where the local cache is missing); no training.
 
   Raises:
     UserError: the saved adaptor or the teacher embeddings are missing or do not fit.
   """
-  train_embeddings, _ = extract.load(config, inputs.extract_dir)
-  num = len(train_embeddings)
-  input_size = int(np.prod(train_embeddings.shape[2:]))
+  train_embeddings, _, input_size = _teacher_embeddings(config, inputs.extract_dir)
   adaptor = models.create("adaptor", **config.model.to_dict())
-  variables = workdir_lib.load_model(workdir, _template(adaptor, input_size), name)
-  print(f"[{name}] remaking the targets of {num} images from the saved adaptor", flush=True)
-  _write_targets(config, workdir, _apply_fn(adaptor), variables,
-                 train_embeddings.reshape(num, 2, input_size), config.model.embedding_size)
+  variables = workdir_lib.load_model(workdir, shared.adaptor_template(adaptor, input_size),
+                                     name)
+  print(f"[{name}] remaking the targets of {len(train_embeddings)} images from the saved "
+        "adaptor", flush=True)
+  _write_targets(config, workdir, _apply_fn(adaptor), variables, train_embeddings,
+                 config.model.embedding_size)
 
 
 def run(config, workdir: str, name: str = "adaptor", inputs: shared.Inputs = shared.Inputs()
         ) -> dict:
-  """Trains the adaptor on the teacher embeddings in `inputs.extract_dir`, keeps its epoch
-  of lowest mean training loss, and writes targets.npy and its space's verification
-  embeddings. Returns {"verification", "best", "training", "diagnostics"}.
+  """Trains the adaptor on the teacher embeddings in `inputs.extract_dir`; returns
+  {"verification", "best", "training", "diagnostics"}.
 
   Raises:
     UserError: the teacher embeddings are missing or cover another training set.
@@ -109,35 +88,28 @@ def run(config, workdir: str, name: str = "adaptor", inputs: shared.Inputs = sha
   orientation = input_pipeline.check_orientation(
       config.adaptor.get("orientation", "as_fed"), "adaptor.orientation")
   stage = shared.StageRun.create(config, workdir, name, "adaptor")
-  train_embeddings, verification, input_size = _teacher_embeddings(config, stage,
-                                                                   inputs.extract_dir)
+  train_embeddings, verification, input_size = _teacher_embeddings(
+      config, inputs.extract_dir, stage.train_set.num_examples)
   labels = stage.train_set.identity
-  num = len(labels)
+  num, num_identities = len(labels), stage.train_set.num_identities
   network = config.model.to_dict()
   print(f"[{name}] {network['kind']} adaptor over {input_size}-D concatenated teacher "
-        f"embeddings, {num} images of {stage.train_set.num_identities} identities", flush=True)
+        f"embeddings, {num} images of {num_identities} identities", flush=True)
   settings = stage.settings(num, select_best_epoch=True)
 
   adaptor = models.create("adaptor", **network)
-  head = models.create("margin_head", num_classes=stage.train_set.num_identities)
   init_rng, head_rng = stage.init_rngs()
   variables = build.init_variables(adaptor, init_rng, np.zeros((1, input_size), np.float32))
-  head_vars = build.init_variables(
-      head, head_rng, np.zeros((1, network["embedding_size"]), np.float32))
+  head, head_params = shared.margin_head(num_identities, head_rng, network["embedding_size"])
   init_state, tx, schedule = stage.state(
-      settings, {"backbone": variables["params"], "head": head_vars["params"]}, {},
+      settings, {"backbone": variables["params"], "head": head_params}, {},
       build.backbone_and_head_groups(config.optim))
-  # head.shard_classes / head.sample_rate: the adaptor's head covers every training
-  # identity, so it gains most from splitting its centres (train/sharded_head.py).
-  parallel, classes = build.class_shards(config.head, stage.parallel,
-                                         stage.train_set.num_identities)
-  stage = dataclasses.replace(stage, parallel=parallel)
+  stage, classes, margin = stage.with_class_shards(num_identities)
   step_fn = functools.partial(steps.classification_step, backbone=adaptor, head=head,
-                              margin=build.margin_spec(config.head, shards_classes=True),
-                              tx=tx, schedule=schedule, input_key="teacher_embeddings",
-                              classes=classes)
+                              margin=margin, tx=tx, schedule=schedule,
+                              input_key="teacher_embeddings", classes=classes)
   # Only labels go through tf.data; each batch reads its rows of the (memory-mapped)
-  # embeddings in the orientation drawn for it, like an image flip.
+  # embeddings in the orientation drawn for it.
   oriented = {"teacher_embeddings": train_embeddings}
 
   def batches(start):
@@ -159,21 +131,20 @@ def run(config, workdir: str, name: str = "adaptor", inputs: shared.Inputs = sha
 def run_import(config, workdir: str, name: str = "adaptor",
                inputs: shared.Inputs = shared.Inputs(),
                field: str = "adaptor.checkpoints") -> dict:
-  """Imports the adaptor in `inputs.checkpoint` (imported.load_adaptor) into the network of
-  config.model instead of training one, then writes what `run` writes (model/,
-  targets.npy, its space's verification embeddings, results.json with "imported": where
-  it came from). Returns {"verification", "training": None, "diagnostics", "imported"}.
+  """Imports the adaptor in `inputs.checkpoint` (imported.load_adaptor) into config.model's
+  network and writes what `run` writes. Returns {"verification", "training": None,
+  "diagnostics", "imported"}.
 
   Raises:
     UserError: the teacher embeddings are missing or cover another training set, or the
       checkpoint cannot be read or does not fit (`field` names the config field).
   """
   stage = shared.StageRun.create(config, workdir, name, "adaptor")
-  train_embeddings, verification, input_size = _teacher_embeddings(config, stage,
-                                                                   inputs.extract_dir)
+  train_embeddings, verification, input_size = _teacher_embeddings(
+      config, inputs.extract_dir, stage.train_set.num_examples)
   adaptor = models.create("adaptor", **config.model.to_dict())
   variables, record = imported.load_adaptor(inputs.checkpoint,
-                                            _template(adaptor, input_size),
+                                            shared.adaptor_template(adaptor, input_size),
                                             config.model.kind, field)
   print(f"[{name}] imported {inputs.checkpoint} ({record['format']}); no training",
         flush=True)
@@ -183,9 +154,8 @@ def run_import(config, workdir: str, name: str = "adaptor",
 
 def _finish(stage: shared.StageRun, adaptor, variables: dict, step: int, train_embeddings,
             verification: dict, record: dict) -> dict:
-  """The end of a trained or imported adaptor: its space on every group's verification
-  pairs, model/, the targets cache, the target-space diagnostics and results.json (with
-  `record`'s entries). Returns {"verification", "training", "diagnostics"}."""
+  """Writes the adaptor's outputs and results.json (with `record`); returns
+  {"verification", "training", "diagnostics"}."""
   apply = _apply_fn(adaptor)
   size_out = stage.config.model.embedding_size
   space = {g: tuple(_map(apply, variables, emb[:, k],

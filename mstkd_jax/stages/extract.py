@@ -1,17 +1,10 @@
 """Extraction stage: every frozen teacher of a set embeds every training image and its mirror.
 
-Writes teacher_embeddings.npy (in the stage folder, or under cache_dir: see
-shared.cache_file), float32 [N, 2, sum D_g]: image n as stored ([:, 0]) and mirrored
-([:, 1]), each teacher's L2-normalized embedding (D_g values: teachers may differ in
-backbone and embedding size) concatenated in the fixed teacher order, so the adaptor and
-the cached-target student fetch exactly the orientation they feed. The file is filled in
-place a chunk at a time and read memory-mapped, so it may exceed memory. Also
-verification_teacher_embeddings.npz: the same for every group's verification pair images
-(the adaptor's space is evaluated on them).
-
-Config: parallelism, num_devices, data, train.eval_batch_size. Each teacher's network is
-the one its stage ran with (shared.frozen_backbone). Inputs: teacher_dirs (the teacher
-stages, in teacher order).
+Writes the cache teacher_embeddings.npy (shared.cache_file), float32 [N, 2, sum D_g]: image
+n as stored ([:, 0]) and mirrored ([:, 1]), each teacher's L2-normalized embedding
+concatenated in teacher order (teachers may differ in embedding size D_g). It is filled a
+chunk at a time and read memory-mapped, so it may exceed memory. Also
+verification_teacher_embeddings.npz: the same for every group's verification pair images.
 """
 
 import os
@@ -35,8 +28,8 @@ def _normalized_pair(variables, module, images, parallel, batch_size):
 
 
 def _embed_training_set(variables, module, train_set, parallel, batch_size, out, columns):
-  """Writes one teacher's pairs of every training image into out[:, :, columns] chunk by
-  chunk (out is None on processes that write no cache: they only take part)."""
+  """Writes one teacher's pairs of every training image into out[:, :, columns] by chunks
+  (out is None on processes that write no cache)."""
   count = 0
   for images in train_set.image_chunks(max(batch_size, 4096)):
     pairs = _normalized_pair(variables, module, images, parallel, batch_size)
@@ -51,7 +44,7 @@ def _embed_training_set(variables, module, train_set, parallel, batch_size, out,
 def run(config, workdir: str, name: str = "extract",
         inputs: shared.Inputs = shared.Inputs()) -> dict:
   """Embeds the training and verification images with every teacher of
-  `inputs.teacher_dirs`; returns {"diagnostics": concatenation statistics (process 0)}.
+  `inputs.teacher_dirs` (teacher order); returns {"diagnostics": on process 0}.
 
   Raises:
     UserError: no teachers, a teacher model missing or of another shape, or a training set
@@ -64,30 +57,28 @@ def run(config, workdir: str, name: str = "extract",
   train_set = sources.training_set(config.data, workdir)
   verification = sources.verification_sets(config.data, workdir)
   verification_parts = _embed(config, workdir, name, teacher_dirs, train_set, verification)
-  is_main = jax.process_index() == 0
   cache = shared.cache_file(config, workdir, shared.TEACHER_EMBEDDINGS)
   diagnostics = None
-  if is_main:
+  if jax.process_index() == 0:
     files.save_npz(
         os.path.join(workdir, "verification_teacher_embeddings.npz"),
         {f"{g}/embeddings": np.concatenate(parts, axis=-1)
          for g, parts in verification_parts.items()}
         | {f"{g}/issame": verification[g].issame for g in verification})
-    # The space the adaptor starts from: the plain concatenation of the teachers'
-    # embeddings of every training image as stored ([N, sum D_g]).
+    # The space the adaptor starts from: the teachers' concatenation, images as stored.
     embeddings = np.load(cache, mmap_mode="r")
     diagnostics = target_space.space_statistics(embeddings[:, 0], train_set.identity,
                                                 train_set.group)
     shared.warn_collapse(f"{name} (concatenated teacher embeddings)", diagnostics)
     files.write_json(os.path.join(workdir, "results.json"),
-                       {"stage": name, "diagnostics": {"concatenation": diagnostics}})
+                     {"stage": name, "diagnostics": {"concatenation": diagnostics}})
   return {"diagnostics": diagnostics}
 
 
 def _embed(config, workdir: str, name: str, teacher_dirs: list, train_set, verification: dict
            ) -> dict:
-  """Writes every teacher's embeddings of the training set into the cache and returns
-  {group: [each teacher's [2P, 2, D_g] of the verification pair images]}."""
+  """Writes the teachers' embeddings of the training set into the cache; returns {group:
+  [each teacher's [2P, 2, D_g] of the verification pair images]}."""
   parallel = parallel_lib.get(config.parallelism, config.num_devices)
   example = np.zeros((1,) + train_set.image_shape, np.float32)
   built = {}
@@ -116,9 +107,8 @@ def _embed(config, workdir: str, name: str, teacher_dirs: list, train_set, verif
 
 def remake_caches(config, workdir: str, name: str = "extract",
                   inputs: shared.Inputs = shared.Inputs()) -> None:
-  """Writes the cache teacher_embeddings.npy of the finished stage in `workdir` again,
-  from its teachers (`inputs.teacher_dirs`), e.g. on another machine than the one that
-  ran it, where the local cache is missing. Nothing in `workdir` changes.
+  """Writes teacher_embeddings.npy of the finished stage in `workdir` again (e.g. on
+  another machine, where the local cache is missing).
 
   Raises:
     UserError: as `run`.
@@ -128,12 +118,9 @@ def remake_caches(config, workdir: str, name: str = "extract",
 
 
 def load(config, extract_dir: str) -> tuple[np.ndarray, dict]:
-  """(training [N, 2, sum D_g], {group: ([2P, 2, sum D_g], issame [P])}) written by `run`
-  in `extract_dir` (and its cache folder, from config field cache_dir). Callers flatten
-  the trailing axes, so a cache of equal-size teachers as [..., G, D] reads the same.
-
-  The training embeddings come memory-mapped (read-only): callers read the rows they need.
-  """
+  """(training [N, 2, sum D_g] memory-mapped, {group: ([2P, 2, sum D_g], issame [P])})
+  that `run` wrote for `extract_dir`. Callers flatten the trailing axes, so a cache of
+  equal-size teachers as [..., G, D] reads the same."""
   try:
     train = np.load(shared.cache_file(config, extract_dir, shared.TEACHER_EMBEDDINGS),
                     mmap_mode="r")

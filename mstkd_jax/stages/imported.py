@@ -1,12 +1,9 @@
 """Networks made elsewhere that a recipe stage imports instead of training: the entries of a
-checkpoints folder (config fields teacher.checkpoints, adaptor.checkpoints and their
-balanced_ twins), what fingerprints each, and loading one into a section's network.
+checkpoints folder (teacher.checkpoints, adaptor.checkpoints and their balanced_ twins).
 
 An entry is named after what it stands for (a group, a balanced part, an adaptor kind): a
-folder (a stage folder of this project, e.g. an earlier run's teacher/group_a, read with
-Orbax) or a `<name>.pth` / `<name>.pt` PyTorch state_dict (for a teacher, an insightface or
-arcface_torch IResNet or an arcface_torch MobileFaceNet; for an adaptor, the authors' SL or
-dual-layer adaptor).
+stage folder of this project (Orbax) or a `<name>.pth` / `<name>.pt` PyTorch state_dict (an
+insightface or arcface_torch IResNet or MobileFaceNet; the authors' SL or DuL adaptor).
 """
 
 import hashlib
@@ -26,19 +23,14 @@ PYTORCH_SUFFIXES = (".pth", ".pt")
 
 def entries(folder: str, field: str, needed: Sequence[str], what: str,
             allowed: Sequence[str] | None = None) -> dict[str, str]:
-  """{name: path} of the entries of `folder` for every name in `needed`, in that order.
+  """{name: path} of the entries of `folder` (config `field`) for every name in `needed`.
 
-  Args:
-    folder: the value of the config field `field`.
-    field: the config field, for messages (e.g. "teacher.checkpoints").
-    needed: the names an entry must exist for (the data's groups, the adaptor kinds run).
-    what: what a name is, for messages ("group", "balanced part", "adaptor kind").
-    allowed: names an entry may have without being needed (default: `needed` only).
+  `what` says what a name is, for messages ("group", "adaptor kind"); `allowed` are the
+  names an entry may have (default: `needed`).
 
   Raises:
     UserError: the folder is missing, holds something that is no entry, two entries for
-      one name, an entry for a name not allowed, or none for a needed name (one line each,
-      naming the field and the folder).
+      one name, an entry for a name not allowed, or none for a needed name.
   """
   path = paths.resolve(folder, f"config field {field}")
   if not files.isdir(path):
@@ -72,9 +64,8 @@ def entries(folder: str, field: str, needed: Sequence[str], what: str,
 
 
 def digest(path: str) -> str:
-  """sha256 of what importing `path` reads: a .pth/.pt file's content, or for a folder the
-  output record (sizes and content hashes) of the Orbax step folder its network comes from
-  (an earlier run's folder moved elsewhere keeps its digest)."""
+  """sha256 of what importing `path` reads: a .pth/.pt file, or the output record of a
+  folder's Orbax step folder (so a moved folder keeps its digest)."""
   if files.isdir(path):
     step_dir, _ = orbax_checkpoint.locate(path)
     record = workdir_lib.output_record(step_dir)
@@ -84,8 +75,8 @@ def digest(path: str) -> str:
 
 
 def describe_section(model: dict) -> str:
-  """A model section in one phrase, as `evaluate` describes a checkpoint: "iresnet18
-  width=8 embedding_size=128 use_se=False" (then any other field but dtype and dropout)."""
+  """A model section in one phrase, e.g. "iresnet18 width=8 embedding_size=128 use_se=False"
+  (then any other field but dtype and dropout)."""
   order = [f for f in resolve.FIELDS if f in model] + sorted(
       set(model) - set(resolve.FIELDS) - {"name", "dtype", "dropout"})
   return " ".join([str(model.get("name", ""))] + [f"{k}={model[k]}" for k in order]).strip()
@@ -93,24 +84,17 @@ def describe_section(model: dict) -> str:
 
 def load_backbone(path: str, template: dict, model: dict, image_shape: tuple, field: str
                   ) -> tuple[dict, dict]:
-  """(variables, record) of the backbone in `path`, checked against its section's network.
-
-  Args:
-    path: an entry (see `entries`): an Orbax stage folder, or a .pth/.pt state_dict of a
-      backbone family interop maps (IResNet, MobileFaceNet: interop/backbones.py).
-    template: the section network's variables (build.template_variables), whose shapes
-      and dtypes the loaded ones take.
-    model: the section's model fields (for messages, and: a .pth needs a mapped family).
-    image_shape: (H, W, 3) of the training images.
-    field: the config field the entry came from, for messages.
+  """(variables, record) of the backbone entry `path`, checked against the network of the
+  section's `model` fields (whose `template` variables give the shapes and dtypes) for
+  images of `image_shape` (H, W, 3); `field` names the config field in messages.
 
   Returns:
     ({"params", "batch_stats"} as numpy arrays, {"from": path, "format": "orbax" |
     "pytorch", "step": the source's step or None, "sha256": `digest`}).
 
   Raises:
-    UserError: the file cannot be read, or it does not fit the network (one line: what the
-      section builds and what the checkpoint looks like, as `evaluate` says it).
+    UserError: the file cannot be read, or it does not fit the network (saying what the
+      section builds and what the checkpoint looks like).
   """
   section = f"{describe_section(model)} (the network of {field}'s section)"
   if files.isdir(path):
@@ -144,7 +128,7 @@ def load_backbone(path: str, template: dict, model: dict, image_shape: tuple, fi
       raise UserError(f"{path}: the checkpoint does not fit {section}; "
                       f"{looks or backbones.looks_like(state_dict)}") from e
   problems = tree_checks.shape_mismatches(tree_checks.flat_shapes(template),
-                                              tree_checks.flat_shapes(variables))
+                                          tree_checks.flat_shapes(variables))
   if problems:   # an unknown backbone: its first differences instead of what it looks like
     raise UserError(f"{path}: the checkpoint does not fit {section}; "
                     + (looks or "; ".join(problems[:3])))
@@ -168,13 +152,9 @@ def _cast_like(template, tree):
 
 
 def load_adaptor(path: str, template: dict, kind: str, field: str) -> tuple[dict, dict]:
-  """({"params"} of the adaptor in `path`, record), checked against the adaptor network of
-  `template` (models.create("adaptor", kind=kind, ...) initialized on the teachers' total
-  embedding size).
-
-  An Orbax entry is an adaptor stage folder of this project (its model/); a .pth/.pt entry
-  is the authors' SL or dual-layer adaptor state_dict (`_read_authors_adaptor`), whose kind
-  must be `kind` (a dual-layer adaptor serves DuL and DLDPO, which differ only in training).
+  """({"params"} of the adaptor entry `path`, record), checked against `template`'s `kind`
+  network. A .pth/.pt entry (interop/torch_adaptor.py) must be of that kind (a DuL one
+  serves DLDPO too: they differ only in training).
 
   Raises:
     UserError: the checkpoint cannot be read, is of another kind, or does not fit (one line).
@@ -195,12 +175,16 @@ def load_adaptor(path: str, template: dict, kind: str, field: str) -> tuple[dict
     record = {"from": path, "format": "orbax", "step": step}
     load = lambda: workdir_lib.load_model(path, template, path)
   else:
-    found_kind, variables, ignored = _read_authors_adaptor(path, kernel.shape[0])
+    from mstkd_jax.interop import torch_adaptor  # pylint: disable=g-import-not-at-top
+    found_kind, variables, ignored = torch_adaptor.load_adaptor(path, kernel.shape[0])
+    if ignored:
+      print(f"note: {path}: ignored the parameters the adaptor does not use: "
+            f"{', '.join(ignored)}", flush=True)
     if found_kind != kind and not (found_kind == "DuL" and kind == "DLDPO"):
       raise UserError(f"{path} holds a {found_kind} adaptor; this stage imports {kind}: name "
                       f"the file {found_kind}.pth, or run the adaptor kind {found_kind}")
     found = tree_checks.flat_shapes(variables["params"])
-    record = {"from": path, "format": "pytorch", "step": None, "ignored_keys": ignored}
+    record = {"from": path, "format": "pytorch", "step": None, "ignored_keys": list(ignored)}
     load = lambda: {"params": _cast_like(template["params"], variables["params"])}
   problems = tree_checks.shape_mismatches(
       tree_checks.flat_shapes(template["params"]), found)
@@ -208,13 +192,3 @@ def load_adaptor(path: str, template: dict, kind: str, field: str) -> tuple[dict
     raise UserError(f"{path}: the adaptor does not fit {section}: " + "; ".join(problems[:3]))
   return load(), {**record, "sha256": digest(path)}
 
-
-def _read_authors_adaptor(path: str, input_size: int) -> tuple[str, dict, list]:
-  """(kind "SL" or "DuL", {"params": fc1 (and fc2) kernel and bias}, ignored keys) of the
-  authors' adaptor state_dict: mstkd_jax/interop/torch_adaptor.py reads the format."""
-  from mstkd_jax.interop import torch_adaptor  # pylint: disable=g-import-not-at-top
-  kind, variables, ignored = torch_adaptor.load_adaptor(path, input_size)
-  if ignored:
-    print(f"note: {path}: ignored the parameters the adaptor does not use: "
-          f"{', '.join(ignored)}", flush=True)
-  return kind, variables, list(ignored)

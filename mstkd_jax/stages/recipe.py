@@ -1,11 +1,10 @@
 """The MST-KD recipe as stages: which stages configs/distill.py makes, each with its own
 config, inputs and report row; `pipeline` runs them.
 
-Each role's section (teacher, adaptor, student) holds its own model, head, train and optim:
-a stage's config is the recipe's shared fields (seed, devices, data) and its role's section,
-whole (`stage_config`), with what makes this stage one of a grid (a teacher's group, an
-adaptor's kind, a student's KD variant). A stage never holds another role's fields: it
-reads an earlier stage's network from that stage's folder (shared.frozen_backbone).
+A stage's config is the recipe's shared fields and its role's section (teacher, adaptor,
+student) whole, with what makes it one of a grid (a teacher's group, an adaptor's kind, a
+student's KD variant). It never holds another role's fields: it reads an earlier stage's
+network from that stage's folder (shared.frozen_backbone).
 """
 
 import dataclasses
@@ -28,14 +27,13 @@ SET_PREFIX = {"specialized": ("teacher", "mstkd", ""), "balanced": ("balanced_te
 
 @dataclasses.dataclass
 class Stage:
-  """One node of the recipe: `run(config, workdir, inputs=...)` on its own derived config.
+  """One node of the recipe: `run(config, workdir, name=, inputs=)` on its own config.
 
-  `config` holds what shapes the stage's numbers (fingerprinted); `inputs` the folders of
-  the stages it reads (never fingerprinted: the deps' own fingerprints stand for them);
-  `imported` the content digest of a network it imports (fingerprinted, where it has one).
+  `config` and `imported` (the digest of a network it imports) are fingerprinted; `inputs`
+  are not (the deps' own fingerprints stand for them).
   """
   name: str                          # also its folder under the workdir, e.g. teacher/group_a
-  config: ml_collections.ConfigDict  # what the stage runs with
+  config: ml_collections.ConfigDict
   run: Callable
   deps: tuple[str, ...] = ()
   model: str = ""                    # report row of the model it makes ("" = none)
@@ -49,9 +47,8 @@ class Stage:
 
 
 def balanced_split(num_identities: int, parts: int, seed: int) -> list[np.ndarray]:
-  """All identities split at random (seeded) into `parts` disjoint parts of equal size; where
-  `parts` does not divide the count, the first parts take one identity more (BUPT's 27,997:
-  7,000 + 3 x 6,999, as the authors' baseline teachers)."""
+  """All identities split at random (seeded) into `parts` disjoint parts of equal size, the
+  first taking one more where needed (BUPT's 27,997: 7,000 + 3 x 6,999, as the authors')."""
   if parts < 1 or num_identities < parts:
     raise UserError(f"the balanced baseline cannot split {num_identities} training "
                     f"identities into {parts} parts")
@@ -61,12 +58,10 @@ def balanced_split(num_identities: int, parts: int, seed: int) -> list[np.ndarra
 
 # The recipe's fields that every training stage reads.
 SHARED_FIELDS = ("seed", "parallelism", "num_devices", "cache_dir", "data")
-# The fields of a role's section (teacher, adaptor, student) that its stages hold at the
-# top of their config, as a single-stage config does; the section's other fields go under
-# the role's name, whatever they are.
+# The fields of a role's section its stages hold at the top of their config, as a
+# single-stage config does; its other fields go under the role's name.
 TRAINING_FIELDS = ("model", "head", "train", "optim")
-# Fields of a section that the pipeline reads itself: networks made elsewhere, and each
-# teacher's network where it differs from the section's.
+# Fields of a section that the recipe reads itself (imports, each teacher's network).
 RECIPE_FIELDS = ("checkpoints", "balanced_checkpoints", "models")
 CHECKPOINTS_FIELD = {"specialized": "checkpoints", "balanced": "balanced_checkpoints"}
 
@@ -76,9 +71,8 @@ def _plain(value):
 
 
 def stage_config(config, role: str, **own) -> ml_collections.ConfigDict:
-  """A training stage's config: the recipe's SHARED_FIELDS, the `role` section's
-  TRAINING_FIELDS at the top, and its other fields (less RECIPE_FIELDS) updated by `own`
-  under the role's name. A new field of a section reaches its stages with no edit here."""
+  """A training stage's config: SHARED_FIELDS, the `role` section's TRAINING_FIELDS, and its
+  other fields (less RECIPE_FIELDS) updated by `own` under the role's name."""
   section = config[role].to_dict()
   c = {k: _plain(config[k]) for k in SHARED_FIELDS}
   c.update({k: section.pop(k) for k in TRAINING_FIELDS if k in section})
@@ -88,14 +82,13 @@ def stage_config(config, role: str, **own) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(c)
 
 
-# What a stage reads that runs networks without training them (an import, the extraction):
-# no seed (nothing is drawn), and of its role's `train` only the evaluation batch.
+# What a stage that runs networks without training them reads: no seed (nothing is drawn).
 INFERENCE_SHARED = ("parallelism", "num_devices", "cache_dir", "data")
 
 
 def inference_config(config, role: str, *fields: str) -> ml_collections.ConfigDict:
-  """The config of a stage that runs networks without training them: INFERENCE_SHARED, the
-  `role` section's `fields` (e.g. its model) and its train.eval_batch_size."""
+  """An inference stage's config: INFERENCE_SHARED, the `role` section's `fields` and its
+  train.eval_batch_size."""
   c = {k: _plain(config[k]) for k in INFERENCE_SHARED}
   c.update({k: _plain(config[role][k]) for k in fields})
   c["train"] = {"eval_batch_size": config[role].train.eval_batch_size}
@@ -103,25 +96,29 @@ def inference_config(config, role: str, *fields: str) -> ml_collections.ConfigDi
 
 
 def _teacher_network(config, name: str) -> dict:
-  """The network of the teacher `name`: teacher.model, with teacher.models[name] (an entry
-  naming another network (`name`) replaces it whole, otherwise its fields replace those)."""
+  """teacher.model updated by teacher.models[name], which replaces it whole where it names
+  another network."""
   model = config.teacher.model.to_dict()
   entry = _plain(config.teacher.get("models", {}).get(name)) or {}
   return dict(entry) if entry.get("name", model["name"]) != model["name"] else model | entry
 
 
-def _imports(config, role: str, teacher_set: str, needed, what: str, allowed=None) -> dict:
-  """{label: entry path} of the role's checkpoints folder for this teacher set ({} unset)."""
-  field = CHECKPOINTS_FIELD[teacher_set]
-  folder = config[role].get(field, "")
-  if not folder:
-    return {}
-  return imported.entries(folder, f"{role}.{field}", needed, what, allowed)
+def _imports(config, role: str, teacher_set: str, needed, what: str, allowed=None) -> tuple:
+  """(the role's checkpoints field for this teacher set, {label: entry path} of it)."""
+  folder = config[role].get(CHECKPOINTS_FIELD[teacher_set], "")
+  field = f"{role}.{CHECKPOINTS_FIELD[teacher_set]}"
+  return field, imported.entries(folder, field, needed, what, allowed) if folder else {}
+
+
+def _import_stage(name: str, config, run_import, field: str, inputs: shared.Inputs,
+                  **kwargs) -> Stage:
+  """A stage that imports the network in `inputs.checkpoint` (from config `field`)."""
+  return Stage(name, config, functools.partial(run_import, field=field), inputs=inputs,
+               imported={"sha256": imported.digest(inputs.checkpoint)}, **kwargs)
 
 
 def _check(config) -> None:
-  """The recipe's fields, checked before any stage runs: each in its range
-  (config_ranges), and the adaptor's output the students' embedding size."""
+  """The recipe's fields in their ranges, and the adaptor's output the students' size."""
   config_ranges.check(config)
   size, student_size = (config[s].model.get("embedding_size") for s in ("adaptor", "student"))
   if config.kd_losses and size != student_size:
@@ -131,8 +128,7 @@ def _check(config) -> None:
 
 
 def _teacher_stages(config, teacher_set: str, train_set) -> list[Stage]:
-  """The teacher stages of a teacher set, trained or (teacher.checkpoints and
-  teacher.balanced_checkpoints) imported."""
+  """The teacher stages of a teacher set, trained or imported."""
   prefix = SET_PREFIX[teacher_set][0]
   if teacher_set == "specialized":
     subsets = [(g, dict(group=g, identities="")) for g in train_set.group_names]
@@ -142,22 +138,18 @@ def _teacher_stages(config, teacher_set: str, train_set) -> list[Stage]:
     subsets = [(str(k), dict(group="", identities=",".join(map(str, p))))
                for k, p in enumerate(parts)]
   what = "group" if teacher_set == "specialized" else "balanced part"
-  imports = _imports(config, "teacher", teacher_set, [label for label, _ in subsets], what)
+  field, imports = _imports(config, "teacher", teacher_set, [label for label, _ in subsets],
+                           what)
   stages = []
   for label, subset in subsets:
     name = f"{prefix}/{label}"
     if label in imports:
-      c = inference_config(config, "teacher")
-      c.model = _teacher_network(config, name)
-      run = functools.partial(teacher.run_import,
-                              field=f"teacher.{CHECKPOINTS_FIELD[teacher_set]}")
-      stages.append(Stage(name, c, run, model=name,
-                          inputs=shared.Inputs(checkpoint=imports[label]),
-                          imported={"sha256": imported.digest(imports[label])}))
+      stage = _import_stage(name, inference_config(config, "teacher"), teacher.run_import,
+                            field, shared.Inputs(checkpoint=imports[label]), model=name)
     else:
-      c = stage_config(config, "teacher", **subset)
-      c.model = _teacher_network(config, name)
-      stages.append(Stage(name, c, teacher.run, model=name))
+      stage = Stage(name, stage_config(config, "teacher", **subset), teacher.run, model=name)
+    stage.config.model = _teacher_network(config, name)
+    stages.append(stage)
   return stages
 
 
@@ -183,24 +175,21 @@ def make_stages(config, workdir: str, train_set: sources.TrainingSet) -> list[St
     teacher_names = tuple(s.name for s in teachers)
     teacher_dirs = tuple(path(n) for n in teacher_names)
     extract_name = f"extract/{teacher_set}"
-    c = inference_config(config, "teacher")
-    stages.append(Stage(extract_name, c, extract.run, deps=teacher_names,
+    stages.append(Stage(extract_name, inference_config(config, "teacher"), extract.run,
+                        deps=teacher_names,
                         inputs=shared.Inputs(teacher_dirs=teacher_dirs),
                         remake=extract.remake_caches))
-    adaptor_imports = _imports(config, "adaptor", teacher_set, config.adaptors,
-                               "adaptor kind", adaptor_model.KINDS)
+    field, adaptor_imports = _imports(config, "adaptor", teacher_set, config.adaptors,
+                                      "adaptor kind", adaptor_model.KINDS)
     for kind in config.adaptors:
       adaptor_name = f"adaptor/{teacher_set}/{kind}"
       inputs = shared.Inputs(extract_dir=path(extract_name),
                              checkpoint=adaptor_imports.get(kind, ""))
       row = f"{adaptor_prefix}adaptor/{kind}"
       if kind in adaptor_imports:
-        c = inference_config(config, "adaptor", "model")
-        run = functools.partial(adaptor.run_import,
-                                field=f"adaptor.{CHECKPOINTS_FIELD[teacher_set]}")
-        stage = Stage(adaptor_name, c, run, deps=(extract_name,), model=row, inputs=inputs,
-                      remake=adaptor.remake_caches,
-                      imported={"sha256": imported.digest(inputs.checkpoint)})
+        stage = _import_stage(adaptor_name, inference_config(config, "adaptor", "model"),
+                              adaptor.run_import, field, inputs, deps=(extract_name,),
+                              model=row, remake=adaptor.remake_caches)
       else:
         c = stage_config(config, "adaptor", orientation=config.target_orientation)
         stage = Stage(adaptor_name, c, adaptor.run, deps=(extract_name,), model=row,
@@ -227,6 +216,6 @@ def make_stages(config, workdir: str, train_set: sources.TrainingSet) -> list[St
                         student.run, model="student_alone"))
   _check_teacher_networks(config, stages)
   models = tuple(s.name for s in stages if s.model)
-  c = ml_collections.ConfigDict(dict(models=models))
-  stages.append(Stage("report", c, None, deps=models))
+  stages.append(Stage("report", ml_collections.ConfigDict(dict(models=models)), None,
+                      deps=models))
   return stages

@@ -1,9 +1,5 @@
 """Report stage: every model's per-group verification from its saved embeddings, with
-every stage's convergence record, the target-space diagnostics and their warnings.
-
-Writes <out_dir>/report.json, report.md and the plots (evaluation/report.py).
-Inputs: the folders of the pipeline's stages, as (stage name, report row or "").
-"""
+every stage's convergence record, the target-space diagnostics and their warnings."""
 
 import os
 
@@ -14,8 +10,8 @@ from mstkd_jax.evaluation import embedding, report as report_lib, space_report
 
 
 def run(config, workdir: str, stages: list[tuple[str, str]], out_dir: str) -> dict:
-  """Evaluates every model's saved verification embeddings and writes the report, with
-  every stage's convergence record, the target-space diagnostics and their warnings."""
+  """Writes <out_dir>/report.json, report.md and the plots (evaluation/report.py) of the
+  `stages` (stage name, report row or "") in `workdir`; returns the report."""
   models = {}
   for name, model in stages:
     if model:
@@ -35,8 +31,7 @@ def stage_health(workdir: str, stages: list[tuple[str, str]]) -> dict:
   """{"warnings": [...], "training": {stage: convergence record}, "diagnostics":
   {"target_space": {space: target_space statistics}, "students": {model: target fit}}}
   from the results.json of every stage (not-converged and collapse warnings first)."""
-  warnings, training = [], {}
-  spaces, students = {}, {}
+  warnings, training, spaces, students = [], {}, {}, {}
   for name, model in stages:
     results = workdir_lib.read_results(os.path.join(workdir, name))
     record = results.get("training")

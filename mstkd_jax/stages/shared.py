@@ -1,10 +1,8 @@
-"""What every stage does around its networks: set-up (`StageRun`), the inputs it reads
-(`Inputs`), and the end of a trained backbone (`finish_model`, `backbone_result`,
-`training_record`).
+"""What every stage does around its networks: set-up (`StageRun`), its inputs (`Inputs`),
+caches, and the end of a trained backbone (`backbone_result`, `finish_model`).
 
-A stage reads top to bottom: config -> StageRun.create -> networks -> optimizer -> step ->
-StageRun.train -> finish. Configs are read here and in the stage files only; models, losses
-and steps take plain values.
+Configs are read here and in the stage files only; models, losses and steps take plain
+values.
 """
 
 import dataclasses
@@ -15,9 +13,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from mstkd_jax import files, paths, workdir as workdir_lib
+from mstkd_jax import errors, files, models, paths, workdir as workdir_lib
 from mstkd_jax.data import input_pipeline, sources
-from mstkd_jax import errors
 from mstkd_jax.errors import UserError
 from mstkd_jax.evaluation import embedding, report as report_lib, space_report
 from mstkd_jax.train import build, convergence, loop, parallel as parallel_lib, state as state_lib
@@ -25,13 +22,8 @@ from mstkd_jax.train import build, convergence, loop, parallel as parallel_lib, 
 
 @dataclasses.dataclass(frozen=True)
 class Inputs:
-  """The folders of earlier stages that a stage reads. They are not part of its config: a
-  stage's fingerprint and config.json hold only the fields that shape its numbers, so a
-  workdir moved elsewhere, or an input rerun at the same config, is still the same stage
-  (the pipeline chains the inputs' own fingerprints into a stage's record, and a network
-  made elsewhere is fingerprinted by its content). An earlier stage's network is read with
-  the `model` section of the config.json it ran with (`frozen_backbone`), so a stage holds
-  no other role's fields."""
+  """The folders of earlier stages that a stage reads: not in its config, so a moved workdir
+  is still the same stage (the pipeline fingerprints the inputs' own fingerprints)."""
   teacher_dirs: tuple[str, ...] = ()    # frozen teachers, in teacher order
   extract_dir: str = ""                 # the extraction stage (teacher embeddings)
   adaptor_dir: str = ""                 # the adaptor stage (targets); "" = no adaptor
@@ -39,22 +31,19 @@ class Inputs:
 
 
 # The memory-mapped caches a stage writes for the next one (in its cache folder).
-TEACHER_EMBEDDINGS = "teacher_embeddings.npy"   # extraction: [N, 2, G, D]
+TEACHER_EMBEDDINGS = "teacher_embeddings.npy"   # extraction: [N, 2, sum D_g]
 TARGETS = "targets.npy"                         # adaptor: [N, 2, D]
 
 
 def cache_file(config, stage_dir: str, name: str, make: bool = False) -> str:
-  """The local path of the cache `name` of the stage in `stage_dir`: in that folder when it
-  is local (and config field cache_dir is empty), else under cache_dir or a local temp
-  folder (paths.cache_dir): a memory map needs a local disk. `make`: its folder is made
-  (for the stage that writes it); otherwise (readers) a cache missing there but in the
-  stage's own local folder (written before cache_dir was set) is taken from there."""
+  """The local path (paths.cache_dir: a memory map needs a local disk) of the cache `name`
+  of the stage in `stage_dir`. `make` (the writer) makes its folder; readers take a cache
+  missing there from the stage's own local folder (written before cache_dir was set)."""
   folder = paths.cache_dir(config.get("cache_dir", ""), stage_dir)
   path = os.path.join(folder, name)
   if make:
     files.makedirs(folder)
   elif not paths.is_url(stage_dir) and not os.path.exists(path):
-    # A stage run before cache_dir was set keeps its caches in its own folder.
     in_stage = os.path.join(stage_dir, name)
     if os.path.exists(in_stage):
       return in_stage
@@ -62,19 +51,16 @@ def cache_file(config, stage_dir: str, name: str, make: bool = False) -> str:
 
 
 def cache_folder(config, stage_dir: str) -> str | None:
-  """The local folder of the stage's caches where it is apart from the stage folder
-  (config field cache_dir set, or a URL stage folder: paths.cache_dir); None where the
-  caches are in the stage folder, among its outputs."""
+  """The local folder of the stage's caches (cache_dir, or a URL stage folder's); None
+  where they are in the stage folder, among its outputs."""
   folder = paths.cache_dir(config.get("cache_dir", ""), stage_dir)
   return None if folder == paths.resolve(stage_dir, "workdir") else folder
 
 
 def writes_caches(config, stage_dir: str) -> bool:
-  """Whether this process writes the stage's caches: process 0 where they are in the stage
-  folder (which every host sees); where they are in a local cache folder (cache_dir, or a
-  URL workdir's), the first process of each machine, for the others on that machine (the
-  same bytes on every machine: each holds every row it writes). Every process must call it
-  (a gather, in a multi-process run)."""
+  """Whether this process writes the stage's caches: process 0 for the stage folder, else
+  the first process of each machine (every machine writes the same bytes). Every process
+  must call it (a gather)."""
   if cache_folder(config, stage_dir) is None:
     return jax.process_index() == 0
   return parallel_lib.first_process_on_host()
@@ -82,8 +68,7 @@ def writes_caches(config, stage_dir: str) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class StageRun:
-  """A training stage's set-up: its checked workdir, training set and devices, and the loop
-  settings once the number of examples is known (`plan`)."""
+  """A training stage's set-up: its checked workdir, training set and devices."""
   config: ml_collections.ConfigDict
   workdir: str
   name: str
@@ -93,9 +78,8 @@ class StageRun:
 
   @classmethod
   def create(cls, config, workdir: str, name: str, role: str) -> "StageRun":
-    """Prepares the workdir (refusing one of another config), opens the training set and
-    the devices, and checks that train.batch_size splits over them (a stage that does not
-    train has no train.batch_size: nothing to check).
+    """Prepares the workdir, opens the training set and the devices and checks that
+    train.batch_size (where there is one) splits over them.
 
     Raises:
       UserError: from the workdir, the data or the batch split, naming the field.
@@ -109,17 +93,14 @@ class StageRun:
     return cls(config, workdir, name, train_set, parallel, role)
 
   def settings(self, num_examples: int, **changes) -> loop.LoopSettings:
-    """The loop's settings for `num_examples` per epoch, with `changes` applied. Its
-    messages name the train section as the user's config file does: `train` in a stage's
-    own file (one that names its `stage`, as configs/teacher.py), `<role>.train` in the
-    recipe's."""
+    """The loop's settings for `num_examples` per epoch, with `changes` applied; messages
+    name `train` in a stage's own config file, `<role>.train` in the recipe's."""
     section = "train" if "stage" in self.config else f"{self.role}.train"
     settings = build.loop_settings(self.config, self.name, num_examples)
     return dataclasses.replace(settings, train_section=section, **changes)
 
   def batch_plan(self, settings: loop.LoopSettings) -> dict:
-    """The keyword arguments every training batch iterator takes (global batch, steps per
-    epoch and in all, the data seed, the local devices)."""
+    """The keyword arguments every training batch iterator takes."""
     return dict(global_batch=self.config.train.batch_size,
                 steps_per_epoch=settings.steps_per_epoch, seed=self.config.seed,
                 total_steps=settings.total_steps,
@@ -135,25 +116,56 @@ class StageRun:
 
   def state(self, settings: loop.LoopSettings, params: dict, batch_stats: dict,
             groups: dict) -> tuple:
-    """(host TrainState of `params`, its optax SGD over `groups`, the LR schedule for
-    logging); `groups` as build.optimizer takes them."""
+    """(host TrainState of `params`, its optax SGD over `groups`, the LR schedule)."""
     tx, schedule = build.optimizer(self.config.optim,
                                    global_batch=self.config.train.batch_size,
                                    steps_per_epoch=settings.steps_per_epoch, groups=groups)
     init_state = jax.tree.map(np.asarray, state_lib.create_state(params, batch_stats, tx))
     return init_state, tx, schedule
 
+  def with_class_shards(self, num_classes: int) -> tuple:
+    """(this stage on devices that split the margin head's centres as head.shard_classes
+    and head.sample_rate say, sharded_head.ClassShards or None, the head's MarginSpec)."""
+    parallel, classes = build.class_shards(self.config.head, self.parallel, num_classes)
+    margin = build.margin_spec(self.config.head, shards_classes=True)
+    return dataclasses.replace(self, parallel=parallel), classes, margin
+
   def train(self, settings: loop.LoopSettings, init_state, step_fn, batches, **kwargs):
-    """loop.train in this stage's workdir on its devices (step RNG from config.seed + 1);
-    `batches(start_step)` yields the batches from a step on. Returns the final state."""
+    """loop.train here (step RNG from config.seed + 1); `batches(start_step)` yields the
+    batches from a step on. Returns the final state."""
     return loop.train(workdir=self.workdir, settings=settings, init_state=init_state,
                       step_fn=step_fn, batches=batches, parallel=self.parallel,
                       rng=jax.random.PRNGKey(self.config.seed + 1), **kwargs)
 
+  def train_backbone(self, settings: loop.LoopSettings, init_state, step_fn, batches, module,
+                     **kwargs) -> tuple:
+    """`train` with `training_evaluation`, then `finish_model` of the backbone it keeps (the
+    final one, or with train.select='validation' the best): (final state, kept variables,
+    their step, verification results, {"training", "selected": None or the record})."""
+    evaluation = training_evaluation(self, module)
+    final = self.train(settings, init_state, step_fn, batches, evaluation=evaluation,
+                       **kwargs)
+    kept, selected = {"params": final.params, "batch_stats": final.batch_stats}, None
+    if evaluation is not None and evaluation.select:
+      kept, selected = loop.load_best(self.workdir, loop.best_variables(final))
+      print(f"[{os.path.basename(self.workdir)}] selected step {selected['step']} (mean "
+            f"validation accuracy {100 * selected['mean_accuracy']:.2f}%)", flush=True)
+    step = int(final.step if selected is None else selected["step"])
+    variables = {"params": kept["params"]["backbone"], "batch_stats": kept["batch_stats"]}
+    record = {"training": training_record(self.workdir, settings), "selected": selected}
+    return final, variables, step, finish_model(self, step, variables, module), record
+
+
+def margin_head(num_classes: int, rng, embedding_size: int) -> tuple:
+  """(margin head module over `num_classes`, its params for `embedding_size`-D inputs)."""
+  head = models.create("margin_head", num_classes=num_classes)
+  example = np.zeros((1, embedding_size), np.float32)
+  return head, build.init_variables(head, rng, example)["params"]
+
 
 def training_record(workdir: str, settings: loop.LoopSettings) -> dict:
-  """How far the stage trained (convergence.summarize over the loop's saved history) and
-  its "warnings" ([] or the one not-converged line, also printed here)."""
+  """convergence.summarize of the loop's history with "warnings" (the not-converged line,
+  printed too)."""
   summary = convergence.summarize(loop.load_history(workdir), settings.steps_per_epoch)
   warning = convergence.warning(settings.name, summary, f"{settings.train_section}.epochs")
   if warning:
@@ -164,26 +176,21 @@ def training_record(workdir: str, settings: loop.LoopSettings) -> dict:
 EVAL_SELECTION = ("last", "validation")
 
 
-def evaluation_fields(train_config, section: str = "train") -> tuple[int, str]:
-  """(eval_every, select) of a `train` config section, checked; UserError naming the field."""
-  every = train_config.get("eval_every", 0)
-  select = train_config.get("select", "last")
+def training_evaluation(stage: StageRun, module) -> loop.Evaluation | None:
+  """The loop's verification during training (train.eval_every steps, 0 = off).
+
+  train.select "validation" keeps the state of the best mean validation accuracy (it needs
+  a held-out split); without one the test pairs are evaluated, for watching only.
+  """
+  config = stage.config
+  every = config.train.get("eval_every", 0)
+  select = config.train.get("select", "last")
   if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-    raise UserError(f"config field {section}.eval_every={every!r}: expected an integer >= 0 "
+    raise UserError(f"config field train.eval_every={every!r}: expected an integer >= 0 "
                     "(steps between evaluations; 0 = off)")
   if select not in EVAL_SELECTION:
-    raise UserError(f"config field {section}.select={select!r}: expected one of "
+    raise UserError(f"config field train.select={select!r}: expected one of "
                     f"{EVAL_SELECTION}")
-  return every, select
-
-
-def training_evaluation(stage: StageRun, module) -> loop.Evaluation | None:
-  """The loop's verification during training from train.eval_every (steps, 0 = off) and
-  train.select ("last": the final state is the model; "validation": the state of the best
-  mean validation accuracy, which needs a held-out validation split). Evaluates on the
-  validation pairs where the data has them, else on the test pairs, for watching only."""
-  config = stage.config
-  every, select = evaluation_fields(config.train)
   has_validation = sources.has_validation(config.data)
   if select == "validation":
     if not has_validation:
@@ -211,24 +218,9 @@ def training_evaluation(stage: StageRun, module) -> loop.Evaluation | None:
                          select=select == "validation")
 
 
-def backbone_result(final, workdir: str, evaluation: loop.Evaluation | None):
-  """(backbone variables, their step, selection record or None) of a trained teacher or
-  student: the final state, or with train.select='validation' the best one the loop kept."""
-  if evaluation is None or not evaluation.select:
-    variables = {"params": final.params["backbone"], "batch_stats": final.batch_stats}
-    return variables, int(final.step), None
-  best, info = loop.load_best(workdir, loop.best_variables(final))
-  print(f"[{os.path.basename(workdir)}] selected step {info['step']} (mean validation "
-        f"accuracy {100 * info['mean_accuracy']:.2f}%)", flush=True)
-  variables = {"params": best["params"]["backbone"], "batch_stats": best["batch_stats"]}
-  return variables, int(info["step"]), info
-
-
 def finish_model(stage: StageRun, step: int, variables: dict, module) -> dict:
-  """What every trained backbone stage ends with: save the network under <workdir>/model,
-  embed every group's verification pairs (kept for the report) and print the per-group
-  accuracy. The stage then writes results.json (`workdir.write_results`). Returns {group:
-  evaluate_verification result}."""
+  """Saves the backbone under model/ and its embeddings of every group's verification pairs
+  and prints their accuracy; returns {group: evaluate_embeddings result}."""
   results = _evaluated(stage.workdir, step)
   if results is not None:  # a rerun of a finished run: its model and embeddings are saved
     print(f"[{stage.name}] verification accuracy (saved at step {step}): "
@@ -248,9 +240,8 @@ def finish_model(stage: StageRun, step: int, variables: dict, module) -> dict:
 
 
 def _evaluated(workdir: str, step: int) -> dict | None:
-  """The verification results that `finish_model` saved for `step` in this workdir (model,
-  embeddings and results.json all of that step), recomputed from the saved embeddings; None
-  where anything is missing or of another step."""
+  """The results `finish_model` saved for `step` (model, embeddings and results.json all of
+  it), recomputed from the embeddings; None where any is missing or of another step."""
   try:
     if workdir_lib.read_results(workdir).get("step") != int(step):
       return None
@@ -273,8 +264,7 @@ def warn_collapse(name: str, statistics: dict) -> str | None:
 
 
 def stage_network(stage_dir: str) -> dict:
-  """The `model` section of the config.json that the stage in `stage_dir` ran with (the
-  network it trained or imported).
+  """The `model` section of the config.json the stage in `stage_dir` ran with.
 
   Raises:
     UserError: config.json is missing or holds no model section.
@@ -290,11 +280,9 @@ def stage_network(stage_dir: str) -> dict:
 
 
 def frozen_backbone(stage_dir: str, image_example: np.ndarray, built: dict | None = None):
-  """(module, variables) of the backbone trained or imported by the stage in `stage_dir`:
-  its network from the config.json it ran with, its variables from its model/ folder, their
-  shapes checked against that network for images shaped like `image_example` [1, H, W, 3].
-  `built` ({} shared by the calls of one stage) keeps each network's module and template,
-  so teachers of one network share one module and initialize once.
+  """(module, variables) of the backbone saved by the stage in `stage_dir`, checked against
+  the network it ran with for images like `image_example` [1, H, W, 3]. `built` ({} shared
+  by one stage's calls) lets teachers of one network share one module and template.
 
   Raises:
     UserError: config.json or the model is missing, or the model does not fit.
@@ -309,9 +297,14 @@ def frozen_backbone(stage_dir: str, image_example: np.ndarray, built: dict | Non
   return module, workdir_lib.load_model(stage_dir, template, stage_dir)
 
 
+def adaptor_template(adaptor, input_size: int) -> dict:
+  """Zero {"params"} of the adaptor network for `input_size` teacher inputs."""
+  variables = build.template_variables(adaptor, np.zeros((1, input_size), np.float32))
+  return {"params": variables["params"]}
+
+
 def embedding_size(module, variables, image_example) -> int:
-  """The size of the embeddings `module` gives for images like `image_example` (traced,
-  not computed)."""
+  """The embedding size `module` gives for images like `image_example` (traced only)."""
   shape = jax.eval_shape(lambda v, x: module.apply(v, x, train=False), variables,
                          image_example).shape
   return int(shape[-1])

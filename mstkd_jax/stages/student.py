@@ -1,21 +1,14 @@
 """Student stage: a backbone trained from scratch on every training identity.
 
-`student.kd` picks the loss: None (the student alone: its margin head's loss only, the
-paper's baseline) or {distance, weight, margin_loss}: weight x the KD distance
-(losses.KD_DISTANCES) between the student's normalized embedding and its MST-KD target,
-with the margin head's loss too where margin_loss (the paper's a-KD: mse without, EAF-KD:
-mse with). Targets come `cached` (the adaptor stage's <adaptor>/targets.npy, for the image
-and its mirror, looked up for the orientation fed) or `online` (the frozen teachers and
-adaptor run inside the step).
-
-Config: seed, parallelism, num_devices, data, model, head (where the margin head trains:
-the student alone and margin_loss; head.shard_classes and head.sample_rate as the
-teacher's), optim, train, student.kd and, for the KD students, student.targets and
-student.orientation. The teachers' and the adaptor's networks are those their stages ran
-with. Inputs: adaptor_dir (KD students) and teacher_dirs (online targets).
+`student.kd` picks the loss: None (the student alone: its margin head's loss, the paper's
+baseline) or {distance, weight, margin_loss}: weight x the KD distance (losses.KD_DISTANCES)
+between the student's normalized embedding and its MST-KD target, plus the margin head's
+loss where margin_loss (the paper's a-KD: mse without, EAF-KD: mse with). Targets come
+`cached` (the adaptor stage's targets.npy, looked up for the orientation fed) or `online`
+(the frozen teachers and adaptor run inside the step, with the networks their stages ran
+with).
 """
 
-import dataclasses
 import functools
 import json
 import os
@@ -31,29 +24,21 @@ from mstkd_jax.stages import shared
 from mstkd_jax.train import build, steps
 
 TARGETS = ("cached", "online")
-# The paper's KD students by name (the report rows and presets), as student.kd.margin_loss:
-# a-KD is the KD term alone, EAF-KD adds the ElasticArcFace head's loss; both with "mse".
+# The paper's KD students by name (report rows and presets), as student.kd.margin_loss.
 KD_LOSSES = {"a-KD": False, "EAF-KD": True}
 PAPER_DISTANCE = "mse"
 KD_FIELDS = ("distance", "weight", "margin_loss")
 
 
 def kd_name(margin_loss: bool, distance: str) -> str:
-  """A KD student's name in the report: the paper's (a-KD, EAF-KD) with its distance, else
-  that name and the distance, e.g. "a-KD-cosine"."""
+  """A KD student's report name: the paper's (a-KD, EAF-KD), with "-<distance>" unless mse."""
   name = next(n for n, margin in KD_LOSSES.items() if margin == margin_loss)
   return name if distance == PAPER_DISTANCE else f"{name}-{distance}"
 
 
 def kd_settings(config) -> dict | None:
   """config.student.kd checked: None (the student alone) or {"distance", "weight",
-  "margin_loss"}.
-
-  Raises:
-    UserError: an unknown field or distance, a weight that is not a number >= 0, a
-      margin_loss that is not True or False, or a margin head to train without a head
-      section (one line naming the field).
-  """
+  "margin_loss"}; UserError naming a bad field, or a margin head to train without `head`."""
   kd = config.student.get("kd")
   if kd is None:
     if "head" not in config:
@@ -83,12 +68,10 @@ def kd_settings(config) -> dict | None:
 
 
 def frozen_teachers(teacher_dirs, image_example):
-  """(modules, variables, positions) of the frozen teachers in `teacher_dirs` (teacher
-  order), as steps.online_targets takes them: the teachers that share a network stacked
-  along a leading axis (one stack per network, in order of first appearance; each
-  teacher's network is the one its stage ran with), `positions[k]` the places of stack k's
-  teachers in the teacher order. Convolution and dense kernels are cast once, here, to
-  each network's compute dtype (build.cast_kernels)."""
+  """(modules, variables, positions) of the frozen teachers, as steps.online_targets takes
+  them: teachers of one network stacked along a leading axis (one stack per network, in
+  order of first appearance), `positions[k]` the places of stack k's teachers in
+  `teacher_dirs`. Kernels are cast here to each network's compute dtype."""
   built, stacks = {}, {}
   for place, teacher_dir in enumerate(teacher_dirs):
     key = json.dumps(shared.stage_network(teacher_dir), sort_keys=True)
@@ -107,13 +90,10 @@ def frozen_teachers(teacher_dirs, image_example):
 
 
 def frozen_adaptor(adaptor_dir: str, input_size: int):
-  """(adaptor module, adaptor variables) saved by the adaptor stage in `adaptor_dir` (its
-  selected epoch, or the adaptor it imported), with the network it ran with, over
-  `input_size` concatenated teacher embeddings."""
+  """(module, variables) of the adaptor saved in `adaptor_dir`, over `input_size` inputs."""
   adaptor = models.create("adaptor", **shared.stage_network(adaptor_dir))
-  template = build.template_variables(adaptor, np.zeros((1, input_size), np.float32))
-  return adaptor, workdir_lib.load_model(adaptor_dir, {"params": template["params"]},
-                                         adaptor_dir)
+  return adaptor, workdir_lib.load_model(
+      adaptor_dir, shared.adaptor_template(adaptor, input_size), adaptor_dir)
 
 
 def _online_targets(inputs: shared.Inputs, image_example):
@@ -129,14 +109,13 @@ def _online_targets(inputs: shared.Inputs, image_example):
 
 def run(config, workdir: str, name: str = "student", inputs: shared.Inputs = shared.Inputs()
         ) -> dict:
-  """Trains the student with config.student.kd; the KD students read their targets from
-  `inputs.adaptor_dir` (cached) or from the frozen `inputs.teacher_dirs` and adaptor
-  (online). Returns {"state", "verification", "training", "diagnostics"}.
+  """Trains the student with config.student.kd, a KD student on the targets of
+  `inputs.adaptor_dir` (and, online, `inputs.teacher_dirs`). Returns {"state",
+  "verification", "training", "diagnostics"}.
 
   Raises:
-    UserError: a bad student.kd (kd_settings), an unknown student.targets /
-      student.orientation, a KD student without an adaptor, or inputs that are missing or
-      of another shape.
+    UserError: a bad student.kd (kd_settings), student.targets or student.orientation, a
+      KD student without an adaptor, or inputs that are missing or of another shape.
   """
   kd = kd_settings(config)
   mode = config.student.get("targets", "cached") if kd else None
@@ -149,11 +128,12 @@ def run(config, workdir: str, name: str = "student", inputs: shared.Inputs = sha
                     "(its targets); run it through the pipeline (configs/distill.py)")
   stage = shared.StageRun.create(config, workdir, name, "student")
   labels = stage.train_set.identity
+  num_identities = stage.train_set.num_identities
   loss = ("ElasticArcFace" if kd is None else
           f"KD ({kd['distance']}, weight {kd['weight']:g})"
           f"{' + margin head' if kd['margin_loss'] else ''}, {mode} targets")
-  print(f"[{name}] {len(labels)} images of {stage.train_set.num_identities} identities, "
-        f"loss {loss}", flush=True)
+  print(f"[{name}] {len(labels)} images of {num_identities} identities, loss {loss}",
+        flush=True)
   settings = stage.settings(len(labels))
 
   backbone = build.backbone(config.model)
@@ -163,27 +143,20 @@ def run(config, workdir: str, name: str = "student", inputs: shared.Inputs = sha
   groups = build.backbone_and_head_groups(config.optim)
   head = None
   if kd is None or kd["margin_loss"]:
-    head = models.create("margin_head", num_classes=stage.train_set.num_identities)
-    params["head"] = build.init_variables(
-        head, head_rng, np.zeros((1, config.model.embedding_size), np.float32))["params"]
+    head, params["head"] = shared.margin_head(num_identities, head_rng,
+                                              config.model.embedding_size)
   else:
     del groups["head"]
   init_state, tx, schedule = stage.state(settings, params, variables.get("batch_stats", {}),
-                                       groups)
+                                         groups)
 
-  extra, frozen, margin, classes = {}, None, None, None
+  extra, frozen, margin, classes, target_fn = {}, None, None, None, None
   if head is not None:
-    margin = build.margin_spec(config.head, shards_classes=True)
-    # head.shard_classes / head.sample_rate split the centres of every training identity
-    # (train/sharded_head.py).
-    parallel, classes = build.class_shards(config.head, stage.parallel,
-                                           stage.train_set.num_identities)
-    stage = dataclasses.replace(stage, parallel=parallel)
+    stage, classes, margin = stage.with_class_shards(num_identities)
   if kd is None:
     step_fn = functools.partial(steps.classification_step, backbone=backbone, head=head,
                                 margin=margin, tx=tx, schedule=schedule, classes=classes)
   else:
-    target_fn = None
     if mode == "cached":
       extra["target"] = load_targets(config, inputs.adaptor_dir, len(labels))
       size = config.model.get("embedding_size", extra["target"].shape[-1])
@@ -200,21 +173,15 @@ def run(config, workdir: str, name: str = "student", inputs: shared.Inputs = sha
                                 classes=classes)
   batches = functools.partial(stage.train_set.train_batches, np.arange(len(labels)), labels,
                               extra=extra, orientation=orientation, **stage.batch_plan(settings))
-  evaluation = shared.training_evaluation(stage, backbone)
-  final = stage.train(settings, init_state, step_fn, lambda start: batches(start_step=start),
-                    frozen=frozen, evaluation=evaluation)
-
-  variables, step, selected = shared.backbone_result(final, stage.workdir, evaluation)
-  training = shared.training_record(stage.workdir, settings)
-  results = shared.finish_model(stage, step, variables, backbone)
-  diagnostics = None
+  final, variables, step, results, record = stage.train_backbone(
+      settings, init_state, step_fn, lambda start: batches(start_step=start), backbone,
+      frozen=frozen)
+  record["diagnostics"] = None
   if kd is not None:
-    diagnostics = target_fit(stage, inputs.adaptor_dir, variables, backbone)
-  workdir_lib.write_results(stage.workdir, name, step, results,
-                            {"training": training, "selected": selected,
-                             "diagnostics": diagnostics})
-  return {"state": final, "verification": results, "training": training,
-          "diagnostics": diagnostics}
+    record["diagnostics"] = target_fit(stage, inputs.adaptor_dir, variables, backbone)
+  workdir_lib.write_results(stage.workdir, name, step, results, record)
+  return {"state": final, "verification": results, "training": record["training"],
+          "diagnostics": record["diagnostics"]}
 
 
 # Training images whose embeddings are compared with their targets after training.
@@ -222,27 +189,19 @@ TARGET_FIT_SAMPLE = 2048
 
 
 def target_fit(stage: shared.StageRun, adaptor_dir: str, variables: dict, backbone) -> dict:
-  """How close a distilled student came to its targets: the mean cosine between its
-  embedding and the adaptor's target of the same image, over a fixed sample of training
-  images (at most TARGET_FIT_SAMPLE, the same rows for every student of a data set; images
-  as stored, targets.npy[:, 0]) and per group over the verification pair images (the
-  adaptor's space there, which the adaptor stage saved; {} for targets made elsewhere).
-  Call after `finish_model`.
-
-  Returns {"train_target_cosine": float, "num_train_images": int,
-  "verification_target_cosine": {group: float}} on process 0, None on the others.
-  """
+  """How close a distilled student came to its targets (call after `finish_model`): on
+  process 0 (None elsewhere) {"train_target_cosine": mean cosine to targets.npy[:, 0] over
+  a fixed sample of training images, "num_train_images", "verification_target_cosine":
+  {group: the same against the adaptor's space on the pair images ({} if not saved)}}."""
   train_set = stage.train_set
   rows = target_space.fixed_sample(train_set.num_examples, TARGET_FIT_SAMPLE)
-  # Every process embeds (one program over all devices); process 0, which wrote the
-  # verification embeddings, compares.
+  # Every process embeds (one program over all devices); process 0 compares.
   embeddings, _ = embedding.embed_images(variables, backbone, train_set.images_at(rows),
                                          stage.parallel, stage.config.train.eval_batch_size)
   if jax.process_index() != 0:
     return None
   targets = load_targets(stage.config, adaptor_dir, train_set.num_examples)
   own = embedding.load_embeddings(stage.workdir)
-  # An adaptor stage saves its space on the verification pairs; hand-made targets need not.
   has_space = files.exists(os.path.join(adaptor_dir, embedding.EMBEDDINGS_FILE))
   space = embedding.load_embeddings(adaptor_dir) if has_space else {}
   return {
@@ -254,8 +213,7 @@ def target_fit(stage: shared.StageRun, adaptor_dir: str, variables: dict, backbo
 
 
 def load_targets(config, adaptor_dir: str, num_examples: int) -> np.ndarray:
-  """The adaptor stage's cached targets [N, 2, D] (image, mirror), memory-mapped from its
-  cache folder (shared.cache_file; config field cache_dir)."""
+  """The adaptor stage's cached targets [N, 2, D] (image, mirror), memory-mapped."""
   path = shared.cache_file(config, adaptor_dir, shared.TARGETS)
   try:
     targets = np.load(path, mmap_mode="r")  # each batch reads its own rows
